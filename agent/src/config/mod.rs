@@ -1,0 +1,327 @@
+//! The agent's configuration: one typed struct, TOML on disk, `BROKERSCOPE_<SECTION>_<KEY>`
+//! environment overrides, and validation that names the offending key.
+//!
+//! Owns parsing and validation only; it never opens sockets or files other than the config file.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use brokerscope_common::sockets;
+
+/// The whole configuration. Every key has a default, so an empty file (or none) is valid.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub discovery: DiscoveryConfig,
+    pub probes: ProbesConfig,
+}
+
+/// `[server]`: the mTLS endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub allowed_client_names: Vec<String>,
+    pub rate_limit_rps: u32,
+    pub rate_limit_burst: u32,
+    pub access_log: AccessLog,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            // All interfaces: the operator reaches the pod IP; the port is kept apart from the
+            // brokers' data-plane ports.
+            listen: "0.0.0.0:8443".into(),
+            // Where a Kubernetes Secret volume of type kubernetes.io/tls is usually mounted.
+            cert_file: "/etc/brokerscope/tls/tls.crt".into(),
+            key_file: "/etc/brokerscope/tls/tls.key".into(),
+            // A PEM bundle: several CAs are allowed so a CA can be rotated.
+            client_ca_file: "/etc/brokerscope/tls/ca.crt".into(),
+            // Empty: any client certificate that chains to the CA is allowed.
+            allowed_client_names: Vec::new(),
+            // Per client identity; Prometheus and the operator need a request every few seconds.
+            rate_limit_rps: 20,
+            rate_limit_burst: 40,
+            // One line per request.
+            access_log: AccessLog::Info,
+        }
+    }
+}
+
+/// `server.access_log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    Info,
+    Debug,
+}
+
+/// `[discovery]`: how brokers are found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub cmdline_patterns: Vec<String>,
+    pub listener_ports: Vec<u16>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            // The main class of every Kafka broker JVM (ZooKeeper and KRaft modes alike).
+            cmdline_patterns: vec![r"kafka\.Kafka".into()],
+            // None: listeners are read from each broker's server.properties.
+            listener_ports: Vec::new(),
+        }
+    }
+}
+
+/// `[probes]`: kernel map capacities (not in INTERFACE.md's minimal set; added so memory is
+/// bounded by configuration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbesConfig {
+    pub listeners_capacity: u32,
+    pub connections_capacity: u32,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            // (network namespace, port) pairs that ever accepted a connection.
+            listeners_capacity: sockets::LISTENERS_CAPACITY,
+            // Connections accepted and not yet closed, node-wide.
+            connections_capacity: sockets::CONNECTIONS_CAPACITY,
+        }
+    }
+}
+
+/// The sections the environment may override.
+const SECTIONS: [&str; 3] = ["server", "discovery", "probes"];
+const ENV_PREFIX: &str = "BROKERSCOPE_";
+
+/// Why a configuration was refused. `key` is the dotted path of the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment variable {var} does not name a config key: {reason}")]
+    Env { var: String, reason: &'static str },
+    #[error("config key `{key}`: {message}")]
+    Type { key: String, message: String },
+    #[error("config key `{key}` is invalid: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Type { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), applies environment overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.into(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        Config::from_table(table)
+    }
+
+    /// Parses a TOML text (no environment), validating it.
+    #[cfg(test)]
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: "<inline>".into(),
+                message: e.to_string(),
+            })?;
+        Config::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Type {
+                    key: e.path().to_string(),
+                    message: e.into_inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the first offending key is named.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        s.listen_addr()?;
+        for (key, path) in [
+            ("server.cert_file", &s.cert_file),
+            ("server.key_file", &s.key_file),
+            ("server.client_ca_file", &s.client_ca_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+        }
+        for name in &s.allowed_client_names {
+            if name.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "server.allowed_client_names",
+                    "names must not be empty",
+                ));
+            }
+        }
+        if !(1..=100_000).contains(&s.rate_limit_rps) {
+            return Err(ConfigError::invalid(
+                "server.rate_limit_rps",
+                "must be 1..=100000",
+            ));
+        }
+        if s.rate_limit_burst < 1 || s.rate_limit_burst > 1_000_000 {
+            return Err(ConfigError::invalid(
+                "server.rate_limit_burst",
+                "must be 1..=1000000",
+            ));
+        }
+        for pattern in &self.discovery.cmdline_patterns {
+            regex::Regex::new(pattern).map_err(|e| {
+                ConfigError::invalid(
+                    "discovery.cmdline_patterns",
+                    format!("`{pattern}` is not a valid regex: {e}"),
+                )
+            })?;
+        }
+        if self.discovery.listener_ports.contains(&0) {
+            return Err(ConfigError::invalid(
+                "discovery.listener_ports",
+                "port 0 is not a port",
+            ));
+        }
+        for (key, value) in [
+            ("probes.listeners_capacity", self.probes.listeners_capacity),
+            (
+                "probes.connections_capacity",
+                self.probes.connections_capacity,
+            ),
+        ] {
+            sockets::checked_capacity(value).map_err(|e| {
+                ConfigError::invalid(
+                    key,
+                    format!(
+                        "{} is outside {}..={}",
+                        e.requested,
+                        sockets::MIN_CAPACITY,
+                        sockets::MAX_CAPACITY
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config` and diagnostics.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl ServerConfig {
+    /// `server.listen` as a socket address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "server.listen",
+                format!(
+                    "`{}` is not an address:port such as 0.0.0.0:8443",
+                    self.listen
+                ),
+            )
+        })
+    }
+}
+
+/// Applies `BROKERSCOPE_<SECTION>_<KEY>=value` overrides. The value is read as a TOML value
+/// (`5`, `true`, `["a", "b"]`) and, when it is not one, as a plain string (`0.0.0.0:8443`).
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let overrides: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (var, raw) in overrides {
+        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS.iter().find_map(|section| {
+            rest.strip_prefix(section)
+                .and_then(|r| r.strip_prefix('_'))
+                .filter(|k| !k.is_empty())
+                .map(|k| (*section, k.to_string()))
+        }) else {
+            return Err(ConfigError::Env {
+                var,
+                reason: "expected BROKERSCOPE_<SERVER|DISCOVERY|PROBES>_<KEY>",
+            });
+        };
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let section_table = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(key, value);
+            }
+            _ => {
+                return Err(ConfigError::invalid(section, "must be a table"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+use super::*;
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn empty_file_is_all_defaults() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config, Config::default());
+    assert_eq!(config.server.listen, "0.0.0.0:8443");
+    assert_eq!(config.server.rate_limit_rps, 20);
+    assert_eq!(config.server.rate_limit_burst, 40);
+    assert_eq!(config.server.access_log, AccessLog::Info);
+    assert_eq!(
+        config.discovery.cmdline_patterns,
+        vec![r"kafka\.Kafka".to_string()]
+    );
+}
+
+#[test]
+fn interface_example_parses() {
+    let text = r#"
+[server]
+listen = "0.0.0.0:8443"
+cert_file = "/etc/brokerscope/tls/tls.crt"
+key_file = "/etc/brokerscope/tls/tls.key"
+client_ca_file = "/etc/brokerscope/tls/ca.crt"
+allowed_client_names = []
+rate_limit_rps = 20
+rate_limit_burst = 40
+access_log = "info"
+
+[discovery]
+cmdline_patterns = ['kafka\.Kafka']
+listener_ports = []
+"#;
+    assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = Config::from_toml("[server]\nlisten_port = 1\n").unwrap_err();
+    assert_eq!(err.key(), Some("server"), "{err}");
+    assert!(err.to_string().contains("listen_port"), "{err}");
+}
+
+#[test]
+fn unknown_section_is_named() {
+    let err = Config::from_toml("[serverz]\n").unwrap_err();
+    assert!(err.to_string().contains("serverz"), "{err}");
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let err = Config::from_toml("[server]\nrate_limit_rps = \"fast\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("server.rate_limit_rps"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    for (text, key) in [
+        ("[server]\nlisten = \"localhost\"\n", "server.listen"),
+        ("[server]\nrate_limit_rps = 0\n", "server.rate_limit_rps"),
+        (
+            "[server]\nrate_limit_burst = 0\n",
+            "server.rate_limit_burst",
+        ),
+        ("[server]\ncert_file = \"\"\n", "server.cert_file"),
+        (
+            "[server]\nallowed_client_names = [\" \"]\n",
+            "server.allowed_client_names",
+        ),
+        (
+            "[discovery]\ncmdline_patterns = [\"kafka(\"]\n",
+            "discovery.cmdline_patterns",
+        ),
+        (
+            "[discovery]\nlistener_ports = [0]\n",
+            "discovery.listener_ports",
+        ),
+        (
+            "[probes]\nconnections_capacity = 1\n",
+            "probes.connections_capacity",
+        ),
+        (
+            "[probes]\nlisteners_capacity = 4294967295\n",
+            "probes.listeners_capacity",
+        ),
+    ] {
+        let err = Config::from_toml(text).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+    }
+}
+
+#[test]
+fn access_log_levels() {
+    for (text, level) in [
+        ("off", AccessLog::Off),
+        ("info", AccessLog::Info),
+        ("debug", AccessLog::Debug),
+    ] {
+        let config = Config::from_toml(&format!("[server]\naccess_log = \"{text}\"\n")).unwrap();
+        assert_eq!(config.server.access_log, level);
+    }
+    let err = Config::from_toml("[server]\naccess_log = \"loud\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("server.access_log"), "{err}");
+}
+
+#[test]
+fn out_of_range_port_is_a_type_error() {
+    let err = Config::from_toml("[discovery]\nlistener_ports = [70000]\n").unwrap_err();
+    assert_eq!(err.key(), Some("discovery.listener_ports[0]"), "{err}");
+}
+
+#[test]
+fn env_overrides_file_and_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:1\"\nrate_limit_rps = 3\n",
+    )
+    .unwrap();
+    let config = Config::load(
+        Some(&path),
+        env(&[
+            ("BROKERSCOPE_SERVER_LISTEN", "127.0.0.1:9443"),
+            (
+                "BROKERSCOPE_SERVER_ALLOWED_CLIENT_NAMES",
+                r#"["cluster-operator", "prometheus"]"#,
+            ),
+            ("BROKERSCOPE_DISCOVERY_LISTENER_PORTS", "[9092, 9093]"),
+            ("BROKERSCOPE_PROBES_CONNECTIONS_CAPACITY", "1024"),
+            ("PATH", "/usr/bin"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.server.listen, "127.0.0.1:9443");
+    assert_eq!(
+        config.server.rate_limit_rps, 3,
+        "file value kept when env is silent"
+    );
+    assert_eq!(
+        config.server.allowed_client_names,
+        ["cluster-operator", "prometheus"]
+    );
+    assert_eq!(config.discovery.listener_ports, [9092, 9093]);
+    assert_eq!(config.probes.connections_capacity, 1024);
+}
+
+#[test]
+fn env_with_unknown_section_or_key_is_refused() {
+    let err = Config::load(None, env(&[("BROKERSCOPE_SERVERZ_LISTEN", "x")])).unwrap_err();
+    assert!(matches!(err, ConfigError::Env { ref var, .. } if var == "BROKERSCOPE_SERVERZ_LISTEN"));
+    let err = Config::load(None, env(&[("BROKERSCOPE_SERVER_LISTENER", "x")])).unwrap_err();
+    assert!(err.to_string().contains("listener"), "{err}");
+}
+
+#[test]
+fn env_bad_value_names_the_key() {
+    let err = Config::load(None, env(&[("BROKERSCOPE_SERVER_RATE_LIMIT_RPS", "-5")])).unwrap_err();
+    assert_eq!(err.key(), Some("server.rate_limit_rps"), "{err}");
+}
+
+#[test]
+fn missing_file_and_bad_syntax_are_reported() {
+    let err = Config::load(
+        Some(std::path::Path::new("/nonexistent/brokerscope.toml")),
+        no_env(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[server\n").unwrap();
+    let err = Config::load(Some(&path), no_env()).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+}
+
+#[test]
+fn effective_config_round_trips() {
+    let mut config = Config::default();
+    config.server.allowed_client_names = vec!["cluster-operator".into()];
+    config.discovery.listener_ports = vec![9092];
+    let again = Config::from_toml(&config.to_toml()).unwrap();
+    assert_eq!(again, config);
+}

@@ -1,0 +1,234 @@
+//! What the running kernel offers: BTF, tracefs, bpffs and the cgroup v2 mount.
+//!
+//! The first step of startup. Owns the checks and the mounts it may make (tracefs, bpffs when
+//! absent); never loads programs.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
+pub const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "kernel BTF is missing ({BTF_PATH}): brokerscope needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{fstype} is not mounted and mounting it at {target} failed: {source}; mount it \
+         (`mount -t {fstype} {fstype} {target}`) or run the agent privileged"
+    )]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the checks found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelFacts {
+    pub release: String,
+    pub btf: PathBuf,
+    pub tracefs: PathBuf,
+    pub bpffs: PathBuf,
+    /// The cgroup v2 mount, when the kernel has one (hybrid hosts mount it under
+    /// /sys/fs/cgroup/unified; attaching cgroup programs to a v1 tmpfs fails with EBADF).
+    pub cgroup2: Option<PathBuf>,
+    /// Whether RLIMIT_MEMLOCK could be lifted; kernels >= 5.11 account BPF memory by memcg and
+    /// do not need it.
+    pub memlock_raised: bool,
+}
+
+/// Runs the checks, mounting tracefs and bpffs where they are missing.
+pub fn check() -> Result<KernelFacts, KernelError> {
+    if !Path::new(BTF_PATH).exists() {
+        return Err(KernelError::NoBtf);
+    }
+    let mountinfo = read("/proc/self/mountinfo")?;
+    let mounts = parse_mountinfo(&mountinfo);
+    let tracefs = ensure_mounted(&mounts, "tracefs", TRACEFS_DEFAULT)?;
+    let bpffs = ensure_mounted(&mounts, "bpf", BPFFS_DEFAULT)?;
+    let cgroup2 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.mount_point.clone());
+    let release = read("/proc/sys/kernel/osrelease")?.trim().to_string();
+    Ok(KernelFacts {
+        release,
+        btf: BTF_PATH.into(),
+        tracefs,
+        bpffs,
+        cgroup2,
+        memlock_raised: raise_memlock(),
+    })
+}
+
+fn read(path: &str) -> Result<String, KernelError> {
+    std::fs::read_to_string(path).map_err(|source| KernelError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// One line of /proc/self/mountinfo, the parts we use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+}
+
+/// Parses /proc/<pid>/mountinfo (proc(5)): field 5 is the mount point, and the filesystem type
+/// follows the ` - ` separator after the optional fields. Octal escapes (`\040`) are decoded.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            Some(Mount {
+                mount_point: unescape(mount_point).into(),
+                fstype: fstype.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = bytes[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn ensure_mounted(
+    mounts: &[Mount],
+    fstype: &'static str,
+    target: &'static str,
+) -> Result<PathBuf, KernelError> {
+    if let Some(m) = mounts
+        .iter()
+        .find(|m| m.fstype == fstype && m.mount_point == Path::new(target))
+    {
+        return Ok(m.mount_point.clone());
+    }
+    if let Some(m) = mounts.iter().find(|m| m.fstype == fstype) {
+        return Ok(m.mount_point.clone());
+    }
+    let c = |s: &str| CString::new(s).expect("static strings have no NUL");
+    let (source, dir, ty) = (c(fstype), c(target), c(fstype));
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            dir.as_ptr(),
+            ty.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(KernelError::Mount {
+            fstype,
+            target,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!(fstype, target, "mounted");
+    Ok(target.into())
+}
+
+/// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it. Failure is normal where
+/// CAP_SYS_RESOURCE is withheld and the kernel accounts by memcg.
+fn raise_memlock() -> bool {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass; no other effects on memory.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+25 22 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+28 25 0:25 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+29 28 0:26 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+30 28 0:27 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:11 - cgroup cgroup rw,cpu,cpuacct
+40 25 0:12 / /sys/kernel/tracing rw,nosuid,nodev,noexec,relatime shared:20 - tracefs tracefs rw
+41 25 0:40 / /sys/fs/bpf rw,relatime master:2 - bpf bpf rw
+50 22 0:50 / /mnt/with\\040space rw - tmpfs none rw
+";
+
+    #[test]
+    fn finds_cgroup2_on_a_hybrid_host() {
+        let mounts = parse_mountinfo(HYBRID);
+        let cg = mounts.iter().find(|m| m.fstype == "cgroup2").unwrap();
+        assert_eq!(cg.mount_point, Path::new("/sys/fs/cgroup/unified"));
+        // The v1 tmpfs at /sys/fs/cgroup is not mistaken for it.
+        assert_eq!(
+            mounts
+                .iter()
+                .find(|m| m.mount_point == Path::new("/sys/fs/cgroup"))
+                .unwrap()
+                .fstype,
+            "tmpfs"
+        );
+    }
+
+    #[test]
+    fn optional_fields_and_escapes() {
+        let mounts = parse_mountinfo(HYBRID);
+        assert!(mounts.iter().any(|m| m.fstype == "tracefs"));
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.fstype == "bpf" && m.mount_point == Path::new("/sys/fs/bpf"))
+        );
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_point == Path::new("/mnt/with space"))
+        );
+        assert_eq!(mounts.len(), 8);
+    }
+
+    #[test]
+    fn garbage_lines_are_skipped() {
+        assert!(parse_mountinfo("nonsense\n\n1 2 3\n").is_empty());
+    }
+}

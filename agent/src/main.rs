@@ -1,0 +1,199 @@
+//! brokerscope: an eBPF node agent for Kafka brokers.
+//!
+//! `run` starts the agent in a fixed order, each step logged: config -> TLS material -> kernel
+//! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
+//! `check-config` validates a config file and prints the effective configuration.
+
+mod config;
+mod kernel;
+mod model;
+mod pki;
+mod probes;
+mod render;
+mod server;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{config::Config, model::Model};
+
+#[derive(Parser)]
+#[command(
+    name = "brokerscope",
+    version,
+    about = "eBPF node agent for Kafka brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// TOML config file; every key has a default, so none is needed.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Throwaway certificates for local runs and tests.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Write ca.crt/ca.key, tls.crt/tls.key and client.crt/client.key into a directory.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of every certificate, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Pki {
+            command: PkiCommand::Dev { out, days },
+        } => pki::generate_dev(&out, pki::Validity::days(days))
+            .map(|files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            })
+            .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
+        Command::CheckConfig { file } => match Config::load(Some(&file), std::env::vars()) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(key) = e.key() {
+                    eprintln!("offending key: {key}");
+                }
+                Err(e.into())
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BROKERSCOPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("brokerscope")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_async(config_path))
+}
+
+async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config_path.as_deref(), std::env::vars())?;
+    tracing::info!(
+        config = %config_path.as_ref().map_or("<defaults>".into(), |p| p.display().to_string()),
+        "step 1/5: configuration loaded"
+    );
+
+    let tls = server::tls::server_config(&config.server)?;
+    tracing::info!(
+        cert = %config.server.cert_file.display(),
+        client_ca = %config.server.client_ca_file.display(),
+        "step 2/5: TLS material loaded (client certificates required)"
+    );
+
+    let model = Arc::new(Model::default());
+    match kernel::check() {
+        Ok(facts) => {
+            tracing::info!(
+                release = %facts.release,
+                tracefs = %facts.tracefs.display(),
+                cgroup2 = ?facts.cgroup2,
+                memlock_raised = facts.memlock_raised,
+                "step 3/5: kernel checked"
+            );
+            model.set_kernel(facts.clone());
+            match probes::Probes::load(&facts, &config.probes) {
+                Ok(probes) => {
+                    tracing::info!(
+                        programs = probes.attached().len(),
+                        "step 4/5: probes attached"
+                    );
+                    model.set_probes(probes);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        "step 4/5: probes not attached; serving with /ready at 503. The agent \
+                         needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) on a kernel with BTF"
+                    );
+                    model.set_probe_error(e.to_string());
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "step 3/5: kernel check failed; serving with /ready at 503");
+            model.set_probe_error(e.to_string());
+        }
+    }
+
+    let addr = config.server.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    tracing::info!(addr = %local, "step 5/5: listening");
+
+    let app = server::routes::router(model.clone());
+    server::serve(listener, tls, app, shutdown_signal()).await;
+
+    if let Some(probes) = model.take_probes() {
+        drop(probes);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

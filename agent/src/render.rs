@@ -1,0 +1,277 @@
+//! Renders a [`Snapshot`] as Prometheus text exposition format 0.0.4.
+//!
+//! Pure: takes a snapshot, returns text. Each family gets its HELP and TYPE once, label values
+//! are escaped, and output order is stable (sorted keys) so scrapes diff cleanly.
+
+use std::fmt::Write as _;
+
+use crate::model::Snapshot;
+
+/// `Content-Type` of the text format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const PREFIX: &str = "brokerscope_";
+
+/// Builds the exposition text one family at a time.
+struct Exposition {
+    out: String,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: Kind, help: &str) -> Family<'_> {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(self.out, "# HELP {PREFIX}{name} {help}");
+        let _ = writeln!(self.out, "# TYPE {PREFIX}{name} {kind}");
+        Family {
+            out: &mut self.out,
+            name: name.to_string(),
+        }
+    }
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+    name: String,
+}
+
+impl Family<'_> {
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) -> &mut Self {
+        let _ = write!(self.out, "{PREFIX}{}", self.name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"");
+                escape_label(self.out, v);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+        self
+    }
+}
+
+/// Label values escape backslash, double quote and newline (exposition format spec).
+fn escape_label(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The whole /metrics page.
+pub fn prometheus(snapshot: &Snapshot) -> String {
+    let mut e = Exposition {
+        out: String::with_capacity(4096),
+    };
+    let p = &snapshot.probes;
+
+    let ready = snapshot.readiness.as_ref().is_some_and(|r| r.ready);
+    e.family(
+        "agent_ready",
+        Kind::Gauge,
+        "1 when probes are attached and the agent serves.",
+    )
+    .sample(&[], u8::from(ready));
+    e.family("build_info", Kind::Gauge, "Agent version; always 1.")
+        .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1);
+
+    {
+        let mut f = e.family(
+            "probe_attached",
+            Kind::Gauge,
+            "1 for each kernel program attached, by the hook that serves it.",
+        );
+        for a in &snapshot.attached {
+            f.sample(&[("program", a.program), ("hook", a.hook)], 1);
+        }
+    }
+    {
+        let mut f = e.family(
+            "probe_events_total",
+            Kind::Counter,
+            "Runs of each kernel program.",
+        );
+        for s in &p.programs {
+            f.sample(&[("program", s.program)], s.events);
+        }
+    }
+    {
+        let mut f = e.family(
+            "probe_run_seconds_total",
+            Kind::Counter,
+            "Time spent in each kernel program (kernel BPF stats; 0 unless kernel.bpf_stats_enabled).",
+        );
+        for s in &p.programs {
+            f.sample(&[("program", s.program)], s.run_time.as_secs_f64());
+        }
+    }
+    {
+        let mut f = e.family(
+            "probe_errors_total",
+            Kind::Counter,
+            "Failures inside kernel programs, by kind (programs fail open).",
+        );
+        for (kind, n) in &p.errors {
+            f.sample(&[("kind", kind)], n);
+        }
+    }
+    {
+        let mut f = e.family(
+            "map_entries",
+            Kind::Gauge,
+            "Entries in each bounded kernel map.",
+        );
+        for m in &p.maps {
+            f.sample(&[("map", m.map)], m.entries);
+        }
+    }
+    {
+        let mut f = e.family(
+            "map_capacity",
+            Kind::Gauge,
+            "Capacity of each bounded kernel map.",
+        );
+        for m in &p.maps {
+            f.sample(&[("map", m.map)], m.capacity);
+        }
+    }
+
+    let listener_labels = |l: &crate::probes::sockets::ListenerStats| {
+        (l.key.netns.to_string(), l.key.port.to_string())
+    };
+    for (name, kind, help, value) in [
+        (
+            "connections_accepted_total",
+            Kind::Counter,
+            "TCP connections accepted (passive opens) per network namespace and local port.",
+            (|c: &brokerscope_common::sockets::ListenerCounters| c.accepted)
+                as fn(&brokerscope_common::sockets::ListenerCounters) -> u64,
+        ),
+        (
+            "connections_active",
+            Kind::Gauge,
+            "Accepted TCP connections not yet closed.",
+            |c| c.active(),
+        ),
+        (
+            "connections_closed_total",
+            Kind::Counter,
+            "Accepted TCP connections that have closed.",
+            |c| c.closed,
+        ),
+    ] {
+        let mut f = e.family(name, kind, help);
+        for l in &p.listeners {
+            let (netns, port) = listener_labels(l);
+            f.sample(&[("netns", &netns), ("port", &port)], value(&l.counters));
+        }
+    }
+    e.out
+}
+
+#[cfg(test)]
+mod tests {
+    use brokerscope_common::sockets::{ListenerCounters, ListenerKey};
+
+    use super::*;
+    use crate::{
+        model::Readiness,
+        probes::{Attachment, MapStats, ProbeSnapshot, ProgramStats, sockets::ListenerStats},
+    };
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            readiness: Some(Readiness {
+                ready: true,
+                reasons: vec![],
+            }),
+            attached: vec![Attachment {
+                program: "sock_state",
+                hook: "tracepoint/sock/inet_sock_set_state",
+                id: 7,
+            }],
+            probes: ProbeSnapshot {
+                listeners: vec![ListenerStats {
+                    key: ListenerKey::new(4026531840, 9092),
+                    counters: ListenerCounters {
+                        accepted: 10,
+                        closed: 4,
+                        untracked: 1,
+                    },
+                }],
+                programs: vec![ProgramStats {
+                    program: "sock_state",
+                    events: 123,
+                    run_time: std::time::Duration::from_micros(1500),
+                }],
+                errors: vec![("connections_map_full", 1)],
+                maps: vec![MapStats {
+                    map: "connections",
+                    entries: 5,
+                    capacity: 64,
+                }],
+            },
+        }
+    }
+
+    #[test]
+    fn renders_listener_counters_exactly() {
+        let text = prometheus(&snapshot());
+        for line in [
+            r#"brokerscope_connections_accepted_total{netns="4026531840",port="9092"} 10"#,
+            r#"brokerscope_connections_active{netns="4026531840",port="9092"} 5"#,
+            r#"brokerscope_connections_closed_total{netns="4026531840",port="9092"} 4"#,
+            r#"brokerscope_probe_attached{program="sock_state",hook="tracepoint/sock/inet_sock_set_state"} 1"#,
+            r#"brokerscope_probe_events_total{program="sock_state"} 123"#,
+            r#"brokerscope_probe_run_seconds_total{program="sock_state"} 0.0015"#,
+            r#"brokerscope_probe_errors_total{kind="connections_map_full"} 1"#,
+            r#"brokerscope_map_entries{map="connections"} 5"#,
+            r#"brokerscope_map_capacity{map="connections"} 64"#,
+            "brokerscope_agent_ready 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_once() {
+        let text = prometheus(&snapshot());
+        let mut types = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(types.insert(name.to_string()), "duplicate TYPE for {name}");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(types.contains(name), "sample {name} without TYPE");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        escape_label(&mut out, "a\"b\\c\nd");
+        assert_eq!(out, r#"a\"b\\c\nd"#);
+    }
+}

@@ -1,0 +1,98 @@
+//! The kernel programs' account of themselves: how often each ran, and what failed.
+//!
+//! Kernel programs fail open: a failed read or a full map never stops a socket, it bumps one of
+//! the error counters instead, and the loader exports them as `brokerscope_probe_errors_total`.
+
+/// Name of the per-CPU array counting each program's runs (`brokerscope_probe_events_total`).
+pub const PROBE_EVENTS_MAP: &str = "PROBE_EVENTS";
+
+/// The kernel programs. The discriminant is the index in [`PROBE_EVENTS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// `sock:inet_sock_set_state`: TCP state changes (accepts and closes).
+    SockState = 0,
+}
+
+impl Program {
+    /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
+    pub const ALL: [Program; 1] = [Program::SockState];
+
+    /// Capacity of [`PROBE_EVENTS_MAP`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The ELF symbol of the program, which is also the `program` label of its metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::SockState => "sock_state",
+        }
+    }
+
+    /// The hook it attaches to, the `hook` label of `brokerscope_probe_attached`.
+    pub const fn hook(self) -> &'static str {
+        match self {
+            Program::SockState => "tracepoint/sock/inet_sock_set_state",
+        }
+    }
+}
+
+/// Name of the per-CPU array the kernel programs count their failures in.
+pub const PROBE_ERRORS_MAP: &str = "PROBE_ERRORS";
+
+/// What went wrong in a kernel program. The discriminant is the index in [`PROBE_ERRORS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeError {
+    /// A tracepoint field could not be read from the context.
+    ReadContext = 0,
+    /// The socket's network namespace could not be read through its `struct sock`.
+    ReadNetns = 1,
+    /// The per-listener counter map was full: a new (netns, port) was not counted.
+    ListenersFull = 2,
+    /// The per-connection map was full: an accepted connection was counted but not tracked,
+    /// so its close will not be seen.
+    ConnectionsFull = 3,
+}
+
+impl ProbeError {
+    /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
+    pub const ALL: [ProbeError; 4] = [
+        ProbeError::ReadContext,
+        ProbeError::ReadNetns,
+        ProbeError::ListenersFull,
+        ProbeError::ConnectionsFull,
+    ];
+
+    /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The label value used in `brokerscope_probe_errors_total{kind}`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            ProbeError::ReadContext => "read_context",
+            ProbeError::ReadNetns => "read_netns",
+            ProbeError::ListenersFull => "listeners_map_full",
+            ProbeError::ConnectionsFull => "connections_map_full",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_indices_are_dense() {
+        for (i, program) in Program::ALL.iter().enumerate() {
+            assert_eq!(*program as u32, i as u32);
+        }
+    }
+
+    #[test]
+    fn error_indices_are_dense_and_in_order() {
+        for (i, kind) in ProbeError::ALL.iter().enumerate() {
+            assert_eq!(*kind as u32, i as u32);
+        }
+        assert_eq!(ProbeError::COUNT, 4);
+    }
+}
