@@ -117,8 +117,6 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("environment variable {var} does not name a config key: {reason}")]
-    Env { var: String, reason: &'static str },
     #[error("config key `{key}`: {message}")]
     Type { key: String, message: String },
     #[error("config key `{key}` is invalid: {reason}")]
@@ -292,16 +290,16 @@ fn apply_env(
         .collect();
     for (var, raw) in overrides {
         let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        // Only variables of a known section are config: Kubernetes injects
+        // BROKERSCOPE_SERVICE_HOST, BROKERSCOPE_PORT_8443_TCP, ... for a Service of that name.
+        // A known section with an unknown key is still an error (deserialization names it).
         let Some((section, key)) = SECTIONS.iter().find_map(|section| {
             rest.strip_prefix(section)
                 .and_then(|r| r.strip_prefix('_'))
                 .filter(|k| !k.is_empty())
                 .map(|k| (*section, k.to_string()))
         }) else {
-            return Err(ConfigError::Env {
-                var,
-                reason: "expected BROKERSCOPE_<SERVER|DISCOVERY|PROBES>_<KEY>",
-            });
+            continue;
         };
         let value = format!("v = {raw}")
             .parse::<toml::Table>()

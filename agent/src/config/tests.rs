@@ -48,7 +48,7 @@ listener_ports = []
 #[test]
 fn unknown_key_is_named() {
     let err = Config::from_toml("[server]\nlisten_port = 1\n").unwrap_err();
-    assert_eq!(err.key(), Some("server"), "{err}");
+    assert_eq!(err.key(), Some("server.listen_port"), "{err}");
     assert!(err.to_string().contains("listen_port"), "{err}");
 }
 
@@ -157,11 +157,24 @@ fn env_overrides_file_and_defaults() {
 }
 
 #[test]
-fn env_with_unknown_section_or_key_is_refused() {
-    let err = Config::load(None, env(&[("BROKERSCOPE_SERVERZ_LISTEN", "x")])).unwrap_err();
-    assert!(matches!(err, ConfigError::Env { ref var, .. } if var == "BROKERSCOPE_SERVERZ_LISTEN"));
+fn env_with_unknown_key_in_a_known_section_is_refused() {
     let err = Config::load(None, env(&[("BROKERSCOPE_SERVER_LISTENER", "x")])).unwrap_err();
-    assert!(err.to_string().contains("listener"), "{err}");
+    assert_eq!(err.key(), Some("server.listener"), "{err}");
+}
+
+#[test]
+fn env_outside_the_config_sections_is_not_config() {
+    // What Kubernetes injects for a Service named brokerscope, and our own test variables.
+    let config = Config::load(
+        None,
+        env(&[
+            ("BROKERSCOPE_SERVICE_HOST", "10.0.0.1"),
+            ("BROKERSCOPE_PORT_8443_TCP", "tcp://10.0.0.1:8443"),
+            ("BROKERSCOPE_TEST_BIN", "/x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config, Config::default());
 }
 
 #[test]

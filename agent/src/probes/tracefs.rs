@@ -46,7 +46,7 @@ impl Format {
         Ok(Self::parse(&format!("{category}:{name}"), &text))
     }
 
-    /// Parses lines such as `field:__u16 sport;	offset:24;	size:2;	signed:0;`.
+    /// Parses lines such as `field:__u16 sport; offset:24; size:2; signed:0;`.
     pub fn parse(tracepoint: &str, text: &str) -> Self {
         let mut fields = HashMap::new();
         for line in text.lines() {

@@ -1,0 +1,160 @@
+//! The agent's life: start order, readiness, the probe metrics, and a clean detach on SIGTERM.
+
+use std::process::Command;
+
+use brokerscope_tests::{Agent, agent_bin, privileged};
+
+fn bpftool_has_prog(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is installed by cargo xtask setup")
+        .status
+        .success()
+}
+
+#[test]
+fn ready_reports_attached_probes_and_sigterm_detaches_them() {
+    if !privileged("ready_reports_attached_probes_and_sigterm_detaches_them") {
+        return;
+    }
+    let mut agent = Agent::start("");
+    agent.wait_ready();
+    let (code, body) = agent.get("/ready");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"ready":true,"reasons":[]}"#)
+    );
+    let (code, body) = agent.get("/health");
+    assert_eq!((code, body.as_str()), (200, r#"{"status":"ok"}"#));
+
+    assert_eq!(agent.metric("brokerscope_agent_ready", &[]), Some(1.0));
+    assert_eq!(
+        agent.metric(
+            "brokerscope_probe_attached",
+            &[
+                ("program", "sock_state"),
+                ("hook", "tracepoint/sock/inet_sock_set_state")
+            ]
+        ),
+        Some(1.0)
+    );
+    // Our own scrapes are TCP connections: the program has run.
+    let events = agent.metric(
+        "brokerscope_probe_events_total",
+        &[("program", "sock_state")],
+    );
+    assert!(events.is_some_and(|n| n > 0.0), "{events:?}");
+    assert_eq!(
+        agent.metric("brokerscope_map_capacity", &[("map", "connections")]),
+        Some(65536.0)
+    );
+
+    let ids = agent.program_ids();
+    assert_eq!(
+        ids.len(),
+        1,
+        "one program attached: {ids:?}\n{}",
+        agent.log_text()
+    );
+    for &id in &ids {
+        assert!(
+            bpftool_has_prog(id),
+            "program {id} should be loaded while the agent runs"
+        );
+    }
+
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        agent.log_text()
+    );
+    for id in ids {
+        assert!(
+            !bpftool_has_prog(id),
+            "program {id} still loaded after SIGTERM"
+        );
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("detaching and unloading kernel programs")
+    );
+}
+
+#[test]
+fn configured_capacities_reach_the_kernel_maps() {
+    if !privileged("configured_capacities_reach_the_kernel_maps") {
+        return;
+    }
+    let agent = Agent::start("[probes]\nconnections_capacity = 1024\nlisteners_capacity = 64\n");
+    agent.wait_ready();
+    assert_eq!(
+        agent.metric("brokerscope_map_capacity", &[("map", "connections")]),
+        Some(1024.0)
+    );
+    assert_eq!(
+        agent.metric("brokerscope_map_capacity", &[("map", "listeners")]),
+        Some(64.0)
+    );
+    // And the kernel agrees: bpftool shows the map with that many max entries.
+    let out = Command::new("bpftool")
+        .args(["map", "show", "name", "CONNECTIONS"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_entries 1024"), "{text}");
+}
+
+#[test]
+fn check_config_names_the_offending_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nrate_limit_rps = 0\n").unwrap();
+    let out = Command::new(agent_bin())
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("offending key: server.rate_limit_rps"),
+        "{stderr}"
+    );
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[server]\nlisten = \"127.0.0.1:9443\"\n").unwrap();
+    let out = Command::new(agent_bin())
+        .args(["check-config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:9443\""), "{stdout}");
+    assert!(
+        stdout.contains("rate_limit_rps = 20"),
+        "defaults are printed too: {stdout}"
+    );
+}
+
+#[test]
+fn run_refuses_an_unknown_key_before_loading_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[discovery]\ncmdline_pattern = [\"x\"]\n").unwrap();
+    let out = Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("discovery.cmdline_pattern"), "{stderr}");
+}

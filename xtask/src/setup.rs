@@ -1,0 +1,214 @@
+//! `cargo xtask setup`: everything a fresh machine of this kind lacks, installed by the project.
+//!
+//! Each step checks first and does nothing when already satisfied, so `run` and `test` call it
+//! every time.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::run;
+
+/// bpf-linker release known to build with nightly's LLVM here (KERNEL.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the end-to-end tests and `xtask run` use.
+const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2", "curl", "openssl", "ca-certificates"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    Run,
+    Test,
+}
+
+pub fn ensure(needs: Needs) -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    if needs == Needs::Test {
+        debian_packages(TEST_PACKAGES)?;
+    }
+    kernel()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .map(PathBuf::from)
+        .context(
+            "the `nightly` toolchain is needed for the eBPF programs (-Z build-std=core); \
+             install it with `rustup toolchain install nightly`",
+        )
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+        .join("bin")
+}
+
+/// bpf-linker must link against the same LLVM as the nightly rustc that emits the bitcode. The
+/// nightly toolchain ships it as lib/libLLVM.so.<ver>-rust-<rustc>-nightly; bpf-linker's build
+/// wants an LLVM prefix with lib/libLLVM.so, so a stable prefix of symlinks stands in for one.
+fn bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_bin_dir().join("bpf-linker");
+    if let Ok(version) = output(Command::new(&bin).arg("--version")) {
+        if version.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        eprintln!("setup: found {version}, want bpf-linker {BPF_LINKER_VERSION}; rebuilding");
+    }
+    let sysroot = nightly_sysroot()?;
+    let lib_dir = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("cannot list {}", lib_dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is nightly complete?",
+                lib_dir.display()
+            )
+        })?;
+    let file_name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> major 22
+    let major = file_name
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()) && !m.is_empty())
+        .with_context(|| format!("cannot read the LLVM version from {file_name}"))?
+        .to_string();
+
+    let prefix = home().join(".local/share/brokerscope/llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so".to_string(), file_name.clone()] {
+        let path = prefix_lib.join(&link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&libllvm, &path)
+            .with_context(|| format!("cannot link {} -> {}", path.display(), libllvm.display()))?;
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (LLVM {major}); about a minute",
+        libllvm.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .map(|s| !s.ends_with("installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "missing Debian packages {missing:?}: install them with `sudo apt-get install {}`",
+            missing.join(" ")
+        );
+    }
+    eprintln!("setup: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn kernel() -> anyhow::Result<()> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "kernel BTF (/sys/kernel/btf/vmlinux) is missing: brokerscope needs CONFIG_DEBUG_INFO_BTF=y"
+        );
+    }
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
+    let has = |fstype: &str| {
+        mountinfo
+            .lines()
+            .filter_map(|l| l.split_once(" - "))
+            .any(|(_, right)| right.split(' ').next() == Some(fstype))
+    };
+    for (fstype, target) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
+        if has(fstype) {
+            continue;
+        }
+        if !crate::is_root() {
+            bail!("{fstype} is not mounted: `sudo mount -t {fstype} {fstype} {target}`");
+        }
+        eprintln!("setup: mounting {fstype} at {target}");
+        run(Command::new("mount").args(["-t", fstype, fstype, target]))?;
+    }
+    if !has("cgroup2") {
+        bail!(
+            "no cgroup v2 mount in /proc/self/mountinfo: mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+        );
+    }
+    Ok(())
+}
