@@ -1,37 +1,53 @@
-//! TCP sockets: accepts and closes per (network namespace, local port) from
-//! `sock:inet_sock_set_state`.
+//! TCP sockets of watched listeners: accepts, closes, payload bytes, retransmits, resets, RTT
+//! and lifetimes, per (network namespace, local port).
 //!
 //! Attribution uses the socket itself (its `struct sock`: namespace and local port), never the
-//! current task: the tracepoint fires in softirq context on whatever task happens to run.
-
-use aya_log_ebpf::warn;
+//! current task: these tracepoints fire in softirq context on whatever task happens to run.
+//! Nothing here runs per packet or per send: bytes come from the socket's own RFC 4898 counters
+//! read once, when the connection closes (live connections are read by the loader's iterator).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use brokerscope_common::{
     sockets::{
-        CONNECTIONS_CAPACITY, ConnectionState, IPPROTO_TCP, LISTENERS_CAPACITY, ListenerCounters,
-        ListenerKey, SocketOffsets, Transition, classify,
+        CONN_ADOPTED, CONNECTIONS_CAPACITY, ConnectionState, DURATION_BUCKETS, IPPROTO_TCP,
+        LISTENERS_CAPACITY, ListenerCounters, ListenerKey, RTT_BUCKETS, SocketOffsets,
+        SocketsConfig, Transition, classify, is_watched, log2_bucket, payload_bytes,
     },
     telemetry::{ProbeError, Program},
 };
 
 use crate::telemetry::{count_error, count_run, increment};
 
-/// Written by the loader from the running kernel's tracepoint format and BTF.
+/// `add!(counters, field, n)` or `add!(counters, array[i], n)`: atomic add to a field of a
+/// LISTENERS value.
+macro_rules! add {
+    ($counters:ident, $field:ident $([$i:expr])?, $n:expr) => {
+        // SAFETY: `$counters` points to a LISTENERS value looked up during this run, and any
+        // index was bounds-checked by the caller.
+        unsafe { increment(&raw mut (*$counters).$field $([$i])?, $n) }
+    };
+}
+
+/// Written by the loader from the running kernel's tracepoint formats and BTF.
 #[unsafe(no_mangle)]
 static SOCKET_OFFSETS: SocketOffsets = SocketOffsets::UNSET;
 
-/// Per-listener counters; bounded by the number of (netns, port) pairs that accepted a connection.
-/// The loader resizes it from `probes.listeners_capacity`.
+/// Per-listener counters; bounded by the number of watched (netns, port) pairs that accepted a
+/// connection. The loader resizes it from `probes.listeners_capacity`.
 #[map(name = "LISTENERS")]
 static LISTENERS: HashMap<ListenerKey, ListenerCounters> =
     HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
+
+/// Listeners to count (or to ignore: the agent's own); bounded like LISTENERS.
+#[map(name = "WATCHED")]
+static WATCHED: HashMap<ListenerKey, u32> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
 /// Accepted connections not yet closed, keyed by `struct sock` address; bounded by
 /// `probes.connections_capacity`. Full means "counted but not tracked" (see `untracked`).
@@ -39,16 +55,52 @@ static LISTENERS: HashMap<ListenerKey, ListenerCounters> =
 static CONNECTIONS: HashMap<u64, ConnectionState> =
     HashMap::with_max_entries(CONNECTIONS_CAPACITY, 0);
 
+/// Initial value of a new LISTENERS entry (too large for the BPF stack).
+static ZERO_COUNTERS: ListenerCounters = ListenerCounters::ZERO;
+
+/// One entry: live settings, updated in place by the loader.
+#[map(name = "SOCKETS_CONFIG")]
+static SOCKETS_CONFIG: Array<SocketsConfig> = Array::with_max_entries(1, 0);
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn sock_state(ctx: TracePointContext) -> u32 {
-    count_run(Program::SockState);
-    if let Err(error) = try_sock_state(&ctx) {
+    run(&ctx, Program::SockState, try_sock_state)
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
+    run(&ctx, Program::Retransmit, try_retransmit)
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    run(&ctx, Program::SendReset, |ctx| {
+        try_reset(ctx, offsets().tp_send_reset_skaddr, true)
+    })
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    run(&ctx, Program::ReceiveReset, |ctx| {
+        try_reset(ctx, offsets().tp_receive_reset_skaddr, false)
+    })
+}
+
+#[inline(always)]
+fn run(
+    ctx: &TracePointContext,
+    program: Program,
+    f: impl FnOnce(&TracePointContext) -> Result<(), ProbeError>,
+) -> u32 {
+    count_run(program);
+    if let Err(error) = f(ctx) {
         count_error(error);
         // Only failures are logged: the success path must stay cheap. The log ring is bounded,
         // so a storm of failures drops log records, never counts.
         warn!(
-            &ctx,
-            "sock_state: {} (error kind {})",
+            ctx,
+            "{}: {} (error kind {})",
+            program.name(),
             error.label(),
             error as u32
         );
@@ -70,6 +122,13 @@ fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, ProbeError> {
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|_| ProbeError::ReadContext)
 }
 
+/// Reads a `T` at `base + offset` of a kernel object.
+#[inline(always)]
+fn kread<T>(base: u64, offset: u32, error: ProbeError) -> Result<T, ProbeError> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(|_| error)
+}
+
 fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let off = offsets();
     let protocol: u16 = field(ctx, off.tp_protocol)?;
@@ -82,16 +141,20 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
         Transition::PassiveOpen => {
             let sk: u64 = field(ctx, off.tp_skaddr)?;
             let port: u16 = field(ctx, off.tp_sport)?;
-            let listener = ListenerKey::new(netns_of(sk, &off)?, port);
+            let listener = ListenerKey::new(kread_netns(sk, &off)?, port);
+            if !watched(&listener) {
+                return Ok(());
+            }
             let counters = listener_counters(&listener)?;
-            add(counters.accepted);
+            add!(counters, accepted, 1);
             let state = ConnectionState {
                 listener,
                 // SAFETY: no preconditions.
                 established_ns: unsafe { bpf_ktime_get_ns() },
+                ..ConnectionState::default()
             };
             if CONNECTIONS.insert(sk, state, 0).is_err() {
-                add(counters.untracked);
+                add!(counters, untracked, 1);
                 return Err(ProbeError::ConnectionsFull);
             }
             Ok(())
@@ -102,60 +165,144 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
                 return Ok(());
             };
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
-            let listener = unsafe { (*state).listener };
+            let state = unsafe { *state };
             let _ = CONNECTIONS.remove(sk);
-            let counters = listener_counters(&listener)?;
-            add(counters.closed);
-            Ok(())
+            let counters = listener_counters(&state.listener)?;
+            add!(counters, closed, 1);
+            account_close(sk, oldstate, &state, counters, &off)
         }
         Transition::Other => Ok(()),
     }
 }
 
-/// One listener's counters, in the map.
-struct CountersRef {
-    accepted: *mut u64,
-    closed: *mut u64,
-    untracked: *mut u64,
+/// Adds a closing connection's payload bytes, outstanding retransmits, RTT and lifetime.
+#[inline(always)]
+fn account_close(
+    sk: u64,
+    oldstate: i32,
+    state: &ConnectionState,
+    counters: *mut ListenerCounters,
+    off: &SocketOffsets,
+) -> Result<(), ProbeError> {
+    let bytes_acked: u64 = kread(sk, off.tcp_bytes_acked, ProbeError::ReadSocket)?;
+    let bytes_received: u64 = kread(sk, off.tcp_bytes_received, ProbeError::ReadSocket)?;
+    let snd_una: u32 = kread(sk, off.tcp_snd_una, ProbeError::ReadSocket)?;
+    let write_seq: u32 = kread(sk, off.tcp_write_seq, ProbeError::ReadSocket)?;
+    let flags: u64 = kread(sk, off.sock_flags, ProbeError::ReadSocket)?;
+    let done = (flags >> off.sock_done_bit) & 1 == 1;
+    let (sent, received) = payload_bytes(
+        oldstate,
+        bytes_acked,
+        bytes_received,
+        snd_una,
+        write_seq,
+        done,
+    );
+    add!(counters, bytes_sent, sent.saturating_sub(state.base_sent));
+    add!(
+        counters,
+        bytes_received,
+        received.saturating_sub(state.base_received)
+    );
+
+    let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
+    let retransmits = u64::from(total_retrans.saturating_sub(state.retrans_seen));
+    add!(counters, retransmits, retransmits);
+
+    // srtt_us holds the smoothed RTT in microseconds, shifted left by 3.
+    let srtt: u32 = kread(sk, off.tcp_srtt_us, ProbeError::ReadSocket)?;
+    let rtt_us = u64::from(srtt >> 3);
+    if rtt_us > 0 {
+        add!(counters, rtt_sum_us, rtt_us);
+        let i = log2_bucket(rtt_us, RTT_BUCKETS);
+        if i < RTT_BUCKETS {
+            add!(counters, rtt[i], 1);
+        }
+    }
+    // An adopted connection's start is unknown: its lifetime is not observed.
+    if state.flags & CONN_ADOPTED == 0 {
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let us = now.saturating_sub(state.established_ns) / 1000;
+        add!(counters, duration_sum_us, us);
+        let i = log2_bucket(us, DURATION_BUCKETS);
+        if i < DURATION_BUCKETS {
+            add!(counters, duration[i], 1);
+        }
+    }
+    Ok(())
 }
 
-fn listener_counters(key: &ListenerKey) -> Result<CountersRef, ProbeError> {
-    let ptr = match LISTENERS.get_ptr_mut(key) {
-        Some(ptr) => ptr,
-        None => {
-            // Another CPU may insert the same key between our lookup and insert: NOEXIST makes
-            // that a harmless failure and the second lookup finds its entry.
-            let _ = LISTENERS.insert(key, ListenerCounters::default(), BPF_NOEXIST.into());
-            LISTENERS
-                .get_ptr_mut(key)
-                .ok_or(ProbeError::ListenersFull)?
-        }
-    };
-    // SAFETY: field projections of a valid map value pointer; nothing is read here.
-    unsafe {
-        Ok(CountersRef {
-            accepted: &raw mut (*ptr).accepted,
-            closed: &raw mut (*ptr).closed,
-            untracked: &raw mut (*ptr).untracked,
-        })
+fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    let off = offsets();
+    let err: i32 = field(ctx, off.tp_retransmit_err)?;
+    if err != 0 {
+        return Ok(());
     }
+    let sk: u64 = field(ctx, off.tp_retransmit_skaddr)?;
+    let Some(state) = CONNECTIONS.get_ptr_mut(sk) else {
+        return Ok(());
+    };
+    let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
+    // SAFETY: the pointer came from a successful lookup; the socket is locked by the caller of
+    // this tracepoint, so no other retransmit of this socket races this update.
+    let (listener, seen) = unsafe { ((*state).listener, (*state).retrans_seen) };
+    if total_retrans <= seen {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    unsafe { (*state).retrans_seen = total_retrans };
+    let counters = listener_counters(&listener)?;
+    add!(counters, retransmits, u64::from(total_retrans - seen));
+    Ok(())
+}
+
+/// Counts an RST on a watched listener's connection. The socket's own (netns, local port) is
+/// the key: a `SO_LINGER 0` close sends its RST after the socket already moved to CLOSE, so the
+/// connection table no longer has it. RSTs sent without a socket (closed ports) are not ours.
+fn try_reset(ctx: &TracePointContext, skaddr_offset: u32, sent: bool) -> Result<(), ProbeError> {
+    let off = offsets();
+    let sk: u64 = field(ctx, skaddr_offset)?;
+    if sk == 0 {
+        return Ok(());
+    }
+    let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
+    let key = ListenerKey::new(kread_netns(sk, &off)?, port);
+    // Only listeners that already exist: an RST must not create one.
+    let Some(counters) = LISTENERS.get_ptr_mut(&key) else {
+        return Ok(());
+    };
+    if sent {
+        add!(counters, resets_sent, 1);
+    } else {
+        add!(counters, resets_received, 1);
+    }
+    Ok(())
 }
 
 #[inline(always)]
-fn add(counter: *mut u64) {
-    // SAFETY: every caller passes a field of a value looked up in LISTENERS during this run.
-    unsafe { increment(counter) }
+fn watched(key: &ListenerKey) -> bool {
+    // SAFETY: plain reads of map values returned by lookups in this run.
+    let watched = unsafe { WATCHED.get(key).copied() };
+    let watch_all = SOCKETS_CONFIG.get(0).is_some_and(|c| c.watch_all != 0);
+    is_watched(watched, watch_all)
+}
+
+fn listener_counters(key: &ListenerKey) -> Result<*mut ListenerCounters, ProbeError> {
+    if let Some(ptr) = LISTENERS.get_ptr_mut(key) {
+        return Ok(ptr);
+    }
+    // Another CPU may insert the same key between our lookup and insert: NOEXIST makes that a
+    // harmless failure and the second lookup finds its entry.
+    // The zero value comes from a global: at ~600 bytes it does not fit the 512-byte stack.
+    let _ = LISTENERS.insert(key, &ZERO_COUNTERS, BPF_NOEXIST.into());
+    LISTENERS.get_ptr_mut(key).ok_or(ProbeError::ListenersFull)
 }
 
 /// The inode number of the network namespace a socket belongs to: `sk->__sk_common.skc_net.net
 /// ->ns.inum`, at offsets the loader resolved from BTF.
 #[inline(always)]
-fn netns_of(sk: u64, off: &SocketOffsets) -> Result<u32, ProbeError> {
-    // SAFETY: both reads go through bpf_probe_read_kernel, which checks the address.
-    unsafe {
-        let net: u64 = bpf_probe_read_kernel((sk + u64::from(off.sock_net)) as *const u64)
-            .map_err(|_| ProbeError::ReadNetns)?;
-        bpf_probe_read_kernel((net + u64::from(off.net_inum)) as *const u32)
-            .map_err(|_| ProbeError::ReadNetns)
-    }
+fn kread_netns(sk: u64, off: &SocketOffsets) -> Result<u32, ProbeError> {
+    let net: u64 = kread(sk, off.sock_net, ProbeError::ReadNetns)?;
+    kread(net, off.net_inum, ProbeError::ReadNetns)
 }

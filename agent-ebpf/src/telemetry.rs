@@ -11,7 +11,7 @@ static PROBE_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Program::C
 #[map(name = "PROBE_ERRORS")]
 static PROBE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ProbeError::COUNT, 0);
 
-/// Adds one to a counter in a map value, atomically: other CPUs (shared maps) or a softirq on
+/// Adds `n` to a counter in a map value, atomically: other CPUs (shared maps) or a softirq on
 /// this CPU (per-CPU maps) may update it at the same time. The BPF target's `core` has no
 /// `AtomicU64::fetch_add`, but the instruction exists (BPF_ATOMIC | BPF_ADD), so use the
 /// intrinsic.
@@ -19,11 +19,11 @@ static PROBE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ProbeError
 /// # Safety
 /// `counter` must point into a map value returned by a lookup in this program run.
 #[inline(always)]
-pub unsafe fn increment(counter: *mut u64) {
+pub unsafe fn increment(counter: *mut u64, n: u64) {
     // SAFETY: guaranteed by the caller; the add itself is a single atomic instruction.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            counter, 1,
+            counter, n,
         );
     }
 }
@@ -32,7 +32,7 @@ pub unsafe fn increment(counter: *mut u64) {
 fn bump(map: &PerCpuArray<u64>, index: u32) {
     if let Some(slot) = map.get_ptr_mut(index) {
         // SAFETY: the slot comes from the lookup just made.
-        unsafe { increment(slot) };
+        unsafe { increment(slot, 1) };
     }
 }
 

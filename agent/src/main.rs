@@ -171,6 +171,7 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .context("listener has no local address")?;
+    model.ignore_own_listener(local.port());
     tracing::info!(addr = %local, "step 5/5: listening");
 
     let app = server::routes::router(model.clone());

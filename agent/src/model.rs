@@ -55,6 +55,27 @@ impl Model {
         *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = Some(probes);
     }
 
+    /// Keeps the agent's own endpoint out of every counter, even in watch-all mode.
+    pub fn ignore_own_listener(&self, port: u16) {
+        let netns = match std::fs::metadata("/proc/self/ns/net") {
+            Ok(meta) => std::os::unix::fs::MetadataExt::ino(&meta) as u32,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the agent's network namespace");
+                return;
+            }
+        };
+        if let Some(probes) = self
+            .probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if let Err(e) = probes.ignore_listener(netns, port) {
+                tracing::warn!(error = %e, netns, port, "cannot exclude the agent's own listener");
+            }
+        }
+    }
+
     /// Records why the probes could not be attached; readiness reports it.
     pub fn set_probe_error(&self, error: String) {
         self.status_mut().probe_error = Some(error);

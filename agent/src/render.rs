@@ -5,7 +5,9 @@
 
 use std::fmt::Write as _;
 
-use crate::model::Snapshot;
+use brokerscope_common::sockets::{ListenerCounters, log2_bucket_upper_us};
+
+use crate::{model::Snapshot, probes::sockets::ListenerStats};
 
 /// `Content-Type` of the text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -21,6 +23,7 @@ struct Exposition {
 enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 impl Exposition {
@@ -28,6 +31,7 @@ impl Exposition {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         let _ = writeln!(self.out, "# HELP {PREFIX}{name} {help}");
         let _ = writeln!(self.out, "# TYPE {PREFIX}{name} {kind}");
@@ -45,7 +49,57 @@ struct Family<'a> {
 
 impl Family<'_> {
     fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) -> &mut Self {
-        let _ = write!(self.out, "{PREFIX}{}", self.name);
+        self.sample_suffixed("", labels, value)
+    }
+
+    /// A log2 histogram in microseconds as a Prometheus histogram in seconds: cumulative
+    /// `_bucket{le}` at every `stride`-th bucket boundary (plus `+Inf`), `_sum`, `_count`.
+    fn log2_histogram(
+        &mut self,
+        labels: &[(&str, &str)],
+        buckets: &[u64],
+        sum_us: u64,
+        stride: usize,
+    ) -> &mut Self {
+        let mut cumulative = 0u64;
+        let with_le = |le: &str| {
+            let mut all: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            all.push(("le".into(), le.into()));
+            all
+        };
+        for (i, n) in buckets.iter().enumerate() {
+            cumulative += n;
+            // The last bucket is open-ended: it only appears as +Inf.
+            if i + 1 < buckets.len() && (i + 1) % stride == 0 {
+                let le = (log2_bucket_upper_us(i) as f64 / 1e6).to_string();
+                let owned = with_le(&le);
+                let refs: Vec<(&str, &str)> = owned
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                self.sample_suffixed("_bucket", &refs, cumulative);
+            }
+        }
+        let owned = with_le("+Inf");
+        let refs: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.sample_suffixed("_bucket", &refs, cumulative);
+        self.sample_suffixed("_sum", labels, sum_us as f64 / 1e6);
+        self.sample_suffixed("_count", labels, cumulative)
+    }
+
+    fn sample_suffixed(
+        &mut self,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) -> &mut Self {
+        let _ = write!(self.out, "{PREFIX}{}{suffix}", self.name);
         if !labels.is_empty() {
             self.out.push('{');
             for (i, (k, v)) in labels.iter().enumerate() {
@@ -153,37 +207,101 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
         }
     }
 
-    let listener_labels = |l: &crate::probes::sockets::ListenerStats| {
-        (l.key.netns.to_string(), l.key.port.to_string())
-    };
-    for (name, kind, help, value) in [
+    listeners(&mut e, &p.listeners);
+    e.out
+}
+
+type CounterOf = fn(&ListenerCounters) -> u64;
+
+/// Per-listener socket families.
+fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
+    let labels: Vec<(String, String)> = listeners
+        .iter()
+        .map(|l| (l.key.netns.to_string(), l.key.port.to_string()))
+        .collect();
+    let scalar: [(&str, Kind, &str, CounterOf); 8] = [
         (
             "connections_accepted_total",
             Kind::Counter,
-            "TCP connections accepted (passive opens) per network namespace and local port.",
-            (|c: &brokerscope_common::sockets::ListenerCounters| c.accepted)
-                as fn(&brokerscope_common::sockets::ListenerCounters) -> u64,
+            "TCP connections accepted (passive opens) on the listener.",
+            |c| c.accepted,
         ),
         (
             "connections_active",
             Kind::Gauge,
-            "Accepted TCP connections not yet closed.",
+            "Connections on the listener open now (accepted or found open at start, not closed).",
             |c| c.active(),
         ),
         (
             "connections_closed_total",
             Kind::Counter,
-            "Accepted TCP connections that have closed.",
+            "Tracked connections on the listener that have closed.",
             |c| c.closed,
         ),
-    ] {
+        (
+            "bytes_received_total",
+            Kind::Counter,
+            "Payload bytes received on the listener's connections (SYN/FIN excluded).",
+            |c| c.bytes_received,
+        ),
+        (
+            "bytes_sent_total",
+            Kind::Counter,
+            "Payload bytes sent and acknowledged on the listener's connections (SYN/FIN excluded).",
+            |c| c.bytes_sent,
+        ),
+        (
+            "tcp_retransmits_total",
+            Kind::Counter,
+            "Segments retransmitted on the listener's connections.",
+            |c| c.retransmits,
+        ),
+        (
+            "tcp_resets_sent_total",
+            Kind::Counter,
+            "RSTs sent on the listener's connections.",
+            |c| c.resets_sent,
+        ),
+        (
+            "tcp_resets_received_total",
+            Kind::Counter,
+            "RSTs received on the listener's connections.",
+            |c| c.resets_received,
+        ),
+    ];
+    for (name, kind, help, value) in scalar {
         let mut f = e.family(name, kind, help);
-        for l in &p.listeners {
-            let (netns, port) = listener_labels(l);
-            f.sample(&[("netns", &netns), ("port", &port)], value(&l.counters));
+        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+            f.sample(&[("netns", netns), ("port", port)], value(&l.counters));
         }
     }
-    e.out
+    {
+        let mut f = e.family(
+            "tcp_rtt_seconds",
+            Kind::Histogram,
+            "Smoothed RTT of the listener's connections, observed when each closes.",
+        );
+        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+            let c = &l.counters;
+            f.log2_histogram(&[("netns", netns), ("port", port)], &c.rtt, c.rtt_sum_us, 1);
+        }
+    }
+    {
+        let mut f = e.family(
+            "connection_duration_seconds",
+            Kind::Histogram,
+            "Lifetime of the listener's accepted connections, observed when each closes.",
+        );
+        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+            let c = &l.counters;
+            f.log2_histogram(
+                &[("netns", netns), ("port", port)],
+                &c.duration,
+                c.duration_sum_us,
+                2,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -210,10 +328,28 @@ mod tests {
             probes: ProbeSnapshot {
                 listeners: vec![ListenerStats {
                     key: ListenerKey::new(4026531840, 9092),
-                    counters: ListenerCounters {
-                        accepted: 10,
-                        closed: 4,
-                        untracked: 1,
+                    counters: {
+                        let mut c = ListenerCounters {
+                            accepted: 10,
+                            closed: 4,
+                            untracked: 1,
+                            bytes_received: 1000,
+                            bytes_sent: 65536,
+                            retransmits: 3,
+                            resets_sent: 2,
+                            resets_received: 1,
+                            rtt_sum_us: 300,
+                            duration_sum_us: 3_000_000,
+                            ..ListenerCounters::ZERO
+                        };
+                        // RTTs of 40, 100 and 160 µs: log2 buckets 5, 6 and 7.
+                        c.rtt[5] = 1;
+                        c.rtt[6] = 1;
+                        c.rtt[7] = 1;
+                        // Lifetimes of 1 s, 1 s, 1 s and one open-ended.
+                        c.duration[19] = 3;
+                        c.duration[39] = 1;
+                        c
                     },
                 }],
                 programs: vec![ProgramStats {
@@ -245,6 +381,25 @@ mod tests {
             r#"brokerscope_map_entries{map="connections"} 5"#,
             r#"brokerscope_map_capacity{map="connections"} 64"#,
             "brokerscope_agent_ready 1",
+            r#"brokerscope_bytes_received_total{netns="4026531840",port="9092"} 1000"#,
+            r#"brokerscope_bytes_sent_total{netns="4026531840",port="9092"} 65536"#,
+            r#"brokerscope_tcp_retransmits_total{netns="4026531840",port="9092"} 3"#,
+            r#"brokerscope_tcp_resets_sent_total{netns="4026531840",port="9092"} 2"#,
+            r#"brokerscope_tcp_resets_received_total{netns="4026531840",port="9092"} 1"#,
+            // Bucket 5 is [32, 64) µs: le = 64 µs.
+            r#"brokerscope_tcp_rtt_seconds_bucket{netns="4026531840",port="9092",le="0.000032"} 0"#,
+            r#"brokerscope_tcp_rtt_seconds_bucket{netns="4026531840",port="9092",le="0.000064"} 1"#,
+            r#"brokerscope_tcp_rtt_seconds_bucket{netns="4026531840",port="9092",le="0.000128"} 2"#,
+            r#"brokerscope_tcp_rtt_seconds_bucket{netns="4026531840",port="9092",le="0.000256"} 3"#,
+            r#"brokerscope_tcp_rtt_seconds_bucket{netns="4026531840",port="9092",le="+Inf"} 3"#,
+            r#"brokerscope_tcp_rtt_seconds_sum{netns="4026531840",port="9092"} 0.0003"#,
+            r#"brokerscope_tcp_rtt_seconds_count{netns="4026531840",port="9092"} 3"#,
+            // Bucket 19 is [0.52, 1.05) s; every other boundary is rendered.
+            r#"brokerscope_connection_duration_seconds_bucket{netns="4026531840",port="9092",le="0.262144"} 0"#,
+            r#"brokerscope_connection_duration_seconds_bucket{netns="4026531840",port="9092",le="1.048576"} 3"#,
+            r#"brokerscope_connection_duration_seconds_bucket{netns="4026531840",port="9092",le="+Inf"} 4"#,
+            r#"brokerscope_connection_duration_seconds_count{netns="4026531840",port="9092"} 4"#,
+            r#"brokerscope_connection_duration_seconds_sum{netns="4026531840",port="9092"} 3"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
@@ -264,7 +419,11 @@ mod tests {
         }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
-            assert!(types.contains(name), "sample {name} without TYPE");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(*f)))
+                .unwrap_or(name);
+            assert!(types.contains(family), "sample {name} without TYPE");
         }
     }
 

@@ -27,8 +27,15 @@ pub mod tcp_state {
     pub const ESTABLISHED: i32 = 1;
     pub const SYN_SENT: i32 = 2;
     pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
     pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
     pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+    pub const NEW_SYN_RECV: i32 = 12;
 }
 
 /// `IPPROTO_TCP`: `inet_sock_set_state` also fires for SCTP and MPTCP sockets.
@@ -55,35 +62,91 @@ impl ListenerKey {
     }
 }
 
+/// Log2 histogram of connection lifetimes in microseconds: bucket `i` counts values in
+/// `[2^i, 2^(i+1))` µs (bucket 0 also takes 0 and 1 µs); the last bucket is open-ended.
+/// 40 buckets reach 2^40 µs, about 12.7 days.
+pub const DURATION_BUCKETS: usize = 40;
+/// Log2 histogram of smoothed RTT in microseconds, as [`DURATION_BUCKETS`]; 2^26 µs is 67 s.
+pub const RTT_BUCKETS: usize = 26;
+
 /// Counters of one listener. Updated with atomic adds from any CPU.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerCounters {
     /// Passive opens that reached ESTABLISHED.
     pub accepted: u64,
+    /// Live connections found by the socket iterator that were open before the agent started:
+    /// tracked from then on, never counted as accepted.
+    pub adopted: u64,
     /// Tracked connections that reached CLOSE.
     pub closed: u64,
     /// Accepted connections the connection map had no room for: their close cannot be seen.
     pub untracked: u64,
+    /// Payload bytes received and sent (acknowledged) by closed tracked connections, counted
+    /// from when tracking began; SYN and FIN sequence numbers excluded.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// Retransmitted segments of tracked connections.
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    /// Sum and histogram of accepted connections' lifetimes, observed at close.
+    pub duration_sum_us: u64,
+    pub duration: [u64; DURATION_BUCKETS],
+    /// Sum and histogram of connections' smoothed RTT, observed at close.
+    pub rtt_sum_us: u64,
+    pub rtt: [u64; RTT_BUCKETS],
 }
 
 impl ListenerCounters {
-    /// Connections accepted and not yet closed. Untracked connections are left out rather than
-    /// counted as open forever.
+    pub const ZERO: ListenerCounters = ListenerCounters {
+        accepted: 0,
+        adopted: 0,
+        closed: 0,
+        untracked: 0,
+        bytes_received: 0,
+        bytes_sent: 0,
+        retransmits: 0,
+        resets_sent: 0,
+        resets_received: 0,
+        duration_sum_us: 0,
+        duration: [0; DURATION_BUCKETS],
+        rtt_sum_us: 0,
+        rtt: [0; RTT_BUCKETS],
+    };
+
+    /// Connections open now: accepted or adopted, not yet closed. Untracked connections are
+    /// left out rather than counted as open forever.
     pub const fn active(&self) -> u64 {
-        self.accepted
+        (self.accepted + self.adopted)
             .saturating_sub(self.closed)
             .saturating_sub(self.untracked)
     }
 }
+
+impl Default for ListenerCounters {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+/// `ConnectionState::flags`: found live by the iterator, not seen being accepted.
+pub const CONN_ADOPTED: u32 = 1;
 
 /// What the kernel keeps per tracked connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionState {
     pub listener: ListenerKey,
-    /// `bpf_ktime_get_ns()` when the connection was established.
+    /// `bpf_ktime_get_ns()` when tracking began.
     pub established_ns: u64,
+    /// Payload bytes already moved when tracking began (0 for accepted connections), so only
+    /// what happens afterwards is counted.
+    pub base_received: u64,
+    pub base_sent: u64,
+    /// `tcp_sock.total_retrans` already counted into the listener.
+    pub retrans_seen: u32,
+    pub flags: u32,
 }
 
 /// Where the kernel programs find what they read, resolved by the loader at load time from the
@@ -91,17 +154,36 @@ pub struct ConnectionState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketOffsets {
-    /// `inet_sock_set_state` field offsets in the tracepoint record.
+    /// `sock:inet_sock_set_state` record fields.
     pub tp_skaddr: u32,
     pub tp_oldstate: u32,
     pub tp_newstate: u32,
     pub tp_sport: u32,
     pub tp_protocol: u32,
-    /// Offset of `struct net *` in `struct sock` (`__sk_common.skc_net.net`).
+    /// `skaddr` in `tcp:tcp_retransmit_skb`, `tcp:tcp_send_reset`, `tcp:tcp_receive_reset`.
+    pub tp_retransmit_skaddr: u32,
+    pub tp_retransmit_err: u32,
+    pub tp_send_reset_skaddr: u32,
+    pub tp_receive_reset_skaddr: u32,
+    /// `struct sock`: `__sk_common.skc_net.net`, `__sk_common.skc_num` (local port),
+    /// `__sk_common.skc_state`, `__sk_common.skc_flags`, `sk_drops`.
     pub sock_net: u32,
-    /// Offset of the namespace inode number in `struct net` (`ns.inum`).
+    pub sock_num: u32,
+    pub sock_state: u32,
+    pub sock_flags: u32,
+    pub sock_drops: u32,
+    /// `struct net`: `ns.inum`.
     pub net_inum: u32,
-    pub _pad: u32,
+    /// `struct tcp_sock` fields.
+    pub tcp_bytes_received: u32,
+    pub tcp_bytes_acked: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_total_retrans: u32,
+    pub tcp_srtt_us: u32,
+    /// Bit of `SOCK_DONE` in `sk_flags` (from BTF `enum sock_flags`): set by `tcp_fin()`, so the
+    /// peer's FIN was counted in `bytes_received`.
+    pub sock_done_bit: u32,
 }
 
 impl SocketOffsets {
@@ -112,10 +194,94 @@ impl SocketOffsets {
         tp_newstate: 0,
         tp_sport: 0,
         tp_protocol: 0,
+        tp_retransmit_skaddr: 0,
+        tp_retransmit_err: 0,
+        tp_send_reset_skaddr: 0,
+        tp_receive_reset_skaddr: 0,
         sock_net: 0,
+        sock_num: 0,
+        sock_state: 0,
+        sock_flags: 0,
+        sock_drops: 0,
         net_inum: 0,
-        _pad: 0,
+        tcp_bytes_received: 0,
+        tcp_bytes_acked: 0,
+        tcp_snd_una: 0,
+        tcp_write_seq: 0,
+        tcp_total_retrans: 0,
+        tcp_srtt_us: 0,
+        sock_done_bit: 0,
     };
+}
+
+/// Name of the hash map of listeners to watch, keyed by [`ListenerKey`], valued by
+/// [`WATCH`] or [`IGNORE`]. Filled by the loader from discovery; bounded like [`LISTENERS_MAP`].
+pub const WATCHED_MAP: &str = "WATCHED";
+pub const WATCH: u32 = 1;
+/// The agent's own listener: never counted, even in watch-all mode.
+pub const IGNORE: u32 = 2;
+
+/// Name of the one-entry array holding [`SocketsConfig`], updated in place for live changes.
+pub const SOCKETS_CONFIG_MAP: &str = "SOCKETS_CONFIG";
+
+/// Live kernel-side settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketsConfig {
+    /// Non-zero: count every listener on the node, not only [`WATCHED_MAP`]'s.
+    pub watch_all: u32,
+    pub _pad: u32,
+}
+
+/// Whether a passive open on a listener is counted.
+pub const fn is_watched(watched: Option<u32>, watch_all: bool) -> bool {
+    match watched {
+        Some(IGNORE) => false,
+        Some(_) => true,
+        None => watch_all,
+    }
+}
+
+/// Payload bytes a TCP socket has sent (and had acknowledged) and received, from its
+/// RFC 4898 counters. `bytes_acked` counts our FIN once the peer acknowledged it, and
+/// `bytes_received` counts the peer's FIN once `tcp_fin()` consumed it (which sets SOCK_DONE);
+/// SYNs are in neither. `state` is the socket's state (the old state at a CLOSE transition).
+pub const fn payload_bytes(
+    state: i32,
+    bytes_acked: u64,
+    bytes_received: u64,
+    snd_una: u32,
+    write_seq: u32,
+    peer_fin_consumed: bool,
+) -> (u64, u64) {
+    // Our FIN has been queued (write_seq includes it) exactly in these states.
+    let fin_sent = matches!(
+        state,
+        tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK
+    );
+    let fin_acked = fin_sent && snd_una == write_seq;
+    let sent = bytes_acked.saturating_sub(if fin_acked { 1 } else { 0 });
+    let received = bytes_received.saturating_sub(if peer_fin_consumed { 1 } else { 0 });
+    (sent, received)
+}
+
+/// Log2 bucket of `value` in a histogram of `buckets` buckets (see [`DURATION_BUCKETS`]).
+pub const fn log2_bucket(value: u64, buckets: usize) -> usize {
+    let bucket = if value < 2 {
+        0
+    } else {
+        (63 - value.leading_zeros()) as usize
+    };
+    if bucket >= buckets {
+        buckets - 1
+    } else {
+        bucket
+    }
+}
+
+/// Upper bound (exclusive), in microseconds, of log2 bucket `i`: `2^(i+1)`.
+pub const fn log2_bucket_upper_us(i: usize) -> u64 {
+    1u64 << (i + 1)
 }
 
 /// Name of the global the loader writes [`SocketOffsets`] into.
@@ -174,6 +340,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectionState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketsConfig {}
 }
 
 #[cfg(test)]
@@ -201,19 +369,75 @@ mod tests {
     }
 
     #[test]
-    fn active_leaves_out_closed_and_untracked() {
+    fn active_counts_adopted_and_leaves_out_closed_and_untracked() {
         let c = ListenerCounters {
             accepted: 10,
+            adopted: 4,
             closed: 3,
             untracked: 2,
+            ..ListenerCounters::ZERO
         };
-        assert_eq!(c.active(), 5);
+        assert_eq!(c.active(), 9);
         let inconsistent = ListenerCounters {
             accepted: 1,
             closed: 2,
-            untracked: 0,
+            ..ListenerCounters::ZERO
         };
         assert_eq!(inconsistent.active(), 0);
+    }
+
+    /// The cases measured on Linux 6.18 with 1000 bytes in and 500 bytes out per connection
+    /// (bytes_acked, bytes_received and SOCK_DONE read at the CLOSE transition).
+    #[test]
+    fn payload_bytes_strip_exactly_the_fins_the_counters_hold() {
+        let cases = [
+            // server closed first, orphaned into TIME_WAIT from FIN_WAIT2: our FIN acked.
+            (FIN_WAIT2, 501, 1000, false),
+            // client closed first, server closed later: both FINs.
+            (LAST_ACK, 501, 1001, true),
+            // server reset (SO_LINGER 0) while established: no FIN either way.
+            (ESTABLISHED, 500, 1000, false),
+            // server shut down writes, then the peer's FIN arrived in FIN_WAIT2.
+            (FIN_WAIT2, 501, 1001, true),
+            // peer closed, server reset from CLOSE_WAIT: only the peer's FIN.
+            (CLOSE_WAIT, 500, 1001, true),
+        ];
+        for (state, acked, received, done) in cases {
+            assert_eq!(
+                payload_bytes(state, acked, received, 7, 7, done),
+                (500, 1000),
+                "{state}"
+            );
+        }
+        // FIN queued but not yet acknowledged: bytes_acked does not hold it.
+        assert_eq!(payload_bytes(FIN_WAIT1, 500, 0, 6, 7, false), (500, 0));
+        // Never underflows.
+        assert_eq!(payload_bytes(LAST_ACK, 0, 0, 1, 1, true), (0, 0));
+    }
+
+    #[test]
+    fn log2_buckets() {
+        assert_eq!(log2_bucket(0, 40), 0);
+        assert_eq!(log2_bucket(1, 40), 0);
+        assert_eq!(log2_bucket(2, 40), 1);
+        assert_eq!(log2_bucket(3, 40), 1);
+        assert_eq!(log2_bucket(1024, 40), 10);
+        assert_eq!(log2_bucket(2047, 40), 10);
+        assert_eq!(log2_bucket(u64::MAX, 40), 39);
+        assert_eq!(log2_bucket(1 << 30, 26), 25);
+        for v in [1u64, 5, 1000, 123_456_789] {
+            let i = log2_bucket(v, 64);
+            assert!(v < log2_bucket_upper_us(i), "{v} in bucket {i}");
+            assert!(i == 0 || v >= log2_bucket_upper_us(i - 1));
+        }
+    }
+
+    #[test]
+    fn watching() {
+        assert!(is_watched(Some(WATCH), false));
+        assert!(!is_watched(Some(IGNORE), true));
+        assert!(!is_watched(None, false));
+        assert!(is_watched(None, true));
     }
 
     #[test]
@@ -230,8 +454,11 @@ mod tests {
     #[test]
     fn shared_types_have_the_layout_the_kernel_expects() {
         assert_eq!(core::mem::size_of::<ListenerKey>(), 8);
-        assert_eq!(core::mem::size_of::<ListenerCounters>(), 24);
-        assert_eq!(core::mem::size_of::<ConnectionState>(), 16);
-        assert_eq!(core::mem::size_of::<SocketOffsets>(), 32);
+        assert_eq!(
+            core::mem::size_of::<ListenerCounters>(),
+            8 * (11 + DURATION_BUCKETS + RTT_BUCKETS)
+        );
+        assert_eq!(core::mem::size_of::<ConnectionState>(), 40);
+        assert_eq!(core::mem::size_of::<SocketOffsets>() % 8, 0);
     }
 }

@@ -10,13 +10,25 @@ pub const PROBE_EVENTS_MAP: &str = "PROBE_EVENTS";
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Program {
-    /// `sock:inet_sock_set_state`: TCP state changes (accepts and closes).
+    /// `sock:inet_sock_set_state`: TCP state changes (accepts and closes, with the closed
+    /// connection's bytes, retransmits, RTT and lifetime).
     SockState = 0,
+    /// `tcp:tcp_retransmit_skb`: retransmits of tracked connections, as they happen.
+    Retransmit = 1,
+    /// `tcp:tcp_send_reset`: RSTs sent on watched listeners' connections.
+    SendReset = 2,
+    /// `tcp:tcp_receive_reset`: RSTs received on watched listeners' connections.
+    ReceiveReset = 3,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 1] = [Program::SockState];
+    pub const ALL: [Program; 4] = [
+        Program::SockState,
+        Program::Retransmit,
+        Program::SendReset,
+        Program::ReceiveReset,
+    ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -25,6 +37,9 @@ impl Program {
     pub const fn name(self) -> &'static str {
         match self {
             Program::SockState => "sock_state",
+            Program::Retransmit => "tcp_retransmit",
+            Program::SendReset => "tcp_send_reset",
+            Program::ReceiveReset => "tcp_receive_reset",
         }
     }
 
@@ -32,6 +47,19 @@ impl Program {
     pub const fn hook(self) -> &'static str {
         match self {
             Program::SockState => "tracepoint/sock/inet_sock_set_state",
+            Program::Retransmit => "tracepoint/tcp/tcp_retransmit_skb",
+            Program::SendReset => "tracepoint/tcp/tcp_send_reset",
+            Program::ReceiveReset => "tracepoint/tcp/tcp_receive_reset",
+        }
+    }
+
+    /// (category, name) of the tracepoint.
+    pub const fn tracepoint(self) -> (&'static str, &'static str) {
+        match self {
+            Program::SockState => ("sock", "inet_sock_set_state"),
+            Program::Retransmit => ("tcp", "tcp_retransmit_skb"),
+            Program::SendReset => ("tcp", "tcp_send_reset"),
+            Program::ReceiveReset => ("tcp", "tcp_receive_reset"),
         }
     }
 }
@@ -52,15 +80,18 @@ pub enum ProbeError {
     /// The per-connection map was full: an accepted connection was counted but not tracked,
     /// so its close will not be seen.
     ConnectionsFull = 3,
+    /// A `struct sock`/`tcp_sock` field (bytes, state, port) could not be read.
+    ReadSocket = 4,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 4] = [
+    pub const ALL: [ProbeError; 5] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
         ProbeError::ConnectionsFull,
+        ProbeError::ReadSocket,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -73,6 +104,7 @@ impl ProbeError {
             ProbeError::ReadNetns => "read_netns",
             ProbeError::ListenersFull => "listeners_map_full",
             ProbeError::ConnectionsFull => "connections_map_full",
+            ProbeError::ReadSocket => "read_socket",
         }
     }
 }
@@ -93,6 +125,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 4);
+        assert_eq!(ProbeError::COUNT, 5);
     }
 }

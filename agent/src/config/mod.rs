@@ -89,6 +89,7 @@ impl Default for DiscoveryConfig {
 pub struct ProbesConfig {
     pub listeners_capacity: u32,
     pub connections_capacity: u32,
+    pub watch_all_listeners: bool,
 }
 
 impl Default for ProbesConfig {
@@ -98,6 +99,9 @@ impl Default for ProbesConfig {
             listeners_capacity: sockets::LISTENERS_CAPACITY,
             // Connections accepted and not yet closed, node-wide.
             connections_capacity: sockets::CONNECTIONS_CAPACITY,
+            // Only brokers' listeners. `true` counts every TCP listener on the node by
+            // (netns, port): a debugging aid, it can fill the maps with non-broker traffic.
+            watch_all_listeners: false,
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum BtfError {
     NoStruct { name: String },
     #[error("struct `{ty}` has no member `{member}` in this kernel's BTF")]
     NoMember { ty: String, member: String },
+    #[error("BTF has no enumerator `{name}`")]
+    NoEnumerator { name: String },
     #[error("member `{member}` of `{ty}` is a bitfield or not byte-aligned")]
     Unaligned { ty: String, member: String },
 }
@@ -57,6 +59,8 @@ struct Type {
     /// For modifiers, typedefs and pointers: the referenced type.
     ty: u32,
     members: Vec<Member>,
+    /// For enums: (name, value).
+    enumerators: Vec<(u32, i64)>,
 }
 
 /// Parsed type graph (only structs, unions and the modifiers between them keep detail).
@@ -104,6 +108,7 @@ impl Btf {
             kind: 0,
             ty: 0,
             members: Vec::new(),
+            enumerators: Vec::new(),
         }];
         let mut at = types_start;
         while at < types_end {
@@ -115,6 +120,7 @@ impl Btf {
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
             let mut members = Vec::new();
+            let mut enumerators = Vec::new();
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
@@ -136,7 +142,15 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let e = at + i * 8;
+                        enumerators
+                            .push((u32_at(data, e)?, i64::from(u32_at(data, e + 4)? as i32)));
+                    }
+                    vlen * 8
+                }
+                KIND_FUNC_PROTO => vlen * 8,
                 KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                 KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
                 | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
@@ -148,6 +162,7 @@ impl Btf {
                 kind,
                 ty: size_or_type,
                 members,
+                enumerators,
             });
         }
 
@@ -214,6 +229,17 @@ impl Btf {
             }
         }
         None
+    }
+
+    /// The value of enumerator `name` (e.g. `SOCK_DONE` of `enum sock_flags`).
+    pub fn enum_value(&self, name: &str) -> Result<i64, BtfError> {
+        self.types
+            .iter()
+            .filter(|t| t.kind == KIND_ENUM)
+            .flat_map(|t| t.enumerators.iter())
+            .find(|(n, _)| self.str_at(*n) == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| BtfError::NoEnumerator { name: name.into() })
     }
 
     /// Byte offset of a member path such as `["__sk_common", "skc_net", "net"]` inside
@@ -345,6 +371,8 @@ mod tests {
             .offset_of("sock", &["__sk_common", "skc_net", "net"])
             .unwrap();
         let inum = btf.offset_of("net", &["ns", "inum"]).unwrap();
+        assert_eq!(btf.enum_value("SOCK_DONE").unwrap(), 1);
+        assert_eq!(btf.enum_value("TCP_LISTEN").unwrap(), 10);
         assert!(net > 0 && net < 512, "{net}");
         assert!(inum < 4096, "{inum}");
     }

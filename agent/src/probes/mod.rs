@@ -15,7 +15,7 @@ use aya::{
     programs::TracePoint,
 };
 use brokerscope_common::{
-    sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL},
+    sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
 };
 use tokio::io::unix::AsyncFd;
@@ -118,6 +118,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
+            .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbesError::Load(Box::new(e)))?;
@@ -129,7 +130,8 @@ impl Probes {
             attached.push(attach(&mut ebpf, program)?);
         }
 
-        let sockets = sockets::SocketsReader::take(&mut ebpf)?;
+        let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
+        sockets.set_watch_all(config.watch_all_listeners)?;
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -144,6 +146,11 @@ impl Probes {
 
     pub fn attached(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// Never count this listener (the agent's own endpoint).
+    pub fn ignore_listener(&mut self, netns: u32, port: u16) -> Result<(), ProbesError> {
+        self.sockets.ignore(netns, port)
     }
 
     /// Reads every map. Cheap: a few hundred syscalls at most (one per listener).
@@ -216,9 +223,7 @@ fn attach(ebpf: &mut Ebpf, program: Program) -> Result<Attachment, ProbesError> 
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
-    let (category, tp) = match program {
-        Program::SockState => ("sock", "inet_sock_set_state"),
-    };
+    let (category, tp) = program.tracepoint();
     prog.attach(category, tp).map_err(err)?;
     let id = prog.info().map_err(err)?.id();
     tracing::info!(program = name, hook, id, "attached");
