@@ -75,14 +75,19 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     run(&ctx, Program::SendReset, |ctx| {
-        try_reset(ctx, offsets().tp_send_reset_skaddr, true)
+        let off = offsets();
+        // The sockaddr's port is in network order.
+        let port: u16 = field(ctx, off.tp_send_reset_saddr + 2)?;
+        try_reset(ctx, off.tp_send_reset_skaddr, u16::from_be(port), true)
     })
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     run(&ctx, Program::ReceiveReset, |ctx| {
-        try_reset(ctx, offsets().tp_receive_reset_skaddr, false)
+        let off = offsets();
+        let port: u16 = field(ctx, off.tp_receive_reset_sport)?;
+        try_reset(ctx, off.tp_receive_reset_skaddr, port, false)
     })
 }
 
@@ -257,16 +262,22 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Counts an RST on a watched listener's connection. The socket's own (netns, local port) is
-/// the key: a `SO_LINGER 0` close sends its RST after the socket already moved to CLOSE, so the
-/// connection table no longer has it. RSTs sent without a socket (closed ports) are not ours.
-fn try_reset(ctx: &TracePointContext, skaddr_offset: u32, sent: bool) -> Result<(), ProbeError> {
+/// Counts an RST on a watched listener's connection, keyed by the socket's namespace and the
+/// local port the tracepoint reports. Not by the connection table, nor by `skc_num`: a
+/// `SO_LINGER 0` close sends its RST after the socket moved to CLOSE, which already dropped it
+/// from the table and released its port (`inet_num = 0`). RSTs sent without a socket (to closed
+/// ports) are not ours.
+fn try_reset(
+    ctx: &TracePointContext,
+    skaddr_offset: u32,
+    port: u16,
+    sent: bool,
+) -> Result<(), ProbeError> {
     let off = offsets();
     let sk: u64 = field(ctx, skaddr_offset)?;
     if sk == 0 {
         return Ok(());
     }
-    let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
     let key = ListenerKey::new(kread_netns(sk, &off)?, port);
     // Only listeners that already exist: an RST must not create one.
     let Some(counters) = LISTENERS.get_ptr_mut(&key) else {

@@ -64,15 +64,9 @@ impl Model {
                 return;
             }
         };
-        if let Some(probes) = self
-            .probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            if let Err(e) = probes.ignore_listener(netns, port) {
-                tracing::warn!(error = %e, netns, port, "cannot exclude the agent's own listener");
-            }
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Err(e)) = probes.as_mut().map(|p| p.ignore_listener(netns, port)) {
+            tracing::warn!(error = %e, netns, port, "cannot exclude the agent's own listener");
         }
     }
 

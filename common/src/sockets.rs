@@ -164,7 +164,12 @@ pub struct SocketOffsets {
     pub tp_retransmit_skaddr: u32,
     pub tp_retransmit_err: u32,
     pub tp_send_reset_skaddr: u32,
+    /// `saddr` of `tcp:tcp_send_reset`: a sockaddr_in/in6 of the local side; its port (network
+    /// order) is at byte 2.
+    pub tp_send_reset_saddr: u32,
     pub tp_receive_reset_skaddr: u32,
+    /// `sport` of `tcp:tcp_receive_reset` (host order).
+    pub tp_receive_reset_sport: u32,
     /// `struct sock`: `__sk_common.skc_net.net`, `__sk_common.skc_num` (local port),
     /// `__sk_common.skc_state`, `__sk_common.skc_flags`, `sk_drops`.
     pub sock_net: u32,
@@ -197,7 +202,9 @@ impl SocketOffsets {
         tp_retransmit_skaddr: 0,
         tp_retransmit_err: 0,
         tp_send_reset_skaddr: 0,
+        tp_send_reset_saddr: 0,
         tp_receive_reset_skaddr: 0,
+        tp_receive_reset_sport: 0,
         sock_net: 0,
         sock_num: 0,
         sock_state: 0,

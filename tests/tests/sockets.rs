@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use brokerscope_tests::{Agent, eventually, own_netns, privileged};
+use brokerscope_tests::{Agent, eventually, find_sample, own_netns, privileged};
+
+/// These tests use plain listeners, not brokers: count every listener on the node.
+const WATCH_ALL: &str = "[probes]\nwatch_all_listeners = true\n";
 
 fn counters(agent: &Agent, netns: &str, port: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
     let labels = [("netns", netns), ("port", port)];
@@ -50,7 +53,7 @@ fn accepted_active_and_closed_are_exact_per_port() {
     const CLOSED_FIN: usize = 10;
     const CLOSED_RST: usize = 5;
 
-    let agent = Agent::start("");
+    let agent = Agent::start(WATCH_ALL);
     agent.wait_ready();
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -124,7 +127,7 @@ fn connections_open_before_the_agent_are_not_invented() {
     let early_client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (early_server, _) = listener.accept().unwrap();
 
-    let agent = Agent::start("");
+    let agent = Agent::start(WATCH_ALL);
     agent.wait_ready();
     // Closing a connection the agent never saw open is not a close either.
     drop(early_server);
@@ -137,4 +140,151 @@ fn connections_open_before_the_agent_are_not_invented() {
         (counters(&agent, &netns, &port) == want).then_some(())
     });
     drop(late_client);
+}
+
+/// How a test connection ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Close {
+    ServerFirst,
+    ClientFirst,
+    ServerReset,
+    ClientReset,
+}
+
+/// Sends `len` bytes of a temporary file over `stream` with sendfile(2), Kafka's fetch path.
+fn sendfile_all(stream: &TcpStream, len: usize) {
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&vec![7u8; len]).unwrap();
+    let mut offset: libc::off_t = 0;
+    while (offset as usize) < len {
+        // SAFETY: valid fds; offset is a valid pointer for the call.
+        let n = unsafe {
+            libc::sendfile(
+                stream.as_raw_fd(),
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                &mut offset,
+                len - offset as usize,
+            )
+        };
+        assert!(n > 0, "sendfile: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[test]
+fn payload_bytes_resets_and_lifetimes_are_exact() {
+    if !privileged("payload_bytes_resets_and_lifetimes_are_exact") {
+        return;
+    }
+    use std::io::Read as _;
+    const N: usize = 24;
+    const SENDFILE_LEN: usize = (1 << 20) + 7;
+    let agent = Agent::start(WATCH_ALL);
+    agent.wait_ready();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+
+    let (mut want_in, mut want_out, mut want_rst_sent, mut want_rst_received) = (0, 0, 0, 0);
+    for i in 0..N {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let request = vec![1u8; 1000 + 37 * i];
+        client.write_all(&request).unwrap();
+        let mut got = vec![0u8; request.len()];
+        server.read_exact(&mut got).unwrap();
+        // Every fourth connection answers with sendfile, the rest with write(2).
+        let answer = if i % 4 == 3 {
+            SENDFILE_LEN
+        } else {
+            5000 + 101 * i
+        };
+        if i % 4 == 3 {
+            sendfile_all(&server, answer);
+        } else {
+            server.write_all(&vec![2u8; answer]).unwrap();
+        }
+        let mut got = vec![0u8; answer];
+        client.read_exact(&mut got).unwrap();
+        want_in += request.len();
+        want_out += answer;
+        let close = [
+            Close::ServerFirst,
+            Close::ClientFirst,
+            Close::ServerReset,
+            Close::ClientReset,
+        ][i % 4];
+        match close {
+            Close::ServerFirst => {
+                drop(server);
+                let mut rest = Vec::new();
+                client.read_to_end(&mut rest).unwrap();
+                drop(client);
+            }
+            Close::ClientFirst => {
+                drop(client);
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).unwrap();
+                drop(server);
+            }
+            Close::ServerReset => {
+                reset(server);
+                want_rst_sent += 1;
+                drop(client);
+            }
+            Close::ClientReset => {
+                reset(client);
+                want_rst_received += 1;
+                // Wait for the RST to land before closing our end.
+                let mut rest = Vec::new();
+                let _ = server.read_to_end(&mut rest);
+                drop(server);
+            }
+        }
+    }
+
+    eventually("all closed", Duration::from_secs(10), || {
+        let closed = agent.metric("brokerscope_connections_closed_total", &labels);
+        (closed == Some(N as f64)).then_some(())
+    });
+    let (code, body) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    let get = |name: &str| find_sample(&body, name, &labels);
+    assert_eq!(
+        get("brokerscope_connections_accepted_total"),
+        Some(N as f64)
+    );
+    assert_eq!(get("brokerscope_connections_active"), Some(0.0));
+    assert_eq!(
+        get("brokerscope_bytes_received_total"),
+        Some(want_in as f64),
+        "exact bytes in"
+    );
+    assert_eq!(
+        get("brokerscope_bytes_sent_total"),
+        Some(want_out as f64),
+        "exact bytes out"
+    );
+    assert_eq!(
+        get("brokerscope_tcp_resets_sent_total"),
+        Some(want_rst_sent as f64)
+    );
+    assert_eq!(
+        get("brokerscope_tcp_resets_received_total"),
+        Some(want_rst_received as f64)
+    );
+    assert_eq!(
+        get("brokerscope_tcp_retransmits_total"),
+        Some(0.0),
+        "loopback does not lose"
+    );
+    assert_eq!(
+        get("brokerscope_connection_duration_seconds_count"),
+        Some(N as f64)
+    );
+    let rtt = get("brokerscope_tcp_rtt_seconds_count").unwrap();
+    assert!(
+        rtt >= 1.0 && rtt <= N as f64,
+        "one RTT sample per connection at most: {rtt}"
+    );
 }

@@ -139,7 +139,62 @@ fn run_agent(root: &Path, listen: &str, release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Test totals parsed from cargo's `test result:` lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs a `cargo test`, echoing its output, and adds its `test result:` lines to `totals`.
+fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => totals.passed += n,
+                        "failed" => totals.failed += n,
+                        "ignored" => totals.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
 fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+    let mut totals = Totals::default();
+    let result = test_all(root, filter, &mut totals);
+    // One closing line for the whole run, in the form CI reads.
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    result
+}
+
+fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::Result<()> {
     setup::ensure(setup::Needs::Test)?;
     let bin = build_agent(root, false)?;
 
@@ -157,7 +212,7 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         unit.args(["--", f]);
     }
-    run(&mut unit)?;
+    run_tests(&mut unit, totals)?;
 
     if !is_root() {
         bail!(
@@ -171,5 +226,5 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         e2e.args(["--", f]);
     }
-    run(&mut e2e)
+    run_tests(&mut e2e, totals)
 }
