@@ -17,8 +17,9 @@ use aya_log_ebpf::warn;
 use brokerscope_common::{
     sockets::{
         CONN_ADOPTED, CONNECTIONS_CAPACITY, ConnectionState, DURATION_BUCKETS, IPPROTO_TCP,
-        LISTENERS_CAPACITY, ListenerCounters, ListenerKey, RTT_BUCKETS, SocketOffsets,
-        SocketsConfig, Transition, classify, is_watched, log2_bucket, payload_bytes,
+        LISTENERS_CAPACITY, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
+        LiveRecord, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, classify,
+        is_connection_state, is_watched, log2_bucket, payload_bytes,
     },
     telemetry::{ProbeError, Program},
 };
@@ -293,10 +294,14 @@ fn try_reset(
 
 #[inline(always)]
 fn watched(key: &ListenerKey) -> bool {
-    // SAFETY: plain reads of map values returned by lookups in this run.
+    // SAFETY: a plain read of a map value returned by the lookup.
     let watched = unsafe { WATCHED.get(key).copied() };
-    let watch_all = SOCKETS_CONFIG.get(0).is_some_and(|c| c.watch_all != 0);
-    is_watched(watched, watch_all)
+    is_watched(watched, watch_all())
+}
+
+#[inline(always)]
+fn watch_all() -> bool {
+    SOCKETS_CONFIG.get(0).is_some_and(|c| c.watch_all != 0)
 }
 
 fn listener_counters(key: &ListenerKey) -> Result<*mut ListenerCounters, ProbeError> {
@@ -316,4 +321,133 @@ fn listener_counters(key: &ListenerKey) -> Result<*mut ListenerCounters, ProbeEr
 fn kread_netns(sk: u64, off: &SocketOffsets) -> Result<u32, ProbeError> {
     let net: u64 = kread(sk, off.sock_net, ProbeError::ReadNetns)?;
     kread(net, off.net_inum, ProbeError::ReadNetns)
+}
+
+/// Live sockets, on demand: the loader creates an `iter/tcp` iterator inside each watched
+/// network namespace at scrape time. For each tracked connection it writes the payload bytes
+/// moved since tracking began (closed connections are already in LISTENERS); for each watched
+/// listening socket its drop count; and an open connection on a watched listener that is not
+/// tracked (it predates the agent) is adopted: tracked from now on, its past not counted.
+///
+/// The context is `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common
+/// *sk_common; uid_t uid; }`; `sk_common` is NULL on the final call.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcp_live(ctx: *mut core::ffi::c_void) -> i32 {
+    count_run(Program::TcpLive);
+    if let Err(error) = try_tcp_live(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
+    // Read the socket pointer as a plain number: the offsets below are runtime values, and the
+    // verifier only allows constant offsets on typed kernel pointers.
+    let sk: u64 = kread(ctx as u64, 8, ProbeError::ReadContext)?;
+    if sk == 0 {
+        return Ok(());
+    }
+    let off = offsets();
+    let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
+    let state = i32::from(state);
+    let listening = state == brokerscope_common::sockets::tcp_state::LISTEN;
+    if !listening && !is_connection_state(state) {
+        return Ok(());
+    }
+    let mut record = LiveRecord::default();
+    if listening {
+        let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
+        let key = ListenerKey::new(kread_netns(sk, &off)?, port);
+        if !watched(&key) {
+            return Ok(());
+        }
+        let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
+        record.listener = key;
+        record.kind = LIVE_LISTENER;
+        record.drops = u64::from(drops);
+        return emit(ctx, &record);
+    }
+
+    let (sent, received) = live_payload(sk, state, &off)?;
+    match CONNECTIONS.get_ptr(sk) {
+        Some(tracked) => {
+            // SAFETY: the pointer came from a successful lookup and is valid for this run.
+            let tracked = unsafe { *tracked };
+            record.listener = tracked.listener;
+            record.kind = LIVE_CONNECTION;
+            record.bytes_sent = sent.saturating_sub(tracked.base_sent);
+            record.bytes_received = received.saturating_sub(tracked.base_received);
+            emit(ctx, &record)
+        }
+        None => {
+            let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
+            let key = ListenerKey::new(kread_netns(sk, &off)?, port);
+            // A broker's listener (explicitly watched) gets its counters now. In watch-all mode
+            // only listeners that already have counters: an outgoing connection's ephemeral
+            // port must not become a "listener".
+            // SAFETY: a plain read of a value returned by the lookup.
+            let counters = match unsafe { WATCHED.get(&key).copied() } {
+                Some(WATCH) => listener_counters(&key)?,
+                Some(_) => return Ok(()),
+                None if watch_all() => match LISTENERS.get_ptr_mut(&key) {
+                    Some(counters) => counters,
+                    None => return Ok(()),
+                },
+                None => return Ok(()),
+            };
+            let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
+            let adopted = ConnectionState {
+                listener: key,
+                // SAFETY: no preconditions.
+                established_ns: unsafe { bpf_ktime_get_ns() },
+                base_received: received,
+                base_sent: sent,
+                retrans_seen: total_retrans,
+                flags: CONN_ADOPTED,
+            };
+            // NOEXIST: if the socket was tracked meanwhile, leave its entry alone.
+            if CONNECTIONS.insert(sk, adopted, BPF_NOEXIST.into()).is_ok() {
+                add!(counters, adopted, 1);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Payload bytes of a live socket in `state`.
+#[inline(always)]
+fn live_payload(sk: u64, state: i32, off: &SocketOffsets) -> Result<(u64, u64), ProbeError> {
+    let bytes_acked: u64 = kread(sk, off.tcp_bytes_acked, ProbeError::ReadSocket)?;
+    let bytes_received: u64 = kread(sk, off.tcp_bytes_received, ProbeError::ReadSocket)?;
+    let snd_una: u32 = kread(sk, off.tcp_snd_una, ProbeError::ReadSocket)?;
+    let write_seq: u32 = kread(sk, off.tcp_write_seq, ProbeError::ReadSocket)?;
+    let flags: u64 = kread(sk, off.sock_flags, ProbeError::ReadSocket)?;
+    let done = (flags >> off.sock_done_bit) & 1 == 1;
+    Ok(payload_bytes(
+        state,
+        bytes_acked,
+        bytes_received,
+        snd_una,
+        write_seq,
+        done,
+    ))
+}
+
+/// Writes one record to the iterator's seq_file (`ctx->meta->seq`).
+#[inline(always)]
+fn emit(ctx: *mut core::ffi::c_void, record: &LiveRecord) -> Result<(), ProbeError> {
+    // SAFETY: ctx is the iterator context: its first word is `struct bpf_iter_meta *meta`,
+    // whose first word is `struct seq_file *seq`. Both are direct loads of typed kernel
+    // pointers at constant offsets, which is what bpf_seq_write requires of its first argument.
+    unsafe {
+        let meta = *(ctx as *const *const *mut core::ffi::c_void);
+        let seq = *meta;
+        aya_ebpf::helpers::generated::bpf_seq_write(
+            seq.cast(),
+            (record as *const LiveRecord).cast(),
+            size_of::<LiveRecord>() as u32,
+        );
+    }
+    Ok(())
 }

@@ -101,8 +101,8 @@ impl Model {
             .probes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(Probes::snapshot)
+            .as_mut()
+            .map(|p| p.snapshot(&[]))
             .unwrap_or_default();
         Snapshot {
             readiness: Some(self.readiness()),

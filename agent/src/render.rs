@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use brokerscope_common::sockets::{ListenerCounters, log2_bucket_upper_us};
+use brokerscope_common::sockets::log2_bucket_upper_us;
 
 use crate::{model::Snapshot, probes::sockets::ListenerStats};
 
@@ -211,7 +211,7 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
     e.out
 }
 
-type CounterOf = fn(&ListenerCounters) -> u64;
+type CounterOf = fn(&ListenerStats) -> u64;
 
 /// Per-listener socket families.
 fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
@@ -224,55 +224,68 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
             "connections_accepted_total",
             Kind::Counter,
             "TCP connections accepted (passive opens) on the listener.",
-            |c| c.accepted,
+            |l| l.counters.accepted,
         ),
         (
             "connections_active",
             Kind::Gauge,
             "Connections on the listener open now (accepted or found open at start, not closed).",
-            |c| c.active(),
+            |l| l.counters.active(),
         ),
         (
             "connections_closed_total",
             Kind::Counter,
             "Tracked connections on the listener that have closed.",
-            |c| c.closed,
+            |l| l.counters.closed,
         ),
         (
             "bytes_received_total",
             Kind::Counter,
             "Payload bytes received on the listener's connections (SYN/FIN excluded).",
-            |c| c.bytes_received,
+            |l| l.bytes_received,
         ),
         (
             "bytes_sent_total",
             Kind::Counter,
             "Payload bytes sent and acknowledged on the listener's connections (SYN/FIN excluded).",
-            |c| c.bytes_sent,
+            |l| l.bytes_sent,
         ),
         (
             "tcp_retransmits_total",
             Kind::Counter,
             "Segments retransmitted on the listener's connections.",
-            |c| c.retransmits,
+            |l| l.counters.retransmits,
         ),
         (
             "tcp_resets_sent_total",
             Kind::Counter,
             "RSTs sent on the listener's connections.",
-            |c| c.resets_sent,
+            |l| l.counters.resets_sent,
         ),
         (
             "tcp_resets_received_total",
             Kind::Counter,
             "RSTs received on the listener's connections.",
-            |c| c.resets_received,
+            |l| l.counters.resets_received,
         ),
     ];
     for (name, kind, help, value) in scalar {
         let mut f = e.family(name, kind, help);
         for (l, (netns, port)) in listeners.iter().zip(&labels) {
-            f.sample(&[("netns", netns), ("port", port)], value(&l.counters));
+            f.sample(&[("netns", netns), ("port", port)], value(l));
+        }
+    }
+    {
+        let mut f = e.family(
+            "listen_drops_total",
+            Kind::Counter,
+            "Connections dropped by the listening socket (SYN or accept queue overflow), as the \
+             socket counts them since it started listening.",
+        );
+        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+            if let Some(drops) = l.listen_drops {
+                f.sample(&[("netns", netns), ("port", port)], drops);
+            }
         }
     }
     {
@@ -351,6 +364,10 @@ mod tests {
                         c.duration[39] = 1;
                         c
                     },
+                    // Closed connections' 1000/65536 plus what open ones moved.
+                    bytes_received: 1500,
+                    bytes_sent: 70000,
+                    listen_drops: Some(9),
                 }],
                 programs: vec![ProgramStats {
                     program: "sock_state",
@@ -381,8 +398,9 @@ mod tests {
             r#"brokerscope_map_entries{map="connections"} 5"#,
             r#"brokerscope_map_capacity{map="connections"} 64"#,
             "brokerscope_agent_ready 1",
-            r#"brokerscope_bytes_received_total{netns="4026531840",port="9092"} 1000"#,
-            r#"brokerscope_bytes_sent_total{netns="4026531840",port="9092"} 65536"#,
+            r#"brokerscope_bytes_received_total{netns="4026531840",port="9092"} 1500"#,
+            r#"brokerscope_bytes_sent_total{netns="4026531840",port="9092"} 70000"#,
+            r#"brokerscope_listen_drops_total{netns="4026531840",port="9092"} 9"#,
             r#"brokerscope_tcp_retransmits_total{netns="4026531840",port="9092"} 3"#,
             r#"brokerscope_tcp_resets_sent_total{netns="4026531840",port="9092"} 2"#,
             r#"brokerscope_tcp_resets_received_total{netns="4026531840",port="9092"} 1"#,

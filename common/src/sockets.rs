@@ -221,6 +221,40 @@ impl SocketOffsets {
     };
 }
 
+/// What the live-socket iterator (`iter/tcp`) writes per socket of interest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveRecord {
+    pub listener: ListenerKey,
+    /// [`LIVE_CONNECTION`] or [`LIVE_LISTENER`].
+    pub kind: u32,
+    pub _pad: u32,
+    /// Connections: payload bytes since tracking began, not yet in the listener's counters.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Listeners: `sk_drops` of the listening socket (SYNs and accepts dropped on overflow).
+    pub drops: u64,
+}
+
+/// [`LiveRecord::kind`]: a tracked connection that is still open.
+pub const LIVE_CONNECTION: u32 = 1;
+/// [`LiveRecord::kind`]: a watched listening socket.
+pub const LIVE_LISTENER: u32 = 2;
+
+/// Full sockets the iterator reads: established or closing, not the mini sockets
+/// (`TIME_WAIT`, `NEW_SYN_RECV`) whose memory has no `tcp_sock` behind it.
+pub const fn is_connection_state(state: i32) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+    )
+}
+
 /// Name of the hash map of listeners to watch, keyed by [`ListenerKey`], valued by
 /// [`WATCH`] or [`IGNORE`]. Filled by the loader from discovery; bounded like [`LISTENERS_MAP`].
 pub const WATCHED_MAP: &str = "WATCHED";
@@ -349,6 +383,8 @@ mod pod {
     unsafe impl aya::Pod for super::SocketOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketsConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LiveRecord {}
 }
 
 #[cfg(test)]
@@ -466,6 +502,7 @@ mod tests {
             8 * (11 + DURATION_BUCKETS + RTT_BUCKETS)
         );
         assert_eq!(core::mem::size_of::<ConnectionState>(), 40);
+        assert_eq!(core::mem::size_of::<LiveRecord>(), 40);
         assert_eq!(core::mem::size_of::<SocketOffsets>() % 8, 0);
     }
 }

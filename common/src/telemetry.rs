@@ -19,15 +19,19 @@ pub enum Program {
     SendReset = 2,
     /// `tcp:tcp_receive_reset`: RSTs received on watched listeners' connections.
     ReceiveReset = 3,
+    /// `iter/tcp`: live sockets at scrape time (open connections' bytes, listen drops, and
+    /// connections that were open before the agent started).
+    TcpLive = 4,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
         Program::ReceiveReset,
+        Program::TcpLive,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -40,6 +44,7 @@ impl Program {
             Program::Retransmit => "tcp_retransmit",
             Program::SendReset => "tcp_send_reset",
             Program::ReceiveReset => "tcp_receive_reset",
+            Program::TcpLive => "tcp_live",
         }
     }
 
@@ -50,16 +55,18 @@ impl Program {
             Program::Retransmit => "tracepoint/tcp/tcp_retransmit_skb",
             Program::SendReset => "tracepoint/tcp/tcp_send_reset",
             Program::ReceiveReset => "tracepoint/tcp/tcp_receive_reset",
+            Program::TcpLive => "iter/tcp",
         }
     }
 
-    /// (category, name) of the tracepoint.
-    pub const fn tracepoint(self) -> (&'static str, &'static str) {
+    /// (category, name) of the tracepoint, for the programs attached to one.
+    pub const fn tracepoint(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Program::SockState => ("sock", "inet_sock_set_state"),
-            Program::Retransmit => ("tcp", "tcp_retransmit_skb"),
-            Program::SendReset => ("tcp", "tcp_send_reset"),
-            Program::ReceiveReset => ("tcp", "tcp_receive_reset"),
+            Program::SockState => Some(("sock", "inet_sock_set_state")),
+            Program::Retransmit => Some(("tcp", "tcp_retransmit_skb")),
+            Program::SendReset => Some(("tcp", "tcp_send_reset")),
+            Program::ReceiveReset => Some(("tcp", "tcp_receive_reset")),
+            Program::TcpLive => None,
         }
     }
 }

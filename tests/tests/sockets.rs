@@ -288,3 +288,132 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
         "one RTT sample per connection at most: {rtt}"
     );
 }
+
+#[test]
+fn open_connections_show_live_bytes_and_earlier_ones_are_adopted() {
+    if !privileged("open_connections_show_live_bytes_and_earlier_ones_are_adopted") {
+        return;
+    }
+    use std::io::Read as _;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+
+    // Opened, and used, before the agent starts: this history must never be counted.
+    let mut early_client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut early_server, _) = listener.accept().unwrap();
+    early_client.write_all(&[0u8; 100_000]).unwrap();
+    early_server.read_exact(&mut vec![0u8; 100_000]).unwrap();
+
+    let agent = Agent::start(WATCH_ALL);
+    agent.wait_ready();
+    let mut late_client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut late_server, _) = listener.accept().unwrap();
+    // The listener now has counters; the next scrape's iterator adopts the early connection.
+    eventually("early connection adopted", Duration::from_secs(10), || {
+        (agent.metric("brokerscope_connections_active", &labels) == Some(2.0)).then_some(())
+    });
+    assert_eq!(
+        agent.metric("brokerscope_connections_accepted_total", &labels),
+        Some(1.0)
+    );
+
+    // Traffic on both, connections still open: the iterator reports it live.
+    early_client.write_all(&[1u8; 777]).unwrap();
+    early_server.read_exact(&mut [0u8; 777]).unwrap();
+    early_server.write_all(&[2u8; 555]).unwrap();
+    early_client.read_exact(&mut [0u8; 555]).unwrap();
+    late_client.write_all(&[3u8; 1234]).unwrap();
+    late_server.read_exact(&mut [0u8; 1234]).unwrap();
+    late_server.write_all(&[4u8; 4321]).unwrap();
+    late_client.read_exact(&mut [0u8; 4321]).unwrap();
+    let want = (Some(777.0 + 1234.0), Some(555.0 + 4321.0));
+    let (code, body) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    let got = (
+        find_sample(&body, "brokerscope_bytes_received_total", &labels),
+        find_sample(&body, "brokerscope_bytes_sent_total", &labels),
+    );
+    assert_eq!(got, want, "live bytes of open connections, exact");
+
+    // Closing hands the bytes from the iterator to the closed totals: nothing moves.
+    drop((early_client, early_server, late_client, late_server));
+    eventually("both closed", Duration::from_secs(10), || {
+        (agent.metric("brokerscope_connections_closed_total", &labels) == Some(2.0)).then_some(())
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(
+        find_sample(&body, "brokerscope_connections_active", &labels),
+        Some(0.0)
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_bytes_received_total", &labels),
+        want.0
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_bytes_sent_total", &labels),
+        want.1
+    );
+    // Only the accepted connection's lifetime is known.
+    assert_eq!(
+        find_sample(
+            &body,
+            "brokerscope_connection_duration_seconds_count",
+            &labels
+        ),
+        Some(1.0)
+    );
+}
+
+/// `ss -tlnm` reports a listening socket's drop counter as `d<N>` in its skmem.
+fn ss_listen_drops(port: &str) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tlnmH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) is installed by cargo xtask setup");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let skmem = text
+        .split("skmem:(")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no skmem: {text}"));
+    skmem
+        .split([',', ')'])
+        .find_map(|f| f.strip_prefix('d').and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no drop count in {skmem}"))
+}
+
+#[test]
+fn listen_drops_match_the_kernels_own_count() {
+    if !privileged("listen_drops_match_the_kernels_own_count") {
+        return;
+    }
+    let agent = Agent::start(WATCH_ALL);
+    agent.wait_ready();
+    // Backlog 1 and nobody accepting: the accept queue overflows.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    // SAFETY: listen(2) on a valid socket fd, shrinking its backlog.
+    assert_eq!(unsafe { libc::listen(socket.as_raw_fd(), 1) }, 0);
+    let port = addr.port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+
+    // One accepted connection gives the listener counters (watch-all only counts listeners that
+    // accepted something).
+    let first = TcpStream::connect(addr).unwrap();
+    let (first_server, _) = socket.accept().unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            clients.push(c);
+        }
+    }
+    let drops = eventually("drops seen", Duration::from_secs(10), || {
+        let ours = agent.metric("brokerscope_listen_drops_total", &labels)? as u64;
+        let kernel = ss_listen_drops(&port);
+        (ours > 0 && ours == kernel).then_some(ours)
+    });
+    assert!(drops > 0);
+    drop((clients, first, first_server));
+}

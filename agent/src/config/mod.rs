@@ -106,6 +106,13 @@ impl Default for ProbesConfig {
     }
 }
 
+impl ProbesConfig {
+    /// Most records one iterator run may return: every tracked connection and listener.
+    pub fn max_live_records(&self) -> usize {
+        self.connections_capacity as usize + self.listeners_capacity as usize
+    }
+}
+
 /// The sections the environment may override.
 const SECTIONS: [&str; 3] = ["server", "discovery", "probes"];
 const ENV_PREFIX: &str = "BROKERSCOPE_";

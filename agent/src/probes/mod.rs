@@ -4,6 +4,7 @@
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
 mod btf;
+mod netns;
 pub mod sockets;
 mod tracefs;
 
@@ -12,7 +13,7 @@ use std::{os::fd::AsRawFd, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{Iter, TracePoint},
 };
 use brokerscope_common::{
     sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
@@ -38,6 +39,8 @@ pub enum ProbesError {
     },
     #[error(transparent)]
     Format(#[from] tracefs::FormatError),
+    #[error("cannot load kernel BTF for the iterator: {0}")]
+    KernelBtf(#[source] Box<aya::BtfError>),
     #[error("cannot load the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF object has no {kind} `{name}` (build mismatch)")]
@@ -106,6 +109,7 @@ pub struct Probes {
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
     capacities: ProbesConfig,
+    namespaces: netns::Namespaces,
     ebpf: Ebpf,
 }
 
@@ -125,9 +129,10 @@ impl Probes {
 
         spawn_kernel_log(&mut ebpf)?;
 
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbesError::KernelBtf(Box::new(e)))?;
         let mut attached = Vec::new();
         for program in Program::ALL {
-            attached.push(attach(&mut ebpf, program)?);
+            attached.push(attach(&mut ebpf, &btf, program)?);
         }
 
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
@@ -140,6 +145,7 @@ impl Probes {
             errors,
             attached,
             capacities: config.clone(),
+            namespaces: netns::Namespaces::default(),
             ebpf,
         })
     }
@@ -153,9 +159,11 @@ impl Probes {
         self.sockets.ignore(netns, port)
     }
 
-    /// Reads every map. Cheap: a few hundred syscalls at most (one per listener).
-    pub fn snapshot(&self) -> ProbeSnapshot {
-        let listeners = self.sockets.read();
+    /// Reads every map, and the live sockets of every watched namespace through the iterator.
+    /// `pid_hints` are processes known to live in namespaces of interest (brokers).
+    pub fn snapshot(&mut self, pid_hints: &[u32]) -> ProbeSnapshot {
+        let live = self.read_live(pid_hints);
+        let listeners = self.sockets.read(&live);
         let tracked: u64 = listeners.iter().map(|l| l.counters.active()).sum();
         let programs = Program::ALL
             .iter()
@@ -191,6 +199,37 @@ impl Probes {
         }
     }
 
+    /// Runs the live-socket iterator once inside each namespace that has a watched listener.
+    fn read_live(&mut self, pid_hints: &[u32]) -> sockets::Live {
+        let namespaces = self.sockets.watched_namespaces();
+        let handles = self.namespaces.resolve(&namespaces, pid_hints);
+        tracing::debug!(
+            ?namespaces,
+            handles = handles.len(),
+            "iterating live sockets"
+        );
+        let Some(prog) = self.ebpf.program_mut(Program::TcpLive.name()) else {
+            return sockets::Live::default();
+        };
+        let Ok(prog) = <&mut Iter>::try_from(prog) else {
+            return sockets::Live::default();
+        };
+        let mut live = sockets::Live::default();
+        for (inode, handle) in handles {
+            match sockets::iterate_in(prog, &handle, self.capacities.max_live_records()) {
+                Ok(records) => {
+                    tracing::debug!(netns = inode, records = records.len(), "live sockets read");
+                    live.add(&records)
+                }
+                Err(e) => {
+                    tracing::warn!(netns = inode, error = %e, "cannot read live sockets");
+                    live.failed.push(inode);
+                }
+            }
+        }
+        live
+    }
+
     fn run_time(&self, program: Program) -> Duration {
         let info = self
             .ebpf
@@ -207,25 +246,31 @@ impl Drop for Probes {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, program: Program) -> Result<Attachment, ProbesError> {
+fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachment, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
     let err = |source| ProbesError::Program {
         program: name,
         hook,
         source: Box::new(source),
     };
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or(ProbesError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(err)?;
-    prog.load().map_err(err)?;
-    let (category, tp) = program.tracepoint();
-    prog.attach(category, tp).map_err(err)?;
-    let id = prog.info().map_err(err)?.id();
+    let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
+        kind: "program",
+        name,
+    })?;
+    let id = match program.tracepoint() {
+        Some((category, tracepoint)) => {
+            let prog: &mut TracePoint = prog.try_into().map_err(err)?;
+            prog.load().map_err(err)?;
+            prog.attach(category, tracepoint).map_err(err)?;
+            prog.info().map_err(err)?.id()
+        }
+        None => {
+            // The iterator is loaded now and instantiated per scrape, inside each namespace.
+            let prog: &mut Iter = prog.try_into().map_err(err)?;
+            prog.load("tcp", btf).map_err(err)?;
+            prog.info().map_err(err)?.id()
+        }
+    };
     tracing::info!(program = name, hook, id, "attached");
     Ok(Attachment {
         program: name,

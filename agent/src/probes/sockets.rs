@@ -8,17 +8,97 @@ use aya::{
     maps::{Array, HashMap, MapData},
 };
 use brokerscope_common::sockets::{
-    IGNORE, LISTENERS_MAP, ListenerCounters, ListenerKey, SOCKETS_CONFIG_MAP, SocketOffsets,
-    SocketsConfig, WATCHED_MAP,
+    IGNORE, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
+    LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
 };
 
 use super::{ProbesError, btf::Btf, read_file, tracefs::Format};
 
-/// Counters of one (network namespace, port) listener.
+/// Counters of one (network namespace, port) listener: closed connections' totals from the
+/// kernel map plus what is still open, read by the iterator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerStats {
     pub key: ListenerKey,
     pub counters: ListenerCounters,
+    /// Payload bytes, closed plus open connections; never lower than previously reported.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `sk_drops` of the listening socket, when the iterator saw it.
+    pub listen_drops: Option<u64>,
+}
+
+/// What one scrape's iterator runs found, summed per listener.
+#[derive(Debug, Default)]
+pub struct Live {
+    sent: std::collections::HashMap<ListenerKey, (u64, u64)>,
+    drops: std::collections::HashMap<ListenerKey, u64>,
+    /// Namespaces whose iteration failed this time.
+    pub failed: Vec<u32>,
+}
+
+impl Live {
+    pub fn add(&mut self, records: &[LiveRecord]) {
+        for r in records {
+            match r.kind {
+                LIVE_CONNECTION => {
+                    let e = self.sent.entry(r.listener).or_default();
+                    e.0 += r.bytes_sent;
+                    e.1 += r.bytes_received;
+                }
+                LIVE_LISTENER => {
+                    *self.drops.entry(r.listener).or_default() += r.drops;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IterError {
+    #[error("iterator link: {0}")]
+    Program(#[source] Box<aya::programs::ProgramError>),
+    #[error("iterator file: {0}")]
+    Link(#[source] Box<aya::programs::links::LinkError>),
+    #[error("reading the iterator: {0}")]
+    Read(#[source] std::io::Error),
+    #[error(transparent)]
+    Netns(#[from] super::netns::NetnsError),
+    #[error("iterator output is {len} bytes, not whole records")]
+    Torn { len: usize },
+}
+
+/// Creates an iterator instance inside namespace `ns` and reads every record, at most `max`.
+pub fn iterate_in(
+    prog: &mut aya::programs::Iter,
+    ns: &std::fs::File,
+    max: usize,
+) -> Result<Vec<LiveRecord>, IterError> {
+    let link_id = prog.attach().map_err(|e| IterError::Program(Box::new(e)))?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| IterError::Program(Box::new(e)))?;
+    let bytes = super::netns::run_in(ns, move || -> Result<Vec<u8>, IterError> {
+        use std::io::Read as _;
+        let file = link.into_file().map_err(|e| IterError::Link(Box::new(e)))?;
+        let limit = (max * size_of::<LiveRecord>()) as u64;
+        let mut bytes = Vec::new();
+        file.take(limit)
+            .read_to_end(&mut bytes)
+            .map_err(IterError::Read)?;
+        Ok(bytes)
+    })??;
+    if bytes.len() % size_of::<LiveRecord>() != 0 {
+        return Err(IterError::Torn { len: bytes.len() });
+    }
+    Ok(bytes
+        .chunks_exact(size_of::<LiveRecord>())
+        .map(|chunk| {
+            // SAFETY: LiveRecord is Pod (repr(C), integers only) and the chunk has its size;
+            // read_unaligned because a Vec<u8> guarantees no alignment.
+            unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<LiveRecord>()) }
+        })
+        .collect())
 }
 
 /// Reads `inet_sock_set_state`'s record layout from tracefs and the `struct sock -> net -> inum`
@@ -69,6 +149,10 @@ pub struct SocketsReader {
     listeners: HashMap<MapData, ListenerKey, ListenerCounters>,
     watched: HashMap<MapData, ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
+    watch_all: bool,
+    /// Last reported (sent, received) per listener, so totals never go down between scrapes
+    /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
+    reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -90,11 +174,14 @@ impl SocketsReader {
             listeners: take(ebpf, LISTENERS_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
+            watch_all: false,
+            reported: std::collections::HashMap::new(),
         })
     }
 
     /// Count every listener on the node (debugging), not only watched ones. Applied in place.
     pub fn set_watch_all(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.watch_all = on;
         let config = SocketsConfig {
             watch_all: u32::from(on),
             _pad: 0,
@@ -115,16 +202,53 @@ impl SocketsReader {
             })
     }
 
-    /// Every listener's counters, sorted by (netns, port). An entry that vanishes mid-walk is
-    /// skipped.
-    pub fn read(&self) -> Vec<ListenerStats> {
+    /// Namespaces to iterate: those of watched listeners and, in watch-all mode, of every
+    /// listener that has counters.
+    pub fn watched_namespaces(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .watched
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| *v == WATCH)
+            .map(|(k, _)| k.netns)
+            .collect();
+        if self.watch_all {
+            out.extend(
+                self.listeners
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|k| k.netns),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Every listener's counters with the live sockets added, sorted by (netns, port). An entry
+    /// that vanishes mid-walk is skipped.
+    pub fn read(&mut self, live: &Live) -> Vec<ListenerStats> {
         let mut out: Vec<ListenerStats> = self
             .listeners
             .iter()
             .filter_map(Result::ok)
-            .map(|(key, counters)| ListenerStats { key, counters })
+            .map(|(key, counters)| {
+                let (live_sent, live_received) = live.sent.get(&key).copied().unwrap_or_default();
+                let last = self.reported.get(&key).copied().unwrap_or_default();
+                ListenerStats {
+                    key,
+                    counters,
+                    bytes_sent: (counters.bytes_sent + live_sent).max(last.0),
+                    bytes_received: (counters.bytes_received + live_received).max(last.1),
+                    listen_drops: live.drops.get(&key).copied(),
+                }
+            })
             .collect();
         out.sort_by_key(|l| l.key);
+        self.reported = out
+            .iter()
+            .map(|l| (l.key, (l.bytes_sent, l.bytes_received)))
+            .collect();
         out
     }
 }
