@@ -128,6 +128,10 @@ impl Agent {
         agent
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }

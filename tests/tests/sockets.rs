@@ -13,6 +13,17 @@ use brokerscope_tests::{Agent, eventually, find_sample, own_netns, privileged};
 /// These tests use plain listeners, not brokers: count every listener on the node.
 const WATCH_ALL: &str = "[probes]\nwatch_all_listeners = true\n";
 
+/// In watch-all mode each test's agent also sees the other tests' connections. Counts per port
+/// stay exact regardless, but node-wide figures (map fill, map-full errors) need the tests of
+/// this file to run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn counters(agent: &Agent, netns: &str, port: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
     let labels = [("netns", netns), ("port", port)];
     let (code, body) = agent.get("/metrics");
@@ -49,6 +60,7 @@ fn accepted_active_and_closed_are_exact_per_port() {
     if !privileged("accepted_active_and_closed_are_exact_per_port") {
         return;
     }
+    let _serial = serial();
     const N: usize = 40;
     const CLOSED_FIN: usize = 10;
     const CLOSED_RST: usize = 5;
@@ -121,6 +133,7 @@ fn connections_open_before_the_agent_are_not_invented() {
     if !privileged("connections_open_before_the_agent_are_not_invented") {
         return;
     }
+    let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let netns = own_netns().to_string();
@@ -175,6 +188,7 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
     if !privileged("payload_bytes_resets_and_lifetimes_are_exact") {
         return;
     }
+    let _serial = serial();
     use std::io::Read as _;
     const N: usize = 24;
     const SENDFILE_LEN: usize = (1 << 20) + 7;
@@ -294,6 +308,7 @@ fn open_connections_show_live_bytes_and_earlier_ones_are_adopted() {
     if !privileged("open_connections_show_live_bytes_and_earlier_ones_are_adopted") {
         return;
     }
+    let _serial = serial();
     use std::io::Read as _;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
@@ -388,6 +403,7 @@ fn listen_drops_match_the_kernels_own_count() {
     if !privileged("listen_drops_match_the_kernels_own_count") {
         return;
     }
+    let _serial = serial();
     let agent = Agent::start(WATCH_ALL);
     agent.wait_ready();
     // Backlog 1 and nobody accepting: the accept queue overflows.
@@ -416,4 +432,142 @@ fn listen_drops_match_the_kernels_own_count() {
     });
     assert!(drops > 0);
     drop((clients, first, first_server));
+}
+
+/// Resident memory of a process, from /proc/<pid>/status.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
+    if !privileged("a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded") {
+        return;
+    }
+    let _serial = serial();
+    const CAPACITY: usize = 64;
+    const FLOOD: usize = 400;
+    let agent = Agent::start(&format!(
+        "{WATCH_ALL}connections_capacity = {CAPACITY}\nlisteners_capacity = 64\n"
+    ));
+    agent.wait_ready();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+    let rss_before = rss_kib(agent.pid());
+
+    // Tests here run one at a time (see SERIAL), and the agent ignores its own scrapes: the
+    // connection map holds only this flood.
+    let mut held = Vec::new();
+    for _ in 0..FLOOD {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        held.push((client, server));
+    }
+    let full = [("kind", "connections_map_full")];
+    eventually("flood counted", Duration::from_secs(10), || {
+        let accepted = agent.metric("brokerscope_connections_accepted_total", &labels)?;
+        (accepted == FLOOD as f64).then_some(())
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(
+        find_sample(&body, "brokerscope_probe_errors_total", &full),
+        Some((FLOOD - CAPACITY) as f64),
+        "every connection beyond the capacity is counted as untracked"
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_connections_active", &labels),
+        Some(CAPACITY as f64)
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_map_entries", &[("map", "connections")]),
+        Some(CAPACITY as f64)
+    );
+
+    drop(held);
+    eventually("tracked ones closed", Duration::from_secs(10), || {
+        let closed = agent.metric("brokerscope_connections_closed_total", &labels)?;
+        (closed == CAPACITY as f64).then_some(())
+    });
+    assert_eq!(
+        agent.metric("brokerscope_connections_active", &labels),
+        Some(0.0)
+    );
+    // The map is preallocated: the flood did not grow the agent.
+    let rss_after = rss_kib(agent.pid());
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_short_connections_are_counted_exactly() {
+    if !privileged("a_thousand_concurrent_short_connections_are_counted_exactly") {
+        return;
+    }
+    let _serial = serial();
+    use std::io::Read as _;
+    const N: usize = 1000;
+    let agent = Agent::start(WATCH_ALL);
+    agent.wait_ready();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+
+    let server = std::thread::spawn(move || {
+        let mut handlers = Vec::new();
+        for _ in 0..N {
+            let (mut s, _) = listener.accept().unwrap();
+            handlers.push(std::thread::spawn(move || {
+                let mut request = [0u8; 64];
+                s.read_exact(&mut request).unwrap();
+                s.write_all(&[9u8; 128]).unwrap();
+            }));
+        }
+        for h in handlers {
+            h.join().unwrap();
+        }
+    });
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(&[8u8; 64]).unwrap();
+                let mut answer = [0u8; 128];
+                c.read_exact(&mut answer).unwrap();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    server.join().unwrap();
+    let want = (Some(N as f64), Some(N as f64));
+    eventually("all counted", Duration::from_secs(15), || {
+        let closed = agent.metric("brokerscope_connections_closed_total", &labels);
+        let accepted = agent.metric("brokerscope_connections_accepted_total", &labels);
+        ((accepted, closed) == want).then_some(())
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(
+        find_sample(&body, "brokerscope_bytes_received_total", &labels),
+        Some(64.0 * N as f64)
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_bytes_sent_total", &labels),
+        Some(128.0 * N as f64)
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_connections_active", &labels),
+        Some(0.0)
+    );
 }

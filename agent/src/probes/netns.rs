@@ -55,10 +55,8 @@ impl Namespaces {
                     let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
                         continue;
                     };
-                    if let Some(inode) = netns_inode(pid) {
-                        if inodes.contains(&inode) {
-                            self.pid_of.entry(inode).or_insert(pid);
-                        }
+                    if let Some(inode) = netns_inode(pid).filter(|i| inodes.contains(i)) {
+                        self.pid_of.entry(inode).or_insert(pid);
                     }
                 }
             }
