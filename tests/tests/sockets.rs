@@ -287,11 +287,8 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
         get("brokerscope_tcp_resets_received_total"),
         Some(want_rst_received as f64)
     );
-    assert_eq!(
-        get("brokerscope_tcp_retransmits_total"),
-        Some(0.0),
-        "loopback does not lose"
-    );
+    // No assertion on retransmits here: on a loaded machine a tail-loss probe can fire on
+    // loopback too. The retransmit test drops packets on purpose and compares with the kernel.
     assert_eq!(
         get("brokerscope_connection_duration_seconds_count"),
         Some(N as f64)
