@@ -472,25 +472,30 @@ fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
         let accepted = agent.metric("brokerscope_connections_accepted_total", &labels)?;
         (accepted == FLOOD as f64).then_some(())
     });
+    // Watch-all mode also sees whatever else on the node accepts connections meanwhile (CI
+    // runs nothing else; a developer machine may), so the figures are bounded by the map, and
+    // our own untracked connections are all in the error count.
     let (_, body) = agent.get("/metrics");
-    assert_eq!(
-        find_sample(&body, "brokerscope_probe_errors_total", &full),
-        Some((FLOOD - CAPACITY) as f64),
-        "every connection beyond the capacity is counted as untracked"
+    let tracked = find_sample(&body, "brokerscope_connections_active", &labels).unwrap();
+    let errors = find_sample(&body, "brokerscope_probe_errors_total", &full).unwrap();
+    assert!(
+        tracked <= CAPACITY as f64 && tracked > 0.0,
+        "tracked {tracked}"
     );
-    assert_eq!(
-        find_sample(&body, "brokerscope_connections_active", &labels),
-        Some(CAPACITY as f64)
+    assert!(
+        errors >= FLOOD as f64 - tracked,
+        "{errors} map-full errors for {tracked} tracked"
     );
     assert_eq!(
         find_sample(&body, "brokerscope_map_entries", &[("map", "connections")]),
-        Some(CAPACITY as f64)
+        Some(CAPACITY as f64),
+        "the map is full, not over-full"
     );
 
     drop(held);
     eventually("tracked ones closed", Duration::from_secs(10), || {
         let closed = agent.metric("brokerscope_connections_closed_total", &labels)?;
-        (closed == CAPACITY as f64).then_some(())
+        (closed == tracked).then_some(())
     });
     assert_eq!(
         agent.metric("brokerscope_connections_active", &labels),
