@@ -9,6 +9,7 @@
     reason = "atomic_xadd is the only 64-bit atomic add on bpf"
 )]
 
+mod processes;
 mod sockets;
 mod telemetry;
 

@@ -10,5 +10,6 @@
 #![no_std]
 #![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
 
+pub mod processes;
 pub mod sockets;
 pub mod telemetry;

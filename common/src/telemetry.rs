@@ -22,16 +22,22 @@ pub enum Program {
     /// `iter/tcp`: live sockets at scrape time (open connections' bytes, listen drops, and
     /// connections that were open before the agent started).
     TcpLive = 4,
+    /// `sched:sched_process_exec`: any exec, for broker discovery.
+    ProcessExec = 5,
+    /// `sched:sched_process_exit`: a registered broker's exit.
+    ProcessExit = 6,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 7] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
         Program::ReceiveReset,
         Program::TcpLive,
+        Program::ProcessExec,
+        Program::ProcessExit,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -45,6 +51,8 @@ impl Program {
             Program::SendReset => "tcp_send_reset",
             Program::ReceiveReset => "tcp_receive_reset",
             Program::TcpLive => "tcp_live",
+            Program::ProcessExec => "process_exec",
+            Program::ProcessExit => "process_exit",
         }
     }
 
@@ -56,6 +64,8 @@ impl Program {
             Program::SendReset => "tracepoint/tcp/tcp_send_reset",
             Program::ReceiveReset => "tracepoint/tcp/tcp_receive_reset",
             Program::TcpLive => "iter/tcp",
+            Program::ProcessExec => "tracepoint/sched/sched_process_exec",
+            Program::ProcessExit => "tracepoint/sched/sched_process_exit",
         }
     }
 
@@ -67,6 +77,8 @@ impl Program {
             Program::SendReset => Some(("tcp", "tcp_send_reset")),
             Program::ReceiveReset => Some(("tcp", "tcp_receive_reset")),
             Program::TcpLive => None,
+            Program::ProcessExec => Some(("sched", "sched_process_exec")),
+            Program::ProcessExit => Some(("sched", "sched_process_exit")),
         }
     }
 }
@@ -89,16 +101,20 @@ pub enum ProbeError {
     ConnectionsFull = 3,
     /// A `struct sock`/`tcp_sock` field (bytes, state, port) could not be read.
     ReadSocket = 4,
+    /// The process event ring buffer was full: an exec or exit event was lost (the loader
+    /// rescans /proc when it sees this grow).
+    EventsFull = 5,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 5] = [
+    pub const ALL: [ProbeError; 6] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
         ProbeError::ConnectionsFull,
         ProbeError::ReadSocket,
+        ProbeError::EventsFull,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -112,6 +128,7 @@ impl ProbeError {
             ProbeError::ListenersFull => "listeners_map_full",
             ProbeError::ConnectionsFull => "connections_map_full",
             ProbeError::ReadSocket => "read_socket",
+            ProbeError::EventsFull => "process_events_full",
         }
     }
 }
@@ -132,6 +149,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 5);
+        assert_eq!(ProbeError::COUNT, 6);
     }
 }

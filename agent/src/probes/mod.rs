@@ -5,6 +5,7 @@
 
 mod btf;
 mod netns;
+pub mod processes;
 pub mod sockets;
 mod tracefs;
 
@@ -16,6 +17,7 @@ use aya::{
     programs::{Iter, TracePoint},
 };
 use brokerscope_common::{
+    processes::PROCESS_OFFSETS_GLOBAL,
     sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
 };
@@ -110,6 +112,8 @@ pub struct Probes {
     attached: Vec<Attachment>,
     capacities: ProbesConfig,
     namespaces: netns::Namespaces,
+    broker_pids: processes::BrokerPids,
+    process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
     ebpf: Ebpf,
 }
 
@@ -118,9 +122,11 @@ impl Probes {
     /// capacities and attaches every program.
     pub fn load(kernel: &KernelFacts, config: &ProbesConfig) -> Result<Self, ProbesError> {
         let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel.btf)?;
-        tracing::debug!(?offsets, "resolved socket offsets");
+        let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
+        tracing::debug!(?offsets, ?process_offsets, "resolved offsets");
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
+            .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
@@ -137,6 +143,8 @@ impl Probes {
 
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
+        let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
+        let process_events = Some(processes::spawn_reader(&mut ebpf)?);
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -146,12 +154,26 @@ impl Probes {
             attached,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
+            broker_pids,
+            process_events,
             ebpf,
         })
     }
 
     pub fn attached(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// The exec/exit event stream for discovery; `None` once taken.
+    pub fn take_process_events(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>> {
+        self.process_events.take()
+    }
+
+    /// Tells the kernel which pids are brokers, so their exits are reported.
+    pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
+        self.broker_pids.set(pids)
     }
 
     /// Never count this listener (the agent's own endpoint).

@@ -1,0 +1,95 @@
+//! Processes: exec and exit events for broker discovery (see `brokerscope_common::processes`).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, RingBuf},
+    programs::TracePointContext,
+};
+use brokerscope_common::{
+    processes::{
+        BROKER_PIDS_CAPACITY, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_BYTES, ProcessEvent,
+        ProcessOffsets, process_ended,
+    },
+    telemetry::{ProbeError, Program},
+};
+
+use crate::telemetry::{count_error, count_run};
+
+/// Written by the loader from the tracepoints' format files.
+#[unsafe(no_mangle)]
+static PROCESS_OFFSETS: ProcessOffsets = ProcessOffsets::UNSET;
+
+/// Events to user space; bounded by its size in bytes.
+#[map(name = "PROCESS_EVENTS")]
+static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
+
+/// Brokers whose exit is reported; bounded by the number of brokers on a node.
+#[map(name = "BROKER_PIDS")]
+static BROKER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(BROKER_PIDS_CAPACITY, 0);
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn process_exec(ctx: TracePointContext) -> u32 {
+    count_run(Program::ProcessExec);
+    if let Err(e) = try_exec(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    count_run(Program::ProcessExit);
+    if let Err(e) = try_exit(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+#[inline(always)]
+fn offsets() -> ProcessOffsets {
+    // SAFETY: a plain read of a global the loader initialised; volatile so the compiler cannot
+    // fold the compiled-in placeholder.
+    unsafe { core::ptr::read_volatile(&PROCESS_OFFSETS) }
+}
+
+fn try_exec(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is checked.
+    let pid: i32 =
+        unsafe { ctx.read_at(offsets().exec_pid as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    send(EVENT_EXEC, pid as u32)
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // Cheap filter first: most exits on a node are not brokers'.
+    // SAFETY: a plain read of a map value returned by the lookup.
+    if unsafe { BROKER_PIDS.get(&tgid) }.is_none() {
+        return Ok(());
+    }
+    let off = offsets().exit_group_dead;
+    let group_dead = if off == NO_FIELD {
+        None
+    } else {
+        // SAFETY: the offset comes from the tracepoint's format file; the read is checked.
+        let dead: u8 = unsafe { ctx.read_at(off as usize) }.map_err(|_| ProbeError::ReadContext)?;
+        Some(dead != 0)
+    };
+    if !process_ended(group_dead, pid, tgid) {
+        return Ok(());
+    }
+    send(EVENT_EXIT, tgid)
+}
+
+#[inline(always)]
+fn send(kind: u32, pid: u32) -> Result<(), ProbeError> {
+    let Some(mut entry) = PROCESS_EVENTS.reserve::<ProcessEvent>(0) else {
+        return Err(ProbeError::EventsFull);
+    };
+    // SAFETY: no preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    entry.write(ProcessEvent { kind, pid, ts_ns });
+    entry.submit(0);
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Processes (kernel side: agent-ebpf/src/processes.rs): exec/exit events for discovery, and
+//! the set of broker pids whose exit the kernel reports.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, RingBuf},
+};
+use brokerscope_common::processes::{
+    BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_MAP, ProcessEvent,
+    ProcessOffsets,
+};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use super::{ProbesError, tracefs::Format};
+
+/// What discovery hears from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessSignal {
+    Exec(u32),
+    Exit(u32),
+    /// Events were lost (ring or channel full): rescan /proc.
+    Lost,
+}
+
+/// Capacity of the channel from the ring reader to discovery.
+const CHANNEL_CAPACITY: usize = 4096;
+
+pub fn resolve_offsets(tracefs: &Path) -> Result<ProcessOffsets, ProbesError> {
+    let exec = Format::read(tracefs, "sched", "sched_process_exec")?;
+    let exit = Format::read(tracefs, "sched", "sched_process_exit")?;
+    Ok(ProcessOffsets {
+        exec_pid: exec.field("pid", 4)?,
+        // Older kernels lack group_dead: the program then takes the leader's exit.
+        exit_group_dead: exit.field("group_dead", 1).unwrap_or(NO_FIELD),
+    })
+}
+
+/// The broker pid set in the kernel.
+pub struct BrokerPids {
+    map: HashMap<MapData, u32, u8>,
+}
+
+impl BrokerPids {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
+        let name = BROKER_PIDS_MAP;
+        let map = ebpf
+            .take_map(name)
+            .ok_or(ProbesError::Missing { kind: "map", name })?;
+        let map = HashMap::try_from(map).map_err(|e| ProbesError::Map {
+            name,
+            source: Box::new(e),
+        })?;
+        Ok(Self { map })
+    }
+
+    /// Replaces the set with `pids`.
+    pub fn set(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
+        let err = |e| ProbesError::Map {
+            name: BROKER_PIDS_MAP,
+            source: Box::new(e),
+        };
+        let current: Vec<u32> = self.map.keys().filter_map(Result::ok).collect();
+        for pid in current.iter().filter(|p| !pids.contains(p)) {
+            let _ = self.map.remove(pid);
+        }
+        for pid in pids.iter().filter(|p| !current.contains(p)) {
+            self.map.insert(pid, 1, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the task that drains the ring buffer into a bounded channel.
+pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<ProcessSignal>, ProbesError> {
+    let name = PROCESS_EVENTS_MAP;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbesError::Missing { kind: "map", name })?;
+    let ring = RingBuf::try_from(map).map_err(|e| ProbesError::Map {
+        name,
+        source: Box::new(e),
+    })?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
+    // owns the ring buffer.
+    let mut ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::warn!(error = %e, "process event reader stopped");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let signal = match parse(&item) {
+                    Some(signal) => signal,
+                    None => continue,
+                };
+                match tx.try_send(signal) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // Discovery is behind: it will rescan. Nothing grows.
+                        let _ = tx.try_send(ProcessSignal::Lost);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(rx)
+}
+
+fn parse(bytes: &[u8]) -> Option<ProcessSignal> {
+    if bytes.len() < size_of::<ProcessEvent>() {
+        return None;
+    }
+    // SAFETY: ProcessEvent is Pod and the slice is long enough; unaligned read.
+    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
+    match event.kind {
+        EVENT_EXEC => Some(ProcessSignal::Exec(event.pid)),
+        EVENT_EXIT => Some(ProcessSignal::Exit(event.pid)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: ProcessEvent) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&e.kind.to_ne_bytes());
+        v.extend_from_slice(&e.pid.to_ne_bytes());
+        v.extend_from_slice(&e.ts_ns.to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn parses_events_and_ignores_garbage() {
+        let exec = ProcessEvent {
+            kind: EVENT_EXEC,
+            pid: 42,
+            ts_ns: 1,
+        };
+        assert_eq!(parse(&bytes(exec)), Some(ProcessSignal::Exec(42)));
+        let exit = ProcessEvent {
+            kind: EVENT_EXIT,
+            pid: 7,
+            ts_ns: 2,
+        };
+        assert_eq!(parse(&bytes(exit)), Some(ProcessSignal::Exit(7)));
+        assert_eq!(
+            parse(&bytes(ProcessEvent {
+                kind: 99,
+                pid: 1,
+                ts_ns: 0
+            })),
+            None
+        );
+        assert_eq!(parse(&[1, 2, 3]), None);
+    }
+}
