@@ -8,6 +8,7 @@
 //!   127.0.0.1:8443 with the built-in defaults plus those certificates.
 //! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -38,6 +39,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Benchmark the agent's cost to broker-like traffic (needs root); writes target/bench/.
+    Bench,
     /// Set up, build and run every test (the end-to-end ones need root).
     Test {
         /// Only tests whose name contains this (passed to both test runs).
@@ -52,6 +55,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
+        Cmd::Bench => {
+            setup::ensure(setup::Needs::Test)?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs: run `sudo -E cargo xtask bench`");
+            }
+            let bin = build_agent(&root, true)?;
+            bench::run(&root, &bin)
+        }
     }
 }
 

@@ -1,0 +1,380 @@
+//! `cargo xtask bench`: what the agent costs the brokers it watches, measured A against B in the
+//! same run (the machines are shared and noisy, so only ratios mean anything).
+//!
+//! Kafka-like loopback request/response traffic runs with the agent detached and attached, in
+//! interleaved rounds: 1 KiB produce requests with a small ack, 64 KiB fetch answers sent with
+//! sendfile(2), and short connections (connect, one request, close). Per program, the kernel's
+//! own BPF run-time statistics give the nanoseconds per event. The report goes to
+//! `target/bench/report.md` and `report.json`.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+const ROUNDS: usize = 5;
+const ROUND: Duration = Duration::from_secs(3);
+const CLIENTS: usize = 4;
+const PRODUCE: usize = 1024;
+const FETCH: usize = 64 * 1024;
+const ACK: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Case {
+    Produce,
+    Fetch,
+    ShortConnections,
+}
+
+impl Case {
+    fn name(self) -> &'static str {
+        match self {
+            Case::Produce => "produce 1 KiB (write, 16 B ack)",
+            Case::Fetch => "fetch 64 KiB (sendfile)",
+            Case::ShortConnections => "short connections (connect, 1 KiB, close)",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Case::Produce => "produce_1k",
+            Case::Fetch => "fetch_64k_sendfile",
+            Case::ShortConnections => "short_connections",
+        }
+    }
+}
+
+/// A loopback server answering like a broker: reads a request, answers with an ack or a
+/// sendfile of the fetch file.
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start(case: Case, fetch_file: &Path) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let file = fetch_file.to_path_buf();
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let file = file.clone();
+                std::thread::spawn(move || serve(stream, case, &file));
+            }
+        });
+        Ok(Self { addr, stop })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(mut stream: TcpStream, case: Case, fetch_file: &Path) {
+    let request = if case == Case::Fetch { ACK } else { PRODUCE };
+    let mut buf = vec![0u8; request];
+    let file = std::fs::File::open(fetch_file).ok();
+    while stream.read_exact(&mut buf).is_ok() {
+        let ok = match (case, &file) {
+            (Case::Fetch, Some(file)) => sendfile(&stream, file, FETCH),
+            _ => stream.write_all(&[0u8; ACK]).is_ok(),
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+fn sendfile(stream: &TcpStream, file: &std::fs::File, len: usize) -> bool {
+    let mut offset: libc::off_t = 0;
+    while (offset as usize) < len {
+        // SAFETY: valid fds and a valid offset pointer for the duration of the call.
+        let n = unsafe {
+            libc::sendfile(
+                stream.as_raw_fd(),
+                file.as_raw_fd(),
+                &mut offset,
+                len - offset as usize,
+            )
+        };
+        if n <= 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Requests per second over `ROUND` with `CLIENTS` clients.
+fn load(case: Case, addr: std::net::SocketAddr) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + ROUND;
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let answer = if case == Case::Fetch { FETCH } else { ACK };
+                let request = vec![1u8; if case == Case::Fetch { ACK } else { PRODUCE }];
+                let mut buf = vec![0u8; answer];
+                let mut stream = None;
+                while Instant::now() < deadline {
+                    if stream.is_none() {
+                        stream = TcpStream::connect(addr).ok();
+                    }
+                    let Some(s) = stream.as_mut() else { continue };
+                    if s.write_all(&request).is_err() || s.read_exact(&mut buf).is_err() {
+                        stream = None;
+                        continue;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if case == Case::ShortConnections {
+                        stream = None;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
+}
+
+/// The agent under test, on a free port with a throwaway PKI, counting every listener.
+struct Agent {
+    child: Child,
+    port: u16,
+    pki: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let pki = dir.join("pki");
+        if !pki.join("client.key").exists() {
+            crate::run(
+                Command::new(bin)
+                    .args(["pki", "dev", "--out"])
+                    .arg(&pki)
+                    .stdout(Stdio::null()),
+            )?;
+        }
+        let config = dir.join("bench.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\nwatch_all_listeners = true\n",
+                p = pki.display()
+            ),
+        )?;
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn,brokerscope=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the agent")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let Some(Ok(line)) = lines.next() else {
+                bail!("agent exited before listening");
+            };
+            if let Some(addr) = line.split("listening addr=").nth(1) {
+                break addr.trim().rsplit(':').next().unwrap_or("0").parse()?;
+            }
+        };
+        // Keep draining stderr so the agent never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, port, pki })
+    }
+
+    fn metrics(&self) -> anyhow::Result<String> {
+        let p = self.pki.display();
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--cacert",
+                &format!("{p}/ca.crt"),
+                "--cert",
+                &format!("{p}/client.crt"),
+            ])
+            .args(["--key", &format!("{p}/client.key")])
+            .arg(format!("https://localhost:{}/metrics", self.port))
+            .output()?;
+        if !out.status.success() {
+            bail!("scrape failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn sample(text: &str, name: &str, program: &str) -> f64 {
+    let prefix = format!("{name}{{program=\"{program}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Turns the kernel's BPF run-time accounting on for the bench and back off after.
+struct BpfStats {
+    before: String,
+}
+
+impl BpfStats {
+    fn enable() -> Self {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let before = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(path, "1");
+        Self { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", self.before.trim());
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let fetch_file = out_dir.join("fetch.bin");
+    std::fs::write(&fetch_file, vec![7u8; FETCH])?;
+    let _stats = BpfStats::enable();
+
+    let cases = [Case::Produce, Case::Fetch, Case::ShortConnections];
+    let mut results = Vec::new();
+    let mut programs: Vec<(String, f64, f64)> = Vec::new();
+    for case in cases {
+        let server = Server::start(case, &fetch_file)?;
+        let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            // Alternate which goes first so drift over time hits both alike.
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            let mut pair = [0.0; 2];
+            for attached in order {
+                let agent = if attached {
+                    Some(Agent::start(bin, &out_dir)?)
+                } else {
+                    None
+                };
+                let rps = load(case, server.addr);
+                if let Some(agent) = &agent {
+                    let text = agent.metrics()?;
+                    for p in [
+                        "sock_state",
+                        "tcp_retransmit",
+                        "tcp_send_reset",
+                        "tcp_receive_reset",
+                        "tcp_live",
+                    ] {
+                        let events = sample(&text, "brokerscope_probe_events_total", p);
+                        let secs = sample(&text, "brokerscope_probe_run_seconds_total", p);
+                        match programs.iter_mut().find(|(n, _, _)| n == p) {
+                            Some(e) => {
+                                e.1 += events;
+                                e.2 += secs;
+                            }
+                            None => programs.push((p.to_string(), events, secs)),
+                        }
+                    }
+                }
+                pair[usize::from(attached)] = rps;
+            }
+            eprintln!(
+                "bench: {} round {}: detached {:.0} req/s, attached {:.0} req/s",
+                case.name(),
+                round + 1,
+                pair[0],
+                pair[1]
+            );
+            off.push(pair[0]);
+            on.push(pair[1]);
+            ratios.push(pair[1] / pair[0]);
+        }
+        results.push((case, median(off), median(on), median(ratios)));
+    }
+
+    let mut md = String::from("# brokerscope benchmark\n\n");
+    md += &format!(
+        "{CLIENTS} loopback clients, {ROUNDS} interleaved rounds of {}s per mode; medians. \
+         Overhead = 1 - attached/detached.\n\n",
+        ROUND.as_secs()
+    );
+    md += "| case | detached req/s | attached req/s | attached/detached | overhead |\n|---|---|---|---|---|\n";
+    let mut json_cases = Vec::new();
+    for (case, off, on, ratio) in &results {
+        md += &format!(
+            "| {} | {off:.0} | {on:.0} | {ratio:.4} | {:.2}% |\n",
+            case.name(),
+            (1.0 - ratio) * 100.0
+        );
+        json_cases.push(format!(
+            "{{\"case\":\"{}\",\"detached_rps\":{off:.1},\"attached_rps\":{on:.1},\"ratio\":{ratio:.5}}}",
+            case.key()
+        ));
+    }
+    md += "\n| program | events | ns per event |\n|---|---|---|\n";
+    let mut json_programs = Vec::new();
+    for (name, events, secs) in &programs {
+        let ns = if *events > 0.0 {
+            secs * 1e9 / events
+        } else {
+            0.0
+        };
+        md += &format!("| {name} | {events:.0} | {ns:.0} |\n");
+        json_programs.push(format!(
+            "{{\"program\":\"{name}\",\"events\":{events:.0},\"ns_per_event\":{ns:.1}}}"
+        ));
+    }
+    md += "\nTargets: overhead <= 2% at Kafka-like sizes; <= 150 ns per probe event.\n";
+    let json = format!(
+        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"programs\":[{}]}}\n",
+        ROUND.as_secs(),
+        json_cases.join(","),
+        json_programs.join(",")
+    );
+    std::fs::write(out_dir.join("report.md"), &md)?;
+    std::fs::write(out_dir.join("report.json"), &json)?;
+    println!("{md}");
+    println!("written to {}", out_dir.display());
+    Ok(())
+}
