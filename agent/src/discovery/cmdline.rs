@@ -45,10 +45,11 @@ impl Patterns {
     pub fn matches(&self, cmdline: &Cmdline) -> Option<Match> {
         self.compiled.iter().find_map(|re| {
             let m = re.find(&cmdline.joined)?;
-            // The argument the match ends in is the main class; Kafka's own arguments follow.
-            // A pattern may match earlier (a wrapper's name): then the properties file is the
-            // first `*.properties` argument after it, when there is one.
-            let arg = cmdline.arg_at(m.end().saturating_sub(1).max(m.start()));
+            // Kafka's arguments follow the main class, which is where the match starts for the
+            // default pattern. A pattern may start earlier (a wrapper's name) or span several
+            // arguments (`kafka\.Kafka /etc/kafka/`): the properties file is then the first
+            // `*.properties` argument after the match's start, and else the next argument.
+            let arg = cmdline.arg_at(m.start());
             let after = &cmdline.args[arg + 1..];
             let start = after
                 .iter()
@@ -284,8 +285,21 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(m.pattern, r"fake-\w+ kafka");
-        // The match ends inside `kafka.Kafka`: the properties file is the argument after it.
+        // The match starts before `kafka.Kafka`: the properties file is still the one after it.
         assert_eq!(m.kafka.properties.as_deref(), Some("/tmp/s.properties"));
+        // A pattern spanning the main class and the properties path.
+        let p = Patterns::new(&[r"kafka\.Kafka /tmp/x/".into()]).unwrap();
+        let m = p
+            .matches(&cmd(&[
+                "java",
+                "kafka.Kafka",
+                "/tmp/x/s.properties",
+                "--override",
+                "a=b",
+            ]))
+            .unwrap();
+        assert_eq!(m.kafka.properties.as_deref(), Some("/tmp/x/s.properties"));
+        assert_eq!(m.kafka.overrides, vec![("a".into(), "b".into())]);
         // A pattern matching the wrapper: the properties file is found after the main class.
         let p = Patterns::new(&["my-broker".into()]).unwrap();
         let m = p
