@@ -416,6 +416,48 @@ fn a_killed_broker_stops_and_its_restart_keeps_identity() {
     );
 }
 
+/// The namespace helpers: a fake broker inside a new namespace is reachable from ours over the
+/// veth pair, on the same port a broker in our namespace could use.
+#[test]
+fn fake_broker_in_a_namespace_is_reachable_over_veth() {
+    if !privileged("fake_broker_in_a_namespace_is_reachable_over_veth") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let props = write(
+        dir.path(),
+        "server.properties",
+        "node.id=1\nlisteners=PLAINTEXT://:9092\n",
+    );
+    let ns = NetNs::new();
+    // Link-local addresses on a pair only this test owns.
+    let _veth = ns.veth("169.254.209.1/30", "169.254.209.2/30");
+    let fake = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns),
+        ..FakeBrokerSpec::new(&props)
+    });
+    assert_eq!(fake.listeners, vec![("PLAINTEXT".to_string(), 9092)]);
+    let mut s = TcpStream::connect_timeout(
+        &"169.254.209.2:9092".parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fake_request(&mut s, 10, 20_000).unwrap();
+    let name = ns.name.clone();
+    drop(s);
+    drop(fake);
+    drop(ns);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&name),
+        "namespace {name} deleted on drop"
+    );
+}
+
 /// The fake broker itself (no agent, no privileges): its protocol answers exactly what was
 /// asked, and sendfile serves the whole file.
 #[test]

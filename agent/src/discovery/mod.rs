@@ -49,6 +49,10 @@ use crate::model::Model;
 /// How often the fallback task rescans /proc while kernel exec/exit events are not wired.
 pub const FALLBACK_RESCAN: Duration = Duration::from_secs(2);
 
+/// Longest path, and longest override key, kept as evidence.
+const MAX_PATH_EVIDENCE: usize = 1024;
+const MAX_KEY_EVIDENCE: usize = 128;
+
 /// Why discovery could not run at all (one process that cannot be read is evidence, not this).
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -344,7 +348,11 @@ impl State {
         let mut evidence = Evidence {
             matched_pattern: matched.pattern,
             cmdline: cmdline.excerpt(),
-            properties_path: matched.kafka.properties.clone(),
+            properties_path: matched
+                .kafka
+                .properties
+                .as_deref()
+                .map(|p| properties::excerpt(p, MAX_PATH_EVIDENCE)),
             ..Evidence::default()
         };
         for problem in &matched.kafka.problems {
@@ -362,7 +370,10 @@ impl State {
             None => (Properties::default(), false),
         };
         evidence.properties_read = read;
-        evidence.overrides = properties::apply_overrides(&mut props, &matched.kafka.overrides);
+        evidence.overrides = properties::apply_overrides(&mut props, &matched.kafka.overrides)
+            .iter()
+            .map(|k| properties::excerpt(k, MAX_KEY_EVIDENCE))
+            .collect();
         let mut settings = BrokerSettings::from_properties(&props);
         if !read {
             // Kafka's defaults describe a broker whose file we did read; without it, only
@@ -459,7 +470,7 @@ impl State {
             None => None,
         };
         Cgroup {
-            path: Some(properties::excerpt(&path, 1024)),
+            path: Some(properties::excerpt(&path, MAX_PATH_EVIDENCE)),
             id,
         }
     }
