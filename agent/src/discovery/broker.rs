@@ -93,6 +93,10 @@ pub struct Broker {
     pub started_at: Option<u64>,
     /// Times a new process took over this id.
     pub restarts: u64,
+    /// Hash of the whole command line: exec keeps pid and start time, so this tells a rescan
+    /// that the process became something else and must be read again. Not shown.
+    #[serde(skip)]
+    pub cmdline_hash: u64,
     pub process_roles: Vec<String>,
     pub listeners: Vec<Listener>,
     pub log_dirs: Vec<String>,
@@ -178,6 +182,7 @@ pub(crate) mod tests {
             start_time_ticks: 1000 + u64::from(pid),
             started_at: None,
             restarts: 0,
+            cmdline_hash: 0,
             process_roles: vec![],
             listeners: listeners
                 .iter()

@@ -160,7 +160,7 @@ impl Discovery {
         };
         let mut seen = HashSet::new();
         for &pid in &pids {
-            if let Some(process) = st.visit(pid) {
+            if let Some(process) = st.visit(pid, false) {
                 seen.insert(process);
             }
         }
@@ -188,7 +188,7 @@ impl Discovery {
     pub fn on_exec(&self, pid: u32) {
         let mut st = self.lock();
         let before = st.table.running_pid(pid).map(|b| b.id.clone());
-        let now = st.visit(pid);
+        let now = st.visit(pid, true);
         if let (Some(id), None) = (&before, now) {
             st.table.exited(pid);
             tracing::info!(broker = %id, pid, "broker process exec'd into something else");
@@ -278,18 +278,23 @@ impl Discovery {
 impl State {
     /// Examines `pid` unless it is a broker process already known. Returns its process key
     /// when it is a running broker now.
-    fn visit(&mut self, pid: u32) -> Option<(u32, u64)> {
+    /// `force` re-examines a known broker process too (after an exec).
+    fn visit(&mut self, pid: u32, force: bool) -> Option<(u32, u64)> {
         if pid == self.own_pid {
             return None;
         }
-        if let Some(known) = self.table.running_pid(pid) {
+        if let Some(known) = self.table.running_pid(pid).filter(|_| !force) {
             let process = (known.pid, known.start_time_ticks);
-            // Same pid and start time is the same process, unless it exec'd since: the
-            // command line still has to match.
+            // Same pid and start time is the same process, but exec keeps both: a wrapper
+            // (`ip netns exec`, `nsenter`, `taskset`) whose command line matched may have
+            // become the broker since. An unchanged command line means nothing to re-read.
             if let Ok(stat) = self.proc.stat(pid)
                 && stat.state != 'Z'
                 && stat.start_ticks == process.1
-                && self.matches(pid)
+                && self
+                    .proc
+                    .cmdline(pid)
+                    .is_ok_and(|bytes| cmdline_hash(&bytes) == known.cmdline_hash)
             {
                 return Some(process);
             }
@@ -324,16 +329,11 @@ impl State {
         }
     }
 
-    fn matches(&self, pid: u32) -> bool {
-        self.proc
-            .cmdline(pid)
-            .is_ok_and(|bytes| self.patterns.matches(&Cmdline::from_proc(&bytes)).is_some())
-    }
-
     /// Reads one process. `Ok(None)`: not a broker. `Err`: it could not be identified (gone,
     /// or its basic /proc files unreadable); anything past that becomes evidence.
     fn examine(&self, pid: u32) -> Result<Option<Broker>, ProcError> {
-        let cmdline = Cmdline::from_proc(&self.proc.cmdline(pid)?);
+        let bytes = self.proc.cmdline(pid)?;
+        let cmdline = Cmdline::from_proc(&bytes);
         let Some(matched) = self.patterns.matches(&cmdline) else {
             return Ok(None);
         };
@@ -430,6 +430,7 @@ impl State {
                 .boot_time
                 .map(|boot| boot + stat.start_ticks / self.clock_ticks),
             restarts: 0,
+            cmdline_hash: cmdline_hash(&bytes),
             process_roles: settings.process_roles,
             listeners: settings.listeners,
             log_dirs: settings.log_dirs,
@@ -474,6 +475,13 @@ impl State {
             id,
         }
     }
+}
+
+fn cmdline_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

@@ -81,7 +81,13 @@ impl BrokerTable {
         if let Some(existing) = self.brokers.get(&broker.id).map(|t| &t.broker) {
             let existing_process = (existing.pid, existing.start_time_ticks);
             if existing.is_running() && existing_process == process {
-                return Observed::Known { id: broker.id };
+                // Read again (after an exec): the newer facts replace the old, same identity.
+                broker.restarts = existing.restarts;
+                let id = broker.id.clone();
+                if let Some(t) = self.brokers.get_mut(&id) {
+                    t.broker = broker;
+                }
+                return Observed::Known { id };
             }
             if existing.is_running() && alive(existing_process) {
                 // Two live processes claim one id: keep the first, track the second apart.

@@ -19,6 +19,8 @@ struct P<'a> {
     files: &'a [(&'a str, &'a str)],
     cwd: &'a str,
     cgroup: &'a str,
+    /// Network namespace name: same name, same inode.
+    netns: &'a str,
 }
 
 impl Default for P<'_> {
@@ -31,6 +33,7 @@ impl Default for P<'_> {
             files: &[],
             cwd: "/",
             cgroup: "/kubepods/pod1/c1",
+            netns: "host",
         }
     }
 }
@@ -75,8 +78,13 @@ impl FakeProc {
         .unwrap();
         let env: Vec<u8> = p.env.iter().flat_map(|a| a.bytes().chain([0])).collect();
         std::fs::write(d.join("environ"), env).unwrap();
-        // A per-process file stands in for the namespace: its inode plays the netns inode.
-        std::fs::write(d.join("ns/net"), "").unwrap();
+        // A file per namespace name stands in for it: its inode plays the netns inode.
+        let ns = self.dir.path().join("netns").join(p.netns);
+        std::fs::create_dir_all(ns.parent().unwrap()).unwrap();
+        if !ns.exists() {
+            std::fs::write(&ns, "").unwrap();
+        }
+        std::fs::hard_link(&ns, d.join("ns/net")).unwrap();
         let rootfs = self.dir.path().join(format!("rootfs-{}", p.pid));
         let _ = std::fs::remove_dir_all(&rootfs);
         std::fs::create_dir_all(&rootfs).unwrap();
@@ -434,6 +442,60 @@ fn exec_into_something_else_and_zombies_stop_a_broker() {
         summary(&model),
         vec![("1".into(), 100, BrokerState::NotRunning, 1)]
     );
+}
+
+#[test]
+fn a_wrapper_seen_before_its_exec_is_read_again() {
+    let fake = FakeProc::new();
+    // `ip netns exec ns1 fake-broker kafka.Kafka /s.properties` before its exec: it matches, but
+    // it is still `ip`, in our namespace, without the broker's environment.
+    let wrapper = P {
+        pid: 100,
+        args: &[
+            "ip",
+            "netns",
+            "exec",
+            "ns1",
+            "java",
+            "kafka.Kafka",
+            "/s.properties",
+        ],
+        files: &[("/s.properties", KRAFT)],
+        ..P::default()
+    };
+    fake.spawn(wrapper);
+    let (d, model) = fake.discovery(&[]);
+    d.scan_all().unwrap();
+    assert_eq!(model.broker("1").unwrap().pod, None);
+    let old_netns = model.broker("1").unwrap().netns;
+
+    // After the exec: same pid and start time, new command line, namespace and environment.
+    let after = || P {
+        pid: 100,
+        args: &["java", "kafka.Kafka", "/s.properties"],
+        env: &["HOSTNAME=kafka-1"],
+        files: &[("/s.properties", KRAFT)],
+        netns: "ns1",
+        ..P::default()
+    };
+    fake.spawn(after());
+    assert_ne!(Some(fake.netns(100)), old_netns);
+    d.scan_all().unwrap();
+    let b = model.broker("1").unwrap();
+    assert_eq!(
+        (b.pod.as_deref(), b.netns, b.restarts),
+        (Some("kafka-1"), Some(fake.netns(100)), 0)
+    );
+    assert_eq!(b.evidence.cmdline, "java kafka.Kafka /s.properties");
+
+    // on_exec always reads again, even when the command line did not change.
+    std::fs::write(fake.pid_dir(100).join("environ"), "HOSTNAME=kafka-1b\0").unwrap();
+    d.scan_all().unwrap();
+    assert_eq!(model.broker("1").unwrap().pod.as_deref(), Some("kafka-1"));
+    d.on_exec(100);
+    let b = model.broker("1").unwrap();
+    assert_eq!((b.pod.as_deref(), b.restarts), (Some("kafka-1b"), 0));
+    assert_eq!(model.brokers().len(), 1);
 }
 
 #[test]
