@@ -176,8 +176,12 @@ impl Discovery {
         })
     }
 
-    /// A process called execve (kernel `sched_process_exec`, its thread group id). Examines it
-    /// alone; a tracked broker that exec'd into something else stops.
+    /// A process called execve (kernel `sched_process_exec`; pass the thread group id, which
+    /// the exec'ing thread becomes). Examines that process alone, always afresh; a tracked broker
+    /// that exec'd into something else stops.
+    ///
+    /// Like every method here it takes the discovery lock and reads a few small /proc files:
+    /// call it from a blocking context (the event reader's thread, or `spawn_blocking`).
     #[cfg_attr(
         not(test),
         expect(
@@ -197,7 +201,9 @@ impl Discovery {
         self.model.update_brokers(snapshot);
     }
 
-    /// A process exited (kernel `sched_process_exit` of a thread group leader).
+    /// A process exited: call it when the whole thread group is gone (`sched_process_exit` of
+    /// the last thread, or of the leader when `pid == tgid`). Only a lookup, no /proc read; a
+    /// pid that is no broker is ignored.
     #[cfg_attr(
         not(test),
         expect(
@@ -214,8 +220,9 @@ impl Discovery {
         }
     }
 
-    /// Replaces `discovery.cmdline_patterns` (live config). Takes effect for processes examined
-    /// from now on: call [`Discovery::scan_all`] after it to re-examine running ones.
+    /// Replaces `discovery.cmdline_patterns` (live config). Call [`Discovery::scan_all`] after
+    /// it: that scan examines every process again, so brokers the new patterns no longer match
+    /// stop and newly matching ones appear.
     #[cfg_attr(
         not(test),
         expect(
@@ -225,7 +232,10 @@ impl Discovery {
     )]
     pub fn set_patterns(&self, patterns: &[String]) -> Result<(), DiscoveryError> {
         let compiled = Patterns::new(patterns)?;
-        self.lock().patterns = compiled;
+        let mut st = self.lock();
+        st.patterns = compiled;
+        // Forget the command lines: the next scan re-reads every known broker.
+        st.table.update_running(|b| b.cmdline_hash = 0);
         Ok(())
     }
 

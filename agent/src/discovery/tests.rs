@@ -553,6 +553,14 @@ fn patterns_change_live_and_bad_ones_are_refused() {
     d.scan_all().unwrap();
     let b = model.broker("1").unwrap();
     assert_eq!(b.evidence.matched_pattern, "my-broker");
+
+    // Patterns that no longer match a known broker stop it at the next scan.
+    d.set_patterns(&["other-broker".into()]).unwrap();
+    d.scan_all().unwrap();
+    assert_eq!(
+        summary(&model),
+        vec![("1".into(), 100, BrokerState::NotRunning, 0)]
+    );
 }
 
 #[test]
