@@ -5,6 +5,7 @@
 //! `check-config` validates a config file and prints the effective configuration.
 
 mod config;
+mod discovery;
 mod kernel;
 mod model;
 mod pki;
@@ -163,6 +164,29 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             model.set_probe_error(e.to_string());
         }
     }
+
+    let discovery = Arc::new(discovery::Discovery::new(
+        discovery::Settings {
+            cmdline_patterns: config.discovery.cmdline_patterns.clone(),
+            listener_ports: config.discovery.listener_ports.clone(),
+            cgroup2: model.kernel().and_then(|k| k.cgroup2),
+        },
+        model.clone(),
+    )?);
+    let first = discovery.clone();
+    match tokio::task::spawn_blocking(move || first.scan_all()).await {
+        Ok(Ok(summary)) => tracing::info!(
+            brokers = summary.running,
+            processes = summary.processes,
+            "discovery: first scan done"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "discovery: first scan failed; /ready stays 503"),
+        Err(e) => tracing::error!(error = %e, "discovery: first scan panicked; /ready stays 503"),
+    }
+    // Fallback until the kernel's exec/exit events call on_exec/on_exit.
+    let _rescan = discovery
+        .clone()
+        .spawn_fallback_rescan(discovery::FALLBACK_RESCAN);
 
     let addr = config.server.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -1,4 +1,5 @@
-//! The agent's state as the rest of the program reads it: probes, readiness, kernel facts.
+//! The agent's state as the rest of the program reads it: probes, readiness, kernel facts, and
+//! the brokers discovery found.
 //!
 //! Data flows one way: kernel maps -> [`Model::snapshot`] -> renderers. Routes read snapshots
 //! and never touch a map.
@@ -6,6 +7,7 @@
 use std::sync::{Mutex, RwLock};
 
 use crate::{
+    discovery::Broker,
     kernel::KernelFacts,
     probes::{Attachment, ProbeSnapshot, Probes},
 };
@@ -25,11 +27,23 @@ struct Status {
     attached: Vec<Attachment>,
 }
 
+/// The broker table as discovery last published it.
+#[derive(Default)]
+struct Brokers {
+    /// Sorted by id.
+    brokers: Vec<Broker>,
+    /// A full discovery scan completed at least once.
+    scanned: bool,
+    /// Why the last full scan failed (cleared by the next successful one).
+    error: Option<String>,
+}
+
 /// Shared state. One per process.
 #[derive(Default)]
 pub struct Model {
     probes: Mutex<Option<Probes>>,
     status: RwLock<Status>,
+    brokers: RwLock<Brokers>,
 }
 
 /// What a renderer needs, read at one instant.
@@ -38,11 +52,18 @@ pub struct Snapshot {
     pub readiness: Option<Readiness>,
     pub attached: Vec<Attachment>,
     pub probes: ProbeSnapshot,
+    /// Every tracked broker, sorted by id.
+    pub brokers: Vec<Broker>,
 }
 
 impl Model {
     pub fn set_kernel(&self, facts: KernelFacts) {
         self.status_mut().kernel = Some(facts);
+    }
+
+    /// What the kernel check found, once it ran.
+    pub fn kernel(&self) -> Option<KernelFacts> {
+        self.status().kernel.clone()
     }
 
     /// Installs the attached probes.
@@ -90,6 +111,14 @@ impl Model {
                 None => "probes not attached yet".to_string(),
             });
         }
+        drop(status);
+        let brokers = self.brokers_state();
+        if !brokers.scanned {
+            reasons.push(match &brokers.error {
+                Some(error) => format!("discovery has not run yet: {error}"),
+                None => "discovery has not run yet".to_string(),
+            });
+        }
         Readiness {
             ready: reasons.is_empty(),
             reasons,
@@ -108,7 +137,51 @@ impl Model {
             readiness: Some(self.readiness()),
             attached: self.status().attached.clone(),
             probes,
+            brokers: self.brokers(),
         }
+    }
+
+    /// Publishes the broker table after a full discovery scan; from then on
+    /// discovery counts as run for readiness.
+    pub fn set_brokers(&self, brokers: Vec<Broker>) {
+        let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+        b.brokers = brokers;
+        b.scanned = true;
+        b.error = None;
+    }
+
+    /// Publishes the broker table after a single-process change (exec, exit, live config).
+    pub fn update_brokers(&self, brokers: Vec<Broker>) {
+        self.brokers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .brokers = brokers;
+    }
+
+    /// Records why a full discovery scan failed; readiness reports it until one succeeds.
+    pub fn set_discovery_error(&self, error: String) {
+        self.brokers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .error = Some(error);
+    }
+
+    /// Every tracked broker, running or not, sorted by id.
+    pub fn brokers(&self) -> Vec<Broker> {
+        self.brokers_state().brokers.clone()
+    }
+
+    /// One broker by id.
+    pub fn broker(&self, id: &str) -> Option<Broker> {
+        self.brokers_state()
+            .brokers
+            .iter()
+            .find(|b| b.id == id)
+            .cloned()
+    }
+
+    fn brokers_state(&self) -> std::sync::RwLockReadGuard<'_, Brokers> {
+        self.brokers.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn status(&self) -> std::sync::RwLockReadGuard<'_, Status> {

@@ -207,6 +207,7 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
         }
     }
 
+    brokers(&mut e, &snapshot.brokers);
     listeners(&mut e, &p.listeners);
     e.out
 }
@@ -317,6 +318,40 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
     }
 }
 
+/// `broker_info` for running brokers; `broker_restarts_total` for every tracked broker (a
+/// stopped broker keeps its count so it stays monotonic across the restart).
+fn brokers(e: &mut Exposition, brokers: &[crate::discovery::Broker]) {
+    {
+        let mut f = e.family(
+            "broker_info",
+            Kind::Gauge,
+            "1 per running broker: its process, pod, network namespace inode and cgroup v2 path.",
+        );
+        for b in brokers.iter().filter(|b| b.is_running()) {
+            let pid = b.pid.to_string();
+            let netns = b.netns.map(|n| n.to_string()).unwrap_or_default();
+            f.sample(
+                &[
+                    ("broker", &b.id),
+                    ("pid", &pid),
+                    ("pod", b.pod.as_deref().unwrap_or("")),
+                    ("netns", &netns),
+                    ("cgroup", b.cgroup.path.as_deref().unwrap_or("")),
+                ],
+                1,
+            );
+        }
+    }
+    let mut f = e.family(
+        "broker_restarts_total",
+        Kind::Counter,
+        "Times a new process took over a broker id since the agent started.",
+    );
+    for b in brokers {
+        f.sample(&[("broker", &b.id)], b.restarts);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use brokerscope_common::sockets::{ListenerCounters, ListenerKey};
@@ -381,6 +416,39 @@ mod tests {
                     capacity: 64,
                 }],
             },
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn renders_broker_info_and_restarts() {
+        use crate::discovery::{BrokerState, broker::tests::broker};
+        let mut running = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
+        running.pod = Some("kafka-1".into());
+        running.cgroup.path = Some("/kubepods/pod\"x\"".into());
+        running.restarts = 2;
+        let mut stopped = broker("2", 77, 4026532001, &[]);
+        stopped.state = BrokerState::NotRunning;
+        stopped.restarts = 1;
+        let text = prometheus(&Snapshot {
+            brokers: vec![running, stopped],
+            ..snapshot()
+        });
+        let info: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("brokerscope_broker_info{"))
+            .collect();
+        assert_eq!(
+            info,
+            vec![
+                r#"brokerscope_broker_info{broker="1",pid="4242",pod="kafka-1",netns="4026532000",cgroup="/kubepods/pod\"x\""} 1"#
+            ]
+        );
+        for line in [
+            r#"brokerscope_broker_restarts_total{broker="1"} 2"#,
+            r#"brokerscope_broker_restarts_total{broker="2"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
     }
 

@@ -291,6 +291,279 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Runs a command that must succeed; panics with its stderr otherwise.
+fn must(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A unique short name (interface names are limited to 15 bytes).
+fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A network namespace made with `ip netns add`, loopback up. Dropping it deletes it (and any
+/// veth whose peer lives in it), even when the test panicked.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        let name = unique_name("bs");
+        must(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs { name };
+        must(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// The namespace's inode as `ip netns exec NAME stat -L /proc/self/ns/net` sees it.
+    pub fn inode(&self) -> u32 {
+        must(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "stat",
+            "-L",
+            "-c",
+            "%i",
+            "/proc/self/ns/net",
+        ]))
+        .trim()
+        .parse()
+        .expect("stat prints an inode")
+    }
+
+    /// `ip netns exec NAME program`: the program runs in this namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// A veth pair: `host_addr` (CIDR) on the side in our namespace, `ns_addr` (CIDR) inside.
+    /// Addresses must be ones the test owns (link-local 169.254.x.y/30 is a good choice).
+    pub fn veth(&self, host_addr: &str, ns_addr: &str) -> Veth {
+        let host = unique_name("vh");
+        let peer = unique_name("vn");
+        must(Command::new("ip").args([
+            "link", "add", &host, "type", "veth", "peer", "name", &peer, "netns", &self.name,
+        ]));
+        let veth = Veth { host: host.clone() };
+        must(Command::new("ip").args(["addr", "add", host_addr, "dev", &host]));
+        must(Command::new("ip").args(["link", "set", &host, "up"]));
+        must(Command::new("ip").args(["-n", &self.name, "addr", "add", ns_addr, "dev", &peer]));
+        must(Command::new("ip").args(["-n", &self.name, "link", "set", &peer, "up"]));
+        veth
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The host side of a veth pair; dropping it deletes the pair.
+pub struct Veth {
+    pub host: String,
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        // Already gone when its namespace was deleted first: not an error.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Path of the fake broker binary (built with this crate: target/<profile>/fake-broker).
+pub fn fake_broker_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BROKERSCOPE_FAKE_BROKER_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // Test binaries live in target/<profile>/deps; bins one level up.
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("fake-broker")
+}
+
+/// How to start a [`FakeBroker`].
+pub struct FakeBrokerSpec<'a> {
+    /// The server.properties path on its command line (need not exist).
+    pub properties: &'a Path,
+    /// `--override key=value` arguments.
+    pub overrides: &'a [&'a str],
+    /// Run inside this namespace (`ip netns exec`).
+    pub netns: Option<&'a NetNs>,
+    /// `HOSTNAME` in its environment (the pod name discovery reports).
+    pub hostname: Option<&'a str>,
+}
+
+impl<'a> FakeBrokerSpec<'a> {
+    /// In our namespace, no overrides, no HOSTNAME.
+    pub fn new(properties: &'a Path) -> Self {
+        Self {
+            properties,
+            overrides: &[],
+            netns: None,
+            hostname: None,
+        }
+    }
+}
+
+/// A running fake broker (see src/bin/fake-broker.rs). Dropping it kills the process.
+pub struct FakeBroker {
+    child: Child,
+    pub pid: u32,
+    /// (listener name, port) as bound.
+    pub listeners: Vec<(String, u16)>,
+    /// When it printed `ready`.
+    pub ready_at: Instant,
+}
+
+impl FakeBroker {
+    /// Starts it and waits (10 s at most) until it listens.
+    pub fn start(spec: FakeBrokerSpec<'_>) -> Self {
+        let bin = fake_broker_bin();
+        let mut cmd = match spec.netns {
+            Some(ns) => ns.command(&bin),
+            None => Command::new(&bin),
+        };
+        cmd.arg("kafka.Kafka").arg(spec.properties);
+        for o in spec.overrides {
+            cmd.args(["--override", o]);
+        }
+        cmd.env_remove("HOSTNAME");
+        if let Some(h) = spec.hostname {
+            cmd.env("HOSTNAME", h);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut broker = FakeBroker {
+            child,
+            pid: 0,
+            listeners: Vec::new(),
+            ready_at: Instant::now(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "fake broker did not get ready ({spec_path})",
+                    spec_path = spec.properties.display()
+                )
+            });
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["pid", pid] => broker.pid = pid.parse().expect("pid"),
+                ["listening", name, port] => broker
+                    .listeners
+                    .push((name.to_string(), port.parse().expect("port"))),
+                ["ready"] => break,
+                _ => {}
+            }
+        }
+        broker.ready_at = Instant::now();
+        broker
+    }
+
+    /// SIGKILL and reap, as an OOM kill or a node problem would end a broker.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for FakeBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One fake-broker request: sends `n` bytes, reads the `m` bytes it answers.
+pub fn fake_request(stream: &mut std::net::TcpStream, n: u32, m: u32) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut req = Vec::with_capacity(9 + n as usize);
+    req.push(b'R');
+    req.extend_from_slice(&n.to_be_bytes());
+    req.extend_from_slice(&m.to_be_bytes());
+    req.resize(9 + n as usize, b'q');
+    stream.write_all(&req)?;
+    let mut left = u64::from(m);
+    let got = std::io::copy(&mut stream.take(left), &mut std::io::sink())?;
+    left -= got;
+    if left > 0 {
+        return Err(std::io::Error::other(format!("{left} bytes missing")));
+    }
+    Ok(())
+}
+
+/// Asks the fake broker to sendfile(2) `path`; returns the file length it announced after
+/// reading that many bytes.
+pub fn fake_fetch_file(stream: &mut std::net::TcpStream, path: &Path) -> std::io::Result<u64> {
+    use std::io::{Read as _, Write as _};
+    let p = path.as_os_str().as_encoded_bytes();
+    let len = u16::try_from(p.len()).map_err(|_| std::io::Error::other("path too long"))?;
+    let mut req = vec![b'F'];
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(p);
+    stream.write_all(&req)?;
+    let mut size = [0u8; 8];
+    stream.read_exact(&mut size)?;
+    let size = u64::from_be_bytes(size);
+    let got = std::io::copy(&mut stream.take(size), &mut std::io::sink())?;
+    if got != size {
+        return Err(std::io::Error::other(format!("{got} of {size} bytes")));
+    }
+    Ok(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,8 @@ pub fn router(model: Arc<Model>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/v1/brokers", get(brokers))
+        .route("/v1/brokers/{id}", get(broker))
         .fallback(not_found)
         .with_state(model)
 }
@@ -49,6 +51,17 @@ async fn metrics(axum::extract::State(model): State) -> Response {
             .into_response(),
         Err(_) => ApiError::Internal.into_response(),
     }
+}
+
+async fn brokers(axum::extract::State(model): State) -> Json<Vec<crate::discovery::Broker>> {
+    Json(model.brokers())
+}
+
+async fn broker(
+    axum::extract::State(model): State,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::discovery::Broker>, ApiError> {
+    model.broker(&id).map(Json).ok_or(ApiError::NotFound)
 }
 
 async fn not_found() -> Response {
@@ -110,7 +123,7 @@ mod tests {
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,
-            r#"{"ready":false,"reasons":["probes not attached yet"]}"#
+            r#"{"ready":false,"reasons":["probes not attached yet","discovery has not run yet"]}"#
         );
 
         model.set_probe_error("tracepoint sock:inet_sock_set_state: EPERM".into());
@@ -130,6 +143,69 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(ctype.as_deref(), Some(render::PROMETHEUS_CONTENT_TYPE));
         assert!(body.contains("brokerscope_agent_ready 0"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn ready_needs_a_discovery_scan() {
+        let model = Arc::new(Model::default());
+        model.set_discovery_error("cannot list processes: /proc: EACCES".into());
+        let (_, body, _) = get(model.clone(), "/ready").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["reasons"][1],
+            "discovery has not run yet: cannot list processes: /proc: EACCES"
+        );
+        model.set_brokers(vec![]);
+        let (code, body, _) = get(model, "/ready").await;
+        // Only the probes are missing now.
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            r#"{"ready":false,"reasons":["probes not attached yet"]}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn brokers_list_and_one_by_id() {
+        use crate::discovery::broker::tests::broker;
+        let model = Arc::new(Model::default());
+        let (code, body, _) = get(model.clone(), "/v1/brokers").await;
+        assert_eq!((code, body.as_str()), (StatusCode::OK, "[]"));
+
+        let mut b = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
+        b.pod = Some("kafka-1".into());
+        model.set_brokers(vec![broker("0", 10, 1, &[]), b]);
+        let (code, body, ctype) = get(model.clone(), "/v1/brokers").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(ctype.as_deref(), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let ids: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["0", "1"]);
+
+        let (code, body, _) = get(model.clone(), "/v1/brokers/1").await;
+        assert_eq!(code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["pod"], "kafka-1");
+        assert_eq!(v["netns"], 4026532000u32);
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["restarts"], 0);
+        assert_eq!(
+            v["listeners"],
+            json!([{"name":"PLAINTEXT","host":"","port":9092,"security_protocol":null}])
+        );
+        assert_eq!(v["evidence"]["properties_read"], false);
+
+        let (code, body, _) = get(model, "/v1/brokers/unknown").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,255 @@
+//! The broker record discovery publishes (what `/v1/brokers` shows and metrics are labelled by),
+//! and the `(network namespace, local port) -> (broker, listener)` attribution over it.
+//!
+//! Pure data and pure functions: no /proc, no locks.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+pub use super::listeners::Listener;
+use super::properties::ListenersSource;
+
+/// Whether the broker's process exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerState {
+    /// The process exists (the broker-state issue will refine this into Kafka's states).
+    Running,
+    /// The process exited; the record is kept so a restart keeps the broker's identity.
+    NotRunning,
+}
+
+/// Where a broker's id came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdSource {
+    /// `node.id` (KRaft).
+    NodeId,
+    /// `broker.id` (ZooKeeper mode).
+    BrokerId,
+    /// The config gave none: the pod name (`HOSTNAME`), stable across container restarts.
+    Pod,
+    /// Nothing better: `pid-<pid>`, which a restart does not keep.
+    Pid,
+}
+
+/// The broker's cgroup v2.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Cgroup {
+    /// As in `/proc/<pid>/cgroup` (`0::<path>`).
+    pub path: Option<String>,
+    /// Inode of the cgroup directory: what `bpf_get_current_cgroup_id` returns.
+    pub id: Option<u64>,
+}
+
+/// How discovery found the broker and what it could read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Evidence {
+    /// The `discovery.cmdline_patterns` entry that matched.
+    pub matched_pattern: String,
+    /// The command line, secrets redacted, cut to 512 bytes.
+    pub cmdline: String,
+    pub id_source: Option<IdSource>,
+    /// The properties file as named on the command line.
+    pub properties_path: Option<String>,
+    pub properties_read: bool,
+    /// Keys set by `--override key=value` (values are not shown: they may be secrets).
+    pub overrides: Vec<String>,
+    pub listeners_source: Option<ListenersSource>,
+    /// What could not be read or made sense of; none of it stopped discovery.
+    pub errors: Vec<String>,
+}
+
+/// Most errors kept per broker, and the longest one.
+pub const MAX_EVIDENCE_ERRORS: usize = 32;
+const MAX_ERROR_LEN: usize = 300;
+
+impl Evidence {
+    pub fn error(&mut self, message: impl Into<String>) {
+        if self.errors.len() < MAX_EVIDENCE_ERRORS {
+            self.errors
+                .push(super::properties::excerpt(&message.into(), MAX_ERROR_LEN));
+        }
+    }
+}
+
+/// One broker on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Broker {
+    /// `node.id`/`broker.id`, else the pod name, else `pid-<pid>`: the `broker` label.
+    pub id: String,
+    pub state: BrokerState,
+    /// The current process, or the last one when not running.
+    pub pid: u32,
+    /// `HOSTNAME` from the process's environment (the pod name under Kubernetes).
+    pub pod: Option<String>,
+    /// Inode of the network namespace (as in `/proc/<pid>/ns/net`).
+    pub netns: Option<u32>,
+    pub cgroup: Cgroup,
+    /// Start time in clock ticks after boot (`/proc/<pid>/stat` field 22).
+    pub start_time_ticks: u64,
+    /// Start time, seconds since the epoch.
+    pub started_at: Option<u64>,
+    /// Times a new process took over this id.
+    pub restarts: u64,
+    /// Hash of the whole command line: exec keeps pid and start time, so this tells a rescan
+    /// that the process became something else and must be read again. Not shown.
+    #[serde(skip)]
+    pub cmdline_hash: u64,
+    pub process_roles: Vec<String>,
+    pub listeners: Vec<Listener>,
+    pub log_dirs: Vec<String>,
+    pub evidence: Evidence,
+}
+
+impl Broker {
+    pub fn is_running(&self) -> bool {
+        self.state == BrokerState::Running
+    }
+}
+
+/// The broker and listener that own sockets on `port` in network namespace `netns`, among
+/// running brokers. None when no broker listens there, or when two do (two brokers in one
+/// namespace on the same port on different addresses): counters are then left unattributed
+/// rather than given to the wrong broker.
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "for the socket counters, not wired yet")
+)]
+pub fn attribute(brokers: &[Broker], netns: u32, port: u16) -> Option<(&str, &str)> {
+    let mut owners = brokers
+        .iter()
+        .filter(|b| b.is_running() && b.netns == Some(netns))
+        .flat_map(|b| {
+            b.listeners
+                .iter()
+                .filter(move |l| l.port == port)
+                .map(move |l| (b.id.as_str(), l.name.as_str()))
+        });
+    let first = owners.next()?;
+    owners.next().is_none().then_some(first)
+}
+
+/// [`attribute`] for many lookups (one per kernel listener per scrape): built once from a
+/// snapshot, O(1) per lookup.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerIndex {
+    owners: HashMap<(u32, u16), Option<(String, String)>>,
+}
+
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "for the socket counters, not wired yet")
+)]
+impl ListenerIndex {
+    pub fn new(brokers: &[Broker]) -> Self {
+        let mut owners: HashMap<(u32, u16), Option<(String, String)>> = HashMap::new();
+        for b in brokers.iter().filter(|b| b.is_running()) {
+            let Some(netns) = b.netns else { continue };
+            for l in &b.listeners {
+                owners
+                    .entry((netns, l.port))
+                    // A second owner makes the pair ambiguous.
+                    .and_modify(|o| *o = None)
+                    .or_insert_with(|| Some((b.id.clone(), l.name.clone())));
+            }
+        }
+        Self { owners }
+    }
+
+    pub fn get(&self, netns: u32, port: u16) -> Option<(&str, &str)> {
+        self.owners
+            .get(&(netns, port))?
+            .as_ref()
+            .map(|(b, l)| (b.as_str(), l.as_str()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A running broker with listeners `(name, port)`.
+    pub fn broker(id: &str, pid: u32, netns: u32, listeners: &[(&str, u16)]) -> Broker {
+        Broker {
+            id: id.into(),
+            state: BrokerState::Running,
+            pid,
+            pod: None,
+            netns: Some(netns),
+            cgroup: Cgroup::default(),
+            start_time_ticks: 1000 + u64::from(pid),
+            started_at: None,
+            restarts: 0,
+            cmdline_hash: 0,
+            process_roles: vec![],
+            listeners: listeners
+                .iter()
+                .map(|&(name, port)| Listener {
+                    name: name.into(),
+                    host: String::new(),
+                    port,
+                    security_protocol: None,
+                })
+                .collect(),
+            log_dirs: vec![],
+            evidence: Evidence::default(),
+        }
+    }
+
+    #[test]
+    fn attribution_by_namespace_and_port() {
+        let mut stopped = broker("9", 40, 100, &[("PLAINTEXT", 9092)]);
+        stopped.state = BrokerState::NotRunning;
+        let brokers = vec![
+            broker("0", 10, 100, &[("PLAINTEXT", 9092), ("CONTROLLER", 9093)]),
+            broker("1", 20, 200, &[("PLAINTEXT", 9092)]),
+            broker("2", 30, 300, &[("EXTERNAL", 9094)]),
+            stopped,
+        ];
+        let index = ListenerIndex::new(&brokers);
+        for (netns, port, want) in [
+            (100, 9092, Some(("0", "PLAINTEXT"))),
+            (100, 9093, Some(("0", "CONTROLLER"))),
+            (200, 9092, Some(("1", "PLAINTEXT"))),
+            (300, 9094, Some(("2", "EXTERNAL"))),
+            (300, 9092, None),
+            (200, 9093, None),
+            (999, 9092, None),
+        ] {
+            assert_eq!(attribute(&brokers, netns, port), want, "{netns}/{port}");
+            assert_eq!(index.get(netns, port), want, "{netns}/{port}");
+        }
+    }
+
+    #[test]
+    fn two_brokers_on_one_namespace_and_port_are_not_guessed() {
+        let brokers = vec![
+            broker("0", 10, 100, &[("A", 9092)]),
+            broker("1", 20, 100, &[("B", 9092)]),
+            broker("2", 30, 100, &[("C", 9093)]),
+        ];
+        assert_eq!(attribute(&brokers, 100, 9092), None);
+        assert_eq!(ListenerIndex::new(&brokers).get(100, 9092), None);
+        assert_eq!(attribute(&brokers, 100, 9093), Some(("2", "C")));
+    }
+
+    #[test]
+    fn a_broker_without_namespace_owns_nothing() {
+        let mut b = broker("0", 10, 100, &[("A", 9092)]);
+        b.netns = None;
+        assert_eq!(attribute(&[b.clone()], 100, 9092), None);
+        assert_eq!(ListenerIndex::new(&[b]).get(100, 9092), None);
+    }
+
+    #[test]
+    fn evidence_errors_are_bounded() {
+        let mut e = Evidence::default();
+        for i in 0..100 {
+            e.error(format!("{i}{}", "x".repeat(1000)));
+        }
+        assert_eq!(e.errors.len(), MAX_EVIDENCE_ERRORS);
+        assert!(e.errors.iter().all(|m| m.len() <= MAX_ERROR_LEN + 3));
+    }
+}

@@ -1,0 +1,351 @@
+//! Reads what discovery needs from `/proc/<pid>`: command line, start time, thread group,
+//! network namespace, cgroup, environment, and files through the process's own root and cwd.
+//!
+//! Every read is bounded in size. The proc root is a parameter so unit tests run over a fake
+//! tree in a temporary directory.
+
+use std::{
+    io::Read as _,
+    os::unix::fs::MetadataExt as _,
+    path::{Component, Path, PathBuf},
+};
+
+/// Longest `/proc/<pid>/cmdline` read (JVM class paths run to tens of KiB).
+pub const MAX_CMDLINE_BYTES: u64 = 256 * 1024;
+/// Longest `/proc/<pid>/environ` read.
+pub const MAX_ENVIRON_BYTES: u64 = 256 * 1024;
+/// Longest small file (stat, status, cgroup) read.
+const MAX_SMALL_BYTES: u64 = 64 * 1024;
+
+/// A failed read under `/proc/<pid>`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
+    #[error("{path}: unexpected format ({what})")]
+    Format { path: PathBuf, what: &'static str },
+    #[error("cgroup path `{path}` is outside this cgroup namespace")]
+    OutsideCgroupNamespace { path: String },
+}
+
+impl ProcError {
+    /// True when the process is gone (or never was): its directory no longer exists.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, ProcError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ESRCH))
+    }
+}
+
+/// A proc filesystem: `/proc`, or a fake tree in tests.
+#[derive(Clone, Debug)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        Self {
+            root: "/proc".into(),
+        }
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` discovery uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 22: clock ticks after boot at which the process started. With the pid it names
+    /// one process: a reused pid has a later start time.
+    pub start_ticks: u64,
+    /// Field 3: `Z` for a zombie, which still has a /proc entry but is gone for us.
+    pub state: char,
+}
+
+impl ProcFs {
+    #[cfg(test)]
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.root.join(pid.to_string())
+    }
+
+    /// Every numeric entry of the proc root: thread group ids (threads are not listed).
+    pub fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        let entries = std::fs::read_dir(&self.root).map_err(|source| ProcError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect())
+    }
+
+    pub fn cmdline(&self, pid: u32) -> Result<Vec<u8>, ProcError> {
+        // A process's cmdline is its own to rewrite and may exceed the cap: the head is what
+        // the patterns need, so it is cut, not refused.
+        read_capped(&self.pid_dir(pid).join("cmdline"), MAX_CMDLINE_BYTES, true)
+    }
+
+    pub fn stat(&self, pid: u32) -> Result<Stat, ProcError> {
+        let path = self.pid_dir(pid).join("stat");
+        let text = read_text(&path)?;
+        parse_stat(&text).ok_or(ProcError::Format {
+            path,
+            what: "stat fields after the command name",
+        })
+    }
+
+    /// The `Tgid:` of `/proc/<pid>/status`: equal to `pid` for a thread group leader.
+    pub fn tgid(&self, pid: u32) -> Result<u32, ProcError> {
+        let path = self.pid_dir(pid).join("status");
+        let text = read_text(&path)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Tgid:")?.trim().parse().ok())
+            .ok_or(ProcError::Format {
+                path,
+                what: "no Tgid line",
+            })
+    }
+
+    /// Inode of `/proc/<pid>/ns/net`: the network namespace as the kernel numbers it.
+    pub fn netns(&self, pid: u32) -> Result<u32, ProcError> {
+        let path = self.pid_dir(pid).join("ns/net");
+        let ino = std::fs::metadata(&path)
+            .map_err(|source| ProcError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .ino();
+        // Namespace inodes are the kernel's `unsigned int inum`.
+        u32::try_from(ino).map_err(|_| ProcError::Format {
+            path,
+            what: "namespace inode above u32",
+        })
+    }
+
+    /// The cgroup v2 path: the `0::/...` line of `/proc/<pid>/cgroup`.
+    pub fn cgroup2_path(&self, pid: u32) -> Result<String, ProcError> {
+        let path = self.pid_dir(pid).join("cgroup");
+        let text = read_text(&path)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_string)
+            .ok_or(ProcError::Format {
+                path,
+                what: "no cgroup v2 (0::) line",
+            })
+    }
+
+    /// One variable of `/proc/<pid>/environ` (the environment at exec).
+    pub fn env_var(&self, pid: u32, name: &str) -> Result<Option<String>, ProcError> {
+        let bytes = read_capped(&self.pid_dir(pid).join("environ"), MAX_ENVIRON_BYTES, true)?;
+        let prefix = format!("{name}=");
+        Ok(bytes
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+            .map(|v| String::from_utf8_lossy(v).into_owned()))
+    }
+
+    /// Where `file`, as the process names it, is seen from here: absolute paths under
+    /// `/proc/<pid>/root`, relative ones under `/proc/<pid>/cwd`. `.` and `..` are resolved
+    /// lexically first, `/..` staying at `/` as the kernel does, so an absolute path cannot
+    /// climb out of the process's root. Symlinks inside the process's tree are followed by the
+    /// kernel from our root, not the process's (a documented limit).
+    pub fn path_in(&self, pid: u32, file: &str) -> Result<PathBuf, ProcError> {
+        if file.is_empty() {
+            return Err(ProcError::Format {
+                path: file.into(),
+                what: "empty path",
+            });
+        }
+        let p = Path::new(file);
+        let dir = self.pid_dir(pid);
+        Ok(if p.is_absolute() {
+            dir.join("root").join(normalize(p, true))
+        } else {
+            dir.join("cwd").join(normalize(p, false))
+        })
+    }
+
+    /// Reads a file of the process (see [`ProcFs::path_in`]), at most `max` bytes.
+    pub fn read_file_in(&self, pid: u32, file: &str, max: u64) -> Result<Vec<u8>, ProcError> {
+        read_capped(&self.path_in(pid, file)?, max, false)
+    }
+}
+
+/// Drops `.`, folds `name/..`; a `..` with nothing to fold is dropped when `clamp` (at `/`) and
+/// kept otherwise (relative to the cwd, the kernel walks it).
+fn normalize(p: &Path, clamp: bool) -> PathBuf {
+    let mut out: Vec<Component<'_>> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                _ if clamp => {}
+                _ => out.push(c),
+            },
+            Component::Normal(_) => out.push(c),
+        }
+    }
+    out.iter().collect()
+}
+
+fn read_text(path: &Path) -> Result<String, ProcError> {
+    let bytes = read_capped(path, MAX_SMALL_BYTES, false)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Reads at most `max` bytes; beyond that, cuts (`truncate`) or refuses.
+fn read_capped(path: &Path, max: u64, truncate: bool) -> Result<Vec<u8>, ProcError> {
+    let io = |source| ProcError::Io {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut buf = Vec::new();
+    file.take(max + 1).read_to_end(&mut buf).map_err(io)?;
+    if buf.len() as u64 > max {
+        if !truncate {
+            return Err(ProcError::TooLarge {
+                path: path.into(),
+                max,
+            });
+        }
+        buf.truncate(max as usize);
+    }
+    Ok(buf)
+}
+
+/// `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so fields are counted
+/// after the last `)`.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After comm, field 3 (state) is index 0 and field 22 (starttime) is index 19.
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Clock ticks per second for `/proc/<pid>/stat` times.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
+}
+
+/// Boot time (`btime` of /proc/stat), seconds since the epoch.
+pub fn boot_time(proc: &ProcFs) -> Option<u64> {
+    let text = read_text(&proc.root.join("stat")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+}
+
+/// Inode of the cgroup v2 directory `path` under the cgroup2 mount: the cgroup id that
+/// `bpf_get_current_cgroup_id` and `bpf_sk_cgroup_id` return.
+pub fn cgroup_id(mount: &Path, path: &str) -> Result<u64, ProcError> {
+    let rel = path.trim_start_matches('/');
+    if Path::new(rel)
+        .components()
+        .any(|c| c == Component::ParentDir)
+    {
+        // A process outside our cgroup namespace shows as /../..: not under our mount.
+        return Err(ProcError::OutsideCgroupNamespace { path: path.into() });
+    }
+    let dir = mount.join(rel);
+    Ok(std::fs::metadata(&dir)
+        .map_err(|source| ProcError::Io { path: dir, source })?
+        .ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_command_names() {
+        let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 20 21";
+        let s = parse_stat(&format!("17 (java) {tail}")).unwrap();
+        assert_eq!(
+            s,
+            Stat {
+                state: 'S',
+                start_ticks: 424242
+            }
+        );
+        let s = parse_stat(&format!("17 (a) b (c)) {tail}")).unwrap();
+        assert_eq!(s.start_ticks, 424242);
+        assert_eq!(parse_stat("17 (java) S 1 2"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn paths_resolve_through_root_and_cwd_and_never_climb() {
+        let p = ProcFs::at("/proc");
+        assert_eq!(
+            p.path_in(7, "/etc/kafka/server.properties").unwrap(),
+            Path::new("/proc/7/root/etc/kafka/server.properties")
+        );
+        assert_eq!(
+            p.path_in(7, "config/server.properties").unwrap(),
+            Path::new("/proc/7/cwd/config/server.properties")
+        );
+        assert_eq!(
+            p.path_in(7, "/../../etc/./kafka/../server.properties")
+                .unwrap(),
+            Path::new("/proc/7/root/etc/server.properties")
+        );
+        assert_eq!(
+            p.path_in(7, "bin/../config/s.properties").unwrap(),
+            Path::new("/proc/7/cwd/config/s.properties")
+        );
+        assert_eq!(
+            p.path_in(7, "../config/s.properties").unwrap(),
+            Path::new("/proc/7/cwd/../config/s.properties")
+        );
+        assert!(p.path_in(7, "").is_err());
+    }
+
+    #[test]
+    fn capped_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"0123456789").unwrap();
+        assert_eq!(read_capped(&f, 10, false).unwrap(), b"0123456789");
+        assert!(matches!(
+            read_capped(&f, 9, false),
+            Err(ProcError::TooLarge { max: 9, .. })
+        ));
+        assert_eq!(read_capped(&f, 4, true).unwrap(), b"0123");
+        let gone = read_capped(&dir.path().join("nope"), 4, true).unwrap_err();
+        assert!(gone.is_gone(), "{gone}");
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let p = ProcFs::default();
+        let me = std::process::id();
+        assert_eq!(p.tgid(me).unwrap(), me);
+        let stat = p.stat(me).unwrap();
+        assert!(stat.start_ticks > 0);
+        assert_eq!(
+            p.netns(me).unwrap() as u64,
+            std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+        );
+        assert!(!p.cmdline(me).unwrap().is_empty());
+        assert!(p.pids().unwrap().contains(&me));
+    }
+}

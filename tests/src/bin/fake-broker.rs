@@ -1,0 +1,202 @@
+//! A stand-in Kafka broker for the end-to-end tests: a real process whose command line looks
+//! like a broker's (`fake-broker kafka.Kafka /path/server.properties [--override k=v ...]`), that
+//! reads a real server.properties, listens on its `listeners`, and serves a tiny protocol.
+//!
+//! Protocol (big-endian), any number of requests per connection:
+//! - `b'R'`, u32 request length N, u32 response length M, N bytes → M bytes of `b'x'`.
+//! - `b'F'`, u16 path length, path → u64 file length L, then the file's L bytes by sendfile(2)
+//!   (so kernel byte counters can be checked against a sendfile of known size).
+//!
+//! Prints `pid <pid>`, `listening <name> <port>` per listener, then `ready` on stdout, and exits
+//! when stdin closes. A missing
+//! properties file is not fatal (discovery must still list the process): it then listens on
+//! nothing. Which network namespace it runs in is the caller's choice (`ip netns exec`).
+
+use std::{
+    collections::HashMap,
+    io::{self, BufRead as _, Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(main_class) = args.iter().position(|a| a == "kafka.Kafka") else {
+        eprintln!("usage: fake-broker kafka.Kafka SERVER_PROPERTIES [--override key=value]...");
+        std::process::exit(2);
+    };
+    let Some(path) = args.get(main_class + 1) else {
+        eprintln!("fake-broker: no properties file after kafka.Kafka");
+        std::process::exit(2);
+    };
+    let mut props = match std::fs::read_to_string(path) {
+        Ok(text) => parse_properties(&text),
+        Err(e) => {
+            eprintln!("fake-broker: cannot read {path}: {e}; listening on nothing");
+            HashMap::new()
+        }
+    };
+    let mut rest = args[main_class + 2..].iter();
+    while let Some(arg) = rest.next() {
+        if arg == "--override"
+            && let Some((k, v)) = rest.next().and_then(|kv| kv.split_once('='))
+        {
+            props.insert(k.to_string(), v.to_string());
+        }
+    }
+
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "pid {}", std::process::id());
+    let listeners = props.get("listeners").map(String::as_str).unwrap_or("");
+    for entry in listeners
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (name, addr) = match entry.split_once("://") {
+            Some(pair) => pair,
+            None => {
+                eprintln!("fake-broker: bad listener {entry}");
+                std::process::exit(2);
+            }
+        };
+        let (host, port) = addr.rsplit_once(':').unwrap_or(("", addr));
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let bind = match host {
+            "" => format!("0.0.0.0:{port}"),
+            h if h.contains(':') => format!("[{h}]:{port}"),
+            h => format!("{h}:{port}"),
+        };
+        let listener = match TcpListener::bind(&bind) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("fake-broker: cannot listen on {bind} ({name}): {e}");
+                std::process::exit(1);
+            }
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let _ = writeln!(out, "listening {name} {port}");
+        std::thread::spawn(move || accept_loop(listener));
+    }
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    drop(out);
+    // Serve until killed, or until stdin closes: a test that dies without killing us (its
+    // pipe closes) leaves nothing behind. Run by hand as `sleep inf | fake-broker ...`.
+    let mut sink = String::new();
+    let stdin = io::stdin();
+    while stdin.lock().read_line(&mut sink).is_ok_and(|n| n > 0) {
+        sink.clear();
+    }
+}
+
+/// `key=value`, `key: value` and `key value` lines, `#`/`!` comments, and `\` continuations.
+/// Enough for test files (escapes are discovery's business, not the fake broker's).
+fn parse_properties(text: &str) -> HashMap<String, String> {
+    let mut logical = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        if current.is_empty() && (line.starts_with('#') || line.starts_with('!')) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => current.push_str(head),
+            None => {
+                current.push_str(line);
+                logical.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    logical.push(current);
+    logical
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let i = l.find(['=', ':', ' ', '\t'])?;
+            Some((l[..i].trim().to_string(), l[i + 1..].trim().to_string()))
+        })
+        .collect()
+}
+
+fn accept_loop(listener: TcpListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                std::thread::spawn(move || {
+                    let _ = serve(s);
+                });
+            }
+            Err(e) => eprintln!("fake-broker: accept: {e}"),
+        }
+    }
+}
+
+/// Largest response or request the fake broker accepts (bounded like everything else).
+const MAX_LEN: u32 = 64 * 1024 * 1024;
+
+fn serve(mut s: TcpStream) -> io::Result<()> {
+    loop {
+        let mut op = [0u8; 1];
+        if s.read(&mut op)? == 0 {
+            return Ok(());
+        }
+        match op[0] {
+            b'R' => {
+                let n = read_u32(&mut s)?;
+                let m = read_u32(&mut s)?;
+                if n > MAX_LEN || m > MAX_LEN {
+                    return Err(io::Error::other("request too large"));
+                }
+                io::copy(&mut (&mut s).take(u64::from(n)), &mut io::sink())?;
+                let chunk = [b'x'; 8192];
+                let mut left = m as usize;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    s.write_all(&chunk[..k])?;
+                    left -= k;
+                }
+            }
+            b'F' => {
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut path = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut path)?;
+                let file = std::fs::File::open(String::from_utf8_lossy(&path).as_ref())?;
+                let size = file.metadata()?.len();
+                s.write_all(&size.to_be_bytes())?;
+                send_file(&s, &file, size)?;
+            }
+            other => return Err(io::Error::other(format!("unknown op {other}"))),
+        }
+    }
+}
+
+fn read_u32(s: &mut TcpStream) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn send_file(s: &TcpStream, file: &std::fs::File, size: u64) -> io::Result<()> {
+    let mut offset: libc::off_t = 0;
+    let mut left = size;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(1 << 30);
+        // SAFETY: both fds are open for the duration of the call and `offset` is a valid
+        // off_t the kernel updates in place.
+        let sent = unsafe { libc::sendfile(s.as_raw_fd(), file.as_raw_fd(), &mut offset, want) };
+        match sent {
+            -1 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::Error::other("file shrank during sendfile")),
+            n => left -= n as u64,
+        }
+    }
+    Ok(())
+}
