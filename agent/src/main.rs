@@ -183,10 +183,16 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::error!(error = %e, "discovery: first scan failed; /ready stays 503"),
         Err(e) => tracing::error!(error = %e, "discovery: first scan panicked; /ready stays 503"),
     }
-    // Fallback until the kernel's exec/exit events call on_exec/on_exit.
-    let _rescan = discovery
-        .clone()
-        .spawn_fallback_rescan(discovery::FALLBACK_RESCAN);
+    // Kernel exec/exit events drive discovery; a slow rescan stays as a safety net (a process
+    // can change its command line without exec). Without probes, the rescan is all there is.
+    let rescan = match model.take_process_events() {
+        Some(events) => {
+            spawn_discovery_events(discovery.clone(), events);
+            discovery::SAFETY_RESCAN
+        }
+        None => discovery::FALLBACK_RESCAN,
+    };
+    let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
 
     let addr = config.server.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -206,6 +212,34 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Feeds the kernel's exec/exit events to discovery on a thread of its own: discovery reads
+/// /proc, which blocks, and events of one pid must stay in order.
+fn spawn_discovery_events(
+    discovery: Arc<discovery::Discovery>,
+    mut events: tokio::sync::mpsc::Receiver<probes::processes::ProcessSignal>,
+) {
+    use probes::processes::ProcessSignal;
+    let spawned = std::thread::Builder::new()
+        .name("discovery".into())
+        .spawn(move || {
+            while let Some(signal) = events.blocking_recv() {
+                match signal {
+                    ProcessSignal::Exec(pid) => discovery.on_exec(pid),
+                    ProcessSignal::Exit(pid) => discovery.on_exit(pid),
+                    ProcessSignal::Lost => {
+                        tracing::warn!("process events were lost; rescanning /proc");
+                        if let Err(e) = discovery.scan_all() {
+                            tracing::warn!(error = %e, "rescan failed");
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the discovery thread; relying on rescans");
+    }
 }
 
 async fn shutdown_signal() {

@@ -126,28 +126,38 @@ impl Model {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let brokers = self.brokers();
+        // Broker pids lead the iterator straight to their namespaces.
+        let pids: Vec<u32> = brokers
+            .iter()
+            .filter(|b| b.is_running())
+            .map(|b| b.pid)
+            .collect();
         let probes = self
             .probes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
-            .map(|p| p.snapshot(&[]))
+            .map(|p| p.snapshot(&pids))
             .unwrap_or_default();
         Snapshot {
             readiness: Some(self.readiness()),
             attached: self.status().attached.clone(),
             probes,
-            brokers: self.brokers(),
+            brokers,
         }
     }
 
     /// Publishes the broker table after a full discovery scan; from then on
     /// discovery counts as run for readiness.
     pub fn set_brokers(&self, brokers: Vec<Broker>) {
-        let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
-        b.brokers = brokers;
-        b.scanned = true;
-        b.error = None;
+        {
+            let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+            b.brokers = brokers;
+            b.scanned = true;
+            b.error = None;
+        }
+        self.sync_kernel();
     }
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
@@ -156,6 +166,46 @@ impl Model {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .brokers = brokers;
+        self.sync_kernel();
+    }
+
+    /// Tells the kernel programs which listeners to count and which pids' exits to report:
+    /// those of running brokers.
+    fn sync_kernel(&self) {
+        let (listeners, pids) = {
+            let brokers = self.brokers_state();
+            let running = brokers.brokers.iter().filter(|b| b.is_running());
+            let mut listeners = Vec::new();
+            let mut pids = Vec::new();
+            for b in running {
+                pids.push(b.pid);
+                if let Some(netns) = b.netns {
+                    listeners.extend(b.listeners.iter().map(|l| (netns, l.port)));
+                }
+            }
+            (listeners, pids)
+        };
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(probes) = probes.as_mut() else {
+            return;
+        };
+        if let Err(e) = probes.set_watched(&listeners) {
+            tracing::warn!(error = %e, "cannot update the watched listeners");
+        }
+        if let Err(e) = probes.set_broker_pids(&pids) {
+            tracing::warn!(error = %e, "cannot update the broker pids");
+        }
+    }
+
+    /// The kernel's exec/exit events for discovery, once.
+    pub fn take_process_events(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::probes::processes::ProcessSignal>> {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Probes::take_process_events)
     }
 
     /// Records why a full discovery scan failed; readiness reports it until one succeeds.

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use brokerscope_common::sockets::log2_bucket_upper_us;
 
-use crate::{model::Snapshot, probes::sockets::ListenerStats};
+use crate::{discovery::ListenerIndex, model::Snapshot, probes::sockets::ListenerStats};
 
 /// `Content-Type` of the text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -208,18 +208,39 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
     }
 
     brokers(&mut e, &snapshot.brokers);
-    listeners(&mut e, &p.listeners);
+    listeners(&mut e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
     e.out
 }
 
 type CounterOf = fn(&ListenerStats) -> u64;
 
+/// Labels of one listener: `broker`, `listener`, `port` when a running broker owns it; `netns`
+/// and `port` otherwise (only in watch-all mode, which counts every listener on the node).
+fn listener_labels(l: &ListenerStats, index: &ListenerIndex) -> Vec<(&'static str, String)> {
+    let port = ("port", l.key.port.to_string());
+    match index.get(l.key.netns, l.key.port) {
+        Some((broker, listener)) => {
+            vec![
+                ("broker", broker.to_string()),
+                ("listener", listener.to_string()),
+                port,
+            ]
+        }
+        None => vec![("netns", l.key.netns.to_string()), port],
+    }
+}
+
+fn as_refs<'a>(labels: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    labels.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// Per-listener socket families.
-fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
-    let labels: Vec<(String, String)> = listeners
+fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIndex) {
+    let owned: Vec<Vec<(&'static str, String)>> = listeners
         .iter()
-        .map(|l| (l.key.netns.to_string(), l.key.port.to_string()))
+        .map(|l| listener_labels(l, index))
         .collect();
+    let labels: Vec<Vec<(&'static str, &str)>> = owned.iter().map(|l| as_refs(l)).collect();
     let scalar: [(&str, Kind, &str, CounterOf); 8] = [
         (
             "connections_accepted_total",
@@ -272,8 +293,8 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
     ];
     for (name, kind, help, value) in scalar {
         let mut f = e.family(name, kind, help);
-        for (l, (netns, port)) in listeners.iter().zip(&labels) {
-            f.sample(&[("netns", netns), ("port", port)], value(l));
+        for (l, labels) in listeners.iter().zip(&labels) {
+            f.sample(labels, value(l));
         }
     }
     {
@@ -283,9 +304,9 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
             "Connections dropped by the listening socket (SYN or accept queue overflow), as the \
              socket counts them since it started listening.",
         );
-        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+        for (l, labels) in listeners.iter().zip(&labels) {
             if let Some(drops) = l.listen_drops {
-                f.sample(&[("netns", netns), ("port", port)], drops);
+                f.sample(labels, drops);
             }
         }
     }
@@ -295,9 +316,9 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
             Kind::Histogram,
             "Smoothed RTT of the listener's connections, observed when each closes.",
         );
-        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+        for (l, labels) in listeners.iter().zip(&labels) {
             let c = &l.counters;
-            f.log2_histogram(&[("netns", netns), ("port", port)], &c.rtt, c.rtt_sum_us, 1);
+            f.log2_histogram(labels, &c.rtt, c.rtt_sum_us, 1);
         }
     }
     {
@@ -306,14 +327,9 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats]) {
             Kind::Histogram,
             "Lifetime of the listener's accepted connections, observed when each closes.",
         );
-        for (l, (netns, port)) in listeners.iter().zip(&labels) {
+        for (l, labels) in listeners.iter().zip(&labels) {
             let c = &l.counters;
-            f.log2_histogram(
-                &[("netns", netns), ("port", port)],
-                &c.duration,
-                c.duration_sum_us,
-                2,
-            );
+            f.log2_histogram(labels, &c.duration, c.duration_sum_us, 2);
         }
     }
 }

@@ -18,14 +18,12 @@ use brokerscope_tests::{
 };
 use serde_json::{Value, json};
 
-/// How long a new broker may take to appear in /v1/brokers. With the 2 s fallback rescan it is
-/// at most 2 s plus a scrape; once kernel exec events drive discovery (on_exec), tighten this
-/// to 100 ms.
-const DISCOVERY_LATENCY_BUDGET: Duration = Duration::from_secs(3);
+/// How long a new broker may take to appear in /v1/brokers, from the moment it is spawned:
+/// kernel exec events drive discovery (the /proc rescan is only a 30 s safety net).
+const DISCOVERY_LATENCY_BUDGET: Duration = Duration::from_millis(100);
 
-/// How long a killed broker may take to show as not running (same fallback; exit events will
-/// make it immediate).
-const EXIT_LATENCY_BUDGET: Duration = Duration::from_secs(3);
+/// How long a killed broker may take to show as not running: kernel exit events.
+const EXIT_LATENCY_BUDGET: Duration = Duration::from_millis(100);
 
 /// The agent config that matches fake brokers whose properties live under `dir` only.
 fn agent_config(dir: &Path, extra: &str) -> String {

@@ -109,39 +109,16 @@ impl Broker {
     }
 }
 
-/// The broker and listener that own sockets on `port` in network namespace `netns`, among
-/// running brokers. None when no broker listens there, or when two do (two brokers in one
-/// namespace on the same port on different addresses): counters are then left unattributed
-/// rather than given to the wrong broker.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "for the socket counters, not wired yet")
-)]
-pub fn attribute(brokers: &[Broker], netns: u32, port: u16) -> Option<(&str, &str)> {
-    let mut owners = brokers
-        .iter()
-        .filter(|b| b.is_running() && b.netns == Some(netns))
-        .flat_map(|b| {
-            b.listeners
-                .iter()
-                .filter(move |l| l.port == port)
-                .map(move |l| (b.id.as_str(), l.name.as_str()))
-        });
-    let first = owners.next()?;
-    owners.next().is_none().then_some(first)
-}
-
-/// [`attribute`] for many lookups (one per kernel listener per scrape): built once from a
-/// snapshot, O(1) per lookup.
+/// The broker and listener that own sockets on a (network namespace, port), among running
+/// brokers: built once per snapshot, O(1) per lookup (one per kernel listener per scrape).
+/// None when no broker listens there, or when two do (two brokers in one namespace on the same
+/// port on different addresses): counters are then left unattributed rather than given to the
+/// wrong broker.
 #[derive(Clone, Debug, Default)]
 pub struct ListenerIndex {
     owners: HashMap<(u32, u16), Option<(String, String)>>,
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "for the socket counters, not wired yet")
-)]
 impl ListenerIndex {
     pub fn new(brokers: &[Broker]) -> Self {
         let mut owners: HashMap<(u32, u16), Option<(String, String)>> = HashMap::new();
@@ -218,7 +195,6 @@ pub(crate) mod tests {
             (200, 9093, None),
             (999, 9092, None),
         ] {
-            assert_eq!(attribute(&brokers, netns, port), want, "{netns}/{port}");
             assert_eq!(index.get(netns, port), want, "{netns}/{port}");
         }
     }
@@ -230,16 +206,15 @@ pub(crate) mod tests {
             broker("1", 20, 100, &[("B", 9092)]),
             broker("2", 30, 100, &[("C", 9093)]),
         ];
-        assert_eq!(attribute(&brokers, 100, 9092), None);
-        assert_eq!(ListenerIndex::new(&brokers).get(100, 9092), None);
-        assert_eq!(attribute(&brokers, 100, 9093), Some(("2", "C")));
+        let index = ListenerIndex::new(&brokers);
+        assert_eq!(index.get(100, 9092), None);
+        assert_eq!(index.get(100, 9093), Some(("2", "C")));
     }
 
     #[test]
     fn a_broker_without_namespace_owns_nothing() {
         let mut b = broker("0", 10, 100, &[("A", 9092)]);
         b.netns = None;
-        assert_eq!(attribute(&[b.clone()], 100, 9092), None);
         assert_eq!(ListenerIndex::new(&[b]).get(100, 9092), None);
     }
 

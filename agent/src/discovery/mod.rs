@@ -11,8 +11,8 @@
 //!
 //! Event-driven by design: [`Discovery::scan_all`] once at start, then [`Discovery::on_exec`] and
 //! [`Discovery::on_exit`] per `sched_process_exec`/`sched_process_exit` event, each a handful of
-//! small reads of one pid. Until those events are wired, [`Discovery::spawn_fallback_rescan`]
-//! rescans every [`FALLBACK_RESCAN`].
+//! small reads of one pid. [`Discovery::spawn_fallback_rescan`] rescans every
+//! [`SAFETY_RESCAN`] besides, or every [`FALLBACK_RESCAN`] when the events are unavailable.
 
 pub mod broker;
 mod cmdline;
@@ -28,12 +28,8 @@ use std::{
     time::Duration,
 };
 
+pub use broker::ListenerIndex;
 pub use broker::{Broker, BrokerState};
-#[expect(
-    unused_imports,
-    reason = "for the socket counters (per-broker attribution), which are not wired yet"
-)]
-pub use broker::{ListenerIndex, attribute};
 pub use cmdline::PatternError;
 pub use table::MAX_BROKERS;
 
@@ -46,8 +42,11 @@ use self::{
 };
 use crate::model::Model;
 
-/// How often the fallback task rescans /proc while kernel exec/exit events are not wired.
+/// How often the rescan task walks /proc when kernel exec/exit events are unavailable (the
+/// probes did not attach).
 pub const FALLBACK_RESCAN: Duration = Duration::from_secs(2);
+/// How often it walks /proc when the events drive discovery: only a safety net.
+pub const SAFETY_RESCAN: Duration = Duration::from_secs(30);
 
 /// Longest path, and longest override key, kept as evidence.
 const MAX_PATH_EVIDENCE: usize = 1024;
@@ -182,17 +181,14 @@ impl Discovery {
     ///
     /// Like every method here it takes the discovery lock and reads a few small /proc files:
     /// call it from a blocking context (the event reader's thread, or `spawn_blocking`).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called by the kernel event reader and live config, not wired yet"
-        )
-    )]
     pub fn on_exec(&self, pid: u32) {
         let mut st = self.lock();
         let before = st.table.running_pid(pid).map(|b| b.id.clone());
         let now = st.visit(pid, true);
+        if before.is_none() && now.is_none() {
+            // Most execs on a node: not a broker before, not one now.
+            return;
+        }
         if let (Some(id), None) = (&before, now) {
             st.table.exited(pid);
             tracing::info!(broker = %id, pid, "broker process exec'd into something else");
@@ -204,13 +200,6 @@ impl Discovery {
     /// A process exited: call it when the whole thread group is gone (`sched_process_exit` of
     /// the last thread, or of the leader when `pid == tgid`). Only a lookup, no /proc read; a
     /// pid that is no broker is ignored.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called by the kernel event reader and live config, not wired yet"
-        )
-    )]
     pub fn on_exit(&self, pid: u32) {
         let mut st = self.lock();
         if let Some(id) = st.table.exited(pid) {

@@ -171,6 +171,11 @@ impl Probes {
         self.process_events.take()
     }
 
+    /// Count exactly these (netns, port) listeners (brokers'), besides watch-all mode.
+    pub fn set_watched(&mut self, listeners: &[(u32, u16)]) -> Result<(), ProbesError> {
+        self.sockets.set_watched(listeners)
+    }
+
     /// Tells the kernel which pids are brokers, so their exits are reported.
     pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
         self.broker_pids.set(pids)

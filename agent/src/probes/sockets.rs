@@ -192,6 +192,30 @@ impl SocketsReader {
         })
     }
 
+    /// Makes the WATCH entries exactly `listeners`; IGNORE entries stay.
+    pub fn set_watched(&mut self, listeners: &[(u32, u16)]) -> Result<(), ProbesError> {
+        let err = |e| ProbesError::Map {
+            name: WATCHED_MAP,
+            source: Box::new(e),
+        };
+        let wanted: std::collections::HashSet<ListenerKey> = listeners
+            .iter()
+            .map(|&(netns, port)| ListenerKey::new(netns, port))
+            .collect();
+        let current: Vec<(ListenerKey, u32)> = self.watched.iter().filter_map(Result::ok).collect();
+        for (key, value) in &current {
+            if *value == WATCH && !wanted.contains(key) {
+                let _ = self.watched.remove(key);
+            }
+        }
+        for key in &wanted {
+            if !current.iter().any(|(k, _)| k == key) {
+                self.watched.insert(key, WATCH, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Never count (netns, port), even in watch-all mode.
     pub fn ignore(&mut self, netns: u32, port: u16) -> Result<(), ProbesError> {
         self.watched
