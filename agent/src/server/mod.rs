@@ -1,37 +1,132 @@
-//! The mTLS endpoint: accepts TCP, completes the TLS handshake (client certificate required),
-//! and serves the router over HTTP/1.1 or HTTP/2 as ALPN chose.
+//! The mTLS endpoint: accepts TCP, completes the TLS handshake (client certificate required)
+//! with the TLS config current at accept time, names the client from its certificate, and
+//! serves the router over HTTP/1.1 or HTTP/2 as ALPN chose, within fixed limits.
 //!
-//! Owns sockets and TLS only; what is served is `routes`.
+//! Owns sockets, TLS, limits and the endpoint's own metrics; what is served is `routes`.
+//! It never touches kernel maps.
 
+pub mod access;
+pub mod identity;
+pub mod isolation;
+pub mod limits;
+pub mod reload;
 pub mod routes;
+pub mod stats;
 pub mod tls;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use axum::Router;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
-    service::TowerToHyperService,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests get after shutdown starts.
+use self::{identity::ClientIdentity, limits::*, reload::TlsSource, stats::ServerStats};
+use crate::config::{AccessLog, ServerConfig as ServerSection};
+
+/// How long open connections get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a connection checks whether it has been idle too long.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// Serves until `shutdown` resolves, then drains in-flight connections.
+/// Per-request policy shared by every connection; the values a live config change may switch
+/// are read per request.
+pub struct ServerState {
+    allowed_client_names: Vec<String>,
+    access_log: AtomicU8,
+    pub limiter: RateLimiter,
+    pub in_flight: Arc<Semaphore>,
+    pub stats: Arc<ServerStats>,
+}
+
+impl ServerState {
+    pub fn new(section: &ServerSection, stats: Arc<ServerStats>) -> Arc<Self> {
+        let state = Arc::new(Self {
+            allowed_client_names: section.allowed_client_names.clone(),
+            access_log: AtomicU8::new(0),
+            limiter: RateLimiter::new(
+                section.rate_limit_rps,
+                section.rate_limit_burst,
+                RATE_LIMIT_IDENTITIES,
+            ),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            stats,
+        });
+        state.set_access_log(section.access_log);
+        state
+    }
+
+    pub fn allowed_client_names(&self) -> &[String] {
+        &self.allowed_client_names
+    }
+
+    pub fn access_log(&self) -> AccessLog {
+        match self.access_log.load(Ordering::Relaxed) {
+            0 => AccessLog::Off,
+            1 => AccessLog::Info,
+            _ => AccessLog::Debug,
+        }
+    }
+
+    /// Takes effect from the next request.
+    pub fn set_access_log(&self, level: AccessLog) {
+        let v = match level {
+            AccessLog::Off => 0,
+            AccessLog::Info => 1,
+            AccessLog::Debug => 2,
+        };
+        self.access_log.store(v, Ordering::Relaxed);
+    }
+}
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+}
+
+/// Serves until `shutdown` resolves, then drains open connections for up to 5 s. Runs the TLS
+/// reloader meanwhile.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSource,
+    state: Arc<ServerState>,
     app: Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let configs = tls.subscribe();
+    let reloader = tokio::spawn(tls.run());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let builder = http_builder();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -46,12 +141,77 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state
+                .stats
+                .connections_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection limit ({MAX_CONNECTIONS}) reached; closing");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        // Each connection takes the config current now; a reload never touches open ones.
+        let acceptor = TlsAcceptor::from(configs.borrow().clone());
+        let conn = Conn {
+            peer,
+            app: app.clone(),
+            builder: builder.clone(),
+            stop: stop_rx.clone(),
+            _slot: Slot::new(permit, state.stats.clone()),
+        };
+        tokio::spawn(conn.run(tcp, acceptor));
+    }
+    reloader.abort();
+    tracing::info!("stopped accepting; draining connections");
+    let _ = stop_tx.send(true);
+    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// A held connection slot; counts the connection as active while it lives.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<ServerStats>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, stats: Arc<ServerStats>) -> Self {
+        stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            stats,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Conn {
+    peer: std::net::SocketAddr,
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    stop: watch::Receiver<bool>,
+    _slot: Slot,
+}
+
+impl Conn {
+    async fn run(mut self, tcp: TcpStream, acceptor: TlsAcceptor) {
+        let peer = self.peer;
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+        let tls = tokio::select! {
+            result = handshake => match result {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake refused");
@@ -61,19 +221,170 @@ pub async fn serve(
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
-            };
-            let service = TowerToHyperService::new(app);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            _ = self.stop.wait_for(|stop| *stop) => return,
+        };
+        let identity = Arc::new(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map_or_else(
+                    || ClientIdentity::from_names(Vec::new()),
+                    |leaf| ClientIdentity::from_der(leaf),
+                ),
+        );
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Tracked {
+            inner: tls,
+            activity: activity.clone(),
+        });
+        let app = self.app.clone();
+        let tracker = activity.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(identity.clone());
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let busy = tracker.begin();
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await;
+                drop(busy);
+                response
             }
         });
+        let conn = self.builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut tick = tokio::time::interval(IDLE_CHECK);
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.stop.wait_for(|stop| *stop), if closing.is_none() => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+                _ = tick.tick() => match closing {
+                    None if activity.in_flight() == 0 && activity.idle_for() >= IDLE_TIMEOUT => {
+                        tracing::debug!(%peer, "idle for {IDLE_TIMEOUT:?}; closing");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now());
+                    }
+                    Some(since) if since.elapsed() >= DRAIN_TIMEOUT => return,
+                    _ => {}
+                },
+            }
+        }
     }
-    tracing::info!("stopped accepting; draining connections");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+}
+
+/// When a connection last moved bytes, and how many requests it has in flight.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// An I/O stream that records when bytes last moved (the idle timeout's clock).
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
