@@ -460,6 +460,32 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn requests_beyond_the_in_flight_cap_get_503_and_the_access_level_switches_live() {
+        let state = server(&[], 1000, 1000);
+        let app = router(Arc::new(Model::default()), state.clone());
+        let all = state
+            .in_flight
+            .clone()
+            .try_acquire_many_owned(crate::server::limits::MAX_IN_FLIGHT as u32)
+            .unwrap();
+        let a = get(&app, "/health").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.text(), r#"{"error":"overloaded"}"#);
+        drop(all);
+        assert_eq!(get(&app, "/health").await.code, StatusCode::OK);
+
+        assert_eq!(state.access_log(), crate::config::AccessLog::Info);
+        for level in [
+            crate::config::AccessLog::Debug,
+            crate::config::AccessLog::Off,
+            crate::config::AccessLog::Info,
+        ] {
+            state.set_access_log(level);
+            assert_eq!(state.access_log(), level);
+        }
+    }
+
     async fn boom() -> &'static str {
         panic!("secret internal detail")
     }
