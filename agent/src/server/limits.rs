@@ -17,8 +17,9 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/1: a request's headers must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection with no request in flight and no bytes moving for this long is closed
-/// (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a GOAWAY).
+/// A connection with no request handled or streamed, and none started or finished for this
+/// long, is closed (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a GOAWAY). A response body
+/// that cannot write a byte for this long (the client stopped reading) drops the connection.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/2: PING a quiet peer this often; no answer within `H2_KEEPALIVE_TIMEOUT` closes it.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);

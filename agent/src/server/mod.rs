@@ -247,12 +247,18 @@ impl Conn {
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
-            let busy = tracker.begin();
+            let handling = tracker.handle();
             let app = app.clone();
             async move {
-                let response = app.oneshot(request).await;
-                drop(busy);
-                response
+                let response = app.oneshot(request).await?;
+                // From here until the body is done (or dropped) the response is streaming.
+                let streaming = handling.respond();
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(Streaming {
+                        inner: body,
+                        _guard: streaming,
+                    })
+                }))
             }
         });
         let conn = self.builder.serve_connection(io, service);
@@ -271,13 +277,17 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Instant::now());
                 }
-                _ = tick.tick() => match closing {
-                    None if activity.in_flight() == 0 && activity.idle_for() >= IDLE_TIMEOUT => {
-                        tracing::debug!(%peer, "idle for {IDLE_TIMEOUT:?}; closing");
+                _ = tick.tick() => match (closing, activity.check()) {
+                    (None, Verdict::Idle) => {
+                        tracing::debug!(%peer, "no request for {IDLE_TIMEOUT:?}; closing");
                         conn.as_mut().graceful_shutdown();
                         closing = Some(Instant::now());
                     }
-                    Some(since) if since.elapsed() >= DRAIN_TIMEOUT => return,
+                    (_, Verdict::Stalled) => {
+                        tracing::debug!(%peer, "response unread for {IDLE_TIMEOUT:?}; dropping");
+                        return;
+                    }
+                    (Some(since), _) if since.elapsed() >= DRAIN_TIMEOUT => return,
                     _ => {}
                 },
             }
@@ -285,52 +295,133 @@ impl Conn {
     }
 }
 
-/// When a connection last moved bytes, and how many requests it has in flight.
+/// What one connection is doing, for the idle and stalled-reader rules:
+/// - **idle**: no request being handled or streamed, and none started or finished for
+///   [`IDLE_TIMEOUT`] (HTTP/2 PINGs do not count: they would keep every connection alive);
+/// - **stalled**: a response body is being sent but no byte has been written for
+///   [`IDLE_TIMEOUT`] (a client that stopped reading).
 struct Activity {
     epoch: Instant,
-    last_ms: AtomicU64,
-    in_flight: AtomicUsize,
+    last_request_ms: AtomicU64,
+    last_write_ms: AtomicU64,
+    handling: AtomicUsize,
+    streaming: AtomicUsize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Active,
+    Idle,
+    Stalled,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            last_request_ms: AtomicU64::new(0),
+            last_write_ms: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
+            streaming: AtomicUsize::new(0),
         }
     }
 
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
+    fn wrote(&self) {
+        self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+    fn check(&self) -> Verdict {
+        self.check_at(self.now_ms())
     }
 
-    fn begin(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
+    /// The verdict at `now_ms` (milliseconds since the connection started).
+    fn check_at(&self, now_ms: u64) -> Verdict {
+        let since = |mark: &AtomicU64| {
+            Duration::from_millis(now_ms.saturating_sub(mark.load(Ordering::Relaxed)))
+        };
+        let handling = self.handling.load(Ordering::Relaxed);
+        let streaming = self.streaming.load(Ordering::Relaxed);
+        if handling == 0 && streaming == 0 && since(&self.last_request_ms) >= IDLE_TIMEOUT {
+            Verdict::Idle
+        } else if handling == 0 && streaming > 0 && since(&self.last_write_ms) >= IDLE_TIMEOUT {
+            Verdict::Stalled
+        } else {
+            Verdict::Active
+        }
+    }
+
+    fn handle(self: &Arc<Self>) -> Handling {
+        self.handling.fetch_add(1, Ordering::Relaxed);
+        self.last_request_ms.store(self.now_ms(), Ordering::Relaxed);
+        Handling(Some(self.clone()))
     }
 }
 
-struct Busy(Arc<Activity>);
+/// A request being handled; becomes [`StreamingGuard`] once its response is ready.
+struct Handling(Option<Arc<Activity>>);
 
-impl Drop for Busy {
+impl Handling {
+    fn respond(mut self) -> StreamingGuard {
+        let activity = self.0.take().expect("respond once");
+        activity.streaming.fetch_add(1, Ordering::Relaxed);
+        activity.handling.fetch_sub(1, Ordering::Relaxed);
+        activity.wrote();
+        StreamingGuard(activity)
+    }
+}
+
+impl Drop for Handling {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        if let Some(activity) = self.0.take() {
+            activity.handling.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// An I/O stream that records when bytes last moved (the idle timeout's clock).
+struct StreamingGuard(Arc<Activity>);
+
+impl Drop for StreamingGuard {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.now_ms();
+        self.0.last_request_ms.store(now, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its connection's "streaming" mark until it is done.
+    struct Streaming {
+        #[pin]
+        inner: axum::body::Body,
+        _guard: StreamingGuard,
+    }
+}
+
+impl http_body::Body for Streaming {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An I/O stream that records when bytes were last written (the stalled-reader clock).
 struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -342,12 +433,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -359,7 +445,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         result
     }
@@ -371,7 +457,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         result
     }
@@ -386,5 +472,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_and_stalled_connections_are_told_apart() {
+        let idle = IDLE_TIMEOUT.as_millis() as u64;
+        let a = Arc::new(Activity::new());
+        assert_eq!(a.check_at(0), Verdict::Active);
+        assert_eq!(a.check_at(idle - 1), Verdict::Active);
+        assert_eq!(a.check_at(idle), Verdict::Idle);
+
+        // A slow handler is never idle nor stalled, however long it takes.
+        let handling = a.handle();
+        assert_eq!(a.check_at(10 * idle), Verdict::Active);
+        // Its response streams: active while bytes are written, stalled when none are.
+        let streaming = handling.respond();
+        let start = a.last_write_ms.load(Ordering::Relaxed);
+        assert_eq!(a.check_at(start + idle - 1), Verdict::Active);
+        assert_eq!(a.check_at(start + idle), Verdict::Stalled);
+        // Done: idle counts from the end of the response.
+        drop(streaming);
+        let end = a.last_request_ms.load(Ordering::Relaxed);
+        assert_eq!(a.check_at(end + idle - 1), Verdict::Active);
+        assert_eq!(a.check_at(end + idle), Verdict::Idle);
+        assert_eq!(a.handling.load(Ordering::Relaxed), 0);
+        assert_eq!(a.streaming.load(Ordering::Relaxed), 0);
+
+        // A request dropped before it answered (client gone) leaves no count behind.
+        drop(a.handle());
+        assert_eq!(a.handling.load(Ordering::Relaxed), 0);
     }
 }

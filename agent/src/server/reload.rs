@@ -6,11 +6,11 @@
 //! their paths (so symlinks are resolved on every read). That sees both shapes of update the
 //! agent meets: a Kubernetes Secret volume swapping its `..data` symlink to a new timestamped
 //! directory (the file paths never change, so inotify on them sees nothing), and a plain
-//! in-place rewrite. The files are a few KiB; reading them twice a second costs nothing.
+//! in-place rewrite. The files are a few KiB; reading them four times a second costs nothing.
 //!
 //! **Settling.** A change is applied only once two consecutive polls read the same contents,
 //! so a writer that updates `tls.crt` and `tls.key` one after the other is not caught in
-//! between (and not counted as a failure). New material is therefore live 0.5–1 s after it is
+//! between (and not counted as a failure). New material is therefore live 0.25–0.5 s after it is
 //! written.
 //!
 //! **Failures.** A set that does not load (bad PEM, key not matching the certificate, expired
@@ -31,7 +31,7 @@ use super::{
 };
 use crate::config::ServerConfig as ServerSection;
 
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What one poll decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
