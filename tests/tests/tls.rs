@@ -512,3 +512,35 @@ fn pki_dev_validity_flags_make_expired_certificates() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`yesterday` is not a time"), "{stderr}");
 }
+
+#[test]
+fn a_server_cert_near_expiry_warns_and_an_expired_one_stops_the_start() {
+    if !privileged("a_server_cert_near_expiry_warns_and_an_expired_one_stops_the_start") {
+        return;
+    }
+    // One day from a minute ago: under 24 hours left.
+    let pki = Pki::with_args(&["--days", "1"]);
+    let files = TlsFiles::of(&pki);
+    let agent = Agent::start_with(pki, files, "");
+    let line = agent.wait_for_log("less than 24h; rotate it");
+    assert!(line.contains("server certificate expires in"), "{line}");
+    assert!(line.contains("WARN"), "{line}");
+    let expiry = agent
+        .metric("brokerscope_tls_cert_expiry_timestamp_seconds", &[])
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now + 23.0 * 3600.0..now + 24.0 * 3600.0).contains(&expiry),
+        "{expiry} vs now {now}"
+    );
+
+    let expired = Pki::with_args(&["--not-before=-3d", "--not-after=-1d"]);
+    let files = TlsFiles::of(&expired);
+    let (status, log) = Agent::run_to_exit(expired, files, "");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("tls.crt is not valid now"), "{log}");
+    assert!(!log.contains("listening"), "{log}");
+}
