@@ -57,6 +57,12 @@ enum PkiCommand {
         /// Validity of every certificate, in days.
         #[arg(long, default_value_t = 30)]
         days: u32,
+        /// Overrides the start of validity (tests): RFC 3339, or an offset from now like `-2d`.
+        #[arg(long, hide = true, allow_hyphen_values = true, value_parser = pki::parse_instant)]
+        not_before: Option<time::OffsetDateTime>,
+        /// Overrides the end of validity (tests): RFC 3339, or an offset from now like `-1h`.
+        #[arg(long, hide = true, allow_hyphen_values = true, value_parser = pki::parse_instant)]
+        not_after: Option<time::OffsetDateTime>,
     },
 }
 
@@ -65,14 +71,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Pki {
-            command: PkiCommand::Dev { out, days },
-        } => pki::generate_dev(&out, pki::Validity::days(days))
-            .map(|files| {
-                for f in files {
-                    println!("{}", f.display());
-                }
-            })
-            .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
+            command:
+                PkiCommand::Dev {
+                    out,
+                    days,
+                    not_before,
+                    not_after,
+                },
+        } => pki::generate_dev(
+            &out,
+            pki::Validity::days(days).with_bounds(not_before, not_after),
+        )
+        .map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        })
+        .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
         Command::CheckConfig { file } => match Config::load(Some(&file), std::env::vars()) {
             Ok(config) => {
                 print!("{}", config.to_toml());
@@ -123,9 +138,11 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         "step 1/5: configuration loaded"
     );
 
-    let tls = server::tls::server_config(&config.server)?;
+    let server_stats = Arc::new(server::stats::ServerStats::default());
+    let tls = server::reload::TlsSource::load(&config.server, server_stats.clone())?;
     tracing::info!(
         cert = %config.server.cert_file.display(),
+        serial = %tls.leaf().serial,
         client_ca = %config.server.client_ca_file.display(),
         "step 2/5: TLS material loaded (client certificates required)"
     );
@@ -204,8 +221,9 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     model.ignore_own_listener(local.port());
     tracing::info!(addr = %local, "step 5/5: listening");
 
-    let app = server::routes::router(model.clone());
-    server::serve(listener, tls, app, shutdown_signal()).await;
+    let state = server::ServerState::new(&config.server, server_stats);
+    let app = server::routes::router(model.clone(), state.clone());
+    server::serve(listener, tls, state, app, shutdown_signal()).await;
 
     if let Some(probes) = model.take_probes() {
         drop(probes);

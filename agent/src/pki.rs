@@ -53,6 +53,66 @@ impl Validity {
     }
 }
 
+impl Validity {
+    /// Replaces either bound (hidden `pki dev` flags, to make expired or future certificates).
+    pub fn with_bounds(
+        self,
+        not_before: Option<time::OffsetDateTime>,
+        not_after: Option<time::OffsetDateTime>,
+    ) -> Self {
+        Self {
+            not_before: not_before.unwrap_or(self.not_before),
+            not_after: not_after.unwrap_or(self.not_after),
+        }
+    }
+}
+
+/// A `--not-before`/`--not-after` value that is neither RFC 3339 nor an offset.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`{value}` is not a time: use RFC 3339 (2026-01-02T03:04:05Z) or an offset from now such as \
+     -2d, +12h, -30m, 90s"
+)]
+pub struct InstantError {
+    pub value: String,
+}
+
+/// Parses an RFC 3339 timestamp or a signed offset from now (`-2d`, `+12h`, `-30m`, `90s`).
+pub fn parse_instant(value: &str) -> Result<time::OffsetDateTime, InstantError> {
+    parse_instant_at(value, time::OffsetDateTime::now_utc())
+}
+
+fn parse_instant_at(
+    value: &str,
+    now: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime, InstantError> {
+    let err = || InstantError {
+        value: value.to_string(),
+    };
+    if let Ok(t) =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+    {
+        return Ok(t);
+    }
+    let (sign, rest) = match value.as_bytes().first() {
+        Some(b'-') => (-1, &value[1..]),
+        Some(b'+') => (1, &value[1..]),
+        _ => (1, value),
+    };
+    let unit = rest.chars().last().ok_or_else(err)?;
+    let n: i64 = rest[..rest.len() - unit.len_utf8()]
+        .parse()
+        .map_err(|_| err())?;
+    let seconds = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(err()),
+    };
+    Ok(now + time::Duration::seconds(sign * n * seconds))
+}
+
 /// Generates the dev PKI into `out` (created if needed). Returns the files written.
 pub fn generate_dev(out: &Path, validity: Validity) -> Result<Vec<PathBuf>, PkiError> {
     fs::create_dir_all(out).map_err(|source| PkiError::Write {
@@ -157,6 +217,39 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instants_parse_as_rfc3339_or_offsets() {
+        let now = time::macros::datetime!(2026-05-01 12:00 UTC);
+        assert_eq!(
+            parse_instant_at("2026-01-02T03:04:05Z", now).unwrap(),
+            time::macros::datetime!(2026-01-02 03:04:05 UTC)
+        );
+        assert_eq!(
+            parse_instant_at("-2d", now).unwrap(),
+            time::macros::datetime!(2026-04-29 12:00 UTC)
+        );
+        assert_eq!(
+            parse_instant_at("+12h", now).unwrap(),
+            time::macros::datetime!(2026-05-02 00:00 UTC)
+        );
+        assert_eq!(
+            parse_instant_at("90s", now).unwrap(),
+            time::macros::datetime!(2026-05-01 12:01:30 UTC)
+        );
+        for bad in ["", "-", "2d3", "-2w", "yesterday", "-d"] {
+            let err = parse_instant_at(bad, now).unwrap_err();
+            assert_eq!(err.value, bad);
+        }
+    }
+
+    #[test]
+    fn bounds_override_the_days() {
+        let before = time::macros::datetime!(2020-01-01 0:00 UTC);
+        let v = Validity::days(30).with_bounds(Some(before), None);
+        assert_eq!(v.not_before, before);
+        assert!(v.not_after > time::OffsetDateTime::now_utc() + time::Duration::days(29));
+    }
 
     #[test]
     fn writes_the_six_files_with_private_keys_private() {

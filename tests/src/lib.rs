@@ -40,14 +40,23 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// `brokerscope pki dev` with extra arguments, e.g. `--not-after=-1d`.
+    pub fn with_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let status = Command::new(agent_bin())
             .args(["pki", "dev", "--out"])
             .arg(dir.path())
+            .args(args)
             .stdout(Stdio::null())
             .status()
             .expect("run brokerscope pki dev");
-        assert!(status.success(), "brokerscope pki dev failed: {status}");
+        assert!(
+            status.success(),
+            "brokerscope pki dev {args:?} failed: {status}"
+        );
         Self { dir }
     }
 
@@ -76,21 +85,83 @@ pub struct Agent {
     pub pki: Pki,
     pub addr: std::net::SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    listening: Option<mpsc::Receiver<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     _config_dir: tempfile::TempDir,
+}
+
+/// Where the agent reads its TLS material from (defaults: the PKI's own files).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn of(pki: &Pki) -> Self {
+        Self {
+            cert: pki.path("tls.crt"),
+            key: pki.path("tls.key"),
+            client_ca: pki.path("ca.crt"),
+        }
+    }
 }
 
 impl Agent {
     /// Starts the agent on 127.0.0.1:0 with a fresh PKI and `extra` TOML appended to the config,
-    /// and waits until it listens.
+    /// and waits until it listens. `extra` may add `[server]` keys (it continues that section).
     pub fn start(extra: &str) -> Self {
         let pki = Pki::new();
+        let files = TlsFiles::of(&pki);
+        Self::start_with(pki, files, extra)
+    }
+
+    /// As [`Agent::start`], with the given PKI (used by [`Agent::get`]) and TLS files.
+    pub fn start_with(pki: Pki, files: TlsFiles, extra: &str) -> Self {
+        let mut agent = Self::spawn(pki, files, extra);
+        match agent
+            .listening
+            .take()
+            .map(|rx| rx.recv_timeout(Duration::from_secs(30)))
+        {
+            Some(Ok(addr)) => agent.addr = addr.parse().expect("listening address"),
+            _ => panic!("agent did not start listening:\n{}", agent.log_text()),
+        }
+        agent
+    }
+
+    /// Runs `brokerscope run` until it exits (for configurations it must refuse); returns its
+    /// exit status and stderr.
+    pub fn run_to_exit(
+        pki: Pki,
+        files: TlsFiles,
+        extra: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let mut agent = Self::spawn(pki, files, extra);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.try_wait().expect("wait") {
+                // Let the reader thread drain stderr.
+                let _ = agent.reader.take().map(std::thread::JoinHandle::join);
+                return (status, agent.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent kept running:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(pki: Pki, files: TlsFiles, extra: &str) -> Self {
         let config_dir = tempfile::tempdir().expect("tempdir");
         let config = config_dir.path().join("brokerscope.toml");
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{extra}",
-            pki.path("tls.crt").display(),
-            pki.path("tls.key").display(),
-            pki.path("ca.crt").display(),
+            files.cert.display(),
+            files.key.display(),
+            files.client_ca.display(),
         );
         std::fs::write(&config, text).expect("write config");
         let mut child = Command::new(agent_bin())
@@ -106,7 +177,7 @@ impl Agent {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening addr=").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
@@ -114,18 +185,15 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Agent {
+        Agent {
             child,
             pki,
             addr: "0.0.0.0:0".parse().unwrap(),
             log,
+            listening: Some(rx),
+            reader: Some(reader),
             _config_dir: config_dir,
-        };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => agent.addr = addr.parse().expect("listening address"),
-            Err(_) => panic!("agent did not start listening:\n{}", agent.log_text()),
         }
-        agent
     }
 
     pub fn pid(&self) -> u32 {
@@ -146,16 +214,40 @@ impl Agent {
 
     /// GET with curl, the operator's client certificate and the dev CA. Returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        curl(&[
-            "--cacert",
-            self.pki.path("ca.crt").to_str().unwrap(),
-            "--cert",
-            self.pki.path("client.crt").to_str().unwrap(),
-            "--key",
-            self.pki.path("client.key").to_str().unwrap(),
-            &self.url(path),
-        ])
-        .unwrap_or_else(|e| panic!("curl {path}: {e}\nagent log:\n{}", self.log_text()))
+        self.curl(&[&self.url(path)])
+            .unwrap_or_else(|e| panic!("curl {path}: {e}\nagent log:\n{}", self.log_text()))
+    }
+
+    /// curl (as [`curl`]) with the dev CA and the operator's client certificate, then `args`.
+    pub fn curl(&self, args: &[&str]) -> Result<(u16, String), String> {
+        let mut all = self.client_args();
+        all.extend(args.iter().map(|s| s.to_string()));
+        curl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `--cacert ca.crt --cert client.crt --key client.key` of this agent's PKI.
+    pub fn client_args(&self) -> Vec<String> {
+        let p = |f: &str| self.pki.path(f).to_str().unwrap().to_string();
+        vec![
+            "--cacert".into(),
+            p("ca.crt"),
+            "--cert".into(),
+            p("client.crt"),
+            "--key".into(),
+            p("client.key"),
+        ]
+    }
+
+    /// Agent log lines containing `needle`, waited for up to 5 s; the first one.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        eventually(needle, Duration::from_secs(5), || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned()
+        })
     }
 
     /// Polls /ready until 200.
@@ -246,6 +338,57 @@ pub fn curl(args: &[&str]) -> Result<(u16, String), String> {
             .map_err(|_| format!("bad status {code:?}"))?,
         body.to_string(),
     ))
+}
+
+/// `openssl s_client` against 127.0.0.1:`port` with `args`, stdin closed. Returns
+/// (success, stdout and stderr together).
+pub fn s_client(port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "localhost"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed by cargo xtask setup");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loopback port nobody listens on right now (for servers that cannot bind port 0 and report
+/// it, such as Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A child process killed when dropped, even when the test panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Finds `name{labels} value` in Prometheus text.

@@ -16,7 +16,15 @@ use crate::run;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the end-to-end tests and `xtask run` use.
-const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2", "curl", "openssl", "ca-certificates"];
+/// `prometheus` brings both the server (scraped-by-Prometheus test) and `promtool` (format lint).
+const TEST_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "curl",
+    "openssl",
+    "ca-certificates",
+    "prometheus",
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Needs {

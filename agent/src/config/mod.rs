@@ -246,6 +246,13 @@ impl Config {
                 "port 0 is not a port",
             ));
         }
+        // The control endpoint never shares a port with a broker's data plane.
+        crate::server::isolation::check_isolation(
+            s.listen_addr()?,
+            self.discovery.listener_ports.iter().copied(),
+            "discovery.listener_ports",
+        )
+        .map_err(|e| ConfigError::invalid("server.listen", e.to_string()))?;
         for (key, value) in [
             ("probes.listeners_capacity", self.probes.listeners_capacity),
             (

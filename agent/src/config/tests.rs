@@ -206,3 +206,18 @@ fn effective_config_round_trips() {
     let again = Config::from_toml(&config.to_toml()).unwrap();
     assert_eq!(again, config);
 }
+
+#[test]
+fn listen_port_must_not_be_a_broker_port() {
+    let err = Config::from_toml(
+        "[server]\nlisten = \"0.0.0.0:9092\"\n[discovery]\nlistener_ports = [9093, 9092]\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.key(), Some("server.listen"), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "config key `server.listen` is invalid: server.listen port 9092 is also a broker \
+         data-plane port (from discovery.listener_ports); the control endpoint must listen on a \
+         port of its own"
+    );
+}

@@ -1,37 +1,81 @@
 //! The HTTP routes: a plain `Router` value, testable with `oneshot` and no sockets.
+//!
+//! [`router`] is the API hardened by [`harden`]: JSON 404/405, a panic in a handler becomes a
+//! JSON 500 (the server keeps serving), a body limit for extractors, and [`access::guard`]
+//! (authorization, rate limit, caps, metrics, access log) around every route.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    http::{StatusCode, header},
+    extract::DefaultBodyLimit,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use serde_json::json;
+use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer};
 
-use crate::{model::Model, render};
+use super::{ServerState, access, limits::MAX_BODY_BYTES};
+use crate::{
+    model::Model,
+    render::{self, Format},
+};
 
-/// Builds the router over the shared model.
-pub fn router(model: Arc<Model>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/v1/brokers", get(brokers))
-        .route("/v1/brokers/{id}", get(broker))
-        .fallback(not_found)
-        .with_state(model)
+/// What handlers read.
+#[derive(Clone)]
+pub struct AppState {
+    pub model: Arc<Model>,
+    pub server: Arc<ServerState>,
 }
 
-type State = axum::extract::State<Arc<Model>>;
+/// Builds the router over the shared model and the endpoint's state.
+pub fn router(model: Arc<Model>, server: Arc<ServerState>) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/v1/brokers", get(brokers))
+        .route("/v1/brokers/{id}", get(broker))
+        .route(
+            "/metrics",
+            // gzip only when the client accepts it; tiny bodies are left alone.
+            get(metrics).layer(CompressionLayer::new()),
+        )
+        .with_state(AppState {
+            model,
+            server: server.clone(),
+        });
+    harden(api, server)
+}
+
+/// Wraps any router (the API, or a test's) in the endpoint's error handling and access control.
+pub fn harden(routes: Router, server: Arc<ServerState>) -> Router {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(panicked))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(server, access::guard))
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into());
+    tracing::error!(panic = %what, "handler panicked; answered 500");
+    ApiError::Internal.into_response()
+}
+
+type State = axum::extract::State<AppState>;
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn ready(axum::extract::State(model): State) -> Response {
-    let readiness = model.readiness();
+async fn ready(axum::extract::State(state): State) -> Response {
+    let readiness = state.model.readiness();
     let code = if readiness.ready {
         StatusCode::OK
     } else {
@@ -40,32 +84,68 @@ async fn ready(axum::extract::State(model): State) -> Response {
     (code, Json(readiness)).into_response()
 }
 
-async fn metrics(axum::extract::State(model): State) -> Response {
+async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Response {
+    let format = negotiate(headers.get(header::ACCEPT));
     // Map reads are syscalls: keep them off the async workers.
-    let text = tokio::task::spawn_blocking(move || render::prometheus(&model.snapshot())).await;
-    match text {
-        Ok(text) => (
-            [(header::CONTENT_TYPE, render::PROMETHEUS_CONTENT_TYPE)],
-            text,
+    let text = tokio::task::spawn_blocking(move || {
+        render::exposition(
+            &state.model.snapshot(),
+            &state.server.stats.snapshot(),
+            format,
         )
-            .into_response(),
+    })
+    .await;
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
         Err(_) => ApiError::Internal.into_response(),
     }
 }
 
-async fn brokers(axum::extract::State(model): State) -> Json<Vec<crate::discovery::Broker>> {
-    Json(model.brokers())
+async fn brokers(axum::extract::State(state): State) -> Json<Vec<crate::discovery::Broker>> {
+    Json(state.model.brokers())
 }
 
 async fn broker(
-    axum::extract::State(model): State,
+    axum::extract::State(state): State,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<crate::discovery::Broker>, ApiError> {
-    model.broker(&id).map(Json).ok_or(ApiError::NotFound)
+    state.model.broker(&id).map(Json).ok_or(ApiError::NotFound)
+}
+
+/// OpenMetrics when the `Accept` header ranks it at least as high as the Prometheus text format
+/// (and above zero); the text format otherwise, including with no `Accept` at all.
+pub fn negotiate(accept: Option<&HeaderValue>) -> Format {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+        return Format::Prometheus;
+    };
+    let mut openmetrics = 0.0_f32;
+    let mut text = 0.0_f32;
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    if openmetrics > 0.0 && openmetrics >= text {
+        Format::OpenMetrics
+    } else {
+        Format::Prometheus
+    }
 }
 
 async fn not_found() -> Response {
     ApiError::NotFound.into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::MethodNotAllowed.into_response()
 }
 
 /// Errors as HTTP responses; bodies never carry internals.
@@ -73,17 +153,56 @@ async fn not_found() -> Response {
 pub enum ApiError {
     #[error("not found")]
     NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("client {identity} is not in server.allowed_client_names")]
+    Forbidden { identity: String },
+    #[error("rate limited; retry in {retry_after_secs}s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("request body over {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    #[error("too many requests in flight")]
+    Overloaded,
     #[error("internal error")]
     Internal,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (code, error) = match self {
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not found"),
-            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        let (code, body) = match &self {
+            ApiError::NotFound => (StatusCode::NOT_FOUND, json!({ "error": "not found" })),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({ "error": "method not allowed" }),
+            ),
+            ApiError::Forbidden { identity } => (
+                StatusCode::FORBIDDEN,
+                json!({ "error": "forbidden", "identity": identity }),
+            ),
+            ApiError::RateLimited { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "error": "rate limited", "retry_after_seconds": retry_after_secs }),
+            ),
+            ApiError::PayloadTooLarge { limit_bytes } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "error": "body too large", "limit_bytes": limit_bytes }),
+            ),
+            ApiError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "overloaded" }),
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({ "error": "internal error" }),
+            ),
         };
-        (code, Json(json!({ "error": error }))).into_response()
+        let mut response = (code, Json(body)).into_response();
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
     }
 }
 
@@ -94,74 +213,269 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::{
+        config::ServerConfig as ServerSection,
+        server::{identity::ClientIdentity, identity::Name, stats::ServerStats},
+    };
 
-    async fn get(model: Arc<Model>, path: &str) -> (StatusCode, String, Option<String>) {
-        let response = router(model)
-            .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let ctype = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_string());
+    fn server(allowed: &[&str], rps: u32, burst: u32) -> Arc<ServerState> {
+        let section = ServerSection {
+            allowed_client_names: allowed.iter().map(|s| s.to_string()).collect(),
+            rate_limit_rps: rps,
+            rate_limit_burst: burst,
+            ..ServerSection::default()
+        };
+        ServerState::new(&section, Arc::new(ServerStats::default()))
+    }
+
+    fn operator() -> Arc<ClientIdentity> {
+        Arc::new(ClientIdentity::from_names(vec![
+            Name::Cn("cluster-operator".into()),
+            Name::Dns("cluster-operator".into()),
+        ]))
+    }
+
+    struct Answer {
+        code: StatusCode,
+        body: Vec<u8>,
+        headers: HeaderMap,
+    }
+
+    impl Answer {
+        fn text(&self) -> &str {
+            std::str::from_utf8(&self.body).unwrap()
+        }
+        fn header(&self, name: header::HeaderName) -> Option<&str> {
+            self.headers.get(name).map(|v| v.to_str().unwrap())
+        }
+    }
+
+    async fn send(app: &Router, request: axum::http::Request<Body>) -> Answer {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let code = response.status();
+        let headers = response.headers().clone();
         let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8(body.to_vec()).unwrap(), ctype)
+        Answer {
+            code,
+            body: body.to_vec(),
+            headers,
+        }
+    }
+
+    fn request(method: &str, path: &str) -> axum::http::request::Builder {
+        axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .extension(operator())
+    }
+
+    async fn get(app: &Router, path: &str) -> Answer {
+        send(app, request("GET", path).body(Body::empty()).unwrap()).await
+    }
+
+    fn app() -> Router {
+        router(Arc::new(Model::default()), server(&[], 1000, 1000))
     }
 
     #[tokio::test]
     async fn health_is_200_even_when_not_ready() {
-        let (code, body, _) = get(Arc::new(Model::default()), "/health").await;
-        assert_eq!(code, StatusCode::OK);
-        assert_eq!(body, r#"{"status":"ok"}"#);
+        let a = get(&app(), "/health").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.text(), r#"{"status":"ok"}"#);
     }
 
     #[tokio::test]
     async fn ready_is_503_with_reasons_until_probes_attach() {
         let model = Arc::new(Model::default());
-        let (code, body, _) = get(model.clone(), "/ready").await;
-        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        let app = router(model.clone(), server(&[], 1000, 1000));
+        let a = get(&app, "/ready").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
-            body,
+            a.text(),
             r#"{"ready":false,"reasons":["probes not attached yet","discovery has not run yet"]}"#
         );
 
         model.set_probe_error("tracepoint sock:inet_sock_set_state: EPERM".into());
-        let (code, body, _) = get(model, "/ready").await;
-        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let a = get(&app, "/ready").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["ready"], false);
-        assert!(
-            v["reasons"][0].as_str().unwrap().contains("EPERM"),
-            "{body}"
+        assert_eq!(
+            v["reasons"],
+            json!([
+                "probes not attached: tracepoint sock:inet_sock_set_state: EPERM",
+                "discovery has not run yet"
+            ])
         );
     }
 
     #[tokio::test]
-    async fn metrics_is_prometheus_text() {
-        let (code, body, ctype) = get(Arc::new(Model::default()), "/metrics").await;
-        assert_eq!(code, StatusCode::OK);
-        assert_eq!(ctype.as_deref(), Some(render::PROMETHEUS_CONTENT_TYPE));
-        assert!(body.contains("brokerscope_agent_ready 0"), "{body}");
+    async fn metrics_is_prometheus_text_by_default() {
+        let a = get(&app(), "/metrics").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(
+            a.header(header::CONTENT_TYPE),
+            Some(render::PROMETHEUS_CONTENT_TYPE)
+        );
+        assert!(a.text().lines().any(|l| l == "brokerscope_agent_ready 0"));
+        assert!(!a.text().contains("# EOF"));
+        assert_eq!(a.header(header::CONTENT_ENCODING), None);
     }
 
     #[tokio::test]
     async fn ready_needs_a_discovery_scan() {
         let model = Arc::new(Model::default());
+        let app = router(model.clone(), server(&[], 1000, 1000));
         model.set_discovery_error("cannot list processes: /proc: EACCES".into());
-        let (_, body, _) = get(model.clone(), "/ready").await;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&get(&app, "/ready").await.body).unwrap();
         assert_eq!(
             v["reasons"][1],
             "discovery has not run yet: cannot list processes: /proc: EACCES"
         );
         model.set_brokers(vec![]);
-        let (code, body, _) = get(model, "/ready").await;
+        let a = get(&app, "/ready").await;
         // Only the probes are missing now.
-        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
-            body,
+            a.text(),
             r#"{"ready":false,"reasons":["probes not attached yet"]}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_is_openmetrics_when_asked() {
+        // What Prometheus 2.42 sends.
+        let accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                      version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let a = send(
+            &app(),
+            request("GET", "/metrics")
+                .header(header::ACCEPT, accept)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(
+            a.header(header::CONTENT_TYPE),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        assert!(a.text().ends_with("# EOF\n"), "{}", a.text());
+    }
+
+    #[test]
+    fn negotiation_follows_q_values() {
+        let f = |s: &'static str| negotiate(Some(&HeaderValue::from_static(s)));
+        assert_eq!(negotiate(None), Format::Prometheus);
+        assert_eq!(f("*/*"), Format::Prometheus);
+        assert_eq!(f("text/plain"), Format::Prometheus);
+        assert_eq!(f("application/openmetrics-text"), Format::OpenMetrics);
+        assert_eq!(
+            f("application/openmetrics-text; version=1.0.0; q=0.9, text/plain; q=0.5"),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            f("application/openmetrics-text;q=0.2,text/plain;q=0.5"),
+            Format::Prometheus
+        );
+        assert_eq!(f("application/openmetrics-text;q=0"), Format::Prometheus);
+        assert_eq!(f("Application/OpenMetrics-Text"), Format::OpenMetrics);
+    }
+
+    #[tokio::test]
+    async fn metrics_is_gzipped_when_accepted() {
+        let app = app();
+        let plain = get(&app, "/metrics").await;
+        let a = send(
+            &app,
+            request("GET", "/metrics")
+                .header(header::ACCEPT_ENCODING, "gzip")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.header(header::CONTENT_ENCODING), Some("gzip"));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&a.body[..]), &mut text)
+            .unwrap();
+        // The second page also counts the first request: compare the families, not counts.
+        let families = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with("# TYPE"))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(families(&text), families(plain.text()));
+        assert!(text.contains("brokerscope_agent_ready 0"));
+    }
+
+    #[tokio::test]
+    async fn unknown_path_is_json_404_and_wrong_method_json_405() {
+        let a = get(&app(), "/nope").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        assert_eq!(a.text(), r#"{"error":"not found"}"#);
+        assert_eq!(a.header(header::CONTENT_TYPE), Some("application/json"));
+        let a = send(
+            &app(),
+            request("POST", "/health").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(a.text(), r#"{"error":"method not allowed"}"#);
+    }
+
+    #[tokio::test]
+    async fn client_not_in_the_allow_list_gets_403_naming_it() {
+        let model = Arc::new(Model::default());
+        let denied = router(model.clone(), server(&["prometheus"], 1000, 1000));
+        let a = get(&denied, "/health").await;
+        assert_eq!(a.code, StatusCode::FORBIDDEN);
+        assert_eq!(
+            a.text(),
+            r#"{"error":"forbidden","identity":"cluster-operator"}"#
+        );
+        // Unknown paths too: a refused client learns nothing about what exists.
+        assert_eq!(get(&denied, "/nope").await.code, StatusCode::FORBIDDEN);
+
+        let allowed = router(
+            model,
+            server(&["prometheus", "cluster-operator"], 1000, 1000),
+        );
+        assert_eq!(get(&allowed, "/health").await.code, StatusCode::OK);
+
+        // A request that did not come through the TLS listener has no identity.
+        let a = send(
+            &allowed,
+            axum::http::Request::get("/health")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::FORBIDDEN);
+        assert_eq!(a.text(), r#"{"error":"forbidden","identity":"unknown"}"#);
+    }
+
+    #[tokio::test]
+    async fn over_the_rate_limit_is_429_with_retry_after() {
+        let state = server(&[], 1, 2);
+        let app = router(Arc::new(Model::default()), state.clone());
+        assert_eq!(get(&app, "/health").await.code, StatusCode::OK);
+        assert_eq!(get(&app, "/health").await.code, StatusCode::OK);
+        let a = get(&app, "/health").await;
+        assert_eq!(a.code, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(a.header(header::RETRY_AFTER), Some("1"));
+        assert_eq!(
+            a.text(),
+            r#"{"error":"rate limited","retry_after_seconds":1}"#
+        );
+        let s = state.stats.snapshot();
+        assert_eq!(
+            s.requests,
+            [
+                ("/health".to_string(), 200, 2),
+                ("/health".to_string(), 429, 1)
+            ]
         );
     }
 
@@ -169,16 +483,17 @@ mod tests {
     async fn brokers_list_and_one_by_id() {
         use crate::discovery::broker::tests::broker;
         let model = Arc::new(Model::default());
-        let (code, body, _) = get(model.clone(), "/v1/brokers").await;
-        assert_eq!((code, body.as_str()), (StatusCode::OK, "[]"));
+        let app = router(model.clone(), server(&[], 1000, 1000));
+        let a = get(&app, "/v1/brokers").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, "[]"));
 
         let mut b = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
         b.pod = Some("kafka-1".into());
         model.set_brokers(vec![broker("0", 10, 1, &[]), b]);
-        let (code, body, ctype) = get(model.clone(), "/v1/brokers").await;
-        assert_eq!(code, StatusCode::OK);
-        assert_eq!(ctype.as_deref(), Some("application/json"));
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let a = get(&app, "/v1/brokers").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.header(header::CONTENT_TYPE), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         let ids: Vec<&str> = v
             .as_array()
             .unwrap()
@@ -187,9 +502,9 @@ mod tests {
             .collect();
         assert_eq!(ids, vec!["0", "1"]);
 
-        let (code, body, _) = get(model.clone(), "/v1/brokers/1").await;
-        assert_eq!(code, StatusCode::OK);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let a = get(&app, "/v1/brokers/1").await;
+        assert_eq!(a.code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["pid"], 4242);
         assert_eq!(v["pod"], "kafka-1");
         assert_eq!(v["netns"], 4026532000u32);
@@ -201,18 +516,97 @@ mod tests {
         );
         assert_eq!(v["evidence"]["properties_read"], false);
 
-        let (code, body, _) = get(model, "/v1/brokers/unknown").await;
+        let a = get(&app, "/v1/brokers/unknown").await;
         assert_eq!(
-            (code, body.as_str()),
+            (a.code, a.text()),
             (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
         );
     }
 
     #[tokio::test]
-    async fn unknown_path_is_json_404() {
-        let (code, body, ctype) = get(Arc::new(Model::default()), "/nope").await;
-        assert_eq!(code, StatusCode::NOT_FOUND);
-        assert_eq!(body, r#"{"error":"not found"}"#);
-        assert_eq!(ctype.as_deref(), Some("application/json"));
+    async fn a_declared_body_over_the_limit_is_413() {
+        let a = send(
+            &app(),
+            request("POST", "/metrics")
+                .header(header::CONTENT_LENGTH, (10 * 1024 * 1024).to_string())
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            a.text(),
+            r#"{"error":"body too large","limit_bytes":1048576}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_in_flight_cap_get_503_and_the_access_level_switches_live() {
+        let state = server(&[], 1000, 1000);
+        let app = router(Arc::new(Model::default()), state.clone());
+        let all = state
+            .in_flight
+            .clone()
+            .try_acquire_many_owned(crate::server::limits::MAX_IN_FLIGHT as u32)
+            .unwrap();
+        let a = get(&app, "/health").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.text(), r#"{"error":"overloaded"}"#);
+        drop(all);
+        assert_eq!(get(&app, "/health").await.code, StatusCode::OK);
+
+        assert_eq!(state.access_log(), crate::config::AccessLog::Info);
+        for level in [
+            crate::config::AccessLog::Debug,
+            crate::config::AccessLog::Off,
+            crate::config::AccessLog::Info,
+        ] {
+            state.set_access_log(level);
+            assert_eq!(state.access_log(), level);
+        }
+    }
+
+    async fn boom() -> &'static str {
+        panic!("secret internal detail")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_json_500_and_the_router_keeps_serving() {
+        let state = server(&[], 1000, 1000);
+        let app = harden(
+            Router::new()
+                .route("/boom", axum::routing::get(boom))
+                .route("/fine", axum::routing::get(|| async { "fine" })),
+            state.clone(),
+        );
+        let a = get(&app, "/boom").await;
+        assert_eq!(a.code, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(a.text(), r#"{"error":"internal error"}"#);
+        let a = get(&app, "/fine").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, "fine"));
+        let s = state.stats.snapshot();
+        assert_eq!(
+            s.requests,
+            [("/boom".to_string(), 500, 1), ("/fine".to_string(), 200, 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_route_template_or_other() {
+        let state = server(&[], 1000, 1000);
+        let app = router(Arc::new(Model::default()), state.clone());
+        get(&app, "/health").await;
+        get(&app, "/x/1").await;
+        get(&app, "/x/2").await;
+        let s = state.stats.snapshot();
+        assert_eq!(
+            s.requests,
+            [
+                ("/health".to_string(), 200, 1),
+                ("other".to_string(), 404, 2)
+            ]
+        );
+        assert_eq!(s.durations.len(), 2);
+        assert_eq!(s.durations[1].1.count(), 2);
     }
 }

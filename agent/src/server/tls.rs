@@ -1,5 +1,8 @@
 //! TLS material: the server's chain and key, and the client CA bundle, into a rustls config
-//! that requires and verifies a client certificate.
+//! that requires and verifies a client certificate. RSA and ECDSA keys in PKCS#8, SEC1 or
+//! PKCS#1 PEM; the whole chain in `cert_file` is sent.
+//!
+//! Reading and checking only; swapping a new config in while serving is `reload`.
 
 use std::{path::Path, sync::Arc};
 
@@ -29,6 +32,17 @@ pub enum TlsError {
     },
     #[error("client certificate verifier: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("server certificate {path} cannot be parsed: {reason}")]
+    Parse { path: String, reason: String },
+    #[error(
+        "server certificate {path} is not valid now: valid from {not_before} until {not_after} (Unix seconds), now {now}"
+    )]
+    Validity {
+        path: String,
+        not_before: i64,
+        not_after: i64,
+        now: i64,
+    },
     #[error("server certificate {cert} and key {key} do not form a usable pair: {source}")]
     Pair {
         cert: String,
@@ -75,9 +89,56 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
+/// What the agent reports about its own (leaf) server certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// Serial number, hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl LeafInfo {
+    fn read(path: &Path, der: &[u8]) -> Result<Self, TlsError> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+            TlsError::Parse {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            serial: cert.raw_serial_as_string().replace(':', "").to_uppercase(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
+/// A usable server config and what it serves.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    pub leaf: LeafInfo,
+}
+
 /// Builds the server's TLS config from the files named in `[server]`: TLS 1.2 and 1.3, ALPN h2
 /// and http/1.1, a client certificate required and chained to one of the CAs in the bundle.
+#[cfg(test)]
 pub fn server_config(section: &ServerSection) -> Result<Arc<ServerConfig>, TlsError> {
+    load(section, unix_now()).map(|l| l.config)
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// As [`server_config`], and refuses a server certificate that is not valid at `now` (Unix
+/// seconds): serving an expired certificate only moves the failure to every client.
+pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in certs(&section.client_ca_file)? {
@@ -94,14 +155,27 @@ pub fn server_config(section: &ServerSection) -> Result<Arc<ServerConfig>, TlsEr
         key: section.key_file.display().to_string(),
         source,
     };
+    let chain = certs(&section.cert_file)?;
+    let leaf = LeafInfo::read(&section.cert_file, &chain[0])?;
+    if now < leaf.not_before || now > leaf.not_after {
+        return Err(TlsError::Validity {
+            path: section.cert_file.display().to_string(),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            now,
+        });
+    }
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(pair_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&section.cert_file)?, key(&section.key_file)?)
+        .with_single_cert(chain, key(&section.key_file)?)
         .map_err(pair_err)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Loaded {
+        config: Arc::new(config),
+        leaf,
+    })
 }
 
 #[cfg(test)]
@@ -149,6 +223,18 @@ mod tests {
         std::fs::copy(other.path().join("tls.key"), &s.key_file).unwrap();
         let err = server_config(&s).unwrap_err();
         assert!(matches!(err, TlsError::Pair { .. }), "{err}");
+
+        // An expired (or not yet valid) server certificate is refused, naming the dates.
+        pki::generate_dev(dir.path(), pki::Validity::days(1)).unwrap();
+        let loaded = load(&s, unix_now()).unwrap();
+        assert!(loaded.leaf.not_after - loaded.leaf.not_before >= 86_400);
+        let err = load(&s, loaded.leaf.not_after + 1).unwrap_err();
+        assert!(
+            matches!(err, TlsError::Validity { not_after, .. } if not_after == loaded.leaf.not_after),
+            "{err}"
+        );
+        let err = load(&s, loaded.leaf.not_before - 1).unwrap_err();
+        assert!(matches!(err, TlsError::Validity { .. }), "{err}");
 
         std::fs::remove_file(&s.cert_file).unwrap();
         let err = server_config(&s).unwrap_err();

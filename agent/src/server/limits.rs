@@ -1,0 +1,202 @@
+//! Request and connection limits: the per-identity token bucket, and the fixed caps and timeouts
+//! that keep slow, silent or greedy clients from pinning the endpoint.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Connections served at once; the next one is closed right after accept and counted.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Requests being handled at once, all connections together; beyond it, 503.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// HTTP/2 streams per connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// A client that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/1: a request's headers must arrive within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request handled or streamed, and none started or finished for this
+/// long, is closed (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a GOAWAY). A response body
+/// that cannot write a byte for this long (the client stopped reading) drops the connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2: PING a quiet peer this often; no answer within `H2_KEEPALIVE_TIMEOUT` closes it.
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header block (HTTP/1 read buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Largest request body; beyond it, 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Distinct client identities the rate limiter remembers.
+pub const RATE_LIMIT_IDENTITIES: usize = 1024;
+
+/// What the limiter says about one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Allow,
+    /// Over the limit; a token is back after `retry_after`.
+    Deny {
+        retry_after: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// A token bucket per client identity: `burst` requests at once, refilled at `rps` per second.
+///
+/// The table holds at most `capacity` identities. To admit a new one into a full table it
+/// first forgets every identity whose bucket has refilled completely (forgetting those changes
+/// nothing), then, if still full, the least recently seen one (which gets a fresh burst should
+/// it come back: the price of bounded memory).
+pub struct RateLimiter {
+    rps: f64,
+    burst: f64,
+    capacity: usize,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RateLimiter {
+    pub fn new(rps: u32, burst: u32, capacity: usize) -> Self {
+        Self {
+            rps: f64::from(rps.max(1)),
+            burst: f64::from(burst.max(1)),
+            capacity: capacity.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `identity` at `now`.
+    pub fn check(&self, identity: &str, now: Instant) -> Verdict {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(identity) && buckets.len() >= self.capacity {
+            self.evict(&mut buckets, now);
+        }
+        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            last: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rps).min(self.burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Verdict::Allow
+        } else {
+            let wait = (1.0 - bucket.tokens) / self.rps;
+            Verdict::Deny {
+                retry_after: Duration::from_secs_f64(wait),
+            }
+        }
+    }
+
+    /// Identities currently remembered.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn evict(&self, buckets: &mut HashMap<String, Bucket>, now: Instant) {
+        let refill = Duration::from_secs_f64(self.burst / self.rps);
+        buckets.retain(|_, b| now.saturating_duration_since(b.last) < refill);
+        if buckets.len() >= self.capacity
+            && let Some(oldest) = buckets
+                .iter()
+                .min_by_key(|(_, b)| b.last)
+                .map(|(k, _)| k.clone())
+        {
+            buckets.remove(&oldest);
+        }
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_refill_at_rate() {
+        let limiter = RateLimiter::new(2, 3, 16);
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(limiter.check("op", t0), Verdict::Allow, "request {i}");
+        }
+        assert_eq!(
+            limiter.check("op", t0),
+            Verdict::Deny {
+                retry_after: Duration::from_millis(500)
+            }
+        );
+        // 250 ms at 2/s is half a token: still denied, 250 ms to go.
+        let t1 = t0 + Duration::from_millis(250);
+        assert_eq!(
+            limiter.check("op", t1),
+            Verdict::Deny {
+                retry_after: Duration::from_millis(250)
+            }
+        );
+        let t2 = t0 + Duration::from_millis(500);
+        assert_eq!(limiter.check("op", t2), Verdict::Allow);
+        assert!(matches!(limiter.check("op", t2), Verdict::Deny { .. }));
+        // Never more than the burst, however long the pause.
+        let t3 = t2 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(limiter.check("op", t3), Verdict::Allow);
+        }
+        assert!(matches!(limiter.check("op", t3), Verdict::Deny { .. }));
+    }
+
+    #[test]
+    fn identities_are_limited_separately() {
+        let limiter = RateLimiter::new(1, 1, 16);
+        let t0 = Instant::now();
+        assert_eq!(limiter.check("a", t0), Verdict::Allow);
+        assert!(matches!(limiter.check("a", t0), Verdict::Deny { .. }));
+        assert_eq!(limiter.check("b", t0), Verdict::Allow);
+    }
+
+    #[test]
+    fn table_is_bounded_and_evicts_idle_then_oldest() {
+        let limiter = RateLimiter::new(1, 2, 3);
+        let t0 = Instant::now();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            limiter.check(id, t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(limiter.len(), 3);
+        // Nobody has refilled yet: the least recently seen ("a") goes.
+        let t1 = t0 + Duration::from_millis(10);
+        limiter.check("d", t1);
+        assert_eq!(limiter.len(), 3);
+        assert_eq!(limiter.check("b", t1), Verdict::Allow);
+        assert!(matches!(limiter.check("b", t1), Verdict::Deny { .. }));
+        // "a" was forgotten: it starts with a full burst again.
+        limiter.check("c", t1);
+        limiter.check("d", t1);
+        for _ in 0..2 {
+            assert_eq!(limiter.check("a", t1), Verdict::Allow);
+        }
+        assert_eq!(limiter.len(), 3);
+        // After a full refill period everyone idle is dropped at once.
+        let t2 = t1 + Duration::from_secs(10);
+        limiter.check("e", t2);
+        assert_eq!(limiter.len(), 1);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+    }
+}

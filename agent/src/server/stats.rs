@@ -1,0 +1,142 @@
+//! The endpoint's own counters: requests by route and status, latency histograms, connections,
+//! and the TLS material's state. Read by `render` through [`ServerSnapshot`].
+//!
+//! Bounded: request series are keyed by route *template* (or `other`) and status code, never by
+//! the raw path.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// Upper bounds (seconds) of the request duration histogram.
+pub const DURATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// The `path` label of requests that matched no route.
+pub const OTHER_PATH: &str = "other";
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket of [`DURATION_BUCKETS`]; the last slot is `+Inf`.
+    pub counts: [u64; DURATION_BUCKETS.len() + 1],
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        let slot = DURATION_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.counts[slot] += 1;
+        self.sum += seconds;
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+#[derive(Default)]
+struct Requests {
+    by_code: BTreeMap<(String, u16), u64>,
+    durations: BTreeMap<String, Histogram>,
+}
+
+/// Live counters, shared by the accept loop, the request middleware and the TLS reloader.
+#[derive(Default)]
+pub struct ServerStats {
+    requests: Mutex<Requests>,
+    pub connections_active: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    /// Server certificate notAfter, Unix seconds; 0 until loaded.
+    pub tls_cert_expiry: AtomicI64,
+    pub tls_reloads: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
+}
+
+/// What the renderer reads, taken at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServerSnapshot {
+    /// (path template, status code, requests).
+    pub requests: Vec<(String, u16, u64)>,
+    pub durations: Vec<(String, Histogram)>,
+    pub connections_active: u64,
+    pub connections_rejected: u64,
+    pub tls_cert_expiry: i64,
+    pub tls_reloads: u64,
+    pub tls_reload_failures: u64,
+}
+
+impl ServerStats {
+    /// Counts one answered request. `path` must be a route template or [`OTHER_PATH`].
+    pub fn record(&self, path: &str, code: u16, elapsed: Duration) {
+        let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *r.by_code.entry((path.to_string(), code)).or_default() += 1;
+        r.durations
+            .entry(path.to_string())
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn snapshot(&self) -> ServerSnapshot {
+        let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        ServerSnapshot {
+            requests: r
+                .by_code
+                .iter()
+                .map(|((p, c), n)| (p.clone(), *c, *n))
+                .collect(),
+            durations: r
+                .durations
+                .iter()
+                .map(|(p, h)| (p.clone(), h.clone()))
+                .collect(),
+            connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
+            tls_cert_expiry: self.tls_cert_expiry.load(Ordering::Relaxed),
+            tls_reloads: self.tls_reloads.load(Ordering::Relaxed),
+            tls_reload_failures: self.tls_reload_failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_by_template_and_code_into_buckets() {
+        let stats = ServerStats::default();
+        stats.record("/metrics", 200, Duration::from_micros(500));
+        stats.record("/metrics", 200, Duration::from_millis(30));
+        stats.record("/metrics", 429, Duration::from_secs(20));
+        stats.record(OTHER_PATH, 404, Duration::from_millis(1));
+        let s = stats.snapshot();
+        assert_eq!(
+            s.requests,
+            [
+                ("/metrics".to_string(), 200, 2),
+                ("/metrics".to_string(), 429, 1),
+                ("other".to_string(), 404, 1),
+            ]
+        );
+        let (_, h) = &s.durations[0];
+        let mut want = [0; DURATION_BUCKETS.len() + 1];
+        want[0] = 1; // 0.5 ms <= 1 ms
+        want[5] = 1; // 30 ms <= 50 ms
+        want[DURATION_BUCKETS.len()] = 1; // 20 s: +Inf only
+        assert_eq!(h.counts, want);
+        assert_eq!(h.count(), 3);
+        assert!((h.sum - 20.0305).abs() < 1e-9, "{}", h.sum);
+        // Exactly on a bound counts in that bucket (le is inclusive).
+        assert_eq!(s.durations[1].1.counts[0], 1);
+    }
+}
