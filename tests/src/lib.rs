@@ -504,7 +504,10 @@ impl NetNs {
         must(Command::new("ip").args([
             "link", "add", &host, "type", "veth", "peer", "name", &peer, "netns", &self.name,
         ]));
-        let veth = Veth { host: host.clone() };
+        let veth = Veth {
+            host: host.clone(),
+            peer: peer.clone(),
+        };
         must(Command::new("ip").args(["addr", "add", host_addr, "dev", &host]));
         must(Command::new("ip").args(["link", "set", &host, "up"]));
         must(Command::new("ip").args(["-n", &self.name, "addr", "add", ns_addr, "dev", &peer]));
@@ -531,6 +534,8 @@ impl Drop for NetNs {
 /// The host side of a veth pair; dropping it deletes the pair.
 pub struct Veth {
     pub host: String,
+    /// The peer's name inside the namespace.
+    pub peer: String,
 }
 
 impl Drop for Veth {
@@ -541,6 +546,31 @@ impl Drop for Veth {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Agent config (TOML) whose discovery matches only fake brokers whose properties files live
+/// under `dir`, so parallel tests and other fake brokers on the machine never interfere.
+pub fn discovery_config(dir: &Path, extra: &str) -> String {
+    let pattern = format!(
+        r"kafka\.Kafka {}/",
+        regex::escape(&dir.display().to_string())
+    );
+    format!("[discovery]\ncmdline_patterns = ['{pattern}']\n{extra}")
+}
+
+/// Polls /v1/brokers until broker `id` runs with `pid`.
+pub fn wait_broker_running(agent: &Agent, id: &str, pid: u32) {
+    eventually(
+        &format!("broker {id} (pid {pid}) running"),
+        Duration::from_secs(10),
+        || {
+            let (code, body) = agent.get(&format!("/v1/brokers/{id}"));
+            (code == 200
+                && body.contains(&format!("\"pid\":{pid},"))
+                && body.contains("\"state\":\"running\""))
+            .then_some(())
+        },
+    );
 }
 
 /// Path of the fake broker binary (built with this crate: target/<profile>/fake-broker).

@@ -25,14 +25,7 @@ const DISCOVERY_LATENCY_BUDGET: Duration = Duration::from_millis(100);
 /// How long a killed broker may take to show as not running: kernel exit events.
 const EXIT_LATENCY_BUDGET: Duration = Duration::from_millis(100);
 
-/// The agent config that matches fake brokers whose properties live under `dir` only.
-fn agent_config(dir: &Path, extra: &str) -> String {
-    let pattern = format!(
-        r"kafka\.Kafka {}/",
-        regex::escape(&dir.display().to_string())
-    );
-    format!("[discovery]\ncmdline_patterns = ['{pattern}']\n{extra}")
-}
+use brokerscope_tests::discovery_config as agent_config;
 
 fn brokers(agent: &Agent) -> Vec<Value> {
     let (code, body) = agent.get("/v1/brokers");

@@ -573,3 +573,265 @@ fn a_thousand_concurrent_short_connections_are_counted_exactly() {
         Some(0.0)
     );
 }
+
+/// Bytes one fake-broker request puts on the wire each way: `R`, u32 N, u32 M, N bytes → M.
+fn request_bytes(n: u32, m: u32) -> (u64, u64) {
+    (9 + u64::from(n), u64::from(m))
+}
+
+/// A fake-broker fetch of `file`: `F`, u16 length, path → u64 length, then the file.
+fn fetch_bytes(file: &std::path::Path) -> (u64, u64) {
+    let path_len = file.as_os_str().len() as u64;
+    (3 + path_len, 8 + std::fs::metadata(file).unwrap().len())
+}
+
+fn broker_labels<'a>(broker: &'a str, listener: &'a str, port: &'a str) -> [(&'a str, &'a str); 3] {
+    [("broker", broker), ("listener", listener), ("port", port)]
+}
+
+#[test]
+fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
+    if !privileged("brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly") {
+        return;
+    }
+    use brokerscope_tests::{
+        FakeBroker, FakeBrokerSpec, NetNs, discovery_config, fake_fetch_file, fake_request,
+        wait_broker_running,
+    };
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Not watch-all: only what discovery found is counted.
+    let agent = Agent::start(&discovery_config(dir.path(), ""));
+    agent.wait_ready();
+
+    let root_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let p1 = write(
+        "b1.properties",
+        format!("node.id=1\nlisteners=PLAINTEXT://127.0.0.1:{root_port}\n"),
+    );
+    let ns_props =
+        |id: u32| format!("node.id={id}\nlisteners=PLAINTEXT://:9092,CONTROLLER://:9093\n");
+    let p2 = write("b2.properties", ns_props(2));
+    let p3 = write("b3.properties", ns_props(3));
+    let (ns2, ns3) = (NetNs::new(), NetNs::new());
+    let _v2 = ns2.veth("169.254.211.1/30", "169.254.211.2/30");
+    let _v3 = ns3.veth("169.254.212.1/30", "169.254.212.2/30");
+    let b1 = FakeBroker::start(FakeBrokerSpec::new(&p1));
+    let b2 = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns2),
+        ..FakeBrokerSpec::new(&p2)
+    });
+    let b3 = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns3),
+        ..FakeBrokerSpec::new(&p3)
+    });
+    for (id, b) in [("1", &b1), ("2", &b2), ("3", &b3)] {
+        wait_broker_running(&agent, id, b.pid);
+    }
+
+    let segment = dir.path().join("00000000000000000000.log");
+    std::fs::write(&segment, vec![b'k'; 100_001]).unwrap();
+    // (broker, address, requests (n, m) per connection, fetch the segment on the last one?)
+    let plan: [(&str, String, Vec<(u32, u32)>, bool); 3] = [
+        (
+            "1",
+            format!("127.0.0.1:{root_port}"),
+            vec![(1000, 5000), (1001, 5001), (7, 0)],
+            true,
+        ),
+        (
+            "2",
+            "169.254.211.2:9092".into(),
+            vec![(2000, 64 * 1024), (0, 1)],
+            false,
+        ),
+        (
+            "3",
+            "169.254.212.2:9092".into(),
+            vec![(3, 3), (300, 30_000), (1, 1), (65_536, 9)],
+            true,
+        ),
+    ];
+    let mut want = std::collections::HashMap::new();
+    for (id, addr, requests, fetch) in &plan {
+        let (mut received, mut sent) = (0, 0);
+        for (i, &(n, m)) in requests.iter().enumerate() {
+            let mut s =
+                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            fake_request(&mut s, n, m).unwrap();
+            let (r, w) = request_bytes(n, m);
+            received += r;
+            sent += w;
+            if *fetch && i + 1 == requests.len() {
+                assert_eq!(fake_fetch_file(&mut s, &segment).unwrap(), 100_001);
+                let (r, w) = fetch_bytes(&segment);
+                received += r;
+                sent += w;
+            }
+        }
+        want.insert(*id, (requests.len() as f64, received as f64, sent as f64));
+    }
+
+    let root_port = root_port.to_string();
+    for (id, _, _, _) in &plan {
+        let port = if *id == "1" {
+            root_port.as_str()
+        } else {
+            "9092"
+        };
+        let labels = broker_labels(id, "PLAINTEXT", port);
+        let (n, received, sent) = want[id];
+        eventually(
+            &format!("broker {id}'s connections closed"),
+            Duration::from_secs(10),
+            || {
+                (agent.metric("brokerscope_connections_closed_total", &labels) == Some(n))
+                    .then_some(())
+            },
+        );
+        let (_, body) = agent.get("/metrics");
+        let get = |name: &str| find_sample(&body, name, &labels);
+        assert_eq!(
+            get("brokerscope_connections_accepted_total"),
+            Some(n),
+            "broker {id}"
+        );
+        assert_eq!(
+            get("brokerscope_connections_active"),
+            Some(0.0),
+            "broker {id}"
+        );
+        assert_eq!(
+            get("brokerscope_bytes_received_total"),
+            Some(received),
+            "broker {id} bytes in"
+        );
+        assert_eq!(
+            get("brokerscope_bytes_sent_total"),
+            Some(sent),
+            "broker {id} bytes out"
+        );
+        assert_eq!(
+            get("brokerscope_connection_duration_seconds_count"),
+            Some(n),
+            "broker {id}"
+        );
+    }
+    // The agent's own endpoint, scraped many times above, is nobody's listener, and nothing is
+    // labelled by namespace outside watch-all mode.
+    let (_, body) = agent.get("/metrics");
+    let own = format!("port=\"{}\"", agent.port());
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with("brokerscope_connections") && l.contains(&own)),
+        "the agent's own connections were counted"
+    );
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with("brokerscope_connections") && l.contains("netns="))
+    );
+    drop((b1, b2, b3));
+}
+
+/// `RetransSegs` from a namespace's /proc/net/snmp.
+fn retrans_segs(ns: &brokerscope_tests::NetNs) -> u64 {
+    let out = ns.command("cat").arg("/proc/net/snmp").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+#[test]
+fn retransmits_agree_with_the_namespaces_own_count() {
+    if !privileged("retransmits_agree_with_the_namespaces_own_count") {
+        return;
+    }
+    use brokerscope_tests::{
+        FakeBroker, FakeBrokerSpec, NetNs, discovery_config, fake_request, wait_broker_running,
+    };
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&discovery_config(dir.path(), ""));
+    agent.wait_ready();
+    let props = dir.path().join("server.properties");
+    std::fs::write(&props, "node.id=7\nlisteners=PLAINTEXT://:9092\n").unwrap();
+    let ns = NetNs::new();
+    let veth = ns.veth("169.254.213.1/30", "169.254.213.2/30");
+    let broker = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns),
+        ..FakeBrokerSpec::new(&props)
+    });
+    wait_broker_running(&agent, "7", broker.pid);
+
+    // Connections first, then the loss: no SYN-ACK is retransmitted, so every retransmit in
+    // the namespace belongs to a tracked connection.
+    let mut streams: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(
+                &"169.254.213.2:9092".parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .collect();
+    let before = retrans_segs(&ns);
+    // This kernel has no netem: a token bucket with a tiny queue on the broker's side drops
+    // what the broker sends too fast.
+    let tc = ns
+        .command("tc")
+        .args([
+            "qdisc", "add", "dev", &veth.peer, "root", "tbf", "rate", "20mbit",
+        ])
+        .args(["burst", "16kb", "limit", "16kb"])
+        .status()
+        .unwrap();
+    assert!(tc.success(), "tc tbf");
+    for s in &mut streams {
+        fake_request(s, 100, 2_000_000).unwrap();
+    }
+    let del = ns
+        .command("tc")
+        .args(["qdisc", "del", "dev", &veth.peer, "root"])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    drop(streams);
+    let labels = broker_labels("7", "PLAINTEXT", "9092");
+    eventually("closed", Duration::from_secs(10), || {
+        (agent.metric("brokerscope_connections_closed_total", &labels) == Some(3.0)).then_some(())
+    });
+    let kernel = retrans_segs(&ns) - before;
+    let ours = agent
+        .metric("brokerscope_tcp_retransmits_total", &labels)
+        .unwrap();
+    eprintln!("retransmitted segments: ours {ours}, namespace RetransSegs delta {kernel}");
+    assert!(
+        kernel > 0,
+        "the token bucket should have forced retransmits"
+    );
+    assert_eq!(ours, kernel as f64);
+    assert_eq!(
+        agent.metric("brokerscope_bytes_sent_total", &labels),
+        Some(3.0 * 2_000_000.0)
+    );
+    drop(broker);
+}
