@@ -212,6 +212,14 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
 
     let addr = config.server.listen_addr()?;
+    // Discovered brokers' listeners, as configured ones were checked with the config.
+    for b in model.brokers().iter().filter(|b| b.is_running()) {
+        server::isolation::check_isolation(
+            addr,
+            b.listeners.iter().map(|l| l.port),
+            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
+        )?;
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;

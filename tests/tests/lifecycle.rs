@@ -160,3 +160,50 @@ fn run_refuses_an_unknown_key_before_loading_anything() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("discovery.cmdline_pattern"), "{stderr}");
 }
+
+#[test]
+fn refuses_to_listen_on_a_discovered_broker_port() {
+    if !privileged("refuses_to_listen_on_a_discovered_broker_port") {
+        return;
+    }
+    use brokerscope_tests::{FakeBroker, FakeBrokerSpec, NetNs, Pki, discovery_config};
+    let dir = tempfile::tempdir().unwrap();
+    let props = dir.path().join("server.properties");
+    std::fs::write(&props, "node.id=5\nlisteners=PLAINTEXT://:9092\n").unwrap();
+    let ns = NetNs::new();
+    let _broker = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns),
+        ..FakeBrokerSpec::new(&props)
+    });
+    let pki = Pki::new();
+    let config = dir.path().join("agent.toml");
+    // Port 9092 is free in our namespace, so only the isolation rule can refuse it.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:9092\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{}",
+            pki.path("tls.crt").display(),
+            pki.path("tls.key").display(),
+            pki.path("ca.crt").display(),
+            discovery_config(dir.path(), "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the agent must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server.listen port 9092 is also a broker data-plane port")
+            && stderr.contains("broker 5"),
+        "{stderr}"
+    );
+    // And it detached what it had attached before refusing.
+    assert!(
+        stderr.contains("detaching and unloading kernel programs"),
+        "{stderr}"
+    );
+}
