@@ -12,6 +12,7 @@ mod pki;
 mod probes;
 mod render;
 mod server;
+mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 

@@ -20,6 +20,7 @@ use super::{ServerState, access, limits::MAX_BODY_BYTES};
 use crate::{
     model::Model,
     render::{self, Format},
+    views::{self, BrokerView},
 };
 
 /// What handlers read.
@@ -101,15 +102,30 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     }
 }
 
-async fn brokers(axum::extract::State(state): State) -> Json<Vec<crate::discovery::Broker>> {
-    Json(state.model.brokers())
+/// Every broker with its counters. The snapshot reads kernel maps: off the async workers.
+async fn brokers(axum::extract::State(state): State) -> Result<Json<Vec<BrokerView>>, ApiError> {
+    let views = tokio::task::spawn_blocking(move || views::brokers(&state.model.snapshot()))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    Ok(Json(views))
 }
 
 async fn broker(
     axum::extract::State(state): State,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<crate::discovery::Broker>, ApiError> {
-    state.model.broker(&id).map(Json).ok_or(ApiError::NotFound)
+) -> Result<Json<BrokerView>, ApiError> {
+    // An unknown id costs no snapshot.
+    if state.model.broker(&id).is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let views = tokio::task::spawn_blocking(move || views::brokers(&state.model.snapshot()))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    views
+        .into_iter()
+        .find(|v| v.broker.id == id)
+        .map(Json)
+        .ok_or(ApiError::NotFound)
 }
 
 /// OpenMetrics when the `Accept` header ranks it at least as high as the Prometheus text format
