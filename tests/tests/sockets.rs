@@ -726,6 +726,20 @@ fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
             Some(n),
             "broker {id}"
         );
+        // /v1/brokers/{id} carries the same counters.
+        let (code, body) = agent.get(&format!("/v1/brokers/{id}"));
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let c = v["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["listener"] == "PLAINTEXT")
+            .unwrap_or_else(|| panic!("no PLAINTEXT counters for broker {id}: {body}"))
+            .clone();
+        assert_eq!(c["connections_accepted"].as_f64(), Some(n));
+        assert_eq!(c["bytes_received"].as_f64(), Some(received));
+        assert_eq!(c["bytes_sent"].as_f64(), Some(sent));
     }
     // The agent's own endpoint, scraped many times above, is nobody's listener, and nothing is
     // labelled by namespace outside watch-all mode.
