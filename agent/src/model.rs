@@ -17,6 +17,9 @@ use crate::{
 pub struct Readiness {
     pub ready: bool,
     pub reasons: Vec<String>,
+    /// Optional programs this kernel refused and what covers for them (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 #[derive(Default)]
@@ -25,6 +28,7 @@ struct Status {
     /// Why the probes are not attached (None while loading or once attached).
     probe_error: Option<String>,
     attached: Vec<Attachment>,
+    degraded: Vec<String>,
 }
 
 /// The broker table as discovery last published it.
@@ -71,6 +75,7 @@ impl Model {
         {
             let mut status = self.status_mut();
             status.attached = probes.attached().to_vec();
+            status.degraded = probes.degraded().iter().map(|d| d.describe()).collect();
             status.probe_error = None;
         }
         *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = Some(probes);
@@ -111,6 +116,7 @@ impl Model {
                 None => "probes not attached yet".to_string(),
             });
         }
+        let degraded = status.degraded.clone();
         drop(status);
         let brokers = self.brokers_state();
         if !brokers.scanned {
@@ -122,6 +128,7 @@ impl Model {
         Readiness {
             ready: reasons.is_empty(),
             reasons,
+            degraded,
         }
     }
 

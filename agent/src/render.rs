@@ -498,6 +498,7 @@ mod tests {
             readiness: Some(Readiness {
                 ready: true,
                 reasons: vec![],
+                degraded: vec![],
             }),
             attached: vec![Attachment {
                 program: "sock_state",

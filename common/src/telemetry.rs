@@ -69,6 +69,23 @@ impl Program {
         }
     }
 
+    /// What is lost when this program cannot be loaded, and what takes over; `None` for the
+    /// programs the agent cannot work without.
+    pub const fn fallback(self) -> Option<&'static str> {
+        match self {
+            Program::SockState => None,
+            Program::Retransmit => Some("retransmits are counted when connections close"),
+            Program::SendReset | Program::ReceiveReset => Some("resets are not counted"),
+            Program::TcpLive => Some(
+                "bytes of open connections, listen drops and connections older than the agent \
+                 are not seen; bytes are counted when connections close",
+            ),
+            Program::ProcessExec | Program::ProcessExit => {
+                Some("discovery rescans /proc every 2 s instead of reacting to exec/exit")
+            }
+        }
+    }
+
     /// (category, name) of the tracepoint, for the programs attached to one.
     pub const fn tracepoint(self) -> Option<(&'static str, &'static str)> {
         match self {

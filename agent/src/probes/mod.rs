@@ -77,6 +77,26 @@ pub struct Attachment {
     pub id: u32,
 }
 
+/// A program the kernel refused, and what covers for it.
+#[derive(Clone, Debug)]
+pub struct Degraded {
+    pub program: Program,
+    pub error: String,
+}
+
+impl Degraded {
+    /// One line for /ready: program, hook, what happens instead, and why.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}) not attached: {}; {}",
+            self.program.name(),
+            self.program.hook(),
+            self.program.fallback().unwrap_or("no fallback"),
+            self.error
+        )
+    }
+}
+
 /// Per-program counters at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct ProgramStats {
@@ -110,6 +130,7 @@ pub struct Probes {
     events: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
+    degraded: Vec<Degraded>,
     capacities: ProbesConfig,
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
@@ -136,15 +157,38 @@ impl Probes {
         spawn_kernel_log(&mut ebpf)?;
 
         let btf = aya::Btf::from_sys_fs().map_err(|e| ProbesError::KernelBtf(Box::new(e)))?;
+        // Decided here, per kernel: a program this kernel refuses either stops the agent (the
+        // core one) or leaves its capability to a fallback, said in the log, in /ready's
+        // `degraded` list and by its absence from `brokerscope_probe_attached`.
         let mut attached = Vec::new();
+        let mut degraded = Vec::new();
         for program in Program::ALL {
-            attached.push(attach(&mut ebpf, &btf, program)?);
+            match (attach(&mut ebpf, &btf, program), program.fallback()) {
+                (Ok(a), _) => attached.push(a),
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(fallback)) => {
+                    tracing::warn!(program = program.name(), error = %e, fallback, "program not attached");
+                    degraded.push(Degraded {
+                        program,
+                        error: e.to_string(),
+                    });
+                }
+            }
         }
+        let events_attached =
+            |p: Program| attached.iter().any(|a: &Attachment| a.program == p.name());
+        let exec_events =
+            events_attached(Program::ProcessExec) && events_attached(Program::ProcessExit);
 
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
         let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
-        let process_events = Some(processes::spawn_reader(&mut ebpf)?);
+        // Without both exec and exit events, discovery polls instead.
+        let process_events = if exec_events {
+            Some(processes::spawn_reader(&mut ebpf)?)
+        } else {
+            None
+        };
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -152,6 +196,7 @@ impl Probes {
             events,
             errors,
             attached,
+            degraded,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
             broker_pids,
@@ -162,6 +207,11 @@ impl Probes {
 
     pub fn attached(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// Programs this kernel refused, whose capability a fallback covers.
+    pub fn degraded(&self) -> &[Degraded] {
+        &self.degraded
     }
 
     /// The exec/exit event stream for discovery; `None` once taken.
@@ -228,6 +278,13 @@ impl Probes {
 
     /// Runs the live-socket iterator once inside each namespace that has a watched listener.
     fn read_live(&mut self, pid_hints: &[u32]) -> sockets::Live {
+        if !self
+            .attached
+            .iter()
+            .any(|a| a.program == Program::TcpLive.name())
+        {
+            return sockets::Live::default();
+        }
         let namespaces = self.sockets.watched_namespaces();
         let handles = self.namespaces.resolve(&namespaces, pid_hints);
         tracing::debug!(
@@ -380,4 +437,32 @@ fn spawn_kernel_log(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_optional_program_says_what_covers_for_it() {
+        assert!(
+            Program::SockState.fallback().is_none(),
+            "the core program has no fallback"
+        );
+        for p in Program::ALL
+            .into_iter()
+            .filter(|p| *p != Program::SockState)
+        {
+            let d = Degraded {
+                program: p,
+                error: "EPERM".into(),
+            };
+            let line = d.describe();
+            assert!(
+                line.starts_with(&format!("{} ({}) not attached: ", p.name(), p.hook())),
+                "{line}"
+            );
+            assert!(line.ends_with("; EPERM"), "{line}");
+        }
+    }
 }
