@@ -224,20 +224,8 @@ fn account_close(
     counters: *mut ListenerCounters,
     off: &SocketOffsets,
 ) -> Result<(), ProbeError> {
-    let bytes_acked: u64 = kread(sk, off.tcp_bytes_acked, ProbeError::ReadSocket)?;
-    let bytes_received: u64 = kread(sk, off.tcp_bytes_received, ProbeError::ReadSocket)?;
-    let snd_una: u32 = kread(sk, off.tcp_snd_una, ProbeError::ReadSocket)?;
-    let write_seq: u32 = kread(sk, off.tcp_write_seq, ProbeError::ReadSocket)?;
-    let flags: u64 = kread(sk, off.sock_flags, ProbeError::ReadSocket)?;
-    let done = (flags >> off.sock_done_bit) & 1 == 1;
-    let (sent, received) = payload_bytes(
-        oldstate,
-        bytes_acked,
-        bytes_received,
-        snd_una,
-        write_seq,
-        done,
-    );
+    // At a CLOSE transition the socket's last state is the old one.
+    let (sent, received) = socket_payload(sk, oldstate, off)?;
     add!(counters, bytes_sent, sent.saturating_sub(state.base_sent));
     add!(
         counters,
@@ -403,7 +391,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
         return emit(ctx, &record);
     }
 
-    let (sent, received) = live_payload(sk, state, &off)?;
+    let (sent, received) = socket_payload(sk, state, &off)?;
     match CONNECTIONS.get_ptr(sk) {
         Some(tracked) => {
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
@@ -449,9 +437,9 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     }
 }
 
-/// Payload bytes of a live socket in `state`.
+/// Payload bytes a socket in `state` has received and had acknowledged.
 #[inline(always)]
-fn live_payload(sk: u64, state: i32, off: &SocketOffsets) -> Result<(u64, u64), ProbeError> {
+fn socket_payload(sk: u64, state: i32, off: &SocketOffsets) -> Result<(u64, u64), ProbeError> {
     let bytes_acked: u64 = kread(sk, off.tcp_bytes_acked, ProbeError::ReadSocket)?;
     let bytes_received: u64 = kread(sk, off.tcp_bytes_received, ProbeError::ReadSocket)?;
     let snd_una: u32 = kread(sk, off.tcp_snd_una, ProbeError::ReadSocket)?;
