@@ -7,8 +7,9 @@
 /// Name of the ring buffer carrying [`ProcessEvent`]s.
 pub const PROCESS_EVENTS_MAP: &str = "PROCESS_EVENTS";
 /// Size of [`PROCESS_EVENTS_MAP`] in bytes (a power of two and a multiple of the page size):
-/// 4096 events of 16 bytes plus headers. A full ring drops events, counted; the loader then
-/// rescans /proc.
+/// 4096 events of 16 bytes plus headers, drained continuously. A full ring drops events,
+/// counted in `probe_errors_total{kind="process_events_full"}`; discovery's periodic safety
+/// rescan of /proc catches up.
 pub const PROCESS_EVENTS_BYTES: u32 = 128 * 1024;
 
 /// Name of the hash map of broker pids (tgid -> 1) whose exit is reported.

@@ -118,8 +118,8 @@ pub enum ProbeError {
     ConnectionsFull = 3,
     /// A `struct sock`/`tcp_sock` field (bytes, state, port) could not be read.
     ReadSocket = 4,
-    /// The process event ring buffer was full: an exec or exit event was lost (the loader
-    /// rescans /proc when it sees this grow).
+    /// The process event ring buffer was full: an exec or exit event was lost (discovery's
+    /// periodic safety rescan of /proc catches up).
     EventsFull = 5,
 }
 
