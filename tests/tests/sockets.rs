@@ -585,6 +585,10 @@ fn fetch_bytes(file: &std::path::Path) -> (u64, u64) {
     (3 + path_len, 8 + std::fs::metadata(file).unwrap().len())
 }
 
+/// One broker's traffic: id, address, requests (n, m) one per connection, and whether the last
+/// connection also fetches the segment file.
+type Plan<'a> = (&'a str, String, Vec<(u32, u32)>, bool);
+
 fn broker_labels<'a>(broker: &'a str, listener: &'a str, port: &'a str) -> [(&'a str, &'a str); 3] {
     [("broker", broker), ("listener", listener), ("port", port)]
 }
@@ -641,7 +645,7 @@ fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
     let segment = dir.path().join("00000000000000000000.log");
     std::fs::write(&segment, vec![b'k'; 100_001]).unwrap();
     // (broker, address, requests (n, m) per connection, fetch the segment on the last one?)
-    let plan: [(&str, String, Vec<(u32, u32)>, bool); 3] = [
+    let plan: [Plan; 3] = [
         (
             "1",
             format!("127.0.0.1:{root_port}"),
