@@ -149,6 +149,9 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     );
 
     let model = Arc::new(Model::default());
+    // However run_async ends (a clean stop or an error after the probes attached), the kernel
+    // programs are detached before it returns: other threads keep the model alive until exit.
+    let _detach = DetachOnExit(model.clone());
     match kernel::check() {
         Ok(facts) => {
             tracing::info!(
@@ -234,11 +237,17 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let app = server::routes::router(model.clone(), state.clone());
     server::serve(listener, tls, state, app, shutdown_signal()).await;
 
-    if let Some(probes) = model.take_probes() {
-        drop(probes);
-    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Detaches and unloads every kernel program when dropped.
+struct DetachOnExit(Arc<Model>);
+
+impl Drop for DetachOnExit {
+    fn drop(&mut self) {
+        drop(self.0.take_probes());
+    }
 }
 
 /// Feeds the kernel's exec/exit events to discovery on a thread of its own: discovery reads
