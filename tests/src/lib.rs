@@ -157,8 +157,15 @@ impl Agent {
     fn spawn(pki: Pki, files: TlsFiles, extra: &str) -> Self {
         let config_dir = tempfile::tempdir().expect("tempdir");
         let config = config_dir.path().join("brokerscope.toml");
+        // Tests poll /metrics in tight loops: only the tests about rate limiting get the
+        // default limits (or set their own).
+        let limits = if extra.contains("rate_limit_") {
+            ""
+        } else {
+            "rate_limit_rps = 100000\nrate_limit_burst = 100000\n"
+        };
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{extra}",
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{limits}{extra}",
             files.cert.display(),
             files.key.display(),
             files.client_ca.display(),
