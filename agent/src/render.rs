@@ -231,6 +231,18 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     }
     {
         let mut f = e.family(
+            "probe_misses_total",
+            Kind::Counter,
+            "Runs the kernel skipped because a BPF program was already running on that CPU: events the counters did not see.",
+        );
+        for s in &p.programs {
+            if let Some(misses) = s.misses {
+                f.sample(&[("program", s.program)], misses);
+            }
+        }
+    }
+    {
+        let mut f = e.family(
             "probe_errors_total",
             Kind::Counter,
             "Failures inside kernel programs, by kind (programs fail open).",
@@ -540,6 +552,7 @@ mod tests {
                     program: "sock_state",
                     events: 123,
                     run_time: std::time::Duration::from_micros(1500),
+                    misses: Some(2),
                 }],
                 errors: vec![("connections_map_full", 1)],
                 maps: vec![MapStats {
@@ -593,6 +606,7 @@ mod tests {
             r#"brokerscope_connections_closed_total{netns="4026531840",port="9092"} 4"#,
             r#"brokerscope_probe_attached{program="sock_state",hook="tracepoint/sock/inet_sock_set_state"} 1"#,
             r#"brokerscope_probe_events_total{program="sock_state"} 123"#,
+            r#"brokerscope_probe_misses_total{program="sock_state"} 2"#,
             r#"brokerscope_probe_run_seconds_total{program="sock_state"} 0.0015"#,
             r#"brokerscope_probe_errors_total{kind="connections_map_full"} 1"#,
             r#"brokerscope_map_entries{map="connections"} 5"#,

@@ -49,6 +49,16 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         agent.metric("brokerscope_map_capacity", &[("map", "connections")]),
         Some(65536.0)
     );
+    // The kernel answers with the program's info, misses included (other BPF tools on the
+    // machine could cause some, so only the answer itself is certain).
+    assert!(
+        agent
+            .metric(
+                "brokerscope_probe_misses_total",
+                &[("program", "sock_state")]
+            )
+            .is_some()
+    );
 
     let ids = agent.program_ids();
     assert_eq!(

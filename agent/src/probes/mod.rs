@@ -104,6 +104,9 @@ pub struct ProgramStats {
     pub events: u64,
     /// From the kernel's BPF stats; zero unless `kernel.bpf_stats_enabled` is on.
     pub run_time: Duration,
+    /// Runs the kernel skipped because a BPF program was already running on that CPU; None when
+    /// the kernel would not say (before 5.12).
+    pub misses: Option<u64>,
 }
 
 /// Fill level of a bounded map.
@@ -248,6 +251,7 @@ impl Probes {
                 program: program.name(),
                 events: sum_per_cpu(&self.events, program as u32),
                 run_time: self.run_time(program),
+                misses: self.misses(program),
             })
             .collect();
         let errors = ProbeError::ALL
@@ -314,6 +318,13 @@ impl Probes {
         live
     }
 
+    fn misses(&self, program: Program) -> Option<u64> {
+        self.ebpf
+            .program(program.name())
+            .and_then(|p| p.fd().ok())
+            .and_then(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd)))
+    }
+
     fn run_time(&self, program: Program) -> Duration {
         let info = self
             .ebpf
@@ -361,6 +372,40 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachmen
         hook,
         id,
     })
+}
+
+/// `bpf_prog_info.recursion_misses` (Linux 5.12+), which aya does not expose: the runs the
+/// kernel skipped because a BPF program was already running on that CPU. Each is an event the
+/// counters did not see.
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    /// `union bpf_attr` as BPF_OBJ_GET_INFO_BY_FD reads it.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: bpf_prog_info is a plain C struct of integers; all zeroes is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: the attribute and the info buffer are valid for the call and sized as declared;
+    // the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    // A filled-in info names the program: a zero id means the call did not work as expected.
+    (rc == 0 && info.id != 0).then_some(info.recursion_misses)
 }
 
 fn take_per_cpu_array(
