@@ -9,9 +9,9 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use brokerscope_common::{
@@ -177,11 +177,59 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
     }
     let oldstate: i32 = record.get(off.tp_oldstate)?;
     let newstate: i32 = record.get(off.tp_newstate)?;
+    let sk: u64 = record.get(off.tp_skaddr)?;
+    on_state_change(sk, oldstate, newstate, &off, || record.get(off.tp_sport))
+}
+
+/// The same hook as a raw tracepoint, preferred when the kernel allows it: no trace record is
+/// built for it, and the arguments (`sk`, `oldstate`, `newstate`) are read without a helper
+/// call, so the transitions that matter nothing (most of them) cost almost nothing. The
+/// protocol and port come from the socket, at offsets from BTF.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
+    count_run(Program::SockStateRaw);
+    if let Err(error) = try_sock_state_raw(&ctx) {
+        count_error(error);
+        warn!(
+            &ctx,
+            "sock_state_raw: {} (error kind {})",
+            error.label(),
+            error as u32
+        );
+    }
+    0
+}
+
+fn try_sock_state_raw(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
+    let sk: u64 = ctx.arg(0);
+    let oldstate = ctx.arg::<u64>(1) as i32;
+    let newstate = ctx.arg::<u64>(2) as i32;
+    if classify(oldstate, newstate) == Transition::Other {
+        return Ok(());
+    }
+    let off = offsets();
+    let protocol: u16 = kread(sk, off.sock_protocol, ProbeError::ReadSocket)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    on_state_change(sk, oldstate, newstate, &off, || {
+        kread(sk, off.sock_num, ProbeError::ReadSocket)
+    })
+}
+
+/// Counts an accept or a close of socket `sk`; `local_port` is only asked for an accept.
+#[inline(always)]
+fn on_state_change(
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+    off: &SocketOffsets,
+    local_port: impl FnOnce() -> Result<u16, ProbeError>,
+) -> Result<(), ProbeError> {
     match classify(oldstate, newstate) {
         Transition::PassiveOpen => {
-            let sk: u64 = record.get(off.tp_skaddr)?;
-            let port: u16 = record.get(off.tp_sport)?;
-            let listener = ListenerKey::new(kread_netns(sk, &off)?, port);
+            let port = local_port()?;
+            let listener = ListenerKey::new(kread_netns(sk, off)?, port);
             if !watched(&listener) {
                 return Ok(());
             }
@@ -200,7 +248,6 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
             Ok(())
         }
         Transition::Close => {
-            let sk: u64 = record.get(off.tp_skaddr)?;
             let Some(state) = CONNECTIONS.get_ptr(sk) else {
                 return Ok(());
             };
@@ -209,7 +256,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
             let _ = CONNECTIONS.remove(sk);
             let counters = listener_counters(&state.listener)?;
             add!(counters, closed, 1);
-            account_close(sk, oldstate, &state, counters, &off)
+            account_close(sk, oldstate, &state, counters, off)
         }
         Transition::Other => Ok(()),
     }

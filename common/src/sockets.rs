@@ -177,6 +177,9 @@ pub struct SocketOffsets {
     pub sock_state: u32,
     pub sock_flags: u32,
     pub sock_drops: u32,
+    /// `struct sock`: `sk_protocol` (a plain u16 since Linux 5.6; the raw tracepoint program
+    /// needs it and is not used where BTF shows a bitfield).
+    pub sock_protocol: u32,
     /// `struct net`: `ns.inum`.
     pub net_inum: u32,
     /// `struct tcp_sock` fields.
@@ -210,6 +213,7 @@ impl SocketOffsets {
         sock_state: 0,
         sock_flags: 0,
         sock_drops: 0,
+        sock_protocol: 0,
         net_inum: 0,
         tcp_bytes_received: 0,
         tcp_bytes_acked: 0,

@@ -26,11 +26,14 @@ pub enum Program {
     ProcessExec = 5,
     /// `sched:sched_process_exit`: a registered broker's exit.
     ProcessExit = 6,
+    /// `raw_tracepoint/inet_sock_set_state`: the same counting as [`Program::SockState`] at a
+    /// fraction of the cost; preferred, with the classic tracepoint as its fallback.
+    SockStateRaw = 7,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 7] = [
+    pub const ALL: [Program; 8] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -38,6 +41,7 @@ impl Program {
         Program::TcpLive,
         Program::ProcessExec,
         Program::ProcessExit,
+        Program::SockStateRaw,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -53,6 +57,7 @@ impl Program {
             Program::TcpLive => "tcp_live",
             Program::ProcessExec => "process_exec",
             Program::ProcessExit => "process_exit",
+            Program::SockStateRaw => "sock_state_raw",
         }
     }
 
@@ -66,6 +71,7 @@ impl Program {
             Program::TcpLive => "iter/tcp",
             Program::ProcessExec => "tracepoint/sched/sched_process_exec",
             Program::ProcessExit => "tracepoint/sched/sched_process_exit",
+            Program::SockStateRaw => "raw_tracepoint/inet_sock_set_state",
         }
     }
 
@@ -74,6 +80,9 @@ impl Program {
     pub const fn fallback(self) -> Option<&'static str> {
         match self {
             Program::SockState => None,
+            Program::SockStateRaw => {
+                Some("the classic tracepoint program sock_state counts instead")
+            }
             Program::Retransmit => Some("retransmits are counted when connections close"),
             Program::SendReset | Program::ReceiveReset => Some("resets are not counted"),
             Program::TcpLive => Some(
@@ -96,6 +105,7 @@ impl Program {
             Program::TcpLive => None,
             Program::ProcessExec => Some(("sched", "sched_process_exec")),
             Program::ProcessExit => Some(("sched", "sched_process_exit")),
+            Program::SockStateRaw => None,
         }
     }
 }

@@ -33,16 +33,28 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         agent.metric(
             "brokerscope_probe_attached",
             &[
+                ("program", "sock_state_raw"),
+                ("hook", "raw_tracepoint/inet_sock_set_state")
+            ]
+        ),
+        Some(1.0),
+        "this kernel takes the raw tracepoint"
+    );
+    // ... so the classic one, its fallback, is not attached at all.
+    assert_eq!(
+        agent.metric(
+            "brokerscope_probe_attached",
+            &[
                 ("program", "sock_state"),
                 ("hook", "tracepoint/sock/inet_sock_set_state")
             ]
         ),
-        Some(1.0)
+        None
     );
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
-        &[("program", "sock_state")],
+        &[("program", "sock_state_raw")],
     );
     assert!(events.is_some_and(|n| n > 0.0), "{events:?}");
     assert_eq!(
@@ -55,7 +67,7 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         agent
             .metric(
                 "brokerscope_probe_misses_total",
-                &[("program", "sock_state")]
+                &[("program", "sock_state_raw")]
             )
             .is_some()
     );
@@ -63,8 +75,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     let ids = agent.program_ids();
     assert_eq!(
         ids.len(),
-        // sock_state, tcp_retransmit, tcp_send_reset, tcp_receive_reset, tcp_live (iterator),
-        // process_exec, process_exit.
+        // sock_state_raw (or sock_state, its fallback), tcp_retransmit, tcp_send_reset,
+        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit.
         7,
         "every program attached: {ids:?}\n{}",
         agent.log_text()

@@ -301,6 +301,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                     let text = agent.metrics()?;
                     for p in [
                         "sock_state",
+                        "sock_state_raw",
                         "tcp_retransmit",
                         "tcp_send_reset",
                         "tcp_receive_reset",

@@ -14,7 +14,7 @@ use std::{os::fd::AsRawFd, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{Iter, TracePoint},
+    programs::{Iter, RawTracePoint, TracePoint},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
@@ -165,8 +165,31 @@ impl Probes {
         // `degraded` list and by its absence from `brokerscope_probe_attached`.
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
-        for program in Program::ALL {
-            match (attach(&mut ebpf, &btf, program), program.fallback()) {
+        // The raw tracepoint first: when it serves, the classic one is not needed.
+        let order = std::iter::once(Program::SockStateRaw).chain(
+            Program::ALL
+                .into_iter()
+                .filter(|p| *p != Program::SockStateRaw),
+        );
+        for program in order {
+            if program == Program::SockState
+                && attached
+                    .iter()
+                    .any(|a: &Attachment| a.program == Program::SockStateRaw.name())
+            {
+                continue;
+            }
+            let result = if program == Program::SockStateRaw
+                && offsets.sock_protocol == sockets::NO_OFFSET
+            {
+                Err(ProbesError::Missing {
+                    kind: "BTF member",
+                    name: "sock.sk_protocol",
+                })
+            } else {
+                attach(&mut ebpf, &btf, program)
+            };
+            match (result, program.fallback()) {
                 (Ok(a), _) => attached.push(a),
                 (Err(e), None) => return Err(e),
                 (Err(e), Some(fallback)) => {
@@ -352,14 +375,20 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachmen
         kind: "program",
         name,
     })?;
-    let id = match program.tracepoint() {
-        Some((category, tracepoint)) => {
+    let id = match (program.tracepoint(), program) {
+        (None, Program::SockStateRaw) => {
+            let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
+            prog.load().map_err(err)?;
+            prog.attach("inet_sock_set_state").map_err(err)?;
+            prog.info().map_err(err)?.id()
+        }
+        (Some((category, tracepoint)), _) => {
             let prog: &mut TracePoint = prog.try_into().map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(category, tracepoint).map_err(err)?;
             prog.info().map_err(err)?.id()
         }
-        None => {
+        (None, _) => {
             // The iterator is loaded now and instantiated per scrape, inside each namespace.
             let prog: &mut Iter = prog.try_into().map_err(err)?;
             prog.load("tcp", btf).map_err(err)?;

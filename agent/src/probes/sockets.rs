@@ -128,6 +128,8 @@ pub fn resolve_offsets(tracefs: &Path, btf_path: &Path) -> Result<SocketOffsets,
         sock_state: btf.offset_of("sock", &["__sk_common", "skc_state"])?,
         sock_flags: btf.offset_of("sock", &["__sk_common", "skc_flags"])?,
         sock_drops: btf.offset_of("sock", &["sk_drops"])?,
+        // A bitfield before Linux 5.6: the raw tracepoint program is then not loaded.
+        sock_protocol: btf.offset_of("sock", &["sk_protocol"]).unwrap_or(NO_OFFSET),
         net_inum: btf.offset_of("net", &["ns", "inum"])?,
         tcp_bytes_received: tcp("bytes_received")?,
         tcp_bytes_acked: tcp("bytes_acked")?,
@@ -143,6 +145,9 @@ pub fn resolve_offsets(tracefs: &Path, btf_path: &Path) -> Result<SocketOffsets,
             }))?,
     })
 }
+
+/// Marks an offset this kernel's BTF does not offer (the program needing it is not loaded).
+pub const NO_OFFSET: u32 = u32::MAX;
 
 /// Owns the socket maps' handles.
 pub struct SocketsReader {
