@@ -5,6 +5,7 @@
 //! `check-config` validates a config file and prints the effective configuration.
 
 mod config;
+mod control;
 mod discovery;
 mod kernel;
 mod model;
@@ -110,29 +111,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+/// The agent's log: stderr and the in-memory ring behind `/v1/logs`, under one filter that
+/// `log.level` switches live. `RUST_LOG`, when set, is the filter until the config changes it.
+struct Logging {
+    level: control::logs::LogLevel,
+    ring: Arc<control::logs::LogRing>,
+    from_env: bool,
+}
+
+fn init_logging() -> Logging {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let from_env = env.is_some();
+    let filter = env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ring = Arc::new(control::logs::LogRing::default());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(control::logs::RingLayer(ring.clone()))
         .init();
+    Logging {
+        level: control::logs::LogLevel::new(handle),
+        ring,
+        from_env,
+    }
 }
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    init_logging();
+    let logging = init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("brokerscope")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_async(config_path))
+    runtime.block_on(run_async(config_path, logging))
 }
 
-async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Result<()> {
     let config = Config::load(config_path.as_deref(), std::env::vars())?;
+    if !logging.from_env {
+        logging.level.set(&config.log.level)?;
+    }
     tracing::info!(
         config = %config_path.as_ref().map_or("<defaults>".into(), |p| p.display().to_string()),
         "step 1/5: configuration loaded"
@@ -222,7 +247,17 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(addr = %local, "step 5/5: listening");
 
     let state = server::ServerState::new(&config.server, server_stats);
-    let app = server::routes::router(model.clone(), state.clone());
+    let control = control::Control::new(
+        config,
+        config_path,
+        model.clone(),
+        state.clone(),
+        Some(discovery.clone()),
+        logging.level,
+        logging.ring,
+    );
+    let _file_watch = control.clone().spawn_file_watch();
+    let app = server::routes::router_with(model.clone(), state.clone(), control);
     server::serve(listener, tls, state, app, shutdown_signal()).await;
 
     if let Some(probes) = model.take_probes() {

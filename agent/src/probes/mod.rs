@@ -177,6 +177,11 @@ impl Probes {
     }
 
     /// Tells the kernel which pids are brokers, so their exits are reported.
+    /// `probes.watch_all_listeners`, live.
+    pub fn set_watch_all(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.sockets.set_watch_all(on)
+    }
+
     pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
         self.broker_pids.set(pids)
     }

@@ -1,0 +1,1 @@
+//! The diagnostics bundle behind `GET /v1/diagnostics`.

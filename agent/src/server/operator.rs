@@ -1,0 +1,145 @@
+//! The operator's control routes: `/v1/config`, `/v1/logs`, `/v1/diagnostics`, `/v1/events`.
+//! Thin: parse the request, call `control`, shape the answer.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension, Json,
+    body::Bytes,
+    extract::{Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use super::{
+    identity::ClientIdentity,
+    routes::{ApiError, AppState},
+};
+use crate::control::{config::ChangeError, logs};
+
+/// Response header carrying the config generation.
+pub const GENERATION_HEADER: &str = "brokerscope-config-generation";
+
+fn with_generation(mut response: Response, generation: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(GENERATION_HEADER, HeaderValue::from(generation));
+    response
+}
+
+pub async fn get_config(State(state): State<AppState>) -> Response {
+    let live = &state.control.config;
+    with_generation(Json(live.view()).into_response(), live.generation())
+}
+
+pub async fn patch_config(
+    State(state): State<AppState>,
+    identity: Option<Extension<Arc<ClientIdentity>>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let who = identity.map_or_else(|| "unknown".to_string(), |i| i.display.clone());
+    let control = state.control.clone();
+    let result = tokio::task::spawn_blocking(move || control.config.patch(&who, &body))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    match result {
+        Ok(applied) => {
+            let body = json!({
+                "generation": applied.generation,
+                "changed": applied.changed,
+                "config": state.control.config.view(),
+            });
+            Ok(with_generation(
+                (StatusCode::OK, Json(body)).into_response(),
+                applied.generation,
+            ))
+        }
+        Err(ChangeError::Invalid { fields }) => Err(ApiError::InvalidConfig { fields }),
+        Err(e) => {
+            tracing::error!(error = %e, "live config change failed; nothing changed");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+/// `?since=&level=` of `/v1/logs`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    since: Option<String>,
+    level: Option<String>,
+}
+
+/// `since`: RFC 3339, or a number of seconds back from now.
+fn parse_since(text: &str, now: time::OffsetDateTime) -> Option<i128> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        if !(0.0..=1e9).contains(&seconds) {
+            return None;
+        }
+        return Some(now.unix_timestamp_nanos() - (seconds * 1e9) as i128);
+    }
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp_nanos())
+}
+
+pub async fn logs(
+    State(state): State<AppState>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadParameter {
+        parameter: "query".into(),
+        reason: format!("{}; known: since, level", e.body_text()),
+    })?;
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(text) => Some(
+            parse_since(text, time::OffsetDateTime::now_utc()).ok_or_else(|| {
+                ApiError::BadParameter {
+                    parameter: "since".into(),
+                    reason:
+                        "must be RFC 3339 (2026-11-26T17:00:00Z) or seconds back from now (300)"
+                            .into(),
+                }
+            })?,
+        ),
+    };
+    let level = match query.level.as_deref() {
+        None => None,
+        Some(text) => Some(
+            logs::parse_level(text).ok_or_else(|| ApiError::BadParameter {
+                parameter: "level".into(),
+                reason: "must be one of error, warn, info, debug, trace".into(),
+            })?,
+        ),
+    };
+    let lines = state.control.logs.query(since, level);
+    let mut response = Json(json!({
+        "dropped": state.control.logs.dropped(),
+        "lines": lines,
+    }))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_rfc3339_or_seconds_back() {
+        let now = time::macros::datetime!(2026-11-26 17:00:00 UTC);
+        let at = now.unix_timestamp_nanos();
+        assert_eq!(parse_since("60", now), Some(at - 60_000_000_000));
+        assert_eq!(
+            parse_since("2026-11-26T16:59:00Z", now),
+            Some(at - 60_000_000_000)
+        );
+        assert_eq!(parse_since("-5", now), None);
+        assert_eq!(parse_since("yesterday", now), None);
+    }
+}
