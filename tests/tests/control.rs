@@ -314,3 +314,224 @@ fn concurrent_patches_are_serialized_and_none_is_lost() {
         assert_eq!(config(&agent)["server"][key], at);
     }
 }
+
+#[test]
+fn logs_are_served_by_time_and_level() {
+    if !privileged("logs_are_served_by_time_and_level") {
+        return;
+    }
+    let agent = Agent::start("");
+    agent.wait_ready();
+    let (code, body) = agent.get("/v1/logs");
+    assert_eq!(code, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(all["dropped"], 0);
+    let lines = all["lines"].as_array().unwrap();
+    let listening = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("step 5/5: listening")
+        })
+        .unwrap_or_else(|| panic!("no listening line in {body}"));
+    assert_eq!(listening["level"], "info");
+    assert_eq!(listening["target"], "brokerscope");
+    // The agent's own debug lines are there (RUST_LOG has brokerscope=debug)...
+    assert!(lines.iter().any(|l| l["level"] == "debug"), "{body}");
+    // ...and level=info leaves them out.
+    let (_, body) = agent.get("/v1/logs?level=info");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    let info = info["lines"].as_array().unwrap();
+    assert!(!info.is_empty());
+    assert!(
+        info.iter()
+            .all(|l| l["level"] == "info" || l["level"] == "warn" || l["level"] == "error")
+    );
+    // since: a PATCH made now shows, the startup lines do not.
+    let since = time_now_rfc3339();
+    patch(&agent, r#"{"server":{"rate_limit_rps":21}}"#);
+    let (_, body) = agent.get(&format!("/v1/logs?since={since}"));
+    let recent: Value = serde_json::from_str(&body).unwrap();
+    let recent = recent["lines"].as_array().unwrap();
+    assert!(
+        recent
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().starts_with("config changed")),
+        "{body}"
+    );
+    assert!(
+        !recent
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().starts_with("step 5/5")),
+        "{body}"
+    );
+    // Bad parameters are named.
+    for (query, parameter) in [
+        ("level=loud", "level"),
+        ("since=yesterday", "since"),
+        ("since=-3", "since"),
+        ("colour=red", "query"),
+    ] {
+        let (code, body) = agent.get(&format!("/v1/logs?{query}"));
+        assert_eq!(code, 400, "{query}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["parameter"], parameter, "{query}: {body}");
+    }
+}
+
+fn time_now_rfc3339() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn diagnostics_bundle_holds_everything_asked_for() {
+    if !privileged("diagnostics_bundle_holds_everything_asked_for") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let props = write(
+        dir.path(),
+        "b3.properties",
+        &format!("node.id=3\nlisteners=PLAINTEXT://127.0.0.1:{port}\n"),
+    );
+    let broker = FakeBroker::start(FakeBrokerSpec::new(&props));
+    let pattern = pattern_for(dir.path());
+    let agent = Agent::start(&format!("[discovery]\ncmdline_patterns = ['{pattern}']\n"));
+    agent.wait_ready();
+    eventually("broker 3", Duration::from_secs(5), || {
+        brokers(&agent).into_iter().find(|b| b["id"] == "3")
+    });
+
+    // Connections to the broker while the capture holds BPF stats on.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (code, body) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let answer = agent.get("/v1/diagnostics");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        answer
+    });
+    assert_eq!(code, 200, "{body}");
+    let d: Value = serde_json::from_str(&body).unwrap();
+
+    assert_eq!(d["agent"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(d["agent"]["pid"], agent.pid());
+    assert!(d["agent"]["build"]["profile"].is_string());
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(d["kernel"]["release"], release.trim());
+    assert_eq!(d["kernel"]["facts"]["btf"], "/sys/kernel/btf/vmlinux");
+    assert_eq!(d["readiness"], json!({"ready": true, "reasons": []}));
+    assert_eq!(
+        d["bpf_stats"],
+        json!({"enabled_for_ms": 1000, "error": null})
+    );
+
+    let ids = agent.program_ids();
+    let programs = d["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), ids.len(), "{programs:?}");
+    for p in programs {
+        assert!(ids.contains(&(p["id"].as_u64().unwrap() as u32)), "{p}");
+        assert!(p["hook"].as_str().unwrap().contains('/'), "{p}");
+    }
+    let sock_state = programs
+        .iter()
+        .find(|p| p["program"] == "sock_state")
+        .expect("sock_state");
+    assert!(
+        sock_state["window_run_count"].as_u64().unwrap() > 0,
+        "{sock_state}"
+    );
+    assert!(
+        sock_state["window_run_time_ns"].as_u64().unwrap() > 0,
+        "{sock_state}"
+    );
+    assert!(sock_state["run_count"].as_u64() >= sock_state["window_run_count"].as_u64());
+
+    let maps = d["maps"].as_array().unwrap();
+    let capacity = |name: &str| {
+        maps.iter()
+            .find(|m| m["map"] == name)
+            .unwrap_or_else(|| panic!("map {name} in {maps:?}"))["capacity"]
+            .clone()
+    };
+    assert_eq!(capacity("listeners"), 4096);
+    assert_eq!(capacity("connections"), 65536);
+
+    let b = d["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "3")
+        .expect("broker 3");
+    assert_eq!(b["pid"], broker.pid);
+    assert_eq!(b["evidence"]["matched_pattern"], pattern);
+    assert_eq!(b["evidence"]["properties_read"], true);
+
+    let server = &d["tls"]["server"];
+    assert_eq!(server["file"], agent.pki.path("tls.crt").to_str().unwrap());
+    assert_eq!(server["certificates"][0]["subject"], "CN=brokerscope");
+    assert_eq!(server["certificates"][0]["issuer"], "CN=brokerscope dev CA");
+    assert_eq!(
+        server["certificates"][0]["not_after"],
+        d["tls"]["server_in_use_not_after"]
+    );
+    assert_eq!(
+        d["tls"]["client_ca"]["certificates"][0]["subject"],
+        "CN=brokerscope dev CA"
+    );
+    assert!(!body.contains("PRIVATE KEY"), "no key material");
+
+    assert_eq!(d["config"], config(&agent));
+    assert_eq!(d["config_generation"], 0);
+    assert!(
+        d["logs"]["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("step 4/5: probes attached")),
+        "logs in the bundle"
+    );
+
+    // The same as tar.gz, by Accept.
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("d.tar.gz");
+    let mut args = agent.client_args();
+    args.extend([
+        "-H".into(),
+        "Accept: application/gzip".into(),
+        "-o".into(),
+        archive.display().to_string(),
+        agent.url("/v1/diagnostics"),
+    ]);
+    let (code, _) =
+        brokerscope_tests::curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    assert_eq!(code, 200);
+    let listing =
+        brokerscope_tests::run_ok(std::process::Command::new("tar").arg("-tzf").arg(&archive));
+    assert_eq!(
+        listing.lines().collect::<Vec<_>>(),
+        ["diagnostics.json", "logs.txt", "config.toml"]
+    );
+    let extracted = brokerscope_tests::run_ok(
+        std::process::Command::new("tar")
+            .args(["-xzOf"])
+            .arg(&archive)
+            .arg("diagnostics.json"),
+    );
+    let inner: Value = serde_json::from_str(&extracted).unwrap();
+    assert_eq!(inner["brokers"][0]["id"], "3");
+}

@@ -113,6 +113,10 @@ impl LiveConfig {
         self.lock().clone()
     }
 
+    pub fn server_stats(&self) -> crate::server::stats::ServerSnapshot {
+        self.targets.server.stats.snapshot()
+    }
+
     pub fn generation(&self) -> u64 {
         self.targets
             .server

@@ -143,3 +143,50 @@ mod tests {
         assert_eq!(parse_since("yesterday", now), None);
     }
 }
+
+/// `GET /v1/diagnostics`: JSON, or a tar.gz when `Accept` asks for `application/gzip` or
+/// `application/x-tar+gzip`.
+pub async fn diagnostics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let gzip = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| {
+            accept.split(',').any(|range| {
+                let media = range.split(';').next().unwrap_or("").trim();
+                media.eq_ignore_ascii_case("application/gzip")
+                    || media.eq_ignore_ascii_case("application/x-tar+gzip")
+            })
+        });
+    let (model, control) = (state.model.clone(), state.control.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        let bundle = crate::control::diagnostics::capture(&model, &control);
+        if gzip {
+            crate::control::diagnostics::tar_gz(&bundle, &control.config.current().to_toml())
+                .map(|bytes| {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/gzip"),
+                            (
+                                header::CONTENT_DISPOSITION,
+                                "attachment; filename=\"brokerscope-diagnostics.tar.gz\"",
+                            ),
+                        ],
+                        bytes,
+                    )
+                        .into_response()
+                })
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot build the diagnostics archive");
+                    ApiError::Internal
+                })
+        } else {
+            Ok(Json(bundle).into_response())
+        }
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?;
+    answer
+}

@@ -56,6 +56,7 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
             get(operator::get_config).patch(operator::patch_config),
         )
         .route("/v1/logs", get(operator::logs))
+        .route("/v1/diagnostics", get(operator::diagnostics))
         .with_state(AppState {
             model,
             server: server.clone(),
