@@ -535,3 +535,127 @@ fn diagnostics_bundle_holds_everything_asked_for() {
     let inner: Value = serde_json::from_str(&extracted).unwrap();
     assert_eq!(inner["brokers"][0]["id"], "3");
 }
+
+/// A `/v1/events` subscriber: curl -N in the background, its SSE frames as (event, data).
+struct Subscriber {
+    _child: brokerscope_tests::KillOnDrop,
+    frames: std::sync::mpsc::Receiver<(String, Value)>,
+}
+
+impl Subscriber {
+    fn start(agent: &Agent, query: &str) -> Self {
+        let mut child = std::process::Command::new("curl")
+            .args(["-sS", "-N", "--http1.1"])
+            .args(agent.client_args())
+            .arg(agent.url(&format!("/v1/events{query}")))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, frames) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            let mut event = String::new();
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(e) = line.strip_prefix("event: ") {
+                    event = e.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    let data = serde_json::from_str(d).unwrap_or(Value::Null);
+                    if tx.send((std::mem::take(&mut event), data)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Subscriber {
+            _child: brokerscope_tests::KillOnDrop(child),
+            frames,
+        }
+    }
+
+    /// The next frame matching `f`, within `timeout`.
+    fn next(&self, timeout: Duration, f: impl Fn(&str, &Value) -> bool) -> (String, Value) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.frames.recv_timeout(left) {
+                Ok((e, d)) if f(&e, &d) => return (e, d),
+                Ok(_) => {}
+                Err(_) => panic!("no matching event within {timeout:?}"),
+            }
+        }
+    }
+}
+
+/// Waits until the agent counts `n` subscribers' streams as open (the subscription is taken
+/// when the response starts).
+fn wait_subscribed(agent: &Agent) {
+    eventually("the event stream open", Duration::from_secs(5), || {
+        let (_, body) = agent.get("/metrics");
+        brokerscope_tests::find_sample(
+            &body,
+            "brokerscope_http_requests_total",
+            &[("path", "/v1/events"), ("code", "200")],
+        )
+        .filter(|n| *n >= 1.0)
+    });
+}
+
+#[test]
+fn broker_events_stream_live_with_filters() {
+    if !privileged("broker_events_stream_live_with_filters") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&format!(
+        "[discovery]\ncmdline_patterns = ['{}']\n",
+        pattern_for(dir.path())
+    ));
+    agent.wait_ready();
+    let all = Subscriber::start(&agent, "");
+    let only_9 = Subscriber::start(&agent, "?broker=9&kind=broker_stopped");
+    wait_subscribed(&agent);
+    let props = |id: u32| {
+        write(
+            dir.path(),
+            &format!("b{id}.properties"),
+            &format!(
+                "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+                free_port()
+            ),
+        )
+    };
+    let (p8, p9) = (props(8), props(9));
+    let b8 = FakeBroker::start(FakeBrokerSpec::new(&p8));
+    let (kind, data) = all.next(Duration::from_secs(5), |_, d| d["broker"] == "8");
+    assert_eq!(kind, "broker_started");
+    assert_eq!(data["kind"], "broker_started");
+    assert_eq!(data["detail"]["pid"], b8.pid);
+    let b9 = FakeBroker::start(FakeBrokerSpec::new(&p9));
+    all.next(Duration::from_secs(5), |e, d| {
+        e == "broker_started" && d["broker"] == "9"
+    });
+    let pid9 = b9.pid;
+    b9.kill();
+    let (kind, data) = only_9.next(Duration::from_secs(5), |_, _| true);
+    assert_eq!(
+        (kind.as_str(), &data["broker"], &data["detail"]["pid"]),
+        ("broker_stopped", &json!("9"), &json!(pid9))
+    );
+    b8.kill();
+    all.next(Duration::from_secs(5), |e, d| {
+        e == "broker_stopped" && d["broker"] == "8"
+    });
+    // The filtered stream saw nothing of broker 8: its next frame would be 9's again.
+    assert!(only_9.frames.try_recv().is_err());
+    drop((all, only_9));
+    let (code, body) = agent.get("/v1/events?kind=open");
+    assert_eq!(code, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["parameter"],
+        "kind"
+    );
+}

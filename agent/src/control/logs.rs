@@ -220,6 +220,7 @@ impl LogLevel {
     }
 
     /// No subscriber to switch (unit tests).
+    #[cfg(test)]
     pub fn detached() -> Self {
         Self { handle: None }
     }

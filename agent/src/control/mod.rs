@@ -53,6 +53,7 @@ impl Control {
     }
 
     /// No discovery, no subscriber to switch, defaults (unit tests of the router).
+    #[cfg(test)]
     pub fn detached(model: Arc<Model>, server: Arc<ServerState>) -> Arc<Self> {
         Self::new(
             Config::default(),

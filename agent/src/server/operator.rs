@@ -190,3 +190,73 @@ pub async fn diagnostics(
     .map_err(|_| ApiError::Internal)?;
     answer
 }
+
+/// Comment line sent on a quiet stream so the connection is never taken for a stalled reader.
+const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `GET /v1/events`: Server-Sent Events, filtered by `?broker=&listener=&kind=` (each a
+/// comma-separated list). A subscriber that falls behind gets `event: dropped` with the number
+/// of events it lost, then the stream goes on from the oldest event still buffered.
+pub async fn events(
+    State(state): State<AppState>,
+    query: Result<Query<crate::control::events::Filter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+
+    let Query(filter) = query.map_err(|e| ApiError::BadParameter {
+        parameter: "query".into(),
+        reason: format!("{}; known: broker, listener, kind", e.body_text()),
+    })?;
+    if let Some(kind) = filter.unknown_kind() {
+        return Err(ApiError::BadParameter {
+            parameter: "kind".into(),
+            reason: format!(
+                "unknown kind `{}`; known: {}",
+                kind.chars().take(64).collect::<String>(),
+                crate::control::events::KINDS.join(", ")
+            ),
+        });
+    }
+    let subscription = state.model.events.subscribe();
+    let stats = state.server.stats.clone();
+    let stream = futures_util::stream::unfold(
+        (subscription, filter, stats),
+        |(mut sub, filter, stats)| async move {
+            loop {
+                match sub.rx.recv().await {
+                    Ok(event) => {
+                        if !filter.matches(&event) {
+                            continue;
+                        }
+                        let sse = SseEvent::default()
+                            .event(event.kind)
+                            .json_data(&*event)
+                            .unwrap_or_else(|_| SseEvent::default().comment("unencodable event"));
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(sse),
+                            (sub, filter, stats),
+                        ));
+                    }
+                    Err(RecvError::Lagged(lost)) => {
+                        stats
+                            .events_dropped
+                            .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                        let sse = SseEvent::default()
+                            .event("dropped")
+                            .data(json!({ "lost": lost }).to_string());
+                        return Some((Ok(sse), (sub, filter, stats)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}

@@ -57,6 +57,7 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
         )
         .route("/v1/logs", get(operator::logs))
         .route("/v1/diagnostics", get(operator::diagnostics))
+        .route("/v1/events", get(operator::events))
         .with_state(AppState {
             model,
             server: server.clone(),
