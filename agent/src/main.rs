@@ -4,6 +4,7 @@
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
 //! `check-config` validates a config file and prints the effective configuration.
 
+mod client;
 mod config;
 mod control;
 mod discovery;
@@ -47,6 +48,57 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// Read from a running agent: brokers, state, metrics, diagnostics, config.
+    Get {
+        what: client::What,
+        /// One broker (brokers, state).
+        #[arg(long)]
+        broker: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Change a running agent's configuration live.
+    Set {
+        #[command(subcommand)]
+        what: SetCommand,
+    },
+    /// Follow a running agent's live events (Ctrl-C to stop).
+    Events {
+        /// Only these brokers (comma-separated ids).
+        #[arg(long)]
+        broker: Option<String>,
+        /// Only these listeners (comma-separated names).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only these kinds, e.g. broker_started,connection_reset.
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// A running agent's recent log lines.
+    Logs {
+        /// RFC 3339 time, or seconds back from now.
+        #[arg(long)]
+        since: Option<String>,
+        /// error | warn | info | debug.
+        #[arg(long)]
+        level: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCommand {
+    /// KEY=VALUE (dotted key, e.g. server.access_log=debug; VALUE is JSON when it parses, else a
+    /// string). Several are applied as one change.
+    Config {
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,6 +153,38 @@ fn main() -> ExitCode {
                 Err(e.into())
             }
         },
+        Command::Get {
+            what,
+            broker,
+            connection,
+        } => client_run(client::get(&connection, what, broker.as_deref())),
+        Command::Set {
+            what:
+                SetCommand::Config {
+                    assignments,
+                    connection,
+                },
+        } => client_run(client::set_config(&connection, &assignments)),
+        Command::Events {
+            broker,
+            listener,
+            kind,
+            connection,
+        } => client_run(client::events(
+            &connection,
+            broker.as_deref(),
+            listener.as_deref(),
+            kind.as_deref(),
+        )),
+        Command::Logs {
+            since,
+            level,
+            connection,
+        } => client_run(client::logs(
+            &connection,
+            since.as_deref(),
+            level.as_deref(),
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +224,17 @@ fn init_logging() -> Logging {
         ring,
         from_env,
     }
+}
+
+/// Runs one client command on a small runtime of its own.
+fn client_run(
+    command: impl std::future::Future<Output = Result<(), client::ClientError>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(command).map_err(anyhow::Error::from)
 }
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {

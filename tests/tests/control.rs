@@ -659,3 +659,133 @@ fn broker_events_stream_live_with_filters() {
         "kind"
     );
 }
+
+/// Runs `brokerscope <args>` as a client of `agent` (its PKI); returns (exit code, stdout, stderr).
+fn cli(agent: &Agent, pki: &brokerscope_tests::Pki, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(brokerscope_tests::agent_bin())
+        .args(args)
+        .arg("--url")
+        .arg(format!("https://localhost:{}", agent.port()))
+        .arg("--cacert")
+        .arg(agent.pki.path("ca.crt"))
+        .arg("--cert")
+        .arg(pki.path("client.crt"))
+        .arg("--key")
+        .arg(pki.path("client.key"))
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_prints_brokers_sets_config_and_explains_refusals() {
+    if !privileged("cli_prints_brokers_sets_config_and_explains_refusals") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let props = write(
+        dir.path(),
+        "b5.properties",
+        &format!("node.id=5\nlisteners=PLAINTEXT://127.0.0.1:{port}\n"),
+    );
+    let broker = FakeBroker::start(FakeBrokerSpec {
+        hostname: Some("kafka-5"),
+        ..FakeBrokerSpec::new(&props)
+    });
+    let agent = Agent::start(&format!(
+        "[discovery]\ncmdline_patterns = ['{}']\n",
+        pattern_for(dir.path())
+    ));
+    agent.wait_ready();
+    let own = &agent.pki;
+
+    let (code, out, err) = cli(&agent, own, &["get", "brokers"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["ID", "STATE", "PID", "POD", "RESTARTS", "LISTENERS"]
+    );
+    assert_eq!(
+        lines[1],
+        [
+            "5",
+            "running",
+            &broker.pid.to_string(),
+            "kafka-5",
+            "0",
+            &format!("PLAINTEXT:{port}")
+        ]
+    );
+    assert_eq!(lines.len(), 2, "{out}");
+
+    let (code, out, err) = cli(&agent, own, &["get", "brokers", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["id"], "5");
+
+    let (code, out, err) = cli(
+        &agent,
+        own,
+        &[
+            "set",
+            "config",
+            "server.access_log=debug",
+            "server.rate_limit_rps=30",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "server.access_log: \"info\" -> \"debug\"\nserver.rate_limit_rps: 20 -> 30\ngeneration 1\n"
+    );
+    assert_eq!(config(&agent)["server"]["access_log"], "debug");
+    let (code, out, _) = cli(&agent, own, &["get", "config"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l == "server.rate_limit_rps = 30"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(
+        &agent,
+        own,
+        &["set", "config", "server.rate_limit_rps=fast"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("refused (400): server.rate_limit_rps:"),
+        "{err}"
+    );
+
+    // A certificate from a CA the agent does not trust.
+    let stranger = brokerscope_tests::Pki::new();
+    let (code, out, err) = cli(&agent, &stranger, &["get", "brokers"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.contains("the server refused our client certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_exits_non_zero_with_a_clear_message_on_403() {
+    if !privileged("cli_exits_non_zero_with_a_clear_message_on_403") {
+        return;
+    }
+    let agent = Agent::start("allowed_client_names = [\"prometheus\"]\n");
+    let (code, out, err) = cli(&agent, &agent.pki, &["get", "brokers"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err.trim(),
+        "error: forbidden: the agent knows us as `cluster-operator`, which is not in its server.allowed_client_names"
+    );
+}
