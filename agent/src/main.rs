@@ -330,6 +330,23 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
         None => discovery::FALLBACK_RESCAN,
     };
     let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
+    // Kernel connection events flow only while /v1/events has a subscriber.
+    if let Some(ring) = model.take_conn_events() {
+        let sink = model.clone();
+        match probes::sockets_events::spawn_reader(ring, move |events| {
+            sink.publish_conn_events(events)
+        }) {
+            Ok(()) => {
+                let weak = Arc::downgrade(&model);
+                model.events.on_interest(move |on| {
+                    if let Some(model) = weak.upgrade() {
+                        model.set_conn_events(on);
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no kernel connection events for /v1/events"),
+        }
+    }
 
     let addr = config.server.listen_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)

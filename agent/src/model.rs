@@ -102,6 +102,42 @@ impl Model {
         }
     }
 
+    /// The kernel's connection event ring, once.
+    pub fn take_conn_events(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Probes::take_conn_events)
+    }
+
+    /// Kernel connection events on or off (on while `/v1/events` has a subscriber).
+    pub fn set_conn_events(&self, on: bool) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Err(e)) = probes.as_mut().map(|p| p.set_conn_events(on)) {
+            tracing::warn!(error = %e, on, "cannot switch kernel connection events");
+        } else {
+            tracing::debug!(on, "kernel connection events switched");
+        }
+    }
+
+    /// Publishes kernel connection events, each attributed to its broker and listener.
+    pub fn publish_conn_events(&self, events: &[brokerscope_common::sockets::ConnEvent]) {
+        if !self.events.has_subscribers() {
+            return;
+        }
+        let index = crate::discovery::ListenerIndex::new(&self.brokers_state().brokers);
+        for e in events {
+            let (broker, listener) = match index.get(e.netns, e.port) {
+                Some((b, l)) => (Some(b.to_string()), Some(l.to_string())),
+                None => (None, None),
+            };
+            let mut event = crate::control::events::conn_event(e, broker);
+            event.listener = listener;
+            self.events.publish(event);
+        }
+    }
+
     /// Records why the probes could not be attached; readiness reports it.
     pub fn set_probe_error(&self, error: String) {
         self.status_mut().probe_error = Some(error);

@@ -789,3 +789,170 @@ fn cli_exits_non_zero_with_a_clear_message_on_403() {
         "error: forbidden: the agent knows us as `cluster-operator`, which is not in its server.allowed_client_names"
     );
 }
+
+/// Resident set of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[test]
+fn connection_events_arrive_within_100ms_with_tuple_bytes_and_duration() {
+    if !privileged("connection_events_arrive_within_100ms_with_tuple_bytes_and_duration") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let props = write(
+        dir.path(),
+        "b4.properties",
+        &format!("node.id=4\nlisteners=PLAINTEXT://127.0.0.1:{port}\n"),
+    );
+    let _broker = FakeBroker::start(FakeBrokerSpec::new(&props));
+    let agent = Agent::start(&format!(
+        "[discovery]\ncmdline_patterns = ['{}']\n",
+        pattern_for(dir.path())
+    ));
+    agent.wait_ready();
+    eventually("broker 4", Duration::from_secs(5), || {
+        brokers(&agent).into_iter().find(|b| b["id"] == "4")
+    });
+    let sub = Subscriber::start(&agent, "?broker=4&kind=connection_open,connection_close");
+    wait_subscribed(&agent);
+
+    let mut latencies = Vec::new();
+    for round in 0..10 {
+        let started = Instant::now();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client = stream.local_addr().unwrap().to_string();
+        let (kind, open) = sub.next(Duration::from_secs(2), |_, d| {
+            d["detail"]["remote"] == client
+        });
+        latencies.push(started.elapsed());
+        assert_eq!(kind, "connection_open", "round {round}: {open}");
+        assert_eq!(open["broker"], "4");
+        assert_eq!(open["listener"], "PLAINTEXT");
+        assert_eq!(open["detail"]["local"], format!("127.0.0.1:{port}"));
+        assert_eq!(open["detail"]["netns"], brokerscope_tests::own_netns());
+
+        brokerscope_tests::fake_request(&mut stream, 100 + round, 1000 * (round + 1)).unwrap();
+        drop(stream);
+        let (kind, close) = sub.next(Duration::from_secs(5), |_, d| {
+            d["detail"]["remote"] == client
+        });
+        assert_eq!(kind, "connection_close", "{close}");
+        assert_eq!(
+            close["detail"]["bytes_received"],
+            9 + 100 + round,
+            "{close}"
+        );
+        assert_eq!(close["detail"]["bytes_sent"], 1000 * (round + 1), "{close}");
+        assert!(
+            close["detail"]["duration_ns"].as_u64().unwrap() > 0,
+            "{close}"
+        );
+    }
+    latencies.sort();
+    eprintln!(
+        "connection_open event latency over 10 connections: min {:?}, median {:?}, max {:?}",
+        latencies[0], latencies[5], latencies[9]
+    );
+    assert!(latencies[9] < Duration::from_millis(100), "{latencies:?}");
+}
+
+/// SO_LINGER 0: close sends an RST (no TIME_WAIT left behind on the client side).
+fn reset_close(stream: std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+#[test]
+fn a_stalled_subscriber_costs_bounded_memory_and_learns_what_it_lost() {
+    if !privileged("a_stalled_subscriber_costs_bounded_memory_and_learns_what_it_lost") {
+        return;
+    }
+    let agent = Agent::start("[probes]\nwatch_all_listeners = true\n");
+    agent.wait_ready();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let sub = Subscriber::start(
+        &agent,
+        "?kind=connection_open,connection_close,connection_reset",
+    );
+    wait_subscribed(&agent);
+    let first = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client = first.local_addr().unwrap().to_string();
+    sub.next(Duration::from_secs(2), |e, d| {
+        e == "connection_open" && d["detail"]["remote"] == client
+    });
+    reset_close(first);
+
+    let curl = sub._child.0.id() as i32;
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(curl, libc::SIGSTOP) };
+    let before = rss(agent.pid());
+    let started = Instant::now();
+    // Each connection: open, the peer's reset, close — about 100k events.
+    let connections = 34_000;
+    for _ in 0..connections {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => reset_close(s),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    let fired = started.elapsed();
+    let after = rss(agent.pid());
+    // SAFETY: as above.
+    unsafe { libc::kill(curl, libc::SIGCONT) };
+    eprintln!(
+        "{connections} connections in {fired:?}; agent RSS {} -> {} KiB while the subscriber was stopped",
+        before / 1024,
+        after / 1024
+    );
+    assert!(
+        after < before + 32 * 1024 * 1024,
+        "RSS grew from {before} to {after}"
+    );
+
+    let (_, dropped) = sub.next(Duration::from_secs(10), |e, _| e == "dropped");
+    let mut lost = dropped["lost"].as_u64().unwrap();
+    assert!(lost > 0);
+    // Every loss this client was told of is in the metric, and nothing else is.
+    eventually(
+        "events_dropped_total == what the client was told",
+        Duration::from_secs(10),
+        || {
+            while let Ok((e, d)) = sub.frames.try_recv() {
+                if e == "dropped" {
+                    lost += d["lost"].as_u64().unwrap();
+                }
+            }
+            let metric = agent.metric("brokerscope_events_dropped_total", &[])?;
+            (metric == lost as f64).then_some(())
+        },
+    );
+    eprintln!("the stalled subscriber was told of {lost} lost events");
+}

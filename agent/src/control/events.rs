@@ -44,13 +44,54 @@ impl Event {
     }
 }
 
+/// The user-facing event for a kernel connection event (broker and listener attributed by the
+/// caller).
+pub fn conn_event(e: &brokerscope_common::sockets::ConnEvent, broker: Option<String>) -> Event {
+    use brokerscope_common::sockets::*;
+    let kind = match e.kind {
+        CONN_OPEN => "connection_open",
+        CONN_CLOSE => "connection_close",
+        CONN_RESET_SENT | CONN_RESET_RECEIVED => "connection_reset",
+        _ => "retransmit",
+    };
+    let mut detail = serde_json::json!({ "netns": e.netns, "port": e.port });
+    if e.family != 0 {
+        detail["local"] = address(e.family, e.local_addr, e.port).into();
+        detail["remote"] = address(e.family, e.remote_addr, e.remote_port).into();
+    }
+    match e.kind {
+        CONN_CLOSE => {
+            detail["bytes_sent"] = e.bytes_sent.into();
+            detail["bytes_received"] = e.bytes_received.into();
+            detail["duration_ns"] = e.duration_ns.into();
+        }
+        CONN_RESET_SENT => detail["direction"] = "sent".into(),
+        CONN_RESET_RECEIVED => detail["direction"] = "received".into(),
+        CONN_RETRANSMIT => detail["segments"] = e.count.into(),
+        _ => {}
+    }
+    Event::new(kind, broker, detail)
+}
+
+/// `ip:port` (IPv4 from its mapped form for AF_INET, `[ip]:port` for IPv6).
+fn address(family: u16, bytes: [u8; 16], port: u16) -> String {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match (family, v6.to_ipv4_mapped()) {
+        (2, Some(v4)) => format!("{v4}:{port}"),
+        _ => format!("[{v6}]:{port}"),
+    }
+}
+
+/// What to do when interest in events starts (`true`) or stops (`false`).
+type InterestFn = Box<dyn Fn(bool) + Send + Sync>;
+
 /// The bus. Cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
     subscribers: Arc<AtomicUsize>,
     /// Called with `true` when the first subscriber arrives, `false` when the last leaves.
-    on_interest: Arc<std::sync::Mutex<Option<Box<dyn Fn(bool) + Send + Sync>>>>,
+    on_interest: Arc<std::sync::Mutex<Option<InterestFn>>>,
 }
 
 impl Default for EventBus {
@@ -200,6 +241,47 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(*seen.lock().unwrap(), [false, true, false]);
+    }
+
+    #[test]
+    fn kernel_events_read_as_users_expect() {
+        use brokerscope_common::sockets::*;
+        let mut local = [0u8; 16];
+        local[10..12].copy_from_slice(&[0xff, 0xff]);
+        local[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let close = ConnEvent {
+            kind: CONN_CLOSE,
+            netns: 4026531840,
+            port: 9092,
+            remote_port: 51000,
+            family: 2,
+            local_addr: local,
+            remote_addr: local,
+            bytes_sent: 10,
+            bytes_received: 20,
+            duration_ns: 30,
+            ..ConnEvent::default()
+        };
+        let e = conn_event(&close, Some("1".into()));
+        assert_eq!(e.kind, "connection_close");
+        assert_eq!(
+            e.detail,
+            serde_json::json!({"netns": 4026531840u32, "port": 9092, "local": "127.0.0.1:9092",
+                "remote": "127.0.0.1:51000", "bytes_sent": 10, "bytes_received": 20, "duration_ns": 30})
+        );
+        let reset = ConnEvent {
+            kind: CONN_RESET_RECEIVED,
+            netns: 1,
+            port: 9092,
+            ..ConnEvent::default()
+        };
+        assert_eq!(
+            conn_event(&reset, None).detail,
+            serde_json::json!({"netns": 1, "port": 9092, "direction": "received"})
+        );
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert_eq!(address(10, v6, 9092), "[::1]:9092");
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub struct SocketsReader {
     watched: HashMap<MapData, ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
     watch_all: bool,
+    events: bool,
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
     /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
@@ -175,6 +176,7 @@ impl SocketsReader {
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
             watch_all: false,
+            events: false,
             reported: std::collections::HashMap::new(),
         })
     }
@@ -182,9 +184,19 @@ impl SocketsReader {
     /// Count every listener on the node (debugging), not only watched ones. Applied in place.
     pub fn set_watch_all(&mut self, on: bool) -> Result<(), ProbesError> {
         self.watch_all = on;
+        self.write_config()
+    }
+
+    /// Emit connection events (while `/v1/events` has a subscriber). Applied in place.
+    pub fn set_events(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.events = on;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), ProbesError> {
         let config = SocketsConfig {
-            watch_all: u32::from(on),
-            _pad: 0,
+            watch_all: u32::from(self.watch_all),
+            events: u32::from(self.events),
         };
         self.config.set(0, config, 0).map_err(|e| ProbesError::Map {
             name: SOCKETS_CONFIG_MAP,
