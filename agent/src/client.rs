@@ -506,7 +506,7 @@ pub async fn get(c: &Connection, what: What, broker: Option<&str>) -> Result<(),
             match c.output {
                 Output::Json => print_json(&v),
                 Output::Table => {
-                    println!("{:<8} {}", "STATE", "RECOVERY");
+                    println!("STATE    RECOVERY");
                     println!(
                         "{:<8} {}",
                         v["brokerState"],

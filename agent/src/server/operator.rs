@@ -126,24 +126,6 @@ pub async fn logs(
     Ok(response)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn since_is_rfc3339_or_seconds_back() {
-        let now = time::macros::datetime!(2026-11-26 17:00:00 UTC);
-        let at = now.unix_timestamp_nanos();
-        assert_eq!(parse_since("60", now), Some(at - 60_000_000_000));
-        assert_eq!(
-            parse_since("2026-11-26T16:59:00Z", now),
-            Some(at - 60_000_000_000)
-        );
-        assert_eq!(parse_since("-5", now), None);
-        assert_eq!(parse_since("yesterday", now), None);
-    }
-}
-
 /// `GET /v1/diagnostics`: JSON, or a tar.gz when `Accept` asks for `application/gzip` or
 /// `application/x-tar+gzip`.
 pub async fn diagnostics(
@@ -161,7 +143,7 @@ pub async fn diagnostics(
             })
         });
     let (model, control) = (state.model.clone(), state.control.clone());
-    let answer = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let bundle = crate::control::diagnostics::capture(&model, &control);
         if gzip {
             crate::control::diagnostics::tar_gz(&bundle, &control.config.current().to_toml())
@@ -187,8 +169,7 @@ pub async fn diagnostics(
         }
     })
     .await
-    .map_err(|_| ApiError::Internal)?;
-    answer
+    .map_err(|_| ApiError::Internal)?
 }
 
 /// Comment line sent on a quiet stream so the connection is never taken for a stalled reader.
@@ -259,4 +240,22 @@ pub async fn events(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_rfc3339_or_seconds_back() {
+        let now = time::macros::datetime!(2026-11-26 17:00:00 UTC);
+        let at = now.unix_timestamp_nanos();
+        assert_eq!(parse_since("60", now), Some(at - 60_000_000_000));
+        assert_eq!(
+            parse_since("2026-11-26T16:59:00Z", now),
+            Some(at - 60_000_000_000)
+        );
+        assert_eq!(parse_since("-5", now), None);
+        assert_eq!(parse_since("yesterday", now), None);
+    }
 }
