@@ -956,3 +956,57 @@ fn a_stalled_subscriber_costs_bounded_memory_and_learns_what_it_lost() {
     );
     eprintln!("the stalled subscriber was told of {lost} lost events");
 }
+
+#[test]
+fn a_changed_config_file_applies_live_through_the_same_validation() {
+    if !privileged("a_changed_config_file_applies_live_through_the_same_validation") {
+        return;
+    }
+    let agent = Agent::start("rate_limit_rps = 100\n");
+    let path = agent.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let pid = agent.pid();
+
+    // Polled: the file changes, the agent applies it.
+    std::fs::write(
+        &path,
+        original.replace("rate_limit_rps = 100", "rate_limit_rps = 55"),
+    )
+    .unwrap();
+    eventually(
+        "rate_limit_rps 55 from the file",
+        Duration::from_secs(5),
+        || (config(&agent)["server"]["rate_limit_rps"] == 55).then_some(()),
+    );
+    let line = agent.wait_for_log("key=server.rate_limit_rps");
+    assert!(
+        line.contains("who=config-file") && line.contains("old=100 new=55"),
+        "{line}"
+    );
+    assert_eq!(generation(&agent), 1.0);
+
+    // A restart-only key in the file is refused whole, naming the key; nothing changes.
+    std::fs::write(
+        &path,
+        original
+            .replace("rate_limit_rps = 100", "rate_limit_rps = 66")
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    let refused = agent.wait_for_log("config file refused");
+    assert!(
+        refused.contains("server.listen") && refused.contains("restart"),
+        "{refused}"
+    );
+    assert_eq!(config(&agent)["server"]["rate_limit_rps"], 55);
+
+    // SIGHUP re-reads it too (here: back to the original).
+    std::fs::write(&path, &original).unwrap();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    eventually("rate_limit_rps 100 again", Duration::from_secs(5), || {
+        (config(&agent)["server"]["rate_limit_rps"] == 100).then_some(())
+    });
+    assert_eq!(generation(&agent), 2.0);
+    assert_eq!(agent.pid(), pid);
+}
