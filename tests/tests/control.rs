@@ -153,6 +153,23 @@ fn patched_access_log_takes_effect_at_once() {
     assert_eq!(code, 200);
     assert!(!agent.log_text().contains("path=/nothing-here-off-again"));
     assert_eq!(config(&agent)["server"]["access_log"], "off");
+
+    // log.level switches the agent's log filter live: at `warn` the access log's info lines
+    // stop; the change itself is still recorded, and so is the way back.
+    let (code, _) = patch(
+        &agent,
+        r#"{"server":{"access_log":"info"},"log":{"level":"warn"}}"#,
+    );
+    assert_eq!(code, 200);
+    let line = agent.wait_for_log("key=log.level");
+    assert!(line.contains(r#"new="warn""#), "{line}");
+    agent.get("/nothing-here-at-warn");
+    let (code, _) = patch(&agent, r#"{"log":{"level":"info"}}"#);
+    assert_eq!(code, 200);
+    agent.wait_for_log(r#"key=log.level old="warn" new="info""#);
+    agent.get("/nothing-here-at-info");
+    agent.wait_for_log("path=/nothing-here-at-info");
+    assert!(!agent.log_text().contains("path=/nothing-here-at-warn"));
 }
 
 #[test]

@@ -132,6 +132,11 @@ impl ProbesConfig {
     }
 }
 
+/// Most entries of a list key (patterns, names, ports): config, not data.
+pub const MAX_LIST: usize = 64;
+/// Longest pattern or client name, in bytes.
+pub const MAX_STRING: usize = 1024;
+
 /// The sections the environment may override.
 const SECTIONS: [&str; 4] = ["server", "discovery", "probes", "log"];
 const ENV_PREFIX: &str = "BROKERSCOPE_";
@@ -258,14 +263,58 @@ impl Config {
                 "must be 1..=1000000",
             ));
         }
-        if let Some(e) = self.discovery.cmdline_patterns.iter().find_map(|pattern| {
-            regex::Regex::new(pattern).err().map(|e| {
-                ConfigError::invalid(
-                    "discovery.cmdline_patterns",
-                    format!("`{pattern}` is not a valid regex: {e}"),
-                )
+        for (key, len, max) in [
+            (
+                "server.allowed_client_names",
+                s.allowed_client_names.len(),
+                MAX_LIST,
+            ),
+            (
+                "discovery.cmdline_patterns",
+                self.discovery.cmdline_patterns.len(),
+                MAX_LIST,
+            ),
+            (
+                "discovery.listener_ports",
+                self.discovery.listener_ports.len(),
+                MAX_LIST,
+            ),
+        ] {
+            if len > max {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("{len} entries; at most {max}"),
+                ));
+            }
+        }
+        for (key, list) in [
+            ("server.allowed_client_names", &s.allowed_client_names),
+            (
+                "discovery.cmdline_patterns",
+                &self.discovery.cmdline_patterns,
+            ),
+        ] {
+            if list.iter().any(|v| v.len() > MAX_STRING) {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("entries are at most {MAX_STRING} bytes"),
+                ));
+            }
+        }
+        if let Some(e) = self
+            .discovery
+            .cmdline_patterns
+            .iter()
+            .take(MAX_LIST)
+            .find_map(|pattern| {
+                regex::Regex::new(pattern).err().map(|e| {
+                    ConfigError::invalid(
+                        "discovery.cmdline_patterns",
+                        format!("`{pattern}` is not a valid regex: {e}"),
+                    )
+                })
             })
-        }) {
+        {
             errors.push(e);
         }
         if self.discovery.listener_ports.contains(&0) {

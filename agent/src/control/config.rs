@@ -201,7 +201,7 @@ impl LiveConfig {
                 changed,
             });
         }
-        self.apply_live(current, &next, &changed)?;
+        self.apply_live(&next, &changed)?;
         let generation = self
             .targets
             .server
@@ -209,16 +209,33 @@ impl LiveConfig {
             .config_generation
             .fetch_add(1, Ordering::Relaxed)
             + 1;
-        for c in &changed {
-            tracing::info!(
-                target: "brokerscope::config",
-                who = %who,
-                key = %c.key,
-                old = %c.old,
-                new = %c.new,
-                generation,
-                "config changed"
-            );
+        // The change lines go out under whichever log filter shows them: a change to a quieter
+        // level is still recorded, and so is one to a louder level.
+        let log_lines = || {
+            for c in &changed {
+                tracing::info!(
+                    target: "brokerscope::config",
+                    who = %who,
+                    key = %c.key,
+                    old = %c.old,
+                    new = %c.new,
+                    generation,
+                    "config changed"
+                );
+            }
+        };
+        let shown_now = tracing::enabled!(target: "brokerscope::config", tracing::Level::INFO);
+        if shown_now {
+            log_lines();
+        }
+        // Validated already: parsing cannot fail; a reload error means no subscriber is left.
+        if changed.iter().any(|c| c.key == "log.level")
+            && let Err(e) = self.targets.log_level.set(&next.log.level)
+        {
+            tracing::warn!(error = %e, "log.level not applied");
+        }
+        if !shown_now {
+            log_lines();
         }
         *current = next;
         Ok(Applied {
@@ -227,13 +244,9 @@ impl LiveConfig {
         })
     }
 
-    /// Fallible steps first, so a failure leaves everything as it was.
-    fn apply_live(
-        &self,
-        old: &Config,
-        next: &Config,
-        changed: &[Change],
-    ) -> Result<(), ChangeError> {
+    /// The only fallible step (a kernel map write) goes first, so a failure leaves everything
+    /// as it was. `log.level` is switched by the caller, around the change's log lines.
+    fn apply_live(&self, next: &Config, changed: &[Change]) -> Result<(), ChangeError> {
         let t = &self.targets;
         let is = |key: &str| changed.iter().any(|c| c.key == key);
         if is("probes.watch_all_listeners") {
@@ -243,17 +256,6 @@ impl LiveConfig {
                     key: "probes.watch_all_listeners".into(),
                     reason,
                 })?;
-        }
-        if is("log.level")
-            && let Err(e) = t.log_level.set(&next.log.level)
-        {
-            if is("probes.watch_all_listeners") {
-                let _ = t.model.set_watch_all(old.probes.watch_all_listeners);
-            }
-            return Err(ChangeError::Apply {
-                key: "log.level".into(),
-                reason: e.to_string(),
-            });
         }
         let s = &next.server;
         if is("server.rate_limit_rps") || is("server.rate_limit_burst") {

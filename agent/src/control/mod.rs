@@ -78,7 +78,9 @@ impl Control {
             }
         };
         Some(tokio::spawn(async move {
-            let mut last = std::fs::read(&path).ok();
+            // None: the first poll re-reads the file, so a change written between the start's
+            // read and this task's first look is not missed (an unchanged file changes nothing).
+            let mut last: Option<Vec<u8>> = None;
             let mut tick = tokio::time::interval(FILE_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -98,6 +100,9 @@ impl Control {
                 };
                 let this = self.clone();
                 match tokio::task::spawn_blocking(move || this.config.reload_file()).await {
+                    Ok(Ok(applied)) if applied.changed.is_empty() => {
+                        tracing::debug!(why, "config file read; nothing changed")
+                    }
                     Ok(Ok(applied)) => tracing::info!(
                         why,
                         changed = applied.changed.len(),
