@@ -668,7 +668,11 @@ fn broker_events_stream_live_with_filters() {
     });
     // The filtered stream saw nothing of broker 8: its next frame would be 9's again.
     assert!(only_9.frames.try_recv().is_err());
+    // Kernel connection events were on while someone listened; the last one leaving turns
+    // them off (the stream ended cleanly on the client's disconnect).
+    agent.wait_for_log("kernel connection events switched on=true");
     drop((all, only_9));
+    agent.wait_for_log("kernel connection events switched on=false");
     let (code, body) = agent.get("/v1/events?kind=open");
     assert_eq!(code, 400);
     assert_eq!(
