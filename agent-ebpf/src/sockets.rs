@@ -10,16 +10,19 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use brokerscope_common::{
+    processes::NO_FIELD,
     sockets::{
-        CONN_ADOPTED, CONNECTIONS_CAPACITY, ConnectionState, DURATION_BUCKETS, IPPROTO_TCP,
-        LISTENERS_CAPACITY, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
-        LiveRecord, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, classify,
-        is_connection_state, is_watched, log2_bucket, payload_bytes,
+        CONN_ADOPTED, CONN_CLOSE, CONN_EVENTS_BYTES, CONN_OPEN, CONN_RESET_RECEIVED,
+        CONN_RESET_SENT, CONN_RETRANSMIT, CONNECTIONS_CAPACITY, ConnEvent, ConnectionState,
+        DURATION_BUCKETS, EventOffsets, IPPROTO_TCP, LISTENERS_CAPACITY, LIVE_CONNECTION,
+        LIVE_LISTENER, ListenerCounters, ListenerKey, LiveRecord, RTT_BUCKETS, SocketOffsets,
+        SocketsConfig, Transition, WATCH, classify, is_connection_state, is_watched, log2_bucket,
+        payload_bytes,
     },
     telemetry::{ProbeError, Program},
 };
@@ -178,7 +181,14 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let oldstate: i32 = record.get(off.tp_oldstate)?;
     let newstate: i32 = record.get(off.tp_newstate)?;
     let sk: u64 = record.get(off.tp_skaddr)?;
-    on_state_change(sk, oldstate, newstate, &off, || record.get(off.tp_sport))
+    on_state_change(
+        sk,
+        oldstate,
+        newstate,
+        &off,
+        || record.get(off.tp_sport),
+        |e| state_tuple(ctx, e),
+    )
 }
 
 /// The same hook as a raw tracepoint, preferred when the kernel allows it: no trace record is
@@ -212,9 +222,14 @@ fn try_sock_state_raw(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    on_state_change(sk, oldstate, newstate, &off, || {
-        kread(sk, off.sock_num, ProbeError::ReadSocket)
-    })
+    on_state_change(
+        sk,
+        oldstate,
+        newstate,
+        &off,
+        || kread(sk, off.sock_num, ProbeError::ReadSocket),
+        |e| sock_tuple(sk, e),
+    )
 }
 
 /// Counts an accept or a close of socket `sk`; `local_port` is only asked for an accept.
@@ -225,6 +240,7 @@ fn on_state_change(
     newstate: i32,
     off: &SocketOffsets,
     local_port: impl FnOnce() -> Result<u16, ProbeError>,
+    tuple: impl Fn(&mut ConnEvent) -> Result<(), ProbeError>,
 ) -> Result<(), ProbeError> {
     match classify(oldstate, newstate) {
         Transition::PassiveOpen => {
@@ -245,6 +261,7 @@ fn on_state_change(
                 add!(counters, untracked, 1);
                 return Err(ProbeError::ConnectionsFull);
             }
+            send_event(CONN_OPEN, &listener, &tuple);
             Ok(())
         }
         Transition::Close => {
@@ -256,7 +273,12 @@ fn on_state_change(
             let _ = CONNECTIONS.remove(sk);
             let counters = listener_counters(&state.listener)?;
             add!(counters, closed, 1);
-            account_close(sk, oldstate, &state, counters, off)
+            let accounted = account_close(sk, oldstate, &state, counters, off);
+            send_event(CONN_CLOSE, &state.listener, |e| {
+                close_details(e, sk, oldstate, &state, off)?;
+                tuple(e)
+            });
+            accounted
         }
         Transition::Other => Ok(()),
     }
@@ -329,6 +351,10 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     unsafe { (*state).retrans_seen = total_retrans };
     let counters = listener_counters(&listener)?;
     add!(counters, retransmits, u64::from(total_retrans - seen));
+    send_event(CONN_RETRANSMIT, &listener, |e| {
+        e.count = u64::from(total_retrans - seen);
+        retransmit_tuple(ctx, e)
+    });
     Ok(())
 }
 
@@ -358,6 +384,12 @@ fn try_reset(
     } else {
         add!(counters, resets_received, 1);
     }
+    let kind = if sent {
+        CONN_RESET_SENT
+    } else {
+        CONN_RESET_RECEIVED
+    };
+    send_event(kind, &key, |_| Ok(()));
     Ok(())
 }
 
@@ -517,6 +549,121 @@ fn emit(ctx: *mut core::ffi::c_void, record: &LiveRecord) -> Result<(), ProbeErr
             (record as *const LiveRecord).cast(),
             size_of::<LiveRecord>() as u32,
         );
+    }
+    Ok(())
+}
+
+// ---- Connection events for /v1/events -------------------------------------------------------
+// Only while SOCKETS_CONFIG.events is set (a subscriber is connected): otherwise each call site
+// costs one array lookup.
+
+/// Connection events; bounded by its byte size, a full ring drops (and counts) the event.
+#[map(name = "CONN_EVENTS")]
+static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
+
+/// Written by the loader from the tracepoint formats.
+#[unsafe(no_mangle)]
+static EVENT_OFFSETS: EventOffsets = EventOffsets::UNSET;
+
+/// Emits a `kind` event of `listener`'s connection when events are on; `fill` adds what the
+/// site knows. A failure to fill is counted and the event still goes out with what it has.
+#[inline(always)]
+fn send_event(
+    kind: u32,
+    listener: &ListenerKey,
+    fill: impl FnOnce(&mut ConnEvent) -> Result<(), ProbeError>,
+) {
+    if !SOCKETS_CONFIG.get(0).is_some_and(|c| c.events != 0) {
+        return;
+    }
+    let mut event = ConnEvent {
+        kind,
+        netns: listener.netns,
+        port: listener.port,
+        ..ConnEvent::default()
+    };
+    if let Err(e) = fill(&mut event) {
+        count_error(e);
+    }
+    if CONN_EVENTS.output::<ConnEvent>(&event, 0).is_err() {
+        count_error(ProbeError::ConnEventsFull);
+    }
+}
+
+#[inline(always)]
+fn event_offsets() -> EventOffsets {
+    // SAFETY: a plain read of a global the loader initialised; volatile so the compiler cannot
+    // fold the compiled-in placeholder.
+    unsafe { core::ptr::read_volatile(&EVENT_OFFSETS) }
+}
+
+/// Remote port, family and addresses from `sock:inet_sock_set_state`.
+#[inline(always)]
+fn state_tuple(ctx: &TracePointContext, e: &mut ConnEvent) -> Result<(), ProbeError> {
+    let off = event_offsets();
+    e.remote_port = field(ctx, off.state_dport)?;
+    e.family = field(ctx, off.state_family)?;
+    e.local_addr = field(ctx, off.state_saddr_v6)?;
+    e.remote_addr = field(ctx, off.state_daddr_v6)?;
+    Ok(())
+}
+
+/// The same from `tcp:tcp_retransmit_skb`.
+#[inline(always)]
+fn retransmit_tuple(ctx: &TracePointContext, e: &mut ConnEvent) -> Result<(), ProbeError> {
+    let off = event_offsets();
+    e.remote_port = field(ctx, off.retransmit_dport)?;
+    e.family = field(ctx, off.retransmit_family)?;
+    e.local_addr = field(ctx, off.retransmit_saddr_v6)?;
+    e.remote_addr = field(ctx, off.retransmit_daddr_v6)?;
+    Ok(())
+}
+
+/// The remote port, family and addresses from the socket itself (the raw tracepoint has no
+/// record): IPv4 addresses as v4-mapped IPv6, as `inet_sock_set_state`'s record has them.
+#[inline(always)]
+fn sock_tuple(sk: u64, e: &mut ConnEvent) -> Result<(), ProbeError> {
+    let off = event_offsets();
+    let err = ProbeError::ReadSocket;
+    e.remote_port = u16::from_be(kread(sk, off.sock_dport, err)?);
+    e.family = kread(sk, off.sock_family, err)?;
+    if e.family == AF_INET {
+        let local: [u8; 4] = kread(sk, off.sock_rcv_saddr, err)?;
+        let remote: [u8; 4] = kread(sk, off.sock_daddr, err)?;
+        e.local_addr = v4_mapped(local);
+        e.remote_addr = v4_mapped(remote);
+    } else if off.sock_v6_daddr != NO_FIELD {
+        e.local_addr = kread(sk, off.sock_v6_rcv_saddr, err)?;
+        e.remote_addr = kread(sk, off.sock_v6_daddr, err)?;
+    }
+    Ok(())
+}
+
+const AF_INET: u16 = 2;
+
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// A closing connection's payload bytes over its tracked life, and lifetime (the tuple is
+/// filled by the caller, from the hook's record or from the socket).
+#[inline(always)]
+fn close_details(
+    e: &mut ConnEvent,
+    sk: u64,
+    oldstate: i32,
+    state: &ConnectionState,
+    off: &SocketOffsets,
+) -> Result<(), ProbeError> {
+    let (sent, received) = socket_payload(sk, oldstate, off)?;
+    e.bytes_sent = sent.saturating_sub(state.base_sent);
+    e.bytes_received = received.saturating_sub(state.base_received);
+    if state.flags & CONN_ADOPTED == 0 {
+        // SAFETY: no preconditions.
+        e.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(state.established_ns);
     }
     Ok(())
 }

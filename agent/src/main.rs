@@ -4,7 +4,9 @@
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
 //! `check-config` validates a config file and prints the effective configuration.
 
+mod client;
 mod config;
+mod control;
 mod discovery;
 mod kernel;
 mod model;
@@ -47,6 +49,57 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// Read from a running agent: brokers, state, metrics, diagnostics, config.
+    Get {
+        what: client::What,
+        /// One broker (brokers, state).
+        #[arg(long)]
+        broker: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Change a running agent's configuration live.
+    Set {
+        #[command(subcommand)]
+        what: SetCommand,
+    },
+    /// Follow a running agent's live events (Ctrl-C to stop).
+    Events {
+        /// Only these brokers (comma-separated ids).
+        #[arg(long)]
+        broker: Option<String>,
+        /// Only these listeners (comma-separated names).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only these kinds, e.g. broker_started,connection_reset.
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// A running agent's recent log lines.
+    Logs {
+        /// RFC 3339 time, or seconds back from now.
+        #[arg(long)]
+        since: Option<String>,
+        /// error | warn | info | debug.
+        #[arg(long)]
+        level: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCommand {
+    /// KEY=VALUE (dotted key, e.g. server.access_log=debug; VALUE is JSON when it parses, else a
+    /// string). Several are applied as one change.
+    Config {
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,6 +154,38 @@ fn main() -> ExitCode {
                 Err(e.into())
             }
         },
+        Command::Get {
+            what,
+            broker,
+            connection,
+        } => client_run(client::get(&connection, what, broker.as_deref())),
+        Command::Set {
+            what:
+                SetCommand::Config {
+                    assignments,
+                    connection,
+                },
+        } => client_run(client::set_config(&connection, &assignments)),
+        Command::Events {
+            broker,
+            listener,
+            kind,
+            connection,
+        } => client_run(client::events(
+            &connection,
+            broker.as_deref(),
+            listener.as_deref(),
+            kind.as_deref(),
+        )),
+        Command::Logs {
+            since,
+            level,
+            connection,
+        } => client_run(client::logs(
+            &connection,
+            since.as_deref(),
+            level.as_deref(),
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,29 +196,64 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+/// The agent's log: stderr and the in-memory ring behind `/v1/logs`, under one filter that
+/// `log.level` switches live. `RUST_LOG`, when set, is the filter until the config changes it.
+struct Logging {
+    level: control::logs::LogLevel,
+    ring: Arc<control::logs::LogRing>,
+    from_env: bool,
+}
+
+fn init_logging() -> Logging {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let from_env = env.is_some();
+    let filter = env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ring = Arc::new(control::logs::LogRing::default());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(control::logs::RingLayer(ring.clone()))
         .init();
+    Logging {
+        level: control::logs::LogLevel::new(handle),
+        ring,
+        from_env,
+    }
+}
+
+/// Runs one client command on a small runtime of its own.
+fn client_run(
+    command: impl std::future::Future<Output = Result<(), client::ClientError>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(command).map_err(anyhow::Error::from)
 }
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    init_logging();
+    let logging = init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("brokerscope")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_async(config_path))
+    runtime.block_on(run_async(config_path, logging))
 }
 
-async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Result<()> {
     let config = Config::load(config_path.as_deref(), std::env::vars())?;
+    if !logging.from_env {
+        logging.level.set(&config.log.level)?;
+    }
     tracing::info!(
         config = %config_path.as_ref().map_or("<defaults>".into(), |p| p.display().to_string()),
         "step 1/5: configuration loaded"
@@ -214,6 +334,23 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         None => discovery::FALLBACK_RESCAN,
     };
     let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
+    // Kernel connection events flow only while /v1/events has a subscriber.
+    if let Some(ring) = model.take_conn_events() {
+        let sink = model.clone();
+        match probes::sockets_events::spawn_reader(ring, move |events| {
+            sink.publish_conn_events(events)
+        }) {
+            Ok(()) => {
+                let weak = Arc::downgrade(&model);
+                model.events.on_interest(move |on| {
+                    if let Some(model) = weak.upgrade() {
+                        model.set_conn_events(on);
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no kernel connection events for /v1/events"),
+        }
+    }
 
     let addr = config.server.listen_addr()?;
     // Discovered brokers' listeners, as configured ones were checked with the config.
@@ -234,7 +371,17 @@ async fn run_async(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(addr = %local, "step 5/5: listening");
 
     let state = server::ServerState::new(&config.server, server_stats);
-    let app = server::routes::router(model.clone(), state.clone());
+    let control = control::Control::new(
+        config,
+        config_path,
+        model.clone(),
+        state.clone(),
+        Some(discovery.clone()),
+        logging.level,
+        logging.ring,
+    );
+    let _file_watch = control.clone().spawn_file_watch();
+    let app = server::routes::router_with(model.clone(), state.clone(), control);
     server::serve(listener, tls, state, app, shutdown_signal()).await;
 
     tracing::info!("stopped");

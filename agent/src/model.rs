@@ -48,6 +48,8 @@ pub struct Model {
     probes: Mutex<Option<Probes>>,
     status: RwLock<Status>,
     brokers: RwLock<Brokers>,
+    /// Broker start/stop/state changes and kernel connection events, for `/v1/events`.
+    pub events: crate::control::events::EventBus,
 }
 
 /// What a renderer needs, read at one instant.
@@ -93,6 +95,51 @@ impl Model {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(Err(e)) = probes.as_mut().map(|p| p.ignore_listener(netns, port)) {
             tracing::warn!(error = %e, netns, port, "cannot exclude the agent's own listener");
+        }
+    }
+
+    /// `probes.watch_all_listeners`, live. Without probes there is nothing to switch.
+    pub fn set_watch_all(&self, on: bool) -> Result<(), String> {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.as_mut() {
+            Some(p) => p.set_watch_all(on).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// The kernel's connection event ring, once.
+    pub fn take_conn_events(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Probes::take_conn_events)
+    }
+
+    /// Kernel connection events on or off (on while `/v1/events` has a subscriber).
+    pub fn set_conn_events(&self, on: bool) {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Err(e)) = probes.as_mut().map(|p| p.set_conn_events(on)) {
+            tracing::warn!(error = %e, on, "cannot switch kernel connection events");
+        } else {
+            tracing::debug!(on, "kernel connection events switched");
+        }
+    }
+
+    /// Publishes kernel connection events, each attributed to its broker and listener.
+    pub fn publish_conn_events(&self, events: &[brokerscope_common::sockets::ConnEvent]) {
+        if !self.events.has_subscribers() {
+            return;
+        }
+        let index = crate::discovery::ListenerIndex::new(&self.brokers_state().brokers);
+        for e in events {
+            let (broker, listener) = match index.get(e.netns, e.port) {
+                Some((b, l)) => (Some(b.to_string()), Some(l.to_string())),
+                None => (None, None),
+            };
+            let mut event = crate::control::events::conn_event(e, broker);
+            event.listener = listener;
+            self.events.publish(event);
         }
     }
 
@@ -160,6 +207,7 @@ impl Model {
     pub fn set_brokers(&self, brokers: Vec<Broker>) {
         {
             let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+            publish_changes(&self.events, &b.brokers, &brokers);
             b.brokers = brokers;
             b.scanned = true;
             b.error = None;
@@ -169,10 +217,11 @@ impl Model {
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
     pub fn update_brokers(&self, brokers: Vec<Broker>) {
-        self.brokers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .brokers = brokers;
+        {
+            let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+            publish_changes(&self.events, &b.brokers, &brokers);
+            b.brokers = brokers;
+        }
         self.sync_kernel();
     }
 
@@ -247,5 +296,37 @@ impl Model {
 
     fn status_mut(&self) -> std::sync::RwLockWriteGuard<'_, Status> {
         self.status.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Broker events between two tables: a new running process is `broker_started`, a running one
+/// gone is `broker_stopped`, any other state change `broker_state`.
+fn publish_changes(bus: &crate::control::events::EventBus, old: &[Broker], new: &[Broker]) {
+    use crate::control::events::Event;
+    if !bus.has_subscribers() {
+        return;
+    }
+    for b in new {
+        let before = old.iter().find(|o| o.id == b.id);
+        let was_running = before.is_some_and(|o| o.is_running());
+        let detail =
+            || serde_json::json!({ "pid": b.pid, "state": b.state, "restarts": b.restarts });
+        let kind = match (was_running, b.is_running()) {
+            (false, true) => "broker_started",
+            (true, false) => "broker_stopped",
+            (true, true) if before.is_some_and(|o| o.pid != b.pid) => "broker_started",
+            _ if before.is_some_and(|o| o.state != b.state) => "broker_state",
+            _ => continue,
+        };
+        bus.publish(Event::new(kind, Some(b.id.clone()), detail()));
+    }
+    for o in old.iter().filter(|o| o.is_running()) {
+        if !new.iter().any(|b| b.id == o.id) {
+            bus.publish(Event::new(
+                "broker_stopped",
+                Some(o.id.clone()),
+                serde_json::json!({ "pid": o.pid, "state": "gone", "restarts": o.restarts }),
+            ));
+        }
     }
 }

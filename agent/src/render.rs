@@ -493,6 +493,24 @@ fn server_families(e: &mut Exposition, s: &ServerSnapshot) {
         "Changed TLS material refused (the previous material stays in use).",
     )
     .sample(&[], s.tls_reload_failures);
+    e.family(
+        "config_generation",
+        Kind::Gauge,
+        "Live configuration changes accepted since start (PATCH /v1/config, config file reloads).",
+    )
+    .sample(&[], s.config_generation);
+    e.family(
+        "events_dropped_total",
+        Kind::Counter,
+        "Events a slow /v1/events subscriber lost (each told by a `dropped` event).",
+    )
+    .sample(&[], s.events_dropped);
+    e.family(
+        "log_lines_dropped_total",
+        Kind::Counter,
+        "Log lines pushed out of the in-memory ring behind /v1/logs.",
+    )
+    .sample(&[], s.log_lines_dropped);
 }
 
 #[cfg(test)]

@@ -275,7 +275,9 @@ pub const SOCKETS_CONFIG_MAP: &str = "SOCKETS_CONFIG";
 pub struct SocketsConfig {
     /// Non-zero: count every listener on the node, not only [`WATCHED_MAP`]'s.
     pub watch_all: u32,
-    pub _pad: u32,
+    /// Non-zero: emit [`ConnEvent`]s into [`CONN_EVENTS_MAP`] (while `/v1/events` has a
+    /// subscriber); zero keeps the hot path free of it.
+    pub events: u32,
 }
 
 /// Whether a passive open on a listener is counted.
@@ -374,6 +376,90 @@ pub const fn checked_capacity(requested: u32) -> Result<u32, CapacityOutOfRange>
     }
 }
 
+/// Ring buffer of [`ConnEvent`]s for `/v1/events`. Bounded by its byte size: 256 KiB holds
+/// about 3000 events; a full ring drops the event and counts `connection_events_full`.
+pub const CONN_EVENTS_MAP: &str = "CONN_EVENTS";
+pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// [`ConnEvent::kind`].
+pub const CONN_OPEN: u32 = 1;
+pub const CONN_CLOSE: u32 = 2;
+pub const CONN_RESET_SENT: u32 = 3;
+pub const CONN_RESET_RECEIVED: u32 = 4;
+pub const CONN_RETRANSMIT: u32 = 5;
+
+/// One connection event of a watched listener. Addresses are IPv6 or IPv4-mapped (as the
+/// tracepoints give them); all zero where the hook does not know them (resets).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub kind: u32,
+    /// Network namespace inode of the socket.
+    pub netns: u32,
+    /// Local (listener) port.
+    pub port: u16,
+    pub remote_port: u16,
+    /// AF_INET (2) or AF_INET6 (10); 0 when unknown.
+    pub family: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Close: payload bytes over the connection's tracked life.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Close: time since the passive open (0 for adopted connections, whose start is unknown).
+    pub duration_ns: u64,
+    /// Retransmit: segments retransmitted since the last event of this connection.
+    pub count: u64,
+}
+
+/// Tracepoint field offsets for [`ConnEvent`]'s 4-tuple, written by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventOffsets {
+    /// `sock:inet_sock_set_state`.
+    pub state_dport: u32,
+    pub state_family: u32,
+    pub state_saddr_v6: u32,
+    pub state_daddr_v6: u32,
+    /// `tcp:tcp_retransmit_skb`.
+    pub retransmit_dport: u32,
+    pub retransmit_family: u32,
+    pub retransmit_saddr_v6: u32,
+    pub retransmit_daddr_v6: u32,
+    /// `struct sock` (BTF), for the raw tracepoint, which has no record: `skc_dport` (network
+    /// order), `skc_family`, `skc_daddr`, `skc_rcv_saddr`, and `skc_v6_daddr`,
+    /// `skc_v6_rcv_saddr` ([`crate::processes::NO_FIELD`] without IPv6).
+    pub sock_dport: u32,
+    pub sock_family: u32,
+    pub sock_daddr: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+}
+
+impl EventOffsets {
+    pub const UNSET: EventOffsets = EventOffsets {
+        state_dport: 0,
+        state_family: 0,
+        state_saddr_v6: 0,
+        state_daddr_v6: 0,
+        retransmit_dport: 0,
+        retransmit_family: 0,
+        retransmit_saddr_v6: 0,
+        retransmit_daddr_v6: 0,
+        sock_dport: 0,
+        sock_family: 0,
+        sock_daddr: 0,
+        sock_rcv_saddr: 0,
+        sock_v6_daddr: 0,
+        sock_v6_rcv_saddr: 0,
+    };
+}
+
+/// Symbol of the [`EventOffsets`] global in the object.
+pub const EVENT_OFFSETS_GLOBAL: &str = "EVENT_OFFSETS";
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all three are #[repr(C)] with explicit padding and only integer fields, so every
@@ -389,6 +475,10 @@ mod pod {
     unsafe impl aya::Pod for super::SocketsConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LiveRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EventOffsets {}
 }
 
 #[cfg(test)]

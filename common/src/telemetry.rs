@@ -131,17 +131,20 @@ pub enum ProbeError {
     /// The process event ring buffer was full: an exec or exit event was lost (discovery's
     /// periodic safety rescan of /proc catches up).
     EventsFull = 5,
+    /// The connection event ring buffer was full: a `/v1/events` connection event was lost.
+    ConnEventsFull = 6,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 6] = [
+    pub const ALL: [ProbeError; 7] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
         ProbeError::ConnectionsFull,
         ProbeError::ReadSocket,
         ProbeError::EventsFull,
+        ProbeError::ConnEventsFull,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -156,6 +159,7 @@ impl ProbeError {
             ProbeError::ConnectionsFull => "connections_map_full",
             ProbeError::ReadSocket => "read_socket",
             ProbeError::EventsFull => "process_events_full",
+            ProbeError::ConnEventsFull => "connection_events_full",
         }
     }
 }
@@ -176,6 +180,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 6);
+        assert_eq!(ProbeError::COUNT, 7);
     }
 }

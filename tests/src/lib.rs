@@ -215,6 +215,11 @@ impl Agent {
         format!("https://localhost:{}{path}", self.port())
     }
 
+    /// The config file the agent was started with (tests may rewrite it: live reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._config_dir.path().join("brokerscope.toml")
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }

@@ -16,6 +16,25 @@ pub struct Config {
     pub server: ServerConfig,
     pub discovery: DiscoveryConfig,
     pub probes: ProbesConfig,
+    pub log: LogConfig,
+}
+
+/// `[log]`: the agent's own log (beyond INTERFACE.md; live-switchable). `RUST_LOG`, when set,
+/// wins at startup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`) or a `tracing` filter directive.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        // What an operator reads: startup steps, brokers found and lost, warnings.
+        Self {
+            level: "info".into(),
+        }
+    }
 }
 
 /// `[server]`: the mTLS endpoint.
@@ -113,8 +132,13 @@ impl ProbesConfig {
     }
 }
 
+/// Most entries of a list key (patterns, names, ports): config, not data.
+pub const MAX_LIST: usize = 64;
+/// Longest pattern or client name, in bytes.
+pub const MAX_STRING: usize = 1024;
+
 /// The sections the environment may override.
-const SECTIONS: [&str; 3] = ["server", "discovery", "probes"];
+const SECTIONS: [&str; 4] = ["server", "discovery", "probes", "log"];
 const ENV_PREFIX: &str = "BROKERSCOPE_";
 
 /// Why a configuration was refused. `key` is the dotted path of the offending key.
@@ -201,58 +225,114 @@ impl Config {
 
     /// Checks every value; the first offending key is named.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.validate_all().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks every value and names every offending key (live config answers them all).
+    pub fn validate_all(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
         let s = &self.server;
-        s.listen_addr()?;
+        let listen = s.listen_addr().map_err(|e| errors.push(e)).ok();
         for (key, path) in [
             ("server.cert_file", &s.cert_file),
             ("server.key_file", &s.key_file),
             ("server.client_ca_file", &s.client_ca_file),
         ] {
             if path.as_os_str().is_empty() {
-                return Err(ConfigError::invalid(key, "must not be empty"));
+                errors.push(ConfigError::invalid(key, "must not be empty"));
             }
         }
-        for name in &s.allowed_client_names {
-            if name.trim().is_empty() {
-                return Err(ConfigError::invalid(
-                    "server.allowed_client_names",
-                    "names must not be empty",
-                ));
-            }
+        if s.allowed_client_names.iter().any(|n| n.trim().is_empty()) {
+            errors.push(ConfigError::invalid(
+                "server.allowed_client_names",
+                "names must not be empty",
+            ));
         }
         if !(1..=100_000).contains(&s.rate_limit_rps) {
-            return Err(ConfigError::invalid(
+            errors.push(ConfigError::invalid(
                 "server.rate_limit_rps",
                 "must be 1..=100000",
             ));
         }
         if s.rate_limit_burst < 1 || s.rate_limit_burst > 1_000_000 {
-            return Err(ConfigError::invalid(
+            errors.push(ConfigError::invalid(
                 "server.rate_limit_burst",
                 "must be 1..=1000000",
             ));
         }
-        for pattern in &self.discovery.cmdline_patterns {
-            regex::Regex::new(pattern).map_err(|e| {
-                ConfigError::invalid(
-                    "discovery.cmdline_patterns",
-                    format!("`{pattern}` is not a valid regex: {e}"),
-                )
-            })?;
+        for (key, len, max) in [
+            (
+                "server.allowed_client_names",
+                s.allowed_client_names.len(),
+                MAX_LIST,
+            ),
+            (
+                "discovery.cmdline_patterns",
+                self.discovery.cmdline_patterns.len(),
+                MAX_LIST,
+            ),
+            (
+                "discovery.listener_ports",
+                self.discovery.listener_ports.len(),
+                MAX_LIST,
+            ),
+        ] {
+            if len > max {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("{len} entries; at most {max}"),
+                ));
+            }
+        }
+        for (key, list) in [
+            ("server.allowed_client_names", &s.allowed_client_names),
+            (
+                "discovery.cmdline_patterns",
+                &self.discovery.cmdline_patterns,
+            ),
+        ] {
+            if list.iter().any(|v| v.len() > MAX_STRING) {
+                errors.push(ConfigError::invalid(
+                    key,
+                    format!("entries are at most {MAX_STRING} bytes"),
+                ));
+            }
+        }
+        if let Some(e) = self
+            .discovery
+            .cmdline_patterns
+            .iter()
+            .take(MAX_LIST)
+            .find_map(|pattern| {
+                regex::Regex::new(pattern).err().map(|e| {
+                    ConfigError::invalid(
+                        "discovery.cmdline_patterns",
+                        format!("`{pattern}` is not a valid regex: {e}"),
+                    )
+                })
+            })
+        {
+            errors.push(e);
         }
         if self.discovery.listener_ports.contains(&0) {
-            return Err(ConfigError::invalid(
+            errors.push(ConfigError::invalid(
                 "discovery.listener_ports",
                 "port 0 is not a port",
             ));
         }
         // The control endpoint never shares a port with a broker's data plane.
-        crate::server::isolation::check_isolation(
-            s.listen_addr()?,
-            self.discovery.listener_ports.iter().copied(),
-            "discovery.listener_ports",
-        )
-        .map_err(|e| ConfigError::invalid("server.listen", e.to_string()))?;
+        if let Some(listen) = listen
+            && let Err(e) = crate::server::isolation::check_isolation(
+                listen,
+                self.discovery.listener_ports.iter().copied(),
+                "discovery.listener_ports",
+            )
+        {
+            errors.push(ConfigError::invalid("server.listen", e.to_string()));
+        }
         for (key, value) in [
             ("probes.listeners_capacity", self.probes.listeners_capacity),
             (
@@ -260,8 +340,8 @@ impl Config {
                 self.probes.connections_capacity,
             ),
         ] {
-            sockets::checked_capacity(value).map_err(|e| {
-                ConfigError::invalid(
+            if let Err(e) = sockets::checked_capacity(value) {
+                errors.push(ConfigError::invalid(
                     key,
                     format!(
                         "{} is outside {}..={}",
@@ -269,10 +349,19 @@ impl Config {
                         sockets::MIN_CAPACITY,
                         sockets::MAX_CAPACITY
                     ),
-                )
-            })?;
+                ));
+            }
         }
-        Ok(())
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            errors.push(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "`{}` is not a level or filter such as `info` or `info,brokerscope=debug`: {e}",
+                    self.log.level
+                ),
+            ));
+        }
+        errors
     }
 
     /// The effective configuration as TOML, for `check-config` and diagnostics.

@@ -221,3 +221,22 @@ fn listen_port_must_not_be_a_broker_port() {
          port of its own"
     );
 }
+
+#[test]
+fn lists_and_their_entries_are_bounded() {
+    let mut config = Config::default();
+    config.discovery.listener_ports = (1..=65).collect();
+    config.server.allowed_client_names = vec!["x".repeat(MAX_STRING + 1)];
+    let keys: Vec<String> = config
+        .validate_all()
+        .iter()
+        .filter_map(|e| e.key().map(str::to_string))
+        .collect();
+    assert_eq!(
+        keys,
+        ["discovery.listener_ports", "server.allowed_client_names"]
+    );
+    config.discovery.listener_ports.truncate(MAX_LIST);
+    config.server.allowed_client_names = vec!["x".repeat(MAX_STRING)];
+    assert!(config.validate_all().is_empty());
+}

@@ -212,13 +212,6 @@ impl Discovery {
     /// Replaces `discovery.cmdline_patterns` (live config). Call [`Discovery::scan_all`] after
     /// it: that scan examines every process again, so brokers the new patterns no longer match
     /// stop and newly matching ones appear.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called by the kernel event reader and live config, not wired yet"
-        )
-    )]
     pub fn set_patterns(&self, patterns: &[String]) -> Result<(), DiscoveryError> {
         let compiled = Patterns::new(patterns)?;
         let mut st = self.lock();
@@ -230,13 +223,6 @@ impl Discovery {
 
     /// Replaces `discovery.listener_ports` (live config); brokers whose config could not be
     /// read take the new ports at once.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called by the kernel event reader and live config, not wired yet"
-        )
-    )]
     pub fn set_listener_ports(&self, ports: &[u16]) {
         let mut st = self.lock();
         st.listener_ports = ports.to_vec();

@@ -7,6 +7,7 @@ mod btf;
 mod netns;
 pub mod processes;
 pub mod sockets;
+pub mod sockets_events;
 mod tracefs;
 
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
@@ -18,7 +19,10 @@ use aya::{
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
-    sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
+    sockets::{
+        CONN_EVENTS_MAP, CONNECTIONS_MAP, EVENT_OFFSETS_GLOBAL, LISTENERS_MAP,
+        SOCKET_OFFSETS_GLOBAL, WATCHED_MAP,
+    },
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
 };
 use tokio::io::unix::AsyncFd;
@@ -138,6 +142,7 @@ pub struct Probes {
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
     process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
+    conn_events: Option<aya::maps::RingBuf<MapData>>,
     ebpf: Ebpf,
 }
 
@@ -145,11 +150,20 @@ impl Probes {
     /// Resolves offsets from the running kernel, loads the object with the configured map
     /// capacities and attaches every program.
     pub fn load(kernel: &KernelFacts, config: &ProbesConfig) -> Result<Self, ProbesError> {
-        let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel.btf)?;
+        // Parsed once: a few MiB of kernel type information.
+        let kernel_types = btf::Btf::parse(&read_file(&kernel.btf)?)?;
+        let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel_types)?;
         let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
-        tracing::debug!(?offsets, ?process_offsets, "resolved offsets");
+        let event_offsets = sockets_events::resolve_offsets(&kernel.tracefs, &kernel_types)?;
+        tracing::debug!(
+            ?offsets,
+            ?process_offsets,
+            ?event_offsets,
+            "resolved offsets"
+        );
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
+            .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
             .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
@@ -215,6 +229,7 @@ impl Probes {
         } else {
             None
         };
+        let conn_events = Some(take_ring(&mut ebpf, CONN_EVENTS_MAP)?);
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -227,8 +242,19 @@ impl Probes {
             namespaces: netns::Namespaces::default(),
             broker_pids,
             process_events,
+            conn_events,
             ebpf,
         })
+    }
+
+    /// The kernel's connection event ring, once (see [`sockets_events`]).
+    pub fn take_conn_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.conn_events.take()
+    }
+
+    /// Turns the kernel's connection events on or off (on while someone subscribes).
+    pub fn set_conn_events(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.sockets.set_events(on)
     }
 
     pub fn attached(&self) -> &[Attachment] {
@@ -253,6 +279,11 @@ impl Probes {
     }
 
     /// Tells the kernel which pids are brokers, so their exits are reported.
+    /// `probes.watch_all_listeners`, live.
+    pub fn set_watch_all(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.sockets.set_watch_all(on)
+    }
+
     pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
         self.broker_pids.set(pids)
     }
@@ -445,6 +476,19 @@ fn take_per_cpu_array(
         .take_map(name)
         .ok_or(ProbesError::Missing { kind: "map", name })?;
     PerCpuArray::try_from(map).map_err(|e| ProbesError::Map {
+        name,
+        source: Box::new(e),
+    })
+}
+
+fn take_ring(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::RingBuf<MapData>, ProbesError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbesError::Missing { kind: "map", name })?;
+    aya::maps::RingBuf::try_from(map).map_err(|e| ProbesError::Map {
         name,
         source: Box::new(e),
     })

@@ -12,7 +12,7 @@ use brokerscope_common::sockets::{
     LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
 };
 
-use super::{ProbesError, btf::Btf, read_file, tracefs::Format};
+use super::{ProbesError, btf::Btf, tracefs::Format};
 
 /// Counters of one (network namespace, port) listener: closed connections' totals from the
 /// kernel map plus what is still open, read by the iterator.
@@ -103,12 +103,11 @@ pub fn iterate_in(
 
 /// Reads `inet_sock_set_state`'s record layout from tracefs and the `struct sock -> net -> inum`
 /// path from BTF.
-pub fn resolve_offsets(tracefs: &Path, btf_path: &Path) -> Result<SocketOffsets, ProbesError> {
+pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<SocketOffsets, ProbesError> {
     let state = Format::read(tracefs, "sock", "inet_sock_set_state")?;
     let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
     let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
     let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
-    let btf = Btf::parse(&read_file(btf_path)?)?;
     let tcp = |field: &str| btf.offset_of("tcp_sock", &[field]);
     let sock_done = btf.enum_value("SOCK_DONE")?;
     Ok(SocketOffsets {
@@ -155,6 +154,7 @@ pub struct SocketsReader {
     watched: HashMap<MapData, ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
     watch_all: bool,
+    events: bool,
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
     /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
@@ -180,6 +180,7 @@ impl SocketsReader {
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
             watch_all: false,
+            events: false,
             reported: std::collections::HashMap::new(),
         })
     }
@@ -187,9 +188,19 @@ impl SocketsReader {
     /// Count every listener on the node (debugging), not only watched ones. Applied in place.
     pub fn set_watch_all(&mut self, on: bool) -> Result<(), ProbesError> {
         self.watch_all = on;
+        self.write_config()
+    }
+
+    /// Emit connection events (while `/v1/events` has a subscriber). Applied in place.
+    pub fn set_events(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.events = on;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), ProbesError> {
         let config = SocketsConfig {
-            watch_all: u32::from(on),
-            _pad: 0,
+            watch_all: u32::from(self.watch_all),
+            events: u32::from(self.events),
         };
         self.config.set(0, config, 0).map_err(|e| ProbesError::Map {
             name: SOCKETS_CONFIG_MAP,

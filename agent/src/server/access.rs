@@ -98,7 +98,7 @@ fn admit(
             identity: "unknown".into(),
         });
     };
-    if !identity.is_allowed(state.allowed_client_names()) {
+    if !identity.is_allowed(&state.allowed_client_names()) {
         return Err(ApiError::Forbidden {
             identity: identity.display.clone(),
         });

@@ -54,40 +54,64 @@ struct Bucket {
 /// nothing), then, if still full, the least recently seen one (which gets a fresh burst should
 /// it come back: the price of bounded memory).
 pub struct RateLimiter {
+    capacity: usize,
+    inner: Mutex<Limits>,
+}
+
+/// The rates and the buckets, under one lock so a live change is seen whole.
+struct Limits {
     rps: f64,
     burst: f64,
-    capacity: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: HashMap<String, Bucket>,
 }
 
 impl RateLimiter {
     pub fn new(rps: u32, burst: u32, capacity: usize) -> Self {
         Self {
-            rps: f64::from(rps.max(1)),
-            burst: f64::from(burst.max(1)),
             capacity: capacity.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Limits {
+                rps: f64::from(rps.max(1)),
+                burst: f64::from(burst.max(1)),
+                buckets: HashMap::new(),
+            }),
         }
+    }
+
+    /// Changes the rates live (`server.rate_limit_rps`, `server.rate_limit_burst`). Buckets keep
+    /// their tokens, cut to the new burst: a change never hands out a fresh burst.
+    pub fn set_rates(&self, rps: u32, burst: u32) {
+        let mut inner = self.lock();
+        inner.rps = f64::from(rps.max(1));
+        inner.burst = f64::from(burst.max(1));
+        let burst = inner.burst;
+        for bucket in inner.buckets.values_mut() {
+            bucket.tokens = bucket.tokens.min(burst);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes one token for `identity` at `now`.
     pub fn check(&self, identity: &str, now: Instant) -> Verdict {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if !buckets.contains_key(identity) && buckets.len() >= self.capacity {
-            self.evict(&mut buckets, now);
+        let mut inner = self.lock();
+        let (rps, burst) = (inner.rps, inner.burst);
+        if !inner.buckets.contains_key(identity) && inner.buckets.len() >= self.capacity {
+            self.evict(&mut inner, now);
         }
-        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
-            tokens: self.burst,
+        let bucket = inner.buckets.entry(identity.to_string()).or_insert(Bucket {
+            tokens: burst,
             last: now,
         });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rps).min(self.burst);
+        bucket.tokens = (bucket.tokens + elapsed * rps).min(burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Verdict::Allow
         } else {
-            let wait = (1.0 - bucket.tokens) / self.rps;
+            let wait = (1.0 - bucket.tokens) / rps;
             Verdict::Deny {
                 retry_after: Duration::from_secs_f64(wait),
             }
@@ -97,11 +121,12 @@ impl RateLimiter {
     /// Identities currently remembered.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().buckets.len()
     }
 
-    fn evict(&self, buckets: &mut HashMap<String, Bucket>, now: Instant) {
-        let refill = Duration::from_secs_f64(self.burst / self.rps);
+    fn evict(&self, inner: &mut Limits, now: Instant) {
+        let refill = Duration::from_secs_f64(inner.burst / inner.rps);
+        let buckets = &mut inner.buckets;
         buckets.retain(|_, b| now.saturating_duration_since(b.last) < refill);
         if buckets.len() >= self.capacity
             && let Some(oldest) = buckets
@@ -190,6 +215,28 @@ mod tests {
         let t2 = t1 + Duration::from_secs(10);
         limiter.check("e", t2);
         assert_eq!(limiter.len(), 1);
+    }
+
+    #[test]
+    fn rates_change_live_without_a_fresh_burst() {
+        let limiter = RateLimiter::new(1, 4, 16);
+        let t0 = Instant::now();
+        assert_eq!(limiter.check("op", t0), Verdict::Allow);
+        // 3 tokens left; a burst of 2 cuts them to 2.
+        limiter.set_rates(10, 2);
+        assert_eq!(limiter.check("op", t0), Verdict::Allow);
+        assert_eq!(limiter.check("op", t0), Verdict::Allow);
+        assert_eq!(
+            limiter.check("op", t0),
+            Verdict::Deny {
+                retry_after: Duration::from_millis(100)
+            }
+        );
+        // Refilled at the new rate: 100 ms is one token at 10/s.
+        assert_eq!(
+            limiter.check("op", t0 + Duration::from_millis(100)),
+            Verdict::Allow
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod access;
 pub mod identity;
 pub mod isolation;
 pub mod limits;
+mod operator;
 pub mod reload;
 pub mod routes;
 pub mod stats;
@@ -48,7 +49,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Per-request policy shared by every connection; the values a live config change may switch
 /// are read per request.
 pub struct ServerState {
-    allowed_client_names: Vec<String>,
+    allowed_client_names: std::sync::RwLock<Arc<[String]>>,
     access_log: AtomicU8,
     pub limiter: RateLimiter,
     pub in_flight: Arc<Semaphore>,
@@ -58,7 +59,9 @@ pub struct ServerState {
 impl ServerState {
     pub fn new(section: &ServerSection, stats: Arc<ServerStats>) -> Arc<Self> {
         let state = Arc::new(Self {
-            allowed_client_names: section.allowed_client_names.clone(),
+            allowed_client_names: std::sync::RwLock::new(
+                section.allowed_client_names.clone().into(),
+            ),
             access_log: AtomicU8::new(0),
             limiter: RateLimiter::new(
                 section.rate_limit_rps,
@@ -72,8 +75,19 @@ impl ServerState {
         state
     }
 
-    pub fn allowed_client_names(&self) -> &[String] {
-        &self.allowed_client_names
+    pub fn allowed_client_names(&self) -> Arc<[String]> {
+        self.allowed_client_names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes effect from the next request (open connections included).
+    pub fn set_allowed_client_names(&self, names: &[String]) {
+        *self
+            .allowed_client_names
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = names.into();
     }
 
     pub fn access_log(&self) -> AccessLog {

@@ -16,8 +16,9 @@ use axum::{
 use serde_json::json;
 use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer};
 
-use super::{ServerState, access, limits::MAX_BODY_BYTES};
+use super::{ServerState, access, limits::MAX_BODY_BYTES, operator};
 use crate::{
+    control::Control,
     model::Model,
     render::{self, Format},
     views::{self, BrokerView},
@@ -28,10 +29,19 @@ use crate::{
 pub struct AppState {
     pub model: Arc<Model>,
     pub server: Arc<ServerState>,
+    pub control: Arc<Control>,
 }
 
-/// Builds the router over the shared model and the endpoint's state.
+/// Builds the router over the shared model and the endpoint's state, with a detached control
+/// channel (defaults; no discovery or log filter to switch): for tests.
+#[cfg(test)]
 pub fn router(model: Arc<Model>, server: Arc<ServerState>) -> Router {
+    let control = Control::detached(model.clone(), server.clone());
+    router_with(model, server, control)
+}
+
+/// Builds the router over the shared model, the endpoint's state and the control channel.
+pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Control>) -> Router {
     let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -42,9 +52,17 @@ pub fn router(model: Arc<Model>, server: Arc<ServerState>) -> Router {
             // gzip only when the client accepts it; tiny bodies are left alone.
             get(metrics).layer(CompressionLayer::new()),
         )
+        .route(
+            "/v1/config",
+            get(operator::get_config).patch(operator::patch_config),
+        )
+        .route("/v1/logs", get(operator::logs))
+        .route("/v1/diagnostics", get(operator::diagnostics))
+        .route("/v1/events", get(operator::events))
         .with_state(AppState {
             model,
             server: server.clone(),
+            control,
         });
     harden(api, server)
 }
@@ -69,7 +87,7 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal.into_response()
 }
 
-type State = axum::extract::State<AppState>;
+pub(super) type State = axum::extract::State<AppState>;
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
@@ -89,11 +107,9 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     let format = negotiate(headers.get(header::ACCEPT));
     // Map reads are syscalls: keep them off the async workers.
     let text = tokio::task::spawn_blocking(move || {
-        render::exposition(
-            &state.model.snapshot(),
-            &state.server.stats.snapshot(),
-            format,
-        )
+        let mut server = state.server.stats.snapshot();
+        server.log_lines_dropped = state.control.logs.dropped();
+        render::exposition(&state.model.snapshot(), &server, format)
     })
     .await;
     match text {
@@ -181,6 +197,12 @@ pub enum ApiError {
     Overloaded,
     #[error("internal error")]
     Internal,
+    #[error("invalid config")]
+    InvalidConfig {
+        fields: Vec<crate::control::config::FieldError>,
+    },
+    #[error("bad parameter `{parameter}`: {reason}")]
+    BadParameter { parameter: String, reason: String },
 }
 
 impl IntoResponse for ApiError {
@@ -210,6 +232,14 @@ impl IntoResponse for ApiError {
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({ "error": "internal error" }),
+            ),
+            ApiError::InvalidConfig { fields } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "invalid config", "fields": fields }),
+            ),
+            ApiError::BadParameter { parameter, reason } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "bad parameter", "parameter": parameter, "reason": reason }),
             ),
         };
         let mut response = (code, Json(body)).into_response();

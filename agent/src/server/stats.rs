@@ -60,6 +60,10 @@ pub struct ServerStats {
     pub tls_cert_expiry: AtomicI64,
     pub tls_reloads: AtomicU64,
     pub tls_reload_failures: AtomicU64,
+    /// Accepted live config changes (PATCH /v1/config, file reloads).
+    pub config_generation: AtomicU64,
+    /// Events a slow `/v1/events` subscriber lost.
+    pub events_dropped: AtomicU64,
 }
 
 /// What the renderer reads, taken at one instant.
@@ -73,6 +77,10 @@ pub struct ServerSnapshot {
     pub tls_cert_expiry: i64,
     pub tls_reloads: u64,
     pub tls_reload_failures: u64,
+    pub config_generation: u64,
+    pub events_dropped: u64,
+    /// Filled by the caller from the log ring.
+    pub log_lines_dropped: u64,
 }
 
 impl ServerStats {
@@ -104,6 +112,9 @@ impl ServerStats {
             tls_cert_expiry: self.tls_cert_expiry.load(Ordering::Relaxed),
             tls_reloads: self.tls_reloads.load(Ordering::Relaxed),
             tls_reload_failures: self.tls_reload_failures.load(Ordering::Relaxed),
+            config_generation: self.config_generation.load(Ordering::Relaxed),
+            events_dropped: self.events_dropped.load(Ordering::Relaxed),
+            log_lines_dropped: 0,
         }
     }
 }
