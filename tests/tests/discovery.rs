@@ -472,3 +472,40 @@ fn fake_broker_serves_requests_and_sendfile() {
     // Still in step after the file.
     fake_request(&mut s, 5, 5).unwrap();
 }
+
+/// Without the exec/exit events (here: switched off, as a kernel refusing them would), discovery
+/// falls back to rescanning /proc every 2 s, and /ready says so.
+#[test]
+fn without_exec_events_discovery_falls_back_to_rescans() {
+    if !privileged("without_exec_events_discovery_falls_back_to_rescans") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&agent_config(
+        dir.path(),
+        "[probes]\ndisabled_programs = [\"process_exec\"]\n",
+    ));
+    agent.wait_ready();
+    let (_, ready) = agent.get("/ready");
+    assert!(
+        ready.contains("process_exec (tracepoint/sched/sched_process_exec) not attached"),
+        "{ready}"
+    );
+    let props = write(
+        dir.path(),
+        "server.properties",
+        &format!(
+            "node.id=41\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+            free_port()
+        ),
+    );
+    let start = Instant::now();
+    let b = FakeBroker::start(FakeBrokerSpec::new(&props));
+    let latency = eventually("found by a rescan", Duration::from_secs(10), || {
+        broker(&agent, "41")
+            .filter(|v| v["pid"] == b.pid)
+            .map(|_| start.elapsed())
+    });
+    eprintln!("discovery latency without exec events: {latency:?}");
+    assert!(latency <= Duration::from_secs(3), "{latency:?}");
+}

@@ -189,10 +189,36 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
         return;
     }
     let _serial = serial();
+    payload_bytes_resets_and_lifetimes(WATCH_ALL);
+}
+
+/// The same through the classic tracepoint, the fallback of kernels that refuse the raw one.
+#[test]
+fn payload_bytes_resets_and_lifetimes_are_exact_through_the_classic_tracepoint() {
+    if !privileged("payload_bytes_resets_and_lifetimes_are_exact_through_the_classic_tracepoint") {
+        return;
+    }
+    let _serial = serial();
+    let classic = format!("{WATCH_ALL}disabled_programs = [\"sock_state_raw\"]\n");
+    let agent = payload_bytes_resets_and_lifetimes(&classic);
+    let hook = [
+        ("program", "sock_state"),
+        ("hook", "tracepoint/sock/inet_sock_set_state"),
+    ];
+    assert_eq!(agent.metric("brokerscope_probe_attached", &hook), Some(1.0));
+    let (code, body) = agent.get("/ready");
+    assert_eq!(code, 200, "degraded is still ready: {body}");
+    assert!(
+        body.contains("sock_state_raw (raw_tracepoint/inet_sock_set_state) not attached"),
+        "{body}"
+    );
+}
+
+fn payload_bytes_resets_and_lifetimes(config: &str) -> Agent {
     use std::io::Read as _;
     const N: usize = 24;
     const SENDFILE_LEN: usize = (1 << 20) + 7;
-    let agent = Agent::start(WATCH_ALL);
+    let agent = Agent::start(config);
     agent.wait_ready();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
@@ -298,6 +324,7 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
         rtt >= 1.0 && rtt <= N as f64,
         "one RTT sample per connection at most: {rtt}"
     );
+    agent
 }
 
 #[test]

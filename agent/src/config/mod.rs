@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use brokerscope_common::sockets;
+use brokerscope_common::{sockets, telemetry::Program};
 
 /// The whole configuration. Every key has a default, so an empty file (or none) is valid.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -109,6 +109,7 @@ pub struct ProbesConfig {
     pub listeners_capacity: u32,
     pub connections_capacity: u32,
     pub watch_all_listeners: bool,
+    pub disabled_programs: Vec<String>,
 }
 
 impl Default for ProbesConfig {
@@ -121,6 +122,9 @@ impl Default for ProbesConfig {
             // Only brokers' listeners. `true` counts every TCP listener on the node by
             // (netns, port): a debugging aid, it can fill the maps with non-broker traffic.
             watch_all_listeners: false,
+            // Every program this kernel takes. Naming one here leaves its capability to its
+            // fallback, as if the kernel had refused it (`sock_state`, the core, cannot be).
+            disabled_programs: Vec::new(),
         }
     }
 }
@@ -350,6 +354,23 @@ impl Config {
                         sockets::MAX_CAPACITY
                     ),
                 ));
+            }
+        }
+        for name in &self.probes.disabled_programs {
+            let known = Program::ALL.iter().find(|p| p.name() == name);
+            match known {
+                None => errors.push(ConfigError::invalid(
+                    "probes.disabled_programs",
+                    format!(
+                        "`{name}` is not a program; programs: {}",
+                        Program::ALL.map(Program::name).join(", ")
+                    ),
+                )),
+                Some(p) if p.fallback().is_none() => errors.push(ConfigError::invalid(
+                    "probes.disabled_programs",
+                    format!("`{name}` is the core program and has no fallback"),
+                )),
+                Some(_) => {}
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {

@@ -240,3 +240,17 @@ fn lists_and_their_entries_are_bounded() {
     config.server.allowed_client_names = vec!["x".repeat(MAX_STRING)];
     assert!(config.validate_all().is_empty());
 }
+
+#[test]
+fn disabled_programs_must_exist_and_have_a_fallback() {
+    let ok =
+        Config::from_toml("[probes]\ndisabled_programs = [\"sock_state_raw\", \"tcp_live\"]\n")
+            .unwrap();
+    assert_eq!(ok.probes.disabled_programs, ["sock_state_raw", "tcp_live"]);
+    for (name, why) in [("nope", "is not a program"), ("sock_state", "core program")] {
+        let err = Config::from_toml(&format!("[probes]\ndisabled_programs = [\"{name}\"]\n"))
+            .unwrap_err();
+        assert_eq!(err.key(), Some("probes.disabled_programs"), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}

@@ -26,13 +26,14 @@ use crate::{
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),
 /// and kernel map sizes (fixed at load).
-pub const RESTART_KEYS: [&str; 6] = [
+pub const RESTART_KEYS: [&str; 7] = [
     "server.listen",
     "server.cert_file",
     "server.key_file",
     "server.client_ca_file",
     "probes.listeners_capacity",
     "probes.connections_capacity",
+    "probes.disabled_programs",
 ];
 
 /// Deepest JSON nesting a patch may have (the config is two levels deep).

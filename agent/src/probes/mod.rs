@@ -45,6 +45,8 @@ pub enum ProbesError {
     },
     #[error(transparent)]
     Format(#[from] tracefs::FormatError),
+    #[error("disabled by probes.disabled_programs")]
+    Disabled,
     #[error("cannot load kernel BTF for the iterator: {0}")]
     KernelBtf(#[source] Box<aya::BtfError>),
     #[error("cannot load the eBPF object: {0}")]
@@ -193,7 +195,9 @@ impl Probes {
             {
                 continue;
             }
-            let result = if program == Program::SockStateRaw
+            let result = if config.disabled_programs.iter().any(|d| d == program.name()) {
+                Err(ProbesError::Disabled)
+            } else if program == Program::SockStateRaw
                 && offsets.sock_protocol == sockets::NO_OFFSET
             {
                 Err(ProbesError::Missing {
