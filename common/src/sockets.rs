@@ -192,6 +192,7 @@ pub struct SocketOffsets {
     /// Bit of `SOCK_DONE` in `sk_flags` (from BTF `enum sock_flags`): set by `tcp_fin()`, so the
     /// peer's FIN was counted in `bytes_received`.
     pub sock_done_bit: u32,
+    pub _pad: u32,
 }
 
 impl SocketOffsets {
@@ -222,6 +223,7 @@ impl SocketOffsets {
         tcp_total_retrans: 0,
         tcp_srtt_us: 0,
         sock_done_bit: 0,
+        _pad: 0,
     };
 }
 

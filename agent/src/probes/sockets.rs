@@ -142,6 +142,7 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<SocketOffsets, Probe
             .ok_or(ProbesError::Btf(super::btf::BtfError::NoEnumerator {
                 name: "SOCK_DONE (in 0..64)".into(),
             }))?,
+        _pad: 0,
     })
 }
 
