@@ -11,6 +11,7 @@
 
 mod processes;
 mod sockets;
+mod state;
 mod telemetry;
 
 #[cfg(not(test))]

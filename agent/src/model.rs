@@ -9,7 +9,8 @@ use std::sync::{Mutex, RwLock};
 use crate::{
     discovery::Broker,
     kernel::KernelFacts,
-    probes::{Attachment, ProbeSnapshot, Probes},
+    probes::{Attachment, ProbeSnapshot, Probes, state::StateSignal},
+    state::{StateChange, StateTracker, StateView},
 };
 
 /// Why the agent is not ready, or that it is.
@@ -44,6 +45,17 @@ pub struct Model {
     probes: Mutex<Option<Probes>>,
     status: RwLock<Status>,
     brokers: RwLock<Brokers>,
+    states: Mutex<StateTracker>,
+}
+
+/// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
+/// last state changes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BrokerView {
+    #[serde(flatten)]
+    pub broker: Broker,
+    pub broker_state: StateView,
+    pub state_changes: Vec<StateChange>,
 }
 
 /// What a renderer needs, read at one instant.
@@ -54,6 +66,8 @@ pub struct Snapshot {
     pub probes: ProbeSnapshot,
     /// Every tracked broker, sorted by id.
     pub brokers: Vec<Broker>,
+    /// (broker id, Strimzi state number), as `brokers`.
+    pub broker_states: Vec<(String, u8)>,
 }
 
 impl Model {
@@ -140,11 +154,16 @@ impl Model {
             .as_mut()
             .map(|p| p.snapshot(&pids))
             .unwrap_or_default();
+        let broker_states = brokers
+            .iter()
+            .map(|b| (b.id.clone(), self.broker_state(b).state.number()))
+            .collect();
         Snapshot {
             readiness: Some(self.readiness()),
             attached: self.status().attached.clone(),
             probes,
             brokers,
+            broker_states,
         }
     }
 
@@ -158,6 +177,7 @@ impl Model {
             b.error = None;
         }
         self.sync_kernel();
+        self.sync_states();
     }
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
@@ -167,6 +187,67 @@ impl Model {
             .unwrap_or_else(|p| p.into_inner())
             .brokers = brokers;
         self.sync_kernel();
+        self.sync_states();
+    }
+
+    /// Follows the broker table in the state tracker.
+    fn sync_states(&self) {
+        let brokers = self.brokers();
+        self.states().sync(&brokers);
+    }
+
+    /// A kernel open/SIGTERM event for the state tracker.
+    pub fn on_state_signal(&self, signal: &StateSignal) {
+        let id = self.states().on_signal(signal);
+        if let Some(broker) = id.and_then(|id| self.broker(&id)) {
+            self.states().evaluate(&broker);
+        }
+    }
+
+    /// Derives every broker's state again (listeners that started listening, quiet recovery).
+    pub fn tick_states(&self) {
+        let brokers = self.brokers();
+        let mut states = self.states();
+        for b in &brokers {
+            states.evaluate(b);
+        }
+    }
+
+    /// The broker's Kafka state now.
+    pub fn broker_state(&self, broker: &Broker) -> StateView {
+        self.states().evaluate(broker)
+    }
+
+    /// Every broker with its state, sorted by id.
+    pub fn broker_views(&self) -> Vec<BrokerView> {
+        self.brokers()
+            .into_iter()
+            .map(|b| self.broker_view(b))
+            .collect()
+    }
+
+    pub fn broker_view(&self, broker: Broker) -> BrokerView {
+        let mut states = self.states();
+        let broker_state = states.evaluate(&broker);
+        let state_changes = states.changes(&broker.id);
+        BrokerView {
+            broker,
+            broker_state,
+            state_changes,
+        }
+    }
+
+    /// The broker state stream, once.
+    pub fn take_state_events(&self) -> Option<tokio::sync::mpsc::Receiver<StateSignal>> {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Probes::take_state_events)
+    }
+
+    fn states(&self) -> std::sync::MutexGuard<'_, StateTracker> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tells the kernel programs which listeners to count and which pids' exits to report:

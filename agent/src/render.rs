@@ -261,6 +261,7 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     }
 
     brokers(e, &snapshot.brokers);
+    broker_states(e, &snapshot.broker_states);
     listeners(e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
 }
 
@@ -417,6 +418,20 @@ fn brokers(e: &mut Exposition, brokers: &[crate::discovery::Broker]) {
     );
     for b in brokers {
         f.sample(&[("broker", &b.id)], b.restarts);
+    }
+}
+
+/// `broker_state`: Strimzi's number for every tracked broker (0 once stopped).
+fn broker_states(e: &mut Exposition, states: &[(String, u8)]) {
+    let mut f = e.family(
+        "broker_state",
+        Kind::Gauge,
+        "Kafka broker state derived from the kernel, in Strimzi's numbering: 0 not running, \
+         1 starting, 2 recovery, 3 running, 6 pending controlled shutdown, 7 shutting down, \
+         127 unknown.",
+    );
+    for (id, n) in states {
+        f.sample(&[("broker", id)], n);
     }
 }
 

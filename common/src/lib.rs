@@ -12,4 +12,5 @@
 
 pub mod processes;
 pub mod sockets;
+pub mod state;
 pub mod telemetry;

@@ -26,11 +26,17 @@ pub enum Program {
     ProcessExec = 5,
     /// `sched:sched_process_exit`: a registered broker's exit.
     ProcessExit = 6,
+    /// `syscalls:sys_enter_openat`: a broker's file opens (log recovery).
+    StateOpenat = 7,
+    /// `syscalls:sys_enter_openat2`: as [`Program::StateOpenat`].
+    StateOpenat2 = 8,
+    /// `signal:signal_deliver`: SIGTERM delivered to a broker.
+    StateSignal = 9,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 7] = [
+    pub const ALL: [Program; 10] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -38,6 +44,9 @@ impl Program {
         Program::TcpLive,
         Program::ProcessExec,
         Program::ProcessExit,
+        Program::StateOpenat,
+        Program::StateOpenat2,
+        Program::StateSignal,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -53,6 +62,9 @@ impl Program {
             Program::TcpLive => "tcp_live",
             Program::ProcessExec => "process_exec",
             Program::ProcessExit => "process_exit",
+            Program::StateOpenat => "state_openat",
+            Program::StateOpenat2 => "state_openat2",
+            Program::StateSignal => "state_signal",
         }
     }
 
@@ -66,6 +78,9 @@ impl Program {
             Program::TcpLive => "iter/tcp",
             Program::ProcessExec => "tracepoint/sched/sched_process_exec",
             Program::ProcessExit => "tracepoint/sched/sched_process_exit",
+            Program::StateOpenat => "tracepoint/syscalls/sys_enter_openat",
+            Program::StateOpenat2 => "tracepoint/syscalls/sys_enter_openat2",
+            Program::StateSignal => "tracepoint/signal/signal_deliver",
         }
     }
 
@@ -79,6 +94,9 @@ impl Program {
             Program::TcpLive => None,
             Program::ProcessExec => Some(("sched", "sched_process_exec")),
             Program::ProcessExit => Some(("sched", "sched_process_exit")),
+            Program::StateOpenat => Some(("syscalls", "sys_enter_openat")),
+            Program::StateOpenat2 => Some(("syscalls", "sys_enter_openat2")),
+            Program::StateSignal => Some(("signal", "signal_deliver")),
         }
     }
 }
@@ -104,17 +122,23 @@ pub enum ProbeError {
     /// The process event ring buffer was full: an exec or exit event was lost (the loader
     /// rescans /proc when it sees this grow).
     EventsFull = 5,
+    /// The broker-state ring buffer was full: an open or a SIGTERM was lost.
+    StateEventsFull = 6,
+    /// A user-space string (an opened path) could not be read.
+    ReadUser = 7,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 6] = [
+    pub const ALL: [ProbeError; 8] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
         ProbeError::ConnectionsFull,
         ProbeError::ReadSocket,
         ProbeError::EventsFull,
+        ProbeError::StateEventsFull,
+        ProbeError::ReadUser,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -129,6 +153,8 @@ impl ProbeError {
             ProbeError::ConnectionsFull => "connections_map_full",
             ProbeError::ReadSocket => "read_socket",
             ProbeError::EventsFull => "process_events_full",
+            ProbeError::StateEventsFull => "state_events_full",
+            ProbeError::ReadUser => "read_user",
         }
     }
 }
@@ -149,6 +175,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 6);
+        assert_eq!(ProbeError::COUNT, 8);
     }
 }

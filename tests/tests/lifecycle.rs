@@ -54,8 +54,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(
         ids.len(),
         // sock_state, tcp_retransmit, tcp_send_reset, tcp_receive_reset, tcp_live (iterator),
-        // process_exec, process_exit.
-        7,
+        // process_exec, process_exit, state_openat, state_openat2, state_signal.
+        10,
         "every program attached: {ids:?}\n{}",
         agent.log_text()
     );

@@ -7,6 +7,7 @@ mod btf;
 mod netns;
 pub mod processes;
 pub mod sockets;
+pub mod state;
 mod tracefs;
 
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
@@ -19,6 +20,7 @@ use aya::{
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
     sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
+    state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
 };
 use tokio::io::unix::AsyncFd;
@@ -114,6 +116,7 @@ pub struct Probes {
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
     process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
+    state_events: Option<tokio::sync::mpsc::Receiver<state::StateSignal>>,
     ebpf: Ebpf,
 }
 
@@ -123,10 +126,17 @@ impl Probes {
     pub fn load(kernel: &KernelFacts, config: &ProbesConfig) -> Result<Self, ProbesError> {
         let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel.btf)?;
         let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
-        tracing::debug!(?offsets, ?process_offsets, "resolved offsets");
+        let state_offsets = state::resolve_offsets(&kernel.tracefs)?;
+        tracing::debug!(
+            ?offsets,
+            ?process_offsets,
+            ?state_offsets,
+            "resolved offsets"
+        );
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
+            .override_global(STATE_OFFSETS_GLOBAL, &state_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
@@ -145,6 +155,7 @@ impl Probes {
         sockets.set_watch_all(config.watch_all_listeners)?;
         let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
         let process_events = Some(processes::spawn_reader(&mut ebpf)?);
+        let state_events = Some(state::spawn_reader(&mut ebpf)?);
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -156,6 +167,7 @@ impl Probes {
             namespaces: netns::Namespaces::default(),
             broker_pids,
             process_events,
+            state_events,
             ebpf,
         })
     }
@@ -169,6 +181,11 @@ impl Probes {
         &mut self,
     ) -> Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>> {
         self.process_events.take()
+    }
+
+    /// The brokers' open/SIGTERM event stream for the state tracker; `None` once taken.
+    pub fn take_state_events(&mut self) -> Option<tokio::sync::mpsc::Receiver<state::StateSignal>> {
+        self.state_events.take()
     }
 
     /// Count exactly these (netns, port) listeners (brokers'), besides watch-all mode.

@@ -18,8 +18,10 @@ use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer};
 
 use super::{ServerState, access, limits::MAX_BODY_BYTES};
 use crate::{
-    model::Model,
+    discovery::Broker,
+    model::{BrokerView, Model},
     render::{self, Format},
+    state::StateView,
 };
 
 /// What handlers read.
@@ -36,6 +38,10 @@ pub fn router(model: Arc<Model>, server: Arc<ServerState>) -> Router {
         .route("/ready", get(ready))
         .route("/v1/brokers", get(brokers))
         .route("/v1/brokers/{id}", get(broker))
+        .route("/v1/broker-state", get(broker_state))
+        .route("/v1/broker-state/", get(broker_state))
+        .route("/v1/ready", get(broker_ready))
+        .route("/v1/ready/", get(broker_ready))
         .route(
             "/metrics",
             // gzip only when the client accepts it; tiny bodies are left alone.
@@ -101,15 +107,115 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     }
 }
 
-async fn brokers(axum::extract::State(state): State) -> Json<Vec<crate::discovery::Broker>> {
-    Json(state.model.brokers())
+async fn brokers(axum::extract::State(state): State) -> Result<Json<Vec<BrokerView>>, ApiError> {
+    // Deriving states reads /proc: keep it off the async workers.
+    tokio::task::spawn_blocking(move || state.model.broker_views())
+        .await
+        .map(Json)
+        .map_err(|_| ApiError::Internal)
 }
 
 async fn broker(
     axum::extract::State(state): State,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<crate::discovery::Broker>, ApiError> {
-    state.model.broker(&id).map(Json).ok_or(ApiError::NotFound)
+) -> Result<Json<BrokerView>, ApiError> {
+    let b = state.model.broker(&id).ok_or(ApiError::NotFound)?;
+    tokio::task::spawn_blocking(move || state.model.broker_view(b))
+        .await
+        .map(Json)
+        .map_err(|_| ApiError::Internal)
+}
+
+type Query = Result<
+    axum::extract::Query<std::collections::HashMap<String, String>>,
+    axum::extract::rejection::QueryRejection,
+>;
+
+/// The broker a Strimzi-style request is about: `?broker=ID`; else the one running broker in the
+/// network namespace the request arrived in; else the only broker on the node.
+///
+/// The request arrived in the agent's own network namespace (the listening socket's), so the
+/// second rule picks a broker that shares it (host-network brokers, or an agent run as a
+/// sidecar). An agent on the host network serving brokers in pod namespaces never sees a request
+/// arrive in a broker's namespace; the other two rules apply then.
+fn select_broker(model: &Model, query: Query) -> Result<Broker, ApiError> {
+    let axum::extract::Query(params) = query.map_err(|_| ApiError::BadQuery {
+        parameter: "query string".into(),
+    })?;
+    if let Some(name) = params.keys().find(|k| k.as_str() != "broker") {
+        return Err(ApiError::BadQuery {
+            parameter: name.chars().take(64).collect(),
+        });
+    }
+    if let Some(id) = params.get("broker") {
+        return model.broker(id).ok_or(ApiError::NotFound);
+    }
+    let brokers = model.brokers();
+    let own = own_netns();
+    let mut here = brokers
+        .iter()
+        .filter(|b| b.is_running() && own.is_some() && b.netns == own);
+    if let (Some(b), None) = (here.next(), here.next()) {
+        return Ok(b.clone());
+    }
+    match brokers.as_slice() {
+        [] => Err(ApiError::NotFound),
+        [only] => Ok(only.clone()),
+        many => Err(ApiError::ChooseBroker {
+            brokers: many.iter().map(|b| b.id.clone()).collect(),
+        }),
+    }
+}
+
+fn own_netns() -> Option<u32> {
+    std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+}
+
+/// Strimzi's `{"brokerState":N}`, with `recoveryState` in RECOVERY: nothing else, ever.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StrimziState {
+    broker_state: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_state: Option<crate::state::Recovery>,
+}
+
+async fn strimzi_state(state: AppState, query: Query) -> Result<StateView, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let broker = select_broker(&state.model, query)?;
+        Ok(state.model.broker_state(&broker))
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+}
+
+async fn broker_state(axum::extract::State(state): State, query: Query) -> Response {
+    match strimzi_state(state, query).await {
+        Ok(view) => Json(StrimziState {
+            broker_state: view.state.number(),
+            recovery_state: view.recovery,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// 204 when 3 ≤ state ≠ 127, else 503 with the state; 404 without a broker.
+async fn broker_ready(axum::extract::State(state): State, query: Query) -> Response {
+    match strimzi_state(state, query).await {
+        Ok(view) if view.state.is_ready() => StatusCode::NO_CONTENT.into_response(),
+        Ok(view) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(StrimziState {
+                broker_state: view.state.number(),
+                recovery_state: view.recovery,
+            }),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// OpenMetrics when the `Accept` header ranks it at least as high as the Prometheus text format
@@ -165,6 +271,10 @@ pub enum ApiError {
     Overloaded,
     #[error("internal error")]
     Internal,
+    #[error("bad query parameter {parameter}")]
+    BadQuery { parameter: String },
+    #[error("several brokers on this node; choose one with ?broker=")]
+    ChooseBroker { brokers: Vec<String> },
 }
 
 impl IntoResponse for ApiError {
@@ -194,6 +304,14 @@ impl IntoResponse for ApiError {
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({ "error": "internal error" }),
+            ),
+            ApiError::BadQuery { parameter } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "unknown or malformed query parameter; only broker=ID is accepted", "parameter": parameter }),
+            ),
+            ApiError::ChooseBroker { brokers } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "several brokers on this node: choose one with ?broker=ID", "brokers": brokers }),
             ),
         };
         let mut response = (code, Json(body)).into_response();
