@@ -10,6 +10,7 @@
 )]
 
 mod processes;
+mod resources;
 mod sockets;
 mod state;
 mod telemetry;

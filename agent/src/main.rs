@@ -11,6 +11,7 @@ mod model;
 mod pki;
 mod probes;
 mod render;
+mod resources;
 mod server;
 mod state;
 

@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub brokers: Vec<Broker>,
     /// (broker id, Strimzi state number), as `brokers`.
     pub broker_states: Vec<(String, u8)>,
+    /// /proc and cgroup figures of running brokers, by broker id.
+    pub procs: Vec<(String, crate::resources::ProcStats)>,
 }
 
 impl Model {
@@ -158,12 +160,28 @@ impl Model {
             .iter()
             .map(|b| (b.id.clone(), self.broker_state(b).state.number()))
             .collect();
+        let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
+        let procs = brokers
+            .iter()
+            .filter(|b| b.is_running())
+            .map(|b| {
+                let cgroup = cgroup2
+                    .as_ref()
+                    .zip(b.cgroup.path.as_deref())
+                    .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
+                (
+                    b.id.clone(),
+                    crate::resources::read(b.pid, cgroup.as_deref()),
+                )
+            })
+            .collect();
         Snapshot {
             readiness: Some(self.readiness()),
             attached: self.status().attached.clone(),
             probes,
             brokers,
             broker_states,
+            procs,
         }
     }
 

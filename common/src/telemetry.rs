@@ -32,11 +32,29 @@ pub enum Program {
     StateOpenat2 = 8,
     /// `signal:signal_deliver`: SIGTERM delivered to a broker.
     StateSignal = 9,
+    /// `sched:sched_switch`: brokers' on-CPU time, context switches, run-queue latency.
+    SchedSwitch = 10,
+    /// raw `sched_wakeup`: when a broker thread became runnable.
+    SchedWakeup = 11,
+    /// raw `sched_wakeup_new`: as [`Program::SchedWakeup`], for new threads.
+    SchedWakeupNew = 12,
+    /// `block:block_rq_issue`: block requests brokers issue (bytes).
+    BlockIssue = 13,
+    /// `block:block_rq_complete`: their latency.
+    BlockComplete = 14,
+    /// `syscalls:sys_enter_fsync`.
+    FsyncEnter = 15,
+    /// `syscalls:sys_exit_fsync`: fsync count and latency.
+    FsyncExit = 16,
+    /// `syscalls:sys_enter_fdatasync`.
+    FdatasyncEnter = 17,
+    /// `syscalls:sys_exit_fdatasync`: counted with fsync.
+    FdatasyncExit = 18,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 10] = [
+    pub const ALL: [Program; 19] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -47,6 +65,15 @@ impl Program {
         Program::StateOpenat,
         Program::StateOpenat2,
         Program::StateSignal,
+        Program::SchedSwitch,
+        Program::SchedWakeup,
+        Program::SchedWakeupNew,
+        Program::BlockIssue,
+        Program::BlockComplete,
+        Program::FsyncEnter,
+        Program::FsyncExit,
+        Program::FdatasyncEnter,
+        Program::FdatasyncExit,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -65,6 +92,15 @@ impl Program {
             Program::StateOpenat => "state_openat",
             Program::StateOpenat2 => "state_openat2",
             Program::StateSignal => "state_signal",
+            Program::SchedSwitch => "sched_switch",
+            Program::SchedWakeup => "sched_wakeup",
+            Program::SchedWakeupNew => "sched_wakeup_new",
+            Program::BlockIssue => "block_issue",
+            Program::BlockComplete => "block_complete",
+            Program::FsyncEnter => "fsync_enter",
+            Program::FsyncExit => "fsync_exit",
+            Program::FdatasyncEnter => "fdatasync_enter",
+            Program::FdatasyncExit => "fdatasync_exit",
         }
     }
 
@@ -81,6 +117,15 @@ impl Program {
             Program::StateOpenat => "tracepoint/syscalls/sys_enter_openat",
             Program::StateOpenat2 => "tracepoint/syscalls/sys_enter_openat2",
             Program::StateSignal => "tracepoint/signal/signal_deliver",
+            Program::SchedSwitch => "tracepoint/sched/sched_switch",
+            Program::SchedWakeup => "raw_tracepoint/sched_wakeup",
+            Program::SchedWakeupNew => "raw_tracepoint/sched_wakeup_new",
+            Program::BlockIssue => "tracepoint/block/block_rq_issue",
+            Program::BlockComplete => "tracepoint/block/block_rq_complete",
+            Program::FsyncEnter => "tracepoint/syscalls/sys_enter_fsync",
+            Program::FsyncExit => "tracepoint/syscalls/sys_exit_fsync",
+            Program::FdatasyncEnter => "tracepoint/syscalls/sys_enter_fdatasync",
+            Program::FdatasyncExit => "tracepoint/syscalls/sys_exit_fdatasync",
         }
     }
 
@@ -97,6 +142,24 @@ impl Program {
             Program::StateOpenat => Some(("syscalls", "sys_enter_openat")),
             Program::StateOpenat2 => Some(("syscalls", "sys_enter_openat2")),
             Program::StateSignal => Some(("signal", "signal_deliver")),
+            Program::SchedSwitch => Some(("sched", "sched_switch")),
+            Program::SchedWakeup => None,
+            Program::SchedWakeupNew => None,
+            Program::BlockIssue => Some(("block", "block_rq_issue")),
+            Program::BlockComplete => Some(("block", "block_rq_complete")),
+            Program::FsyncEnter => Some(("syscalls", "sys_enter_fsync")),
+            Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
+            Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),
+            Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
+        }
+    }
+
+    /// The raw tracepoint, for the programs attached to one.
+    pub const fn raw_tracepoint(self) -> Option<&'static str> {
+        match self {
+            Program::SchedWakeup => Some("sched_wakeup"),
+            Program::SchedWakeupNew => Some("sched_wakeup_new"),
+            _ => None,
         }
     }
 }
@@ -126,11 +189,15 @@ pub enum ProbeError {
     StateEventsFull = 6,
     /// A user-space string (an opened path) could not be read.
     ReadUser = 7,
+    /// The per-broker resources map was full: a broker's resources were not counted.
+    ResourcesFull = 8,
+    /// A `task_struct` field could not be read (raw scheduler tracepoints).
+    ReadTask = 9,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 8] = [
+    pub const ALL: [ProbeError; 10] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
@@ -139,6 +206,8 @@ impl ProbeError {
         ProbeError::EventsFull,
         ProbeError::StateEventsFull,
         ProbeError::ReadUser,
+        ProbeError::ResourcesFull,
+        ProbeError::ReadTask,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -155,6 +224,8 @@ impl ProbeError {
             ProbeError::EventsFull => "process_events_full",
             ProbeError::StateEventsFull => "state_events_full",
             ProbeError::ReadUser => "read_user",
+            ProbeError::ResourcesFull => "resources_map_full",
+            ProbeError::ReadTask => "read_task",
         }
     }
 }
@@ -175,6 +246,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 8);
+        assert_eq!(ProbeError::COUNT, 10);
     }
 }

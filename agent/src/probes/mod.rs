@@ -6,6 +6,7 @@
 mod btf;
 mod netns;
 pub mod processes;
+pub mod resources;
 pub mod sockets;
 pub mod state;
 mod tracefs;
@@ -15,10 +16,11 @@ use std::{os::fd::AsRawFd, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{Iter, TracePoint},
+    programs::{Iter, RawTracePoint, TracePoint},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
+    resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{CONNECTIONS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP},
     state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
@@ -103,12 +105,15 @@ pub struct ProbeSnapshot {
     pub programs: Vec<ProgramStats>,
     pub errors: Vec<(&'static str, u64)>,
     pub maps: Vec<MapStats>,
+    /// Per-broker resource counters by tgid.
+    pub resources: Vec<(u32, brokerscope_common::resources::ResourceCounters)>,
 }
 
 /// The loaded and attached kernel side.
 pub struct Probes {
     // Field order is drop order: readers close their map fds before the programs go.
     sockets: sockets::SocketsReader,
+    resources: resources::ResourcesReader,
     events: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
@@ -127,6 +132,7 @@ impl Probes {
         let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel.btf)?;
         let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
         let state_offsets = state::resolve_offsets(&kernel.tracefs)?;
+        let resource_offsets = resources::resolve_offsets(&kernel.tracefs, &kernel.btf)?;
         tracing::debug!(
             ?offsets,
             ?process_offsets,
@@ -137,6 +143,7 @@ impl Probes {
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
             .override_global(STATE_OFFSETS_GLOBAL, &state_offsets, true)
+            .override_global(RESOURCE_OFFSETS_GLOBAL, &resource_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
@@ -154,12 +161,14 @@ impl Probes {
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
         let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
+        let resources = resources::ResourcesReader::take(&mut ebpf)?;
         let process_events = Some(processes::spawn_reader(&mut ebpf)?);
         let state_events = Some(state::spawn_reader(&mut ebpf)?);
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
             sockets,
+            resources,
             events,
             errors,
             attached,
@@ -195,6 +204,7 @@ impl Probes {
 
     /// Tells the kernel which pids are brokers, so their exits are reported.
     pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
+        self.resources.retain(pids);
         self.broker_pids.set(pids)
     }
 
@@ -221,7 +231,8 @@ impl Probes {
             .iter()
             .map(|&e| (e.label(), sum_per_cpu(&self.errors, e as u32)))
             .collect();
-        let maps = vec![
+        let resources = self.resources.read();
+        let mut maps = vec![
             MapStats {
                 map: "listeners",
                 entries: listeners.len() as u64,
@@ -235,11 +246,13 @@ impl Probes {
                 capacity: self.capacities.connections_capacity,
             },
         ];
+        maps.extend(self.resources.map_stats(resources.len()));
         ProbeSnapshot {
             listeners,
             programs,
             errors,
             maps,
+            resources,
         }
     }
 
@@ -301,6 +314,18 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachmen
         kind: "program",
         name,
     })?;
+    if let Some(tracepoint) = program.raw_tracepoint() {
+        let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
+        prog.load().map_err(err)?;
+        prog.attach(tracepoint).map_err(err)?;
+        let id = prog.info().map_err(err)?.id();
+        tracing::info!(program = name, hook, id, "attached");
+        return Ok(Attachment {
+            program: name,
+            hook,
+            id,
+        });
+    }
     let id = match program.tracepoint() {
         Some((category, tracepoint)) => {
             let prog: &mut TracePoint = prog.try_into().map_err(err)?;
