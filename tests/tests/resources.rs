@@ -6,6 +6,13 @@ use std::{path::Path, process::Command, time::Duration};
 
 use brokerscope_tests::{Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged};
 
+/// These tests measure CPU time and scheduling: run them one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn agent_config(dir: &Path) -> String {
     let pattern = format!(
         r"kafka\.Kafka {}/",
@@ -58,6 +65,7 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
     if !privileged("resources") {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&agent_config(dir.path()));
     agent.wait_ready();
@@ -73,7 +81,7 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
         "cpu: agent {ours:.4} s, /proc utime+stime {proc_cpu:.4} s, {:.2}% apart",
         diff * 100.0
     );
-    assert!(proc_cpu > 2.5, "the burn used the CPU: {proc_cpu}");
+    assert!(proc_cpu > 2.9, "the burn used the CPU: {proc_cpu}");
     assert!(diff <= 0.05, "agent {ours} s vs /proc {proc_cpu} s");
     let voluntary = metric(
         &agent,
@@ -153,6 +161,7 @@ fn direct_io_bytes_on_a_loop_device_match_what_was_written() {
     if !privileged("resources") {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let dev = Loop::new(&dir.path().join("disk.img"), 64 << 20);
     let agent = Agent::start(&agent_config(dir.path()));
@@ -201,6 +210,7 @@ fn runqueue_latency_grows_when_two_burners_share_a_cpu() {
     if !privileged("resources") {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&agent_config(dir.path()));
     agent.wait_ready();
@@ -221,7 +231,7 @@ fn runqueue_latency_grows_when_two_burners_share_a_cpu() {
     assert_eq!(a.command("burn 1000", Duration::from_secs(30)), "burned");
     let alone = sum("31") - before;
 
-    // Sharing CPU 0 with another burner for as long.
+    // Sharing CPU 0 with another burner of as much CPU: about as long again waiting.
     let before = sum("31");
     b.send("burn 1000");
     assert_eq!(a.command("burn 1000", Duration::from_secs(30)), "burned");
@@ -231,6 +241,6 @@ fn runqueue_latency_grows_when_two_burners_share_a_cpu() {
     );
     let shared = sum("31") - before;
     eprintln!("run-queue wait of a 1 s burn on CPU 0: alone {alone:.4} s, shared {shared:.4} s");
-    assert!(shared > 0.2, "sharing a CPU means waiting for it: {shared}");
-    assert!(shared > 5.0 * alone, "alone {alone}, shared {shared}");
+    assert!(shared > 0.5, "sharing a CPU means waiting for it: {shared}");
+    assert!(shared > alone + 0.4, "alone {alone}, shared {shared}");
 }

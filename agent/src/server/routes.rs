@@ -642,6 +642,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn broker_state_in_strimzi_format_and_the_choice_of_broker() {
+        use crate::discovery::broker::tests::broker;
+        let model = Arc::new(Model::default());
+        let app = router(model.clone(), server(&[], 1000, 1000));
+        for path in [
+            "/v1/broker-state",
+            "/v1/broker-state/",
+            "/v1/ready",
+            "/v1/ready/",
+        ] {
+            let a = get(&app, path).await;
+            assert_eq!(
+                (a.code, a.text()),
+                (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
+            );
+        }
+        // No such process: no listener can be seen listening, so it is starting.
+        let pid = u32::MAX - 7;
+        model.set_brokers(vec![broker("1", pid, 1, &[("PLAINTEXT", 9092)])]);
+        let a = get(&app, "/v1/broker-state/").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":1}"#));
+        let a = get(&app, "/v1/ready/").await;
+        assert_eq!(
+            (a.code, a.text()),
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"brokerState":1}"#)
+        );
+        // No listener to wait for: running.
+        model.set_brokers(vec![
+            broker("1", pid, 1, &[("PLAINTEXT", 9092)]),
+            broker("2", pid - 1, 1, &[]),
+        ]);
+        let a = get(&app, "/v1/broker-state?broker=2").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":3}"#));
+        let a = get(&app, "/v1/ready?broker=2").await;
+        assert_eq!((a.code, a.text()), (StatusCode::NO_CONTENT, ""));
+        let a = get(&app, "/v1/broker-state/").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            a.text(),
+            r#"{"brokers":["1","2"],"error":"several brokers on this node: choose one with ?broker=ID"}"#
+        );
+        let a = get(&app, "/v1/broker-state/?broker=3").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        let a = get(&app, "/v1/broker-state/?brokers=1").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(
+            a.text().contains(r#""parameter":"brokers""#),
+            "{}",
+            a.text()
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&get(&app, "/v1/brokers/2").await.body).unwrap();
+        assert_eq!(v["broker_state"], json!({"name":"RUNNING","number":3}));
+        assert_eq!(v["state_changes"][0]["to"], "RUNNING");
+        assert_eq!(v["state"], "running");
+    }
+
+    #[tokio::test]
     async fn a_declared_body_over_the_limit_is_413() {
         let a = send(
             &app(),

@@ -19,7 +19,8 @@
 //! - `listen` → `listening <name> <port>`... then `listened`.
 //! - `recover MS` → opens every `*.log` under `log.dirs` (sorted), one every MS ms, keeping them
 //!   open, as Kafka's log recovery does → `recovered <n>`.
-//! - `burn MS` → spins on the CPU for MS ms → `burned`.
+//! - `recover-step` → opens the next of those → `opened <path>`, or `recovered` when none is left.
+//! - `burn MS` → spins until its thread had MS ms of CPU → `burned`.
 //! - `fsync N PATH` / `fdatasync N PATH` → writes a byte and syncs PATH N times → `synced N`.
 //! - `direct PATH BYTES` → writes BYTES (a multiple of 4096) to PATH with O_DIRECT in 64 KiB
 //!   blocks, then reads them back → `direct BYTES`.
@@ -80,8 +81,9 @@ fn main() {
     // pipe closes) leaves nothing behind. Run by hand as `sleep inf | fake-broker ...`.
     let mut line = String::new();
     let stdin = io::stdin();
+    let mut recovery = Recovery::default();
     while stdin.lock().read_line(&mut line).is_ok_and(|n| n > 0) {
-        let answer = command(&props, line.trim());
+        let answer = command(&props, &mut recovery, line.trim());
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{answer}");
         let _ = out.flush();
@@ -117,9 +119,54 @@ fn on_sigterm_wait(ms: u64) {
     });
 }
 
-fn command(props: &HashMap<String, String>, line: &str) -> String {
+/// Segments opened one command at a time (`recover-step`), kept open.
+#[derive(Default)]
+struct Recovery {
+    segments: Option<Vec<std::path::PathBuf>>,
+    open: Vec<std::fs::File>,
+}
+
+/// Every `*.log` under `log.dirs` (else `log.dir`), sorted.
+fn segments(props: &HashMap<String, String>) -> Vec<std::path::PathBuf> {
+    let dirs = props
+        .get("log.dirs")
+        .or_else(|| props.get("log.dir"))
+        .cloned()
+        .unwrap_or_default();
+    let mut segments = Vec::new();
+    for dir in dirs.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        for part in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(part.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.file_name().to_string_lossy().ends_with(".log") {
+                    segments.push(f.path());
+                }
+            }
+        }
+    }
+    segments.sort();
+    segments
+}
+
+fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
+        ["recover-step"] => {
+            let all = recovery.segments.get_or_insert_with(|| segments(props));
+            match all.get(recovery.open.len()) {
+                Some(path) => match std::fs::File::open(path) {
+                    Ok(f) => {
+                        recovery.open.push(f);
+                        format!("opened {}", path.display())
+                    }
+                    Err(e) => format!("error {e}"),
+                },
+                None => "recovered".into(),
+            }
+        }
         ["listen"] => {
             let mut out = io::stdout().lock();
             listen(props, &mut out);
@@ -127,26 +174,7 @@ fn command(props: &HashMap<String, String>, line: &str) -> String {
         }
         ["recover", ms] => {
             let ms: u64 = ms.parse().unwrap_or(100);
-            let dirs = props
-                .get("log.dirs")
-                .or_else(|| props.get("log.dir"))
-                .cloned()
-                .unwrap_or_default();
-            let mut segments = Vec::new();
-            for dir in dirs.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-                for part in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                    for f in std::fs::read_dir(part.path())
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                    {
-                        if f.file_name().to_string_lossy().ends_with(".log") {
-                            segments.push(f.path());
-                        }
-                    }
-                }
-            }
-            segments.sort();
+            let segments = segments(props);
             let mut open = Vec::new();
             for s in &segments {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
@@ -160,10 +188,11 @@ fn command(props: &HashMap<String, String>, line: &str) -> String {
             format!("recovered {n}")
         }
         ["burn", ms] => {
-            let until = std::time::Instant::now()
-                + std::time::Duration::from_millis(ms.parse().unwrap_or(0));
+            // Until this thread has had MS ms of CPU, however long that takes on a busy machine.
+            let want = std::time::Duration::from_millis(ms.parse().unwrap_or(0));
+            let start = thread_cpu();
             let mut x = 0u64;
-            while std::time::Instant::now() < until {
+            while thread_cpu().saturating_sub(start) < want {
                 for i in 0..10_000u64 {
                     x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
                 }
@@ -195,6 +224,17 @@ fn command(props: &HashMap<String, String>, line: &str) -> String {
         },
         _ => format!("error unknown command {line}"),
     }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec the call fills.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Writes `bytes` to `path` with O_DIRECT from an aligned buffer, then reads them back.
