@@ -99,6 +99,60 @@ fn wait_state(agent: &Agent, want: i64, within: Duration) -> Value {
     }
 }
 
+/// The operator's client: tests/java/BrokerStateClient.java run by `java` (Java 17), with the
+/// agent's dev client certificate converted to PKCS12.
+struct JavaClient {
+    ca: String,
+    p12: PathBuf,
+}
+
+impl JavaClient {
+    fn new(agent: &Agent, dir: &Path) -> Self {
+        let java = Command::new("java").arg("-version").output();
+        assert!(
+            java.is_ok_and(|o| o.status.success()),
+            "java (17) is required for the Strimzi client test"
+        );
+        let client_args = agent.client_args();
+        let (ca, cert, key) = (&client_args[1], &client_args[3], &client_args[5]);
+        let p12 = dir.join("operator.p12");
+        let out = Command::new("openssl")
+            .args(["pkcs12", "-export", "-in", cert, "-inkey", key])
+            .args(["-certfile", ca, "-name", "cluster-operator"])
+            .args(["-passout", "pass:changeit", "-out"])
+            .arg(&p12)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        JavaClient {
+            ca: ca.clone(),
+            p12,
+        }
+    }
+
+    /// GET /v1/broker-state/{query}: (exit code, stdout line, stderr).
+    fn get(&self, agent: &Agent, query: &str) -> (Option<i32>, String, String) {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("java/BrokerStateClient.java");
+        let out = Command::new("java")
+            .arg(&source)
+            .arg(agent.url(&format!("/v1/broker-state/{query}")))
+            .arg(&self.ca)
+            .arg(&self.p12)
+            .arg("changeit")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
 #[test]
 fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     if !privileged("state") {
@@ -119,6 +173,7 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     .unwrap();
     let agent = Agent::start(&agent_config(dir.path()));
     agent.wait_ready();
+    let java = JavaClient::new(&agent, dir.path());
     // No broker yet: 404 for both (the operator counts that as "unknown").
     assert_eq!(state(&agent, "").0, 404);
     assert_eq!(ready_code(&agent), 404);
@@ -167,6 +222,15 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(ready_code(&agent), 503);
+        if k == 0 {
+            // The operator's strict parser accepts the recovery shape.
+            let (code, stdout, stderr) = java.get(&agent, "");
+            assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+            assert_eq!(
+                stdout, "HTTP_2 200 brokerState=2 logs=3 segments=7",
+                "{stderr}"
+            );
+        }
     }
     assert_eq!(
         broker.command("recover-step", Duration::from_secs(5)),
@@ -267,57 +331,8 @@ fn several_brokers_need_a_choice_and_the_java_client_reads_the_state_strictly() 
 
     // The operator's way: Java's HttpClient, mTLS with a PKCS12 identity, hostname verification,
     // HTTP/2 preferred, a strict parser.
-    let java = Command::new("java").arg("-version").output();
-    if java.map(|o| !o.status.success()).unwrap_or(true) {
-        panic!("java is required for the Strimzi client test (Java 17)");
-    }
-    let pki = dir.path().join("p12");
-    std::fs::create_dir_all(&pki).unwrap();
-    let client_args = agent.client_args();
-    let (ca, cert, key) = (&client_args[1], &client_args[3], &client_args[5]);
-    let p12 = pki.join("operator.p12");
-    let out = Command::new("openssl")
-        .args([
-            "pkcs12",
-            "-export",
-            "-in",
-            cert,
-            "-inkey",
-            key,
-            "-certfile",
-            ca,
-        ])
-        .args([
-            "-name",
-            "cluster-operator",
-            "-passout",
-            "pass:changeit",
-            "-out",
-        ])
-        .arg(&p12)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("java/BrokerStateClient.java");
-    let run = |query: &str| {
-        let out = Command::new("java")
-            .arg(&source)
-            .arg(agent.url(&format!("/v1/broker-state/{query}")))
-            .arg(ca)
-            .arg(&p12)
-            .arg("changeit")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let java = JavaClient::new(&agent, dir.path());
+    let run = |query: &str| java.get(&agent, query);
     let (code, stdout, stderr) = run("?broker=1");
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert_eq!(stdout, "HTTP_2 200 brokerState=3", "{stderr}");
