@@ -15,8 +15,8 @@ use aya_ebpf::{
 use brokerscope_common::{
     resources::{
         BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, OnCpu,
-        RESOURCES_CAPACITY, RUNQ_CAPACITY, ResourceCounters, ResourceOffsets, involuntary,
-        rwbs_direction,
+        RESOURCES_CAPACITY, RUNQ_CAPACITY, RUNTIME_CAPACITY, ResourceCounters, ResourceOffsets,
+        involuntary, rwbs_direction,
     },
     sockets::log2_bucket,
     telemetry::{ProbeError, Program},
@@ -45,6 +45,10 @@ static ON_CPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
 /// When a broker thread became runnable; bounded, least recently used evicted.
 #[map(name = "RUNQ_SINCE")]
 static RUNQ_SINCE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNQ_CAPACITY, 0);
+
+/// Each broker thread's `sum_exec_runtime` at its last switch-out; bounded, LRU.
+#[map(name = "THREAD_RUNTIME")]
+static THREAD_RUNTIME: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNTIME_CAPACITY, 0);
 
 /// Block requests brokers issued, in flight; bounded, least recently used evicted.
 #[map(name = "BLOCK_INFLIGHT")]
@@ -89,8 +93,8 @@ fn bucket(us: u64) -> usize {
     log2_bucket(us, LATENCY_BUCKETS)
 }
 
-#[tracepoint(category = "sched", name = "sched_switch")]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     count_run(Program::SchedSwitch);
     if let Err(e) = try_switch(&ctx) {
         count_error(e);
@@ -98,13 +102,19 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn try_switch(ctx: &TracePointContext) -> Result<(), ProbeError> {
+/// Raw `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`:
+/// the first three arguments are the same on every kernel since 4.x.
+fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
     let off = offsets();
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: offsets from the tracepoint's format file; the reads are checked.
-    let next_pid: i32 = unsafe { ctx.read_at(off.switch_next_pid as usize) }
-        .map_err(|_| ProbeError::ReadContext)?;
+    let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    // SAFETY: a checked kernel read at a BTF offset inside the task.
+    let next_pid: i32 =
+        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_pid)) as *const i32) }
+            .map_err(|_| ProbeError::ReadTask)?;
     let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
     // The switched-out task is still current here.
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -113,18 +123,34 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), ProbeError> {
         // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
         let here = unsafe { *slot };
         let c = counters(tgid)?;
+        // SAFETY: checked kernel reads at BTF offsets inside the task.
+        let sum: u64 =
+            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_sum_exec)) as *const u64) }
+                .map_err(|_| ProbeError::ReadTask)?;
+        // SAFETY: a plain read of a map value returned by the lookup.
+        let base = match unsafe { THREAD_RUNTIME.get(&tid) } {
+            Some(last) if *last <= sum => *last,
+            // First seen (or a reused thread id): count from when it got this CPU.
+            // SAFETY: as above.
+            _ => unsafe {
+                bpf_probe_read_kernel((prev + u64::from(off.task_prev_sum_exec)) as *const u64)
+            }
+            .map_err(|_| ProbeError::ReadTask)?,
+        };
+        add!(c, on_cpu_ns, sum.saturating_sub(base));
+        let _ = THREAD_RUNTIME.insert(&tid, &sum, 0);
         if here.since_ns != 0 && here.tid == tid {
-            add!(c, on_cpu_ns, now.saturating_sub(here.since_ns));
             if here.has_runq != 0 {
                 let us = here.runq_ns / 1000;
                 add!(c, runq[bucket(us)], 1);
                 add!(c, runq_sum_us, us);
             }
         }
-        // SAFETY: as above.
-        let prev_state: i64 = unsafe { ctx.read_at(off.switch_prev_state as usize) }
-            .map_err(|_| ProbeError::ReadContext)?;
-        if involuntary(prev_state as u64) {
+        // SAFETY: a checked kernel read at a BTF offset inside the task.
+        let state: u32 =
+            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_state)) as *const u32) }
+                .map_err(|_| ProbeError::ReadTask)?;
+        if involuntary(preempt & 0xff != 0, state) {
             add!(c, involuntary, 1);
             // Preempted: it waits on the run queue from now.
             let _ = RUNQ_SINCE.insert(&tid, &now, 0);

@@ -2,8 +2,11 @@
 //!
 //! The kernel side (`agent-ebpf/src/resources.rs`) counts only registered broker tgids (the
 //! processes family's `BROKER_PIDS`), into one [`ResourceCounters`] per broker process:
-//! - on-CPU time and context switches at `sched:sched_switch` (the switched-out task is the
-//!   current one, so its tgid is known without reading a `task_struct`);
+//! - CPU time and context switches at `sched_switch` (a raw tracepoint: no record is built for
+//!   it, which matters on a hook that runs at every context switch of the node; the switched-out
+//!   task is the current one, so its tgid is known without reading a `task_struct`). CPU time is
+//!   the growth of the thread's `se.sum_exec_runtime` since its last switch-out: the scheduler's
+//!   own account, the one /proc reports, and a missed switch loses nothing;
 //! - run-queue latency: wake-up (`sched_wakeup`/`sched_wakeup_new`, raw tracepoints, whose
 //!   `task_struct` gives the wakee's tgid) or preemption, to the switch onto a CPU;
 //! - block I/O bytes and latency: `block:block_rq_issue` in the issuing task's context (direct
@@ -22,6 +25,12 @@ pub const RUNQ_MAP: &str = "RUNQ_SINCE";
 /// threads; an LRU evicts the stalest, whose latency is then not measured).
 pub const RUNQ_CAPACITY: u32 = 8192;
 
+/// Name of the LRU map of each broker thread's CPU time when last switched out.
+pub const RUNTIME_MAP: &str = "THREAD_RUNTIME";
+/// Capacity of [`RUNTIME_MAP`]: broker threads (an evicted thread's next slice is counted from
+/// when it got the CPU, as a new thread's).
+pub const RUNTIME_CAPACITY: u32 = 16384;
+
 /// Name of the LRU map of block requests in flight issued by brokers.
 pub const BLOCK_MAP: &str = "BLOCK_INFLIGHT";
 /// Capacity of [`BLOCK_MAP`]: requests in flight at once (device queue depths are ≤ 1024).
@@ -35,10 +44,10 @@ pub const FSYNC_CAPACITY: u32 = 1024;
 /// Log2 buckets of latency histograms in microseconds: bucket i < 2^(i+1) µs; 2^26 µs is 67 s.
 pub const LATENCY_BUCKETS: usize = 26;
 
-/// `prev_state` of `sched_switch`: the preempted flag (`TASK_REPORT_MAX`) or a runnable state
-/// (0) means the task did not give up the CPU by itself.
-pub const fn involuntary(prev_state: u64) -> bool {
-    prev_state & 0xff == 0
+/// A switch the task did not ask for: it was preempted, or it was still runnable (`__state` 0,
+/// e.g. a yield). A task going to sleep or blocking has a non-zero `__state` and was not preempted.
+pub const fn involuntary(preempt: bool, state: u32) -> bool {
+    preempt || state == 0
 }
 
 /// Counters of one broker process. Updated with atomic adds from any CPU.
@@ -111,9 +120,12 @@ pub struct BlockStart {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResourceOffsets {
-    pub switch_prev_pid: u32,
-    pub switch_prev_state: u32,
-    pub switch_next_pid: u32,
+    /// `task_struct.__state` (`state` before 5.14).
+    pub task_state: u32,
+    /// `task_struct.se.sum_exec_runtime`: the scheduler's own account of the thread's CPU time.
+    pub task_sum_exec: u32,
+    /// `task_struct.se.prev_sum_exec_runtime`: its value when the thread last got the CPU.
+    pub task_prev_sum_exec: u32,
     pub issue_dev: u32,
     pub issue_sector: u32,
     pub issue_bytes: u32,
@@ -127,9 +139,9 @@ pub struct ResourceOffsets {
 
 impl ResourceOffsets {
     pub const UNSET: ResourceOffsets = ResourceOffsets {
-        switch_prev_pid: 0,
-        switch_prev_state: 0,
-        switch_next_pid: 0,
+        task_state: 0,
+        task_sum_exec: 0,
+        task_prev_sum_exec: 0,
         issue_dev: 0,
         issue_sector: 0,
         issue_bytes: 0,
@@ -190,10 +202,10 @@ mod tests {
 
     #[test]
     fn switch_kinds() {
-        assert!(involuntary(0)); // runnable: preempted or yielded
-        assert!(involuntary(0x100)); // TASK_REPORT_MAX: preempted
-        assert!(!involuntary(1)); // TASK_INTERRUPTIBLE: slept
-        assert!(!involuntary(2)); // TASK_UNINTERRUPTIBLE: blocked on I/O
+        assert!(involuntary(false, 0)); // runnable: yielded
+        assert!(involuntary(true, 1)); // preempted while about to sleep
+        assert!(!involuntary(false, 1)); // TASK_INTERRUPTIBLE: slept
+        assert!(!involuntary(false, 2)); // TASK_UNINTERRUPTIBLE: blocked on I/O
     }
 
     #[test]

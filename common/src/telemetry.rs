@@ -32,7 +32,7 @@ pub enum Program {
     StateOpenat2 = 8,
     /// `signal:signal_deliver`: SIGTERM delivered to a broker.
     StateSignal = 9,
-    /// `sched:sched_switch`: brokers' on-CPU time, context switches, run-queue latency.
+    /// raw `sched_switch`: brokers' on-CPU time, context switches, run-queue latency.
     SchedSwitch = 10,
     /// raw `sched_wakeup`: when a broker thread became runnable.
     SchedWakeup = 11,
@@ -117,7 +117,7 @@ impl Program {
             Program::StateOpenat => "tracepoint/syscalls/sys_enter_openat",
             Program::StateOpenat2 => "tracepoint/syscalls/sys_enter_openat2",
             Program::StateSignal => "tracepoint/signal/signal_deliver",
-            Program::SchedSwitch => "tracepoint/sched/sched_switch",
+            Program::SchedSwitch => "raw_tracepoint/sched_switch",
             Program::SchedWakeup => "raw_tracepoint/sched_wakeup",
             Program::SchedWakeupNew => "raw_tracepoint/sched_wakeup_new",
             Program::BlockIssue => "tracepoint/block/block_rq_issue",
@@ -142,7 +142,7 @@ impl Program {
             Program::StateOpenat => Some(("syscalls", "sys_enter_openat")),
             Program::StateOpenat2 => Some(("syscalls", "sys_enter_openat2")),
             Program::StateSignal => Some(("signal", "signal_deliver")),
-            Program::SchedSwitch => Some(("sched", "sched_switch")),
+            Program::SchedSwitch => None,
             Program::SchedWakeup => None,
             Program::SchedWakeupNew => None,
             Program::BlockIssue => Some(("block", "block_rq_issue")),
@@ -157,6 +157,7 @@ impl Program {
     /// The raw tracepoint, for the programs attached to one.
     pub const fn raw_tracepoint(self) -> Option<&'static str> {
         match self {
+            Program::SchedSwitch => Some("sched_switch"),
             Program::SchedWakeup => Some("sched_wakeup"),
             Program::SchedWakeupNew => Some("sched_wakeup_new"),
             _ => None,

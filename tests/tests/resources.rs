@@ -82,7 +82,8 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
         diff * 100.0
     );
     assert!(proc_cpu > 2.9, "the burn used the CPU: {proc_cpu}");
-    assert!(diff <= 0.05, "agent {ours} s vs /proc {proc_cpu} s");
+    // The agent reads the scheduler's own figure; /proc rounds it to 10 ms ticks.
+    assert!(diff <= 0.02, "agent {ours} s vs /proc {proc_cpu} s");
     let voluntary = metric(
         &agent,
         "brokerscope_context_switches_total",

@@ -9,20 +9,22 @@ use aya::{
 };
 use brokerscope_common::resources::{
     BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, RESOURCES_CAPACITY,
-    RESOURCES_MAP, RUNQ_CAPACITY, RUNQ_MAP, ResourceCounters, ResourceOffsets,
+    RESOURCES_MAP, RUNQ_CAPACITY, RUNQ_MAP, RUNTIME_CAPACITY, RUNTIME_MAP, ResourceCounters,
+    ResourceOffsets,
 };
 
 use super::{MapStats, ProbesError, btf::Btf, read_file, tracefs::Format};
 
 pub fn resolve_offsets(tracefs: &Path, btf_path: &Path) -> Result<ResourceOffsets, ProbesError> {
-    let switch = Format::read(tracefs, "sched", "sched_switch")?;
     let issue = Format::read(tracefs, "block", "block_rq_issue")?;
     let complete = Format::read(tracefs, "block", "block_rq_complete")?;
     let btf = Btf::parse(&read_file(btf_path)?)?;
     Ok(ResourceOffsets {
-        switch_prev_pid: switch.field("prev_pid", 4)?,
-        switch_prev_state: switch.field("prev_state", 8)?,
-        switch_next_pid: switch.field("next_pid", 4)?,
+        task_state: btf
+            .offset_of("task_struct", &["__state"])
+            .or_else(|_| btf.offset_of("task_struct", &["state"]))?,
+        task_sum_exec: btf.offset_of("task_struct", &["se", "sum_exec_runtime"])?,
+        task_prev_sum_exec: btf.offset_of("task_struct", &["se", "prev_sum_exec_runtime"])?,
         issue_dev: issue.field("dev", 4)?,
         issue_sector: issue.field("sector", 8)?,
         issue_bytes: issue.field("bytes", 4)?,
@@ -42,6 +44,7 @@ pub struct ResourcesReader {
     counters: HashMap<MapData, u32, ResourceCounters>,
     // The LRU maps read through aya's HashMap (same lookup API).
     runq: HashMap<MapData, u32, u64>,
+    runtime: HashMap<MapData, u32, u64>,
     block: HashMap<MapData, BlockKey, BlockStart>,
     fsync: HashMap<MapData, u32, u64>,
 }
@@ -64,6 +67,7 @@ impl ResourcesReader {
         Ok(Self {
             counters: take(ebpf, RESOURCES_MAP)?,
             runq: take(ebpf, RUNQ_MAP)?,
+            runtime: take(ebpf, RUNTIME_MAP)?,
             block: take(ebpf, BLOCK_MAP)?,
             fsync: take(ebpf, FSYNC_MAP)?,
         })
@@ -98,6 +102,11 @@ impl ResourcesReader {
                 map: "runq_since",
                 entries: self.runq.keys().count() as u64,
                 capacity: RUNQ_CAPACITY,
+            },
+            MapStats {
+                map: "thread_runtime",
+                entries: self.runtime.keys().count() as u64,
+                capacity: RUNTIME_CAPACITY,
             },
             MapStats {
                 map: "block_inflight",
