@@ -46,6 +46,10 @@ pub struct Model {
     status: RwLock<Status>,
     brokers: RwLock<Brokers>,
     states: Mutex<StateTracker>,
+    /// The broker table changed since the state tracker last followed it. The tracker follows
+    /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
+    /// not slow discovery down.
+    states_stale: std::sync::atomic::AtomicBool,
 }
 
 /// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
@@ -208,10 +212,10 @@ impl Model {
         self.sync_states();
     }
 
-    /// Follows the broker table in the state tracker.
+    /// Marks the broker table changed for the state tracker (cheap: discovery's thread).
     fn sync_states(&self) {
-        let brokers = self.brokers();
-        self.states().sync(&brokers);
+        self.states_stale
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A kernel open/SIGTERM event for the state tracker.
@@ -264,8 +268,16 @@ impl Model {
             .and_then(Probes::take_state_events)
     }
 
+    /// The state tracker, following the broker table first if it changed.
     fn states(&self) -> std::sync::MutexGuard<'_, StateTracker> {
-        self.states.lock().unwrap_or_else(|p| p.into_inner())
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .states_stale
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            states.sync(&self.brokers());
+        }
+        states
     }
 
     /// Tells the kernel programs which listeners to count and which pids' exits to report:

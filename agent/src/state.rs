@@ -233,6 +233,25 @@ struct Process {
     sigterm: bool,
     /// Every listener was seen listening once: RUNNING until shutdown.
     running: bool,
+    /// The last listening check and its answer (reading `/proc/<pid>/net/tcp` of a namespace
+    /// with thousands of sockets takes tens of ms: checked at most every [`LISTEN_RECHECK`]).
+    listen_checked: Option<(Instant, bool)>,
+}
+
+/// How long a listening check is reused.
+pub const LISTEN_RECHECK: Duration = Duration::from_millis(250);
+
+impl Process {
+    fn listening(&mut self, broker: &Broker) -> bool {
+        if let Some((at, answer)) = self.listen_checked
+            && at.elapsed() < LISTEN_RECHECK
+        {
+            return answer;
+        }
+        let answer = listening(broker);
+        self.listen_checked = Some((Instant::now(), answer));
+        answer
+    }
 }
 
 #[derive(Debug, Default)]
@@ -286,6 +305,7 @@ impl StateTracker {
                     last_open: None,
                     sigterm: false,
                     running: false,
+                    listen_checked: None,
                 });
             }
         }
@@ -383,7 +403,7 @@ fn derive(p: &mut Process, broker: &Broker) -> StateView {
     }
     if p.recovery_seen && !p.recovery_over {
         let quiet = p.last_open.is_none_or(|t| t.elapsed() >= QUIET);
-        if p.inventory.segments_remaining == 0 || (quiet && listening(broker)) {
+        if p.inventory.segments_remaining == 0 || (quiet && p.listening(broker)) {
             p.recovery_over = true;
         } else {
             return StateView {
@@ -392,7 +412,7 @@ fn derive(p: &mut Process, broker: &Broker) -> StateView {
             };
         }
     }
-    if listening(broker) {
+    if p.listening(broker) {
         p.running = true;
         return plain(KafkaState::Running);
     }
