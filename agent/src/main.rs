@@ -304,7 +304,7 @@ fn spawn_state_tracker(
 }
 
 /// How often broker states are derived again without an event.
-const STATE_TICK: std::time::Duration = std::time::Duration::from_millis(500);
+const STATE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

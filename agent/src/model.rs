@@ -222,7 +222,7 @@ impl Model {
     pub fn on_state_signal(&self, signal: &StateSignal) {
         let id = self.states().on_signal(signal);
         if let Some(broker) = id.and_then(|id| self.broker(&id)) {
-            self.states().evaluate(&broker);
+            self.states().evaluate(&broker, true);
         }
     }
 
@@ -231,13 +231,13 @@ impl Model {
         let brokers = self.brokers();
         let mut states = self.states();
         for b in &brokers {
-            states.evaluate(b);
+            states.evaluate(b, true);
         }
     }
 
     /// The broker's Kafka state now.
     pub fn broker_state(&self, broker: &Broker) -> StateView {
-        self.states().evaluate(broker)
+        self.states().evaluate(broker, false)
     }
 
     /// Every broker with its state, sorted by id.
@@ -250,7 +250,7 @@ impl Model {
 
     pub fn broker_view(&self, broker: Broker) -> BrokerView {
         let mut states = self.states();
-        let broker_state = states.evaluate(&broker);
+        let broker_state = states.evaluate(&broker, false);
         let state_changes = states.changes(&broker.id);
         BrokerView {
             broker,

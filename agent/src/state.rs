@@ -242,15 +242,21 @@ struct Process {
 pub const LISTEN_RECHECK: Duration = Duration::from_millis(250);
 
 impl Process {
-    fn listening(&mut self, broker: &Broker) -> bool {
-        if let Some((at, answer)) = self.listen_checked
-            && at.elapsed() < LISTEN_RECHECK
-        {
-            return answer;
+    /// Whether every listener listens. `read`: may read /proc (the tracker's own thread);
+    /// otherwise (requests) the last answer is used, "not yet" when there is none.
+    fn listening(&mut self, broker: &Broker, read: bool) -> bool {
+        if wanted_ports(broker).is_empty() {
+            return true;
         }
-        let answer = listening(broker);
-        self.listen_checked = Some((Instant::now(), answer));
-        answer
+        match self.listen_checked {
+            Some((at, answer)) if !read || at.elapsed() < LISTEN_RECHECK => answer,
+            None if !read => false,
+            _ => {
+                let answer = listening(broker);
+                self.listen_checked = Some((Instant::now(), answer));
+                answer
+            }
+        }
     }
 }
 
@@ -310,7 +316,7 @@ impl StateTracker {
             }
         }
         for b in brokers {
-            self.evaluate(b);
+            self.evaluate(b, false);
         }
     }
 
@@ -341,15 +347,17 @@ impl StateTracker {
         }
     }
 
-    /// Derives the broker's state now, logging a change.
-    pub fn evaluate(&mut self, broker: &Broker) -> StateView {
+    /// Derives the broker's state now, logging a change. `read`: listening sockets may be read
+    /// from /proc (tens of ms in a namespace with many sockets): the tracker's thread passes
+    /// true, requests false (they reuse its last answer).
+    pub fn evaluate(&mut self, broker: &Broker, read: bool) -> StateView {
         let tracked = self.by_id.entry(broker.id.clone()).or_default();
         let view = match tracked.process.as_mut().filter(|_| broker.is_running()) {
             None => StateView {
                 state: KafkaState::NotRunning,
                 recovery: None,
             },
-            Some(p) => derive(p, broker),
+            Some(p) => derive(p, broker, read),
         };
         if tracked.current != Some(view.state) {
             let change = StateChange {
@@ -390,7 +398,7 @@ impl StateTracker {
     }
 }
 
-fn derive(p: &mut Process, broker: &Broker) -> StateView {
+fn derive(p: &mut Process, broker: &Broker, read: bool) -> StateView {
     let plain = |state| StateView {
         state,
         recovery: None,
@@ -403,7 +411,7 @@ fn derive(p: &mut Process, broker: &Broker) -> StateView {
     }
     if p.recovery_seen && !p.recovery_over {
         let quiet = p.last_open.is_none_or(|t| t.elapsed() >= QUIET);
-        if p.inventory.segments_remaining == 0 || (quiet && p.listening(broker)) {
+        if p.inventory.segments_remaining == 0 || (quiet && p.listening(broker, read)) {
             p.recovery_over = true;
         } else {
             return StateView {
@@ -412,7 +420,7 @@ fn derive(p: &mut Process, broker: &Broker) -> StateView {
             };
         }
     }
-    if p.listening(broker) {
+    if p.listening(broker, read) {
         p.running = true;
         return plain(KafkaState::Running);
     }
@@ -430,14 +438,7 @@ fn derive(p: &mut Process, broker: &Broker) -> StateView {
 /// (`/proc/<pid>/net/tcp{,6}` show the namespace of that process). A broker with no known
 /// listener (config unreadable, no `discovery.listener_ports`) counts as listening.
 fn listening(broker: &Broker) -> bool {
-    let mut wanted: Vec<u16> = broker
-        .listeners
-        .iter()
-        .map(|l| l.port)
-        .filter(|&p| p != 0)
-        .collect();
-    wanted.sort_unstable();
-    wanted.dedup();
+    let mut wanted = wanted_ports(broker);
     if wanted.is_empty() {
         return true;
     }
@@ -461,6 +462,19 @@ fn listening(broker: &Broker) -> bool {
         }
     }
     false
+}
+
+/// The configured listener ports (0, an ephemeral port, cannot be checked).
+fn wanted_ports(broker: &Broker) -> Vec<u16> {
+    let mut wanted: Vec<u16> = broker
+        .listeners
+        .iter()
+        .map(|l| l.port)
+        .filter(|&p| p != 0)
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
 }
 
 /// The local port of a `/proc/net/tcp{,6}` line in state LISTEN (`0A`).
