@@ -10,7 +10,9 @@
 )]
 
 mod processes;
+mod resources;
 mod sockets;
+mod state;
 mod telemetry;
 
 #[cfg(not(test))]

@@ -24,9 +24,17 @@ static PROCESS_OFFSETS: ProcessOffsets = ProcessOffsets::UNSET;
 #[map(name = "PROCESS_EVENTS")]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
 
-/// Brokers whose exit is reported; bounded by the number of brokers on a node.
+/// Brokers (tgids) whose exit is reported, and whose opens, signals and resources the state and
+/// resources families watch; bounded by the number of brokers on a node.
 #[map(name = "BROKER_PIDS")]
 static BROKER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(BROKER_PIDS_CAPACITY, 0);
+
+/// Whether `tgid` is a registered broker (shared with the state and resources families).
+#[inline(always)]
+pub fn is_broker(tgid: u32) -> bool {
+    // SAFETY: a plain read of a map value returned by the lookup.
+    unsafe { BROKER_PIDS.get(&tgid) }.is_some()
+}
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn process_exec(ctx: TracePointContext) -> u32 {
@@ -64,8 +72,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // Cheap filter first: most exits on a node are not brokers'.
-    // SAFETY: a plain read of a map value returned by the lookup.
-    if unsafe { BROKER_PIDS.get(&tgid) }.is_none() {
+    if !is_broker(tgid) {
         return Ok(());
     }
     let off = offsets().exit_group_dead;

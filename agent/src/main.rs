@@ -13,7 +13,9 @@ mod model;
 mod pki;
 mod probes;
 mod render;
+mod resources;
 mod server;
+mod state;
 mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -351,6 +353,7 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
             Err(e) => tracing::warn!(error = %e, "no kernel connection events for /v1/events"),
         }
     }
+    spawn_state_tracker(model.clone(), model.take_state_events());
 
     let addr = config.server.listen_addr()?;
     // Discovered brokers' listeners, as configured ones were checked with the config.
@@ -424,6 +427,49 @@ fn spawn_discovery_events(
         tracing::error!(error = %e, "cannot start the discovery thread; relying on rescans");
     }
 }
+
+/// Feeds the kernel's open/SIGTERM events to the broker state tracker, and derives every
+/// broker's state again every [`STATE_TICK`] (listeners appear without an event), on a thread of
+/// its own: the tracker reads /proc.
+fn spawn_state_tracker(
+    model: Arc<Model>,
+    mut events: Option<tokio::sync::mpsc::Receiver<probes::state::StateSignal>>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("broker-state".into())
+        .spawn(move || {
+            let mut next_tick = std::time::Instant::now();
+            loop {
+                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+                // None: the wait elapsed; Some(None): the stream ended.
+                let got = match events.as_mut() {
+                    Some(rx) => {
+                        handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
+                    }
+                    None => {
+                        std::thread::sleep(wait);
+                        None
+                    }
+                };
+                match got {
+                    Some(Some(signal)) => model.on_state_signal(&signal),
+                    Some(None) => events = None,
+                    None => {}
+                }
+                if std::time::Instant::now() >= next_tick {
+                    model.tick_states();
+                    next_tick = std::time::Instant::now() + STATE_TICK;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the broker state thread");
+    }
+}
+
+/// How often broker states are derived again without an event.
+const STATE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -9,7 +9,8 @@ use std::sync::{Mutex, RwLock};
 use crate::{
     discovery::Broker,
     kernel::KernelFacts,
-    probes::{Attachment, ProbeSnapshot, Probes},
+    probes::{Attachment, ProbeSnapshot, Probes, state::StateSignal},
+    state::{StateChange, StateTracker, StateView},
 };
 
 /// Why the agent is not ready, or that it is.
@@ -50,6 +51,21 @@ pub struct Model {
     brokers: RwLock<Brokers>,
     /// Broker start/stop/state changes and kernel connection events, for `/v1/events`.
     pub events: crate::control::events::EventBus,
+    states: Mutex<StateTracker>,
+    /// The broker table changed since the state tracker last followed it. The tracker follows
+    /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
+    /// not slow discovery down.
+    states_stale: std::sync::atomic::AtomicBool,
+}
+
+/// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
+/// last state changes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BrokerView {
+    #[serde(flatten)]
+    pub broker: Broker,
+    pub broker_state: StateView,
+    pub state_changes: Vec<StateChange>,
 }
 
 /// What a renderer needs, read at one instant.
@@ -60,6 +76,10 @@ pub struct Snapshot {
     pub probes: ProbeSnapshot,
     /// Every tracked broker, sorted by id.
     pub brokers: Vec<Broker>,
+    /// (broker id, Strimzi state number), as `brokers`.
+    pub broker_states: Vec<(String, u8)>,
+    /// /proc and cgroup figures of running brokers, by broker id.
+    pub procs: Vec<(String, crate::resources::ProcStats)>,
 }
 
 impl Model {
@@ -194,11 +214,32 @@ impl Model {
             .as_mut()
             .map(|p| p.snapshot(&pids))
             .unwrap_or_default();
+        let broker_states = brokers
+            .iter()
+            .map(|b| (b.id.clone(), self.broker_state(b).state.number()))
+            .collect();
+        let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
+        let procs = brokers
+            .iter()
+            .filter(|b| b.is_running())
+            .map(|b| {
+                let cgroup = cgroup2
+                    .as_ref()
+                    .zip(b.cgroup.path.as_deref())
+                    .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
+                (
+                    b.id.clone(),
+                    crate::resources::read(b.pid, cgroup.as_deref()),
+                )
+            })
+            .collect();
         Snapshot {
             readiness: Some(self.readiness()),
             attached: self.status().attached.clone(),
             probes,
             brokers,
+            broker_states,
+            procs,
         }
     }
 
@@ -213,6 +254,7 @@ impl Model {
             b.error = None;
         }
         self.sync_kernel();
+        self.sync_states();
     }
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
@@ -223,6 +265,75 @@ impl Model {
             b.brokers = brokers;
         }
         self.sync_kernel();
+        self.sync_states();
+    }
+
+    /// Marks the broker table changed for the state tracker (cheap: discovery's thread).
+    fn sync_states(&self) {
+        self.states_stale
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A kernel open/SIGTERM event for the state tracker.
+    pub fn on_state_signal(&self, signal: &StateSignal) {
+        let id = self.states().on_signal(signal);
+        if let Some(broker) = id.and_then(|id| self.broker(&id)) {
+            self.states().evaluate(&broker, true);
+        }
+    }
+
+    /// Derives every broker's state again (listeners that started listening, quiet recovery).
+    pub fn tick_states(&self) {
+        let brokers = self.brokers();
+        let mut states = self.states();
+        for b in &brokers {
+            states.evaluate(b, true);
+        }
+    }
+
+    /// The broker's Kafka state now.
+    pub fn broker_state(&self, broker: &Broker) -> StateView {
+        self.states().evaluate(broker, false)
+    }
+
+    /// Every broker with its state, sorted by id.
+    pub fn broker_views(&self) -> Vec<BrokerView> {
+        self.brokers()
+            .into_iter()
+            .map(|b| self.broker_view(b))
+            .collect()
+    }
+
+    pub fn broker_view(&self, broker: Broker) -> BrokerView {
+        let mut states = self.states();
+        let broker_state = states.evaluate(&broker, false);
+        let state_changes = states.changes(&broker.id);
+        BrokerView {
+            broker,
+            broker_state,
+            state_changes,
+        }
+    }
+
+    /// The broker state stream, once.
+    pub fn take_state_events(&self) -> Option<tokio::sync::mpsc::Receiver<StateSignal>> {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Probes::take_state_events)
+    }
+
+    /// The state tracker, following the broker table first if it changed.
+    fn states(&self) -> std::sync::MutexGuard<'_, StateTracker> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .states_stale
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            states.sync(&self.brokers());
+        }
+        states
     }
 
     /// Tells the kernel programs which listeners to count and which pids' exits to report:

@@ -273,6 +273,8 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     }
 
     brokers(e, &snapshot.brokers);
+    broker_states(e, &snapshot.broker_states);
+    resources(e, snapshot);
     listeners(e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
 }
 
@@ -432,6 +434,191 @@ fn brokers(e: &mut Exposition, brokers: &[crate::discovery::Broker]) {
     }
 }
 
+/// `broker_state`: Strimzi's number for every tracked broker (0 once stopped).
+fn broker_states(e: &mut Exposition, states: &[(String, u8)]) {
+    let mut f = e.family(
+        "broker_state",
+        Kind::Gauge,
+        "Kafka broker state derived from the kernel, in Strimzi's numbering: 0 not running, \
+         1 starting, 2 recovery, 3 running, 6 pending controlled shutdown, 7 shutting down, \
+         127 unknown.",
+    );
+    for (id, n) in states {
+        f.sample(&[("broker", id)], n);
+    }
+}
+
+/// Per-broker resources: kernel counters (by the broker's current pid) and /proc figures.
+fn resources(e: &mut Exposition, snapshot: &Snapshot) {
+    use brokerscope_common::resources::ResourceCounters;
+    let by_pid: std::collections::HashMap<u32, &str> = snapshot
+        .brokers
+        .iter()
+        .filter(|b| b.is_running())
+        .map(|b| (b.pid, b.id.as_str()))
+        .collect();
+    let kernel: Vec<(&str, &ResourceCounters)> = snapshot
+        .probes
+        .resources
+        .iter()
+        .filter_map(|(pid, c)| Some((*by_pid.get(pid)?, c)))
+        .collect();
+    let counter =
+        |e: &mut Exposition, name: &str, help: &str, f: &dyn Fn(&ResourceCounters) -> String| {
+            let mut fam = e.family(name, Kind::Counter, help);
+            for (id, c) in &kernel {
+                fam.sample(&[("broker", id)], f(c));
+            }
+        };
+    counter(
+        e,
+        "cpu_seconds_total",
+        "On-CPU time of the broker's threads (sched_switch).",
+        &|c| (c.on_cpu_ns as f64 / 1e9).to_string(),
+    );
+    {
+        let mut f = e.family(
+            "context_switches_total",
+            Kind::Counter,
+            "Context switches of the broker's threads: voluntary (blocked or slept) or involuntary (preempted).",
+        );
+        for (id, c) in &kernel {
+            f.sample(&[("broker", id), ("kind", "voluntary")], c.voluntary);
+            f.sample(&[("broker", id), ("kind", "involuntary")], c.involuntary);
+        }
+    }
+    {
+        let mut f = e.family(
+            "runqueue_latency_seconds",
+            Kind::Histogram,
+            "Time the broker's threads waited on a run queue, from wake-up or preemption to running.",
+        );
+        for (id, c) in &kernel {
+            f.log2_histogram(&[("broker", id)], &c.runq, c.runq_sum_us, 1);
+        }
+    }
+    counter(
+        e,
+        "disk_read_bytes_total",
+        "Bytes of block read requests the broker issued (direct and synchronous reads).",
+        &|c| c.read_bytes.to_string(),
+    );
+    counter(
+        e,
+        "disk_written_bytes_total",
+        "Bytes of block write requests the broker issued (direct I/O; page-cache writeback is issued by kernel threads).",
+        &|c| c.written_bytes.to_string(),
+    );
+    {
+        let mut f = e.family(
+            "disk_io_latency_seconds",
+            Kind::Histogram,
+            "Issue-to-completion latency of block requests the broker issued.",
+        );
+        for (id, c) in &kernel {
+            f.log2_histogram(&[("broker", id)], &c.io, c.io_sum_us, 1);
+        }
+    }
+    counter(
+        e,
+        "fsync_total",
+        "fsync and fdatasync calls the broker completed.",
+        &|c| c.fsyncs.to_string(),
+    );
+    {
+        let mut f = e.family(
+            "fsync_duration_seconds",
+            Kind::Histogram,
+            "Duration of the broker's fsync and fdatasync calls.",
+        );
+        for (id, c) in &kernel {
+            f.log2_histogram(&[("broker", id)], &c.fsync, c.fsync_sum_us, 1);
+        }
+    }
+    let procs = &snapshot.procs;
+    {
+        let mut f = e.family(
+            "page_faults_total",
+            Kind::Counter,
+            "Page faults of the broker process (/proc/<pid>/stat): major needed I/O, minor did not.",
+        );
+        for (id, p) in procs {
+            if let Some(v) = p.major_faults {
+                f.sample(&[("broker", id), ("kind", "major")], v);
+            }
+            if let Some(v) = p.minor_faults {
+                f.sample(&[("broker", id), ("kind", "minor")], v);
+            }
+        }
+    }
+    type Getter = fn(&crate::resources::ProcStats) -> Option<u64>;
+    let gauges: [(&str, Kind, &str, Getter); 7] = [
+        (
+            "memory_rss_bytes",
+            Kind::Gauge,
+            "Resident set size of the broker process.",
+            |p| p.rss_bytes,
+        ),
+        (
+            "open_fds",
+            Kind::Gauge,
+            "Open file descriptors of the broker process.",
+            |p| p.open_fds,
+        ),
+        (
+            "max_fds",
+            Kind::Gauge,
+            "Soft limit on the broker's open file descriptors.",
+            |p| p.max_fds,
+        ),
+        (
+            "threads",
+            Kind::Gauge,
+            "Threads of the broker process.",
+            |p| p.threads,
+        ),
+        (
+            "storage_read_bytes_total",
+            Kind::Counter,
+            "Bytes the broker made the storage layer read (/proc/<pid>/io read_bytes).",
+            |p| p.storage_read_bytes,
+        ),
+        (
+            "storage_written_bytes_total",
+            Kind::Counter,
+            "Bytes the broker made the storage layer write, writeback included (/proc/<pid>/io write_bytes).",
+            |p| p.storage_written_bytes,
+        ),
+        (
+            "cgroup_memory_bytes",
+            Kind::Gauge,
+            "memory.current of the broker's cgroup v2.",
+            |p| p.cgroup_memory_bytes,
+        ),
+    ];
+    for (name, kind, help, get) in gauges {
+        let mut f = e.family(name, kind, help);
+        for (id, p) in procs {
+            if let Some(v) = get(p) {
+                f.sample(&[("broker", id)], v);
+            }
+        }
+    }
+    let mut f = e.family(
+        "pressure_stall_seconds_total",
+        Kind::Counter,
+        "Time tasks of the broker's cgroup v2 stalled on a resource (PSI total): some or all (full) of them.",
+    );
+    for (id, p) in procs {
+        for (resource, kind, secs) in &p.pressure {
+            f.sample(
+                &[("broker", id), ("resource", resource), ("kind", kind)],
+                secs,
+            );
+        }
+    }
+}
+
 /// The endpoint's own families: its requests, connections and TLS material.
 fn server_families(e: &mut Exposition, s: &ServerSnapshot) {
     {
@@ -578,6 +765,7 @@ mod tests {
                     entries: 5,
                     capacity: 64,
                 }],
+                resources: vec![],
             },
             ..Snapshot::default()
         }

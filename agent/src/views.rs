@@ -1,12 +1,13 @@
-//! JSON views of a [`Snapshot`] for the `/v1` API: each broker with its listeners' counters.
+//! JSON views for the `/v1` API: each broker (discovery's record and its Kafka state) with its
+//! listeners' counters.
 //!
 //! Pure, like the Prometheus renderer: a snapshot in, serializable values out.
 
 use serde::Serialize;
 
 use crate::{
-    discovery::{Broker, ListenerIndex},
-    model::Snapshot,
+    discovery::ListenerIndex,
+    model::{BrokerView, Snapshot},
 };
 
 /// One listener's socket counters, as `/v1/brokers` shows them.
@@ -26,23 +27,22 @@ pub struct ListenerCounters {
     pub listen_drops: Option<u64>,
 }
 
-/// A broker and its counters.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BrokerView {
+/// A broker and its listeners' counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerWithCounters {
     #[serde(flatten)]
-    pub broker: Broker,
+    pub view: BrokerView,
     /// One entry per listener that has seen a connection since the agent started.
     pub counters: Vec<ListenerCounters>,
 }
 
-/// Every broker in the snapshot, with the counters attributed to it.
-pub fn brokers(snapshot: &Snapshot) -> Vec<BrokerView> {
+/// `views` with the counters the snapshot attributes to each broker.
+pub fn with_counters(snapshot: &Snapshot, views: Vec<BrokerView>) -> Vec<BrokerWithCounters> {
     let index = ListenerIndex::new(&snapshot.brokers);
-    let mut views: Vec<BrokerView> = snapshot
-        .brokers
-        .iter()
-        .map(|b| BrokerView {
-            broker: b.clone(),
+    let mut out: Vec<BrokerWithCounters> = views
+        .into_iter()
+        .map(|view| BrokerWithCounters {
+            view,
             counters: Vec::new(),
         })
         .collect();
@@ -50,11 +50,11 @@ pub fn brokers(snapshot: &Snapshot) -> Vec<BrokerView> {
         let Some((broker, listener)) = index.get(l.key.netns, l.key.port) else {
             continue;
         };
-        let Some(view) = views.iter_mut().find(|v| v.broker.id == broker) else {
+        let Some(b) = out.iter_mut().find(|b| b.view.broker.id == broker) else {
             continue;
         };
         let c = &l.counters;
-        view.counters.push(ListenerCounters {
+        b.counters.push(ListenerCounters {
             listener: listener.to_string(),
             port: l.key.port,
             connections_accepted: c.accepted,
@@ -68,7 +68,7 @@ pub fn brokers(snapshot: &Snapshot) -> Vec<BrokerView> {
             listen_drops: l.listen_drops,
         });
     }
-    views
+    out
 }
 
 #[cfg(test)]
@@ -100,17 +100,30 @@ mod tests {
         };
         // Netns 300 is nobody's (watch-all mode): left out.
         snapshot.probes.listeners = vec![stats(100, 3, 30), stats(200, 5, 50), stats(300, 9, 90)];
-        let views = brokers(&snapshot);
-        assert_eq!(views.len(), 2);
-        assert_eq!(views[0].counters.len(), 1);
-        let c = &views[1].counters[0];
+        let views = snapshot
+            .brokers
+            .iter()
+            .map(|b| BrokerView {
+                broker: b.clone(),
+                broker_state: crate::state::StateView {
+                    state: crate::state::KafkaState::Running,
+                    recovery: None,
+                },
+                state_changes: Vec::new(),
+            })
+            .collect();
+        let out = with_counters(&snapshot, views);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].counters.len(), 1);
+        let c = &out[1].counters[0];
         assert_eq!((c.listener.as_str(), c.port), ("PLAINTEXT", 9092));
         assert_eq!(
             (c.connections_accepted, c.connections_active, c.bytes_sent),
             (5, 4, 50)
         );
-        let json = serde_json::to_value(&views[0]).unwrap();
+        let json = serde_json::to_value(&out[0]).unwrap();
         assert_eq!(json["id"], "1");
+        assert_eq!(json["broker_state"]["number"], 3);
         assert_eq!(json["counters"][0]["connections_accepted"], 3);
         assert_eq!(json["counters"][0]["listen_drops"], 0);
     }

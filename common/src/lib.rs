@@ -11,5 +11,7 @@
 #![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
 
 pub mod processes;
+pub mod resources;
 pub mod sockets;
+pub mod state;
 pub mod telemetry;

@@ -26,14 +26,38 @@ pub enum Program {
     ProcessExec = 5,
     /// `sched:sched_process_exit`: a registered broker's exit.
     ProcessExit = 6,
+    /// `syscalls:sys_enter_openat`: a broker's file opens (log recovery).
+    StateOpenat = 7,
+    /// `syscalls:sys_enter_openat2`: as [`Program::StateOpenat`].
+    StateOpenat2 = 8,
+    /// `signal:signal_deliver`: SIGTERM delivered to a broker.
+    StateSignal = 9,
+    /// raw `sched_switch`: brokers' on-CPU time, context switches, run-queue latency.
+    SchedSwitch = 10,
+    /// raw `sched_wakeup`: when a broker thread became runnable.
+    SchedWakeup = 11,
+    /// raw `sched_wakeup_new`: as [`Program::SchedWakeup`], for new threads.
+    SchedWakeupNew = 12,
+    /// `block:block_rq_issue`: block requests brokers issue (bytes).
+    BlockIssue = 13,
+    /// `block:block_rq_complete`: their latency.
+    BlockComplete = 14,
+    /// `syscalls:sys_enter_fsync`.
+    FsyncEnter = 15,
+    /// `syscalls:sys_exit_fsync`: fsync count and latency.
+    FsyncExit = 16,
+    /// `syscalls:sys_enter_fdatasync`.
+    FdatasyncEnter = 17,
+    /// `syscalls:sys_exit_fdatasync`: counted with fsync.
+    FdatasyncExit = 18,
     /// `raw_tracepoint/inet_sock_set_state`: the same counting as [`Program::SockState`] at a
     /// fraction of the cost; preferred, with the classic tracepoint as its fallback.
-    SockStateRaw = 7,
+    SockStateRaw = 19,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 8] = [
+    pub const ALL: [Program; 20] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -41,6 +65,18 @@ impl Program {
         Program::TcpLive,
         Program::ProcessExec,
         Program::ProcessExit,
+        Program::StateOpenat,
+        Program::StateOpenat2,
+        Program::StateSignal,
+        Program::SchedSwitch,
+        Program::SchedWakeup,
+        Program::SchedWakeupNew,
+        Program::BlockIssue,
+        Program::BlockComplete,
+        Program::FsyncEnter,
+        Program::FsyncExit,
+        Program::FdatasyncEnter,
+        Program::FdatasyncExit,
         Program::SockStateRaw,
     ];
 
@@ -57,6 +93,18 @@ impl Program {
             Program::TcpLive => "tcp_live",
             Program::ProcessExec => "process_exec",
             Program::ProcessExit => "process_exit",
+            Program::StateOpenat => "state_openat",
+            Program::StateOpenat2 => "state_openat2",
+            Program::StateSignal => "state_signal",
+            Program::SchedSwitch => "sched_switch",
+            Program::SchedWakeup => "sched_wakeup",
+            Program::SchedWakeupNew => "sched_wakeup_new",
+            Program::BlockIssue => "block_issue",
+            Program::BlockComplete => "block_complete",
+            Program::FsyncEnter => "fsync_enter",
+            Program::FsyncExit => "fsync_exit",
+            Program::FdatasyncEnter => "fdatasync_enter",
+            Program::FdatasyncExit => "fdatasync_exit",
             Program::SockStateRaw => "sock_state_raw",
         }
     }
@@ -71,6 +119,18 @@ impl Program {
             Program::TcpLive => "iter/tcp",
             Program::ProcessExec => "tracepoint/sched/sched_process_exec",
             Program::ProcessExit => "tracepoint/sched/sched_process_exit",
+            Program::StateOpenat => "tracepoint/syscalls/sys_enter_openat",
+            Program::StateOpenat2 => "tracepoint/syscalls/sys_enter_openat2",
+            Program::StateSignal => "tracepoint/signal/signal_deliver",
+            Program::SchedSwitch => "raw_tracepoint/sched_switch",
+            Program::SchedWakeup => "raw_tracepoint/sched_wakeup",
+            Program::SchedWakeupNew => "raw_tracepoint/sched_wakeup_new",
+            Program::BlockIssue => "tracepoint/block/block_rq_issue",
+            Program::BlockComplete => "tracepoint/block/block_rq_complete",
+            Program::FsyncEnter => "tracepoint/syscalls/sys_enter_fsync",
+            Program::FsyncExit => "tracepoint/syscalls/sys_exit_fsync",
+            Program::FdatasyncEnter => "tracepoint/syscalls/sys_enter_fdatasync",
+            Program::FdatasyncExit => "tracepoint/syscalls/sys_exit_fdatasync",
             Program::SockStateRaw => "raw_tracepoint/inet_sock_set_state",
         }
     }
@@ -92,6 +152,22 @@ impl Program {
             Program::ProcessExec | Program::ProcessExit => {
                 Some("discovery rescans /proc every 2 s instead of reacting to exec/exit")
             }
+            Program::StateOpenat | Program::StateOpenat2 => {
+                Some("log recovery is not seen: a broker goes from STARTING to RUNNING")
+            }
+            Program::StateSignal => {
+                Some("SIGTERM is not seen: a stopping broker shows RUNNING until it exits")
+            }
+            Program::SchedSwitch | Program::SchedWakeup | Program::SchedWakeupNew => {
+                Some("CPU time, context switches and run-queue latency are not counted")
+            }
+            Program::BlockIssue | Program::BlockComplete => {
+                Some("block I/O bytes and latency are not counted")
+            }
+            Program::FsyncEnter
+            | Program::FsyncExit
+            | Program::FdatasyncEnter
+            | Program::FdatasyncExit => Some("fsync calls and latency are not counted"),
         }
     }
 
@@ -105,7 +181,30 @@ impl Program {
             Program::TcpLive => None,
             Program::ProcessExec => Some(("sched", "sched_process_exec")),
             Program::ProcessExit => Some(("sched", "sched_process_exit")),
+            Program::StateOpenat => Some(("syscalls", "sys_enter_openat")),
+            Program::StateOpenat2 => Some(("syscalls", "sys_enter_openat2")),
+            Program::StateSignal => Some(("signal", "signal_deliver")),
+            Program::SchedSwitch => None,
+            Program::SchedWakeup => None,
+            Program::SchedWakeupNew => None,
+            Program::BlockIssue => Some(("block", "block_rq_issue")),
+            Program::BlockComplete => Some(("block", "block_rq_complete")),
+            Program::FsyncEnter => Some(("syscalls", "sys_enter_fsync")),
+            Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
+            Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),
+            Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
             Program::SockStateRaw => None,
+        }
+    }
+
+    /// The raw tracepoint, for the programs attached to one.
+    pub const fn raw_tracepoint(self) -> Option<&'static str> {
+        match self {
+            Program::SchedSwitch => Some("sched_switch"),
+            Program::SchedWakeup => Some("sched_wakeup"),
+            Program::SchedWakeupNew => Some("sched_wakeup_new"),
+            Program::SockStateRaw => Some("inet_sock_set_state"),
+            _ => None,
         }
     }
 }
@@ -133,11 +232,19 @@ pub enum ProbeError {
     EventsFull = 5,
     /// The connection event ring buffer was full: a `/v1/events` connection event was lost.
     ConnEventsFull = 6,
+    /// The broker-state ring buffer was full: an open or a SIGTERM was lost.
+    StateEventsFull = 7,
+    /// A user-space string (an opened path) could not be read.
+    ReadUser = 8,
+    /// The per-broker resources map was full: a broker's resources were not counted.
+    ResourcesFull = 9,
+    /// A `task_struct` field could not be read (raw scheduler tracepoints).
+    ReadTask = 10,
 }
 
 impl ProbeError {
     /// Every kind, in index order. Bounds [`PROBE_ERRORS_MAP`].
-    pub const ALL: [ProbeError; 7] = [
+    pub const ALL: [ProbeError; 11] = [
         ProbeError::ReadContext,
         ProbeError::ReadNetns,
         ProbeError::ListenersFull,
@@ -145,6 +252,10 @@ impl ProbeError {
         ProbeError::ReadSocket,
         ProbeError::EventsFull,
         ProbeError::ConnEventsFull,
+        ProbeError::StateEventsFull,
+        ProbeError::ReadUser,
+        ProbeError::ResourcesFull,
+        ProbeError::ReadTask,
     ];
 
     /// Capacity of [`PROBE_ERRORS_MAP`]: one slot per kind.
@@ -160,6 +271,10 @@ impl ProbeError {
             ProbeError::ReadSocket => "read_socket",
             ProbeError::EventsFull => "process_events_full",
             ProbeError::ConnEventsFull => "connection_events_full",
+            ProbeError::StateEventsFull => "state_events_full",
+            ProbeError::ReadUser => "read_user",
+            ProbeError::ResourcesFull => "resources_map_full",
+            ProbeError::ReadTask => "read_task",
         }
     }
 }
@@ -180,6 +295,6 @@ mod tests {
         for (i, kind) in ProbeError::ALL.iter().enumerate() {
             assert_eq!(*kind as u32, i as u32);
         }
-        assert_eq!(ProbeError::COUNT, 7);
+        assert_eq!(ProbeError::COUNT, 11);
     }
 }

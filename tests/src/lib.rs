@@ -608,6 +608,8 @@ pub struct FakeBrokerSpec<'a> {
     pub netns: Option<&'a NetNs>,
     /// `HOSTNAME` in its environment (the pod name discovery reports).
     pub hostname: Option<&'a str>,
+    /// Fake-broker options after the overrides (`--defer-listen`, `--term-wait-ms N`).
+    pub options: &'a [&'a str],
 }
 
 impl<'a> FakeBrokerSpec<'a> {
@@ -618,6 +620,7 @@ impl<'a> FakeBrokerSpec<'a> {
             overrides: &[],
             netns: None,
             hostname: None,
+            options: &[],
         }
     }
 }
@@ -630,6 +633,8 @@ pub struct FakeBroker {
     pub listeners: Vec<(String, u16)>,
     /// When it printed `ready`.
     pub ready_at: Instant,
+    /// Its stdout lines after `ready`.
+    lines: mpsc::Receiver<String>,
 }
 
 impl FakeBroker {
@@ -644,6 +649,7 @@ impl FakeBroker {
         for o in spec.overrides {
             cmd.args(["--override", o]);
         }
+        cmd.args(spec.options);
         cmd.env_remove("HOSTNAME");
         if let Some(h) = spec.hostname {
             cmd.env("HOSTNAME", h);
@@ -668,11 +674,12 @@ impl FakeBroker {
             pid: 0,
             listeners: Vec::new(),
             ready_at: Instant::now(),
+            lines: rx,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let line = broker.lines.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
                     "fake broker did not get ready ({spec_path})",
                     spec_path = spec.properties.display()
@@ -690,6 +697,59 @@ impl FakeBroker {
         }
         broker.ready_at = Instant::now();
         broker
+    }
+
+    /// Sends a command (see src/bin/fake-broker.rs) and returns its answer line (`timeout` at
+    /// most); `listening` lines on the way are recorded.
+    pub fn command(&mut self, command: &str, timeout: Duration) -> String {
+        self.send(command);
+        self.next_line(timeout)
+            .unwrap_or_else(|| panic!("fake broker did not answer `{command}` in {timeout:?}"))
+    }
+
+    /// Sends a command without waiting for its answer (read it with [`Self::next_line`]).
+    pub fn send(&mut self, command: &str) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        writeln!(stdin, "{command}").expect("write a command to the fake broker");
+        stdin.flush().expect("flush");
+    }
+
+    /// The next stdout line other than `listening ...` (recorded), or None after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["listening", name, port] = words.as_slice() {
+                self.listeners
+                    .push((name.to_string(), port.parse().expect("port")));
+                continue;
+            }
+            return Some(line);
+        }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's, not yet reaped.
+        let rc = unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill {} {signal}", self.pid);
+    }
+
+    /// Waits for the process to exit (reaping it); its status, or None after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGKILL and reap, as an OOM kill or a node problem would end a broker.

@@ -76,8 +76,11 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(
         ids.len(),
         // sock_state_raw (or sock_state, its fallback), tcp_retransmit, tcp_send_reset,
-        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit.
-        7,
+        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_openat,
+        // state_openat2, state_signal, sched_switch, sched_wakeup, sched_wakeup_new,
+        // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,
+        // fdatasync_exit.
+        19,
         "every program attached: {ids:?}\n{}",
         agent.log_text()
     );

@@ -6,8 +6,10 @@
 mod btf;
 mod netns;
 pub mod processes;
+pub mod resources;
 pub mod sockets;
 pub mod sockets_events;
+pub mod state;
 mod tracefs;
 
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
@@ -19,10 +21,12 @@ use aya::{
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
+    resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
         CONN_EVENTS_MAP, CONNECTIONS_MAP, EVENT_OFFSETS_GLOBAL, LISTENERS_MAP,
         SOCKET_OFFSETS_GLOBAL, WATCHED_MAP,
     },
+    state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
 };
 use tokio::io::unix::AsyncFd;
@@ -130,12 +134,15 @@ pub struct ProbeSnapshot {
     pub programs: Vec<ProgramStats>,
     pub errors: Vec<(&'static str, u64)>,
     pub maps: Vec<MapStats>,
+    /// Per-broker resource counters by tgid.
+    pub resources: Vec<(u32, brokerscope_common::resources::ResourceCounters)>,
 }
 
 /// The loaded and attached kernel side.
 pub struct Probes {
     // Field order is drop order: readers close their map fds before the programs go.
     sockets: sockets::SocketsReader,
+    resources: resources::ResourcesReader,
     events: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
@@ -145,6 +152,7 @@ pub struct Probes {
     broker_pids: processes::BrokerPids,
     process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
     conn_events: Option<aya::maps::RingBuf<MapData>>,
+    state_events: Option<tokio::sync::mpsc::Receiver<state::StateSignal>>,
     ebpf: Ebpf,
 }
 
@@ -157,16 +165,21 @@ impl Probes {
         let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel_types)?;
         let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
         let event_offsets = sockets_events::resolve_offsets(&kernel.tracefs, &kernel_types)?;
+        let state_offsets = state::resolve_offsets(&kernel.tracefs)?;
+        let resource_offsets = resources::resolve_offsets(&kernel.tracefs, &kernel_types)?;
         tracing::debug!(
             ?offsets,
             ?process_offsets,
             ?event_offsets,
+            ?state_offsets,
             "resolved offsets"
         );
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
             .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
+            .override_global(STATE_OFFSETS_GLOBAL, &state_offsets, true)
+            .override_global(RESOURCE_OFFSETS_GLOBAL, &resource_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
@@ -227,6 +240,7 @@ impl Probes {
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
         let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
+        let resources = resources::ResourcesReader::take(&mut ebpf)?;
         // Without both exec and exit events, discovery polls instead.
         let process_events = if exec_events {
             Some(processes::spawn_reader(&mut ebpf)?)
@@ -234,10 +248,12 @@ impl Probes {
             None
         };
         let conn_events = Some(take_ring(&mut ebpf, CONN_EVENTS_MAP)?);
+        let state_events = Some(state::spawn_reader(&mut ebpf)?);
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
             sockets,
+            resources,
             events,
             errors,
             attached,
@@ -247,6 +263,7 @@ impl Probes {
             broker_pids,
             process_events,
             conn_events,
+            state_events,
             ebpf,
         })
     }
@@ -277,6 +294,11 @@ impl Probes {
         self.process_events.take()
     }
 
+    /// The brokers' open/SIGTERM event stream for the state tracker; `None` once taken.
+    pub fn take_state_events(&mut self) -> Option<tokio::sync::mpsc::Receiver<state::StateSignal>> {
+        self.state_events.take()
+    }
+
     /// Count exactly these (netns, port) listeners (brokers'), besides watch-all mode.
     pub fn set_watched(&mut self, listeners: &[(u32, u16)]) -> Result<(), ProbesError> {
         self.sockets.set_watched(listeners)
@@ -289,6 +311,7 @@ impl Probes {
     }
 
     pub fn set_broker_pids(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
+        self.resources.retain(pids);
         self.broker_pids.set(pids)
     }
 
@@ -316,7 +339,8 @@ impl Probes {
             .iter()
             .map(|&e| (e.label(), sum_per_cpu(&self.errors, e as u32)))
             .collect();
-        let maps = vec![
+        let resources = self.resources.read();
+        let mut maps = vec![
             MapStats {
                 map: "listeners",
                 entries: listeners.len() as u64,
@@ -330,11 +354,13 @@ impl Probes {
                 capacity: self.capacities.connections_capacity,
             },
         ];
+        maps.extend(self.resources.map_stats(resources.len()));
         ProbeSnapshot {
             listeners,
             programs,
             errors,
             maps,
+            resources,
         }
     }
 
@@ -410,20 +436,26 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachmen
         kind: "program",
         name,
     })?;
-    let id = match (program.tracepoint(), program) {
-        (None, Program::SockStateRaw) => {
-            let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
-            prog.load().map_err(err)?;
-            prog.attach("inet_sock_set_state").map_err(err)?;
-            prog.info().map_err(err)?.id()
-        }
-        (Some((category, tracepoint)), _) => {
+    if let Some(tracepoint) = program.raw_tracepoint() {
+        let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
+        prog.load().map_err(err)?;
+        prog.attach(tracepoint).map_err(err)?;
+        let id = prog.info().map_err(err)?.id();
+        tracing::info!(program = name, hook, id, "attached");
+        return Ok(Attachment {
+            program: name,
+            hook,
+            id,
+        });
+    }
+    let id = match program.tracepoint() {
+        Some((category, tracepoint)) => {
             let prog: &mut TracePoint = prog.try_into().map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(category, tracepoint).map_err(err)?;
             prog.info().map_err(err)?.id()
         }
-        (None, _) => {
+        None => {
             // The iterator is loaded now and instantiated per scrape, inside each namespace.
             let prog: &mut Iter = prog.try_into().map_err(err)?;
             prog.load("tcp", btf).map_err(err)?;

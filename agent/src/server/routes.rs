@@ -19,9 +19,11 @@ use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer};
 use super::{ServerState, access, limits::MAX_BODY_BYTES, operator};
 use crate::{
     control::Control,
+    discovery::Broker,
     model::Model,
     render::{self, Format},
-    views::{self, BrokerView},
+    state::StateView,
+    views::{self, BrokerWithCounters},
 };
 
 /// What handlers read.
@@ -47,6 +49,10 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
         .route("/ready", get(ready))
         .route("/v1/brokers", get(brokers))
         .route("/v1/brokers/{id}", get(broker))
+        .route("/v1/broker-state", get(broker_state))
+        .route("/v1/broker-state/", get(broker_state))
+        .route("/v1/ready", get(broker_ready))
+        .route("/v1/ready/", get(broker_ready))
         .route(
             "/metrics",
             // gzip only when the client accepts it; tiny bodies are left alone.
@@ -118,30 +124,127 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     }
 }
 
-/// Every broker with its counters. The snapshot reads kernel maps: off the async workers.
-async fn brokers(axum::extract::State(state): State) -> Result<Json<Vec<BrokerView>>, ApiError> {
-    let views = tokio::task::spawn_blocking(move || views::brokers(&state.model.snapshot()))
-        .await
-        .map_err(|_| ApiError::Internal)?;
-    Ok(Json(views))
+/// Every broker with its Kafka state and its listeners' counters. Both read the kernel and
+/// /proc: off the async workers.
+async fn brokers(
+    axum::extract::State(state): State,
+) -> Result<Json<Vec<BrokerWithCounters>>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let snapshot = state.model.snapshot();
+        views::with_counters(&snapshot, state.model.broker_views())
+    })
+    .await
+    .map(Json)
+    .map_err(|_| ApiError::Internal)
 }
 
 async fn broker(
     axum::extract::State(state): State,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<BrokerView>, ApiError> {
-    // An unknown id costs no snapshot.
-    if state.model.broker(&id).is_none() {
-        return Err(ApiError::NotFound);
+) -> Result<Json<BrokerWithCounters>, ApiError> {
+    // An unknown id costs nothing.
+    let b = state.model.broker(&id).ok_or(ApiError::NotFound)?;
+    tokio::task::spawn_blocking(move || {
+        let snapshot = state.model.snapshot();
+        views::with_counters(&snapshot, vec![state.model.broker_view(b)])
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .pop()
+    .map(Json)
+    .ok_or(ApiError::NotFound)
+}
+
+type Query = Result<
+    axum::extract::Query<std::collections::HashMap<String, String>>,
+    axum::extract::rejection::QueryRejection,
+>;
+
+/// The broker a Strimzi-style request is about: `?broker=ID`; else the one running broker in the
+/// network namespace the request arrived in; else the only broker on the node.
+///
+/// The request arrived in the agent's own network namespace (the listening socket's), so the
+/// second rule picks a broker that shares it (host-network brokers, or an agent run as a
+/// sidecar). An agent on the host network serving brokers in pod namespaces never sees a request
+/// arrive in a broker's namespace; the other two rules apply then.
+fn select_broker(model: &Model, query: Query) -> Result<Broker, ApiError> {
+    let axum::extract::Query(params) = query.map_err(|_| ApiError::BadQuery {
+        parameter: "query string".into(),
+    })?;
+    if let Some(name) = params.keys().find(|k| k.as_str() != "broker") {
+        return Err(ApiError::BadQuery {
+            parameter: name.chars().take(64).collect(),
+        });
     }
-    let views = tokio::task::spawn_blocking(move || views::brokers(&state.model.snapshot()))
-        .await
-        .map_err(|_| ApiError::Internal)?;
-    views
-        .into_iter()
-        .find(|v| v.broker.id == id)
-        .map(Json)
-        .ok_or(ApiError::NotFound)
+    if let Some(id) = params.get("broker") {
+        return model.broker(id).ok_or(ApiError::NotFound);
+    }
+    let brokers = model.brokers();
+    let own = own_netns();
+    let mut here = brokers
+        .iter()
+        .filter(|b| b.is_running() && own.is_some() && b.netns == own);
+    if let (Some(b), None) = (here.next(), here.next()) {
+        return Ok(b.clone());
+    }
+    match brokers.as_slice() {
+        [] => Err(ApiError::NotFound),
+        [only] => Ok(only.clone()),
+        many => Err(ApiError::ChooseBroker {
+            brokers: many.iter().map(|b| b.id.clone()).collect(),
+        }),
+    }
+}
+
+fn own_netns() -> Option<u32> {
+    std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+}
+
+/// Strimzi's `{"brokerState":N}`, with `recoveryState` in RECOVERY: nothing else, ever.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StrimziState {
+    broker_state: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_state: Option<crate::state::Recovery>,
+}
+
+async fn strimzi_state(state: AppState, query: Query) -> Result<StateView, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let broker = select_broker(&state.model, query)?;
+        Ok(state.model.broker_state(&broker))
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+}
+
+async fn broker_state(axum::extract::State(state): State, query: Query) -> Response {
+    match strimzi_state(state, query).await {
+        Ok(view) => Json(StrimziState {
+            broker_state: view.state.number(),
+            recovery_state: view.recovery,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// 204 when 3 ≤ state ≠ 127, else 503 with the state; 404 without a broker.
+async fn broker_ready(axum::extract::State(state): State, query: Query) -> Response {
+    match strimzi_state(state, query).await {
+        Ok(view) if view.state.is_ready() => StatusCode::NO_CONTENT.into_response(),
+        Ok(view) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(StrimziState {
+                broker_state: view.state.number(),
+                recovery_state: view.recovery,
+            }),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// OpenMetrics when the `Accept` header ranks it at least as high as the Prometheus text format
@@ -203,6 +306,10 @@ pub enum ApiError {
     },
     #[error("bad parameter `{parameter}`: {reason}")]
     BadParameter { parameter: String, reason: String },
+    #[error("bad query parameter {parameter}")]
+    BadQuery { parameter: String },
+    #[error("several brokers on this node; choose one with ?broker=")]
+    ChooseBroker { brokers: Vec<String> },
 }
 
 impl IntoResponse for ApiError {
@@ -240,6 +347,14 @@ impl IntoResponse for ApiError {
             ApiError::BadParameter { parameter, reason } => (
                 StatusCode::BAD_REQUEST,
                 json!({ "error": "bad parameter", "parameter": parameter, "reason": reason }),
+            ),
+            ApiError::BadQuery { parameter } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "unknown or malformed query parameter; only broker=ID is accepted", "parameter": parameter }),
+            ),
+            ApiError::ChooseBroker { brokers } => (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "several brokers on this node: choose one with ?broker=ID", "brokers": brokers }),
             ),
         };
         let mut response = (code, Json(body)).into_response();
@@ -567,6 +682,64 @@ mod tests {
             (a.code, a.text()),
             (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
         );
+    }
+
+    #[tokio::test]
+    async fn broker_state_in_strimzi_format_and_the_choice_of_broker() {
+        use crate::discovery::broker::tests::broker;
+        let model = Arc::new(Model::default());
+        let app = router(model.clone(), server(&[], 1000, 1000));
+        for path in [
+            "/v1/broker-state",
+            "/v1/broker-state/",
+            "/v1/ready",
+            "/v1/ready/",
+        ] {
+            let a = get(&app, path).await;
+            assert_eq!(
+                (a.code, a.text()),
+                (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
+            );
+        }
+        // No such process: no listener can be seen listening, so it is starting.
+        let pid = u32::MAX - 7;
+        model.set_brokers(vec![broker("1", pid, 1, &[("PLAINTEXT", 9092)])]);
+        let a = get(&app, "/v1/broker-state/").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":1}"#));
+        let a = get(&app, "/v1/ready/").await;
+        assert_eq!(
+            (a.code, a.text()),
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"brokerState":1}"#)
+        );
+        // No listener to wait for: running.
+        model.set_brokers(vec![
+            broker("1", pid, 1, &[("PLAINTEXT", 9092)]),
+            broker("2", pid - 1, 1, &[]),
+        ]);
+        let a = get(&app, "/v1/broker-state?broker=2").await;
+        assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":3}"#));
+        let a = get(&app, "/v1/ready?broker=2").await;
+        assert_eq!((a.code, a.text()), (StatusCode::NO_CONTENT, ""));
+        let a = get(&app, "/v1/broker-state/").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            a.text(),
+            r#"{"brokers":["1","2"],"error":"several brokers on this node: choose one with ?broker=ID"}"#
+        );
+        let a = get(&app, "/v1/broker-state/?broker=3").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        let a = get(&app, "/v1/broker-state/?brokers=1").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(
+            a.text().contains(r#""parameter":"brokers""#),
+            "{}",
+            a.text()
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&get(&app, "/v1/brokers/2").await.body).unwrap();
+        assert_eq!(v["broker_state"], json!({"name":"RUNNING","number":3}));
+        assert_eq!(v["state_changes"][0]["to"], "RUNNING");
+        assert_eq!(v["state"], "running");
     }
 
     #[tokio::test]

@@ -8,7 +8,24 @@
 //!   (so kernel byte counters can be checked against a sendfile of known size).
 //!
 //! Prints `pid <pid>`, `listening <name> <port>` per listener, then `ready` on stdout, and exits
-//! when stdin closes. A missing
+//! when stdin closes.
+//!
+//! Options after the properties path, for the broker-state and resources tests:
+//! - `--defer-listen`: print `ready` without listening; the `listen` command listens later.
+//! - `--term-wait-ms N`: on SIGTERM (caught by a handler, as a JVM does), print `sigterm`, wait
+//!   N ms, then exit 0.
+//!
+//! Commands on stdin, one per line, each answered by one line when done:
+//! - `listen` → `listening <name> <port>`... then `listened`.
+//! - `recover MS` → opens every `*.log` under `log.dirs` (sorted), one every MS ms, keeping them
+//!   open, as Kafka's log recovery does → `recovered <n>`.
+//! - `recover-step` → opens the next of those → `opened <path>`, or `recovered` when none is left.
+//! - `burn MS` → spins until its thread had MS ms of CPU → `burned`.
+//! - `fsync N PATH` / `fdatasync N PATH` → writes a byte and syncs PATH N times → `synced N`.
+//! - `direct PATH BYTES` → writes BYTES (a multiple of 4096) to PATH with O_DIRECT in 64 KiB
+//!   blocks, then reads them back → `direct BYTES`.
+//!
+//! A missing
 //! properties file is not fatal (discovery must still list the process): it then listens on
 //! nothing. Which network namespace it runs in is the caller's choice (`ip netns exec`).
 
@@ -37,16 +54,229 @@ fn main() {
         }
     };
     let mut rest = args[main_class + 2..].iter();
+    let mut defer_listen = false;
     while let Some(arg) = rest.next() {
         if arg == "--override"
             && let Some((k, v)) = rest.next().and_then(|kv| kv.split_once('='))
         {
             props.insert(k.to_string(), v.to_string());
+        } else if arg == "--defer-listen" {
+            defer_listen = true;
+        } else if arg == "--term-wait-ms"
+            && let Some(ms) = rest.next().and_then(|v| v.parse::<u64>().ok())
+        {
+            on_sigterm_wait(ms);
         }
     }
 
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "pid {}", std::process::id());
+    if !defer_listen {
+        listen(&props, &mut out);
+    }
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    drop(out);
+    // Serve until killed, or until stdin closes: a test that dies without killing us (its
+    // pipe closes) leaves nothing behind. Run by hand as `sleep inf | fake-broker ...`.
+    let mut line = String::new();
+    let stdin = io::stdin();
+    let mut recovery = Recovery::default();
+    while stdin.lock().read_line(&mut line).is_ok_and(|n| n > 0) {
+        let answer = command(&props, &mut recovery, line.trim());
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
+        line.clear();
+    }
+}
+
+static SIGTERM_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    SIGTERM_SEEN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Catches SIGTERM with a handler (so the kernel delivers it, as to a JVM), then waits `ms` and
+/// exits 0.
+fn on_sigterm_wait(ms: u64) {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); sigaction is given a
+    // zeroed, then filled, struct.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigterm as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+    std::thread::spawn(move || {
+        while !SIGTERM_SEEN.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        println!("sigterm");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        std::process::exit(0);
+    });
+}
+
+/// Segments opened one command at a time (`recover-step`), kept open.
+#[derive(Default)]
+struct Recovery {
+    segments: Option<Vec<std::path::PathBuf>>,
+    open: Vec<std::fs::File>,
+}
+
+/// Every `*.log` under `log.dirs` (else `log.dir`), sorted.
+fn segments(props: &HashMap<String, String>) -> Vec<std::path::PathBuf> {
+    let dirs = props
+        .get("log.dirs")
+        .or_else(|| props.get("log.dir"))
+        .cloned()
+        .unwrap_or_default();
+    let mut segments = Vec::new();
+    for dir in dirs.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        for part in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(part.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.file_name().to_string_lossy().ends_with(".log") {
+                    segments.push(f.path());
+                }
+            }
+        }
+    }
+    segments.sort();
+    segments
+}
+
+fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["recover-step"] => {
+            let all = recovery.segments.get_or_insert_with(|| segments(props));
+            match all.get(recovery.open.len()) {
+                Some(path) => match std::fs::File::open(path) {
+                    Ok(f) => {
+                        recovery.open.push(f);
+                        format!("opened {}", path.display())
+                    }
+                    Err(e) => format!("error {e}"),
+                },
+                None => "recovered".into(),
+            }
+        }
+        ["listen"] => {
+            let mut out = io::stdout().lock();
+            listen(props, &mut out);
+            "listened".into()
+        }
+        ["recover", ms] => {
+            let ms: u64 = ms.parse().unwrap_or(100);
+            let segments = segments(props);
+            let mut open = Vec::new();
+            for s in &segments {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                if let Ok(f) = std::fs::File::open(s) {
+                    open.push(f);
+                }
+            }
+            let n = open.len();
+            // Kafka keeps its segments open; so do we.
+            std::mem::forget(open);
+            format!("recovered {n}")
+        }
+        ["burn", ms] => {
+            // Until this thread has had MS ms of CPU, however long that takes on a busy machine.
+            let want = std::time::Duration::from_millis(ms.parse().unwrap_or(0));
+            let start = thread_cpu();
+            let mut x = 0u64;
+            while thread_cpu().saturating_sub(start) < want {
+                for i in 0..10_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+            }
+            "burned".into()
+        }
+        [kind @ ("fsync" | "fdatasync"), n, path] => {
+            let n: u32 = n.parse().unwrap_or(0);
+            let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            else {
+                return "error open".into();
+            };
+            for _ in 0..n {
+                let _ = f.write_all(b"x");
+                let _ = if *kind == "fsync" {
+                    f.sync_all()
+                } else {
+                    f.sync_data()
+                };
+            }
+            format!("synced {n}")
+        }
+        ["direct", path, bytes] => match direct_io(path, bytes.parse().unwrap_or(0)) {
+            Ok(n) => format!("direct {n}"),
+            Err(e) => format!("error {e}"),
+        },
+        _ => format!("error unknown command {line}"),
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec the call fills.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Writes `bytes` to `path` with O_DIRECT from an aligned buffer, then reads them back.
+fn direct_io(path: &str, bytes: u64) -> io::Result<u64> {
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    const BLOCK: usize = 64 * 1024;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let layout = std::alloc::Layout::from_size_align(BLOCK, 4096).map_err(io::Error::other)?;
+    // SAFETY: the layout is non-zero sized; the buffer is freed below and only used as a
+    // BLOCK-byte slice in between.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(io::Error::other("out of memory"));
+    }
+    // SAFETY: `ptr` is a live allocation of BLOCK bytes.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, BLOCK) };
+    buf.fill(b'k');
+    let mut done = 0u64;
+    let result = (|| {
+        while done < bytes {
+            let n = usize::try_from(bytes - done).unwrap_or(BLOCK).min(BLOCK);
+            f.write_all_at(&buf[..n], done)?;
+            done += n as u64;
+        }
+        let mut read = 0u64;
+        while read < bytes {
+            let n = usize::try_from(bytes - read).unwrap_or(BLOCK).min(BLOCK);
+            f.read_exact_at(&mut buf[..n], read)?;
+            read += n as u64;
+        }
+        Ok(done)
+    })();
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    result
+}
+
+fn listen(props: &HashMap<String, String>, out: &mut impl Write) {
     let listeners = props.get("listeners").map(String::as_str).unwrap_or("");
     for entry in listeners
         .split(',')
@@ -78,16 +308,7 @@ fn main() {
         let _ = writeln!(out, "listening {name} {port}");
         std::thread::spawn(move || accept_loop(listener));
     }
-    let _ = writeln!(out, "ready");
     let _ = out.flush();
-    drop(out);
-    // Serve until killed, or until stdin closes: a test that dies without killing us (its
-    // pipe closes) leaves nothing behind. Run by hand as `sleep inf | fake-broker ...`.
-    let mut sink = String::new();
-    let stdin = io::stdin();
-    while stdin.lock().read_line(&mut sink).is_ok_and(|n| n > 0) {
-        sink.clear();
-    }
 }
 
 /// `key=value`, `key: value` and `key value` lines, `#`/`!` comments, and `\` continuations.

@@ -1,0 +1,371 @@
+//! Resources: on-CPU time, context switches, run-queue latency, block I/O and fsync of broker
+//! processes (see `brokerscope_common::resources`).
+//!
+//! Everything is filtered by `BROKER_PIDS` before any counter is touched. `sched_switch` runs
+//! on every context switch of the node: its non-broker path is one per-CPU slot write and one
+//! hash lookup.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use brokerscope_common::{
+    resources::{
+        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, OnCpu,
+        RESOURCES_CAPACITY, RUNQ_CAPACITY, RUNTIME_CAPACITY, ResourceCounters, ResourceOffsets,
+        involuntary, rwbs_direction,
+    },
+    sockets::log2_bucket,
+    telemetry::{ProbeError, Program},
+};
+
+use crate::{
+    processes::is_broker,
+    telemetry::{count_error, count_run, increment},
+};
+
+/// Written by the loader from tracefs formats and BTF.
+#[unsafe(no_mangle)]
+static RESOURCE_OFFSETS: ResourceOffsets = ResourceOffsets::UNSET;
+
+/// Counters per broker tgid; bounded by the number of brokers (as BROKER_PIDS).
+#[map(name = "RESOURCES")]
+static RESOURCES: HashMap<u32, ResourceCounters> = HashMap::with_max_entries(RESOURCES_CAPACITY, 0);
+
+/// Initial value of a new RESOURCES entry (too large for the BPF stack).
+static ZERO: ResourceCounters = ResourceCounters::ZERO;
+
+/// What runs on each CPU: one slot per CPU.
+#[map(name = "ON_CPU")]
+static ON_CPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// When a broker thread became runnable; bounded, least recently used evicted.
+#[map(name = "RUNQ_SINCE")]
+static RUNQ_SINCE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNQ_CAPACITY, 0);
+
+/// Each broker thread's `sum_exec_runtime` at its last switch-out; bounded, LRU.
+#[map(name = "THREAD_RUNTIME")]
+static THREAD_RUNTIME: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNTIME_CAPACITY, 0);
+
+/// Block requests brokers issued, in flight; bounded, least recently used evicted.
+#[map(name = "BLOCK_INFLIGHT")]
+static BLOCK_INFLIGHT: LruHashMap<BlockKey, BlockStart> =
+    LruHashMap::with_max_entries(BLOCK_CAPACITY, 0);
+
+/// fsync/fdatasync calls in progress per broker thread; bounded, LRU.
+#[map(name = "FSYNC_INFLIGHT")]
+static FSYNC_INFLIGHT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(FSYNC_CAPACITY, 0);
+
+#[inline(always)]
+fn offsets() -> ResourceOffsets {
+    // SAFETY: a plain read of a global the loader initialised; volatile so the compiler cannot
+    // fold the compiled-in placeholder.
+    unsafe { core::ptr::read_volatile(&RESOURCE_OFFSETS) }
+}
+
+/// `add!(counters, field, n)` or `add!(counters, array[i], n)`: atomic add to a RESOURCES value.
+macro_rules! add {
+    ($counters:ident, $field:ident $([$i:expr])?, $n:expr) => {
+        // SAFETY: `$counters` points to a RESOURCES value looked up during this run, and any
+        // index was bounded by log2_bucket.
+        unsafe { increment(&raw mut (*$counters).$field $([$i])?, $n) }
+    };
+}
+
+/// The counters of broker `tgid`, created on first use.
+#[inline(always)]
+fn counters(tgid: u32) -> Result<*mut ResourceCounters, ProbeError> {
+    if let Some(c) = RESOURCES.get_ptr_mut(&tgid) {
+        return Ok(c);
+    }
+    // Another CPU may have created it meanwhile: NOEXIST keeps theirs.
+    let _ = RESOURCES.insert(&tgid, &ZERO, BPF_NOEXIST as u64);
+    RESOURCES
+        .get_ptr_mut(&tgid)
+        .ok_or(ProbeError::ResourcesFull)
+}
+
+#[inline(always)]
+fn bucket(us: u64) -> usize {
+    log2_bucket(us, LATENCY_BUCKETS)
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+    count_run(Program::SchedSwitch);
+    if let Err(e) = try_switch(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+/// Raw `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`:
+/// the first three arguments are the same on every kernel since 4.x.
+fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
+    let off = offsets();
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    // SAFETY: a checked kernel read at a BTF offset inside the task.
+    let next_pid: i32 =
+        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_pid)) as *const i32) }
+            .map_err(|_| ProbeError::ReadTask)?;
+    let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
+    // The switched-out task is still current here.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if is_broker(tgid) {
+        // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
+        let here = unsafe { *slot };
+        let c = counters(tgid)?;
+        // SAFETY: checked kernel reads at BTF offsets inside the task.
+        let sum: u64 =
+            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_sum_exec)) as *const u64) }
+                .map_err(|_| ProbeError::ReadTask)?;
+        // SAFETY: a plain read of a map value returned by the lookup.
+        let base = match unsafe { THREAD_RUNTIME.get(&tid) } {
+            Some(last) if *last <= sum => *last,
+            // First seen (or a reused thread id): count from when it got this CPU.
+            // SAFETY: as above.
+            _ => unsafe {
+                bpf_probe_read_kernel((prev + u64::from(off.task_prev_sum_exec)) as *const u64)
+            }
+            .map_err(|_| ProbeError::ReadTask)?,
+        };
+        add!(c, on_cpu_ns, sum.saturating_sub(base));
+        let _ = THREAD_RUNTIME.insert(&tid, &sum, 0);
+        if here.since_ns != 0 && here.tid == tid {
+            if here.has_runq != 0 {
+                let us = here.runq_ns / 1000;
+                add!(c, runq[bucket(us)], 1);
+                add!(c, runq_sum_us, us);
+            }
+        }
+        // SAFETY: a checked kernel read at a BTF offset inside the task.
+        let state: u32 =
+            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_state)) as *const u32) }
+                .map_err(|_| ProbeError::ReadTask)?;
+        if involuntary(preempt & 0xff != 0, state) {
+            add!(c, involuntary, 1);
+            // Preempted: it waits on the run queue from now.
+            let _ = RUNQ_SINCE.insert(&tid, &now, 0);
+        } else {
+            add!(c, voluntary, 1);
+        }
+    }
+    let next = next_pid as u32;
+    let mut runq_ns = 0;
+    let mut has_runq = 0;
+    // SAFETY: a plain read of a map value returned by the lookup.
+    if let Some(since) = unsafe { RUNQ_SINCE.get(&next) } {
+        runq_ns = now.saturating_sub(*since);
+        has_runq = 1;
+        let _ = RUNQ_SINCE.remove(&next);
+    }
+    // SAFETY: as above.
+    unsafe {
+        *slot = OnCpu {
+            since_ns: now,
+            runq_ns,
+            tid: next,
+            has_runq,
+        };
+    }
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    count_run(Program::SchedWakeup);
+    if let Err(e) = try_wakeup(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
+    count_run(Program::SchedWakeupNew);
+    if let Err(e) = try_wakeup(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+fn try_wakeup(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
+    let off = offsets();
+    // The raw tracepoint's first argument is the woken `struct task_struct *`.
+    let task: u64 = ctx.arg(0);
+    // SAFETY: a checked kernel read at a BTF offset inside the task.
+    let tgid: i32 =
+        unsafe { bpf_probe_read_kernel((task + u64::from(off.task_tgid)) as *const i32) }
+            .map_err(|_| ProbeError::ReadTask)?;
+    if !is_broker(tgid as u32) {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let tid: i32 = unsafe { bpf_probe_read_kernel((task + u64::from(off.task_pid)) as *const i32) }
+        .map_err(|_| ProbeError::ReadTask)?;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = RUNQ_SINCE.insert(&(tid as u32), &now, 0);
+    Ok(())
+}
+
+#[tracepoint(category = "block", name = "block_rq_issue")]
+pub fn block_issue(ctx: TracePointContext) -> u32 {
+    count_run(Program::BlockIssue);
+    if let Err(e) = try_issue(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+fn try_issue(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    // Issued in the submitting task's context (direct I/O, synchronous reads, plug flushes).
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_broker(tgid) {
+        return Ok(());
+    }
+    let off = offsets();
+    let read = |o: u32| -> Result<u64, ProbeError> {
+        // SAFETY: offsets from the tracepoint's format file; the read is checked.
+        unsafe { ctx.read_at::<u64>(o as usize) }.map_err(|_| ProbeError::ReadContext)
+    };
+    // SAFETY: as above.
+    let dev: u32 =
+        unsafe { ctx.read_at(off.issue_dev as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    let sector = read(off.issue_sector)?;
+    // SAFETY: as above.
+    let bytes: u32 =
+        unsafe { ctx.read_at(off.issue_bytes as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    // SAFETY: as above.
+    let rwbs: [u8; 4] =
+        unsafe { ctx.read_at(off.issue_rwbs as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    let c = counters(tgid)?;
+    match rwbs_direction(&rwbs) {
+        1 => add!(c, read_bytes, u64::from(bytes)),
+        2 => add!(c, written_bytes, u64::from(bytes)),
+        _ => return Ok(()),
+    }
+    let key = BlockKey {
+        dev,
+        _pad: 0,
+        sector,
+    };
+    // SAFETY: a plain helper call.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    let _ = BLOCK_INFLIGHT.insert(
+        &key,
+        &BlockStart {
+            ts_ns,
+            tgid,
+            _pad: 0,
+        },
+        0,
+    );
+    Ok(())
+}
+
+#[tracepoint(category = "block", name = "block_rq_complete")]
+pub fn block_complete(ctx: TracePointContext) -> u32 {
+    count_run(Program::BlockComplete);
+    if let Err(e) = try_complete(&ctx) {
+        count_error(e);
+    }
+    0
+}
+
+fn try_complete(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    let off = offsets();
+    // SAFETY: offsets from the tracepoint's format file; the reads are checked.
+    let dev: u32 =
+        unsafe { ctx.read_at(off.complete_dev as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    // SAFETY: as above.
+    let sector: u64 = unsafe { ctx.read_at(off.complete_sector as usize) }
+        .map_err(|_| ProbeError::ReadContext)?;
+    let key = BlockKey {
+        dev,
+        _pad: 0,
+        sector,
+    };
+    // SAFETY: a plain read of a map value returned by the lookup.
+    let Some(start) = (unsafe { BLOCK_INFLIGHT.get(&key) }).copied() else {
+        return Ok(());
+    };
+    let _ = BLOCK_INFLIGHT.remove(&key);
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let us = now.saturating_sub(start.ts_ns) / 1000;
+    let c = counters(start.tgid)?;
+    add!(c, io[bucket(us)], 1);
+    add!(c, io_sum_us, us);
+    Ok(())
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_fsync")]
+pub fn fsync_enter(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncEnter);
+    sync_enter();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_fsync")]
+pub fn fsync_exit(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncExit);
+    if let Err(e) = sync_exit() {
+        count_error(e);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_fdatasync")]
+pub fn fdatasync_enter(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FdatasyncEnter);
+    sync_enter();
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_fdatasync")]
+pub fn fdatasync_exit(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FdatasyncExit);
+    if let Err(e) = sync_exit() {
+        count_error(e);
+    }
+    0
+}
+
+#[inline(always)]
+fn sync_enter() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_broker((pid_tgid >> 32) as u32) {
+        return;
+    }
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = FSYNC_INFLIGHT.insert(&(pid_tgid as u32), &now, 0);
+}
+
+#[inline(always)]
+fn sync_exit() -> Result<(), ProbeError> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // SAFETY: a plain read of a map value returned by the lookup.
+    let Some(since) = (unsafe { FSYNC_INFLIGHT.get(&tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = FSYNC_INFLIGHT.remove(&tid);
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let us = now.saturating_sub(since) / 1000;
+    let c = counters((pid_tgid >> 32) as u32)?;
+    add!(c, fsyncs, 1);
+    add!(c, fsync[bucket(us)], 1);
+    add!(c, fsync_sum_us, us);
+    Ok(())
+}

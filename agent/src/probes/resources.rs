@@ -1,0 +1,122 @@
+//! Resources (kernel side: agent-ebpf/src/resources.rs): reads the per-broker counters and the
+//! fill of the maps behind them.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
+use brokerscope_common::resources::{
+    BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, RESOURCES_CAPACITY,
+    RESOURCES_MAP, RUNQ_CAPACITY, RUNQ_MAP, RUNTIME_CAPACITY, RUNTIME_MAP, ResourceCounters,
+    ResourceOffsets,
+};
+
+use super::{MapStats, ProbesError, btf::Btf, tracefs::Format};
+
+pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, ProbesError> {
+    let issue = Format::read(tracefs, "block", "block_rq_issue")?;
+    let complete = Format::read(tracefs, "block", "block_rq_complete")?;
+    Ok(ResourceOffsets {
+        task_state: btf
+            .offset_of("task_struct", &["__state"])
+            .or_else(|_| btf.offset_of("task_struct", &["state"]))?,
+        task_sum_exec: btf.offset_of("task_struct", &["se", "sum_exec_runtime"])?,
+        task_prev_sum_exec: btf.offset_of("task_struct", &["se", "prev_sum_exec_runtime"])?,
+        issue_dev: issue.field("dev", 4)?,
+        issue_sector: issue.field("sector", 8)?,
+        issue_bytes: issue.field("bytes", 4)?,
+        issue_rwbs: issue
+            .field("rwbs", 10)
+            .or_else(|_| issue.field("rwbs", 8))?,
+        complete_dev: complete.field("dev", 4)?,
+        complete_sector: complete.field("sector", 8)?,
+        task_tgid: btf.offset_of("task_struct", &["tgid"])?,
+        task_pid: btf.offset_of("task_struct", &["pid"])?,
+        _pad: 0,
+    })
+}
+
+/// The kernel's per-broker resource counters.
+pub struct ResourcesReader {
+    counters: HashMap<MapData, u32, ResourceCounters>,
+    // The LRU maps read through aya's HashMap (same lookup API).
+    runq: HashMap<MapData, u32, u64>,
+    runtime: HashMap<MapData, u32, u64>,
+    block: HashMap<MapData, BlockKey, BlockStart>,
+    fsync: HashMap<MapData, u32, u64>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbesError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|e| ProbesError::Map {
+        name,
+        source: Box::new(e),
+    })
+}
+
+impl ResourcesReader {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
+        Ok(Self {
+            counters: take(ebpf, RESOURCES_MAP)?,
+            runq: take(ebpf, RUNQ_MAP)?,
+            runtime: take(ebpf, RUNTIME_MAP)?,
+            block: take(ebpf, BLOCK_MAP)?,
+            fsync: take(ebpf, FSYNC_MAP)?,
+        })
+    }
+
+    /// Counters of every broker process the kernel saw, by tgid.
+    pub fn read(&self) -> Vec<(u32, ResourceCounters)> {
+        self.counters.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets processes that are no longer brokers (exited): their counters end with them.
+    pub fn retain(&mut self, pids: &[u32]) {
+        let gone: Vec<u32> = self
+            .counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !pids.contains(p))
+            .collect();
+        for pid in gone {
+            let _ = self.counters.remove(&pid);
+        }
+    }
+
+    pub fn map_stats(&self, resources: usize) -> Vec<MapStats> {
+        vec![
+            MapStats {
+                map: "resources",
+                entries: resources as u64,
+                capacity: RESOURCES_CAPACITY,
+            },
+            MapStats {
+                map: "runq_since",
+                entries: self.runq.keys().count() as u64,
+                capacity: RUNQ_CAPACITY,
+            },
+            MapStats {
+                map: "thread_runtime",
+                entries: self.runtime.keys().count() as u64,
+                capacity: RUNTIME_CAPACITY,
+            },
+            MapStats {
+                map: "block_inflight",
+                entries: self.block.keys().count() as u64,
+                capacity: BLOCK_CAPACITY,
+            },
+            MapStats {
+                map: "fsync_inflight",
+                entries: self.fsync.keys().count() as u64,
+                capacity: FSYNC_CAPACITY,
+            },
+        ]
+    }
+}

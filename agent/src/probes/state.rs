@@ -1,0 +1,145 @@
+//! Broker state (kernel side: agent-ebpf/src/state.rs): file opens and SIGTERMs of registered
+//! brokers, from a ring buffer into a bounded channel for the state tracker (`crate::state`).
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use brokerscope_common::state::{
+    MAX_PATH, STATE_EVENT_OPEN, STATE_EVENT_SIGTERM, STATE_EVENTS_MAP, StateEvent, StateOffsets,
+};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use super::{ProbesError, tracefs::Format};
+
+/// What the state tracker hears from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateSignal {
+    /// A broker thread opened `path` (as passed to the syscall) relative to `dfd`.
+    Open { tgid: u32, dfd: i32, path: String },
+    /// SIGTERM was delivered to a broker thread.
+    Sigterm { tgid: u32 },
+    /// Events were lost (channel full).
+    Lost,
+}
+
+/// Capacity of the channel from the ring reader to the tracker.
+const CHANNEL_CAPACITY: usize = 8192;
+
+pub fn resolve_offsets(tracefs: &Path) -> Result<StateOffsets, ProbesError> {
+    let openat = Format::read(tracefs, "syscalls", "sys_enter_openat")?;
+    let openat2 = Format::read(tracefs, "syscalls", "sys_enter_openat2")?;
+    let deliver = Format::read(tracefs, "signal", "signal_deliver")?;
+    Ok(StateOffsets {
+        openat_dfd: openat.field("dfd", 8)?,
+        openat_filename: openat.field("filename", 8)?,
+        openat2_dfd: openat2.field("dfd", 8)?,
+        openat2_filename: openat2.field("filename", 8)?,
+        signal_sig: deliver.field("sig", 4)?,
+        _pad: 0,
+    })
+}
+
+/// Starts the task that drains the ring buffer into a bounded channel.
+pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<StateSignal>, ProbesError> {
+    let name = STATE_EVENTS_MAP;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbesError::Missing { kind: "map", name })?;
+    let ring: RingBuf<MapData> = RingBuf::try_from(map).map_err(|e| ProbesError::Map {
+        name,
+        source: Box::new(e),
+    })?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
+    // owns the ring buffer.
+    let mut ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::warn!(error = %e, "state event reader stopped");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Some(signal) = parse(&item) else { continue };
+                match tx.try_send(signal) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let _ = tx.try_send(StateSignal::Lost);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(rx)
+}
+
+fn parse(bytes: &[u8]) -> Option<StateSignal> {
+    if bytes.len() < size_of::<StateEvent>() {
+        return None;
+    }
+    // SAFETY: StateEvent is Pod and the slice is long enough; unaligned read.
+    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<StateEvent>()) };
+    match event.kind {
+        STATE_EVENT_OPEN => {
+            let len = (event.len as usize).min(MAX_PATH);
+            let path = &event.path[..len];
+            // The helper's length may count the NUL.
+            let path = path.strip_suffix(&[0]).unwrap_or(path);
+            Some(StateSignal::Open {
+                tgid: event.tgid,
+                dfd: event.dfd,
+                path: String::from_utf8_lossy(path).into_owned(),
+            })
+        }
+        STATE_EVENT_SIGTERM => Some(StateSignal::Sigterm { tgid: event.tgid }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u32, path: &[u8]) -> Vec<u8> {
+        let mut e = StateEvent {
+            kind,
+            tgid: 7,
+            ts_ns: 1,
+            dfd: -100,
+            len: path.len() as u32,
+            path: [0; MAX_PATH],
+        };
+        e.path[..path.len()].copy_from_slice(path);
+        // SAFETY: StateEvent is plain old data.
+        unsafe { std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<StateEvent>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn parses_opens_and_sigterms() {
+        assert_eq!(
+            parse(&event(STATE_EVENT_OPEN, b"/data/t-0/0.log\0")),
+            Some(StateSignal::Open {
+                tgid: 7,
+                dfd: -100,
+                path: "/data/t-0/0.log".into()
+            })
+        );
+        assert_eq!(
+            parse(&event(STATE_EVENT_SIGTERM, b"")),
+            Some(StateSignal::Sigterm { tgid: 7 })
+        );
+        assert_eq!(parse(&event(9, b"")), None);
+        assert_eq!(parse(&[0; 8]), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! Resources: per-broker CPU, scheduling, block I/O and fsync counters from the kernel.
+//!
+//! The kernel side (`agent-ebpf/src/resources.rs`) counts only registered broker tgids (the
+//! processes family's `BROKER_PIDS`), into one [`ResourceCounters`] per broker process:
+//! - CPU time and context switches at `sched_switch` (a raw tracepoint: no record is built for
+//!   it, which matters on a hook that runs at every context switch of the node; the switched-out
+//!   task is the current one, so its tgid is known without reading a `task_struct`). CPU time is
+//!   the growth of the thread's `se.sum_exec_runtime` since its last switch-out: the scheduler's
+//!   own account, the one /proc reports, and a missed switch loses nothing;
+//! - run-queue latency: wake-up (`sched_wakeup`/`sched_wakeup_new`, raw tracepoints, whose
+//!   `task_struct` gives the wakee's tgid) or preemption, to the switch onto a CPU;
+//! - block I/O bytes and latency: `block:block_rq_issue` in the issuing task's context (direct
+//!   I/O and synchronous reads; page-cache writeback is issued by kernel threads and is not
+//!   attributed), completed at `block:block_rq_complete`, keyed by (device, sector);
+//! - fsync/fdatasync calls and latency at their syscall tracepoints.
+
+/// Name of the hash map of counters per broker tgid.
+pub const RESOURCES_MAP: &str = "RESOURCES";
+/// Capacity of [`RESOURCES_MAP`]: one entry per broker process, as `BROKER_PIDS`.
+pub const RESOURCES_CAPACITY: u32 = crate::processes::BROKER_PIDS_CAPACITY;
+
+/// Name of the LRU map of wake-up (or preemption) times per broker thread id.
+pub const RUNQ_MAP: &str = "RUNQ_SINCE";
+/// Capacity of [`RUNQ_MAP`]: broker threads waiting for a CPU at once (a JVM has hundreds of
+/// threads; an LRU evicts the stalest, whose latency is then not measured).
+pub const RUNQ_CAPACITY: u32 = 8192;
+
+/// Name of the LRU map of each broker thread's CPU time when last switched out.
+pub const RUNTIME_MAP: &str = "THREAD_RUNTIME";
+/// Capacity of [`RUNTIME_MAP`]: broker threads (an evicted thread's next slice is counted from
+/// when it got the CPU, as a new thread's).
+pub const RUNTIME_CAPACITY: u32 = 16384;
+
+/// Name of the LRU map of block requests in flight issued by brokers.
+pub const BLOCK_MAP: &str = "BLOCK_INFLIGHT";
+/// Capacity of [`BLOCK_MAP`]: requests in flight at once (device queue depths are ≤ 1024).
+pub const BLOCK_CAPACITY: u32 = 4096;
+
+/// Name of the LRU map of fsync/fdatasync calls in progress per broker thread id.
+pub const FSYNC_MAP: &str = "FSYNC_INFLIGHT";
+/// Capacity of [`FSYNC_MAP`]: broker threads inside fsync at once.
+pub const FSYNC_CAPACITY: u32 = 1024;
+
+/// Log2 buckets of latency histograms in microseconds: bucket i < 2^(i+1) µs; 2^26 µs is 67 s.
+pub const LATENCY_BUCKETS: usize = 26;
+
+/// A switch the task did not ask for: it was preempted, or it was still runnable (`__state` 0,
+/// e.g. a yield). A task going to sleep or blocking has a non-zero `__state` and was not preempted.
+pub const fn involuntary(preempt: bool, state: u32) -> bool {
+    preempt || state == 0
+}
+
+/// Counters of one broker process. Updated with atomic adds from any CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceCounters {
+    pub on_cpu_ns: u64,
+    pub voluntary: u64,
+    pub involuntary: u64,
+    pub runq_sum_us: u64,
+    pub runq: [u64; LATENCY_BUCKETS],
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub io_sum_us: u64,
+    pub io: [u64; LATENCY_BUCKETS],
+    pub fsyncs: u64,
+    pub fsync_sum_us: u64,
+    pub fsync: [u64; LATENCY_BUCKETS],
+}
+
+impl ResourceCounters {
+    pub const ZERO: ResourceCounters = ResourceCounters {
+        on_cpu_ns: 0,
+        voluntary: 0,
+        involuntary: 0,
+        runq_sum_us: 0,
+        runq: [0; LATENCY_BUCKETS],
+        read_bytes: 0,
+        written_bytes: 0,
+        io_sum_us: 0,
+        io: [0; LATENCY_BUCKETS],
+        fsyncs: 0,
+        fsync_sum_us: 0,
+        fsync: [0; LATENCY_BUCKETS],
+    };
+}
+
+/// What runs on one CPU now (a per-CPU slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OnCpu {
+    /// When it was switched in (0: not seen yet).
+    pub since_ns: u64,
+    /// How long it waited on the run queue before (valid when `has_runq` is 1).
+    pub runq_ns: u64,
+    /// Its thread id.
+    pub tid: u32,
+    pub has_runq: u32,
+}
+
+/// Key of a block request in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub sector: u64,
+}
+
+/// A block request in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStart {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Tracepoint record offsets (tracefs) and `task_struct.tgid` (BTF), resolved at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceOffsets {
+    /// `task_struct.__state` (`state` before 5.14).
+    pub task_state: u32,
+    /// `task_struct.se.sum_exec_runtime`: the scheduler's own account of the thread's CPU time.
+    pub task_sum_exec: u32,
+    /// `task_struct.se.prev_sum_exec_runtime`: its value when the thread last got the CPU.
+    pub task_prev_sum_exec: u32,
+    pub issue_dev: u32,
+    pub issue_sector: u32,
+    pub issue_bytes: u32,
+    pub issue_rwbs: u32,
+    pub complete_dev: u32,
+    pub complete_sector: u32,
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    pub _pad: u32,
+}
+
+impl ResourceOffsets {
+    pub const UNSET: ResourceOffsets = ResourceOffsets {
+        task_state: 0,
+        task_sum_exec: 0,
+        task_prev_sum_exec: 0,
+        issue_dev: 0,
+        issue_sector: 0,
+        issue_bytes: 0,
+        issue_rwbs: 0,
+        complete_dev: 0,
+        complete_sector: 0,
+        task_tgid: 0,
+        task_pid: 0,
+        _pad: 0,
+    };
+}
+
+/// Name of the global the loader writes [`ResourceOffsets`] into.
+pub const RESOURCE_OFFSETS_GLOBAL: &str = "RESOURCE_OFFSETS";
+
+/// Direction of a block request from its `rwbs` flags (`"W"`, `"WS"`, `"FWS"`, `"R"`, `"RA"`,
+/// `"D"`...): 1 read, 2 write, 0 neither (flush, discard).
+pub const fn rwbs_direction(rwbs: &[u8; 4]) -> u32 {
+    let mut i = 0;
+    while i < 4 {
+        match rwbs[i] {
+            b'R' => return 1,
+            b'W' => return 2,
+            b'D' | 0 => return 0,
+            _ => {}
+        }
+        i += 1;
+    }
+    0
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], u64 fields and arrays only, no padding.
+    unsafe impl aya::Pod for super::ResourceCounters {}
+    // SAFETY: #[repr(C)], integer fields, explicit padding.
+    unsafe impl aya::Pod for super::ResourceOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockStart {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directions() {
+        assert_eq!(rwbs_direction(b"W\0\0\0"), 2);
+        assert_eq!(rwbs_direction(b"WS\0\0"), 2);
+        assert_eq!(rwbs_direction(b"FWS\0"), 2);
+        assert_eq!(rwbs_direction(b"RA\0\0"), 1);
+        assert_eq!(rwbs_direction(b"F\0\0\0"), 0);
+        assert_eq!(rwbs_direction(b"DS\0\0"), 0);
+        assert_eq!(rwbs_direction(b"N\0\0\0"), 0);
+    }
+
+    #[test]
+    fn switch_kinds() {
+        assert!(involuntary(false, 0)); // runnable: yielded
+        assert!(involuntary(true, 1)); // preempted while about to sleep
+        assert!(!involuntary(false, 1)); // TASK_INTERRUPTIBLE: slept
+        assert!(!involuntary(false, 2)); // TASK_UNINTERRUPTIBLE: blocked on I/O
+    }
+
+    #[test]
+    fn layouts() {
+        assert_eq!(
+            core::mem::size_of::<ResourceCounters>(),
+            8 * (9 + 3 * LATENCY_BUCKETS)
+        );
+        assert_eq!(core::mem::size_of::<OnCpu>(), 24);
+        assert_eq!(core::mem::size_of::<BlockKey>(), 16);
+        assert_eq!(core::mem::size_of::<ResourceOffsets>(), 48);
+    }
+}

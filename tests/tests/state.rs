@@ -1,0 +1,343 @@
+//! Broker state, end to end: a fake broker walks through Kafka's start-up and shutdown (waits,
+//! opens its log segments one by one, listens, catches SIGTERM and takes its time to exit), and
+//! the real agent reports each step in Strimzi's wire format on `/v1/broker-state/` and
+//! `/v1/ready/`, as the cluster operator reads them — by curl, and by a Java 17 client
+//! (tests/java/BrokerStateClient.java) with the operator's strictness.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use brokerscope_tests::{Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged};
+use serde_json::{Value, json};
+
+fn agent_config(dir: &Path) -> String {
+    let pattern = format!(
+        r"kafka\.Kafka {}/",
+        regex::escape(&dir.display().to_string())
+    );
+    format!("[discovery]\ncmdline_patterns = ['{pattern}']\n")
+}
+
+/// Two log dirs: d1 with logs t-0 (3 segments) and t-1 (2), d2 with u-0 (3): 3 logs, 8 segments.
+/// Index files and a file at the top of a log dir are not segments.
+fn make_log_dirs(dir: &Path) -> (PathBuf, PathBuf) {
+    let (d1, d2) = (dir.join("d1"), dir.join("d2"));
+    for (part, n) in [
+        (d1.join("t-0"), 3),
+        (d1.join("t-1"), 2),
+        (d2.join("u-0"), 3),
+    ] {
+        std::fs::create_dir_all(&part).unwrap();
+        for i in 0..n {
+            std::fs::write(part.join(format!("{:020}.log", i * 100)), b"segment").unwrap();
+            std::fs::write(part.join(format!("{:020}.index", i * 100)), b"").unwrap();
+        }
+    }
+    std::fs::write(d1.join("meta.properties"), b"node.id=7\n").unwrap();
+    (d1, d2)
+}
+
+/// `/v1/broker-state/` as (status, parsed body, raw body).
+fn state(agent: &Agent, query: &str) -> (u16, Value, String) {
+    let (code, body) = agent.get(&format!("/v1/broker-state/{query}"));
+    let v = serde_json::from_str(&body).unwrap_or(Value::Null);
+    (code, v, body)
+}
+
+/// The body must be exactly `{"brokerState":n}`, or in recovery exactly
+/// `{"brokerState":2,"recoveryState":{"remainingLogsToRecover":L,"remainingSegmentsToRecover":S}}`.
+fn assert_shape(v: &Value, raw: &str) {
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {raw}"));
+    let n = obj["brokerState"].as_i64().expect("brokerState integer");
+    if n == 2 {
+        let keys: Vec<&String> = obj.keys().collect();
+        assert_eq!(keys, ["brokerState", "recoveryState"], "{raw}");
+        let r = obj["recoveryState"]
+            .as_object()
+            .expect("recoveryState object");
+        let keys: Vec<&String> = r.keys().collect();
+        assert_eq!(
+            keys,
+            ["remainingLogsToRecover", "remainingSegmentsToRecover"],
+            "{raw}"
+        );
+        for k in keys {
+            let x = r[k]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{k} integer: {raw}"));
+            assert!((0..=i64::from(i32::MAX)).contains(&x), "{raw}");
+        }
+    } else {
+        assert_eq!(obj.len(), 1, "only brokerState outside recovery: {raw}");
+    }
+}
+
+fn ready_code(agent: &Agent) -> u16 {
+    agent.get("/v1/ready/").0
+}
+
+fn wait_state(agent: &Agent, want: i64, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (code, v, raw) = state(agent, "");
+        assert_eq!(code, 200, "{raw}");
+        assert_shape(&v, &raw);
+        if v["brokerState"] == want {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "brokerState {want} not seen in {within:?}: last {raw}\nagent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The operator's client: tests/java/BrokerStateClient.java run by `java` (Java 17), with the
+/// agent's dev client certificate converted to PKCS12.
+struct JavaClient {
+    ca: String,
+    p12: PathBuf,
+}
+
+impl JavaClient {
+    fn new(agent: &Agent, dir: &Path) -> Self {
+        let java = Command::new("java").arg("-version").output();
+        assert!(
+            java.is_ok_and(|o| o.status.success()),
+            "java (17) is required for the Strimzi client test"
+        );
+        let client_args = agent.client_args();
+        let (ca, cert, key) = (&client_args[1], &client_args[3], &client_args[5]);
+        let p12 = dir.join("operator.p12");
+        let out = Command::new("openssl")
+            .args(["pkcs12", "-export", "-in", cert, "-inkey", key])
+            .args(["-certfile", ca, "-name", "cluster-operator"])
+            .args(["-passout", "pass:changeit", "-out"])
+            .arg(&p12)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        JavaClient {
+            ca: ca.clone(),
+            p12,
+        }
+    }
+
+    /// GET /v1/broker-state/{query}: (exit code, stdout line, stderr).
+    fn get(&self, agent: &Agent, query: &str) -> (Option<i32>, String, String) {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("java/BrokerStateClient.java");
+        let out = Command::new("java")
+            .arg(&source)
+            .arg(agent.url(&format!("/v1/broker-state/{query}")))
+            .arg(&self.ca)
+            .arg(&self.p12)
+            .arg("changeit")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
+    if !privileged("state") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = make_log_dirs(dir.path());
+    let port = free_port();
+    let props = dir.path().join("server.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "node.id=7\nlisteners=PLAINTEXT://127.0.0.1:{port}\nlog.dirs={},{}/\n",
+            d1.display(),
+            d2.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&agent_config(dir.path()));
+    agent.wait_ready();
+    let java = JavaClient::new(&agent, dir.path());
+    // No broker yet: 404 for both (the operator counts that as "unknown").
+    assert_eq!(state(&agent, "").0, 404);
+    assert_eq!(ready_code(&agent), 404);
+
+    let mut broker = FakeBroker::start(FakeBrokerSpec {
+        options: &["--defer-listen", "--term-wait-ms", "1500"],
+        ..FakeBrokerSpec::new(&props)
+    });
+    // STARTING: the process exists, nothing opened, not listening.
+    let (_, _, raw) = {
+        wait_state(&agent, 1, Duration::from_secs(5));
+        state(&agent, "")
+    };
+    assert_eq!(raw, r#"{"brokerState":1}"#);
+    assert_eq!(ready_code(&agent), 503);
+    // Both slash forms, and the explicit broker, answer alike.
+    assert_eq!(agent.get("/v1/broker-state").1, r#"{"brokerState":1}"#);
+    assert_eq!(state(&agent, "?broker=7").2, r#"{"brokerState":1}"#);
+    assert_eq!(agent.get("/v1/broker-state/?broker=nope").0, 404);
+    assert_eq!(agent.get("/v1/broker-state/?brokr=7").0, 400);
+
+    // RECOVERY: segments opened one by one (the test paces them, so every step is seen
+    // whatever the machine's load); the remaining counts go down exactly, summed over both log
+    // dirs. Opening order: d1/t-0 (3), d1/t-1 (2), d2/u-0 (3).
+    let logs_left = [3, 3, 2, 2, 1, 1, 1, 0];
+    for (k, logs) in logs_left.iter().enumerate() {
+        let answer = broker.command("recover-step", Duration::from_secs(5));
+        assert!(answer.starts_with("opened "), "{answer}");
+        let segments = 8 - (k as i64 + 1);
+        let want = json!({"brokerState":2,"recoveryState":{
+            "remainingLogsToRecover":logs,"remainingSegmentsToRecover":segments}});
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, v, raw) = state(&agent, "");
+            assert_eq!(code, 200, "{raw}");
+            assert_shape(&v, &raw);
+            if v == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {} opens: {raw}, want {want}\n{}",
+                k + 1,
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ready_code(&agent), 503);
+        if k == 0 {
+            // The operator's strict parser accepts the recovery shape.
+            let (code, stdout, stderr) = java.get(&agent, "");
+            assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+            assert_eq!(
+                stdout, "HTTP_2 200 brokerState=2 logs=3 segments=7",
+                "{stderr}"
+            );
+        }
+    }
+    assert_eq!(
+        broker.command("recover-step", Duration::from_secs(5)),
+        "recovered"
+    );
+    // Recovered but not listening yet: still RECOVERY, 0/0 (Kafka goes to RUNNING from here).
+    assert_eq!(
+        state(&agent, "").2,
+        r#"{"brokerState":2,"recoveryState":{"remainingLogsToRecover":0,"remainingSegmentsToRecover":0}}"#
+    );
+    assert_eq!(ready_code(&agent), 503);
+
+    // RUNNING once the listener listens.
+    assert_eq!(broker.command("listen", Duration::from_secs(5)), "listened");
+    wait_state(&agent, 3, Duration::from_secs(2));
+    assert_eq!(state(&agent, "").2, r#"{"brokerState":3}"#);
+    assert_eq!(ready_code(&agent), 204);
+    let (code, body) = agent.get("/v1/ready");
+    assert_eq!((code, body.as_str()), (204, ""));
+
+    // SHUTTING_DOWN once SIGTERM is delivered, while the broker takes its time.
+    broker.signal(libc::SIGTERM);
+    wait_state(&agent, 7, Duration::from_secs(1));
+    assert_eq!(state(&agent, "").2, r#"{"brokerState":7}"#);
+    assert_eq!(
+        broker.next_line(Duration::from_secs(2)).as_deref(),
+        Some("sigterm")
+    );
+    let status = broker
+        .wait_exit(Duration::from_secs(10))
+        .expect("broker exits");
+    assert!(status.success(), "{status}");
+    // NOT_RUNNING after exit: the only broker on the node, stopped.
+    wait_state(&agent, 0, Duration::from_secs(2));
+    assert_eq!(state(&agent, "").2, r#"{"brokerState":0}"#);
+    assert_eq!(ready_code(&agent), 503);
+
+    // The changes are logged with timestamps, in order.
+    let (code, body) = agent.get("/v1/brokers/7");
+    assert_eq!(code, 200);
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["broker_state"], json!({"name":"NOT_RUNNING","number":0}));
+    let to: Vec<&str> = b["state_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        to,
+        [
+            "STARTING",
+            "RECOVERY",
+            "RUNNING",
+            "SHUTTING_DOWN",
+            "NOT_RUNNING"
+        ],
+        "{body}"
+    );
+    assert!(b["state_changes"][0]["at"].as_str().unwrap().ends_with('Z'));
+    let metric = agent.metric("brokerscope_broker_state", &[("broker", "7")]);
+    assert_eq!(metric, Some(0.0));
+}
+
+#[test]
+fn several_brokers_need_a_choice_and_the_java_client_reads_the_state_strictly() {
+    if !privileged("state") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&agent_config(dir.path()));
+    agent.wait_ready();
+    let mut brokers = Vec::new();
+    for id in ["1", "2"] {
+        let props = dir.path().join(format!("b{id}.properties"));
+        std::fs::write(
+            &props,
+            format!(
+                "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+                free_port()
+            ),
+        )
+        .unwrap();
+        brokers.push(FakeBroker::start(FakeBrokerSpec::new(&props)));
+    }
+    eventually("both brokers running", Duration::from_secs(5), || {
+        let one = state(&agent, "?broker=1").1["brokerState"] == 3;
+        let two = state(&agent, "?broker=2").1["brokerState"] == 3;
+        (one && two).then_some(())
+    });
+    // Two brokers share the agent's namespace: no way to choose without ?broker=.
+    let (code, v, raw) = state(&agent, "");
+    assert_eq!(code, 400, "{raw}");
+    assert!(v["error"].as_str().unwrap().contains("?broker="), "{raw}");
+    assert_eq!(v["brokers"], json!(["1", "2"]));
+    assert_eq!(agent.get("/v1/ready/").0, 400);
+    assert_eq!(agent.get("/v1/ready/?broker=2").0, 204);
+
+    // The operator's way: Java's HttpClient, mTLS with a PKCS12 identity, hostname verification,
+    // HTTP/2 preferred, a strict parser.
+    let java = JavaClient::new(&agent, dir.path());
+    let run = |query: &str| java.get(&agent, query);
+    let (code, stdout, stderr) = run("?broker=1");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "HTTP_2 200 brokerState=3", "{stderr}");
+    // A 400 is what the operator sees as "unknown" (-1): the client must say so, not crash.
+    let (code, stdout, stderr) = run("");
+    assert_eq!(code, Some(3), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "HTTP_2 400 brokerState=-1", "{stderr}");
+}
