@@ -54,6 +54,55 @@ impl Case {
     }
 }
 
+/// What runs during a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Detached = 0,
+    Full = 1,
+    NoScheduler = 2,
+    /// Without the scheduler hooks nor the syscall tracepoints: enabling any `syscalls:*`
+    /// tracepoint sends every syscall of every task on the node through the slow path.
+    Lean = 3,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Detached, Mode::Full, Mode::NoScheduler, Mode::Lean];
+
+    /// `probes.disabled_programs` for the mode.
+    fn disabled(self) -> &'static str {
+        match self {
+            Mode::Detached | Mode::Full => "",
+            Mode::NoScheduler => {
+                "disabled_programs = [\"sched_switch\", \"sched_wakeup\", \"sched_wakeup_new\"]\n"
+            }
+            Mode::Lean => {
+                "disabled_programs = [\"sched_switch\", \"sched_wakeup\", \"sched_wakeup_new\", \
+                 \"state_openat\", \"state_openat2\", \"fsync_enter\", \"fsync_exit\", \
+                 \"fdatasync_enter\", \"fdatasync_exit\"]\n"
+            }
+        }
+    }
+}
+
+/// Adds every program's events and run time from one scrape.
+fn add_program_stats(programs: &mut Vec<(String, f64, f64)>, text: &str) {
+    let prefix = "brokerscope_probe_events_total{program=\"";
+    for line in text.lines().filter(|l| l.starts_with(prefix)) {
+        let Some(name) = line[prefix.len()..].split('"').next() else {
+            continue;
+        };
+        let events = sample(text, "brokerscope_probe_events_total", name);
+        let secs = sample(text, "brokerscope_probe_run_seconds_total", name);
+        match programs.iter_mut().find(|(n, _, _)| n == name) {
+            Some(e) => {
+                e.1 += events;
+                e.2 += secs;
+            }
+            None => programs.push((name.to_string(), events, secs)),
+        }
+    }
+}
+
 /// A loopback server answering like a broker: reads a request, answers with an ack or a
 /// sendfile of the fetch file.
 struct Server {
@@ -167,7 +216,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    fn start(bin: &Path, dir: &Path, mode: Mode) -> anyhow::Result<Self> {
         let pki = dir.join("pki");
         if !pki.join("client.key").exists() {
             crate::run(
@@ -181,8 +230,9 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\nwatch_all_listeners = true\n",
-                p = pki.display()
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\nwatch_all_listeners = true\n{extra}",
+                p = pki.display(),
+                extra = mode.disabled()
             ),
         )?;
         let mut child = Command::new(bin)
@@ -277,85 +327,88 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let _stats = BpfStats::enable();
 
     let cases = [Case::Produce, Case::Fetch, Case::ShortConnections];
+    // (case, median req/s per mode, median ratio to detached per attached mode)
     let mut results = Vec::new();
     let mut programs: Vec<(String, f64, f64)> = Vec::new();
     for case in cases {
         let server = Server::start(case, &fetch_file)?;
-        let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rps: [Vec<f64>; 4] = Default::default();
+        let mut ratios: [Vec<f64>; 4] = Default::default();
         for round in 0..ROUNDS {
-            // Alternate which goes first so drift over time hits both alike.
-            let order = if round % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            let mut pair = [0.0; 2];
-            for attached in order {
-                let agent = if attached {
-                    Some(Agent::start(bin, &out_dir)?)
-                } else {
-                    None
+            // Rotate which mode goes first so drift over time hits all alike.
+            let mut pass = [0.0; 4];
+            for k in 0..4 {
+                let mode = Mode::ALL[(round + k) % 4];
+                let agent = match mode {
+                    Mode::Detached => None,
+                    _ => Some(Agent::start(bin, &out_dir, mode)?),
                 };
-                let rps = load(case, server.addr);
+                let r = load(case, server.addr);
                 if let Some(agent) = &agent {
-                    let text = agent.metrics()?;
-                    for p in [
-                        "sock_state",
-                        "sock_state_raw",
-                        "tcp_retransmit",
-                        "tcp_send_reset",
-                        "tcp_receive_reset",
-                        "tcp_live",
-                    ] {
-                        let events = sample(&text, "brokerscope_probe_events_total", p);
-                        let secs = sample(&text, "brokerscope_probe_run_seconds_total", p);
-                        match programs.iter_mut().find(|(n, _, _)| n == p) {
-                            Some(e) => {
-                                e.1 += events;
-                                e.2 += secs;
-                            }
-                            None => programs.push((p.to_string(), events, secs)),
-                        }
+                    if mode == Mode::Full {
+                        add_program_stats(&mut programs, &agent.metrics()?);
                     }
                 }
-                pair[usize::from(attached)] = rps;
+                pass[mode as usize] = r;
             }
             eprintln!(
-                "bench: {} round {}: detached {:.0} req/s, attached {:.0} req/s",
+                "bench: {} round {}: detached {:.0}, attached {:.0}, without scheduler hooks {:.0}, \
+                 without scheduler hooks and syscall tracepoints {:.0} req/s",
                 case.name(),
                 round + 1,
-                pair[0],
-                pair[1]
+                pass[0],
+                pass[1],
+                pass[2],
+                pass[3]
             );
-            off.push(pair[0]);
-            on.push(pair[1]);
-            ratios.push(pair[1] / pair[0]);
+            for m in 0..4 {
+                rps[m].push(pass[m]);
+                ratios[m].push(pass[m] / pass[0]);
+            }
         }
-        results.push((case, median(off), median(on), median(ratios)));
+        results.push((case, rps.map(median), ratios.map(median)));
     }
 
     let mut md = String::from("# brokerscope benchmark\n\n");
     md += &format!(
-        "{CLIENTS} loopback clients, {ROUNDS} interleaved rounds of {}s per mode; medians. \
-         Overhead = 1 - attached/detached.\n\n",
+        "{CLIENTS} loopback clients, {ROUNDS} rounds of {}s per mode, modes rotated each round; \
+         medians. Modes: detached (no agent); attached (every program); attached without the \
+         scheduler hooks (`probes.disabled_programs` = sched_switch, sched_wakeup, \
+         sched_wakeup_new, which run on every context switch on the node); lean (also without the \
+         syscall tracepoints state_openat/openat2, fsync/fdatasync enter/exit: enabling any \
+         `syscalls:*` tracepoint puts every syscall of every task on the slow path). Overhead = \
+         1 - mode/detached, the median of per-round ratios.\n\n",
         ROUND.as_secs()
     );
-    md += "| case | detached req/s | attached req/s | attached/detached | overhead |\n|---|---|---|---|---|\n";
+    md += "| case | detached req/s | attached req/s | overhead | no scheduler hooks req/s | overhead | lean req/s | overhead |\n|---|---|---|---|---|---|---|---|\n";
     let mut json_cases = Vec::new();
-    for (case, off, on, ratio) in &results {
+    for (case, rps, ratio) in &results {
         md += &format!(
-            "| {} | {off:.0} | {on:.0} | {ratio:.4} | {:.2}% |\n",
+            "| {} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.2}% | {:.0} | {:.2}% |\n",
             case.name(),
-            (1.0 - ratio) * 100.0
+            rps[0],
+            rps[1],
+            (1.0 - ratio[1]) * 100.0,
+            rps[2],
+            (1.0 - ratio[2]) * 100.0,
+            rps[3],
+            (1.0 - ratio[3]) * 100.0
         );
         json_cases.push(format!(
-            "{{\"case\":\"{}\",\"detached_rps\":{off:.1},\"attached_rps\":{on:.1},\"ratio\":{ratio:.5}}}",
-            case.key()
+            "{{\"case\":\"{}\",\"detached_rps\":{:.1},\"attached_rps\":{:.1},\"ratio\":{:.5},\"no_scheduler_rps\":{:.1},\"no_scheduler_ratio\":{:.5},\"lean_rps\":{:.1},\"lean_ratio\":{:.5}}}",
+            case.key(),
+            rps[0],
+            rps[1],
+            ratio[1],
+            rps[2],
+            ratio[2],
+            rps[3],
+            ratio[3]
         ));
     }
     md += "\n| program | events | ns per event |\n|---|---|---|\n";
     let mut json_programs = Vec::new();
-    for (name, events, secs) in &programs {
+    for (name, events, secs) in programs.iter().filter(|(_, events, _)| *events > 0.0) {
         let ns = if *events > 0.0 {
             secs * 1e9 / events
         } else {
