@@ -344,10 +344,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                     _ => Some(Agent::start(bin, &out_dir, mode)?),
                 };
                 let r = load(case, server.addr);
-                if let Some(agent) = &agent {
-                    if mode == Mode::Full {
-                        add_program_stats(&mut programs, &agent.metrics()?);
-                    }
+                if let Some(agent) = agent.as_ref().filter(|_| mode == Mode::Full) {
+                    add_program_stats(&mut programs, &agent.metrics()?);
                 }
                 pass[mode as usize] = r;
             }
