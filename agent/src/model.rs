@@ -56,6 +56,8 @@ pub struct Model {
     /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
     /// not slow discovery down.
     states_stale: std::sync::atomic::AtomicBool,
+    /// The last snapshot and when its computation started: concurrent readers share one.
+    shared_snapshot: Mutex<Option<(std::time::Instant, std::sync::Arc<Snapshot>)>>,
 }
 
 /// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
@@ -197,6 +199,25 @@ impl Model {
             reasons,
             degraded,
         }
+    }
+
+    /// A snapshot taken no earlier than `arrived` (when the request came in). Computations are
+    /// serialized, and a request that waited for one started after it arrived takes that one:
+    /// concurrent scrapes cost one snapshot, and none sees state older than its own arrival.
+    pub fn snapshot_since(&self, arrived: std::time::Instant) -> std::sync::Arc<Snapshot> {
+        let mut shared = self
+            .shared_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((started, snapshot)) = shared.as_ref()
+            && *started >= arrived
+        {
+            return snapshot.clone();
+        }
+        let started = std::time::Instant::now();
+        let snapshot = std::sync::Arc::new(self.snapshot());
+        *shared = Some((started, snapshot.clone()));
+        snapshot
     }
 
     pub fn snapshot(&self) -> Snapshot {

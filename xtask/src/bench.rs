@@ -418,8 +418,13 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
         ));
     }
     md += "\nTargets: overhead <= 2% at Kafka-like sizes; <= 150 ns per probe event.\n";
+    let (scrape_md, scrape_json) = {
+        let (runs, rss) = crate::scrape::run(root, bin, &out_dir)?;
+        crate::scrape::report(&runs, rss)
+    };
+    md += &scrape_md;
     let json = format!(
-        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"programs\":[{}]}}\n",
+        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"programs\":[{}],{scrape_json}}}\n",
         ROUND.as_secs(),
         json_cases.join(","),
         json_programs.join(",")

@@ -9,6 +9,7 @@
 //! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root.
 
 mod bench;
+mod scrape;
 mod setup;
 
 use std::{
@@ -40,7 +41,11 @@ enum Cmd {
         release: bool,
     },
     /// Benchmark the agent's cost to broker-like traffic (needs root); writes target/bench/.
-    Bench,
+    Bench {
+        /// Only the scrape comparison (agent vs node_exporter over mTLS).
+        #[arg(long)]
+        scrape_only: bool,
+    },
     /// Set up, build and run every test (the end-to-end ones need root).
     Test {
         /// Only tests whose name contains this (passed to both test runs).
@@ -55,12 +60,20 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
-        Cmd::Bench => {
-            setup::ensure(setup::Needs::Test)?;
+        Cmd::Bench { scrape_only } => {
+            setup::ensure(setup::Needs::Bench)?;
             if !is_root() {
                 bail!("the benchmark loads eBPF programs: run `sudo -E cargo xtask bench`");
             }
             let bin = build_agent(&root, true)?;
+            if scrape_only {
+                let out_dir = root.join("target/bench");
+                std::fs::create_dir_all(&out_dir)?;
+                let (runs, rss) = scrape::run(&root, &bin, &out_dir)?;
+                let (md, _) = scrape::report(&runs, rss);
+                println!("{md}");
+                return Ok(());
+            }
             bench::run(&root, &bin)
         }
     }

@@ -30,13 +30,25 @@ const TEST_PACKAGES: &[&str] = &[
 pub enum Needs {
     Run,
     Test,
+    /// The tests' packages, plus node_exporter and oha for the scrape comparison.
+    Bench,
 }
+
+/// oha release that builds with this toolchain (a load tool that presents client certificates).
+const OHA_VERSION: &str = "1";
 
 pub fn ensure(needs: Needs) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    if needs == Needs::Test {
+    if needs != Needs::Run {
         debian_packages(TEST_PACKAGES)?;
+    }
+    if needs == Needs::Bench {
+        debian_packages(&["prometheus-node-exporter"])?;
+        if output(Command::new(cargo_bin_dir().join("oha")).arg("--version")).is_err() {
+            eprintln!("setup: installing oha (load generator with mTLS) from crates.io");
+            run(Command::new("cargo").args(["install", "oha", "--version", OHA_VERSION]))?;
+        }
     }
     kernel()?;
     Ok(())

@@ -110,12 +110,13 @@ async fn ready(axum::extract::State(state): State) -> Response {
 }
 
 async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Response {
+    let arrived = std::time::Instant::now();
     let format = negotiate(headers.get(header::ACCEPT));
     // Map reads are syscalls: keep them off the async workers.
     let text = tokio::task::spawn_blocking(move || {
         let mut server = state.server.stats.snapshot();
         server.log_lines_dropped = state.control.logs.dropped();
-        render::exposition(&state.model.snapshot(), &server, format)
+        render::exposition(&state.model.snapshot_since(arrived), &server, format)
     })
     .await;
     match text {
@@ -129,8 +130,9 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
 async fn brokers(
     axum::extract::State(state): State,
 ) -> Result<Json<Vec<BrokerWithCounters>>, ApiError> {
+    let arrived = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
-        let snapshot = state.model.snapshot();
+        let snapshot = state.model.snapshot_since(arrived);
         views::with_counters(&snapshot, state.model.broker_views())
     })
     .await
@@ -142,10 +144,11 @@ async fn broker(
     axum::extract::State(state): State,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<BrokerWithCounters>, ApiError> {
+    let arrived = std::time::Instant::now();
     // An unknown id costs nothing.
     let b = state.model.broker(&id).ok_or(ApiError::NotFound)?;
     tokio::task::spawn_blocking(move || {
-        let snapshot = state.model.snapshot();
+        let snapshot = state.model.snapshot_since(arrived);
         views::with_counters(&snapshot, vec![state.model.broker_view(b)])
     })
     .await
