@@ -504,30 +504,32 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     (rc == 0 && info.id != 0).then_some(info.recursion_misses)
 }
 
+/// Takes map `name` out of the object as a typed handle.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbesError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|e| ProbesError::Map {
+        name,
+        source: Box::new(e),
+    })
+}
+
 fn take_per_cpu_array(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<PerCpuArray<MapData, u64>, ProbesError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    PerCpuArray::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })
+    take_map(ebpf, name)
 }
 
 fn take_ring(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<aya::maps::RingBuf<MapData>, ProbesError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    aya::maps::RingBuf::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })
+    take_map(ebpf, name)
 }
 
 fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {

@@ -13,7 +13,7 @@ use brokerscope_common::resources::{
     ResourceOffsets,
 };
 
-use super::{MapStats, ProbesError, btf::Btf, tracefs::Format};
+use super::{MapStats, ProbesError, btf::Btf, take_map as take, tracefs::Format};
 
 pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, ProbesError> {
     let issue = Format::read(tracefs, "block", "block_rq_issue")?;
@@ -46,19 +46,6 @@ pub struct ResourcesReader {
     runtime: HashMap<MapData, u32, u64>,
     block: HashMap<MapData, BlockKey, BlockStart>,
     fsync: HashMap<MapData, u32, u64>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })
 }
 
 impl ResourcesReader {

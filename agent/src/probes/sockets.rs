@@ -12,7 +12,7 @@ use brokerscope_common::sockets::{
     LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
 };
 
-use super::{ProbesError, btf::Btf, tracefs::Format};
+use super::{ProbesError, btf::Btf, take_map as take, tracefs::Format};
 
 /// Counters of one (network namespace, port) listener: closed connections' totals from the
 /// kernel map plus what is still open, read by the iterator.
@@ -159,19 +159,6 @@ pub struct SocketsReader {
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
     /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, ProbesError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })
 }
 
 impl SocketsReader {
