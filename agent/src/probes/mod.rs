@@ -504,6 +504,49 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     (rc == 0 && info.id != 0).then_some(info.recursion_misses)
 }
 
+/// Drains ring buffer `name` on the runtime into a bounded channel of what `parse` makes of
+/// each record. When the consumer falls behind, records are dropped and `lost` is sent once
+/// there is room, so the consumer knows to catch up another way: nothing grows.
+fn spawn_ring_channel<S: Clone + Send + 'static>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    capacity: usize,
+    parse: fn(&[u8]) -> Option<S>,
+    lost: S,
+) -> Result<tokio::sync::mpsc::Receiver<S>, ProbesError> {
+    use tokio::sync::mpsc::error::TrySendError;
+    let ring: aya::maps::RingBuf<MapData> = take_map(ebpf, name)?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
+    // owns the ring buffer.
+    let mut ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::warn!(map = name, error = %e, "ring buffer reader stopped");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Some(signal) = parse(&item) else { continue };
+                match tx.try_send(signal) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        let _ = tx.try_send(lost.clone());
+                    }
+                    Err(TrySendError::Closed(_)) => return,
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(rx)
+}
+
 /// Takes map `name` out of the object as a typed handle.
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
 where

@@ -5,13 +5,13 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, RingBuf},
+    maps::{HashMap, MapData},
 };
 use brokerscope_common::processes::{
     BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_MAP, ProcessEvent,
     ProcessOffsets,
 };
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
 
 use super::{ProbesError, tracefs::Format};
 
@@ -44,15 +44,9 @@ pub struct BrokerPids {
 
 impl BrokerPids {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
-        let name = BROKER_PIDS_MAP;
-        let map = ebpf
-            .take_map(name)
-            .ok_or(ProbesError::Missing { kind: "map", name })?;
-        let map = HashMap::try_from(map).map_err(|e| ProbesError::Map {
-            name,
-            source: Box::new(e),
-        })?;
-        Ok(Self { map })
+        Ok(Self {
+            map: super::take_map(ebpf, BROKER_PIDS_MAP)?,
+        })
     }
 
     /// Replaces the set with `pids`.
@@ -72,49 +66,16 @@ impl BrokerPids {
     }
 }
 
-/// Starts the task that drains the ring buffer into a bounded channel.
+/// Starts the task that drains the ring buffer into a bounded channel. When discovery falls
+/// behind, it gets [`ProcessSignal::Lost`] and rescans.
 pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<ProcessSignal>, ProbesError> {
-    let name = PROCESS_EVENTS_MAP;
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    let ring = RingBuf::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
-    // owns the ring buffer.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    tokio::spawn(async move {
-        loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::warn!(error = %e, "process event reader stopped");
-                    return;
-                }
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let signal = match parse(&item) {
-                    Some(signal) => signal,
-                    None => continue,
-                };
-                match tx.try_send(signal) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        // Discovery is behind: it will rescan. Nothing grows.
-                        let _ = tx.try_send(ProcessSignal::Lost);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-            }
-            guard.clear_ready();
-        }
-    });
-    Ok(rx)
+    super::spawn_ring_channel(
+        ebpf,
+        PROCESS_EVENTS_MAP,
+        CHANNEL_CAPACITY,
+        parse,
+        ProcessSignal::Lost,
+    )
 }
 
 fn parse(bytes: &[u8]) -> Option<ProcessSignal> {

@@ -3,14 +3,11 @@
 
 use std::path::Path;
 
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-};
+use aya::Ebpf;
 use brokerscope_common::state::{
     MAX_PATH, STATE_EVENT_OPEN, STATE_EVENT_SIGTERM, STATE_EVENTS_MAP, StateEvent, StateOffsets,
 };
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
 
 use super::{ProbesError, tracefs::Format};
 
@@ -42,45 +39,16 @@ pub fn resolve_offsets(tracefs: &Path) -> Result<StateOffsets, ProbesError> {
     })
 }
 
-/// Starts the task that drains the ring buffer into a bounded channel.
+/// Starts the task that drains the ring buffer into a bounded channel; the tracker gets
+/// [`StateSignal::Lost`] when it fell behind.
 pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<StateSignal>, ProbesError> {
-    let name = STATE_EVENTS_MAP;
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    let ring: RingBuf<MapData> = RingBuf::try_from(map).map_err(|e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    })?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
-    // owns the ring buffer.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    tokio::spawn(async move {
-        loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::warn!(error = %e, "state event reader stopped");
-                    return;
-                }
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let Some(signal) = parse(&item) else { continue };
-                match tx.try_send(signal) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let _ = tx.try_send(StateSignal::Lost);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-            }
-            guard.clear_ready();
-        }
-    });
-    Ok(rx)
+    super::spawn_ring_channel(
+        ebpf,
+        STATE_EVENTS_MAP,
+        CHANNEL_CAPACITY,
+        parse,
+        StateSignal::Lost,
+    )
 }
 
 fn parse(bytes: &[u8]) -> Option<StateSignal> {
