@@ -209,7 +209,7 @@ fn load(case: Case, addr: std::net::SocketAddr) -> f64 {
 }
 
 /// The agent under test, on a free port with a throwaway PKI, counting every listener.
-struct Agent {
+pub struct Agent {
     child: Child,
     port: u16,
     pki: PathBuf,
@@ -235,9 +235,14 @@ impl Agent {
                 extra = mode.disabled()
             ),
         )?;
+        Self::launch(bin, &config, pki)
+    }
+
+    /// Runs the agent on `config` and waits until it listens.
+    pub fn launch(bin: &Path, config: &Path, pki: PathBuf) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("RUST_LOG", "warn,brokerscope=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -258,24 +263,49 @@ impl Agent {
         Ok(Self { child, port, pki })
     }
 
-    fn metrics(&self) -> anyhow::Result<String> {
-        let p = self.pki.display();
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--cacert",
-                &format!("{p}/ca.crt"),
-                "--cert",
-                &format!("{p}/client.crt"),
-            ])
-            .args(["--key", &format!("{p}/client.key")])
-            .arg(format!("https://localhost:{}/metrics", self.port))
-            .output()?;
-        if !out.status.success() {
-            bail!("scrape failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    fn metrics(&self) -> anyhow::Result<String> {
+        curl(&self.pki, &self.url("/metrics"))
+    }
+}
+
+/// The dev PKI's CA and client identity as arguments of curl or oha.
+pub fn client_tls(pki: &Path) -> [std::ffi::OsString; 6] {
+    [
+        "--cacert",
+        "ca.crt",
+        "--cert",
+        "client.crt",
+        "--key",
+        "client.key",
+    ]
+    .map(|a| {
+        if a.starts_with("--") {
+            a.into()
+        } else {
+            pki.join(a).into_os_string()
+        }
+    })
+}
+
+/// GET over mTLS with curl; the body.
+pub fn curl(pki: &Path, url: &str) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .arg("-sS")
+        .args(client_tls(pki))
+        .arg(url)
+        .output()?;
+    if !out.status.success() {
+        bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for Agent {

@@ -58,12 +58,7 @@ fn oha(url: &str, pki: &Path, concurrency: usize) -> anyhow::Result<(f64, f64, f
     let out = Command::new("oha")
         .args(["--no-tui", "--output-format", "json"])
         .args(["-n", &REQUESTS.to_string(), "-c", &concurrency.to_string()])
-        .arg("--cacert")
-        .arg(pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(pki.join("client.crt"))
-        .arg("--key")
-        .arg(pki.join("client.key"))
+        .args(crate::bench::client_tls(pki))
         .arg(url)
         .output()
         .context("run oha (installed by cargo xtask bench)")?;
@@ -157,25 +152,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
             p = pki.display()
         ),
     )?;
-    let mut agent = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn,brokerscope=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the agent")?;
-    let stderr = agent.stderr.take().context("stderr")?;
-    let agent = Guard(agent);
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("listening addr=") => break,
-            Some(_) => {}
-            None => bail!("the agent exited before listening"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let agent = crate::bench::Agent::launch(bin, &config, pki.clone())?;
     let conns: Vec<_> = ports
         .iter()
         .map(|p| std::net::TcpStream::connect(("127.0.0.1", *p)))
@@ -203,20 +180,8 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
 
     // Ready when both answer and the agent lists the ten brokers.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let curl = |url: &str| {
-        Command::new("curl")
-            .args(["-sS", "--cacert"])
-            .arg(pki.join("ca.crt"))
-            .arg("--cert")
-            .arg(pki.join("client.crt"))
-            .arg("--key")
-            .arg(pki.join("client.key"))
-            .arg(url)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    let agent_url = format!("https://localhost:{port}");
+    let curl = |url: &str| crate::bench::curl(&pki, url).unwrap_or_default();
+    let agent_url = agent.url("");
     loop {
         let listed = curl(&format!("{agent_url}/v1/brokers"))
             .matches("\"broker_state\"")
@@ -232,7 +197,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
     }
     // Idle: nothing has loaded it yet but the readiness checks.
     std::thread::sleep(Duration::from_secs(1));
-    let idle_rss = rss_kib(agent.0.id());
+    let idle_rss = rss_kib(agent.pid());
 
     let payload = curl(&format!("{agent_url}/metrics")).len();
     eprintln!(
