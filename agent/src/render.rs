@@ -174,8 +174,11 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
 
 /// The whole /metrics page in `format`.
 pub fn exposition(snapshot: &Snapshot, server: &ServerSnapshot, format: Format) -> String {
+    // Sized from the last page: growing a string of hundreds of kilobytes by doubling copies
+    // it a dozen times.
+    static LAST_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(8192);
     let mut e = Exposition {
-        out: String::with_capacity(8192),
+        out: String::with_capacity(LAST_LEN.load(std::sync::atomic::Ordering::Relaxed) + 4096),
         format,
     };
     agent_families(&mut e, snapshot);
@@ -183,6 +186,7 @@ pub fn exposition(snapshot: &Snapshot, server: &ServerSnapshot, format: Format) 
     if format == Format::OpenMetrics {
         e.out.push_str("# EOF\n");
     }
+    LAST_LEN.store(e.out.len(), std::sync::atomic::Ordering::Relaxed);
     e.out
 }
 

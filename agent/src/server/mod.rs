@@ -10,6 +10,7 @@ pub mod identity;
 pub mod isolation;
 pub mod limits;
 mod operator;
+pub mod pages;
 pub mod reload;
 pub mod routes;
 pub mod stats;

@@ -14,9 +14,14 @@ use axum::{
     routing::get,
 };
 use serde_json::json;
-use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer};
+use tower_http::catch_panic::CatchPanicLayer;
 
-use super::{ServerState, access, limits::MAX_BODY_BYTES, operator};
+use super::{
+    ServerState, access,
+    limits::MAX_BODY_BYTES,
+    operator,
+    pages::{Encoding, Pages},
+};
 use crate::{
     control::Control,
     discovery::Broker,
@@ -32,6 +37,8 @@ pub struct AppState {
     pub model: Arc<Model>,
     pub server: Arc<ServerState>,
     pub control: Arc<Control>,
+    /// Rendered /metrics pages, shared by scrapes that share a snapshot.
+    pub pages: Arc<Pages>,
 }
 
 /// Builds the router over the shared model and the endpoint's state, with a detached control
@@ -53,11 +60,7 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
         .route("/v1/broker-state/", get(broker_state))
         .route("/v1/ready", get(broker_ready))
         .route("/v1/ready/", get(broker_ready))
-        .route(
-            "/metrics",
-            // gzip only when the client accepts it; tiny bodies are left alone.
-            get(metrics).layer(CompressionLayer::new()),
-        )
+        .route("/metrics", get(metrics))
         .route(
             "/v1/config",
             get(operator::get_config).patch(operator::patch_config),
@@ -69,6 +72,7 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
             model,
             server: server.clone(),
             control,
+            pages: Arc::default(),
         });
     harden(api, server)
 }
@@ -112,17 +116,34 @@ async fn ready(axum::extract::State(state): State) -> Response {
 async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Response {
     let arrived = std::time::Instant::now();
     let format = negotiate(headers.get(header::ACCEPT));
-    // Map reads are syscalls: keep them off the async workers.
-    let text = tokio::task::spawn_blocking(move || {
-        let mut server = state.server.stats.snapshot();
-        server.log_lines_dropped = state.control.logs.dropped();
-        render::exposition(&state.model.snapshot_since(arrived), &server, format)
+    let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING));
+    // Map reads are syscalls, rendering and gzip are CPU: keep them off the async workers.
+    let body = tokio::task::spawn_blocking(move || {
+        let snapshot = state.model.snapshot_since(arrived);
+        state.pages.get(&snapshot, format, encoding, || {
+            let mut server = state.server.stats.snapshot();
+            server.log_lines_dropped = state.control.logs.dropped();
+            render::exposition(&snapshot, &server, format)
+        })
     })
     .await;
-    match text {
-        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
-        Err(_) => ApiError::Internal.into_response(),
+    let Ok(body) = body else {
+        return ApiError::Internal.into_response();
+    };
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "accept, accept-encoding"),
+        ],
+        body,
+    )
+        .into_response();
+    if encoding == Encoding::Gzip {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
+    response
 }
 
 /// Every broker with its Kafka state and its listeners' counters. Both read the kernel and
