@@ -22,7 +22,7 @@ use brokerscope_common::{
         DURATION_BUCKETS, EventOffsets, IPPROTO_TCP, LISTENERS_CAPACITY, LIVE_CONNECTION,
         LIVE_LISTENER, ListenerCounters, ListenerKey, LiveRecord, RTT_BUCKETS, SocketOffsets,
         SocketsConfig, Transition, WATCH, classify, is_connection_state, is_watched, log2_bucket,
-        payload_bytes,
+        payload_bytes, tcp_state,
     },
     telemetry::{ProbeError, Program},
 };
@@ -58,6 +58,12 @@ static WATCHED: HashMap<ListenerKey, u32> = HashMap::with_max_entries(LISTENERS_
 #[map(name = "CONNECTIONS")]
 static CONNECTIONS: HashMap<u64, ConnectionState> =
     HashMap::with_max_entries(CONNECTIONS_CAPACITY, 0);
+
+/// Watched listening sockets by listener, so the scrape-time iterator reads their drops without
+/// walking a socket table: set at `listen(2)` and by the namespace sweep, cleared at close.
+/// Bounded like LISTENERS.
+#[map(name = "LISTEN_SOCKS")]
+static LISTEN_SOCKS: HashMap<ListenerKey, u64> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
 /// Initial value of a new LISTENERS entry (too large for the BPF stack).
 static ZERO_COUNTERS: ListenerCounters = ListenerCounters::ZERO;
@@ -264,6 +270,21 @@ fn on_state_change(
             send_event(CONN_OPEN, &listener, &tuple);
             Ok(())
         }
+        Transition::Listen => {
+            let listener = ListenerKey::new(kread_netns(sk, off)?, local_port()?);
+            if counted(&listener) {
+                let _ = LISTEN_SOCKS.insert(&listener, &sk, 0);
+            }
+            Ok(())
+        }
+        Transition::Close if oldstate == tcp_state::LISTEN => {
+            let listener = ListenerKey::new(kread_netns(sk, off)?, local_port()?);
+            // SAFETY: a plain read of a map value returned by the lookup.
+            if unsafe { LISTEN_SOCKS.get(&listener) } == Some(&sk) {
+                let _ = LISTEN_SOCKS.remove(&listener);
+            }
+            Ok(())
+        }
         Transition::Close => {
             let Some(state) = CONNECTIONS.get_ptr(sk) else {
                 return Ok(());
@@ -400,6 +421,18 @@ fn watched(key: &ListenerKey) -> bool {
     is_watched(watched, watch_all())
 }
 
+/// A listener whose counters are kept: watched, or in watch-all mode one that already has
+/// counters (an outgoing connection's ephemeral port must not become a "listener").
+#[inline(always)]
+fn counted(key: &ListenerKey) -> bool {
+    // SAFETY: a plain read of a map value returned by the lookup.
+    match unsafe { WATCHED.get(key).copied() } {
+        Some(WATCH) => true,
+        Some(_) => false,
+        None => watch_all() && LISTENERS.get_ptr(key).is_some(),
+    }
+}
+
 #[inline(always)]
 fn watch_all() -> bool {
     SOCKETS_CONFIG.get(0).is_some_and(|c| c.watch_all != 0)
@@ -452,7 +485,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     let off = offsets();
     let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
     let state = i32::from(state);
-    let listening = state == brokerscope_common::sockets::tcp_state::LISTEN;
+    let listening = state == tcp_state::LISTEN;
     if !listening && !is_connection_state(state) {
         return Ok(());
     }
@@ -462,6 +495,9 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
         let key = ListenerKey::new(kread_netns(sk, &off)?, port);
         if !watched(&key) {
             return Ok(());
+        }
+        if counted(&key) {
+            let _ = LISTEN_SOCKS.insert(&key, &sk, 0);
         }
         let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
         record.listener = key;
@@ -514,6 +550,101 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
             Ok(())
         }
     }
+}
+
+/// Open tracked connections at scrape time: an iterator over CONNECTIONS itself, so a scrape
+/// costs the number of tracked connections, in every namespace at once, instead of a walk of
+/// each namespace's whole socket table. For each entry still open it writes the payload bytes
+/// moved since tracking began.
+///
+/// The context is `struct bpf_iter__bpf_map_elem { meta; map; void *key; void *value; }`;
+/// key and value are NULL on the final call.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub fn conn_live(ctx: *mut core::ffi::c_void) -> i32 {
+    count_run(Program::ConnLive);
+    if let Err(error) = try_conn_live(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+/// The key and value pointers of a map element iterator's context, as plain numbers (see
+/// `try_tcp_live`); `None` on the final call.
+#[inline(always)]
+fn map_elem(ctx: *mut core::ffi::c_void) -> Result<Option<(u64, u64)>, ProbeError> {
+    let key: u64 = kread(ctx as u64, 16, ProbeError::ReadContext)?;
+    let value: u64 = kread(ctx as u64, 24, ProbeError::ReadContext)?;
+    Ok((key != 0 && value != 0).then_some((key, value)))
+}
+
+/// Whether `sk` is still the socket the entry was made for: the address of a closed socket can
+/// be reused by a new one (TCP sockets are SLAB_TYPESAFE_BY_RCU), so the entry's listener must
+/// match the socket's own namespace and local port.
+#[inline(always)]
+fn same_listener(sk: u64, key: &ListenerKey, off: &SocketOffsets) -> Result<bool, ProbeError> {
+    let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
+    Ok(port == key.port && kread_netns(sk, off)? == key.netns)
+}
+
+fn try_conn_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
+    let Some((key, value)) = map_elem(ctx)? else {
+        return Ok(());
+    };
+    let sk: u64 = kread(key, 0, ProbeError::ReadContext)?;
+    let tracked: ConnectionState = kread(value, 0, ProbeError::ReadContext)?;
+    let off = offsets();
+    let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
+    let state = i32::from(state);
+    // Closing right now: its close accounting has it, or is about to.
+    if !is_connection_state(state) || !same_listener(sk, &tracked.listener, &off)? {
+        return Ok(());
+    }
+    let (sent, received) = socket_payload(sk, state, &off)?;
+    let record = LiveRecord {
+        listener: tracked.listener,
+        kind: LIVE_CONNECTION,
+        bytes_sent: sent.saturating_sub(tracked.base_sent),
+        bytes_received: received.saturating_sub(tracked.base_received),
+        ..LiveRecord::default()
+    };
+    emit(ctx, &record)
+}
+
+/// Watched listening sockets at scrape time: an iterator over LISTEN_SOCKS, writing each
+/// one's drops (SYNs and accepts dropped on queue overflow).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub fn listen_live(ctx: *mut core::ffi::c_void) -> i32 {
+    count_run(Program::ListenLive);
+    if let Err(error) = try_listen_live(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+fn try_listen_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
+    let Some((key, value)) = map_elem(ctx)? else {
+        return Ok(());
+    };
+    let listener: ListenerKey = kread(key, 0, ProbeError::ReadContext)?;
+    let sk: u64 = kread(value, 0, ProbeError::ReadContext)?;
+    let off = offsets();
+    let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
+    if i32::from(state) != tcp_state::LISTEN
+        || !same_listener(sk, &listener, &off)?
+        || !counted(&listener)
+    {
+        return Ok(());
+    }
+    let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
+    let record = LiveRecord {
+        listener,
+        kind: LIVE_LISTENER,
+        drops: u64::from(drops),
+        ..LiveRecord::default()
+    };
+    emit(ctx, &record)
 }
 
 /// Payload bytes a socket in `state` has received and had acknowledged.

@@ -16,6 +16,11 @@ pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
 /// Default capacity of [`CONNECTIONS_MAP`]: connections accepted and not yet closed, node-wide.
 pub const CONNECTIONS_CAPACITY: u32 = 65_536;
 
+/// Name of the hash map of watched listening sockets: [`ListenerKey`] to the kernel address of
+/// the listening `struct sock`, so their drops can be read without walking a socket table.
+/// Bounded like [`LISTENERS_MAP`].
+pub const LISTEN_SOCKS_MAP: &str = "LISTEN_SOCKS";
+
 /// Bounds for capacities set from the configuration.
 pub const MIN_CAPACITY: u32 = 16;
 /// Upper bound: a hash map entry costs roughly key + value + 64 bytes of kernel overhead, so
@@ -341,8 +346,11 @@ pub const SOCKET_OFFSETS_GLOBAL: &str = "SOCKET_OFFSETS";
 pub enum Transition {
     /// A connection accepted on a listener is now established.
     PassiveOpen,
-    /// The socket is gone; counts a close if the socket was tracked.
+    /// The socket is gone; counts a close if the socket was tracked, forgets it if it was a
+    /// registered listening socket.
     Close,
+    /// A socket started listening (`listen(2)`).
+    Listen,
     /// Nothing to count.
     Other,
 }
@@ -358,6 +366,8 @@ pub const fn classify(oldstate: i32, newstate: i32) -> Transition {
         Transition::PassiveOpen
     } else if newstate == tcp_state::CLOSE && oldstate != tcp_state::CLOSE {
         Transition::Close
+    } else if newstate == tcp_state::LISTEN {
+        Transition::Listen
     } else {
         Transition::Other
     }
@@ -505,6 +515,12 @@ mod tests {
             assert_eq!(classify(old, CLOSE), Transition::Close, "from {old}");
         }
         assert_eq!(classify(CLOSE, CLOSE), Transition::Other);
+    }
+
+    #[test]
+    fn listen_is_its_own_transition() {
+        assert_eq!(classify(CLOSE, LISTEN), Transition::Listen);
+        assert_eq!(classify(LISTEN, CLOSE), Transition::Close);
     }
 
     #[test]

@@ -19,8 +19,10 @@ pub enum Program {
     SendReset = 2,
     /// `tcp:tcp_receive_reset`: RSTs received on watched listeners' connections.
     ReceiveReset = 3,
-    /// `iter/tcp`: live sockets at scrape time (open connections' bytes, listen drops, and
-    /// connections that were open before the agent started).
+    /// `iter/tcp`: a sweep of a namespace's sockets when it gets watched listeners: adopts the
+    /// connections that were open before (tracked from then on) and registers the listening
+    /// sockets. Without [`Program::ConnLive`] and [`Program::ListenLive`], it also reads open
+    /// connections' bytes and listen drops at every scrape.
     TcpLive = 4,
     /// `sched:sched_process_exec`: any exec, for broker discovery.
     ProcessExec = 5,
@@ -53,11 +55,16 @@ pub enum Program {
     /// `raw_tracepoint/inet_sock_set_state`: the same counting as [`Program::SockState`] at a
     /// fraction of the cost; preferred, with the classic tracepoint as its fallback.
     SockStateRaw = 19,
+    /// `iter/bpf_map_elem` over the connection map: open tracked connections' bytes at scrape
+    /// time, at a cost in tracked connections only.
+    ConnLive = 20,
+    /// `iter/bpf_map_elem` over the listening-socket map: listen drops at scrape time.
+    ListenLive = 21,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 20] = [
+    pub const ALL: [Program; 22] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -78,6 +85,8 @@ impl Program {
         Program::FdatasyncEnter,
         Program::FdatasyncExit,
         Program::SockStateRaw,
+        Program::ConnLive,
+        Program::ListenLive,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -106,6 +115,8 @@ impl Program {
             Program::FdatasyncEnter => "fdatasync_enter",
             Program::FdatasyncExit => "fdatasync_exit",
             Program::SockStateRaw => "sock_state_raw",
+            Program::ConnLive => "conn_live",
+            Program::ListenLive => "listen_live",
         }
     }
 
@@ -132,6 +143,8 @@ impl Program {
             Program::FdatasyncEnter => "tracepoint/syscalls/sys_enter_fdatasync",
             Program::FdatasyncExit => "tracepoint/syscalls/sys_exit_fdatasync",
             Program::SockStateRaw => "raw_tracepoint/inet_sock_set_state",
+            Program::ConnLive => "iter/bpf_map_elem/CONNECTIONS",
+            Program::ListenLive => "iter/bpf_map_elem/LISTEN_SOCKS",
         }
     }
 
@@ -145,6 +158,10 @@ impl Program {
             }
             Program::Retransmit => Some("retransmits are counted when connections close"),
             Program::SendReset | Program::ReceiveReset => Some("resets are not counted"),
+            Program::ConnLive | Program::ListenLive => Some(
+                "tcp_live reads open connections and listeners at every scrape instead, walking \
+                 each watched namespace's whole socket table",
+            ),
             Program::TcpLive => Some(
                 "bytes of open connections, listen drops and connections older than the agent \
                  are not seen; bytes are counted when connections close",
@@ -193,7 +210,7 @@ impl Program {
             Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
             Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),
             Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
-            Program::SockStateRaw => None,
+            Program::SockStateRaw | Program::ConnLive | Program::ListenLive => None,
         }
     }
 

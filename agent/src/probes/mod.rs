@@ -4,6 +4,7 @@
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
 mod btf;
+mod map_iter;
 mod netns;
 pub mod processes;
 pub mod resources;
@@ -12,7 +13,11 @@ pub mod sockets_events;
 pub mod state;
 mod tracefs;
 
-use std::{os::fd::AsRawFd, path::Path, time::Duration};
+use std::{
+    os::fd::{AsFd as _, AsRawFd},
+    path::Path,
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -23,7 +28,7 @@ use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
     resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
-        CONN_EVENTS_MAP, CONNECTIONS_MAP, EVENT_OFFSETS_GLOBAL, LISTENERS_MAP,
+        CONN_EVENTS_MAP, CONNECTIONS_MAP, EVENT_OFFSETS_GLOBAL, LISTEN_SOCKS_MAP, LISTENERS_MAP,
         SOCKET_OFFSETS_GLOBAL, WATCHED_MAP,
     },
     state::STATE_OFFSETS_GLOBAL,
@@ -72,6 +77,12 @@ pub enum ProbesError {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    #[error("cannot link map iterator {program}: {source}")]
+    Link {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot open the kernel log ring: {0}")]
     Log(#[source] aya_log::Error),
@@ -147,6 +158,8 @@ pub struct Probes {
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
     degraded: Vec<Degraded>,
+    /// The map iterators that read open connections and listeners at scrape time.
+    map_iters: Vec<(Program, map_iter::MapIter)>,
     capacities: ProbesConfig,
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
@@ -182,6 +195,7 @@ impl Probes {
             .override_global(RESOURCE_OFFSETS_GLOBAL, &resource_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
+            .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbesError::Load(Box::new(e)))?;
@@ -194,6 +208,7 @@ impl Probes {
         // `degraded` list and by its absence from `brokerscope_probe_attached`.
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
+        let mut map_iters = Vec::new();
         // The raw tracepoint first: when it serves, the classic one is not needed.
         let order = std::iter::once(Program::SockStateRaw).chain(
             Program::ALL
@@ -218,7 +233,7 @@ impl Probes {
                     name: "sock.sk_protocol",
                 })
             } else {
-                attach(&mut ebpf, &btf, program)
+                attach(&mut ebpf, &btf, program, &mut map_iters)
             };
             match (result, program.fallback()) {
                 (Ok(a), _) => attached.push(a),
@@ -258,6 +273,7 @@ impl Probes {
             errors,
             attached,
             degraded,
+            map_iters,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
             broker_pids,
@@ -364,17 +380,56 @@ impl Probes {
         }
     }
 
-    /// Runs the live-socket iterator once inside each namespace that has a watched listener.
+    /// Open connections and listening sockets at scrape time.
+    ///
+    /// With both map iterators: one pass over the tracked connections and one over the
+    /// registered listening sockets, every namespace at once, costing what is tracked. The
+    /// socket iterator then only sweeps namespaces whose listeners are new since their last
+    /// sweep, adopting connections opened before and registering listening sockets: it walks
+    /// the namespace's whole socket table (the node's, for namespaces without their own), which
+    /// is too slow for every scrape. Without the map iterators, the socket iterator reads every
+    /// watched namespace at every scrape.
     fn read_live(&mut self, pid_hints: &[u32]) -> sockets::Live {
-        if !self
-            .attached
+        let by_maps = [Program::ConnLive, Program::ListenLive]
             .iter()
-            .any(|a| a.program == Program::TcpLive.name())
+            .all(|p| self.map_iters.iter().any(|(q, _)| q == p));
+        let namespaces = if by_maps {
+            self.sockets.unswept_namespaces()
+        } else {
+            self.sockets.watched_namespaces()
+        };
+        let swept = self.sweep(&namespaces, pid_hints);
+        if !by_maps {
+            return swept;
+        }
+        self.sockets.sweep_failed(&swept.failed);
+        let mut live = sockets::Live::default();
+        let limit = self.capacities.max_live_records()
+            * size_of::<brokerscope_common::sockets::LiveRecord>();
+        for (program, iter) in &self.map_iters {
+            let records = iter
+                .read(limit)
+                .map_err(sockets::IterError::Read)
+                .and_then(|bytes| sockets::parse_records(&bytes));
+            match records {
+                Ok(records) => live.add(&records),
+                Err(e) => tracing::warn!(program = program.name(), error = %e, "cannot read"),
+            }
+        }
+        live
+    }
+
+    /// Runs the socket iterator once inside each of `namespaces`.
+    fn sweep(&mut self, namespaces: &[u32], pid_hints: &[u32]) -> sockets::Live {
+        if namespaces.is_empty()
+            || !self
+                .attached
+                .iter()
+                .any(|a| a.program == Program::TcpLive.name())
         {
             return sockets::Live::default();
         }
-        let namespaces = self.sockets.watched_namespaces();
-        let handles = self.namespaces.resolve(&namespaces, pid_hints);
+        let handles = self.namespaces.resolve(namespaces, pid_hints);
         tracing::debug!(
             ?namespaces,
             handles = handles.len(),
@@ -425,12 +480,27 @@ impl Drop for Probes {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachment, ProbesError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: Program,
+    map_iters: &mut Vec<(Program, map_iter::MapIter)>,
+) -> Result<Attachment, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
     let err = |source| ProbesError::Program {
         program: name,
         hook,
         source: Box::new(source),
+    };
+    // A map iterator's target, opened before the program is borrowed.
+    let iterated = match program {
+        Program::ConnLive => Some(CONNECTIONS_MAP),
+        Program::ListenLive => Some(LISTEN_SOCKS_MAP),
+        _ => None,
+    };
+    let map_fd = match iterated {
+        Some(map) => Some(map_fd(ebpf, map)?),
+        None => None,
     };
     let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
         kind: "program",
@@ -456,9 +526,24 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, program: Program) -> Result<Attachmen
             prog.info().map_err(err)?.id()
         }
         None => {
-            // The iterator is loaded now and instantiated per scrape, inside each namespace.
             let prog: &mut Iter = prog.try_into().map_err(err)?;
-            prog.load("tcp", btf).map_err(err)?;
+            match map_fd {
+                // Linked to its map now, instantiated per scrape.
+                Some(map) => {
+                    prog.load("bpf_map_elem", btf).map_err(err)?;
+                    let fd = prog.fd().map_err(err)?;
+                    let iter =
+                        map_iter::MapIter::attach(fd.as_fd(), map.as_fd()).map_err(|source| {
+                            ProbesError::Link {
+                                program: name,
+                                source,
+                            }
+                        })?;
+                    map_iters.push((program, iter));
+                }
+                // The socket iterator is instantiated inside each namespace it sweeps.
+                None => prog.load("tcp", btf).map_err(err)?,
+            }
             prog.info().map_err(err)?.id()
         }
     };
@@ -548,6 +633,23 @@ fn spawn_ring_channel<S: Clone + Send + 'static>(
 }
 
 /// Takes map `name` out of the object as a typed handle.
+/// A duplicate of map `name`'s descriptor, the map staying with the object.
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, ProbesError> {
+    let Some(aya::maps::Map::HashMap(data)) = ebpf.map(name) else {
+        return Err(ProbesError::Missing {
+            kind: "hash map",
+            name,
+        });
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| ProbesError::Link {
+            program: name,
+            source,
+        })
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,

@@ -88,7 +88,12 @@ pub fn iterate_in(
             .map_err(IterError::Read)?;
         Ok(bytes)
     })??;
-    if bytes.len() % size_of::<LiveRecord>() != 0 {
+    parse_records(&bytes)
+}
+
+/// Whole records of an iterator's output.
+pub fn parse_records(bytes: &[u8]) -> Result<Vec<LiveRecord>, IterError> {
+    if !bytes.len().is_multiple_of(size_of::<LiveRecord>()) {
         return Err(IterError::Torn { len: bytes.len() });
     }
     Ok(bytes
@@ -159,6 +164,8 @@ pub struct SocketsReader {
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
     /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
+    /// Listeners whose namespace the socket iterator swept since they were (re)watched.
+    swept: std::collections::HashSet<ListenerKey>,
 }
 
 impl SocketsReader {
@@ -170,6 +177,7 @@ impl SocketsReader {
             watch_all: false,
             events: false,
             reported: std::collections::HashMap::new(),
+            swept: std::collections::HashSet::new(),
         })
     }
 
@@ -210,11 +218,15 @@ impl SocketsReader {
         for (key, value) in &current {
             if *value == WATCH && !wanted.contains(key) {
                 let _ = self.watched.remove(key);
+                self.swept.remove(key);
             }
         }
         for key in &wanted {
             if !current.iter().any(|(k, _)| k == key) {
                 self.watched.insert(key, WATCH, 0).map_err(err)?;
+                // Watched anew (a broker that started or restarted): its listening socket
+                // may predate this, so its namespace gets swept again.
+                self.swept.remove(key);
             }
         }
         Ok(())
@@ -251,6 +263,35 @@ impl SocketsReader {
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// Namespaces with listeners not swept since they became counted: watched ones and, in
+    /// watch-all mode, those that got counters. They count as swept from now on.
+    pub fn unswept_namespaces(&mut self) -> Vec<u32> {
+        let mut current: std::collections::HashSet<ListenerKey> = self
+            .watched
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| *v == WATCH)
+            .map(|(k, _)| k)
+            .collect();
+        if self.watch_all {
+            current.extend(self.listeners.keys().filter_map(Result::ok));
+        }
+        let mut out: Vec<u32> = current
+            .iter()
+            .filter(|k| !self.swept.contains(k))
+            .map(|k| k.netns)
+            .collect();
+        self.swept = current;
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Namespaces whose sweep failed are swept again next time.
+    pub fn sweep_failed(&mut self, namespaces: &[u32]) {
+        self.swept.retain(|k| !namespaces.contains(&k.netns));
     }
 
     /// Every listener's counters with the live sockets added, sorted by (netns, port). An entry
