@@ -56,8 +56,32 @@ pub struct Model {
     /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
     /// not slow discovery down.
     states_stale: std::sync::atomic::AtomicBool,
-    /// The last snapshot and when its computation started: concurrent readers share one.
-    shared_snapshot: Mutex<Option<(std::time::Instant, std::sync::Arc<Snapshot>)>>,
+    /// Concurrent readers share snapshots (see [`Model::snapshot_since`]).
+    shared: Mutex<SharedSnapshot>,
+    /// Signalled when a shared snapshot is done.
+    shared_done: std::sync::Condvar,
+}
+
+/// The snapshot readers share, and whether one is being computed.
+#[derive(Default)]
+struct SharedSnapshot {
+    /// Snapshots completed so far.
+    generation: u64,
+    computing: bool,
+    /// The last one and when its computation started.
+    last: Option<(std::time::Instant, std::sync::Arc<Snapshot>)>,
+}
+
+/// Ends a shared computation even if it panicked, so waiters never wait forever.
+struct Computing<'a>(&'a Model);
+
+impl Drop for Computing<'_> {
+    fn drop(&mut self) {
+        let mut shared = self.0.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.computing = false;
+        drop(shared);
+        self.0.shared_done.notify_all();
+    }
 }
 
 /// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
@@ -201,22 +225,40 @@ impl Model {
         }
     }
 
-    /// A snapshot taken no earlier than `arrived` (when the request came in). Computations are
-    /// serialized, and a request that waited for one started after it arrived takes that one:
-    /// concurrent scrapes cost one snapshot, and none sees state older than its own arrival.
+    /// A snapshot for a request that arrived at `arrived`, shared with concurrent requests
+    /// ("single flight"): one that started after the request arrived, or the one being computed
+    /// when the request got here. Concurrent scrapes cost one snapshot and wait at most one
+    /// computation; none sees state from before the computation in progress at its arrival (a
+    /// few milliseconds), and a lone request always gets a snapshot of its own.
     pub fn snapshot_since(&self, arrived: std::time::Instant) -> std::sync::Arc<Snapshot> {
-        let mut shared = self
-            .shared_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((started, snapshot)) = shared.as_ref()
-            && *started >= arrived
-        {
-            return snapshot.clone();
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        // The in-flight computation, if any, is the one this request may join.
+        let joinable = shared.computing.then_some(shared.generation + 1);
+        loop {
+            if let Some((started, snapshot)) = shared.last.as_ref()
+                && (*started >= arrived || joinable.is_some_and(|g| shared.generation >= g))
+            {
+                return snapshot.clone();
+            }
+            if !shared.computing {
+                break;
+            }
+            shared = self
+                .shared_done
+                .wait(shared)
+                .unwrap_or_else(|p| p.into_inner());
         }
+        shared.computing = true;
+        drop(shared);
+        let computing = Computing(self);
         let started = std::time::Instant::now();
         let snapshot = std::sync::Arc::new(self.snapshot());
-        *shared = Some((started, snapshot.clone()));
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.generation += 1;
+            shared.last = Some((started, snapshot.clone()));
+        }
+        drop(computing);
         snapshot
     }
 
@@ -228,31 +270,45 @@ impl Model {
             .filter(|b| b.is_running())
             .map(|b| b.pid)
             .collect();
-        let probes = self
-            .probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .map(|p| p.snapshot(&pids))
-            .unwrap_or_default();
+        let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
+        let read_procs = || {
+            brokers
+                .iter()
+                .filter(|b| b.is_running())
+                .map(|b| {
+                    let cgroup = cgroup2
+                        .as_ref()
+                        .zip(b.cgroup.path.as_deref())
+                        .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
+                    (
+                        b.id.clone(),
+                        crate::resources::read(b.pid, cgroup.as_deref()),
+                    )
+                })
+                .collect()
+        };
+        let read_probes = || {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .map(|p| p.snapshot(&pids))
+                .unwrap_or_default()
+        };
+        // The kernel maps and /proc are independent reads of about a millisecond each with
+        // many brokers: side by side, unless there is only a broker or two.
+        let (probes, procs) = if pids.len() > 2 {
+            std::thread::scope(|scope| {
+                let procs = scope.spawn(read_procs);
+                let probes = read_probes();
+                (probes, procs.join().unwrap_or_default())
+            })
+        } else {
+            (read_probes(), read_procs())
+        };
         let broker_states = brokers
             .iter()
             .map(|b| (b.id.clone(), self.broker_state(b).state.number()))
-            .collect();
-        let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
-        let procs = brokers
-            .iter()
-            .filter(|b| b.is_running())
-            .map(|b| {
-                let cgroup = cgroup2
-                    .as_ref()
-                    .zip(b.cgroup.path.as_deref())
-                    .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
-                (
-                    b.id.clone(),
-                    crate::resources::read(b.pid, cgroup.as_deref()),
-                )
-            })
             .collect();
         Snapshot {
             readiness: Some(self.readiness()),
@@ -460,5 +516,50 @@ fn publish_changes(bus: &crate::control::events::EventBus, old: &[Broker], new: 
                 serde_json::json!({ "pid": o.pid, "state": "gone", "restarts": o.restarts }),
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_request_never_gets_a_snapshot_finished_before_it_arrived() {
+        let model = Model::default();
+        let first = model.snapshot_since(Instant::now());
+        let later = model.snapshot_since(Instant::now());
+        assert!(!Arc::ptr_eq(&first, &later));
+    }
+
+    #[test]
+    fn requests_that_arrived_before_a_snapshot_started_share_it() {
+        let model = Model::default();
+        let arrived = Instant::now();
+        let first = model.snapshot_since(arrived);
+        assert!(Arc::ptr_eq(&first, &model.snapshot_since(arrived)));
+    }
+
+    #[test]
+    fn a_request_joins_the_computation_in_progress_at_its_arrival() {
+        let model = Model::default();
+        let started = Instant::now();
+        model.shared.lock().unwrap().computing = true;
+        std::thread::scope(|scope| {
+            // Arrives while "another request" computes a snapshot that started before.
+            let waiter = scope.spawn(|| model.snapshot_since(Instant::now()));
+            let in_flight = Arc::new(Snapshot::default());
+            // Time for the waiter to get there and wait.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            {
+                let mut shared = model.shared.lock().unwrap();
+                shared.generation += 1;
+                shared.last = Some((started, in_flight.clone()));
+                shared.computing = false;
+            }
+            model.shared_done.notify_all();
+            assert!(Arc::ptr_eq(&waiter.join().unwrap(), &in_flight));
+        });
     }
 }

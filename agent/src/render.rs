@@ -92,34 +92,26 @@ impl Family<'_> {
         sum_us: u64,
         stride: usize,
     ) -> &mut Self {
-        let mut cumulative = 0u64;
-        let with_le = |le: &str| {
-            let mut all: Vec<(String, String)> = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            all.push(("le".into(), le.into()));
-            all
+        // The series' labels are written once; each bucket adds its `le`.
+        let mut base = String::with_capacity(128);
+        write_labels(&mut base, labels);
+        let sep = if labels.is_empty() { "" } else { "," };
+        let bucket = |out: &mut String, le: &str, count: u64| {
+            let _ = writeln!(
+                out,
+                "{PREFIX}{}_bucket{{{base}{sep}le=\"{le}\"}} {count}",
+                self.name
+            );
         };
+        let mut cumulative = 0u64;
         for (i, n) in buckets.iter().enumerate() {
             cumulative += n;
             // The last bucket is open-ended: it only appears as +Inf.
             if i + 1 < buckets.len() && (i + 1) % stride == 0 {
-                let le = (log2_bucket_upper_us(i) as f64 / 1e6).to_string();
-                let owned = with_le(&le);
-                let refs: Vec<(&str, &str)> = owned
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                self.sample_suffixed("_bucket", &refs, cumulative);
+                bucket(self.out, bucket_le(i), cumulative);
             }
         }
-        let owned = with_le("+Inf");
-        let refs: Vec<(&str, &str)> = owned
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.sample_suffixed("_bucket", &refs, cumulative);
+        bucket(self.out, "+Inf", cumulative);
         self.sample_suffixed("_sum", labels, sum_us as f64 / 1e6);
         self.sample_suffixed("_count", labels, cumulative)
     }
@@ -134,14 +126,7 @@ impl Family<'_> {
         let _ = write!(self.out, "{PREFIX}{}{suffix}", self.name);
         if !labels.is_empty() {
             self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"");
-                escape_label(self.out, v);
-                self.out.push('"');
-            }
+            write_labels(self.out, labels);
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {value}");
@@ -149,8 +134,38 @@ impl Family<'_> {
     }
 }
 
+/// `k="v",...` with escaped values, without braces.
+fn write_labels(out: &mut String, labels: &[(&str, &str)]) {
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        escape_label(out, v);
+        out.push('"');
+    }
+}
+
+/// The `le` of log2 bucket `i` (its upper bound) in seconds, formatted once per process.
+fn bucket_le(i: usize) -> &'static str {
+    static LE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    LE.get_or_init(|| {
+        // 1 << 63 is the largest bound a u64 holds.
+        (0..63)
+            .map(|i| (log2_bucket_upper_us(i) as f64 / 1e6).to_string())
+            .collect()
+    })
+    .get(i)
+    .map_or("+Inf", String::as_str)
+}
+
 /// Label values escape backslash, double quote and newline (exposition format spec).
 fn escape_label(out: &mut String, value: &str) {
+    if !value.contains(['\\', '"', '\n']) {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

@@ -39,9 +39,7 @@ pub fn read(pid: u32, cgroup: Option<&Path>) -> ProcStats {
     if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         parse_stat(&stat, page_size(), &mut s);
     }
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        s.open_fds = Some(dir.take(MAX_FDS_COUNTED).count() as u64);
-    }
+    s.open_fds = open_fds(pid);
     if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
         s.max_fds = parse_max_fds(&limits);
     }
@@ -62,6 +60,20 @@ pub fn read(pid: u32, cgroup: Option<&Path>) -> ProcStats {
         }
     }
     s
+}
+
+/// Open descriptors of `pid`. Since Linux 6.2 the size of `/proc/<pid>/fd` is their number: one
+/// stat instead of listing tens of thousands of entries (a broker keeps every log segment
+/// open). Older kernels report 0 there, and get the listing.
+fn open_fds(pid: u32) -> Option<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    match std::fs::metadata(&dir) {
+        Ok(meta) if meta.len() > 0 => Some(meta.len()),
+        Ok(_) => std::fs::read_dir(&dir)
+            .ok()
+            .map(|d| d.take(MAX_FDS_COUNTED).count() as u64),
+        Err(_) => None,
+    }
 }
 
 fn page_size() -> u64 {
