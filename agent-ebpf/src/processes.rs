@@ -3,13 +3,13 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, RingBuf},
+    maps::{Array, RingBuf},
     programs::TracePointContext,
 };
 use brokerscope_common::{
     processes::{
-        BROKER_PIDS_CAPACITY, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_BYTES, ProcessEvent,
-        ProcessOffsets, process_ended,
+        BROKER_PID_WORDS, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_BYTES, ProcessEvent,
+        ProcessOffsets, broker_bit, process_ended,
     },
     telemetry::{ProbeError, Program},
 };
@@ -25,15 +25,15 @@ static PROCESS_OFFSETS: ProcessOffsets = ProcessOffsets::UNSET;
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
 
 /// Brokers (tgids) whose exit is reported, and whose opens, signals and resources the state and
-/// resources families watch; bounded by the number of brokers on a node.
+/// resources families watch: a bitmap over every possible pid (see `BROKER_PIDS_MAP`).
 #[map(name = "BROKER_PIDS")]
-static BROKER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(BROKER_PIDS_CAPACITY, 0);
+static BROKER_PIDS: Array<u64> = Array::with_max_entries(BROKER_PID_WORDS, 0);
 
 /// Whether `tgid` is a registered broker (shared with the state and resources families).
 #[inline(always)]
 pub fn is_broker(tgid: u32) -> bool {
-    // SAFETY: a plain read of a map value returned by the lookup.
-    unsafe { BROKER_PIDS.get(&tgid) }.is_some()
+    let (word, bit) = broker_bit(tgid);
+    BROKER_PIDS.get(word).is_some_and(|w| w & bit != 0)
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]

@@ -2,8 +2,9 @@
 //! processes (see `brokerscope_common::resources`).
 //!
 //! Everything is filtered by `BROKER_PIDS` before any counter is touched. `sched_switch` runs
-//! on every context switch of the node: its non-broker path is one per-CPU slot write and one
-//! hash lookup.
+//! on every context switch of the node: its path between two non-broker tasks is one task
+//! read, two bitmap lookups (array lookups the verifier inlines) and a per-CPU slot write, with
+//! no clock read and no hash lookup.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -106,20 +107,28 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 /// the first three arguments are the same on every kernel since 4.x.
 fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
     let off = offsets();
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     let preempt: u64 = ctx.arg(0);
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
-    // SAFETY: a checked kernel read at a BTF offset inside the task.
-    let next_pid: i32 =
-        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_pid)) as *const i32) }
-            .map_err(|_| ProbeError::ReadTask)?;
-    let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
     // The switched-out task is still current here.
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if is_broker(tgid) {
+    // SAFETY: a checked kernel read at a BTF offset inside the task.
+    let next_tgid: i32 =
+        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_tgid)) as *const i32) }
+            .map_err(|_| ProbeError::ReadTask)?;
+    let (prev_broker, next_broker) = (is_broker(tgid), is_broker(next_tgid as u32));
+    let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
+    if !prev_broker && !next_broker {
+        // The common case on a busy node: no clock read, no hash lookup. The slot only has
+        // to say that no broker thread got this CPU.
+        // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
+        unsafe { (*slot).since_ns = 0 };
+        return Ok(());
+    }
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if prev_broker {
         // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
         let here = unsafe { *slot };
         let c = counters(tgid)?;
@@ -158,6 +167,15 @@ fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
             add!(c, voluntary, 1);
         }
     }
+    if !next_broker {
+        // SAFETY: as below.
+        unsafe { (*slot).since_ns = 0 };
+        return Ok(());
+    }
+    // SAFETY: a checked kernel read at a BTF offset inside the task.
+    let next_pid: i32 =
+        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_pid)) as *const i32) }
+            .map_err(|_| ProbeError::ReadTask)?;
     let next = next_pid as u32;
     let mut runq_ns = 0;
     let mut has_runq = 0;

@@ -12,10 +12,22 @@ pub const PROCESS_EVENTS_MAP: &str = "PROCESS_EVENTS";
 /// rescan of /proc catches up.
 pub const PROCESS_EVENTS_BYTES: u32 = 128 * 1024;
 
-/// Name of the hash map of broker pids (tgid -> 1) whose exit is reported.
+/// Name of the bitmap of broker pids (tgids): bit `tgid % 64` of word `tgid / 64`. Their
+/// exits are reported, and the state and resources families count only them. A bitmap in an
+/// array, not a hash, because the scheduler hooks ask "is this a broker?" on every context
+/// switch of the node: an array lookup is inlined by the verifier, a hash lookup hashes and
+/// walks a bucket.
 pub const BROKER_PIDS_MAP: &str = "BROKER_PIDS";
-/// Capacity of [`BROKER_PIDS_MAP`]: brokers on one node.
+/// Words of [`BROKER_PIDS_MAP`]: every pid up to the kernel's limit (`PID_MAX_LIMIT`, 2^22 on
+/// 64-bit), 512 KiB.
+pub const BROKER_PID_WORDS: u32 = (1 << 22) / 64;
+/// Brokers on one node, for the per-broker maps.
 pub const BROKER_PIDS_CAPACITY: u32 = 256;
+
+/// Word index and bit of `tgid` in [`BROKER_PIDS_MAP`].
+pub const fn broker_bit(tgid: u32) -> (u32, u64) {
+    (tgid / 64, 1u64 << (tgid % 64))
+}
 
 /// [`ProcessEvent::kind`].
 pub const EVENT_EXEC: u32 = 1;

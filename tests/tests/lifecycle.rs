@@ -79,8 +79,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_openat,
         // state_openat2, state_signal, sched_switch, sched_wakeup, sched_wakeup_new,
         // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,
-        // fdatasync_exit.
-        19,
+        // fdatasync_exit, conn_live and listen_live (map iterators).
+        21,
         "every program attached: {ids:?}\n{}",
         agent.log_text()
     );

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{Array, MapData},
 };
 use brokerscope_common::processes::{
     BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_MAP, ProcessEvent,
-    ProcessOffsets,
+    ProcessOffsets, broker_bit,
 };
 use tokio::sync::mpsc;
 
@@ -39,29 +39,40 @@ pub fn resolve_offsets(tracefs: &Path) -> Result<ProcessOffsets, ProbesError> {
 
 /// The broker pid set in the kernel.
 pub struct BrokerPids {
-    map: HashMap<MapData, u32, u8>,
+    map: Array<MapData, u64>,
+    /// The words last written, by index (the map holds exactly these non-zero words).
+    words: std::collections::BTreeMap<u32, u64>,
 }
 
 impl BrokerPids {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         Ok(Self {
             map: super::take_map(ebpf, BROKER_PIDS_MAP)?,
+            words: std::collections::BTreeMap::new(),
         })
     }
 
-    /// Replaces the set with `pids`.
+    /// Replaces the set with `pids`, writing only the words that change. A word is written
+    /// whole: the kernel side only reads, and this is the only writer.
     pub fn set(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
         let err = |e| ProbesError::Map {
             name: BROKER_PIDS_MAP,
             source: Box::new(e),
         };
-        let current: Vec<u32> = self.map.keys().filter_map(Result::ok).collect();
-        for pid in current.iter().filter(|p| !pids.contains(p)) {
-            let _ = self.map.remove(pid);
+        let mut wanted = std::collections::BTreeMap::<u32, u64>::new();
+        for &pid in pids {
+            let (word, bit) = broker_bit(pid);
+            *wanted.entry(word).or_default() |= bit;
         }
-        for pid in pids.iter().filter(|p| !current.contains(p)) {
-            self.map.insert(pid, 1, 0).map_err(err)?;
+        let touched: std::collections::BTreeSet<u32> =
+            self.words.keys().chain(wanted.keys()).copied().collect();
+        for word in touched {
+            let value = wanted.get(&word).copied().unwrap_or(0);
+            if self.words.get(&word).copied().unwrap_or(0) != value {
+                self.map.set(word, value, 0).map_err(err)?;
+            }
         }
+        self.words = wanted;
         Ok(())
     }
 }
