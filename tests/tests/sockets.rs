@@ -458,6 +458,75 @@ fn listen_drops_match_the_kernels_own_count() {
     drop((clients, first, first_server));
 }
 
+/// Overflows `listener`'s accept queue (backlog 1, nobody accepting); the clients hold it.
+fn overflow(addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    (0..8)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect()
+}
+
+fn listen_backlog_1(port: u16) -> std::net::TcpListener {
+    let socket = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // SAFETY: listen(2) on a valid socket fd, shrinking its backlog.
+    assert_eq!(unsafe { libc::listen(socket.as_raw_fd(), 1) }, 0);
+    socket
+}
+
+#[test]
+fn scrapes_read_open_sockets_without_walking_the_socket_table_and_follow_a_reopened_listener() {
+    if !privileged("scrapes_read_open_sockets_without_walking_the_socket_table") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(WATCH_ALL);
+    agent.wait_ready();
+    let socket = listen_backlog_1(0);
+    let addr = socket.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+    let events = |program: &str| {
+        agent
+            .metric("brokerscope_probe_events_total", &[("program", program)])
+            .unwrap_or(0.0)
+    };
+
+    // The first accept gives the listener counters; the next scrape sweeps its namespace once.
+    let first = TcpStream::connect(addr).unwrap();
+    let (first_server, _) = socket.accept().unwrap();
+    eventually("listener counted", Duration::from_secs(10), || {
+        agent.metric("brokerscope_listen_drops_total", &labels)
+    });
+    // Later scrapes read the connection and listening-socket maps, not the socket table.
+    let (sweeps, conn_reads) = (events("tcp_live"), events("conn_live"));
+    for _ in 0..3 {
+        assert_eq!(agent.get("/metrics").0, 200);
+    }
+    assert_eq!(events("tcp_live"), sweeps, "no sweep per scrape");
+    assert!(
+        events("conn_live") > conn_reads,
+        "the connection map is read per scrape"
+    );
+
+    // A listener closed and opened again on the same port is followed by the state hook, with
+    // no sweep: its drops are the new socket's.
+    drop((first, first_server, socket));
+    let socket = listen_backlog_1(addr.port());
+    let clients = overflow(addr);
+    let drops = eventually("the new listener's drops", Duration::from_secs(10), || {
+        let ours = agent.metric("brokerscope_listen_drops_total", &labels)? as u64;
+        let kernel = ss_listen_drops(&port);
+        (ours > 0 && ours == kernel).then_some(ours)
+    });
+    assert!(drops > 0);
+    assert_eq!(
+        events("tcp_live"),
+        sweeps,
+        "the reopened listener needed no sweep"
+    );
+    drop((clients, socket));
+}
+
 /// Resident memory of a process, from /proc/<pid>/status.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
