@@ -258,6 +258,22 @@ pub fn report(runs: &[Run], idle_rss_kib: u64) -> (String, String) {
             r.target, r.concurrency, r.rps, r.p50_ms, r.p99_ms, r.success
         ));
     }
+    md += "\n";
+    for c in CONCURRENCY {
+        let rps = |target: &str| {
+            runs.iter()
+                .find(|r| r.concurrency == c && r.target.starts_with(target))
+                .map(|r| r.rps)
+        };
+        if let (Some(ours), Some(theirs)) = (rps("brokerscope /metrics"), rps("node_exporter"))
+            && theirs > 0.0
+        {
+            md += &format!(
+                "At concurrency {c}, brokerscope /metrics serves {:.2}x node_exporter's req/s.\n",
+                ours / theirs
+            );
+        }
+    }
     md +=
         "\nTargets: p99 <= 5 ms at concurrency 8; rps >= 2x node_exporter's; idle RSS <= 30 MB.\n";
     let json = format!(
