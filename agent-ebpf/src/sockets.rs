@@ -19,10 +19,10 @@ use brokerscope_common::{
     sockets::{
         CONN_ADOPTED, CONN_CLOSE, CONN_EVENTS_BYTES, CONN_OPEN, CONN_RESET_RECEIVED,
         CONN_RESET_SENT, CONN_RETRANSMIT, CONNECTIONS_CAPACITY, ConnEvent, ConnectionState,
-        DURATION_BUCKETS, EventOffsets, IPPROTO_TCP, LISTENERS_CAPACITY, LIVE_CONNECTION,
-        LIVE_LISTENER, ListenerCounters, ListenerKey, LiveRecord, RTT_BUCKETS, SocketOffsets,
-        SocketsConfig, Transition, WATCH, classify, is_connection_state, is_watched, log2_bucket,
-        payload_bytes, tcp_state,
+        DURATION_BUCKETS, EventOffsets, FIRST_TIER_MAX, IPPROTO_TCP, LISTENERS_CAPACITY,
+        LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey, LiveRecord, RTT_BUCKETS,
+        SocketOffsets, SocketsConfig, Transition, WATCH, classify, is_connection_state, is_watched,
+        log2_bucket, payload_bytes, tcp_state,
     },
     telemetry::{ProbeError, Program},
 };
@@ -53,11 +53,20 @@ static LISTENERS: HashMap<ListenerKey, ListenerCounters> =
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<ListenerKey, u32> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
-/// Accepted connections not yet closed, keyed by `struct sock` address; bounded by
-/// `probes.connections_capacity`. Full means "counted but not tracked" (see `untracked`).
+/// Accepted connections not yet closed, keyed by `struct sock` address, in two tiers: this
+/// one first, the spill tier while it is full, so a scrape walks a small map in the common case
+/// (a hash map iterator visits every bucket). Together bounded by `probes.connections_capacity`
+/// (the loader sizes both); both full means "counted but not tracked" (see `untracked`).
 #[map(name = "CONNECTIONS")]
-static CONNECTIONS: HashMap<u64, ConnectionState> =
-    HashMap::with_max_entries(CONNECTIONS_CAPACITY, 0);
+static CONNECTIONS: HashMap<u64, ConnectionState> = HashMap::with_max_entries(FIRST_TIER_MAX, 0);
+
+#[map(name = "CONNECTIONS_SPILL")]
+static CONNECTIONS_SPILL: HashMap<u64, ConnectionState> =
+    HashMap::with_max_entries(CONNECTIONS_CAPACITY - FIRST_TIER_MAX, 0);
+
+/// Entries in CONNECTIONS_SPILL; while zero, nothing looks there.
+#[map(name = "CONN_SPILLED")]
+static CONN_SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Watched listening sockets by listener, so the scrape-time iterator reads their drops without
 /// walking a socket table: set at `listen(2)` and by the namespace sweep, cleared at close.
@@ -263,7 +272,7 @@ fn on_state_change(
                 established_ns: unsafe { bpf_ktime_get_ns() },
                 ..ConnectionState::default()
             };
-            if CONNECTIONS.insert(sk, state, 0).is_err() {
+            if track(sk, &state, 0).is_err() {
                 add!(counters, untracked, 1);
                 return Err(ProbeError::ConnectionsFull);
             }
@@ -286,12 +295,12 @@ fn on_state_change(
             Ok(())
         }
         Transition::Close => {
-            let Some(state) = CONNECTIONS.get_ptr(sk) else {
+            let Some((state, tier)) = tracked(sk) else {
                 return Ok(());
             };
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
             let state = unsafe { *state };
-            let _ = CONNECTIONS.remove(sk);
+            untrack(sk, tier);
             let counters = listener_counters(&state.listener)?;
             add!(counters, closed, 1);
             let accounted = account_close(sk, oldstate, &state, counters, off);
@@ -358,7 +367,7 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
         return Ok(());
     }
     let sk: u64 = field(ctx, off.tp_retransmit_skaddr)?;
-    let Some(state) = CONNECTIONS.get_ptr_mut(sk) else {
+    let Some((state, _)) = tracked(sk) else {
         return Ok(());
     };
     let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
@@ -412,6 +421,82 @@ fn try_reset(
     };
     send_event(kind, &key, |_| Ok(()));
     Ok(())
+}
+
+/// Which map holds a tracked connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    First,
+    Spill,
+}
+
+/// Starts tracking `sk`: in the first tier, or while that is full in the spill tier. With
+/// `BPF_ANY` the new state replaces any entry of `sk` in either tier (the socket iterator may
+/// have adopted it an instant before its accept was seen), so no socket is in both.
+#[inline(always)]
+fn track(sk: u64, state: &ConnectionState, flags: u64) -> Result<(), i32> {
+    if flags == 0 && spill_in_use() && CONNECTIONS_SPILL.remove(sk).is_ok() {
+        count_spilled(u64::MAX);
+    }
+    match CONNECTIONS.insert(sk, state, flags) {
+        Err(E2BIG) if spill_enabled() => {
+            CONNECTIONS_SPILL.insert(sk, state, flags)?;
+            count_spilled(1);
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+/// The tracking state of `sk`, if it is tracked.
+#[inline(always)]
+fn tracked(sk: u64) -> Option<(*mut ConnectionState, Tier)> {
+    if let Some(state) = CONNECTIONS.get_ptr_mut(sk) {
+        return Some((state, Tier::First));
+    }
+    if !spill_in_use() {
+        return None;
+    }
+    CONNECTIONS_SPILL
+        .get_ptr_mut(sk)
+        .map(|state| (state, Tier::Spill))
+}
+
+/// Stops tracking `sk`, found in `tier` by [`tracked`].
+#[inline(always)]
+fn untrack(sk: u64, tier: Tier) {
+    match tier {
+        Tier::First => {
+            let _ = CONNECTIONS.remove(sk);
+        }
+        Tier::Spill => {
+            if CONNECTIONS_SPILL.remove(sk).is_ok() {
+                // Wrapping add of -1.
+                count_spilled(u64::MAX);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn spill_in_use() -> bool {
+    CONN_SPILLED.get(0).is_some_and(|n| *n != 0)
+}
+
+#[inline(always)]
+fn count_spilled(n: u64) {
+    if let Some(count) = CONN_SPILLED.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from the lookup just made.
+        unsafe { increment(count, n) };
+    }
+}
+
+/// `-E2BIG`: what a full preallocated hash map answers an insert of a new key.
+const E2BIG: i32 = -7;
+
+#[inline(always)]
+fn spill_enabled() -> bool {
+    SOCKETS_CONFIG.get(0).is_some_and(|c| c.spill != 0)
 }
 
 #[inline(always)]
@@ -507,8 +592,8 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     }
 
     let (sent, received) = socket_payload(sk, state, &off)?;
-    match CONNECTIONS.get_ptr(sk) {
-        Some(tracked) => {
+    match tracked(sk) {
+        Some((tracked, _)) => {
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
             let tracked = unsafe { *tracked };
             record.listener = tracked.listener;
@@ -544,7 +629,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
                 flags: CONN_ADOPTED,
             };
             // NOEXIST: if the socket was tracked meanwhile, leave its entry alone.
-            if CONNECTIONS.insert(sk, adopted, BPF_NOEXIST.into()).is_ok() {
+            if track(sk, &adopted, BPF_NOEXIST.into()).is_ok() {
                 add!(counters, adopted, 1);
             }
             Ok(())

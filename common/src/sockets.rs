@@ -13,8 +13,37 @@ pub const LISTENERS_CAPACITY: u32 = 4096;
 
 /// Name of the hash map of tracked connections, keyed by the kernel address of the `struct sock`.
 pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
-/// Default capacity of [`CONNECTIONS_MAP`]: connections accepted and not yet closed, node-wide.
+/// Default capacity for tracked connections (accepted and not yet closed, node-wide): the
+/// sum of [`CONNECTIONS_MAP`] and [`CONNECTIONS_SPILL_MAP`] (see [`connection_tiers`]).
 pub const CONNECTIONS_CAPACITY: u32 = 65_536;
+
+/// Name of the second tier of tracked connections, used only while [`CONNECTIONS_MAP`] is
+/// full. Same key and value.
+pub const CONNECTIONS_SPILL_MAP: &str = "CONNECTIONS_SPILL";
+/// Name of the one-entry array counting the entries in [`CONNECTIONS_SPILL_MAP`]: zero lets the
+/// close path and the scrape skip the second tier.
+pub const CONN_SPILLED_MAP: &str = "CONN_SPILLED";
+/// The first tier's largest size. A scrape walks a hash map's every bucket (as many as its
+/// capacity, rounded up to a power of two), used or not: 65536 buckets cost about 1.2 ms per
+/// scrape here, 4096 about a sixteenth of that.
+pub const FIRST_TIER_MAX: u32 = 4096;
+
+/// Splits a connection capacity into (first tier, spill tier): the first tier holds a
+/// sixteenth of it, at least [`MIN_CAPACITY`] and at most [`FIRST_TIER_MAX`]; the spill tier
+/// the rest (zero: no second tier).
+pub const fn connection_tiers(capacity: u32) -> (u32, u32) {
+    let mut first = capacity / 16;
+    if first < MIN_CAPACITY {
+        first = MIN_CAPACITY;
+    }
+    if first > FIRST_TIER_MAX {
+        first = FIRST_TIER_MAX;
+    }
+    if first > capacity {
+        first = capacity;
+    }
+    (first, capacity - first)
+}
 
 /// Name of the hash map of watched listening sockets: [`ListenerKey`] to the kernel address of
 /// the listening `struct sock`, so their drops can be read without walking a socket table.
@@ -285,6 +314,8 @@ pub struct SocketsConfig {
     /// Non-zero: emit [`ConnEvent`]s into [`CONN_EVENTS_MAP`] (while `/v1/events` has a
     /// subscriber); zero keeps the hot path free of it.
     pub events: u32,
+    /// Non-zero: [`CONNECTIONS_SPILL_MAP`] takes connections while [`CONNECTIONS_MAP`] is full.
+    pub spill: u32,
 }
 
 /// Whether a passive open on a listener is counted.
@@ -598,6 +629,15 @@ mod tests {
     #[test]
     fn capacity_bounds() {
         assert_eq!(checked_capacity(MIN_CAPACITY), Ok(MIN_CAPACITY));
+        // The tiers always add up to the capacity; the first is bounded both ways.
+        assert_eq!(connection_tiers(CONNECTIONS_CAPACITY), (4096, 61_440));
+        assert_eq!(connection_tiers(MIN_CAPACITY), (MIN_CAPACITY, 0));
+        assert_eq!(connection_tiers(64), (16, 48));
+        assert_eq!(connection_tiers(1024), (64, 960));
+        assert_eq!(
+            connection_tiers(MAX_CAPACITY),
+            (FIRST_TIER_MAX, MAX_CAPACITY - 4096)
+        );
         assert_eq!(checked_capacity(MAX_CAPACITY), Ok(MAX_CAPACITY));
         assert_eq!(
             checked_capacity(0),

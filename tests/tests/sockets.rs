@@ -587,12 +587,23 @@ fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
         Some(CAPACITY as f64),
         "the map is full, not over-full"
     );
+    // Both tiers are full: the first holds a sixteenth of the capacity, at least 16.
+    let spill = [("map", "connections_spill")];
+    assert_eq!(
+        find_sample(&body, "brokerscope_map_entries", &spill),
+        Some(48.0)
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_map_capacity", &spill),
+        Some(48.0)
+    );
 
     drop(held);
     eventually("tracked ones closed", Duration::from_secs(10), || {
         let closed = agent.metric("brokerscope_connections_closed_total", &labels)?;
         (closed == tracked).then_some(())
     });
+    assert_eq!(agent.metric("brokerscope_map_entries", &spill), Some(0.0));
     assert_eq!(
         agent.metric("brokerscope_connections_active", &labels),
         Some(0.0)
@@ -603,6 +614,91 @@ fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
         rss_after < rss_before + 8 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
+}
+
+#[test]
+fn connections_past_the_first_tier_are_tracked_in_the_spill_tier_with_exact_bytes() {
+    if !privileged("connections_past_the_first_tier_are_tracked_in_the_spill_tier_with_exact_bytes")
+    {
+        return;
+    }
+    let _serial = serial();
+    use std::io::Read as _;
+    // Tiers of 64 and 960 entries.
+    const N: usize = 300;
+    const UP: usize = 1000;
+    const DOWN: usize = 3000;
+    let agent = Agent::start(&format!(
+        "{WATCH_ALL}connections_capacity = 1024\nlisteners_capacity = 64\n"
+    ));
+    agent.wait_ready();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let netns = own_netns().to_string();
+    let labels = [("netns", netns.as_str()), ("port", port.as_str())];
+
+    let mut held = Vec::new();
+    for i in 0..N {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(&[i as u8; UP]).unwrap();
+        server.write_all(&[i as u8; DOWN]).unwrap();
+        let (mut up, mut down) = ([0u8; UP], [0u8; DOWN]);
+        server.read_exact(&mut up).unwrap();
+        client.read_exact(&mut down).unwrap();
+        held.push((client, server));
+    }
+    // Open connections in both tiers are read live, to the byte (sent bytes once acked).
+    let want = (Some((N * UP) as f64), Some((N * DOWN) as f64));
+    eventually("live bytes of both tiers", Duration::from_secs(10), || {
+        let received = agent.metric("brokerscope_bytes_received_total", &labels);
+        let sent = agent.metric("brokerscope_bytes_sent_total", &labels);
+        ((received, sent) == want).then_some(())
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(
+        find_sample(&body, "brokerscope_connections_active", &labels),
+        Some(N as f64)
+    );
+    let spill = [("map", "connections_spill")];
+    let entries = [("map", "connections")];
+    let spilled = find_sample(&body, "brokerscope_map_entries", &spill).unwrap();
+    // Watch-all mode also tracks whatever else on the node has open (nothing in CI).
+    let others = find_sample(&body, "brokerscope_map_entries", &entries).unwrap() - N as f64;
+    assert!(spilled >= (N - 64) as f64, "{spilled} in the spill tier");
+    assert_eq!(
+        find_sample(
+            &body,
+            "brokerscope_probe_errors_total",
+            &[("kind", "connections_map_full")]
+        ),
+        Some(0.0)
+    );
+
+    // Closes found in either tier are accounted once, with the same bytes.
+    drop(held);
+    eventually("all closed", Duration::from_secs(10), || {
+        let closed = agent.metric("brokerscope_connections_closed_total", &labels)?;
+        (closed == N as f64).then_some(())
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(
+        find_sample(&body, "brokerscope_connections_active", &labels),
+        Some(0.0)
+    );
+    assert_eq!(
+        (
+            find_sample(&body, "brokerscope_bytes_received_total", &labels),
+            find_sample(&body, "brokerscope_bytes_sent_total", &labels)
+        ),
+        want
+    );
+    assert_eq!(
+        find_sample(&body, "brokerscope_map_entries", &entries),
+        Some(others)
+    );
+    let spilled = find_sample(&body, "brokerscope_map_entries", &spill).unwrap();
+    assert!(spilled <= others, "{spilled} left in the spill tier");
 }
 
 #[test]

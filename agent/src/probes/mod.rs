@@ -28,8 +28,8 @@ use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
     resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
-        CONN_EVENTS_MAP, CONNECTIONS_MAP, EVENT_OFFSETS_GLOBAL, LISTEN_SOCKS_MAP, LISTENERS_MAP,
-        SOCKET_OFFSETS_GLOBAL, WATCHED_MAP,
+        CONN_EVENTS_MAP, CONNECTIONS_MAP, CONNECTIONS_SPILL_MAP, EVENT_OFFSETS_GLOBAL,
+        LISTEN_SOCKS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
     },
     state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
@@ -158,8 +158,11 @@ pub struct Probes {
     errors: PerCpuArray<MapData, u64>,
     attached: Vec<Attachment>,
     degraded: Vec<Degraded>,
-    /// The map iterators that read open connections and listeners at scrape time.
-    map_iters: Vec<(Program, map_iter::MapIter)>,
+    /// The map iterators that read open connections and listeners at scrape time, with the
+    /// map each walks.
+    map_iters: Vec<(Program, &'static str, map_iter::MapIter)>,
+    /// Entries in the spill tier at the last scrape.
+    spilled: u64,
     capacities: ProbesConfig,
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
@@ -187,6 +190,7 @@ impl Probes {
             ?state_offsets,
             "resolved offsets"
         );
+        let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
@@ -196,7 +200,9 @@ impl Probes {
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
-            .map_max_entries(CONNECTIONS_MAP, config.connections_capacity)
+            .map_max_entries(CONNECTIONS_MAP, first_tier)
+            // A map cannot be empty; an unused spill tier is switched off below.
+            .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
             .load(EBPF_OBJECT)
             .map_err(|e| ProbesError::Load(Box::new(e)))?;
 
@@ -254,6 +260,7 @@ impl Probes {
 
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
+        sockets.set_spill(spill_tier > 0)?;
         let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
         let resources = resources::ResourcesReader::take(&mut ebpf)?;
         // Without both exec and exit events, discovery polls instead.
@@ -274,6 +281,7 @@ impl Probes {
             attached,
             degraded,
             map_iters,
+            spilled: 0,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
             broker_pids,
@@ -369,6 +377,12 @@ impl Probes {
                 entries: tracked,
                 capacity: self.capacities.connections_capacity,
             },
+            // The part of them in the second tier (see `connection_tiers`).
+            MapStats {
+                map: "connections_spill",
+                entries: self.spilled,
+                capacity: connection_tiers(self.capacities.connections_capacity).1,
+            },
         ];
         maps.extend(self.resources.map_stats(resources.len()));
         ProbeSnapshot {
@@ -390,9 +404,11 @@ impl Probes {
     /// is too slow for every scrape. Without the map iterators, the socket iterator reads every
     /// watched namespace at every scrape.
     fn read_live(&mut self, pid_hints: &[u32]) -> sockets::Live {
+        let spilled = self.sockets.spilled();
+        self.spilled = spilled.unwrap_or_default();
         let by_maps = [Program::ConnLive, Program::ListenLive]
             .iter()
-            .all(|p| self.map_iters.iter().any(|(q, _)| q == p));
+            .all(|p| self.map_iters.iter().any(|(q, _, _)| q == p));
         let namespaces = if by_maps {
             self.sockets.unswept_namespaces()
         } else {
@@ -406,7 +422,10 @@ impl Probes {
         let mut live = sockets::Live::default();
         let limit = self.capacities.max_live_records()
             * size_of::<brokerscope_common::sockets::LiveRecord>();
-        for (program, iter) in &self.map_iters {
+        for (program, map, iter) in &self.map_iters {
+            if *map == CONNECTIONS_SPILL_MAP && spilled == Some(0) {
+                continue;
+            }
             let records = iter
                 .read(limit)
                 .map_err(sockets::IterError::Read)
@@ -484,7 +503,7 @@ fn attach(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     program: Program,
-    map_iters: &mut Vec<(Program, map_iter::MapIter)>,
+    map_iters: &mut Vec<(Program, &'static str, map_iter::MapIter)>,
 ) -> Result<Attachment, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
     let err = |source| ProbesError::Program {
@@ -492,16 +511,16 @@ fn attach(
         hook,
         source: Box::new(source),
     };
-    // A map iterator's target, opened before the program is borrowed.
-    let iterated = match program {
-        Program::ConnLive => Some(CONNECTIONS_MAP),
-        Program::ListenLive => Some(LISTEN_SOCKS_MAP),
-        _ => None,
+    // A map iterator's targets, opened before the program is borrowed.
+    let iterated: &[&'static str] = match program {
+        Program::ConnLive => &[CONNECTIONS_MAP, CONNECTIONS_SPILL_MAP],
+        Program::ListenLive => &[LISTEN_SOCKS_MAP],
+        _ => &[],
     };
-    let map_fd = match iterated {
-        Some(map) => Some(map_fd(ebpf, map)?),
-        None => None,
-    };
+    let map_fds = iterated
+        .iter()
+        .map(|&map| Ok((map, map_fd(ebpf, map)?)))
+        .collect::<Result<Vec<_>, ProbesError>>()?;
     let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
         kind: "program",
         name,
@@ -527,22 +546,22 @@ fn attach(
         }
         None => {
             let prog: &mut Iter = prog.try_into().map_err(err)?;
-            match map_fd {
-                // Linked to its map now, instantiated per scrape.
-                Some(map) => {
-                    prog.load("bpf_map_elem", btf).map_err(err)?;
-                    let fd = prog.fd().map_err(err)?;
-                    let iter =
-                        map_iter::MapIter::attach(fd.as_fd(), map.as_fd()).map_err(|source| {
-                            ProbesError::Link {
-                                program: name,
-                                source,
-                            }
-                        })?;
-                    map_iters.push((program, iter));
-                }
+            if map_fds.is_empty() {
                 // The socket iterator is instantiated inside each namespace it sweeps.
-                None => prog.load("tcp", btf).map_err(err)?,
+                prog.load("tcp", btf).map_err(err)?;
+            } else {
+                // Linked to its maps now, instantiated per scrape.
+                prog.load("bpf_map_elem", btf).map_err(err)?;
+                let fd = prog.fd().map_err(err)?;
+                for (map, map_fd) in map_fds {
+                    let iter = map_iter::MapIter::attach(fd.as_fd(), map_fd.as_fd()).map_err(
+                        |source| ProbesError::Link {
+                            program: name,
+                            source,
+                        },
+                    )?;
+                    map_iters.push((program, map, iter));
+                }
             }
             prog.info().map_err(err)?.id()
         }

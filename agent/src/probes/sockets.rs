@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, HashMap, MapData},
 };
 use brokerscope_common::sockets::{
-    IGNORE, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
-    LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
+    CONN_SPILLED_MAP, IGNORE, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters,
+    ListenerKey, LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
 };
 
 use super::{ProbesError, btf::Btf, take_map as take, tracefs::Format};
@@ -159,8 +159,10 @@ pub struct SocketsReader {
     listeners: HashMap<MapData, ListenerKey, ListenerCounters>,
     watched: HashMap<MapData, ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
+    spilled: Array<MapData, u64>,
     watch_all: bool,
     events: bool,
+    spill: bool,
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
     /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
@@ -174,8 +176,10 @@ impl SocketsReader {
             listeners: take(ebpf, LISTENERS_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
+            spilled: take(ebpf, CONN_SPILLED_MAP)?,
             watch_all: false,
             events: false,
+            spill: false,
             reported: std::collections::HashMap::new(),
             swept: std::collections::HashSet::new(),
         })
@@ -193,10 +197,23 @@ impl SocketsReader {
         self.write_config()
     }
 
+    /// Let the spill tier take connections while the first is full (it exists when the
+    /// capacity is larger than the first tier).
+    pub fn set_spill(&mut self, on: bool) -> Result<(), ProbesError> {
+        self.spill = on;
+        self.write_config()
+    }
+
+    /// Connections tracked in the spill tier now, if the count can be read.
+    pub fn spilled(&self) -> Option<u64> {
+        self.spilled.get(&0, 0).ok()
+    }
+
     fn write_config(&mut self) -> Result<(), ProbesError> {
         let config = SocketsConfig {
             watch_all: u32::from(self.watch_all),
             events: u32::from(self.events),
+            spill: u32::from(self.spill),
         };
         self.config.set(0, config, 0).map_err(|e| ProbesError::Map {
             name: SOCKETS_CONFIG_MAP,
