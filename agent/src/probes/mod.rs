@@ -3,6 +3,7 @@
 //! Owns every kernel object the agent creates: dropping [`Probes`] detaches and unloads them all.
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
+mod batch;
 mod btf;
 mod map_iter;
 mod netns;
@@ -156,6 +157,9 @@ pub struct Probes {
     resources: resources::ResourcesReader,
     events: PerCpuArray<MapData, u64>,
     errors: PerCpuArray<MapData, u64>,
+    /// The same two, read whole.
+    events_batch: batch::Batched<u32, u64>,
+    errors_batch: batch::Batched<u32, u64>,
     attached: Vec<Attachment>,
     degraded: Vec<Degraded>,
     /// The map iterators that read open connections and listeners at scrape time, with the
@@ -271,6 +275,8 @@ impl Probes {
         };
         let conn_events = Some(take_ring(&mut ebpf, CONN_EVENTS_MAP)?);
         let state_events = Some(state::spawn_reader(&mut ebpf)?);
+        let events_batch = batch::Batched::per_cpu(&ebpf, PROBE_EVENTS_MAP)?;
+        let errors_batch = batch::Batched::per_cpu(&ebpf, PROBE_ERRORS_MAP)?;
         let events = take_per_cpu_array(&mut ebpf, PROBE_EVENTS_MAP)?;
         let errors = take_per_cpu_array(&mut ebpf, PROBE_ERRORS_MAP)?;
         Ok(Self {
@@ -278,6 +284,8 @@ impl Probes {
             resources,
             events,
             errors,
+            events_batch,
+            errors_batch,
             attached,
             degraded,
             map_iters,
@@ -350,18 +358,24 @@ impl Probes {
         let live = self.read_live(pid_hints);
         let listeners = self.sockets.read(&live);
         let tracked: u64 = listeners.iter().map(|l| l.counters.active()).sum();
+        let events = per_cpu_sums(&self.events_batch, &self.events, Program::COUNT as usize);
         let programs = Program::ALL
             .iter()
-            .map(|&program| ProgramStats {
-                program: program.name(),
-                events: sum_per_cpu(&self.events, program as u32),
-                run_time: self.run_time(program),
-                misses: self.misses(program),
+            .map(|&program| {
+                let info = self.program_info(program);
+                ProgramStats {
+                    program: program.name(),
+                    events: events[program as usize],
+                    run_time: Duration::from_nanos(info.map_or(0, |i| i.run_time_ns)),
+                    misses: info.map(|i| i.recursion_misses),
+                }
             })
             .collect();
+        let error_counts =
+            per_cpu_sums(&self.errors_batch, &self.errors, ProbeError::COUNT as usize);
         let errors = ProbeError::ALL
             .iter()
-            .map(|&e| (e.label(), sum_per_cpu(&self.errors, e as u32)))
+            .map(|&e| (e.label(), error_counts[e as usize]))
             .collect();
         let resources = self.resources.read();
         let mut maps = vec![
@@ -476,19 +490,12 @@ impl Probes {
         live
     }
 
-    fn misses(&self, program: Program) -> Option<u64> {
+    /// The kernel's record of a loaded program, in one call.
+    fn program_info(&self, program: Program) -> Option<aya_obj::generated::bpf_prog_info> {
         self.ebpf
             .program(program.name())
             .and_then(|p| p.fd().ok())
-            .and_then(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd)))
-    }
-
-    fn run_time(&self, program: Program) -> Duration {
-        let info = self
-            .ebpf
-            .program(program.name())
-            .and_then(|p| p.info().ok());
-        info.map(|i| i.run_time()).unwrap_or_default()
+            .and_then(|fd| program_info(std::os::fd::AsFd::as_fd(fd)))
     }
 }
 
@@ -574,10 +581,11 @@ fn attach(
     })
 }
 
-/// `bpf_prog_info.recursion_misses` (Linux 5.12+), which aya does not expose: the runs the
-/// kernel skipped because a BPF program was already running on that CPU. Each is an event the
-/// counters did not see.
-fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+/// The kernel's `bpf_prog_info` of a program, read whole: its run time and count, and
+/// `recursion_misses` (Linux 5.12+), which aya does not expose: the runs the kernel skipped
+/// because a BPF program was already running on that CPU. Each is an event the counters did
+/// not see.
+fn program_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::bpf_prog_info> {
     use std::os::fd::AsRawFd as _;
     /// `union bpf_attr` as BPF_OBJ_GET_INFO_BY_FD reads it.
     #[repr(C)]
@@ -605,7 +613,7 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
         )
     };
     // A filled-in info names the program: a zero id means the call did not work as expected.
-    (rc == 0 && info.id != 0).then_some(info.recursion_misses)
+    (rc == 0 && info.id != 0).then_some(info)
 }
 
 /// Drains ring buffer `name` on the runtime into a bounded channel of what `parse` makes of
@@ -701,6 +709,31 @@ fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
         .get(&index, 0)
         .map(|values| values.iter().sum())
         .unwrap_or(0)
+}
+
+/// Slots `0..len` of a per-CPU counter array, each summed over CPUs: one batch read, or a
+/// lookup per slot where the kernel does not batch arrays.
+fn per_cpu_sums(
+    batched: &batch::Batched<u32, u64>,
+    array: &PerCpuArray<MapData, u64>,
+    len: usize,
+) -> Vec<u64> {
+    let mut sums = vec![0; len];
+    match batched.read() {
+        Ok(slots) => {
+            for (index, values) in slots {
+                if let Some(sum) = sums.get_mut(index as usize) {
+                    *sum = values.iter().sum();
+                }
+            }
+        }
+        Err(_) => {
+            for (index, sum) in sums.iter_mut().enumerate() {
+                *sum = sum_per_cpu(array, index as u32);
+            }
+        }
+    }
+    sums
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ProbesError> {

@@ -13,7 +13,7 @@ use brokerscope_common::resources::{
     ResourceOffsets,
 };
 
-use super::{MapStats, ProbesError, btf::Btf, take_map as take, tracefs::Format};
+use super::{MapStats, ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
 
 pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, ProbesError> {
     let issue = Format::read(tracefs, "block", "block_rq_issue")?;
@@ -46,11 +46,29 @@ pub struct ResourcesReader {
     runtime: HashMap<MapData, u32, u64>,
     block: HashMap<MapData, BlockKey, BlockStart>,
     fsync: HashMap<MapData, u32, u64>,
+    /// The same maps, read whole.
+    batched: BatchedMaps,
+}
+
+struct BatchedMaps {
+    counters: Batched<u32, ResourceCounters>,
+    runq: Batched<u32, u64>,
+    runtime: Batched<u32, u64>,
+    block: Batched<BlockKey, BlockStart>,
+    fsync: Batched<u32, u64>,
 }
 
 impl ResourcesReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
+        let batched = BatchedMaps {
+            counters: Batched::open(ebpf, RESOURCES_MAP)?,
+            runq: Batched::open(ebpf, RUNQ_MAP)?,
+            runtime: Batched::open(ebpf, RUNTIME_MAP)?,
+            block: Batched::open(ebpf, BLOCK_MAP)?,
+            fsync: Batched::open(ebpf, FSYNC_MAP)?,
+        };
         Ok(Self {
+            batched,
             counters: take(ebpf, RESOURCES_MAP)?,
             runq: take(ebpf, RUNQ_MAP)?,
             runtime: take(ebpf, RUNTIME_MAP)?,
@@ -61,15 +79,18 @@ impl ResourcesReader {
 
     /// Counters of every broker process the kernel saw, by tgid.
     pub fn read(&self) -> Vec<(u32, ResourceCounters)> {
-        self.counters.iter().filter_map(Result::ok).collect()
+        self.batched
+            .counters
+            .read_single()
+            .unwrap_or_else(|_| self.counters.iter().filter_map(Result::ok).collect())
     }
 
     /// Forgets processes that are no longer brokers (exited): their counters end with them.
     pub fn retain(&mut self, pids: &[u32]) {
         let gone: Vec<u32> = self
-            .counters
-            .keys()
-            .filter_map(Result::ok)
+            .read()
+            .into_iter()
+            .map(|(p, _)| p)
             .filter(|p| !pids.contains(p))
             .collect();
         for pid in gone {
@@ -86,24 +107,32 @@ impl ResourcesReader {
             },
             MapStats {
                 map: "runq_since",
-                entries: self.runq.keys().count() as u64,
+                entries: count(&self.batched.runq, &self.runq),
                 capacity: RUNQ_CAPACITY,
             },
             MapStats {
                 map: "thread_runtime",
-                entries: self.runtime.keys().count() as u64,
+                entries: count(&self.batched.runtime, &self.runtime),
                 capacity: RUNTIME_CAPACITY,
             },
             MapStats {
                 map: "block_inflight",
-                entries: self.block.keys().count() as u64,
+                entries: count(&self.batched.block, &self.block),
                 capacity: BLOCK_CAPACITY,
             },
             MapStats {
                 map: "fsync_inflight",
-                entries: self.fsync.keys().count() as u64,
+                entries: count(&self.batched.fsync, &self.fsync),
                 capacity: FSYNC_CAPACITY,
             },
         ]
+    }
+}
+
+/// Entries of a map: one batch read, or a walk of its keys where the kernel cannot batch.
+fn count<K: aya::Pod, V: aya::Pod>(batched: &Batched<K, V>, map: &HashMap<MapData, K, V>) -> u64 {
+    match batched.read() {
+        Ok(entries) => entries.len() as u64,
+        Err(_) => map.keys().count() as u64,
     }
 }

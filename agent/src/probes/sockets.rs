@@ -12,7 +12,7 @@ use brokerscope_common::sockets::{
     ListenerKey, LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
 };
 
-use super::{ProbesError, btf::Btf, take_map as take, tracefs::Format};
+use super::{ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
 
 /// Counters of one (network namespace, port) listener: closed connections' totals from the
 /// kernel map plus what is still open, read by the iterator.
@@ -158,6 +158,9 @@ pub const NO_OFFSET: u32 = u32::MAX;
 pub struct SocketsReader {
     listeners: HashMap<MapData, ListenerKey, ListenerCounters>,
     watched: HashMap<MapData, ListenerKey, u32>,
+    /// The same two, read whole.
+    listeners_batch: Batched<ListenerKey, ListenerCounters>,
+    watched_batch: Batched<ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
     spilled: Array<MapData, u64>,
     watch_all: bool,
@@ -173,6 +176,8 @@ pub struct SocketsReader {
 impl SocketsReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         Ok(Self {
+            listeners_batch: Batched::open(ebpf, LISTENERS_MAP)?,
+            watched_batch: Batched::open(ebpf, WATCHED_MAP)?,
             listeners: take(ebpf, LISTENERS_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
@@ -231,7 +236,7 @@ impl SocketsReader {
             .iter()
             .map(|&(netns, port)| ListenerKey::new(netns, port))
             .collect();
-        let current: Vec<(ListenerKey, u32)> = self.watched.iter().filter_map(Result::ok).collect();
+        let current = self.watched_entries();
         for (key, value) in &current {
             if *value == WATCH && !wanted.contains(key) {
                 let _ = self.watched.remove(key);
@@ -263,19 +268,13 @@ impl SocketsReader {
     /// listener that has counters.
     pub fn watched_namespaces(&self) -> Vec<u32> {
         let mut out: Vec<u32> = self
-            .watched
-            .iter()
-            .filter_map(Result::ok)
+            .watched_entries()
+            .into_iter()
             .filter(|(_, v)| *v == WATCH)
             .map(|(k, _)| k.netns)
             .collect();
         if self.watch_all {
-            out.extend(
-                self.listeners
-                    .keys()
-                    .filter_map(Result::ok)
-                    .map(|k| k.netns),
-            );
+            out.extend(self.listener_entries().into_iter().map(|(k, _)| k.netns));
         }
         out.sort_unstable();
         out.dedup();
@@ -286,14 +285,13 @@ impl SocketsReader {
     /// watch-all mode, those that got counters. They count as swept from now on.
     pub fn unswept_namespaces(&mut self) -> Vec<u32> {
         let mut current: std::collections::HashSet<ListenerKey> = self
-            .watched
-            .iter()
-            .filter_map(Result::ok)
+            .watched_entries()
+            .into_iter()
             .filter(|(_, v)| *v == WATCH)
             .map(|(k, _)| k)
             .collect();
         if self.watch_all {
-            current.extend(self.listeners.keys().filter_map(Result::ok));
+            current.extend(self.listener_entries().into_iter().map(|(k, _)| k));
         }
         let mut out: Vec<u32> = current
             .iter()
@@ -306,6 +304,20 @@ impl SocketsReader {
         out
     }
 
+    /// Every WATCHED entry: one batch read, or entry by entry where the kernel cannot batch.
+    fn watched_entries(&self) -> Vec<(ListenerKey, u32)> {
+        self.watched_batch
+            .read_single()
+            .unwrap_or_else(|_| self.watched.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Every LISTENERS entry, read like [`Self::watched_entries`].
+    fn listener_entries(&self) -> Vec<(ListenerKey, ListenerCounters)> {
+        self.listeners_batch
+            .read_single()
+            .unwrap_or_else(|_| self.listeners.iter().filter_map(Result::ok).collect())
+    }
+
     /// Namespaces whose sweep failed are swept again next time.
     pub fn sweep_failed(&mut self, namespaces: &[u32]) {
         self.swept.retain(|k| !namespaces.contains(&k.netns));
@@ -315,9 +327,8 @@ impl SocketsReader {
     /// that vanishes mid-walk is skipped.
     pub fn read(&mut self, live: &Live) -> Vec<ListenerStats> {
         let mut out: Vec<ListenerStats> = self
-            .listeners
-            .iter()
-            .filter_map(Result::ok)
+            .listener_entries()
+            .into_iter()
             .map(|(key, counters)| {
                 let (live_sent, live_received) = live.sent.get(&key).copied().unwrap_or_default();
                 let last = self.reported.get(&key).copied().unwrap_or_default();

@@ -1,0 +1,173 @@
+//! Whole-map reads with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+ for hash maps, 5.9+ for arrays),
+//! which aya 0.14 does not offer: a scrape reads each map in one or a few system calls instead
+//! of two per entry (next key, then lookup). When the kernel refuses the command, the caller
+//! reads entry by entry as before.
+
+use std::{
+    marker::PhantomData,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+};
+
+use aya::Ebpf;
+
+use super::ProbesError;
+
+/// Elements asked per call: bounds the buffers a read allocates, whatever the map's capacity.
+const CHUNK: u32 = 256;
+
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// A map read whole, `K` to `V`; `V` per CPU when opened with [`Batched::per_cpu`].
+pub struct Batched<K, V> {
+    fd: OwnedFd,
+    /// Values per key: 1, or the number of possible CPUs for a per-CPU map.
+    cpus: usize,
+    _types: PhantomData<(K, V)>,
+}
+
+impl<K: Copy, V: Copy> Batched<K, V> {
+    /// Map `name` of `ebpf`, through a descriptor of its own (the map may be taken by a reader).
+    pub fn open(ebpf: &Ebpf, name: &'static str) -> Result<Self, ProbesError> {
+        Self::with_cpus(ebpf, name, 1)
+    }
+
+    /// A per-CPU map: each key has a value per possible CPU.
+    pub fn per_cpu(ebpf: &Ebpf, name: &'static str) -> Result<Self, ProbesError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| ProbesError::Read {
+            path: what.to_string(),
+            source,
+        })?;
+        Self::with_cpus(ebpf, name, cpus)
+    }
+
+    fn with_cpus(ebpf: &Ebpf, name: &'static str, cpus: usize) -> Result<Self, ProbesError> {
+        let map = ebpf
+            .map(name)
+            .and_then(map_data)
+            .ok_or(ProbesError::Missing { kind: "map", name })?;
+        let fd = map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| ProbesError::Read {
+                path: name.to_string(),
+                source,
+            })?;
+        Ok(Self {
+            fd,
+            cpus,
+            _types: PhantomData,
+        })
+    }
+
+    /// Every entry, each key with its values (one, or one per CPU). An error means the kernel
+    /// does not batch this map type, or the map changed shape mid-read.
+    pub fn read(&self) -> std::io::Result<Vec<(K, Vec<V>)>> {
+        // Per-CPU values are laid out at 8-byte strides, one per possible CPU.
+        let stride = size_of::<V>().next_multiple_of(8);
+        let per_key = if self.cpus > 1 {
+            stride * self.cpus
+        } else {
+            size_of::<V>()
+        };
+        let mut keys = vec![0u8; CHUNK as usize * size_of::<K>()];
+        let mut values = vec![0u8; CHUNK as usize * per_key];
+        // The batch token is the bucket (hash) or index (array) to go on from: a u32 for both.
+        let mut token = 0u32;
+        let mut first = true;
+        let mut out = Vec::new();
+        loop {
+            let mut next = 0u32;
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { (&raw const token) as u64 },
+                out_batch: (&raw mut next) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: CHUNK,
+                map_fd: self.fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            // SAFETY: the attribute's buffers hold `count` keys and values of the map's sizes
+            // (the caller's K and V match the map's definition) and outlive the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &raw mut attr,
+                    size_of::<BatchAttr>(),
+                )
+            };
+            let done = if rc == 0 {
+                false
+            } else {
+                let error = std::io::Error::last_os_error();
+                // ENOENT: the walk reached the end; `count` says what this last call filled.
+                if error.raw_os_error() != Some(libc::ENOENT) {
+                    return Err(error);
+                }
+                true
+            };
+            for i in 0..attr.count as usize {
+                // SAFETY: the kernel filled `count` elements; K and V are plain integer
+                // structs; unaligned reads because the buffers are bytes.
+                let key = unsafe {
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * size_of::<K>()).cast::<K>())
+                };
+                let base = i * per_key;
+                let value = (0..self.cpus)
+                    .map(|cpu| {
+                        // SAFETY: as above; `base + cpu * stride + size_of::<V>()` is within
+                        // the element's `per_key` bytes.
+                        unsafe {
+                            std::ptr::read_unaligned(
+                                values.as_ptr().add(base + cpu * stride).cast::<V>(),
+                            )
+                        }
+                    })
+                    .collect();
+                out.push((key, value));
+            }
+            if done {
+                return Ok(out);
+            }
+            token = next;
+            first = false;
+        }
+    }
+
+    /// Every entry with its single value (maps that are not per CPU).
+    pub fn read_single(&self) -> std::io::Result<Vec<(K, V)>> {
+        Ok(self
+            .read()?
+            .into_iter()
+            .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
+            .collect())
+    }
+}
+
+/// The map behind the kinds read whole here.
+fn map_data(map: &aya::maps::Map) -> Option<&aya::maps::MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d) => Some(d),
+        _ => None,
+    }
+}
