@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod control;
 mod discovery;
+mod flight;
 mod kernel;
 mod model;
 mod pki;

@@ -57,31 +57,9 @@ pub struct Model {
     /// not slow discovery down.
     states_stale: std::sync::atomic::AtomicBool,
     /// Concurrent readers share snapshots (see [`Model::snapshot_since`]).
-    shared: Mutex<SharedSnapshot>,
-    /// Signalled when a shared snapshot is done.
-    shared_done: std::sync::Condvar,
-}
-
-/// The snapshot readers share, and whether one is being computed.
-#[derive(Default)]
-struct SharedSnapshot {
-    /// Snapshots completed so far.
-    generation: u64,
-    computing: bool,
-    /// The last one and when its computation started.
-    last: Option<(std::time::Instant, std::sync::Arc<Snapshot>)>,
-}
-
-/// Ends a shared computation even if it panicked, so waiters never wait forever.
-struct Computing<'a>(&'a Model);
-
-impl Drop for Computing<'_> {
-    fn drop(&mut self) {
-        let mut shared = self.0.shared.lock().unwrap_or_else(|p| p.into_inner());
-        shared.computing = false;
-        drop(shared);
-        self.0.shared_done.notify_all();
-    }
+    snapshots: crate::flight::Flight<std::sync::Arc<Snapshot>>,
+    /// The brokers' /proc and cgroup files, open between snapshots.
+    proc_files: Mutex<crate::resources::ProcFiles>,
 }
 
 /// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
@@ -226,40 +204,10 @@ impl Model {
     }
 
     /// A snapshot for a request that arrived at `arrived`, shared with concurrent requests
-    /// ("single flight"): one that started after the request arrived, or the one being computed
-    /// when the request got here. Concurrent scrapes cost one snapshot and wait at most one
-    /// computation; none sees state from before the computation in progress at its arrival (a
-    /// few milliseconds), and a lone request always gets a snapshot of its own.
+    /// (see [`crate::flight`]): concurrent scrapes cost one snapshot and wait at most one.
     pub fn snapshot_since(&self, arrived: std::time::Instant) -> std::sync::Arc<Snapshot> {
-        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        // The in-flight computation, if any, is the one this request may join.
-        let joinable = shared.computing.then_some(shared.generation + 1);
-        loop {
-            if let Some((started, snapshot)) = shared.last.as_ref()
-                && (*started >= arrived || joinable.is_some_and(|g| shared.generation >= g))
-            {
-                return snapshot.clone();
-            }
-            if !shared.computing {
-                break;
-            }
-            shared = self
-                .shared_done
-                .wait(shared)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        shared.computing = true;
-        drop(shared);
-        let computing = Computing(self);
-        let started = std::time::Instant::now();
-        let snapshot = std::sync::Arc::new(self.snapshot());
-        {
-            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            shared.generation += 1;
-            shared.last = Some((started, snapshot.clone()));
-        }
-        drop(computing);
-        snapshot
+        self.snapshots
+            .get(arrived, || std::sync::Arc::new(self.snapshot()))
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -272,6 +220,8 @@ impl Model {
             .collect();
         let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
         let read_procs = || {
+            let mut files = self.proc_files.lock().unwrap_or_else(|p| p.into_inner());
+            files.retain(&pids);
             brokers
                 .iter()
                 .filter(|b| b.is_running())
@@ -280,10 +230,7 @@ impl Model {
                         .as_ref()
                         .zip(b.cgroup.path.as_deref())
                         .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
-                    (
-                        b.id.clone(),
-                        crate::resources::read(b.pid, cgroup.as_deref()),
-                    )
+                    (b.id.clone(), files.read(b.pid, cgroup.as_deref()))
                 })
                 .collect()
         };
@@ -516,50 +463,5 @@ fn publish_changes(bus: &crate::control::events::EventBus, old: &[Broker], new: 
                 serde_json::json!({ "pid": o.pid, "state": "gone", "restarts": o.restarts }),
             ));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::{sync::Arc, time::Instant};
-
-    use super::*;
-
-    #[test]
-    fn a_request_never_gets_a_snapshot_finished_before_it_arrived() {
-        let model = Model::default();
-        let first = model.snapshot_since(Instant::now());
-        let later = model.snapshot_since(Instant::now());
-        assert!(!Arc::ptr_eq(&first, &later));
-    }
-
-    #[test]
-    fn requests_that_arrived_before_a_snapshot_started_share_it() {
-        let model = Model::default();
-        let arrived = Instant::now();
-        let first = model.snapshot_since(arrived);
-        assert!(Arc::ptr_eq(&first, &model.snapshot_since(arrived)));
-    }
-
-    #[test]
-    fn a_request_joins_the_computation_in_progress_at_its_arrival() {
-        let model = Model::default();
-        let started = Instant::now();
-        model.shared.lock().unwrap().computing = true;
-        std::thread::scope(|scope| {
-            // Arrives while "another request" computes a snapshot that started before.
-            let waiter = scope.spawn(|| model.snapshot_since(Instant::now()));
-            let in_flight = Arc::new(Snapshot::default());
-            // Time for the waiter to get there and wait.
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            {
-                let mut shared = model.shared.lock().unwrap();
-                shared.generation += 1;
-                shared.last = Some((started, in_flight.clone()));
-                shared.computing = false;
-            }
-            model.shared_done.notify_all();
-            assert!(Arc::ptr_eq(&waiter.join().unwrap(), &in_flight));
-        });
     }
 }

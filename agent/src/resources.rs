@@ -9,7 +9,7 @@
 //! Reads only; every value is optional (a process may exit mid-read, a cgroup may lack a
 //! controller).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Directory entries of `/proc/<pid>/fd` counted at most.
 const MAX_FDS_COUNTED: usize = 4 * 1024 * 1024;
@@ -33,46 +33,174 @@ pub struct ProcStats {
     pub pressure: Vec<(&'static str, &'static str, f64)>,
 }
 
-/// Reads a process's figures; `cgroup` is its cgroup v2 directory on this host, if known.
-pub fn read(pid: u32, cgroup: Option<&Path>) -> ProcStats {
-    let mut s = ProcStats::default();
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        parse_stat(&stat, page_size(), &mut s);
+/// The brokers' /proc and cgroup files, kept open between scrapes: each is re-read from
+/// offset 0 with one `pread` (procfs and cgroupfs build the text afresh on every read from the
+/// start) instead of open, stat, read, read and close. A file that fails is reopened by path
+/// once; a process that exited fails both (`ESRCH`), so a reused pid never reads another
+/// process's figures through an old descriptor. Bounded by the brokers: files of pids that are
+/// no longer brokers are closed by [`ProcFiles::retain`].
+#[derive(Default)]
+pub struct ProcFiles {
+    by_pid: std::collections::HashMap<u32, BrokerFiles>,
+    /// Reused text buffer.
+    buf: Vec<u8>,
+}
+
+struct BrokerFiles {
+    stat: Cached,
+    limits: Cached,
+    io: Cached,
+    fd_dir: Cached,
+    cgroup: Option<CgroupFiles>,
+}
+
+struct CgroupFiles {
+    dir: PathBuf,
+    memory_current: Cached,
+    /// cpu, memory and io `.pressure`.
+    pressure: [(&'static str, Cached); 3],
+}
+
+impl CgroupFiles {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            memory_current: Cached::new(dir.join("memory.current")),
+            pressure: ["cpu", "memory", "io"]
+                .map(|r| (r, Cached::new(dir.join(format!("{r}.pressure"))))),
+        }
     }
-    s.open_fds = open_fds(pid);
-    if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
-        s.max_fds = parse_max_fds(&limits);
+}
+
+/// Longest text read from one of these files (limits is the largest, about 1.5 KB).
+const MAX_TEXT: usize = 64 * 1024;
+
+/// A file read from its start on each use, opened on first use.
+struct Cached {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl Cached {
+    fn new(path: PathBuf) -> Self {
+        Self { path, file: None }
     }
-    if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
-        s.storage_read_bytes = field(&io, "read_bytes:");
-        s.storage_written_bytes = field(&io, "write_bytes:");
+
+    /// The whole text, or `None` when the file cannot be opened or read.
+    fn read<'b>(&mut self, buf: &'b mut Vec<u8>) -> Option<&'b str> {
+        let mut len = None;
+        for _ in 0..2 {
+            if self.file.is_none() {
+                self.file = std::fs::File::open(&self.path).ok();
+            }
+            match read_from_start(self.file.as_ref()?, buf) {
+                Ok(n) => {
+                    len = Some(n);
+                    break;
+                }
+                Err(_) => self.file = None,
+            }
+        }
+        std::str::from_utf8(&buf[..len?]).ok()
     }
-    if let Some(cg) = cgroup {
-        s.cgroup_memory_bytes = std::fs::read_to_string(cg.join("memory.current"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok());
-        for resource in ["cpu", "memory", "io"] {
-            if let Ok(text) = std::fs::read_to_string(cg.join(format!("{resource}.pressure"))) {
-                for (kind, secs) in parse_pressure(&text) {
-                    s.pressure.push((resource, kind, secs));
+
+    /// The open file's metadata (for the fd directory, whose size is its entry count).
+    fn metadata(&mut self) -> Option<std::fs::Metadata> {
+        for _ in 0..2 {
+            if self.file.is_none() {
+                self.file = std::fs::File::open(&self.path).ok();
+            }
+            match self.file.as_ref()?.metadata() {
+                Ok(meta) => return Some(meta),
+                Err(_) => self.file = None,
+            }
+        }
+        None
+    }
+}
+
+/// Reads `file` from offset 0 into `buf`. A read that comes back short of the buffer reached
+/// the end (these are seq_files, which fill a read up to its size unless the text ends).
+fn read_from_start(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt as _;
+    if buf.len() < 4096 {
+        buf.resize(4096, 0);
+    }
+    let mut len = 0;
+    loop {
+        let n = file.read_at(&mut buf[len..], len as u64)?;
+        len += n;
+        if n == 0 || len < buf.len() {
+            return Ok(len);
+        }
+        if buf.len() >= MAX_TEXT {
+            return Err(std::io::Error::other("longer than expected"));
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+impl ProcFiles {
+    /// Reads a process's figures; `cgroup` is its cgroup v2 directory on this host, if known.
+    pub fn read(&mut self, pid: u32, cgroup: Option<&Path>) -> ProcStats {
+        let files = self.by_pid.entry(pid).or_insert_with(|| {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            BrokerFiles {
+                stat: Cached::new(proc.join("stat")),
+                limits: Cached::new(proc.join("limits")),
+                io: Cached::new(proc.join("io")),
+                fd_dir: Cached::new(proc.join("fd")),
+                cgroup: None,
+            }
+        });
+        if files.cgroup.as_ref().map(|c| c.dir.as_path()) != cgroup {
+            files.cgroup = cgroup.map(CgroupFiles::new);
+        }
+        let buf = &mut self.buf;
+        let mut s = ProcStats::default();
+        if let Some(stat) = files.stat.read(buf) {
+            parse_stat(stat, page_size(), &mut s);
+        }
+        s.open_fds = open_fds(pid, &mut files.fd_dir);
+        if let Some(limits) = files.limits.read(buf) {
+            s.max_fds = parse_max_fds(limits);
+        }
+        if let Some(io) = files.io.read(buf) {
+            s.storage_read_bytes = field(io, "read_bytes:");
+            s.storage_written_bytes = field(io, "write_bytes:");
+        }
+        if let Some(cg) = files.cgroup.as_mut() {
+            s.cgroup_memory_bytes = cg
+                .memory_current
+                .read(buf)
+                .and_then(|t| t.trim().parse().ok());
+            for (resource, file) in &mut cg.pressure {
+                if let Some(text) = file.read(buf) {
+                    for (kind, secs) in parse_pressure(text) {
+                        s.pressure.push((resource, kind, secs));
+                    }
                 }
             }
         }
+        s
     }
-    s
+
+    /// Closes the files of processes not in `pids`.
+    pub fn retain(&mut self, pids: &[u32]) {
+        self.by_pid.retain(|pid, _| pids.contains(pid));
+    }
 }
 
 /// Open descriptors of `pid`. Since Linux 6.2 the size of `/proc/<pid>/fd` is their number: one
 /// stat instead of listing tens of thousands of entries (a broker keeps every log segment
 /// open). Older kernels report 0 there, and get the listing.
-fn open_fds(pid: u32) -> Option<u64> {
-    let dir = format!("/proc/{pid}/fd");
-    match std::fs::metadata(&dir) {
-        Ok(meta) if meta.len() > 0 => Some(meta.len()),
-        Ok(_) => std::fs::read_dir(&dir)
+fn open_fds(pid: u32, dir: &mut Cached) -> Option<u64> {
+    match dir.metadata() {
+        Some(meta) if meta.len() > 0 => Some(meta.len()),
+        Some(_) => std::fs::read_dir(format!("/proc/{pid}/fd"))
             .ok()
             .map(|d| d.take(MAX_FDS_COUNTED).count() as u64),
-        Err(_) => None,
+        None => None,
     }
 }
 
@@ -135,6 +263,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kept_files_read_fresh_figures_and_a_gone_process_reads_nothing() {
+        use std::io::Write as _;
+        // A shell that opens three more files when told to, then waits.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "read go; exec 5</dev/null 6</dev/null 7</dev/null; read done",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut files = ProcFiles::default();
+        let first = files.read(child.id(), None);
+        assert_eq!(first.threads, Some(1));
+        assert!(first.max_fds.is_some());
+        let fds = first.open_fds.unwrap();
+
+        // Through the same kept descriptors, the new files show.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while files.read(child.id(), None).open_fds != Some(fds + 3) {
+            assert!(std::time::Instant::now() < deadline, "fd count never moved");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let me = std::process::id();
+        assert!(files.read(me, None).threads.is_some());
+
+        // Reaped: its kept files fail, the path is gone, and nothing is reported.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(files.read(child.id(), None), ProcStats::default());
+        files.retain(&[me]);
+        assert_eq!(files.by_pid.len(), 1);
+    }
+
+    #[test]
     fn stat_fields_after_a_tricky_command() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 1500 0 7 0 100 50 0 0 20 0 12 0 \
                     8000 123456789 300 18446744073709551615";
@@ -161,7 +326,7 @@ mod tests {
 
     #[test]
     fn our_own_process_reads() {
-        let s = read(std::process::id(), None);
+        let s = ProcFiles::default().read(std::process::id(), None);
         assert!(s.rss_bytes.unwrap() > 0);
         assert!(s.open_fds.unwrap() >= 3);
         assert!(s.max_fds.unwrap() > 0);

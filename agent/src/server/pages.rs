@@ -1,21 +1,18 @@
-//! `/metrics` pages, rendered and compressed once per snapshot.
+//! `/metrics` pages, built once for concurrent scrapes.
 //!
-//! Concurrent scrapes already share one [`Snapshot`](crate::model::Snapshot); rendering the
-//! text (hundreds of kilobytes with ten brokers' histograms) and gzipping it are the larger
-//! costs, so they are shared too: one slot per (format, encoding) keeps the last page and the
-//! snapshot it came from. A request whose snapshot is the slot's takes the page as is; the
-//! first request with a newer snapshot renders while the others for that slot wait for it.
-//! Memory stays bounded by four pages.
+//! Reading the kernel and /proc, rendering the text (hundreds of kilobytes with ten brokers'
+//! histograms) and gzipping it are one pipeline, shared in single flight (see
+//! [`crate::flight`]) per (format, encoding): a scrape takes the page whose build started after
+//! it arrived or was in progress when it did. Sharing only the snapshot would leave every
+//! scrape that arrives during a render to start a snapshot of its own, and each of those
+//! another render. Memory stays bounded by four pages.
 
-use std::{
-    io::Write as _,
-    sync::{Arc, Mutex},
-};
+use std::{io::Write as _, time::Instant};
 
 use axum::http::HeaderValue;
 use bytes::Bytes;
 
-use crate::{model::Snapshot, render::Format};
+use crate::{flight::Flight, render::Format};
 
 /// How the body is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,43 +44,30 @@ impl Encoding {
     }
 }
 
-struct Page {
-    snapshot: Arc<Snapshot>,
-    body: Bytes,
-}
-
 /// The last page per (format, encoding).
 #[derive(Default)]
 pub struct Pages {
-    slots: [Mutex<Option<Page>>; 4],
+    slots: [Flight<Bytes>; 4],
 }
 
 impl Pages {
-    /// The page for `snapshot`, rendered by `render` unless this slot already holds it.
+    /// The page for a scrape that arrived at `arrived`: `render` (which reads a snapshot) and
+    /// the encoding run unless a build that serves this scrape is done or in progress.
     pub fn get(
         &self,
-        snapshot: &Arc<Snapshot>,
+        arrived: Instant,
         format: Format,
         encoding: Encoding,
         render: impl FnOnce() -> String,
     ) -> Bytes {
         let slot = &self.slots[format as usize * 2 + encoding as usize];
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(page) = slot.as_ref()
-            && Arc::ptr_eq(&page.snapshot, snapshot)
-        {
-            return page.body.clone();
-        }
-        let text = render();
-        let body = match encoding {
-            Encoding::Identity => Bytes::from(text),
-            Encoding::Gzip => gzip(text.as_bytes()),
-        };
-        *slot = Some(Page {
-            snapshot: snapshot.clone(),
-            body: body.clone(),
-        });
-        body
+        slot.get(arrived, || {
+            let text = render();
+            match encoding {
+                Encoding::Identity => Bytes::from(text),
+                Encoding::Gzip => gzip(text.as_bytes()),
+            }
+        })
     }
 }
 
@@ -122,35 +106,35 @@ mod tests {
     }
 
     #[test]
-    fn one_render_per_snapshot_and_slot() {
+    fn one_build_per_arrival_and_slot() {
         let pages = Pages::default();
-        let first = Arc::new(Snapshot::default());
         let mut renders = 0;
-        let mut page = |s: &Arc<Snapshot>, f, e| {
-            pages.get(s, f, e, || {
+        let mut page = |arrived, f, e| {
+            pages.get(arrived, f, e, || {
                 renders += 1;
                 format!("page {renders}\n")
             })
         };
+        let arrived = Instant::now();
         assert_eq!(
-            page(&first, Format::Prometheus, Encoding::Identity),
+            page(arrived, Format::Prometheus, Encoding::Identity),
             "page 1\n"
         );
+        // A scrape that arrived before that build started shares it.
         assert_eq!(
-            page(&first, Format::Prometheus, Encoding::Identity),
+            page(arrived, Format::Prometheus, Encoding::Identity),
             "page 1\n"
         );
-        // Another slot renders its own.
-        let gz = page(&first, Format::OpenMetrics, Encoding::Gzip);
+        // Another slot builds its own, encoded as asked.
+        let gz = page(arrived, Format::OpenMetrics, Encoding::Gzip);
         let mut text = String::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_string(&mut text)
             .unwrap();
         assert_eq!(text, "page 2\n");
-        // A newer snapshot replaces the page.
-        let second = Arc::new(Snapshot::default());
+        // A scrape that arrives later gets a page built after it arrived.
         assert_eq!(
-            page(&second, Format::Prometheus, Encoding::Identity),
+            page(Instant::now(), Format::Prometheus, Encoding::Identity),
             "page 3\n"
         );
     }

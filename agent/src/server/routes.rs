@@ -119,8 +119,8 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING));
     // Map reads are syscalls, rendering and gzip are CPU: keep them off the async workers.
     let body = tokio::task::spawn_blocking(move || {
-        let snapshot = state.model.snapshot_since(arrived);
-        state.pages.get(&snapshot, format, encoding, || {
+        state.pages.get(arrived, format, encoding, || {
+            let snapshot = state.model.snapshot_since(arrived);
             let mut server = state.server.stats.snapshot();
             server.log_lines_dropped = state.control.logs.dropped();
             render::exposition(&snapshot, &server, format)
