@@ -68,18 +68,96 @@ impl Exposition {
         let _ = writeln!(self.out, "# TYPE {PREFIX}{meta_name} {kind}");
         Family {
             out: &mut self.out,
-            name: name.to_string(),
+            name: format!("{PREFIX}{name}"),
         }
     }
 }
 
+/// A family's samples. Written with `push_str` and a hand-rolled integer formatter, not
+/// `write!`: a page with ten brokers has about 3000 lines, most of them histogram buckets.
 struct Family<'a> {
     out: &'a mut String,
+    /// The metric name with its prefix.
     name: String,
 }
 
+/// A sample's value as the exposition text writes it.
+trait SampleValue {
+    fn write_to(&self, out: &mut String);
+}
+
+macro_rules! unsigned_sample {
+    ($($t:ty),*) => {$(
+        impl SampleValue for $t {
+            fn write_to(&self, out: &mut String) {
+                write_u64(out, u64::from(*self));
+            }
+        }
+    )*};
+}
+unsigned_sample!(u8, u16, u32, u64);
+
+impl SampleValue for usize {
+    fn write_to(&self, out: &mut String) {
+        write_u64(out, *self as u64);
+    }
+}
+
+impl SampleValue for i32 {
+    fn write_to(&self, out: &mut String) {
+        if *self < 0 {
+            out.push('-');
+        }
+        write_u64(out, u64::from(self.unsigned_abs()));
+    }
+}
+
+impl SampleValue for i64 {
+    fn write_to(&self, out: &mut String) {
+        if *self < 0 {
+            out.push('-');
+        }
+        write_u64(out, self.unsigned_abs());
+    }
+}
+
+impl SampleValue for f64 {
+    fn write_to(&self, out: &mut String) {
+        let _ = write!(out, "{self}");
+    }
+}
+
+impl<T: SampleValue + ?Sized> SampleValue for &T {
+    fn write_to(&self, out: &mut String) {
+        (**self).write_to(out);
+    }
+}
+
+/// Already formatted.
+impl SampleValue for String {
+    fn write_to(&self, out: &mut String) {
+        out.push_str(self);
+    }
+}
+
+/// Decimal digits of `n`.
+fn write_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
 impl Family<'_> {
-    fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) -> &mut Self {
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl SampleValue) -> &mut Self {
         self.sample_suffixed("", labels, value)
     }
 
@@ -92,16 +170,21 @@ impl Family<'_> {
         sum_us: u64,
         stride: usize,
     ) -> &mut Self {
-        // The series' labels are written once; each bucket adds its `le`.
-        let mut base = String::with_capacity(128);
-        write_labels(&mut base, labels);
-        let sep = if labels.is_empty() { "" } else { "," };
+        // Everything up to the `le` value is the same on every bucket line: written once.
+        let mut head = String::with_capacity(160);
+        head.push_str(&self.name);
+        head.push_str("_bucket{");
+        write_labels(&mut head, labels);
+        if !labels.is_empty() {
+            head.push(',');
+        }
+        head.push_str("le=\"");
         let bucket = |out: &mut String, le: &str, count: u64| {
-            let _ = writeln!(
-                out,
-                "{PREFIX}{}_bucket{{{base}{sep}le=\"{le}\"}} {count}",
-                self.name
-            );
+            out.push_str(&head);
+            out.push_str(le);
+            out.push_str("\"} ");
+            write_u64(out, count);
+            out.push('\n');
         };
         let mut cumulative = 0u64;
         for (i, n) in buckets.iter().enumerate() {
@@ -121,15 +204,18 @@ impl Family<'_> {
         &mut self,
         suffix: &str,
         labels: &[(&str, &str)],
-        value: impl std::fmt::Display,
+        value: impl SampleValue,
     ) -> &mut Self {
-        let _ = write!(self.out, "{PREFIX}{}{suffix}", self.name);
+        self.out.push_str(&self.name);
+        self.out.push_str(suffix);
         if !labels.is_empty() {
             self.out.push('{');
             write_labels(self.out, labels);
             self.out.push('}');
         }
-        let _ = writeln!(self.out, " {value}");
+        self.out.push(' ');
+        value.write_to(self.out);
+        self.out.push('\n');
         self
     }
 }
@@ -788,6 +874,23 @@ mod tests {
             },
             ..Snapshot::default()
         }
+    }
+
+    #[test]
+    fn sample_values_print_as_the_format_wants() {
+        let text = |v: &dyn Fn(&mut String)| {
+            let mut out = String::new();
+            v(&mut out);
+            out
+        };
+        assert_eq!(text(&|o| 0u64.write_to(o)), "0");
+        assert_eq!(text(&|o| u64::MAX.write_to(o)), "18446744073709551615");
+        assert_eq!(text(&|o| 1_000_000u32.write_to(o)), "1000000");
+        assert_eq!(text(&|o| (-42i64).write_to(o)), "-42");
+        assert_eq!(text(&|o| i64::MIN.write_to(o)), "-9223372036854775808");
+        assert_eq!(text(&|o| 0.0015f64.write_to(o)), "0.0015");
+        let seven = 7u8;
+        assert_eq!(text(&|o| SampleValue::write_to(&&seven, o)), "7");
     }
 
     #[test]
