@@ -48,7 +48,14 @@ pub struct ResourcesReader {
     fsync: HashMap<MapData, u32, u64>,
     /// The same maps, read whole.
     batched: BatchedMaps,
+    /// Entries of the run-queue, runtime, block and fsync maps, and when they were counted.
+    counted: Option<(std::time::Instant, [u64; 4])>,
 }
+
+/// How long entry counts of the per-thread and in-flight maps are reused: counting walks every
+/// bucket of maps of up to 16384 entries, a gauge of how full they are does not need it at
+/// every scrape.
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct BatchedMaps {
     counters: Batched<u32, ResourceCounters>,
@@ -69,6 +76,7 @@ impl ResourcesReader {
         };
         Ok(Self {
             batched,
+            counted: None,
             counters: take(ebpf, RESOURCES_MAP)?,
             runq: take(ebpf, RUNQ_MAP)?,
             runtime: take(ebpf, RUNTIME_MAP)?,
@@ -98,7 +106,20 @@ impl ResourcesReader {
         }
     }
 
-    pub fn map_stats(&self, resources: usize) -> Vec<MapStats> {
+    pub fn map_stats(&mut self, resources: usize) -> Vec<MapStats> {
+        let [runq, runtime, block, fsync] = match self.counted {
+            Some((at, counts)) if at.elapsed() < COUNT_EVERY => counts,
+            _ => {
+                let counts = [
+                    count(&self.batched.runq, &self.runq),
+                    count(&self.batched.runtime, &self.runtime),
+                    count(&self.batched.block, &self.block),
+                    count(&self.batched.fsync, &self.fsync),
+                ];
+                self.counted = Some((std::time::Instant::now(), counts));
+                counts
+            }
+        };
         vec![
             MapStats {
                 map: "resources",
@@ -107,22 +128,22 @@ impl ResourcesReader {
             },
             MapStats {
                 map: "runq_since",
-                entries: count(&self.batched.runq, &self.runq),
+                entries: runq,
                 capacity: RUNQ_CAPACITY,
             },
             MapStats {
                 map: "thread_runtime",
-                entries: count(&self.batched.runtime, &self.runtime),
+                entries: runtime,
                 capacity: RUNTIME_CAPACITY,
             },
             MapStats {
                 map: "block_inflight",
-                entries: count(&self.batched.block, &self.block),
+                entries: block,
                 capacity: BLOCK_CAPACITY,
             },
             MapStats {
                 map: "fsync_inflight",
-                entries: count(&self.batched.fsync, &self.fsync),
+                entries: fsync,
                 capacity: FSYNC_CAPACITY,
             },
         ]

@@ -158,9 +158,10 @@ pub const NO_OFFSET: u32 = u32::MAX;
 pub struct SocketsReader {
     listeners: HashMap<MapData, ListenerKey, ListenerCounters>,
     watched: HashMap<MapData, ListenerKey, u32>,
-    /// The same two, read whole.
+    /// LISTENERS, read whole.
     listeners_batch: Batched<ListenerKey, ListenerCounters>,
-    watched_batch: Batched<ListenerKey, u32>,
+    /// What WATCHED holds: only this reader writes it, so scrapes need not read it back.
+    watched_entries: std::collections::HashMap<ListenerKey, u32>,
     config: Array<MapData, SocketsConfig>,
     spilled: Array<MapData, u64>,
     watch_all: bool,
@@ -177,7 +178,7 @@ impl SocketsReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         Ok(Self {
             listeners_batch: Batched::open(ebpf, LISTENERS_MAP)?,
-            watched_batch: Batched::open(ebpf, WATCHED_MAP)?,
+            watched_entries: std::collections::HashMap::new(),
             listeners: take(ebpf, LISTENERS_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
@@ -240,12 +241,14 @@ impl SocketsReader {
         for (key, value) in &current {
             if *value == WATCH && !wanted.contains(key) {
                 let _ = self.watched.remove(key);
+                self.watched_entries.remove(key);
                 self.swept.remove(key);
             }
         }
         for key in &wanted {
             if !current.iter().any(|(k, _)| k == key) {
                 self.watched.insert(key, WATCH, 0).map_err(err)?;
+                self.watched_entries.insert(*key, WATCH);
                 // Watched anew (a broker that started or restarted): its listening socket
                 // may predate this, so its namespace gets swept again.
                 self.swept.remove(key);
@@ -256,12 +259,15 @@ impl SocketsReader {
 
     /// Never count (netns, port), even in watch-all mode.
     pub fn ignore(&mut self, netns: u32, port: u16) -> Result<(), ProbesError> {
+        let key = ListenerKey::new(netns, port);
         self.watched
-            .insert(ListenerKey::new(netns, port), IGNORE, 0)
+            .insert(key, IGNORE, 0)
             .map_err(|e| ProbesError::Map {
                 name: WATCHED_MAP,
                 source: Box::new(e),
-            })
+            })?;
+        self.watched_entries.insert(key, IGNORE);
+        Ok(())
     }
 
     /// Namespaces to iterate: those of watched listeners and, in watch-all mode, of every
@@ -304,14 +310,12 @@ impl SocketsReader {
         out
     }
 
-    /// Every WATCHED entry: one batch read, or entry by entry where the kernel cannot batch.
+    /// Every WATCHED entry.
     fn watched_entries(&self) -> Vec<(ListenerKey, u32)> {
-        self.watched_batch
-            .read_single()
-            .unwrap_or_else(|_| self.watched.iter().filter_map(Result::ok).collect())
+        self.watched_entries.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
-    /// Every LISTENERS entry, read like [`Self::watched_entries`].
+    /// Every LISTENERS entry: one batch read, or entry by entry where the kernel cannot batch.
     fn listener_entries(&self) -> Vec<(ListenerKey, ListenerCounters)> {
         self.listeners_batch
             .read_single()
