@@ -17,6 +17,12 @@ const CONCURRENCY: [usize; 2] = [8, 64];
 const BROKERS: usize = 10;
 const LISTENERS: usize = 4;
 
+const OURS: &str = "brokerscope /metrics";
+const OURS_AS_PROMETHEUS: &str = "brokerscope /metrics, as Prometheus asks (OpenMetrics, gzip)";
+const THEIRS: &str = "node_exporter /metrics (loadavg)";
+const THEIRS_AS_PROMETHEUS: &str =
+    "node_exporter /metrics (loadavg), as Prometheus asks (OpenMetrics, gzip)";
+
 /// One load run's figures.
 pub struct Run {
     pub target: String,
@@ -54,10 +60,27 @@ fn wait_line(reader: impl std::io::Read, needle: &str) -> anyhow::Result<String>
     bail!("exited before printing `{needle}`")
 }
 
-fn oha(url: &str, pki: &Path, concurrency: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
+/// The headers Prometheus 2.x sends with a scrape.
+const PROMETHEUS_HEADERS: [&str; 2] = [
+    "Accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding: gzip",
+];
+
+fn oha(
+    url: &str,
+    pki: &Path,
+    concurrency: usize,
+    as_prometheus: bool,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let headers = if as_prometheus {
+        &PROMETHEUS_HEADERS[..]
+    } else {
+        &[]
+    };
     let out = Command::new("oha")
         .args(["--no-tui", "--output-format", "json"])
         .args(["-n", &REQUESTS.to_string(), "-c", &concurrency.to_string()])
+        .args(headers.iter().flat_map(|h| ["-H", h]))
         .args(crate::bench::client_tls(pki))
         .arg(url)
         .output()
@@ -203,29 +226,28 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
     eprintln!(
         "bench: /metrics payload {payload} bytes for {BROKERS} brokers x {LISTENERS} listeners"
     );
+    let ours = format!("{agent_url}/metrics");
+    let theirs = format!("https://localhost:{ne_port}/metrics");
     let targets = [
+        (OURS, &ours, false),
+        (OURS_AS_PROMETHEUS, &ours, true),
         (
-            "brokerscope /metrics".to_string(),
-            format!("{agent_url}/metrics"),
+            "brokerscope /v1/broker-state/",
+            &format!("{agent_url}/v1/broker-state/?broker=3"),
+            false,
         ),
-        (
-            "brokerscope /v1/broker-state/".to_string(),
-            format!("{agent_url}/v1/broker-state/?broker=3"),
-        ),
-        (
-            "node_exporter /metrics (loadavg)".to_string(),
-            format!("https://localhost:{ne_port}/metrics"),
-        ),
+        (THEIRS, &theirs, false),
+        (THEIRS_AS_PROMETHEUS, &theirs, true),
     ];
     let mut runs = Vec::new();
     for c in CONCURRENCY {
-        for (name, url) in &targets {
-            let (rps, p50_ms, p99_ms, success) = oha(url, &pki, c)?;
+        for (name, url, as_prometheus) in targets {
+            let (rps, p50_ms, p99_ms, success) = oha(url, &pki, c, as_prometheus)?;
             eprintln!(
                 "bench: {name} c={c}: {rps:.0} req/s, p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms"
             );
             runs.push(Run {
-                target: name.clone(),
+                target: name.to_string(),
                 concurrency: c,
                 rps,
                 p50_ms,
@@ -262,16 +284,25 @@ pub fn report(runs: &[Run], idle_rss_kib: u64) -> (String, String) {
     for c in CONCURRENCY {
         let rps = |target: &str| {
             runs.iter()
-                .find(|r| r.concurrency == c && r.target.starts_with(target))
+                .find(|r| r.concurrency == c && r.target == target)
                 .map(|r| r.rps)
         };
-        if let (Some(ours), Some(theirs)) = (rps("brokerscope /metrics"), rps("node_exporter"))
-            && theirs > 0.0
-        {
-            md += &format!(
-                "At concurrency {c}, brokerscope /metrics serves {:.2}x node_exporter's req/s.\n",
-                ours / theirs
-            );
+        for (ours, theirs, how) in [
+            (OURS, THEIRS, "plain requests"),
+            (
+                OURS_AS_PROMETHEUS,
+                THEIRS_AS_PROMETHEUS,
+                "requests as Prometheus sends them",
+            ),
+        ] {
+            if let (Some(ours), Some(theirs)) = (rps(ours), rps(theirs))
+                && theirs > 0.0
+            {
+                md += &format!(
+                    "At concurrency {c}, {how}: brokerscope /metrics serves {:.2}x node_exporter's req/s.\n",
+                    ours / theirs
+                );
+            }
         }
     }
     md +=
