@@ -537,6 +537,33 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Waits (up to 15 s) until every named sample with `labels` has its value.
+fn wait_for_samples<const K: usize>(
+    agent: &Agent,
+    what: &str,
+    labels: &[(&str, &str)],
+    want: [(&str, Option<f64>); K],
+) {
+    eventually(what, Duration::from_secs(15), || {
+        let (_, body) = agent.get("/metrics");
+        want.iter()
+            .all(|(name, value)| find_sample(&body, name, labels) == *value)
+            .then_some(())
+    });
+}
+
+/// A watch-all agent tracking at most `capacity` connections, ready, and a loopback listener
+/// with its `netns` and `port` label values.
+fn agent_with_capacity(capacity: usize) -> (Agent, TcpListener, String, String) {
+    let agent = Agent::start(&format!(
+        "{WATCH_ALL}connections_capacity = {capacity}\nlisteners_capacity = 64\n"
+    ));
+    agent.wait_ready();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    (agent, listener, own_netns().to_string(), port)
+}
+
 #[test]
 fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
     if !privileged("a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded") {
@@ -545,13 +572,7 @@ fn a_full_connection_map_counts_what_it_cannot_track_and_stays_bounded() {
     let _serial = serial();
     const CAPACITY: usize = 64;
     const FLOOD: usize = 400;
-    let agent = Agent::start(&format!(
-        "{WATCH_ALL}connections_capacity = {CAPACITY}\nlisteners_capacity = 64\n"
-    ));
-    agent.wait_ready();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let netns = own_netns().to_string();
+    let (agent, listener, netns, port) = agent_with_capacity(CAPACITY);
     let labels = [("netns", netns.as_str()), ("port", port.as_str())];
     let rss_before = rss_kib(agent.pid());
 
@@ -628,13 +649,7 @@ fn connections_past_the_first_tier_are_tracked_in_the_spill_tier_with_exact_byte
     const N: usize = 300;
     const UP: usize = 1000;
     const DOWN: usize = 3000;
-    let agent = Agent::start(&format!(
-        "{WATCH_ALL}connections_capacity = 1024\nlisteners_capacity = 64\n"
-    ));
-    agent.wait_ready();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let netns = own_netns().to_string();
+    let (agent, listener, netns, port) = agent_with_capacity(1024);
     let labels = [("netns", netns.as_str()), ("port", port.as_str())];
 
     let mut held = Vec::new();
@@ -650,11 +665,15 @@ fn connections_past_the_first_tier_are_tracked_in_the_spill_tier_with_exact_byte
     }
     // Open connections in both tiers are read live, to the byte (sent bytes once acked).
     let want = (Some((N * UP) as f64), Some((N * DOWN) as f64));
-    eventually("live bytes of both tiers", Duration::from_secs(10), || {
-        let received = agent.metric("brokerscope_bytes_received_total", &labels);
-        let sent = agent.metric("brokerscope_bytes_sent_total", &labels);
-        ((received, sent) == want).then_some(())
-    });
+    wait_for_samples(
+        &agent,
+        "live bytes of both tiers",
+        &labels,
+        [
+            ("brokerscope_bytes_received_total", want.0),
+            ("brokerscope_bytes_sent_total", want.1),
+        ],
+    );
     let (_, body) = agent.get("/metrics");
     assert_eq!(
         find_sample(&body, "brokerscope_connections_active", &labels),
@@ -677,19 +696,19 @@ fn connections_past_the_first_tier_are_tracked_in_the_spill_tier_with_exact_byte
 
     // Closes found in either tier are accounted once, with the same bytes.
     drop(held);
-    eventually("all closed", Duration::from_secs(10), || {
-        let closed = agent.metric("brokerscope_connections_closed_total", &labels)?;
-        (closed == N as f64).then_some(())
-    });
-    let (_, body) = agent.get("/metrics");
-    assert_eq!(
-        find_sample(&body, "brokerscope_connections_active", &labels),
-        Some(0.0)
+    wait_for_samples(
+        &agent,
+        "all closed",
+        &labels,
+        [("brokerscope_connections_closed_total", Some(N as f64))],
     );
+    let (_, body) = agent.get("/metrics");
+    let sample = |name| find_sample(&body, name, &labels);
+    assert_eq!(sample("brokerscope_connections_active"), Some(0.0));
     assert_eq!(
         (
-            find_sample(&body, "brokerscope_bytes_received_total", &labels),
-            find_sample(&body, "brokerscope_bytes_sent_total", &labels)
+            sample("brokerscope_bytes_received_total"),
+            sample("brokerscope_bytes_sent_total")
         ),
         want
     );
@@ -745,12 +764,15 @@ fn a_thousand_concurrent_short_connections_are_counted_exactly() {
         c.join().unwrap();
     }
     server.join().unwrap();
-    let want = (Some(N as f64), Some(N as f64));
-    eventually("all counted", Duration::from_secs(15), || {
-        let closed = agent.metric("brokerscope_connections_closed_total", &labels);
-        let accepted = agent.metric("brokerscope_connections_accepted_total", &labels);
-        ((accepted, closed) == want).then_some(())
-    });
+    wait_for_samples(
+        &agent,
+        "all counted",
+        &labels,
+        [
+            ("brokerscope_connections_accepted_total", Some(N as f64)),
+            ("brokerscope_connections_closed_total", Some(N as f64)),
+        ],
+    );
     let (_, body) = agent.get("/metrics");
     assert_eq!(
         find_sample(&body, "brokerscope_bytes_received_total", &labels),

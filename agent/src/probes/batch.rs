@@ -102,24 +102,13 @@ impl<K: Copy, V: Copy> Batched<K, V> {
                 ..BatchAttr::default()
             };
             // SAFETY: the attribute's buffers hold `count` keys and values of the map's sizes
-            // (the caller's K and V match the map's definition) and outlive the call.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &raw mut attr,
-                    size_of::<BatchAttr>(),
-                )
-            };
-            let done = if rc == 0 {
-                false
-            } else {
-                let error = std::io::Error::last_os_error();
+            // (the caller's K and V match the map's definition) and outlive the call; the
+            // kernel writes the filled count back into `attr`.
+            let done = match unsafe { super::sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+                Ok(_) => false,
                 // ENOENT: the walk reached the end; `count` says what this last call filled.
-                if error.raw_os_error() != Some(libc::ENOENT) {
-                    return Err(error);
-                }
-                true
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => return Err(e),
             };
             for i in 0..attr.count as usize {
                 // SAFETY: the kernel filled `count` elements; K and V are plain integer

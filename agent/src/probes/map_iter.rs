@@ -16,20 +16,10 @@ pub struct MapIter {
     link: OwnedFd,
 }
 
-fn bpf<A>(cmd: bpf_cmd, attr: &A) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a valid `union bpf_attr` prefix for `cmd`, sized as passed; the
-    // kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            std::ptr::from_ref(attr),
-            size_of::<A>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+fn bpf<A>(cmd: bpf_cmd, attr: &mut A) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a valid `union bpf_attr` prefix for `cmd` whose pointers (the link's
+    // iterator info) outlive the call; the kernel only reads through them.
+    let fd = unsafe { super::sys_bpf(cmd as libc::c_long, attr) }?;
     // SAFETY: the call returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -58,7 +48,7 @@ impl MapIter {
             map_fd: map.as_raw_fd() as u32,
             _rest: [0; 3],
         };
-        let attr = LinkCreate {
+        let mut attr = LinkCreate {
             prog_fd: prog.as_raw_fd() as u32,
             target_fd: 0,
             attach_type: BPF_TRACE_ITER as u32,
@@ -67,7 +57,7 @@ impl MapIter {
             iter_info_len: size_of::<IterLinkInfo>() as u32,
             _pad: 0,
         };
-        let link = bpf(bpf_cmd::BPF_LINK_CREATE, &attr)?;
+        let link = bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)?;
         Ok(Self { link })
     }
 
@@ -79,11 +69,11 @@ impl MapIter {
             link_fd: u32,
             flags: u32,
         }
-        let attr = IterCreate {
+        let mut attr = IterCreate {
             link_fd: self.link.as_fd().as_raw_fd() as u32,
             flags: 0,
         };
-        let file = File::from(bpf(bpf_cmd::BPF_ITER_CREATE, &attr)?);
+        let file = File::from(bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr)?);
         let mut out = Vec::new();
         file.take(limit as u64).read_to_end(&mut out)?;
         Ok(out)

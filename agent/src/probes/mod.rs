@@ -597,23 +597,33 @@ fn program_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::b
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // SAFETY: bpf_prog_info is a plain C struct of integers; all zeroes is a valid value.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    let attr = InfoByFd {
+    let mut attr = InfoByFd {
         bpf_fd: fd.as_raw_fd() as u32,
         info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
         info: (&raw mut info) as u64,
     };
-    // SAFETY: the attribute and the info buffer are valid for the call and sized as declared;
-    // the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            size_of::<InfoByFd>(),
-        )
-    };
+    // SAFETY: the info buffer is valid for the call and sized as declared; the kernel writes
+    // at most info_len bytes into it.
+    let rc = unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
     // A filled-in info names the program: a zero id means the call did not work as expected.
-    (rc == 0 && info.id != 0).then_some(info)
+    (rc.is_ok() && info.id != 0).then_some(info)
+}
+
+/// The `bpf(2)` system call with `attr` as its `union bpf_attr` (a prefix of it, sized as `A`).
+///
+/// # Safety
+/// Every pointer inside `attr` must be valid for what `cmd` makes the kernel read or write
+/// through it, for the duration of the call.
+/// Some commands write results back into `attr` itself, hence `&mut`.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, exclusive reference of `size_of::<A>()` bytes; the caller
+    // vouches for the pointers it holds.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// Drains ring buffer `name` on the runtime into a bounded channel of what `parse` makes of
