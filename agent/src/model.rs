@@ -270,25 +270,34 @@ impl Model {
     /// Publishes the broker table after a full discovery scan; from then on
     /// discovery counts as run for readiness.
     pub fn set_brokers(&self, brokers: Vec<Broker>) {
-        {
+        let old = {
             let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
-            publish_changes(&self.events, &b.brokers, &brokers);
-            b.brokers = brokers;
             b.scanned = true;
             b.error = None;
-        }
-        self.sync_kernel();
-        self.sync_states();
+            std::mem::replace(&mut b.brokers, brokers)
+        };
+        self.follow_brokers(&old);
     }
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
     pub fn update_brokers(&self, brokers: Vec<Broker>) {
-        {
-            let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
-            publish_changes(&self.events, &b.brokers, &brokers);
-            b.brokers = brokers;
-        }
+        let old = std::mem::replace(
+            &mut self
+                .brokers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .brokers,
+            brokers,
+        );
+        self.follow_brokers(&old);
+    }
+
+    /// After the broker table changed from `old`: the kernel maps first, then the events, so a
+    /// subscriber told of a started broker can rely on its exit being seen. Callers (discovery)
+    /// serialize table changes, so `old` is the table this change replaced.
+    fn follow_brokers(&self, old: &[Broker]) {
         self.sync_kernel();
+        publish_changes(&self.events, old, &self.brokers_state().brokers);
         self.sync_states();
     }
 

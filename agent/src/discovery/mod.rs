@@ -167,8 +167,19 @@ impl Discovery {
             tracing::info!(broker = %id, "broker process gone");
         }
         let snapshot = st.table.snapshot();
-        let running = snapshot.iter().filter(|b| b.is_running()).count();
+        let found: Vec<u32> = snapshot
+            .iter()
+            .filter(|b| b.is_running())
+            .map(|b| b.pid)
+            .collect();
         self.model.set_brokers(snapshot);
+        self.settle(&mut st, &found);
+        let running = st
+            .table
+            .snapshot()
+            .iter()
+            .filter(|b| b.is_running())
+            .count();
         Ok(ScanSummary {
             processes: pids.len(),
             running,
@@ -195,6 +206,35 @@ impl Discovery {
         }
         let snapshot = st.table.snapshot();
         self.model.update_brokers(snapshot);
+        if now.is_some() {
+            self.settle(&mut st, &[pid]);
+        }
+    }
+
+    /// The kernel reports the exit of registered broker pids only, and a pid is registered when
+    /// the table above reaches the model. A broker that ended before that (a crash right after
+    /// start) would stay `running` until the next rescan: so once the pids are registered, any
+    /// of `pids` that is gone or a zombie is taken as exited here. An exit event that does come
+    /// finds it already stopped.
+    fn settle(&self, st: &mut State, pids: &[u32]) {
+        let mut changed = false;
+        for &pid in pids {
+            let gone = match st.proc.stat(pid) {
+                Ok(stat) => stat.state == 'Z' || stat.state == 'X',
+                Err(ProcError::Io { source, .. }) => {
+                    source.kind() == std::io::ErrorKind::NotFound
+                        || source.raw_os_error() == Some(libc::ESRCH)
+                }
+                Err(_) => false,
+            };
+            if gone && let Some(id) = st.table.exited(pid) {
+                tracing::info!(broker = %id, pid, "broker process exited before its exit could be reported");
+                changed = true;
+            }
+        }
+        if changed {
+            self.model.update_brokers(st.table.snapshot());
+        }
     }
 
     /// A process exited: call it when the whole thread group is gone (`sched_process_exit` of
