@@ -30,7 +30,8 @@ const TEST_PACKAGES: &[&str] = &[
 pub enum Needs {
     Run,
     Test,
-    /// The tests' packages, plus node_exporter and oha for the scrape comparison.
+    /// The tests' packages, plus node_exporter and oha for the scrape comparison and bpftrace
+    /// for the empty-program floor.
     Bench,
 }
 
@@ -44,7 +45,7 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
         debian_packages(TEST_PACKAGES)?;
     }
     if needs == Needs::Bench {
-        debian_packages(&["prometheus-node-exporter"])?;
+        debian_packages(&["prometheus-node-exporter", "bpftrace"])?;
         if output(Command::new(cargo_bin_dir().join("oha")).arg("--version")).is_err() {
             eprintln!("setup: installing oha (load generator with mTLS) from crates.io");
             run(Command::new("cargo").args(["install", "oha", "--version", OHA_VERSION]))?;
