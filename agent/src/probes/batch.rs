@@ -12,8 +12,10 @@ use aya::Ebpf;
 
 use super::ProbesError;
 
-/// Elements asked per call: bounds the buffers a read allocates, whatever the map's capacity.
-const CHUNK: u32 = 256;
+/// Bytes of keys and values asked per call: bounds the buffers a read allocates, whatever the
+/// map's capacity, and keeps them under glibc's mmap threshold (128 KiB), so a read is not a
+/// fresh mapping and its page faults each time.
+const CHUNK_BYTES: usize = 32 * 1024;
 
 /// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
 #[repr(C)]
@@ -84,8 +86,11 @@ impl<K: Copy, V: Copy> Batched<K, V> {
         } else {
             size_of::<V>()
         };
-        let mut keys = vec![0u8; CHUNK as usize * size_of::<K>()];
-        let mut values = vec![0u8; CHUNK as usize * per_key];
+        // Elements per call: at least 8 (the kernel returns ENOSPC when one hash bucket holds
+        // more than asked), at most 256.
+        let chunk = (CHUNK_BYTES / (size_of::<K>() + per_key)).clamp(8, 256);
+        let mut keys = vec![0u8; chunk * size_of::<K>()];
+        let mut values = vec![0u8; chunk * per_key];
         // The batch token is the bucket (hash) or index (array) to go on from: a u32 for both.
         let mut token = 0u32;
         let mut first = true;
@@ -97,7 +102,7 @@ impl<K: Copy, V: Copy> Batched<K, V> {
                 out_batch: (&raw mut next) as u64,
                 keys: keys.as_mut_ptr() as u64,
                 values: values.as_mut_ptr() as u64,
-                count: CHUNK,
+                count: chunk as u32,
                 map_fd: self.fd.as_raw_fd() as u32,
                 ..BatchAttr::default()
             };
