@@ -565,10 +565,16 @@ fn wait_for_samples<const K: usize>(
             .lines()
             .filter(|l| l.starts_with("brokerscope_probe_errors_total") && !l.ends_with(" 0"))
             .collect();
+        // Every listener's accept count: one counted under other labels would show here.
+        let accepted: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("brokerscope_connections_accepted_total{"))
+            .collect();
         assert!(
             std::time::Instant::now() < deadline,
             "timed out after 15 s waiting for {what}: want {want:?}, last seen {seen:?} \
-             (sock_state_raw runs the kernel skipped: {misses:?}; probe errors: {errors:?})"
+             (sock_state_raw runs the kernel skipped: {misses:?}; probe errors: {errors:?}; \
+             accepts per listener: {accepted:?})"
         );
         std::thread::sleep(Duration::from_millis(25));
     }
