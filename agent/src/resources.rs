@@ -86,36 +86,32 @@ impl Cached {
         Self { path, file: None }
     }
 
-    /// The whole text, or `None` when the file cannot be opened or read.
-    fn read<'b>(&mut self, buf: &'b mut Vec<u8>) -> Option<&'b str> {
-        let mut len = None;
+    /// `op` on the kept file; a failure closes it and tries once more on the path reopened.
+    fn with_file<T>(
+        &mut self,
+        mut op: impl FnMut(&std::fs::File) -> std::io::Result<T>,
+    ) -> Option<T> {
         for _ in 0..2 {
             if self.file.is_none() {
                 self.file = std::fs::File::open(&self.path).ok();
             }
-            match read_from_start(self.file.as_ref()?, buf) {
-                Ok(n) => {
-                    len = Some(n);
-                    break;
-                }
-                Err(_) => self.file = None,
-            }
-        }
-        std::str::from_utf8(&buf[..len?]).ok()
-    }
-
-    /// The open file's metadata (for the fd directory, whose size is its entry count).
-    fn metadata(&mut self) -> Option<std::fs::Metadata> {
-        for _ in 0..2 {
-            if self.file.is_none() {
-                self.file = std::fs::File::open(&self.path).ok();
-            }
-            match self.file.as_ref()?.metadata() {
-                Ok(meta) => return Some(meta),
+            match op(self.file.as_ref()?) {
+                Ok(v) => return Some(v),
                 Err(_) => self.file = None,
             }
         }
         None
+    }
+
+    /// The whole text, or `None` when the file cannot be opened or read.
+    fn read<'b>(&mut self, buf: &'b mut Vec<u8>) -> Option<&'b str> {
+        let len = self.with_file(|file| read_from_start(file, buf))?;
+        std::str::from_utf8(&buf[..len]).ok()
+    }
+
+    /// The open file's metadata (for the fd directory, whose size is its entry count).
+    fn metadata(&mut self) -> Option<std::fs::Metadata> {
+        self.with_file(std::fs::File::metadata)
     }
 }
 

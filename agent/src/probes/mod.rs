@@ -165,8 +165,6 @@ pub struct Probes {
     /// The map iterators that read open connections and listeners at scrape time, with the
     /// map each walks.
     map_iters: Vec<(Program, &'static str, map_iter::MapIter)>,
-    /// Entries in the spill tier at the last scrape.
-    spilled: u64,
     capacities: ProbesConfig,
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
@@ -289,7 +287,6 @@ impl Probes {
             attached,
             degraded,
             map_iters,
-            spilled: 0,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
             broker_pids,
@@ -355,7 +352,9 @@ impl Probes {
     /// Reads every map, and the live sockets of every watched namespace through the iterator.
     /// `pid_hints` are processes known to live in namespaces of interest (brokers).
     pub fn snapshot(&mut self, pid_hints: &[u32]) -> ProbeSnapshot {
-        let live = self.read_live(pid_hints);
+        // Connections in the spill tier: none means the scrape need not walk it.
+        let spilled = self.sockets.spilled();
+        let live = self.read_live(pid_hints, spilled);
         let listeners = self.sockets.read(&live);
         let tracked: u64 = listeners.iter().map(|l| l.counters.active()).sum();
         let events = per_cpu_sums(&self.events_batch, &self.events, Program::COUNT as usize);
@@ -394,7 +393,7 @@ impl Probes {
             // The part of them in the second tier (see `connection_tiers`).
             MapStats {
                 map: "connections_spill",
-                entries: self.spilled,
+                entries: spilled.unwrap_or_default(),
                 capacity: connection_tiers(self.capacities.connections_capacity).1,
             },
         ];
@@ -416,10 +415,9 @@ impl Probes {
     /// sweep, adopting connections opened before and registering listening sockets: it walks
     /// the namespace's whole socket table (the node's, for namespaces without their own), which
     /// is too slow for every scrape. Without the map iterators, the socket iterator reads every
-    /// watched namespace at every scrape.
-    fn read_live(&mut self, pid_hints: &[u32]) -> sockets::Live {
-        let spilled = self.sockets.spilled();
-        self.spilled = spilled.unwrap_or_default();
+    /// watched namespace at every scrape. `spilled`: the spill tier's entry count, if known
+    /// (zero skips its walk).
+    fn read_live(&mut self, pid_hints: &[u32], spilled: Option<u64>) -> sockets::Live {
         let by_maps = [Program::ConnLive, Program::ListenLive]
             .iter()
             .all(|p| self.map_iters.iter().any(|(q, _, _)| q == p));
