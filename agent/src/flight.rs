@@ -117,49 +117,45 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &flight.get(arrived, || Arc::new(2))));
     }
 
-    #[test]
-    fn a_request_joins_the_computation_in_progress_at_its_arrival() {
-        let flight = Flight::default();
+    /// Runs a computation that finishes with `held` once a second request has arrived while it
+    /// ran; returns what each got: the first request's outcome, the second's value.
+    fn with_second_arrival(
+        flight: &Flight<&'static str>,
+        held: impl FnOnce() -> &'static str + Send,
+    ) -> (std::thread::Result<&'static str>, &'static str) {
         std::thread::scope(|scope| {
             let (entered, wait) = std::sync::mpsc::channel();
             let (release, hold) = std::sync::mpsc::channel::<()>();
-            let computer = scope.spawn(|| {
+            let first = scope.spawn(|| {
                 flight.get(Instant::now(), move || {
                     entered.send(()).unwrap();
                     hold.recv().unwrap();
-                    "in flight"
+                    held()
                 })
             });
             wait.recv().unwrap();
             // Arrives while the computation that started before it runs.
-            let joiner = scope.spawn(|| flight.get(Instant::now(), || "own"));
-            // Time for the joiner to get there and wait.
+            let second = scope.spawn(|| flight.get(Instant::now(), || "own"));
+            // Time for the second to get there and wait.
             std::thread::sleep(Duration::from_millis(200));
             release.send(()).unwrap();
-            assert_eq!(computer.join().unwrap(), "in flight");
-            assert_eq!(joiner.join().unwrap(), "in flight");
-        });
+            (first.join(), second.join().unwrap())
+        })
+    }
+
+    #[test]
+    fn a_request_joins_the_computation_in_progress_at_its_arrival() {
+        let flight = Flight::default();
+        let (first, second) = with_second_arrival(&flight, || "in flight");
+        assert_eq!(first.unwrap(), "in flight");
+        assert_eq!(second, "in flight");
     }
 
     #[test]
     fn a_computation_that_panics_leaves_the_waiters_to_compute_their_own() {
         let flight = Flight::default();
-        std::thread::scope(|scope| {
-            let (entered, wait) = std::sync::mpsc::channel();
-            let (release, hold) = std::sync::mpsc::channel::<()>();
-            let computer = scope.spawn(|| {
-                flight.get(Instant::now(), move || -> &str {
-                    entered.send(()).unwrap();
-                    hold.recv().unwrap();
-                    panic!("compute failed")
-                })
-            });
-            wait.recv().unwrap();
-            let joiner = scope.spawn(|| flight.get(Instant::now(), || "own"));
-            std::thread::sleep(Duration::from_millis(200));
-            release.send(()).unwrap();
-            assert!(computer.join().is_err());
-            assert_eq!(joiner.join().unwrap(), "own");
-        });
+        let (first, second) = with_second_arrival(&flight, || panic!("compute failed"));
+        assert!(first.is_err());
+        assert_eq!(second, "own");
     }
 }

@@ -133,10 +133,19 @@ impl<T: SampleValue + ?Sized> SampleValue for &T {
     }
 }
 
-/// Already formatted.
-impl SampleValue for String {
+/// An integer or a float, for code that picks per family.
+#[derive(Clone, Copy)]
+enum Number {
+    Int(u64),
+    Float(f64),
+}
+
+impl SampleValue for Number {
     fn write_to(&self, out: &mut String) {
-        out.push_str(self);
+        match self {
+            Number::Int(n) => n.write_to(out),
+            Number::Float(x) => x.write_to(out),
+        }
     }
 }
 
@@ -569,7 +578,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         .filter_map(|(pid, c)| Some((*by_pid.get(pid)?, c)))
         .collect();
     let counter =
-        |e: &mut Exposition, name: &str, help: &str, f: &dyn Fn(&ResourceCounters) -> String| {
+        |e: &mut Exposition, name: &str, help: &str, f: &dyn Fn(&ResourceCounters) -> Number| {
             let mut fam = e.family(name, Kind::Counter, help);
             for (id, c) in &kernel {
                 fam.sample(&[("broker", id)], f(c));
@@ -579,7 +588,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         e,
         "cpu_seconds_total",
         "On-CPU time of the broker's threads (sched_switch).",
-        &|c| (c.on_cpu_ns as f64 / 1e9).to_string(),
+        &|c| Number::Float(c.on_cpu_ns as f64 / 1e9),
     );
     {
         let mut f = e.family(
@@ -606,13 +615,13 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         e,
         "disk_read_bytes_total",
         "Bytes of block read requests the broker issued (direct and synchronous reads).",
-        &|c| c.read_bytes.to_string(),
+        &|c| Number::Int(c.read_bytes),
     );
     counter(
         e,
         "disk_written_bytes_total",
         "Bytes of block write requests the broker issued (direct I/O; page-cache writeback is issued by kernel threads).",
-        &|c| c.written_bytes.to_string(),
+        &|c| Number::Int(c.written_bytes),
     );
     {
         let mut f = e.family(
@@ -628,7 +637,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         e,
         "fsync_total",
         "fsync and fdatasync calls the broker completed.",
-        &|c| c.fsyncs.to_string(),
+        &|c| Number::Int(c.fsyncs),
     );
     {
         let mut f = e.family(

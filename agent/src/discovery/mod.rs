@@ -173,13 +173,7 @@ impl Discovery {
             .map(|b| b.pid)
             .collect();
         self.model.set_brokers(snapshot);
-        self.settle(&mut st, &found);
-        let running = st
-            .table
-            .snapshot()
-            .iter()
-            .filter(|b| b.is_running())
-            .count();
+        let running = found.len() - self.settle(&mut st, &found);
         Ok(ScanSummary {
             processes: pids.len(),
             running,
@@ -215,9 +209,9 @@ impl Discovery {
     /// the table above reaches the model. A broker that ended before that (a crash right after
     /// start) would stay `running` until the next rescan: so once the pids are registered, any
     /// of `pids` that is gone or a zombie is taken as exited here. An exit event that does come
-    /// finds it already stopped.
-    fn settle(&self, st: &mut State, pids: &[u32]) {
-        let mut changed = false;
+    /// finds it already stopped. Returns how many it stopped.
+    fn settle(&self, st: &mut State, pids: &[u32]) -> usize {
+        let mut stopped = 0;
         for &pid in pids {
             let gone = match st.proc.stat(pid) {
                 Ok(stat) => stat.state == 'Z' || stat.state == 'X',
@@ -229,12 +223,13 @@ impl Discovery {
             };
             if gone && let Some(id) = st.table.exited(pid) {
                 tracing::info!(broker = %id, pid, "broker process exited before its exit could be reported");
-                changed = true;
+                stopped += 1;
             }
         }
-        if changed {
+        if stopped > 0 {
             self.model.update_brokers(st.table.snapshot());
         }
+        stopped
     }
 
     /// A process exited: call it when the whole thread group is gone (`sched_process_exit` of

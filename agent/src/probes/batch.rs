@@ -79,6 +79,31 @@ impl<K: Copy, V: Copy> Batched<K, V> {
     /// Every entry, each key with its values (one, or one per CPU). An error means the kernel
     /// does not batch this map type, or the map changed shape mid-read.
     pub fn read(&self) -> std::io::Result<Vec<(K, Vec<V>)>> {
+        let mut out = Vec::new();
+        self.walk(|key, values| out.push((key, values.collect())))?;
+        Ok(out)
+    }
+
+    /// Every entry with its single value (maps that are not per CPU).
+    pub fn read_single(&self) -> std::io::Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        self.walk(|key, values| {
+            if let Some(value) = values.next() {
+                out.push((key, value));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// How many entries the map holds.
+    pub fn count(&self) -> std::io::Result<u64> {
+        let mut n = 0;
+        self.walk(|_, _| n += 1)?;
+        Ok(n)
+    }
+
+    /// Calls `f` with each entry's key and values, a chunk of entries per system call.
+    fn walk(&self, mut f: impl FnMut(K, &mut dyn Iterator<Item = V>)) -> std::io::Result<()> {
         // Per-CPU values are laid out at 8-byte strides, one per possible CPU.
         let stride = size_of::<V>().next_multiple_of(8);
         let per_key = if self.cpus > 1 {
@@ -94,7 +119,6 @@ impl<K: Copy, V: Copy> Batched<K, V> {
         // The batch token is the bucket (hash) or index (array) to go on from: a u32 for both.
         let mut token = 0u32;
         let mut first = true;
-        let mut out = Vec::new();
         loop {
             let mut next = 0u32;
             let mut attr = BatchAttr {
@@ -122,34 +146,23 @@ impl<K: Copy, V: Copy> Batched<K, V> {
                     std::ptr::read_unaligned(keys.as_ptr().add(i * size_of::<K>()).cast::<K>())
                 };
                 let base = i * per_key;
-                let value = (0..self.cpus)
-                    .map(|cpu| {
-                        // SAFETY: as above; `base + cpu * stride + size_of::<V>()` is within
-                        // the element's `per_key` bytes.
-                        unsafe {
-                            std::ptr::read_unaligned(
-                                values.as_ptr().add(base + cpu * stride).cast::<V>(),
-                            )
-                        }
-                    })
-                    .collect();
-                out.push((key, value));
+                let mut value = (0..self.cpus).map(|cpu| {
+                    // SAFETY: as above; `base + cpu * stride + size_of::<V>()` is within the
+                    // element's `per_key` bytes.
+                    unsafe {
+                        std::ptr::read_unaligned(
+                            values.as_ptr().add(base + cpu * stride).cast::<V>(),
+                        )
+                    }
+                });
+                f(key, &mut value);
             }
             if done {
-                return Ok(out);
+                return Ok(());
             }
             token = next;
             first = false;
         }
-    }
-
-    /// Every entry with its single value (maps that are not per CPU).
-    pub fn read_single(&self) -> std::io::Result<Vec<(K, V)>> {
-        Ok(self
-            .read()?
-            .into_iter()
-            .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
-            .collect())
     }
 }
 

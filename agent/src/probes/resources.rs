@@ -152,8 +152,7 @@ impl ResourcesReader {
 
 /// Entries of a map: one batch read, or a walk of its keys where the kernel cannot batch.
 fn count<K: aya::Pod, V: aya::Pod>(batched: &Batched<K, V>, map: &HashMap<MapData, K, V>) -> u64 {
-    match batched.read() {
-        Ok(entries) => entries.len() as u64,
-        Err(_) => map.keys().count() as u64,
-    }
+    batched
+        .count()
+        .unwrap_or_else(|_| map.keys().count() as u64)
 }
