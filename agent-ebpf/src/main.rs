@@ -8,7 +8,10 @@
     internal_features,
     reason = "atomic_xadd is the only 64-bit atomic add on bpf"
 )]
+// `fields::load!`: a load at an offset the loader patches needs the instruction written out.
+#![feature(asm_experimental_arch)]
 
+mod fields;
 mod processes;
 mod resources;
 mod sockets;

@@ -8,13 +8,14 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, raw_tracepoint, tracepoint},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use brokerscope_common::{
+    fields::Field,
     processes::NO_FIELD,
     sockets::{
         CONN_ADOPTED, CONN_CLOSE, CONN_EVENTS_BYTES, CONN_OPEN, CONN_RESET_RECEIVED,
@@ -27,7 +28,10 @@ use brokerscope_common::{
     telemetry::{ProbeError, Program},
 };
 
-use crate::telemetry::{count_error, count_run, increment};
+use crate::{
+    fields::load,
+    telemetry::{count_error, count_run, increment},
+};
 
 /// `add!(counters, field, n)` or `add!(counters, array[i], n)`: atomic add to a field of a
 /// LISTENERS value.
@@ -196,17 +200,14 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let oldstate: i32 = record.get(off.tp_oldstate)?;
     let newstate: i32 = record.get(off.tp_newstate)?;
     let sk: u64 = record.get(off.tp_skaddr)?;
-    on_state_change(
-        sk,
-        oldstate,
-        newstate,
-        &off,
-        || record.get(off.tp_sport),
-        |e| state_tuple(ctx, e),
-    )
+    let socket = Traced {
+        probed: Probed { sk, off: &off },
+        record: &record,
+    };
+    on_state_change(socket, oldstate, newstate)
 }
 
-/// The same hook as a raw tracepoint, preferred when the kernel allows it: no trace record is
+/// The same hook as a raw tracepoint, the fallback of [`sock_state_btf`]: no trace record is
 /// built for it, and the arguments (`sk`, `oldstate`, `newstate`) are read without a helper
 /// call, so the transitions that matter nothing (most of them) cost almost nothing. The
 /// protocol and port come from the socket, at offsets from BTF.
@@ -237,30 +238,226 @@ fn try_sock_state_raw(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    on_state_change(
-        sk,
-        oldstate,
-        newstate,
-        &off,
-        || kread(sk, off.sock_num, ProbeError::ReadSocket),
-        |e| sock_tuple(sk, e),
-    )
+    on_state_change(Probed { sk, off: &off }, oldstate, newstate)
 }
 
-/// Counts an accept or a close of socket `sk`; `local_port` is only asked for an accept.
-#[inline(always)]
-fn on_state_change(
+/// The same hook as a BTF tracepoint, preferred when the kernel allows it: its argument is a
+/// typed `struct sock *`, so every field is one load instruction (at an offset the loader
+/// patched in, see [`crate::fields`]) instead of a `bpf_probe_read_kernel` call.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn sock_state_btf(ctx: BtfTracePointContext) -> i32 {
+    count_run(Program::SockStateBtf);
+    if let Err(error) = try_sock_state_btf(&ctx) {
+        count_error(error);
+        warn!(
+            &ctx,
+            "sock_state_btf: {} (error kind {})",
+            error.label(),
+            error as u32
+        );
+    }
+    0
+}
+
+fn try_sock_state_btf(ctx: &BtfTracePointContext) -> Result<(), ProbeError> {
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    if classify(oldstate, newstate) == Transition::Other {
+        return Ok(());
+    }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SAFETY: the helper checks its argument, a typed socket pointer: it answers NULL unless
+    // the socket is a full TCP socket, and otherwise the same pointer as a `struct tcp_sock`.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as u64;
+    if tp == 0 {
+        return Ok(());
+    }
+    on_state_change(Typed { tp }, oldstate, newstate)
+}
+
+/// What counting a state change reads of a socket, by hook: helper reads at offsets the loader
+/// resolved ([`Probed`], and [`Traced`] with the classic tracepoint's record), or direct loads
+/// through a typed pointer ([`Typed`]).
+trait Socket: Copy {
+    /// The socket's address: the key of the connection maps.
+    fn addr(self) -> u64;
+    /// The local port (host order).
+    fn local_port(self) -> Result<u16, ProbeError>;
+    /// The inode number of the socket's network namespace.
+    fn netns(self) -> Result<u32, ProbeError>;
+    /// Payload bytes received and had acknowledged, the socket being in `state`.
+    fn payload(self, state: i32) -> Result<(u64, u64), ProbeError>;
+    fn total_retrans(self) -> Result<u32, ProbeError>;
+    /// The smoothed RTT in microseconds, shifted left by 3.
+    fn srtt_us(self) -> Result<u32, ProbeError>;
+    /// Remote port, family and addresses, for a connection event.
+    fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError>;
+}
+
+/// A socket read with `bpf_probe_read_kernel` at offsets from BTF.
+#[derive(Clone, Copy)]
+struct Probed<'a> {
     sk: u64,
-    oldstate: i32,
-    newstate: i32,
-    off: &SocketOffsets,
-    local_port: impl FnOnce() -> Result<u16, ProbeError>,
-    tuple: impl Fn(&mut ConnEvent) -> Result<(), ProbeError>,
-) -> Result<(), ProbeError> {
+    off: &'a SocketOffsets,
+}
+
+impl Socket for Probed<'_> {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.sk
+    }
+    #[inline(always)]
+    fn local_port(self) -> Result<u16, ProbeError> {
+        kread(self.sk, self.off.sock_num, ProbeError::ReadSocket)
+    }
+    #[inline(always)]
+    fn netns(self) -> Result<u32, ProbeError> {
+        kread_netns(self.sk, self.off)
+    }
+    #[inline(always)]
+    fn payload(self, state: i32) -> Result<(u64, u64), ProbeError> {
+        socket_payload(self.sk, state, self.off)
+    }
+    #[inline(always)]
+    fn total_retrans(self) -> Result<u32, ProbeError> {
+        kread(self.sk, self.off.tcp_total_retrans, ProbeError::ReadSocket)
+    }
+    #[inline(always)]
+    fn srtt_us(self) -> Result<u32, ProbeError> {
+        kread(self.sk, self.off.tcp_srtt_us, ProbeError::ReadSocket)
+    }
+    #[inline(always)]
+    fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError> {
+        sock_tuple(self.sk, e)
+    }
+}
+
+/// As [`Probed`], with the port and the tuple from the classic tracepoint's record.
+#[derive(Clone, Copy)]
+struct Traced<'a> {
+    probed: Probed<'a>,
+    record: &'a RecordHead<'a>,
+}
+
+impl Socket for Traced<'_> {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.probed.sk
+    }
+    #[inline(always)]
+    fn local_port(self) -> Result<u16, ProbeError> {
+        self.record.get(self.probed.off.tp_sport)
+    }
+    #[inline(always)]
+    fn netns(self) -> Result<u32, ProbeError> {
+        self.probed.netns()
+    }
+    #[inline(always)]
+    fn payload(self, state: i32) -> Result<(u64, u64), ProbeError> {
+        self.probed.payload(state)
+    }
+    #[inline(always)]
+    fn total_retrans(self) -> Result<u32, ProbeError> {
+        self.probed.total_retrans()
+    }
+    #[inline(always)]
+    fn srtt_us(self) -> Result<u32, ProbeError> {
+        self.probed.srtt_us()
+    }
+    #[inline(always)]
+    fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError> {
+        state_tuple(self.record.ctx, e)
+    }
+}
+
+/// A `struct tcp_sock *` the verifier knows the type of: each field is one load.
+#[derive(Clone, Copy)]
+struct Typed {
+    tp: u64,
+}
+
+impl Socket for Typed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.tp
+    }
+    #[inline(always)]
+    fn local_port(self) -> Result<u16, ProbeError> {
+        Ok(load!(u16, self.tp, Field::SockNum))
+    }
+    #[inline(always)]
+    fn netns(self) -> Result<u32, ProbeError> {
+        let net = load!(u64, self.tp, Field::SockNet);
+        if net == 0 {
+            return Err(ProbeError::ReadNetns);
+        }
+        Ok(load!(u32, net, Field::NetInum))
+    }
+    #[inline(always)]
+    fn payload(self, state: i32) -> Result<(u64, u64), ProbeError> {
+        let flags = load!(u64, self.tp, Field::SockFlags);
+        Ok(payload_bytes(
+            state,
+            load!(u64, self.tp, Field::TcpBytesAcked),
+            load!(u64, self.tp, Field::TcpBytesReceived),
+            load!(u32, self.tp, Field::TcpSndUna),
+            load!(u32, self.tp, Field::TcpWriteSeq),
+            (flags >> done_bit()) & 1 == 1,
+        ))
+    }
+    #[inline(always)]
+    fn total_retrans(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.tp, Field::TcpTotalRetrans))
+    }
+    #[inline(always)]
+    fn srtt_us(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.tp, Field::TcpSrttUs))
+    }
+    #[inline(always)]
+    fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError> {
+        e.remote_port = u16::from_be(load!(u16, self.tp, Field::SockDport));
+        e.family = load!(u16, self.tp, Field::SockFamily);
+        if e.family == AF_INET {
+            // Network-order addresses: their bytes in memory order.
+            e.local_addr = v4_mapped(load!(u32, self.tp, Field::SockRcvSaddr).to_ne_bytes());
+            e.remote_addr = v4_mapped(load!(u32, self.tp, Field::SockDaddr).to_ne_bytes());
+        } else {
+            e.local_addr = v6(
+                load!(u64, self.tp, Field::SockV6RcvSaddr),
+                load!(u64, self.tp, Field::SockV6RcvSaddrHigh),
+            );
+            e.remote_addr = v6(
+                load!(u64, self.tp, Field::SockV6Daddr),
+                load!(u64, self.tp, Field::SockV6DaddrHigh),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An IPv6 address from its two halves as loaded (memory order).
+#[inline(always)]
+fn v6(low: u64, high: u64) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&low.to_ne_bytes());
+    a[8..].copy_from_slice(&high.to_ne_bytes());
+    a
+}
+
+/// Bit of `SOCK_DONE` in `sk_flags`.
+#[inline(always)]
+fn done_bit() -> u32 {
+    // SAFETY: a plain read of a global the loader initialised; volatile as in `offsets`.
+    unsafe { core::ptr::read_volatile(&raw const SOCKET_OFFSETS.sock_done_bit) }
+}
+
+/// Counts an accept or a close of `socket`.
+#[inline(always)]
+fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<(), ProbeError> {
+    let sk = socket.addr();
     match classify(oldstate, newstate) {
         Transition::PassiveOpen => {
-            let port = local_port()?;
-            let listener = ListenerKey::new(kread_netns(sk, off)?, port);
+            let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
             if !watched(&listener) {
                 return Ok(());
             }
@@ -276,18 +473,18 @@ fn on_state_change(
                 add!(counters, untracked, 1);
                 return Err(ProbeError::ConnectionsFull);
             }
-            send_event(CONN_OPEN, &listener, &tuple);
+            send_event(CONN_OPEN, &listener, |e| socket.tuple(e));
             Ok(())
         }
         Transition::Listen => {
-            let listener = ListenerKey::new(kread_netns(sk, off)?, local_port()?);
+            let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
             if counted(&listener) {
                 let _ = LISTEN_SOCKS.insert(&listener, &sk, 0);
             }
             Ok(())
         }
         Transition::Close if oldstate == tcp_state::LISTEN => {
-            let listener = ListenerKey::new(kread_netns(sk, off)?, local_port()?);
+            let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
             // SAFETY: a plain read of a map value returned by the lookup.
             if unsafe { LISTEN_SOCKS.get(&listener) } == Some(&sk) {
                 let _ = LISTEN_SOCKS.remove(&listener);
@@ -303,10 +500,10 @@ fn on_state_change(
             untrack(sk, tier);
             let counters = listener_counters(&state.listener)?;
             add!(counters, closed, 1);
-            let accounted = account_close(sk, oldstate, &state, counters, off);
+            let accounted = account_close(socket, oldstate, &state, counters);
             send_event(CONN_CLOSE, &state.listener, |e| {
-                close_details(e, sk, oldstate, &state, off)?;
-                tuple(e)
+                close_details(e, socket, oldstate, &state)?;
+                socket.tuple(e)
             });
             accounted
         }
@@ -317,14 +514,13 @@ fn on_state_change(
 /// Adds a closing connection's payload bytes, outstanding retransmits, RTT and lifetime.
 #[inline(always)]
 fn account_close(
-    sk: u64,
+    socket: impl Socket,
     oldstate: i32,
     state: &ConnectionState,
     counters: *mut ListenerCounters,
-    off: &SocketOffsets,
 ) -> Result<(), ProbeError> {
     // At a CLOSE transition the socket's last state is the old one.
-    let (sent, received) = socket_payload(sk, oldstate, off)?;
+    let (sent, received) = socket.payload(oldstate)?;
     add!(counters, bytes_sent, sent.saturating_sub(state.base_sent));
     add!(
         counters,
@@ -332,13 +528,11 @@ fn account_close(
         received.saturating_sub(state.base_received)
     );
 
-    let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
+    let total_retrans = socket.total_retrans()?;
     let retransmits = u64::from(total_retrans.saturating_sub(state.retrans_seen));
     add!(counters, retransmits, retransmits);
 
-    // srtt_us holds the smoothed RTT in microseconds, shifted left by 3.
-    let srtt: u32 = kread(sk, off.tcp_srtt_us, ProbeError::ReadSocket)?;
-    let rtt_us = u64::from(srtt >> 3);
+    let rtt_us = u64::from(socket.srtt_us()? >> 3);
     if rtt_us > 0 {
         add!(counters, rtt_sum_us, rtt_us);
         let i = log2_bucket(rtt_us, RTT_BUCKETS);
@@ -865,16 +1059,15 @@ fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 /// A closing connection's payload bytes over its tracked life, and lifetime (the tuple is
-/// filled by the caller, from the hook's record or from the socket).
+/// filled by the caller).
 #[inline(always)]
 fn close_details(
     e: &mut ConnEvent,
-    sk: u64,
+    socket: impl Socket,
     oldstate: i32,
     state: &ConnectionState,
-    off: &SocketOffsets,
 ) -> Result<(), ProbeError> {
-    let (sent, received) = socket_payload(sk, oldstate, off)?;
+    let (sent, received) = socket.payload(oldstate)?;
     e.bytes_sent = sent.saturating_sub(state.base_sent);
     e.bytes_received = received.saturating_sub(state.base_received);
     if state.flags & CONN_ADOPTED == 0 {

@@ -10,6 +10,7 @@
 #![no_std]
 #![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
 
+pub mod fields;
 pub mod processes;
 pub mod resources;
 pub mod sockets;

@@ -60,11 +60,15 @@ pub enum Program {
     ConnLive = 20,
     /// `iter/bpf_map_elem` over the listening-socket map: listen drops at scrape time.
     ListenLive = 21,
+    /// `tp_btf/inet_sock_set_state`: the same counting as [`Program::SockStateRaw`], reading
+    /// the socket with direct loads (see [`crate::fields`]) instead of helper calls; preferred,
+    /// with the raw tracepoint as its fallback.
+    SockStateBtf = 22,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 22] = [
+    pub const ALL: [Program; 23] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -87,6 +91,7 @@ impl Program {
         Program::SockStateRaw,
         Program::ConnLive,
         Program::ListenLive,
+        Program::SockStateBtf,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -117,6 +122,7 @@ impl Program {
             Program::SockStateRaw => "sock_state_raw",
             Program::ConnLive => "conn_live",
             Program::ListenLive => "listen_live",
+            Program::SockStateBtf => "sock_state_btf",
         }
     }
 
@@ -145,6 +151,7 @@ impl Program {
             Program::SockStateRaw => "raw_tracepoint/inet_sock_set_state",
             Program::ConnLive => "iter/bpf_map_elem/CONNECTIONS",
             Program::ListenLive => "iter/bpf_map_elem/LISTEN_SOCKS",
+            Program::SockStateBtf => "tp_btf/inet_sock_set_state",
         }
     }
 
@@ -153,6 +160,9 @@ impl Program {
     pub const fn fallback(self) -> Option<&'static str> {
         match self {
             Program::SockState => None,
+            Program::SockStateBtf => {
+                Some("the raw tracepoint program sock_state_raw counts instead")
+            }
             Program::SockStateRaw => {
                 Some("the classic tracepoint program sock_state counts instead")
             }
@@ -210,7 +220,10 @@ impl Program {
             Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
             Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),
             Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
-            Program::SockStateRaw | Program::ConnLive | Program::ListenLive => None,
+            Program::SockStateRaw
+            | Program::ConnLive
+            | Program::ListenLive
+            | Program::SockStateBtf => None,
         }
     }
 
@@ -224,6 +237,22 @@ impl Program {
             _ => None,
         }
     }
+
+    /// The BTF tracepoint, for the programs attached to one.
+    pub const fn btf_tracepoint(self) -> Option<&'static str> {
+        match self {
+            Program::SockStateBtf => Some("inet_sock_set_state"),
+            _ => None,
+        }
+    }
+
+    /// Programs that count the same thing, most preferred first: the first this kernel takes
+    /// serves, and the rest are not attached.
+    pub const ALTERNATIVES: [&'static [Program]; 1] = [&[
+        Program::SockStateBtf,
+        Program::SockStateRaw,
+        Program::SockState,
+    ]];
 }
 
 /// Name of the per-CPU array the kernel programs count their failures in.

@@ -463,8 +463,8 @@ fn diagnostics_bundle_holds_everything_asked_for() {
     }
     let sock_state = programs
         .iter()
-        .find(|p| p["program"] == "sock_state_raw")
-        .expect("sock_state_raw (this kernel takes the raw tracepoint)");
+        .find(|p| p["program"] == "sock_state_btf")
+        .expect("sock_state_btf (this kernel takes the BTF tracepoint)");
     assert!(
         sock_state["window_run_count"].as_u64().unwrap() > 0,
         "{sock_state}"
@@ -885,6 +885,53 @@ fn connection_events_arrive_within_100ms_with_tuple_bytes_and_duration() {
         latencies[0], latencies[5], latencies[9]
     );
     assert!(latencies[9] < Duration::from_millis(100), "{latencies:?}");
+}
+
+/// IPv6 connections carry both addresses in their events, whichever hook counts them: the BTF
+/// program loads each address as two halves, the raw one reads the socket, the classic one
+/// its record.
+#[test]
+fn connection_events_carry_ipv6_addresses_through_every_hook() {
+    if !privileged("connection_events_carry_ipv6_addresses_through_every_hook") {
+        return;
+    }
+    for (program, disabled) in [
+        ("sock_state_btf", ""),
+        ("sock_state_raw", "\"sock_state_btf\""),
+        ("sock_state", "\"sock_state_btf\", \"sock_state_raw\""),
+    ] {
+        let agent = Agent::start(&format!(
+            "[probes]\nwatch_all_listeners = true\ndisabled_programs = [{disabled}]\n"
+        ));
+        agent.wait_ready();
+        let (_, metrics) = agent.get("/metrics");
+        assert!(
+            metrics.contains(&format!(
+                "brokerscope_probe_attached{{program=\"{program}\""
+            )),
+            "{program} should serve"
+        );
+        let listener = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let local = listener.local_addr().unwrap().to_string();
+        let sub = Subscriber::start(&agent, "?kind=connection_open,connection_close");
+        wait_subscribed(&agent);
+        let stream = std::net::TcpStream::connect(&local).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let remote = stream.local_addr().unwrap().to_string();
+        assert!(remote.starts_with("[::1]:"), "{remote}");
+        let (kind, open) = sub.next(Duration::from_secs(2), |_, d| {
+            d["detail"]["remote"] == remote
+        });
+        assert_eq!(kind, "connection_open", "{program}: {open}");
+        assert_eq!(open["detail"]["local"], local, "{program}: {open}");
+        drop(server);
+        drop(stream);
+        let (kind, close) = sub.next(Duration::from_secs(5), |_, d| {
+            d["detail"]["remote"] == remote
+        });
+        assert_eq!(kind, "connection_close", "{program}: {close}");
+        assert_eq!(close["detail"]["local"], local, "{program}: {close}");
+    }
 }
 
 /// SO_LINGER 0: close sends an RST (no TIME_WAIT left behind on the client side).

@@ -33,28 +33,31 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         agent.metric(
             "brokerscope_probe_attached",
             &[
-                ("program", "sock_state_raw"),
-                ("hook", "raw_tracepoint/inet_sock_set_state")
+                ("program", "sock_state_btf"),
+                ("hook", "tp_btf/inet_sock_set_state")
             ]
         ),
         Some(1.0),
-        "this kernel takes the raw tracepoint"
+        "this kernel takes the BTF tracepoint, with its direct loads patched in"
     );
-    // ... so the classic one, its fallback, is not attached at all.
-    assert_eq!(
-        agent.metric(
-            "brokerscope_probe_attached",
-            &[
-                ("program", "sock_state"),
-                ("hook", "tracepoint/sock/inet_sock_set_state")
-            ]
-        ),
-        None
-    );
+    // ... so its fallbacks, the raw and the classic tracepoint, are not attached at all.
+    for (program, hook) in [
+        ("sock_state_raw", "raw_tracepoint/inet_sock_set_state"),
+        ("sock_state", "tracepoint/sock/inet_sock_set_state"),
+    ] {
+        assert_eq!(
+            agent.metric(
+                "brokerscope_probe_attached",
+                &[("program", program), ("hook", hook)]
+            ),
+            None,
+            "{program}"
+        );
+    }
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
-        &[("program", "sock_state_raw")],
+        &[("program", "sock_state_btf")],
     );
     assert!(events.is_some_and(|n| n > 0.0), "{events:?}");
     assert_eq!(
@@ -67,7 +70,7 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         agent
             .metric(
                 "brokerscope_probe_misses_total",
-                &[("program", "sock_state_raw")]
+                &[("program", "sock_state_btf")]
             )
             .is_some()
     );
@@ -75,7 +78,7 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     let ids = agent.program_ids();
     assert_eq!(
         ids.len(),
-        // sock_state_raw (or sock_state, its fallback), tcp_retransmit, tcp_send_reset,
+        // sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
         // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_openat,
         // state_openat2, state_signal, sched_switch, sched_wakeup, sched_wakeup_new,
         // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,

@@ -192,26 +192,65 @@ fn payload_bytes_resets_and_lifetimes_are_exact() {
     payload_bytes_resets_and_lifetimes(WATCH_ALL);
 }
 
-/// The same through the classic tracepoint, the fallback of kernels that refuse the raw one.
+/// The same through the raw tracepoint, the fallback of kernels that refuse the BTF one (or
+/// whose BTF lacks a field its direct loads need): helper reads at offsets from BTF.
+#[test]
+fn payload_bytes_resets_and_lifetimes_are_exact_through_the_raw_tracepoint() {
+    if !privileged("payload_bytes_resets_and_lifetimes_are_exact_through_the_raw_tracepoint") {
+        return;
+    }
+    let _serial = serial();
+    let raw = format!("{WATCH_ALL}disabled_programs = [\"sock_state_btf\"]\n");
+    let agent = payload_bytes_resets_and_lifetimes(&raw);
+    assert_serves(
+        &agent,
+        ("sock_state_raw", "raw_tracepoint/inet_sock_set_state"),
+        &["sock_state_btf (tp_btf/inet_sock_set_state) not attached"],
+    );
+}
+
+/// The same through the classic tracepoint, the last fallback: the tracepoint's record.
 #[test]
 fn payload_bytes_resets_and_lifetimes_are_exact_through_the_classic_tracepoint() {
     if !privileged("payload_bytes_resets_and_lifetimes_are_exact_through_the_classic_tracepoint") {
         return;
     }
     let _serial = serial();
-    let classic = format!("{WATCH_ALL}disabled_programs = [\"sock_state_raw\"]\n");
+    let classic =
+        format!("{WATCH_ALL}disabled_programs = [\"sock_state_btf\", \"sock_state_raw\"]\n");
     let agent = payload_bytes_resets_and_lifetimes(&classic);
-    let hook = [
-        ("program", "sock_state"),
-        ("hook", "tracepoint/sock/inet_sock_set_state"),
+    assert_serves(
+        &agent,
+        ("sock_state", "tracepoint/sock/inet_sock_set_state"),
+        &[
+            "sock_state_btf (tp_btf/inet_sock_set_state) not attached",
+            "sock_state_raw (raw_tracepoint/inet_sock_set_state) not attached",
+        ],
+    );
+}
+
+/// `program` on `hook` counts state changes, the other alternatives are not attached, and
+/// /ready stays ready while naming each one refused.
+fn assert_serves(agent: &Agent, (program, hook): (&str, &str), refused: &[&str]) {
+    let alternatives = [
+        ("sock_state_btf", "tp_btf/inet_sock_set_state"),
+        ("sock_state_raw", "raw_tracepoint/inet_sock_set_state"),
+        ("sock_state", "tracepoint/sock/inet_sock_set_state"),
     ];
-    assert_eq!(agent.metric("brokerscope_probe_attached", &hook), Some(1.0));
+    for (p, h) in alternatives {
+        let want = (p == program).then_some(1.0);
+        assert_eq!(
+            agent.metric("brokerscope_probe_attached", &[("program", p), ("hook", h)]),
+            want,
+            "{p} on {h}"
+        );
+    }
+    assert!(alternatives.contains(&(program, hook)), "{program} {hook}");
     let (code, body) = agent.get("/ready");
     assert_eq!(code, 200, "degraded is still ready: {body}");
-    assert!(
-        body.contains("sock_state_raw (raw_tracepoint/inet_sock_set_state) not attached"),
-        "{body}"
-    );
+    for line in refused {
+        assert!(body.contains(line), "{line}: {body}");
+    }
 }
 
 fn payload_bytes_resets_and_lifetimes(config: &str) -> Agent {
@@ -556,11 +595,10 @@ fn wait_for_samples<const K: usize>(
         }
         // The kernel skips a program run nested in itself on one CPU (a softirq state change
         // during a process-context one): say how many, should that be why.
-        let misses = find_sample(
-            &body,
-            "brokerscope_probe_misses_total",
-            &[("program", "sock_state_raw")],
-        );
+        let misses: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("brokerscope_probe_misses_total{program=\"sock_state"))
+            .collect();
         let errors: Vec<&str> = body
             .lines()
             .filter(|l| l.starts_with("brokerscope_probe_errors_total") && !l.ends_with(" 0"))
@@ -573,7 +611,7 @@ fn wait_for_samples<const K: usize>(
         assert!(
             std::time::Instant::now() < deadline,
             "timed out after 15 s waiting for {what}: want {want:?}, last seen {seen:?} \
-             (sock_state_raw runs the kernel skipped: {misses:?}; probe errors: {errors:?}; \
+             (state-change runs the kernel skipped: {misses:?}; probe errors: {errors:?}; \
              accepts per listener: {accepted:?})"
         );
         std::thread::sleep(Duration::from_millis(25));

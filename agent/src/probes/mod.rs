@@ -5,6 +5,7 @@
 
 mod batch;
 mod btf;
+mod fields;
 mod map_iter;
 mod netns;
 pub mod processes;
@@ -23,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{Iter, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
@@ -57,6 +58,8 @@ pub enum ProbesError {
     Format(#[from] tracefs::FormatError),
     #[error("disabled by probes.disabled_programs")]
     Disabled,
+    #[error("its direct loads cannot be patched for this kernel: {0}")]
+    Fields(#[source] fields::PatchError),
     #[error("cannot load kernel BTF for the iterator: {0}")]
     KernelBtf(#[source] Box<aya::BtfError>),
     #[error("cannot load the eBPF object: {0}")]
@@ -192,6 +195,20 @@ impl Probes {
             ?state_offsets,
             "resolved offsets"
         );
+        // The direct loads of the BTF programs get this kernel's offsets; without them those
+        // programs are not loaded and their fallbacks serve.
+        let patched = fields::FieldOffsets::resolve(&kernel_types, &offsets, &event_offsets)
+            .and_then(|field_offsets| fields::patch(EBPF_OBJECT, &field_offsets));
+        let (object, unpatched) = match &patched {
+            Ok(object) => {
+                tracing::debug!(instructions = object.patched, "patched direct loads");
+                (object.bytes(), None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "direct loads not patched: BTF programs not loaded");
+                (EBPF_OBJECT, Some(e.clone()))
+            }
+        };
         let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
         let mut ebpf = EbpfLoader::new()
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
@@ -205,8 +222,9 @@ impl Probes {
             .map_max_entries(CONNECTIONS_MAP, first_tier)
             // A map cannot be empty; an unused spill tier is switched off below.
             .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
-            .load(EBPF_OBJECT)
+            .load(object)
             .map_err(|e| ProbesError::Load(Box::new(e)))?;
+        drop(patched);
 
         spawn_kernel_log(&mut ebpf)?;
 
@@ -217,18 +235,21 @@ impl Probes {
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
         let mut map_iters = Vec::new();
-        // The raw tracepoint first: when it serves, the classic one is not needed.
-        let order = std::iter::once(Program::SockStateRaw).chain(
+        // Alternatives in order of preference, then every other program. Once one of a set of
+        // alternatives serves, the rest are not attached.
+        let order = Program::ALTERNATIVES.into_iter().flatten().copied().chain(
             Program::ALL
                 .into_iter()
-                .filter(|p| *p != Program::SockStateRaw),
+                .filter(|p| !Program::ALTERNATIVES.iter().any(|set| set.contains(p))),
         );
         for program in order {
-            if program == Program::SockState
-                && attached
-                    .iter()
-                    .any(|a: &Attachment| a.program == Program::SockStateRaw.name())
-            {
+            let served = Program::ALTERNATIVES.iter().any(|set| {
+                set.contains(&program)
+                    && attached
+                        .iter()
+                        .any(|a: &Attachment| set.iter().any(|p| p.name() == a.program))
+            });
+            if served {
                 continue;
             }
             let result = if config.disabled_programs.iter().any(|d| d == program.name()) {
@@ -240,6 +261,8 @@ impl Probes {
                     kind: "BTF member",
                     name: "sock.sk_protocol",
                 })
+            } else if let (Some(_), Some(e)) = (program.btf_tracepoint(), &unpatched) {
+                Err(ProbesError::Fields(e.clone()))
             } else {
                 attach(&mut ebpf, &btf, program, &mut map_iters)
             };
@@ -534,6 +557,18 @@ fn attach(
         let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
         prog.load().map_err(err)?;
         prog.attach(tracepoint).map_err(err)?;
+        let id = prog.info().map_err(err)?.id();
+        tracing::info!(program = name, hook, id, "attached");
+        return Ok(Attachment {
+            program: name,
+            hook,
+            id,
+        });
+    }
+    if let Some(tracepoint) = program.btf_tracepoint() {
+        let prog: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+        prog.load(tracepoint, btf).map_err(err)?;
+        prog.attach().map_err(err)?;
         let id = prog.info().map_err(err)?.id();
         tracing::info!(program = name, hook, id, "attached");
         return Ok(Attachment {
