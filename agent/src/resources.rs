@@ -260,16 +260,24 @@ mod tests {
 
     #[test]
     fn kept_files_read_fresh_figures_and_a_gone_process_reads_nothing() {
-        use std::io::Write as _;
-        // A shell that opens three more files when told to, then waits.
+        use std::io::{BufRead as _, Write as _};
+        // A shell that says it runs, opens three more files when told to, then waits.
         let mut child = std::process::Command::new("sh")
             .args([
                 "-c",
-                "read go; exec 5</dev/null 6</dev/null 7</dev/null; read done",
+                "echo up; read go; exec 5</dev/null 6</dev/null 7</dev/null; read done",
             ])
             .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // Counted only once the shell runs: until its exec completes, the child can still
+        // hold descriptors of this (multi-threaded) test process.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "up\n");
         let mut files = ProcFiles::default();
         let first = files.read(child.id(), None);
         assert_eq!(first.threads, Some(1));
@@ -281,7 +289,12 @@ mod tests {
         stdin.write_all(b"go\n").unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while files.read(child.id(), None).open_fds != Some(fds + 3) {
-            assert!(std::time::Instant::now() < deadline, "fd count never moved");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fd count never moved from {fds} to {}: {:?}",
+                fds + 3,
+                files.read(child.id(), None).open_fds
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let me = std::process::id();
