@@ -9,11 +9,12 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
+    fields::Field,
     resources::{
         BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, OnCpu,
         RESOURCES_CAPACITY, RUNQ_CAPACITY, RUNTIME_CAPACITY, ResourceCounters, ResourceOffsets,
@@ -24,6 +25,7 @@ use brokerscope_common::{
 };
 
 use crate::{
+    fields::load,
     processes::is_broker,
     telemetry::{count_error, count_run, increment},
 };
@@ -97,27 +99,124 @@ fn bucket(us: u64) -> usize {
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     count_run(Program::SchedSwitch);
-    if let Err(e) = try_switch(&ctx) {
+    // Raw `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`:
+    // the first three arguments are the same on every kernel since 4.x.
+    let off = offsets();
+    let prev = Probed {
+        task: ctx.arg(1),
+        off: &off,
+    };
+    let next = Probed {
+        task: ctx.arg(2),
+        off: &off,
+    };
+    if let Err(e) = on_switch(ctx.arg::<u64>(0) & 0xff != 0, prev, next) {
         count_error(e);
     }
     0
 }
 
-/// Raw `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`:
-/// the first three arguments are the same on every kernel since 4.x.
-fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
-    let off = offsets();
+/// The same as a BTF tracepoint, preferred when the kernel allows it: the tasks are typed
+/// pointers, so each field is one load (see [`crate::fields`]) instead of a helper call.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
+    count_run(Program::SchedSwitchBtf);
     let preempt: u64 = ctx.arg(0);
-    let prev: u64 = ctx.arg(1);
-    let next: u64 = ctx.arg(2);
+    let (prev, next) = (Typed { task: ctx.arg(1) }, Typed { task: ctx.arg(2) });
+    if let Err(e) = on_switch(preempt & 0xff != 0, prev, next) {
+        count_error(e);
+    }
+    0
+}
+
+/// What the scheduler hooks read of a task: helper reads at offsets from BTF ([`Probed`]), or
+/// direct loads through a typed pointer ([`Typed`]).
+trait Task: Copy {
+    fn tgid(self) -> Result<u32, ProbeError>;
+    /// The thread id.
+    fn pid(self) -> Result<u32, ProbeError>;
+    /// `__state` (`state` before 5.14).
+    fn state(self) -> Result<u32, ProbeError>;
+    /// `se.sum_exec_runtime`.
+    fn sum_exec(self) -> Result<u64, ProbeError>;
+    /// `se.prev_sum_exec_runtime`.
+    fn prev_sum_exec(self) -> Result<u64, ProbeError>;
+}
+
+#[derive(Clone, Copy)]
+struct Probed<'a> {
+    task: u64,
+    off: &'a ResourceOffsets,
+}
+
+impl Probed<'_> {
+    #[inline(always)]
+    fn read<T>(self, offset: u32) -> Result<T, ProbeError> {
+        // SAFETY: a checked kernel read at a BTF offset inside the task.
+        unsafe { bpf_probe_read_kernel((self.task + u64::from(offset)) as *const T) }
+            .map_err(|_| ProbeError::ReadTask)
+    }
+}
+
+impl Task for Probed<'_> {
+    #[inline(always)]
+    fn tgid(self) -> Result<u32, ProbeError> {
+        self.read::<i32>(self.off.task_tgid).map(|t| t as u32)
+    }
+    #[inline(always)]
+    fn pid(self) -> Result<u32, ProbeError> {
+        self.read::<i32>(self.off.task_pid).map(|t| t as u32)
+    }
+    #[inline(always)]
+    fn state(self) -> Result<u32, ProbeError> {
+        self.read(self.off.task_state)
+    }
+    #[inline(always)]
+    fn sum_exec(self) -> Result<u64, ProbeError> {
+        self.read(self.off.task_sum_exec)
+    }
+    #[inline(always)]
+    fn prev_sum_exec(self) -> Result<u64, ProbeError> {
+        self.read(self.off.task_prev_sum_exec)
+    }
+}
+
+/// A `struct task_struct *` the verifier knows the type of.
+#[derive(Clone, Copy)]
+struct Typed {
+    task: u64,
+}
+
+impl Task for Typed {
+    #[inline(always)]
+    fn tgid(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.task, Field::TaskTgid))
+    }
+    #[inline(always)]
+    fn pid(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.task, Field::TaskPid))
+    }
+    #[inline(always)]
+    fn state(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.task, Field::TaskState))
+    }
+    #[inline(always)]
+    fn sum_exec(self) -> Result<u64, ProbeError> {
+        Ok(load!(u64, self.task, Field::TaskSumExec))
+    }
+    #[inline(always)]
+    fn prev_sum_exec(self) -> Result<u64, ProbeError> {
+        Ok(load!(u64, self.task, Field::TaskPrevSumExec))
+    }
+}
+
+/// A context switch from `prev` (still the current task) to `next`.
+#[inline(always)]
+fn on_switch(preempt: bool, prev: impl Task, next: impl Task) -> Result<(), ProbeError> {
     // The switched-out task is still current here.
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: a checked kernel read at a BTF offset inside the task.
-    let next_tgid: i32 =
-        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_tgid)) as *const i32) }
-            .map_err(|_| ProbeError::ReadTask)?;
-    let (prev_broker, next_broker) = (is_broker(tgid), is_broker(next_tgid as u32));
+    let (prev_broker, next_broker) = (is_broker(tgid), is_broker(next.tgid()?));
     let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
     if !prev_broker && !next_broker {
         // The common case on a busy node: no clock read, no hash lookup. The slot only has
@@ -132,19 +231,12 @@ fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
         // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
         let here = unsafe { *slot };
         let c = counters(tgid)?;
-        // SAFETY: checked kernel reads at BTF offsets inside the task.
-        let sum: u64 =
-            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_sum_exec)) as *const u64) }
-                .map_err(|_| ProbeError::ReadTask)?;
+        let sum = prev.sum_exec()?;
         // SAFETY: a plain read of a map value returned by the lookup.
         let base = match unsafe { THREAD_RUNTIME.get(&tid) } {
             Some(last) if *last <= sum => *last,
             // First seen (or a reused thread id): count from when it got this CPU.
-            // SAFETY: as above.
-            _ => unsafe {
-                bpf_probe_read_kernel((prev + u64::from(off.task_prev_sum_exec)) as *const u64)
-            }
-            .map_err(|_| ProbeError::ReadTask)?,
+            _ => prev.prev_sum_exec()?,
         };
         add!(c, on_cpu_ns, sum.saturating_sub(base));
         let _ = THREAD_RUNTIME.insert(&tid, &sum, 0);
@@ -155,11 +247,7 @@ fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
                 add!(c, runq_sum_us, us);
             }
         }
-        // SAFETY: a checked kernel read at a BTF offset inside the task.
-        let state: u32 =
-            unsafe { bpf_probe_read_kernel((prev + u64::from(off.task_state)) as *const u32) }
-                .map_err(|_| ProbeError::ReadTask)?;
-        if involuntary(preempt & 0xff != 0, state) {
+        if involuntary(preempt, prev.state()?) {
             add!(c, involuntary, 1);
             // Preempted: it waits on the run queue from now.
             let _ = RUNQ_SINCE.insert(&tid, &now, 0);
@@ -172,11 +260,7 @@ fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
         unsafe { (*slot).since_ns = 0 };
         return Ok(());
     }
-    // SAFETY: a checked kernel read at a BTF offset inside the task.
-    let next_pid: i32 =
-        unsafe { bpf_probe_read_kernel((next + u64::from(off.task_pid)) as *const i32) }
-            .map_err(|_| ProbeError::ReadTask)?;
-    let next = next_pid as u32;
+    let next = next.pid()?;
     let mut runq_ns = 0;
     let mut has_runq = 0;
     // SAFETY: a plain read of a map value returned by the lookup.
@@ -200,38 +284,61 @@ fn try_switch(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
     count_run(Program::SchedWakeup);
-    if let Err(e) = try_wakeup(&ctx) {
-        count_error(e);
-    }
+    wakeup_raw(&ctx);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup_new")]
 pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
     count_run(Program::SchedWakeupNew);
-    if let Err(e) = try_wakeup(&ctx) {
-        count_error(e);
-    }
+    wakeup_raw(&ctx);
     0
 }
 
-fn try_wakeup(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> u32 {
+    count_run(Program::SchedWakeupBtf);
+    wakeup_btf(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> u32 {
+    count_run(Program::SchedWakeupNewBtf);
+    wakeup_btf(&ctx);
+    0
+}
+
+/// The first argument of both wake-up tracepoints is the woken `struct task_struct *`.
+#[inline(always)]
+fn wakeup_raw(ctx: &RawTracePointContext) {
     let off = offsets();
-    // The raw tracepoint's first argument is the woken `struct task_struct *`.
-    let task: u64 = ctx.arg(0);
-    // SAFETY: a checked kernel read at a BTF offset inside the task.
-    let tgid: i32 =
-        unsafe { bpf_probe_read_kernel((task + u64::from(off.task_tgid)) as *const i32) }
-            .map_err(|_| ProbeError::ReadTask)?;
-    if !is_broker(tgid as u32) {
+    let task = Probed {
+        task: ctx.arg(0),
+        off: &off,
+    };
+    if let Err(e) = on_wakeup(task) {
+        count_error(e);
+    }
+}
+
+#[inline(always)]
+fn wakeup_btf(ctx: &BtfTracePointContext) {
+    if let Err(e) = on_wakeup(Typed { task: ctx.arg(0) }) {
+        count_error(e);
+    }
+}
+
+/// A broker thread woken: it waits on the run queue from now.
+#[inline(always)]
+fn on_wakeup(task: impl Task) -> Result<(), ProbeError> {
+    if !is_broker(task.tgid()?) {
         return Ok(());
     }
-    // SAFETY: as above.
-    let tid: i32 = unsafe { bpf_probe_read_kernel((task + u64::from(off.task_pid)) as *const i32) }
-        .map_err(|_| ProbeError::ReadTask)?;
+    let tid = task.pid()?;
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = RUNQ_SINCE.insert(&(tid as u32), &now, 0);
+    let _ = RUNQ_SINCE.insert(&tid, &now, 0);
     Ok(())
 }
 

@@ -53,11 +53,21 @@ pub enum Field {
     /// `sock.__sk_common.skc_v6_rcv_saddr`, first and second 8 bytes.
     SockV6RcvSaddr = 17,
     SockV6RcvSaddrHigh = 18,
+    /// `task_struct.tgid` (i32).
+    TaskTgid = 19,
+    /// `task_struct.pid`: the thread id (i32).
+    TaskPid = 20,
+    /// `task_struct.__state` (`state` before 5.14; its low 32 bits).
+    TaskState = 21,
+    /// `task_struct.se.sum_exec_runtime` (u64).
+    TaskSumExec = 22,
+    /// `task_struct.se.prev_sum_exec_runtime` (u64).
+    TaskPrevSumExec = 23,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 19] = [
+    pub const ALL: [Field; 24] = [
         Field::SockNum,
         Field::SockState,
         Field::SockFlags,
@@ -77,6 +87,11 @@ impl Field {
         Field::SockV6DaddrHigh,
         Field::SockV6RcvSaddr,
         Field::SockV6RcvSaddrHigh,
+        Field::TaskTgid,
+        Field::TaskPid,
+        Field::TaskState,
+        Field::TaskSumExec,
+        Field::TaskPrevSumExec,
     ];
 
     /// The offset compiled into the program in place of this field's.

@@ -64,11 +64,18 @@ pub enum Program {
     /// the socket with direct loads (see [`crate::fields`]) instead of helper calls; preferred,
     /// with the raw tracepoint as its fallback.
     SockStateBtf = 22,
+    /// `tp_btf/sched_switch`: [`Program::SchedSwitch`] with direct loads; preferred, with the
+    /// raw tracepoint as its fallback.
+    SchedSwitchBtf = 23,
+    /// `tp_btf/sched_wakeup`: as above for [`Program::SchedWakeup`].
+    SchedWakeupBtf = 24,
+    /// `tp_btf/sched_wakeup_new`: as above for [`Program::SchedWakeupNew`].
+    SchedWakeupNewBtf = 25,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 23] = [
+    pub const ALL: [Program; 26] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -92,6 +99,9 @@ impl Program {
         Program::ConnLive,
         Program::ListenLive,
         Program::SockStateBtf,
+        Program::SchedSwitchBtf,
+        Program::SchedWakeupBtf,
+        Program::SchedWakeupNewBtf,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -123,6 +133,9 @@ impl Program {
             Program::ConnLive => "conn_live",
             Program::ListenLive => "listen_live",
             Program::SockStateBtf => "sock_state_btf",
+            Program::SchedSwitchBtf => "sched_switch_btf",
+            Program::SchedWakeupBtf => "sched_wakeup_btf",
+            Program::SchedWakeupNewBtf => "sched_wakeup_new_btf",
         }
     }
 
@@ -152,6 +165,9 @@ impl Program {
             Program::ConnLive => "iter/bpf_map_elem/CONNECTIONS",
             Program::ListenLive => "iter/bpf_map_elem/LISTEN_SOCKS",
             Program::SockStateBtf => "tp_btf/inet_sock_set_state",
+            Program::SchedSwitchBtf => "tp_btf/sched_switch",
+            Program::SchedWakeupBtf => "tp_btf/sched_wakeup",
+            Program::SchedWakeupNewBtf => "tp_btf/sched_wakeup_new",
         }
     }
 
@@ -162,6 +178,15 @@ impl Program {
             Program::SockState => None,
             Program::SockStateBtf => {
                 Some("the raw tracepoint program sock_state_raw counts instead")
+            }
+            Program::SchedSwitchBtf => {
+                Some("the raw tracepoint program sched_switch counts instead")
+            }
+            Program::SchedWakeupBtf => {
+                Some("the raw tracepoint program sched_wakeup counts instead")
+            }
+            Program::SchedWakeupNewBtf => {
+                Some("the raw tracepoint program sched_wakeup_new counts instead")
             }
             Program::SockStateRaw => {
                 Some("the classic tracepoint program sock_state counts instead")
@@ -223,7 +248,10 @@ impl Program {
             Program::SockStateRaw
             | Program::ConnLive
             | Program::ListenLive
-            | Program::SockStateBtf => None,
+            | Program::SockStateBtf
+            | Program::SchedSwitchBtf
+            | Program::SchedWakeupBtf
+            | Program::SchedWakeupNewBtf => None,
         }
     }
 
@@ -242,17 +270,25 @@ impl Program {
     pub const fn btf_tracepoint(self) -> Option<&'static str> {
         match self {
             Program::SockStateBtf => Some("inet_sock_set_state"),
+            Program::SchedSwitchBtf => Some("sched_switch"),
+            Program::SchedWakeupBtf => Some("sched_wakeup"),
+            Program::SchedWakeupNewBtf => Some("sched_wakeup_new"),
             _ => None,
         }
     }
 
     /// Programs that count the same thing, most preferred first: the first this kernel takes
     /// serves, and the rest are not attached.
-    pub const ALTERNATIVES: [&'static [Program]; 1] = [&[
-        Program::SockStateBtf,
-        Program::SockStateRaw,
-        Program::SockState,
-    ]];
+    pub const ALTERNATIVES: [&'static [Program]; 4] = [
+        &[
+            Program::SockStateBtf,
+            Program::SockStateRaw,
+            Program::SockState,
+        ],
+        &[Program::SchedSwitchBtf, Program::SchedSwitch],
+        &[Program::SchedWakeupBtf, Program::SchedWakeup],
+        &[Program::SchedWakeupNewBtf, Program::SchedWakeupNew],
+    ];
 }
 
 /// Name of the per-CPU array the kernel programs count their failures in.

@@ -54,6 +54,18 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
             "{program}"
         );
     }
+    // The scheduler hooks too take their BTF form, and not their raw fallback.
+    for hook in ["sched_switch", "sched_wakeup", "sched_wakeup_new"] {
+        let btf = [
+            ("program", format!("{hook}_btf")),
+            ("hook", format!("tp_btf/{hook}")),
+        ];
+        let btf: Vec<(&str, &str)> = btf.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(agent.metric("brokerscope_probe_attached", &btf), Some(1.0));
+        let raw_hook = format!("raw_tracepoint/{hook}");
+        let raw = [("program", hook), ("hook", raw_hook.as_str())];
+        assert_eq!(agent.metric("brokerscope_probe_attached", &raw), None);
+    }
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
@@ -80,7 +92,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         ids.len(),
         // sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
         // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_openat,
-        // state_openat2, state_signal, sched_switch, sched_wakeup, sched_wakeup_new,
+        // state_openat2, state_signal, sched_switch_btf, sched_wakeup_btf, sched_wakeup_new_btf
+        // (each or its raw fallback),
         // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,
         // fdatasync_exit, conn_live and listen_live (map iterators).
         21,

@@ -21,6 +21,33 @@ fn agent_config(dir: &Path) -> String {
     format!("[discovery]\ncmdline_patterns = ['{pattern}']\n")
 }
 
+/// The scheduler hooks' two forms: the BTF tracepoints this kernel takes (direct loads), and
+/// the raw tracepoints that serve where they are refused (helper reads), with the config that
+/// forces each and the program then counting switches.
+const SCHEDULER_HOOKS: [(&str, &str); 2] = [
+    ("", "sched_switch_btf"),
+    (
+        "[probes]\ndisabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
+         \"sched_wakeup_new_btf\"]\n",
+        "sched_switch",
+    ),
+];
+
+/// An agent discovering brokers under `dir` with the scheduler hooks `hooks` (from
+/// [`SCHEDULER_HOOKS`]), ready and with the expected program counting.
+fn agent_with_hooks(dir: &Path, (config, program): (&str, &str)) -> Agent {
+    let agent = Agent::start(&format!("{}{config}", agent_config(dir)));
+    agent.wait_ready();
+    let (_, metrics) = agent.get("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "brokerscope_probe_attached{{program=\"{program}\""
+        )),
+        "{program} should count context switches"
+    );
+    agent
+}
+
 /// Starts a fake broker with `node.id=id` under `dir` and waits until the agent lists it
 /// running (its pid is then in the kernel's broker set).
 fn broker(agent: &Agent, dir: &Path, id: &str) -> FakeBroker {
@@ -67,29 +94,15 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
     }
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&agent_config(dir.path()));
-    agent.wait_ready();
-    let mut b = broker(&agent, dir.path(), "11");
+    // The raw fallback first, on its own agent; the BTF form's goes on to the fsync checks.
+    {
+        let raw_dir = tempfile::tempdir().unwrap();
+        let agent = agent_with_hooks(raw_dir.path(), SCHEDULER_HOOKS[1]);
+        cpu_time_of_a_burn(&agent, raw_dir.path(), SCHEDULER_HOOKS[1].1);
+    }
+    let agent = agent_with_hooks(dir.path(), SCHEDULER_HOOKS[0]);
+    let mut b = cpu_time_of_a_burn(&agent, dir.path(), SCHEDULER_HOOKS[0].1);
     let labels = [("broker", "11")];
-
-    assert_eq!(b.command("burn 3000", Duration::from_secs(30)), "burned");
-    // The burn ended with a switch out (the broker now waits on stdin): everything is counted.
-    let proc_cpu = proc_cpu_seconds(b.pid);
-    let ours = metric(&agent, "brokerscope_cpu_seconds_total", &labels);
-    let diff = (ours - proc_cpu).abs() / proc_cpu;
-    eprintln!(
-        "cpu: agent {ours:.4} s, /proc utime+stime {proc_cpu:.4} s, {:.2}% apart",
-        diff * 100.0
-    );
-    assert!(proc_cpu > 2.9, "the burn used the CPU: {proc_cpu}");
-    // The agent reads the scheduler's own figure; /proc rounds it to 10 ms ticks.
-    assert!(diff <= 0.02, "agent {ours} s vs /proc {proc_cpu} s");
-    let voluntary = metric(
-        &agent,
-        "brokerscope_context_switches_total",
-        &[("broker", "11"), ("kind", "voluntary")],
-    );
-    assert!(voluntary >= 1.0, "{voluntary}");
 
     let file = dir.path().join("synced");
     let file = file.display();
@@ -124,6 +137,34 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
             )
             .is_some_and(|v| v > 0.0)
     );
+}
+
+/// Broker 11 burns 3 s of CPU; the agent, counting through `program`, agrees with /proc.
+fn cpu_time_of_a_burn(agent: &Agent, dir: &Path, program: &str) -> FakeBroker {
+    let mut b = broker(agent, dir, "11");
+    assert_eq!(b.command("burn 3000", Duration::from_secs(30)), "burned");
+    // The burn ended with a switch out (the broker now waits on stdin): everything is counted.
+    let proc_cpu = proc_cpu_seconds(b.pid);
+    let ours = metric(agent, "brokerscope_cpu_seconds_total", &[("broker", "11")]);
+    let diff = (ours - proc_cpu).abs() / proc_cpu;
+    eprintln!(
+        "cpu through {program}: agent {ours:.4} s, /proc utime+stime {proc_cpu:.4} s, {:.2}% \
+         apart",
+        diff * 100.0
+    );
+    assert!(proc_cpu > 2.9, "the burn used the CPU: {proc_cpu}");
+    // The agent reads the scheduler's own figure; /proc rounds it to 10 ms ticks.
+    assert!(
+        diff <= 0.02,
+        "{program}: agent {ours} s vs /proc {proc_cpu} s"
+    );
+    let voluntary = metric(
+        agent,
+        "brokerscope_context_switches_total",
+        &[("broker", "11"), ("kind", "voluntary")],
+    );
+    assert!(voluntary >= 1.0, "{program}: {voluntary}");
+    b
 }
 
 /// A loop device over a file, detached on drop.
@@ -212,16 +253,20 @@ fn runqueue_latency_grows_when_two_burners_share_a_cpu() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&agent_config(dir.path()));
-    agent.wait_ready();
-    let mut a = broker(&agent, dir.path(), "31");
-    let mut b = broker(&agent, dir.path(), "32");
+    for hooks in SCHEDULER_HOOKS {
+        let dir = tempfile::tempdir().unwrap();
+        runqueue_latency(&agent_with_hooks(dir.path(), hooks), dir.path(), hooks.1);
+    }
+}
+
+fn runqueue_latency(agent: &Agent, dir: &Path, program: &str) {
+    let mut a = broker(agent, dir, "31");
+    let mut b = broker(agent, dir, "32");
     pin(a.pid);
     pin(b.pid);
     let sum = |id: &str| {
         metric(
-            &agent,
+            agent,
             "brokerscope_runqueue_latency_seconds_sum",
             &[("broker", id)],
         )
@@ -241,7 +286,16 @@ fn runqueue_latency_grows_when_two_burners_share_a_cpu() {
         Some("burned")
     );
     let shared = sum("31") - before;
-    eprintln!("run-queue wait of a 1 s burn on CPU 0: alone {alone:.4} s, shared {shared:.4} s");
-    assert!(shared > 0.5, "sharing a CPU means waiting for it: {shared}");
-    assert!(shared > alone + 0.4, "alone {alone}, shared {shared}");
+    eprintln!(
+        "run-queue wait of a 1 s burn on CPU 0 through {program}: alone {alone:.4} s, shared \
+         {shared:.4} s"
+    );
+    assert!(
+        shared > 0.5,
+        "{program}: sharing a CPU means waiting for it: {shared}"
+    );
+    assert!(
+        shared > alone + 0.4,
+        "{program}: alone {alone}, shared {shared}"
+    );
 }

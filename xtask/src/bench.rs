@@ -72,13 +72,17 @@ impl Mode {
     fn disabled(self) -> &'static str {
         match self {
             Mode::Detached | Mode::Full => "",
+            // Each scheduler hook with its fallback: naming a program disables only it.
             Mode::NoScheduler => {
-                "disabled_programs = [\"sched_switch\", \"sched_wakeup\", \"sched_wakeup_new\"]\n"
+                "disabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
+                 \"sched_wakeup_new_btf\", \"sched_switch\", \"sched_wakeup\", \
+                 \"sched_wakeup_new\"]\n"
             }
             Mode::Lean => {
-                "disabled_programs = [\"sched_switch\", \"sched_wakeup\", \"sched_wakeup_new\", \
-                 \"state_openat\", \"state_openat2\", \"fsync_enter\", \"fsync_exit\", \
-                 \"fdatasync_enter\", \"fdatasync_exit\"]\n"
+                "disabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
+                 \"sched_wakeup_new_btf\", \"sched_switch\", \"sched_wakeup\", \
+                 \"sched_wakeup_new\", \"state_openat\", \"state_openat2\", \"fsync_enter\", \
+                 \"fsync_exit\", \"fdatasync_enter\", \"fdatasync_exit\"]\n"
             }
         }
     }
@@ -519,7 +523,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
         "{CLIENTS} loopback clients, {ROUNDS} rounds of {}s per mode, modes rotated each round; \
          medians. Modes: detached (no agent); attached (every program); attached without the \
          scheduler hooks (`probes.disabled_programs` = sched_switch, sched_wakeup, \
-         sched_wakeup_new, which run on every context switch on the node); lean (also without the \
+         sched_wakeup_new and their `_btf` forms, which run on every context switch on the \
+         node); lean (also without the \
          syscall tracepoints state_openat/openat2, fsync/fdatasync enter/exit: enabling any \
          `syscalls:*` tracepoint puts every syscall of every task on the slow path). Overhead = \
          1 - mode/detached, the median of per-round ratios. The rounds run with \

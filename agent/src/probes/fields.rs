@@ -4,6 +4,7 @@
 use brokerscope_common::{
     fields::Field,
     processes::NO_FIELD,
+    resources::ResourceOffsets,
     sockets::{EventOffsets, SocketOffsets},
 };
 
@@ -16,11 +17,12 @@ pub struct FieldOffsets([Option<u32>; Field::ALL.len()]);
 impl FieldOffsets {
     /// From the offsets already resolved for the helper-reading programs. Socket fields are
     /// counted from the start of `struct tcp_sock`, the type the programs' pointer has; its
-    /// `struct sock` is nested at the front.
+    /// `struct sock` is nested at the front. Task fields from `struct task_struct`.
     pub fn resolve(
         btf: &Btf,
         socket: &SocketOffsets,
         events: &EventOffsets,
+        tasks: &ResourceOffsets,
     ) -> Result<Self, PatchError> {
         let sock = btf
             .offset_of("tcp_sock", &["inet_conn", "icsk_inet", "sk"])
@@ -49,6 +51,11 @@ impl FieldOffsets {
                 Field::SockV6DaddrHigh => high(in_sock(events.sock_v6_daddr)),
                 Field::SockV6RcvSaddr => in_sock(events.sock_v6_rcv_saddr),
                 Field::SockV6RcvSaddrHigh => high(in_sock(events.sock_v6_rcv_saddr)),
+                Field::TaskTgid => Some(tasks.task_tgid),
+                Field::TaskPid => Some(tasks.task_pid),
+                Field::TaskState => Some(tasks.task_state),
+                Field::TaskSumExec => Some(tasks.task_sum_exec),
+                Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),
             };
         }
         Ok(Self(offsets))

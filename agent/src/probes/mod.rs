@@ -197,8 +197,13 @@ impl Probes {
         );
         // The direct loads of the BTF programs get this kernel's offsets; without them those
         // programs are not loaded and their fallbacks serve.
-        let patched = fields::FieldOffsets::resolve(&kernel_types, &offsets, &event_offsets)
-            .and_then(|field_offsets| fields::patch(EBPF_OBJECT, &field_offsets));
+        let patched = fields::FieldOffsets::resolve(
+            &kernel_types,
+            &offsets,
+            &event_offsets,
+            &resource_offsets,
+        )
+        .and_then(|field_offsets| fields::patch(EBPF_OBJECT, &field_offsets));
         let (object, unpatched) = match &patched {
             Ok(object) => {
                 tracing::debug!(instructions = object.patched, "patched direct loads");
