@@ -19,11 +19,11 @@ use brokerscope_common::{
     processes::NO_FIELD,
     sockets::{
         CONN_ADOPTED, CONN_CLOSE, CONN_EVENTS_BYTES, CONN_OPEN, CONN_RESET_RECEIVED,
-        CONN_RESET_SENT, CONN_RETRANSMIT, CONNECTIONS_CAPACITY, ConnEvent, ConnectionState,
-        DURATION_BUCKETS, EventOffsets, FIRST_TIER_MAX, IPPROTO_TCP, LISTENERS_CAPACITY,
-        LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey, LiveRecord, RTT_BUCKETS,
-        SocketOffsets, SocketsConfig, Transition, WATCH, classify, is_connection_state, is_watched,
-        log2_bucket, payload_bytes, tcp_state,
+        CONN_RESET_SENT, CONN_RETRANSMIT, CONN_WAYS, CONNECTIONS_CAPACITY, ConnEvent,
+        ConnectionState, DURATION_BUCKETS, EventOffsets, FIRST_TIER_MAX, IPPROTO_TCP,
+        LISTENERS_CAPACITY, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
+        LiveRecord, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, classify,
+        is_connection_state, is_watched, log2_bucket, payload_bytes, tcp_state,
     },
     telemetry::{ProbeError, Program},
 };
@@ -57,12 +57,30 @@ static LISTENERS: HashMap<ListenerKey, ListenerCounters> =
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<ListenerKey, u32> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
-/// Accepted connections not yet closed, keyed by `struct sock` address, in two tiers: this
-/// one first, the spill tier while it is full, so a scrape walks a small map in the common case
-/// (a hash map iterator visits every bucket). Together bounded by `probes.connections_capacity`
-/// (the loader sizes both); both full means "counted but not tracked" (see `untracked`).
+/// Accepted connections not yet closed, in two tiers: this one first, the spill tier while the
+/// socket's bucket here is full. Together bounded by `probes.connections_capacity` (the loader
+/// sizes both); both full means "counted but not tracked" (see `untracked`).
+///
+/// The first tier is lock-free: buckets of [`CONN_WAYS`] socket addresses (0: free), the bucket
+/// picked by a hash of the address, and [`CONN_STATES`] holding each slot's state at the same
+/// index (bucket × [`CONN_WAYS`] + way). A slot is claimed with a compare-and-swap of its key
+/// from 0 to [`CLAIMED`], its state written, then its key set; it is freed by writing 0. A hash
+/// map's insert and delete (bucket spinlock, preallocated free list) were half of the state
+/// change program's time. A bucket is one cache line, so a lookup is one line read, and a scrape
+/// walks a small array.
 #[map(name = "CONNECTIONS")]
-static CONNECTIONS: HashMap<u64, ConnectionState> = HashMap::with_max_entries(FIRST_TIER_MAX, 0);
+static CONNECTIONS: Array<[u64; CONN_WAYS]> =
+    Array::with_max_entries(FIRST_TIER_MAX / CONN_WAYS as u32, 0);
+
+#[map(name = "CONN_STATES")]
+static CONN_STATES: Array<ConnectionState> = Array::with_max_entries(FIRST_TIER_MAX, 0);
+
+/// Buckets in use in CONNECTIONS, written by the loader (0 before: nothing goes there).
+#[unsafe(no_mangle)]
+static CONN_BUCKETS: u32 = 0;
+
+/// The key of a slot being claimed: no socket lives at address 1.
+const CLAIMED: u64 = 1;
 
 #[map(name = "CONNECTIONS_SPILL")]
 static CONNECTIONS_SPILL: HashMap<u64, ConnectionState> =
@@ -617,36 +635,91 @@ fn try_reset(
     Ok(())
 }
 
-/// Which map holds a tracked connection.
+/// Where a tracked connection is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tier {
-    First,
+    /// The first tier's slot: bucket, way.
+    First(u32, usize),
     Spill,
 }
 
-/// Starts tracking `sk`: in the first tier, or while that is full in the spill tier. With
-/// `BPF_ANY` the new state replaces any entry of `sk` in either tier (the socket iterator may
-/// have adopted it an instant before its accept was seen), so no socket is in both.
+/// Starts tracking `sk`: in its first-tier bucket, or while that is full in the spill tier.
+/// With `BPF_ANY` the new state replaces any entry of `sk` in either tier (the socket iterator
+/// may have adopted it an instant before its accept was seen), so no socket is in both; with
+/// `BPF_NOEXIST` a tracked socket is left alone.
 #[inline(always)]
 fn track(sk: u64, state: &ConnectionState, flags: u64) -> Result<(), i32> {
-    if flags == 0 && spill_in_use() && CONNECTIONS_SPILL.remove(sk).is_ok() {
+    if flags == u64::from(BPF_NOEXIST) {
+        if tracked(sk).is_some() {
+            return Err(EEXIST);
+        }
+    } else if spill_in_use() && CONNECTIONS_SPILL.remove(sk).is_ok() {
         count_spilled(u64::MAX);
     }
-    match CONNECTIONS.insert(sk, state, flags) {
-        Err(E2BIG) if spill_enabled() => {
-            CONNECTIONS_SPILL.insert(sk, state, flags)?;
-            count_spilled(1);
-            Ok(())
+    if let Some(bucket) = bucket_of(sk)
+        && let Some(keys) = CONNECTIONS.get_ptr_mut(bucket)
+    {
+        // SAFETY (the whole block): `keys` points to this bucket's value, looked up in this
+        // run; every access is one aligned 8-byte load, store or compare-and-swap.
+        for way in 0..CONN_WAYS {
+            if unsafe { core::ptr::read_volatile(&raw const (*keys)[way]) } == sk {
+                return write_state(bucket, way, state);
+            }
         }
-        result => result,
+        for way in 0..CONN_WAYS {
+            let slot = unsafe { &raw mut (*keys)[way] };
+            if unsafe { core::ptr::read_volatile(slot) } != 0 || !claim(slot) {
+                continue;
+            }
+            let written = write_state(bucket, way, state);
+            unsafe { core::ptr::write_volatile(slot, sk) };
+            // Two CPUs tracking the same socket at once (an accept and an adoption) may each
+            // have claimed a slot: the one in the higher way gives way, its state going to the
+            // lower one if it is an accept's.
+            for lower in 0..way {
+                if unsafe { core::ptr::read_volatile(&raw const (*keys)[lower]) } == sk {
+                    if flags != u64::from(BPF_NOEXIST) {
+                        let _ = write_state(bucket, lower, state);
+                    }
+                    unsafe { core::ptr::write_volatile(slot, 0) };
+                    return Ok(());
+                }
+            }
+            return written;
+        }
     }
+    if !spill_enabled() {
+        return Err(E2BIG);
+    }
+    CONNECTIONS_SPILL.insert(sk, state, flags)?;
+    count_spilled(1);
+    Ok(())
+}
+
+/// Writes the state of slot (`bucket`, `way`).
+#[inline(always)]
+fn write_state(bucket: u32, way: usize, state: &ConnectionState) -> Result<(), i32> {
+    let slot = CONN_STATES
+        .get_ptr_mut(bucket * CONN_WAYS as u32 + way as u32)
+        .ok_or(E2BIG)?;
+    // SAFETY: the pointer comes from the lookup just made.
+    unsafe { *slot = *state };
+    Ok(())
 }
 
 /// The tracking state of `sk`, if it is tracked.
 #[inline(always)]
 fn tracked(sk: u64) -> Option<(*mut ConnectionState, Tier)> {
-    if let Some(state) = CONNECTIONS.get_ptr_mut(sk) {
-        return Some((state, Tier::First));
+    if let Some(bucket) = bucket_of(sk)
+        && let Some(keys) = CONNECTIONS.get_ptr(bucket)
+    {
+        for way in 0..CONN_WAYS {
+            // SAFETY: an aligned 8-byte load from the bucket looked up in this run.
+            if unsafe { core::ptr::read_volatile(&raw const (*keys)[way]) } == sk {
+                let state = CONN_STATES.get_ptr_mut(bucket * CONN_WAYS as u32 + way as u32)?;
+                return Some((state, Tier::First(bucket, way)));
+            }
+        }
     }
     if !spill_in_use() {
         return None;
@@ -660,8 +733,11 @@ fn tracked(sk: u64) -> Option<(*mut ConnectionState, Tier)> {
 #[inline(always)]
 fn untrack(sk: u64, tier: Tier) {
     match tier {
-        Tier::First => {
-            let _ = CONNECTIONS.remove(sk);
+        Tier::First(bucket, way) => {
+            if let Some(keys) = CONNECTIONS.get_ptr_mut(bucket) {
+                // SAFETY: an aligned 8-byte store into the bucket looked up in this run.
+                unsafe { core::ptr::write_volatile(&raw mut (*keys)[way], 0) };
+            }
         }
         Tier::Spill => {
             if CONNECTIONS_SPILL.remove(sk).is_ok() {
@@ -670,6 +746,53 @@ fn untrack(sk: u64, tier: Tier) {
             }
         }
     }
+}
+
+/// The first-tier bucket of `sk`: a multiplicative hash of its address's low 32 bits (the
+/// socket slab's object addresses differ there), `None` while the loader has not sized it.
+#[inline(always)]
+fn bucket_of(sk: u64) -> Option<u32> {
+    // SAFETY: a plain read of a global the loader initialised; volatile as in `offsets`.
+    let buckets = unsafe { core::ptr::read_volatile(&raw const CONN_BUCKETS) };
+    if buckets == 0 {
+        return None;
+    }
+    Some(((low32(sk) >> 4).wrapping_mul(0x9e37_79b1) >> 8) % buckets)
+}
+
+/// The low 32 bits of `value` as a plain number. `value` may be a typed kernel pointer (the
+/// BTF program's socket), on which the verifier allows no shift or multiply; a 32-bit move
+/// yields a number from it (allowed to programs that may read kernel addresses, as ours).
+#[inline(always)]
+fn low32(value: u64) -> u32 {
+    let low: u64;
+    // SAFETY: a register move; no memory is touched.
+    unsafe {
+        core::arch::asm!(
+            "w0 = w1",
+            in("r1") value,
+            lateout("r0") low,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    low as u32
+}
+
+/// Claims a free slot: compare-and-swap of its key from 0 to [`CLAIMED`]; whether it was won.
+#[inline(always)]
+fn claim(slot: *mut u64) -> bool {
+    let old: u64;
+    // SAFETY: `slot` is an aligned 8-byte word of a map value looked up in this run.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64(r1 + 0, r0, r2)",
+            in("r1") slot,
+            in("r2") CLAIMED,
+            inout("r0") 0u64 => old,
+            options(nostack, preserves_flags),
+        )
+    };
+    old == 0
 }
 
 #[inline(always)]
@@ -687,6 +810,8 @@ fn count_spilled(n: u64) {
 
 /// `-E2BIG`: what a full preallocated hash map answers an insert of a new key.
 const E2BIG: i32 = -7;
+/// `-EEXIST`: an insert of a key already there, with `BPF_NOEXIST`.
+const EEXIST: i32 = -17;
 
 #[inline(always)]
 fn spill_enabled() -> bool {
@@ -823,7 +948,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
                 flags: CONN_ADOPTED,
             };
             // NOEXIST: if the socket was tracked meanwhile, leave its entry alone.
-            if track(sk, &adopted, BPF_NOEXIST.into()).is_ok() {
+            if track(sk, &adopted, u64::from(BPF_NOEXIST)).is_ok() {
                 add!(counters, adopted, 1);
             }
             Ok(())
@@ -831,18 +956,29 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     }
 }
 
-/// Open tracked connections at scrape time: an iterator over CONNECTIONS itself, so a scrape
-/// costs the number of tracked connections, in every namespace at once, instead of a walk of
-/// each namespace's whole socket table. For each entry still open it writes the payload bytes
-/// moved since tracking began.
+/// Open tracked connections at scrape time: iterators over the connection tiers themselves,
+/// so a scrape costs the number of tracked connections (and the first tier's few buckets), in
+/// every namespace at once, instead of a walk of each namespace's whole socket table. For
+/// each entry still open they write the payload bytes moved since tracking began.
 ///
 /// The context is `struct bpf_iter__bpf_map_elem { meta; map; void *key; void *value; }`;
-/// key and value are NULL on the final call.
+/// key and value are NULL on the final call. This one walks the first tier's buckets.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_map_elem")]
 pub fn conn_live(ctx: *mut core::ffi::c_void) -> i32 {
     count_run(Program::ConnLive);
     if let Err(error) = try_conn_live(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+/// The same over the spill tier (a hash map of socket address to state).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub fn conn_spill_live(ctx: *mut core::ffi::c_void) -> i32 {
+    count_run(Program::ConnSpillLive);
+    if let Err(error) = try_conn_spill_live(ctx) {
         count_error(error);
     }
     0
@@ -870,16 +1006,46 @@ fn try_conn_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     let Some((key, value)) = map_elem(ctx)? else {
         return Ok(());
     };
+    let bucket: u32 = kread(key, 0, ProbeError::ReadContext)?;
+    let keys: [u64; CONN_WAYS] = kread(value, 0, ProbeError::ReadContext)?;
+    let off = offsets();
+    for (way, sk) in keys.into_iter().enumerate() {
+        if sk == 0 || sk == CLAIMED {
+            continue;
+        }
+        let Some(tracked) = CONN_STATES.get(bucket * CONN_WAYS as u32 + way as u32) else {
+            continue;
+        };
+        live_connection(ctx, sk, tracked, &off)?;
+    }
+    Ok(())
+}
+
+fn try_conn_spill_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
+    let Some((key, value)) = map_elem(ctx)? else {
+        return Ok(());
+    };
     let sk: u64 = kread(key, 0, ProbeError::ReadContext)?;
     let tracked: ConnectionState = kread(value, 0, ProbeError::ReadContext)?;
-    let off = offsets();
+    live_connection(ctx, sk, &tracked, &offsets())
+}
+
+/// Writes a tracked connection's bytes, if `sk` is still open and still the socket `tracked`
+/// was made for.
+#[inline(always)]
+fn live_connection(
+    ctx: *mut core::ffi::c_void,
+    sk: u64,
+    tracked: &ConnectionState,
+    off: &SocketOffsets,
+) -> Result<(), ProbeError> {
     let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
     let state = i32::from(state);
     // Closing right now: its close accounting has it, or is about to.
-    if !is_connection_state(state) || !same_listener(sk, &tracked.listener, &off)? {
+    if !is_connection_state(state) || !same_listener(sk, &tracked.listener, off)? {
         return Ok(());
     }
-    let (sent, received) = socket_payload(sk, state, &off)?;
+    let (sent, received) = socket_payload(sk, state, off)?;
     let record = LiveRecord {
         listener: tracked.listener,
         kind: LIVE_CONNECTION,

@@ -11,26 +11,32 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 /// has accepted a connection. A node with a few hundred pods of a few listeners each fits easily.
 pub const LISTENERS_CAPACITY: u32 = 4096;
 
-/// Name of the hash map of tracked connections, keyed by the kernel address of the `struct sock`.
+/// Name of the first tier of tracked connections: an array of buckets of [`CONN_WAYS`] kernel
+/// addresses of `struct sock` (0: a free slot), with their states in [`CONN_STATES_MAP`].
 pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
+/// Name of the array of the first tier's [`ConnectionState`]s, one per slot.
+pub const CONN_STATES_MAP: &str = "CONN_STATES";
+/// Name of the global holding the first tier's bucket count.
+pub const CONN_BUCKETS_GLOBAL: &str = "CONN_BUCKETS";
+/// Slots per first-tier bucket: 8 addresses are one 64-byte cache line.
+pub const CONN_WAYS: usize = 8;
 /// Default capacity for tracked connections (accepted and not yet closed, node-wide): the
 /// sum of [`CONNECTIONS_MAP`] and [`CONNECTIONS_SPILL_MAP`] (see [`connection_tiers`]).
 pub const CONNECTIONS_CAPACITY: u32 = 65_536;
 
-/// Name of the second tier of tracked connections, used only while [`CONNECTIONS_MAP`] is
-/// full. Same key and value.
+/// Name of the second tier of tracked connections, used only while a socket's bucket in
+/// [`CONNECTIONS_MAP`] is full: a hash map from its address to its [`ConnectionState`].
 pub const CONNECTIONS_SPILL_MAP: &str = "CONNECTIONS_SPILL";
 /// Name of the one-entry array counting the entries in [`CONNECTIONS_SPILL_MAP`]: zero lets the
 /// close path and the scrape skip the second tier.
 pub const CONN_SPILLED_MAP: &str = "CONN_SPILLED";
-/// The first tier's largest size. A scrape walks a hash map's every bucket (as many as its
-/// capacity, rounded up to a power of two), used or not: 65536 buckets cost about 1.2 ms per
-/// scrape here, 4096 about a sixteenth of that.
+/// The first tier's largest size. A scrape walks it whole, used or not (as it would a hash
+/// map's every bucket): 65536 slots cost about 1.2 ms per scrape here, 4096 about a sixteenth.
 pub const FIRST_TIER_MAX: u32 = 4096;
 
 /// Splits a connection capacity into (first tier, spill tier): the first tier holds a
-/// sixteenth of it, at least [`MIN_CAPACITY`] and at most [`FIRST_TIER_MAX`]; the spill tier
-/// the rest (zero: no second tier).
+/// sixteenth of it in whole buckets of [`CONN_WAYS`], at least [`MIN_CAPACITY`] and at most
+/// [`FIRST_TIER_MAX`]; the spill tier the rest (zero: no second tier).
 pub const fn connection_tiers(capacity: u32) -> (u32, u32) {
     let mut first = capacity / 16;
     if first < MIN_CAPACITY {
@@ -42,6 +48,7 @@ pub const fn connection_tiers(capacity: u32) -> (u32, u32) {
     if first > capacity {
         first = capacity;
     }
+    first -= first % CONN_WAYS as u32;
     (first, capacity - first)
 }
 
@@ -314,7 +321,8 @@ pub struct SocketsConfig {
     /// Non-zero: emit [`ConnEvent`]s into [`CONN_EVENTS_MAP`] (while `/v1/events` has a
     /// subscriber); zero keeps the hot path free of it.
     pub events: u32,
-    /// Non-zero: [`CONNECTIONS_SPILL_MAP`] takes connections while [`CONNECTIONS_MAP`] is full.
+    /// Non-zero: [`CONNECTIONS_SPILL_MAP`] takes connections whose bucket in
+    /// [`CONNECTIONS_MAP`] is full.
     pub spill: u32,
 }
 
@@ -634,6 +642,9 @@ mod tests {
         assert_eq!(connection_tiers(MIN_CAPACITY), (MIN_CAPACITY, 0));
         assert_eq!(connection_tiers(64), (16, 48));
         assert_eq!(connection_tiers(1024), (64, 960));
+        // Whole buckets of 8.
+        assert_eq!(connection_tiers(1000), (56, 944));
+        assert_eq!(connection_tiers(MIN_CAPACITY + 7), (MIN_CAPACITY, 7));
         assert_eq!(
             connection_tiers(MAX_CAPACITY),
             (FIRST_TIER_MAX, MAX_CAPACITY - 4096)

@@ -71,11 +71,13 @@ pub enum Program {
     SchedWakeupBtf = 24,
     /// `tp_btf/sched_wakeup_new`: as above for [`Program::SchedWakeupNew`].
     SchedWakeupNewBtf = 25,
+    /// `iter/bpf_map_elem` over the spill tier of tracked connections: as [`Program::ConnLive`].
+    ConnSpillLive = 26,
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 26] = [
+    pub const ALL: [Program; 27] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -102,6 +104,7 @@ impl Program {
         Program::SchedSwitchBtf,
         Program::SchedWakeupBtf,
         Program::SchedWakeupNewBtf,
+        Program::ConnSpillLive,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -136,6 +139,7 @@ impl Program {
             Program::SchedSwitchBtf => "sched_switch_btf",
             Program::SchedWakeupBtf => "sched_wakeup_btf",
             Program::SchedWakeupNewBtf => "sched_wakeup_new_btf",
+            Program::ConnSpillLive => "conn_spill_live",
         }
     }
 
@@ -168,6 +172,7 @@ impl Program {
             Program::SchedSwitchBtf => "tp_btf/sched_switch",
             Program::SchedWakeupBtf => "tp_btf/sched_wakeup",
             Program::SchedWakeupNewBtf => "tp_btf/sched_wakeup_new",
+            Program::ConnSpillLive => "iter/bpf_map_elem/CONNECTIONS_SPILL",
         }
     }
 
@@ -193,7 +198,7 @@ impl Program {
             }
             Program::Retransmit => Some("retransmits are counted when connections close"),
             Program::SendReset | Program::ReceiveReset => Some("resets are not counted"),
-            Program::ConnLive | Program::ListenLive => Some(
+            Program::ConnLive | Program::ConnSpillLive | Program::ListenLive => Some(
                 "tcp_live reads open connections and listeners at every scrape instead, walking \
                  each watched namespace's whole socket table",
             ),
@@ -251,7 +256,8 @@ impl Program {
             | Program::SockStateBtf
             | Program::SchedSwitchBtf
             | Program::SchedWakeupBtf
-            | Program::SchedWakeupNewBtf => None,
+            | Program::SchedWakeupNewBtf
+            | Program::ConnSpillLive => None,
         }
     }
 

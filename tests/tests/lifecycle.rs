@@ -95,8 +95,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         // state_openat2, state_signal, sched_switch_btf, sched_wakeup_btf, sched_wakeup_new_btf
         // (each or its raw fallback),
         // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,
-        // fdatasync_exit, conn_live and listen_live (map iterators).
-        21,
+        // fdatasync_exit, conn_live, conn_spill_live and listen_live (map iterators).
+        22,
         "every program attached: {ids:?}\n{}",
         agent.log_text()
     );
@@ -148,7 +148,7 @@ fn configured_capacities_reach_the_kernel_maps() {
         Some(64.0)
     );
     // And the kernel agrees: bpftool shows the two tiers of connections adding up to it, a
-    // sixteenth in the first (map names are cut to 15 bytes).
+    // sixteenth in the first as 8 buckets of 8 slots (map names are cut to 15 bytes).
     let show = |name: &str| {
         let out = Command::new("bpftool")
             .args(["map", "show", "name", name])
@@ -156,8 +156,10 @@ fn configured_capacities_reach_the_kernel_maps() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let first = show("CONNECTIONS");
-    assert!(first.contains("max_entries 64 "), "{first}");
+    let buckets = show("CONNECTIONS");
+    assert!(buckets.contains("max_entries 8 "), "{buckets}");
+    let slots = show("CONN_STATES");
+    assert!(slots.contains("max_entries 64 "), "{slots}");
     let spill = show("CONNECTIONS_SPI");
     assert!(spill.contains("max_entries 960 "), "{spill}");
 }

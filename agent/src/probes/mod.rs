@@ -30,8 +30,9 @@ use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
     resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
-        CONN_EVENTS_MAP, CONNECTIONS_MAP, CONNECTIONS_SPILL_MAP, EVENT_OFFSETS_GLOBAL,
-        LISTEN_SOCKS_MAP, LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
+        CONN_BUCKETS_GLOBAL, CONN_EVENTS_MAP, CONN_STATES_MAP, CONN_WAYS, CONNECTIONS_MAP,
+        CONNECTIONS_SPILL_MAP, EVENT_OFFSETS_GLOBAL, LISTEN_SOCKS_MAP, LISTENERS_MAP,
+        SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
     },
     state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
@@ -215,7 +216,9 @@ impl Probes {
             }
         };
         let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
+        let buckets = first_tier / CONN_WAYS as u32;
         let mut ebpf = EbpfLoader::new()
+            .override_global(CONN_BUCKETS_GLOBAL, &buckets, true)
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
             .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
@@ -224,7 +227,8 @@ impl Probes {
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
-            .map_max_entries(CONNECTIONS_MAP, first_tier)
+            .map_max_entries(CONNECTIONS_MAP, buckets)
+            .map_max_entries(CONN_STATES_MAP, first_tier)
             // A map cannot be empty; an unused spill tier is switched off below.
             .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
             .load(object)
@@ -446,9 +450,13 @@ impl Probes {
     /// watched namespace at every scrape. `spilled`: the spill tier's entry count, if known
     /// (zero skips its walk).
     fn read_live(&mut self, pid_hints: &[u32], spilled: Option<u64>) -> sockets::Live {
-        let by_maps = [Program::ConnLive, Program::ListenLive]
-            .iter()
-            .all(|p| self.map_iters.iter().any(|(q, _, _)| q == p));
+        let by_maps = [
+            Program::ConnLive,
+            Program::ConnSpillLive,
+            Program::ListenLive,
+        ]
+        .iter()
+        .all(|p| self.map_iters.iter().any(|(q, _, _)| q == p));
         let namespaces = if by_maps {
             self.sockets.unswept_namespaces()
         } else {
@@ -546,7 +554,8 @@ fn attach(
     };
     // A map iterator's targets, opened before the program is borrowed.
     let iterated: &[&'static str] = match program {
-        Program::ConnLive => &[CONNECTIONS_MAP, CONNECTIONS_SPILL_MAP],
+        Program::ConnLive => &[CONNECTIONS_MAP],
+        Program::ConnSpillLive => &[CONNECTIONS_SPILL_MAP],
         Program::ListenLive => &[LISTEN_SOCKS_MAP],
         _ => &[],
     };
@@ -710,9 +719,10 @@ fn spawn_ring_channel<S: Clone + Send + 'static>(
 /// Takes map `name` out of the object as a typed handle.
 /// A duplicate of map `name`'s descriptor, the map staying with the object.
 fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, ProbesError> {
-    let Some(aya::maps::Map::HashMap(data)) = ebpf.map(name) else {
+    let (Some(aya::maps::Map::HashMap(data)) | Some(aya::maps::Map::Array(data))) = ebpf.map(name)
+    else {
         return Err(ProbesError::Missing {
-            kind: "hash map",
+            kind: "hash map or array",
             name,
         });
     };
