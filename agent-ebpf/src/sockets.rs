@@ -7,6 +7,7 @@
 //! read once, when the connection closes (live connections are read by the loader's iterator).
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
@@ -133,10 +134,10 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn run(
-    ctx: &TracePointContext,
+fn run<C: EbpfContext>(
+    ctx: &C,
     program: Program,
-    f: impl FnOnce(&TracePointContext) -> Result<(), ProbeError>,
+    f: impl FnOnce(&C) -> Result<(), ProbeError>,
 ) -> u32 {
     count_run(program);
     if let Err(error) = f(ctx) {
@@ -231,17 +232,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), ProbeError> {
 /// protocol and port come from the socket, at offsets from BTF.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
-    count_run(Program::SockStateRaw);
-    if let Err(error) = try_sock_state_raw(&ctx) {
-        count_error(error);
-        warn!(
-            &ctx,
-            "sock_state_raw: {} (error kind {})",
-            error.label(),
-            error as u32
-        );
-    }
-    0
+    run(&ctx, Program::SockStateRaw, try_sock_state_raw) as i32
 }
 
 fn try_sock_state_raw(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
@@ -264,17 +255,7 @@ fn try_sock_state_raw(ctx: &RawTracePointContext) -> Result<(), ProbeError> {
 /// patched in, see [`crate::fields`]) instead of a `bpf_probe_read_kernel` call.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sock_state_btf(ctx: BtfTracePointContext) -> i32 {
-    count_run(Program::SockStateBtf);
-    if let Err(error) = try_sock_state_btf(&ctx) {
-        count_error(error);
-        warn!(
-            &ctx,
-            "sock_state_btf: {} (error kind {})",
-            error.label(),
-            error as u32
-        );
-    }
-    0
+    run(&ctx, Program::SockStateBtf, try_sock_state_btf) as i32
 }
 
 fn try_sock_state_btf(ctx: &BtfTracePointContext) -> Result<(), ProbeError> {

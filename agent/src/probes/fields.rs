@@ -286,19 +286,16 @@ mod tests {
         assert_eq!(offset_of(bytes, 72), 1680);
         assert_eq!(offset_of(bytes, 80), 16);
         assert_eq!(&bytes[88..96], &data, "data sections are left alone");
-        let unpatched: Vec<u8> = object
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !(66..68).contains(i) && !(74..76).contains(i))
-            .map(|(_, b)| *b)
-            .collect();
-        let after: Vec<u8> = bytes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !(66..68).contains(i) && !(74..76).contains(i))
-            .map(|(_, b)| *b)
-            .collect();
-        assert_eq!(unpatched, after);
+        // Every byte but the two patched offsets is as it was.
+        let unpatched = |b: &[u8]| -> Vec<u8> {
+            let patched = |i: &usize| (66..68).contains(i) || (74..76).contains(i);
+            b.iter()
+                .enumerate()
+                .filter(|(i, _)| !patched(i))
+                .map(|(_, b)| *b)
+                .collect()
+        };
+        assert_eq!(unpatched(&object), unpatched(bytes));
 
         // A placeholder anywhere but a load is a build mismatch, said with the field.
         let object = elf(&code, &[]);

@@ -567,38 +567,30 @@ fn attach(
         kind: "program",
         name,
     })?;
-    if let Some(tracepoint) = program.raw_tracepoint() {
-        let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
-        prog.load().map_err(err)?;
-        prog.attach(tracepoint).map_err(err)?;
-        let id = prog.info().map_err(err)?.id();
-        tracing::info!(program = name, hook, id, "attached");
-        return Ok(Attachment {
-            program: name,
-            hook,
-            id,
-        });
-    }
-    if let Some(tracepoint) = program.btf_tracepoint() {
-        let prog: &mut BtfTracePoint = prog.try_into().map_err(err)?;
-        prog.load(tracepoint, btf).map_err(err)?;
-        prog.attach().map_err(err)?;
-        let id = prog.info().map_err(err)?.id();
-        tracing::info!(program = name, hook, id, "attached");
-        return Ok(Attachment {
-            program: name,
-            hook,
-            id,
-        });
-    }
-    let id = match program.tracepoint() {
-        Some((category, tracepoint)) => {
+    let id = match (
+        program.raw_tracepoint(),
+        program.btf_tracepoint(),
+        program.tracepoint(),
+    ) {
+        (Some(tracepoint), _, _) => {
+            let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
+            prog.load().map_err(err)?;
+            prog.attach(tracepoint).map_err(err)?;
+            prog.info().map_err(err)?.id()
+        }
+        (None, Some(tracepoint), _) => {
+            let prog: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+            prog.load(tracepoint, btf).map_err(err)?;
+            prog.attach().map_err(err)?;
+            prog.info().map_err(err)?.id()
+        }
+        (None, None, Some((category, tracepoint))) => {
             let prog: &mut TracePoint = prog.try_into().map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(category, tracepoint).map_err(err)?;
             prog.info().map_err(err)?.id()
         }
-        None => {
+        (None, None, None) => {
             let prog: &mut Iter = prog.try_into().map_err(err)?;
             if map_fds.is_empty() {
                 // The socket iterator is instantiated inside each namespace it sweeps.
