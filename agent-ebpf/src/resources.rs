@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
@@ -52,6 +52,14 @@ static RUNQ_SINCE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNQ_CAPA
 /// Each broker thread's `sum_exec_runtime` at its last switch-out; bounded, LRU.
 #[map(name = "THREAD_RUNTIME")]
 static THREAD_RUNTIME: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNTIME_CAPACITY, 0);
+
+/// How many entries `block_issue` put in BLOCK_INFLIGHT that `block_complete` has not taken
+/// out: counted before each insert, so never less than the entries there (more after an LRU
+/// eviction, which only costs the shortcut). While zero, a completion (most are not a
+/// broker's: page-cache writeback, other processes' I/O) returns without reading its record or
+/// looking it up.
+#[map(name = "BLOCK_PENDING")]
+static BLOCK_PENDING: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Block requests brokers issued, in flight; bounded, least recently used evicted.
 #[map(name = "BLOCK_INFLIGHT")]
@@ -385,16 +393,31 @@ fn try_issue(ctx: &TracePointContext) -> Result<(), ProbeError> {
     };
     // SAFETY: a plain helper call.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let _ = BLOCK_INFLIGHT.insert(
-        &key,
-        &BlockStart {
-            ts_ns,
-            tgid,
-            _pad: 0,
-        },
-        0,
-    );
+    let start = BlockStart {
+        ts_ns,
+        tgid,
+        _pad: 0,
+    };
+    // Counted first, so a completion on another CPU never sees the entry without its count.
+    count_pending(1);
+    if BLOCK_INFLIGHT
+        .insert(&key, &start, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Already there (a request reissued before it completed), or not inserted at all.
+        count_pending(u64::MAX);
+        let _ = BLOCK_INFLIGHT.insert(&key, &start, 0);
+    }
     Ok(())
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one away) to BLOCK_PENDING.
+#[inline(always)]
+fn count_pending(n: u64) {
+    if let Some(pending) = BLOCK_PENDING.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from the lookup just made.
+        unsafe { increment(pending, n) };
+    }
 }
 
 #[tracepoint(category = "block", name = "block_rq_complete")]
@@ -407,6 +430,9 @@ pub fn block_complete(ctx: TracePointContext) -> u32 {
 }
 
 fn try_complete(ctx: &TracePointContext) -> Result<(), ProbeError> {
+    if BLOCK_PENDING.get(0).is_none_or(|n| *n == 0) {
+        return Ok(());
+    }
     let off = offsets();
     // SAFETY: offsets from the tracepoint's format file; the reads are checked.
     let dev: u32 =
@@ -423,7 +449,9 @@ fn try_complete(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let Some(start) = (unsafe { BLOCK_INFLIGHT.get(&key) }).copied() else {
         return Ok(());
     };
-    let _ = BLOCK_INFLIGHT.remove(&key);
+    if BLOCK_INFLIGHT.remove(&key).is_ok() {
+        count_pending(u64::MAX);
+    }
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let us = now.saturating_sub(start.ts_ns) / 1000;

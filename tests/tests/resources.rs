@@ -232,6 +232,16 @@ fn direct_io_bytes_on_a_loop_device_match_what_was_written() {
         ios >= 2.0 * (bytes as f64) / (512.0 * 1024.0),
         "{ios} requests completed"
     );
+    // Every request issued was matched by its completion: nothing is left in flight (the
+    // figure is counted at most once a second).
+    eventually(
+        "no broker block request in flight",
+        Duration::from_secs(5),
+        || {
+            (agent.metric("brokerscope_map_entries", &[("map", "block_inflight")]) == Some(0.0))
+                .then_some(())
+        },
+    );
 }
 
 /// Pins every thread of `pid` to CPU 0.
