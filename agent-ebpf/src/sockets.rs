@@ -681,11 +681,17 @@ fn track(sk: u64, state: &ConnectionState, flags: u64) -> Result<(), i32> {
 #[inline(always)]
 fn write_state(bucket: u32, way: usize, state: &ConnectionState) -> Result<(), i32> {
     let slot = CONN_STATES
-        .get_ptr_mut(bucket * CONN_WAYS as u32 + way as u32)
+        .get_ptr_mut(slot_index(bucket, way))
         .ok_or(E2BIG)?;
     // SAFETY: the pointer comes from the lookup just made.
     unsafe { *slot = *state };
     Ok(())
+}
+
+/// The index in CONN_STATES of slot (`bucket`, `way`).
+#[inline(always)]
+fn slot_index(bucket: u32, way: usize) -> u32 {
+    bucket * CONN_WAYS as u32 + way as u32
 }
 
 /// The tracking state of `sk`, if it is tracked.
@@ -697,7 +703,7 @@ fn tracked(sk: u64) -> Option<(*mut ConnectionState, Tier)> {
         for way in 0..CONN_WAYS {
             // SAFETY: an aligned 8-byte load from the bucket looked up in this run.
             if unsafe { core::ptr::read_volatile(&raw const (*keys)[way]) } == sk {
-                let state = CONN_STATES.get_ptr_mut(bucket * CONN_WAYS as u32 + way as u32)?;
+                let state = CONN_STATES.get_ptr_mut(slot_index(bucket, way))?;
                 return Some((state, Tier::First(bucket, way)));
             }
         }
@@ -994,7 +1000,7 @@ fn try_conn_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
         if sk == 0 || sk == CLAIMED {
             continue;
         }
-        let Some(tracked) = CONN_STATES.get(bucket * CONN_WAYS as u32 + way as u32) else {
+        let Some(tracked) = CONN_STATES.get(slot_index(bucket, way)) else {
             continue;
         };
         live_connection(ctx, sk, tracked, &off)?;

@@ -19,57 +19,54 @@
 pub enum Field {
     /// `sock.__sk_common.skc_num`: the local port, host order (u16).
     SockNum = 0,
-    /// `sock.__sk_common.skc_state` (u8).
-    SockState = 1,
     /// `sock.__sk_common.skc_flags` (unsigned long).
-    SockFlags = 2,
+    SockFlags = 1,
     /// `sock.__sk_common.skc_net.net` (struct net *).
-    SockNet = 3,
+    SockNet = 2,
     /// `net.ns.inum` (u32).
-    NetInum = 4,
+    NetInum = 3,
     /// `tcp_sock.bytes_received` (u64).
-    TcpBytesReceived = 5,
+    TcpBytesReceived = 4,
     /// `tcp_sock.bytes_acked` (u64).
-    TcpBytesAcked = 6,
+    TcpBytesAcked = 5,
     /// `tcp_sock.snd_una` (u32).
-    TcpSndUna = 7,
+    TcpSndUna = 6,
     /// `tcp_sock.write_seq` (u32).
-    TcpWriteSeq = 8,
+    TcpWriteSeq = 7,
     /// `tcp_sock.total_retrans` (u32).
-    TcpTotalRetrans = 9,
+    TcpTotalRetrans = 8,
     /// `tcp_sock.srtt_us` (u32).
-    TcpSrttUs = 10,
+    TcpSrttUs = 9,
     /// `sock.__sk_common.skc_dport`: the remote port, network order (u16).
-    SockDport = 11,
+    SockDport = 10,
     /// `sock.__sk_common.skc_family` (u16).
-    SockFamily = 12,
+    SockFamily = 11,
     /// `sock.__sk_common.skc_daddr` (u32, network order).
-    SockDaddr = 13,
+    SockDaddr = 12,
     /// `sock.__sk_common.skc_rcv_saddr` (u32, network order).
-    SockRcvSaddr = 14,
+    SockRcvSaddr = 13,
     /// `sock.__sk_common.skc_v6_daddr`, first and second 8 bytes.
-    SockV6Daddr = 15,
-    SockV6DaddrHigh = 16,
+    SockV6Daddr = 14,
+    SockV6DaddrHigh = 15,
     /// `sock.__sk_common.skc_v6_rcv_saddr`, first and second 8 bytes.
-    SockV6RcvSaddr = 17,
-    SockV6RcvSaddrHigh = 18,
+    SockV6RcvSaddr = 16,
+    SockV6RcvSaddrHigh = 17,
     /// `task_struct.tgid` (i32).
-    TaskTgid = 19,
+    TaskTgid = 18,
     /// `task_struct.pid`: the thread id (i32).
-    TaskPid = 20,
+    TaskPid = 19,
     /// `task_struct.__state` (`state` before 5.14; its low 32 bits).
-    TaskState = 21,
+    TaskState = 20,
     /// `task_struct.se.sum_exec_runtime` (u64).
-    TaskSumExec = 22,
+    TaskSumExec = 21,
     /// `task_struct.se.prev_sum_exec_runtime` (u64).
-    TaskPrevSumExec = 23,
+    TaskPrevSumExec = 22,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 24] = [
+    pub const ALL: [Field; 23] = [
         Field::SockNum,
-        Field::SockState,
         Field::SockFlags,
         Field::SockNet,
         Field::NetInum,

@@ -287,6 +287,14 @@ impl Agent {
         find_sample(&body, name, labels)
     }
 
+    /// Whether `program` is attached (on whichever hook), per `brokerscope_probe_attached`.
+    pub fn attached(&self, program: &str) -> bool {
+        let (_, body) = self.get("/metrics");
+        body.contains(&format!(
+            "brokerscope_probe_attached{{program=\"{program}\""
+        ))
+    }
+
     /// Program ids the agent logged as attached.
     pub fn program_ids(&self) -> Vec<u32> {
         self.log

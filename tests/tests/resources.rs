@@ -38,11 +38,8 @@ const SCHEDULER_HOOKS: [(&str, &str); 2] = [
 fn agent_with_hooks(dir: &Path, (config, program): (&str, &str)) -> Agent {
     let agent = Agent::start(&format!("{}{config}", agent_config(dir)));
     agent.wait_ready();
-    let (_, metrics) = agent.get("/metrics");
     assert!(
-        metrics.contains(&format!(
-            "brokerscope_probe_attached{{program=\"{program}\""
-        )),
+        agent.attached(program),
         "{program} should count context switches"
     );
     agent

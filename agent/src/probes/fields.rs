@@ -33,7 +33,6 @@ impl FieldOffsets {
         for field in Field::ALL {
             offsets[field as usize] = match field {
                 Field::SockNum => in_sock(socket.sock_num),
-                Field::SockState => in_sock(socket.sock_state),
                 Field::SockFlags => in_sock(socket.sock_flags),
                 Field::SockNet => in_sock(socket.sock_net),
                 Field::NetInum => Some(socket.net_inum),
