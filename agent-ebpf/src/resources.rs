@@ -2,23 +2,24 @@
 //! processes (see `brokerscope_common::resources`).
 //!
 //! Everything is filtered by `BROKER_PIDS` before any counter is touched. `sched_switch` runs
-//! on every context switch of the node: its path between two non-broker tasks is one task
-//! read, two bitmap lookups (array lookups the verifier inlines) and a per-CPU slot write, with
-//! no clock read and no hash lookup.
+//! on every context switch of the node: when the switched-out thread is not a broker's, its
+//! path is one bitmap lookup (an array lookup the verifier inlines), with no task read, no clock
+//! read and no hash lookup.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
     fields::Field,
+    processes::NO_FIELD,
     resources::{
-        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, OnCpu,
-        RESOURCES_CAPACITY, RUNQ_CAPACITY, RUNTIME_CAPACITY, ResourceCounters, ResourceOffsets,
-        involuntary, rwbs_direction,
+        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, RESOURCES_CAPACITY,
+        ResourceCounters, ResourceOffsets, THREADS_CAPACITY, ThreadState, involuntary,
+        rwbs_direction,
     },
     sockets::log2_bucket,
     telemetry::{ProbeError, Program},
@@ -41,17 +42,21 @@ static RESOURCES: HashMap<u32, ResourceCounters> = HashMap::with_max_entries(RES
 /// Initial value of a new RESOURCES entry (too large for the BPF stack).
 static ZERO: ResourceCounters = ResourceCounters::ZERO;
 
-/// What runs on each CPU: one slot per CPU.
-#[map(name = "ON_CPU")]
-static ON_CPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
+/// Per broker thread: its CPU time and run-queue wait totals at its last switch-out. Bounded,
+/// least recently used evicted; values are updated in place through the lookup.
+#[map(name = "THREADS")]
+static THREADS: LruHashMap<u32, ThreadState> = LruHashMap::with_max_entries(THREADS_CAPACITY, 0);
 
-/// When a broker thread became runnable; bounded, least recently used evicted.
-#[map(name = "RUNQ_SINCE")]
-static RUNQ_SINCE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNQ_CAPACITY, 0);
-
-/// Each broker thread's `sum_exec_runtime` at its last switch-out; bounded, LRU.
-#[map(name = "THREAD_RUNTIME")]
-static THREAD_RUNTIME: LruHashMap<u32, u64> = LruHashMap::with_max_entries(RUNTIME_CAPACITY, 0);
+/// The state of broker thread `tid`, created on first sight; None when it cannot be created.
+/// Only the thread's own switch-outs touch it, and a thread is switched out on one CPU at a time.
+#[inline(always)]
+fn thread(tid: u32) -> Option<*mut ThreadState> {
+    if let Some(t) = THREADS.get_ptr_mut(&tid) {
+        return Some(t);
+    }
+    let _ = THREADS.insert(&tid, &ThreadState::ZERO, 0);
+    THREADS.get_ptr_mut(&tid)
+}
 
 /// How many entries `block_issue` put in BLOCK_INFLIGHT that `block_complete` has not taken
 /// out: counted before each insert, so never less than the entries there (more after an LRU
@@ -107,48 +112,42 @@ fn bucket(us: u64) -> usize {
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     count_run(Program::SchedSwitch);
-    // Raw `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`:
-    // the first three arguments are the same on every kernel since 4.x.
+    // Raw `sched_switch(bool preempt, struct task_struct *prev, ...)`: the first two arguments
+    // are the same on every kernel since 4.x.
     let off = offsets();
     let prev = Probed {
         task: ctx.arg(1),
         off: &off,
     };
-    let next = Probed {
-        task: ctx.arg(2),
-        off: &off,
-    };
-    if let Err(e) = on_switch(ctx.arg::<u64>(0) & 0xff != 0, prev, next) {
+    if let Err(e) = on_switch(ctx.arg::<u64>(0) & 0xff != 0, prev) {
         count_error(e);
     }
     0
 }
 
-/// The same as a BTF tracepoint, preferred when the kernel allows it: the tasks are typed
-/// pointers, so each field is one load (see [`crate::fields`]) instead of a helper call.
+/// The same as a BTF tracepoint, preferred when the kernel allows it: the task is a typed
+/// pointer, so each field is one load (see [`crate::fields`]) instead of a helper call.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
     count_run(Program::SchedSwitchBtf);
     let preempt: u64 = ctx.arg(0);
-    let (prev, next) = (Typed { task: ctx.arg(1) }, Typed { task: ctx.arg(2) });
-    if let Err(e) = on_switch(preempt & 0xff != 0, prev, next) {
+    if let Err(e) = on_switch(preempt & 0xff != 0, Typed { task: ctx.arg(1) }) {
         count_error(e);
     }
     0
 }
 
-/// What the scheduler hooks read of a task: helper reads at offsets from BTF ([`Probed`]), or
-/// direct loads through a typed pointer ([`Typed`]).
+/// What the scheduler hook reads of the switched-out task: helper reads at offsets from BTF
+/// ([`Probed`]), or direct loads through a typed pointer ([`Typed`]).
 trait Task: Copy {
-    fn tgid(self) -> Result<u32, ProbeError>;
-    /// The thread id.
-    fn pid(self) -> Result<u32, ProbeError>;
     /// `__state` (`state` before 5.14).
     fn state(self) -> Result<u32, ProbeError>;
     /// `se.sum_exec_runtime`.
     fn sum_exec(self) -> Result<u64, ProbeError>;
     /// `se.prev_sum_exec_runtime`.
     fn prev_sum_exec(self) -> Result<u64, ProbeError>;
+    /// `sched_info.run_delay`; None where the kernel does not keep it.
+    fn run_delay(self) -> Result<Option<u64>, ProbeError>;
 }
 
 #[derive(Clone, Copy)]
@@ -168,14 +167,6 @@ impl Probed<'_> {
 
 impl Task for Probed<'_> {
     #[inline(always)]
-    fn tgid(self) -> Result<u32, ProbeError> {
-        self.read::<i32>(self.off.task_tgid).map(|t| t as u32)
-    }
-    #[inline(always)]
-    fn pid(self) -> Result<u32, ProbeError> {
-        self.read::<i32>(self.off.task_pid).map(|t| t as u32)
-    }
-    #[inline(always)]
     fn state(self) -> Result<u32, ProbeError> {
         self.read(self.off.task_state)
     }
@@ -187,6 +178,13 @@ impl Task for Probed<'_> {
     fn prev_sum_exec(self) -> Result<u64, ProbeError> {
         self.read(self.off.task_prev_sum_exec)
     }
+    #[inline(always)]
+    fn run_delay(self) -> Result<Option<u64>, ProbeError> {
+        if self.off.task_run_delay == NO_FIELD {
+            return Ok(None);
+        }
+        self.read(self.off.task_run_delay).map(Some)
+    }
 }
 
 /// A `struct task_struct *` the verifier knows the type of.
@@ -196,14 +194,6 @@ struct Typed {
 }
 
 impl Task for Typed {
-    #[inline(always)]
-    fn tgid(self) -> Result<u32, ProbeError> {
-        Ok(load!(u32, self.task, Field::TaskTgid))
-    }
-    #[inline(always)]
-    fn pid(self) -> Result<u32, ProbeError> {
-        Ok(load!(u32, self.task, Field::TaskPid))
-    }
     #[inline(always)]
     fn state(self) -> Result<u32, ProbeError> {
         Ok(load!(u32, self.task, Field::TaskState))
@@ -216,137 +206,57 @@ impl Task for Typed {
     fn prev_sum_exec(self) -> Result<u64, ProbeError> {
         Ok(load!(u64, self.task, Field::TaskPrevSumExec))
     }
+    #[inline(always)]
+    fn run_delay(self) -> Result<Option<u64>, ProbeError> {
+        // The BTF programs are loaded only when the field resolved (see `fields`).
+        Ok(Some(load!(u64, self.task, Field::TaskRunDelay)))
+    }
 }
 
-/// A context switch from `prev` (still the current task) to `next`.
+/// A context switch away from `prev`, still the current task. Only the switched-out thread is
+/// read: its CPU time and its wait for the CPU before the slice that just ended are the
+/// scheduler's own running totals, so nothing needs to be noted when a thread is woken or
+/// switched in.
 #[inline(always)]
-fn on_switch(preempt: bool, prev: impl Task, next: impl Task) -> Result<(), ProbeError> {
-    // The switched-out task is still current here.
+fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let (prev_broker, next_broker) = (is_broker(tgid), is_broker(next.tgid()?));
-    let slot = ON_CPU.get_ptr_mut(0).ok_or(ProbeError::ReadContext)?;
-    if !prev_broker && !next_broker {
-        // The common case on a busy node: no clock read, no hash lookup. The slot only has
-        // to say that no broker thread got this CPU.
-        // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
-        unsafe { (*slot).since_ns = 0 };
+    if !is_broker(tgid) {
+        // The common case on a busy node: one bitmap lookup.
         return Ok(());
     }
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if prev_broker {
-        // SAFETY: `slot` is this CPU's ON_CPU value; nothing else writes it while we run.
-        let here = unsafe { *slot };
-        let c = counters(tgid)?;
-        let sum = prev.sum_exec()?;
-        // SAFETY: a plain read of a map value returned by the lookup.
-        let base = match unsafe { THREAD_RUNTIME.get(&tid) } {
-            Some(last) if *last <= sum => *last,
-            // First seen (or a reused thread id): count from when it got this CPU.
-            _ => prev.prev_sum_exec()?,
-        };
-        add!(c, on_cpu_ns, sum.saturating_sub(base));
-        let _ = THREAD_RUNTIME.insert(&tid, &sum, 0);
-        if here.since_ns != 0 && here.tid == tid {
-            if here.has_runq != 0 {
-                let us = here.runq_ns / 1000;
+    let c = counters(tgid)?;
+    let sum = prev.sum_exec()?;
+    let run_delay = prev.run_delay()?;
+    let state = thread(tid);
+    // SAFETY: `t` points to this thread's THREADS value, looked up during this run.
+    let last = state.map(|t| unsafe { *t });
+    match last {
+        Some(last) if last.last_sum_exec != 0 && last.last_sum_exec <= sum => {
+            add!(c, on_cpu_ns, sum - last.last_sum_exec);
+            // The wait before this slice: the growth of the total since the last switch-out.
+            if let Some(delay) = run_delay {
+                let us = delay.saturating_sub(last.last_run_delay) / 1000;
                 add!(c, runq[bucket(us)], 1);
                 add!(c, runq_sum_us, us);
             }
         }
-        if involuntary(preempt, prev.state()?) {
-            add!(c, involuntary, 1);
-            // Preempted: it waits on the run queue from now.
-            let _ = RUNQ_SINCE.insert(&tid, &now, 0);
-        } else {
-            add!(c, voluntary, 1);
+        // First seen (or a reused thread id): CPU time from when it got this CPU; its wait
+        // before is not known apart from earlier ones.
+        _ => add!(c, on_cpu_ns, sum.saturating_sub(prev.prev_sum_exec()?)),
+    }
+    if let Some(t) = state {
+        // SAFETY: as above.
+        unsafe {
+            (*t).last_sum_exec = sum;
+            (*t).last_run_delay = run_delay.unwrap_or(0);
         }
     }
-    if !next_broker {
-        // SAFETY: as below.
-        unsafe { (*slot).since_ns = 0 };
-        return Ok(());
+    if involuntary(preempt, prev.state()?) {
+        add!(c, involuntary, 1);
+    } else {
+        add!(c, voluntary, 1);
     }
-    let next = next.pid()?;
-    let mut runq_ns = 0;
-    let mut has_runq = 0;
-    // SAFETY: a plain read of a map value returned by the lookup.
-    if let Some(since) = unsafe { RUNQ_SINCE.get(&next) } {
-        runq_ns = now.saturating_sub(*since);
-        has_runq = 1;
-        let _ = RUNQ_SINCE.remove(&next);
-    }
-    // SAFETY: as above.
-    unsafe {
-        *slot = OnCpu {
-            since_ns: now,
-            runq_ns,
-            tid: next,
-            has_runq,
-        };
-    }
-    Ok(())
-}
-
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
-    count_run(Program::SchedWakeup);
-    wakeup_raw(&ctx);
-    0
-}
-
-#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
-    count_run(Program::SchedWakeupNew);
-    wakeup_raw(&ctx);
-    0
-}
-
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> u32 {
-    count_run(Program::SchedWakeupBtf);
-    wakeup_btf(&ctx);
-    0
-}
-
-#[btf_tracepoint(function = "sched_wakeup_new")]
-pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> u32 {
-    count_run(Program::SchedWakeupNewBtf);
-    wakeup_btf(&ctx);
-    0
-}
-
-/// The first argument of both wake-up tracepoints is the woken `struct task_struct *`.
-#[inline(always)]
-fn wakeup_raw(ctx: &RawTracePointContext) {
-    let off = offsets();
-    let task = Probed {
-        task: ctx.arg(0),
-        off: &off,
-    };
-    if let Err(e) = on_wakeup(task) {
-        count_error(e);
-    }
-}
-
-#[inline(always)]
-fn wakeup_btf(ctx: &BtfTracePointContext) {
-    if let Err(e) = on_wakeup(Typed { task: ctx.arg(0) }) {
-        count_error(e);
-    }
-}
-
-/// A broker thread woken: it waits on the run queue from now.
-#[inline(always)]
-fn on_wakeup(task: impl Task) -> Result<(), ProbeError> {
-    if !is_broker(task.tgid()?) {
-        return Ok(());
-    }
-    let tid = task.pid()?;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let _ = RUNQ_SINCE.insert(&tid, &now, 0);
     Ok(())
 }
 
@@ -487,6 +397,28 @@ pub fn fdatasync_enter(_ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_fdatasync")]
 pub fn fdatasync_exit(_ctx: TracePointContext) -> u32 {
     count_run(Program::FdatasyncExit);
+    if let Err(e) = sync_exit() {
+        count_error(e);
+    }
+    0
+}
+
+/// ext4's fsync file operation, entered by fsync, fdatasync, msync(MS_SYNC) and O_SYNC/O_DSYNC
+/// writes on ext4 files. Fires only on those, where the syscall tracepoints above would put every
+/// syscall of every task on the node through the slow path: these serve while every broker's log
+/// dirs are on ext4, and the syscall ones are attached only for brokers with others.
+#[tracepoint(category = "ext4", name = "ext4_sync_file_enter")]
+pub fn fsync_ext4_enter(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncExt4Enter);
+    sync_enter();
+    0
+}
+
+/// Its return. With the syscall tracepoints attached too, the inner pair counts an fsync of an
+/// ext4 file and takes its entry away, so the syscall's exit finds none: counted once.
+#[tracepoint(category = "ext4", name = "ext4_sync_file_exit")]
+pub fn fsync_ext4_exit(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncExt4Exit);
     if let Err(e) = sync_exit() {
         count_error(e);
     }

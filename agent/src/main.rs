@@ -356,6 +356,7 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
         }
     }
     spawn_state_tracker(model.clone(), model.take_state_events());
+    model.spawn_demand_thread();
 
     let addr = config.server.listen_addr()?;
     // Discovered brokers' listeners, as configured ones were checked with the config.

@@ -21,6 +21,10 @@ pub struct Readiness {
     /// Optional programs this kernel refused and what covers for them (absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<String>,
+    /// Programs attached only while needed, and when (absent when none);
+    /// `brokerscope_probe_attached` says whether each is attached now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub standby: Vec<String>,
 }
 
 #[derive(Default)]
@@ -30,6 +34,7 @@ struct Status {
     probe_error: Option<String>,
     attached: Vec<Attachment>,
     degraded: Vec<String>,
+    standby: Vec<String>,
 }
 
 /// The broker table as discovery last published it.
@@ -60,6 +65,31 @@ pub struct Model {
     snapshots: crate::flight::Flight<std::sync::Arc<Snapshot>>,
     /// The brokers' /proc and cgroup files, open between snapshots.
     proc_files: Mutex<crate::resources::ProcFiles>,
+    /// Wakes the thread that attaches and detaches the standby programs (see
+    /// [`Model::sync_demand`]).
+    demand: DemandSignal,
+}
+
+/// A standby program stays attached this long after the last time it was wanted, so a broker
+/// that comes and goes does not make the agent attach and detach each time (detaching waits
+/// for an RCU grace period per program, tens of ms).
+pub const STANDBY_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often the demand thread passes without being asked.
+const DEMAND_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// When each standby condition last held (None: not since the agent started).
+#[derive(Default)]
+struct LastWanted {
+    broker_starting: Option<std::time::Instant>,
+    fsync_uncovered: Option<std::time::Instant>,
+}
+
+/// "Work the demand out again", set by any thread, taken by the demand thread.
+#[derive(Default)]
+struct DemandSignal {
+    pending: Mutex<bool>,
+    wake: std::sync::Condvar,
 }
 
 /// A broker as `/v1/brokers` shows it: discovery's record, its derived Kafka state and the
@@ -102,6 +132,13 @@ impl Model {
             let mut status = self.status_mut();
             status.attached = probes.attached().to_vec();
             status.degraded = probes.degraded().iter().map(|d| d.describe()).collect();
+            status.standby = probes
+                .standby()
+                .filter_map(|p| {
+                    let when = p.standby()?.describe();
+                    Some(format!("{} ({}): {when}", p.name(), p.hook()))
+                })
+                .collect();
             status.probe_error = None;
         }
         *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = Some(probes);
@@ -188,6 +225,7 @@ impl Model {
             });
         }
         let degraded = status.degraded.clone();
+        let standby = status.standby.clone();
         drop(status);
         let brokers = self.brokers_state();
         if !brokers.scanned {
@@ -200,6 +238,7 @@ impl Model {
             ready: reasons.is_empty(),
             reasons,
             degraded,
+            standby,
         }
     }
 
@@ -322,6 +361,8 @@ impl Model {
         for b in &brokers {
             states.evaluate(b, true);
         }
+        drop(states);
+        self.sync_demand();
     }
 
     /// The broker's Kafka state now.
@@ -385,16 +426,115 @@ impl Model {
             }
             (listeners, pids)
         };
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(probes) = probes.as_mut() else {
-            return;
+        {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(probes) = probes.as_mut() else {
+                return;
+            };
+            if let Err(e) = probes.set_watched(&listeners) {
+                tracing::warn!(error = %e, "cannot update the watched listeners");
+            }
+            if let Err(e) = probes.set_broker_pids(&pids) {
+                tracing::warn!(error = %e, "cannot update the broker pids");
+            }
+        }
+        self.sync_demand();
+    }
+
+    /// Asks the demand thread to attach the standby programs (see
+    /// [`brokerscope_common::telemetry::Program::standby`]) a running broker needs now and to
+    /// detach those no broker has needed for [`STANDBY_LINGER`]: the file-open hooks while a
+    /// broker has not been seen RUNNING yet, the syscall fsync hooks while a broker has a log
+    /// dir off ext4 (or the ext4 hooks are not attached). Cheap: callers (discovery, the state
+    /// tick) never wait for an attach.
+    pub fn sync_demand(&self) {
+        *self
+            .demand
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.demand.wake.notify_one();
+    }
+
+    /// The thread behind [`Model::sync_demand`]. Each pass works the demand out from the
+    /// current broker table and state tracker, so requests coalesce and the last pass's answer
+    /// stands; it also passes every [`DEMAND_RECHECK`] to let lingering programs go.
+    pub fn spawn_demand_thread(self: &std::sync::Arc<Self>) {
+        let model = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || {
+                let mut last_wanted = LastWanted::default();
+                loop {
+                    let Some(model) = model.upgrade() else { return };
+                    {
+                        let pending = model
+                            .demand
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        let (mut pending, _) = model
+                            .demand
+                            .wake
+                            .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
+                            .unwrap_or_else(|p| p.into_inner());
+                        *pending = false;
+                    }
+                    model.apply_demand(&mut last_wanted);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the standby thread: standby programs stay detached");
+        }
+    }
+
+    fn apply_demand(&self, last_wanted: &mut LastWanted) {
+        let ext4 = {
+            let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            match probes.as_ref() {
+                Some(p) => p.fsync_hooks_cover_ext4(),
+                None => return,
+            }
         };
-        if let Err(e) = probes.set_watched(&listeners) {
-            tracing::warn!(error = %e, "cannot update the watched listeners");
-        }
-        if let Err(e) = probes.set_broker_pids(&pids) {
-            tracing::warn!(error = %e, "cannot update the broker pids");
-        }
+        let wanted = {
+            // Copied out first: `states()` takes the tracker's lock and then the table's, so
+            // the table's must not be held while waiting for the tracker's.
+            let running: Vec<Broker> = self
+                .brokers_state()
+                .brokers
+                .iter()
+                .filter(|b| b.is_running())
+                .cloned()
+                .collect();
+            // The tracker as it is: a broker it has not followed yet counts as starting.
+            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            crate::probes::Demand {
+                broker_starting: running
+                    .iter()
+                    .any(|b| !states.settled(&b.id, b.pid, b.start_time_ticks)),
+                fsync_uncovered: running.iter().any(|b| !(ext4 && b.log_dirs_on_ext4())),
+            }
+        };
+        let now = std::time::Instant::now();
+        let linger = |want: bool, last: &mut Option<std::time::Instant>| {
+            if want {
+                *last = Some(now);
+            }
+            last.is_some_and(|t| now.duration_since(t) < STANDBY_LINGER)
+        };
+        let demand = crate::probes::Demand {
+            broker_starting: linger(wanted.broker_starting, &mut last_wanted.broker_starting),
+            fsync_uncovered: linger(wanted.fsync_uncovered, &mut last_wanted.fsync_uncovered),
+        };
+        let attached = {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(p) = probes.as_mut() else { return };
+            if !p.set_demand(demand) {
+                return;
+            }
+            p.attached().to_vec()
+        };
+        self.status_mut().attached = attached;
     }
 
     /// The kernel's exec/exit events for discovery, once.

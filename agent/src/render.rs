@@ -830,6 +830,7 @@ mod tests {
                 ready: true,
                 reasons: vec![],
                 degraded: vec![],
+                standby: vec![],
             }),
             attached: vec![Attachment {
                 program: "sock_state",

@@ -383,6 +383,18 @@ impl StateTracker {
         view
     }
 
+    /// Whether this process of broker `id` is past starting: seen RUNNING (which latches) or
+    /// told to stop. Until then its file opens matter; a process the tracker has not followed
+    /// yet is not settled.
+    pub fn settled(&self, id: &str, pid: u32, start_time_ticks: u64) -> bool {
+        self.by_id
+            .get(id)
+            .and_then(|t| t.process.as_ref())
+            .is_some_and(|p| {
+                p.pid == pid && p.start_time_ticks == start_time_ticks && (p.running || p.sigterm)
+            })
+    }
+
     /// The logged changes of a broker, oldest first.
     pub fn changes(&self, id: &str) -> Vec<StateChange> {
         self.by_id

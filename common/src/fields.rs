@@ -51,21 +51,19 @@ pub enum Field {
     /// `sock.__sk_common.skc_v6_rcv_saddr`, first and second 8 bytes.
     SockV6RcvSaddr = 16,
     SockV6RcvSaddrHigh = 17,
-    /// `task_struct.tgid` (i32).
-    TaskTgid = 18,
-    /// `task_struct.pid`: the thread id (i32).
-    TaskPid = 19,
+    /// `task_struct.sched_info.run_delay`: time spent waiting on a run queue, in ns (u64).
+    TaskRunDelay = 18,
     /// `task_struct.__state` (`state` before 5.14; its low 32 bits).
-    TaskState = 20,
+    TaskState = 19,
     /// `task_struct.se.sum_exec_runtime` (u64).
-    TaskSumExec = 21,
+    TaskSumExec = 20,
     /// `task_struct.se.prev_sum_exec_runtime` (u64).
-    TaskPrevSumExec = 22,
+    TaskPrevSumExec = 21,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 23] = [
+    pub const ALL: [Field; 22] = [
         Field::SockNum,
         Field::SockFlags,
         Field::SockNet,
@@ -84,8 +82,7 @@ impl Field {
         Field::SockV6DaddrHigh,
         Field::SockV6RcvSaddr,
         Field::SockV6RcvSaddrHigh,
-        Field::TaskTgid,
-        Field::TaskPid,
+        Field::TaskRunDelay,
         Field::TaskState,
         Field::TaskSumExec,
         Field::TaskPrevSumExec,

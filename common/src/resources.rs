@@ -2,13 +2,16 @@
 //!
 //! The kernel side (`agent-ebpf/src/resources.rs`) counts only registered broker tgids (the
 //! processes family's `BROKER_PIDS`), into one [`ResourceCounters`] per broker process:
-//! - CPU time and context switches at `sched_switch` (a raw tracepoint: no record is built for
-//!   it, which matters on a hook that runs at every context switch of the node; the switched-out
-//!   task is the current one, so its tgid is known without reading a `task_struct`). CPU time is
-//!   the growth of the thread's `se.sum_exec_runtime` since its last switch-out: the scheduler's
-//!   own account, the one /proc reports, and a missed switch loses nothing;
-//! - run-queue latency: wake-up (`sched_wakeup`/`sched_wakeup_new`, raw tracepoints, whose
-//!   `task_struct` gives the wakee's tgid) or preemption, to the switch onto a CPU;
+//! - CPU time, context switches and run-queue latency at `sched_switch` (a BTF tracepoint, or a
+//!   raw one: no record is built for it, which matters on a hook that runs at every context
+//!   switch of the node), from the switched-out thread alone: it is the current task, so its
+//!   tgid is known without reading a `task_struct`, and a switch between two other processes'
+//!   threads costs one bitmap lookup. CPU time is the growth of the thread's
+//!   `se.sum_exec_runtime` since its last switch-out, run-queue latency that of its
+//!   `sched_info.run_delay` (the time it waited runnable, woken or preempted, before the slice
+//!   that just ended): the scheduler's own accounts, the ones /proc reports
+//!   (`/proc/<pid>/task/<tid>/schedstat`), with no wake-up hook, and a missed switch loses
+//!   nothing;
 //! - block I/O bytes and latency: `block:block_rq_issue` in the issuing task's context (direct
 //!   I/O and synchronous reads; page-cache writeback is issued by kernel threads and is not
 //!   attributed), completed at `block:block_rq_complete`, keyed by (device, sector);
@@ -19,17 +22,12 @@ pub const RESOURCES_MAP: &str = "RESOURCES";
 /// Capacity of [`RESOURCES_MAP`]: one entry per broker process, as `BROKER_PIDS`.
 pub const RESOURCES_CAPACITY: u32 = crate::processes::BROKER_PIDS_CAPACITY;
 
-/// Name of the LRU map of wake-up (or preemption) times per broker thread id.
-pub const RUNQ_MAP: &str = "RUNQ_SINCE";
-/// Capacity of [`RUNQ_MAP`]: broker threads waiting for a CPU at once (a JVM has hundreds of
-/// threads; an LRU evicts the stalest, whose latency is then not measured).
-pub const RUNQ_CAPACITY: u32 = 8192;
-
-/// Name of the LRU map of each broker thread's CPU time when last switched out.
-pub const RUNTIME_MAP: &str = "THREAD_RUNTIME";
-/// Capacity of [`RUNTIME_MAP`]: broker threads (an evicted thread's next slice is counted from
-/// when it got the CPU, as a new thread's).
-pub const RUNTIME_CAPACITY: u32 = 16384;
+/// Name of the LRU map of what the scheduler hooks keep per broker thread ([`ThreadState`]).
+pub const THREADS_MAP: &str = "THREADS";
+/// Capacity of [`THREADS_MAP`]: broker threads (a JVM has hundreds). An evicted thread's next
+/// slice is counted from when it got the CPU, as a new thread's, and a wait it was in is not
+/// measured.
+pub const THREADS_CAPACITY: u32 = 16384;
 
 /// Name of the LRU map of block requests in flight issued by brokers.
 pub const BLOCK_MAP: &str = "BLOCK_INFLIGHT";
@@ -85,17 +83,22 @@ impl ResourceCounters {
     };
 }
 
-/// What runs on one CPU now (a per-CPU slot).
+/// What the scheduler hook keeps per broker thread: one entry, created when the thread is first
+/// switched out and updated in place after (no map update, no delete on the hot path).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OnCpu {
-    /// When it was switched in (0: not seen yet).
-    pub since_ns: u64,
-    /// How long it waited on the run queue before (valid when `has_runq` is 1).
-    pub runq_ns: u64,
-    /// Its thread id.
-    pub tid: u32,
-    pub has_runq: u32,
+pub struct ThreadState {
+    /// Its `se.sum_exec_runtime` at its last switch-out (0: not switched out yet).
+    pub last_sum_exec: u64,
+    /// Its `sched_info.run_delay` at its last switch-out.
+    pub last_run_delay: u64,
+}
+
+impl ThreadState {
+    pub const ZERO: ThreadState = ThreadState {
+        last_sum_exec: 0,
+        last_run_delay: 0,
+    };
 }
 
 /// Key of a block request in flight.
@@ -116,7 +119,7 @@ pub struct BlockStart {
     pub _pad: u32,
 }
 
-/// Tracepoint record offsets (tracefs) and `task_struct.tgid` (BTF), resolved at load time.
+/// Tracepoint record offsets (tracefs) and `task_struct` fields (BTF), resolved at load time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResourceOffsets {
@@ -132,8 +135,9 @@ pub struct ResourceOffsets {
     pub issue_rwbs: u32,
     pub complete_dev: u32,
     pub complete_sector: u32,
-    pub task_tgid: u32,
-    pub task_pid: u32,
+    /// `task_struct.sched_info.run_delay` (CONFIG_SCHED_INFO), or `NO_FIELD`: run-queue
+    /// latency is then not measured.
+    pub task_run_delay: u32,
     pub _pad: u32,
 }
 
@@ -148,8 +152,7 @@ impl ResourceOffsets {
         issue_rwbs: 0,
         complete_dev: 0,
         complete_sector: 0,
-        task_tgid: 0,
-        task_pid: 0,
+        task_run_delay: 0,
         _pad: 0,
     };
 }
@@ -177,6 +180,8 @@ pub const fn rwbs_direction(rwbs: &[u8; 4]) -> u32 {
 mod pod {
     // SAFETY: #[repr(C)], u64 fields and arrays only, no padding.
     unsafe impl aya::Pod for super::ResourceCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ThreadState {}
     // SAFETY: #[repr(C)], integer fields, explicit padding.
     unsafe impl aya::Pod for super::ResourceOffsets {}
     // SAFETY: as above.
@@ -214,8 +219,7 @@ mod tests {
             core::mem::size_of::<ResourceCounters>(),
             8 * (9 + 3 * LATENCY_BUCKETS)
         );
-        assert_eq!(core::mem::size_of::<OnCpu>(), 24);
         assert_eq!(core::mem::size_of::<BlockKey>(), 16);
-        assert_eq!(core::mem::size_of::<ResourceOffsets>(), 48);
+        assert_eq!(core::mem::size_of::<ResourceOffsets>(), 44);
     }
 }

@@ -28,56 +28,84 @@ pub enum Program {
     ProcessExec = 5,
     /// `sched:sched_process_exit`: a registered broker's exit.
     ProcessExit = 6,
-    /// `syscalls:sys_enter_openat`: a broker's file opens (log recovery).
+    /// `syscalls:sys_enter_openat`: a broker's file opens (log recovery). On standby: attached
+    /// only while a broker is starting (see [`Program::standby`]).
     StateOpenat = 7,
     /// `syscalls:sys_enter_openat2`: as [`Program::StateOpenat`].
     StateOpenat2 = 8,
     /// `signal:signal_deliver`: SIGTERM delivered to a broker.
     StateSignal = 9,
-    /// raw `sched_switch`: brokers' on-CPU time, context switches, run-queue latency.
+    /// raw `sched_switch`: brokers' on-CPU time, context switches, run-queue latency (the
+    /// switched-out thread's own scheduler totals: no wake-up hook is needed).
     SchedSwitch = 10,
-    /// raw `sched_wakeup`: when a broker thread became runnable.
-    SchedWakeup = 11,
-    /// raw `sched_wakeup_new`: as [`Program::SchedWakeup`], for new threads.
-    SchedWakeupNew = 12,
     /// `block:block_rq_issue`: block requests brokers issue (bytes).
-    BlockIssue = 13,
+    BlockIssue = 11,
     /// `block:block_rq_complete`: their latency.
-    BlockComplete = 14,
-    /// `syscalls:sys_enter_fsync`.
-    FsyncEnter = 15,
+    BlockComplete = 12,
+    /// `syscalls:sys_enter_fsync`. On standby: attached only for brokers whose log dirs the
+    /// filesystem hooks ([`Program::FsyncExt4Enter`]) do not cover.
+    FsyncEnter = 13,
     /// `syscalls:sys_exit_fsync`: fsync count and latency.
-    FsyncExit = 16,
+    FsyncExit = 14,
     /// `syscalls:sys_enter_fdatasync`.
-    FdatasyncEnter = 17,
+    FdatasyncEnter = 15,
     /// `syscalls:sys_exit_fdatasync`: counted with fsync.
-    FdatasyncExit = 18,
+    FdatasyncExit = 16,
     /// `raw_tracepoint/inet_sock_set_state`: the same counting as [`Program::SockState`] at a
     /// fraction of the cost; preferred, with the classic tracepoint as its fallback.
-    SockStateRaw = 19,
+    SockStateRaw = 17,
     /// `iter/bpf_map_elem` over the connection map: open tracked connections' bytes at scrape
     /// time, at a cost in tracked connections only.
-    ConnLive = 20,
+    ConnLive = 18,
     /// `iter/bpf_map_elem` over the listening-socket map: listen drops at scrape time.
-    ListenLive = 21,
+    ListenLive = 19,
     /// `tp_btf/inet_sock_set_state`: the same counting as [`Program::SockStateRaw`], reading
     /// the socket with direct loads (see [`crate::fields`]) instead of helper calls; preferred,
     /// with the raw tracepoint as its fallback.
-    SockStateBtf = 22,
+    SockStateBtf = 20,
     /// `tp_btf/sched_switch`: [`Program::SchedSwitch`] with direct loads; preferred, with the
     /// raw tracepoint as its fallback.
-    SchedSwitchBtf = 23,
-    /// `tp_btf/sched_wakeup`: as above for [`Program::SchedWakeup`].
-    SchedWakeupBtf = 24,
-    /// `tp_btf/sched_wakeup_new`: as above for [`Program::SchedWakeupNew`].
-    SchedWakeupNewBtf = 25,
+    SchedSwitchBtf = 21,
     /// `iter/bpf_map_elem` over the spill tier of tracked connections: as [`Program::ConnLive`].
-    ConnSpillLive = 26,
+    ConnSpillLive = 22,
+    /// `ext4:ext4_sync_file_enter`: fsync and fdatasync (and msync(MS_SYNC), O_SYNC writes) of
+    /// ext4 files, without touching any other syscall.
+    FsyncExt4Enter = 23,
+    /// `ext4:ext4_sync_file_exit`: their count and latency.
+    FsyncExt4Exit = 24,
+}
+
+/// When a program on standby is attached (see [`Program::standby`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standby {
+    /// While some running broker has not been seen RUNNING yet (STARTING or RECOVERY): only
+    /// then do its file opens tell anything.
+    BrokerStarting,
+    /// While some running broker has a log dir on a filesystem the filesystem fsync hooks do
+    /// not cover (or unknown log dirs).
+    FsyncUncovered,
+}
+
+impl Standby {
+    /// For /ready: when the programs are attached, and why not always.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Standby::BrokerStarting => {
+                "attached only while a broker is STARTING or in RECOVERY: a syscalls tracepoint \
+                 sends every syscall of every task on the node through the kernel's slow path"
+            }
+            Standby::FsyncUncovered => {
+                "attached only while a broker has a log dir the ext4 fsync hooks do not cover: a \
+                 syscalls tracepoint sends every syscall of every task on the node through the \
+                 kernel's slow path"
+            }
+        }
+    }
 }
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 27] = [
+    pub const ALL: [Program; 25] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -89,8 +117,6 @@ impl Program {
         Program::StateOpenat2,
         Program::StateSignal,
         Program::SchedSwitch,
-        Program::SchedWakeup,
-        Program::SchedWakeupNew,
         Program::BlockIssue,
         Program::BlockComplete,
         Program::FsyncEnter,
@@ -102,9 +128,9 @@ impl Program {
         Program::ListenLive,
         Program::SockStateBtf,
         Program::SchedSwitchBtf,
-        Program::SchedWakeupBtf,
-        Program::SchedWakeupNewBtf,
         Program::ConnSpillLive,
+        Program::FsyncExt4Enter,
+        Program::FsyncExt4Exit,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -124,8 +150,6 @@ impl Program {
             Program::StateOpenat2 => "state_openat2",
             Program::StateSignal => "state_signal",
             Program::SchedSwitch => "sched_switch",
-            Program::SchedWakeup => "sched_wakeup",
-            Program::SchedWakeupNew => "sched_wakeup_new",
             Program::BlockIssue => "block_issue",
             Program::BlockComplete => "block_complete",
             Program::FsyncEnter => "fsync_enter",
@@ -137,9 +161,9 @@ impl Program {
             Program::ListenLive => "listen_live",
             Program::SockStateBtf => "sock_state_btf",
             Program::SchedSwitchBtf => "sched_switch_btf",
-            Program::SchedWakeupBtf => "sched_wakeup_btf",
-            Program::SchedWakeupNewBtf => "sched_wakeup_new_btf",
             Program::ConnSpillLive => "conn_spill_live",
+            Program::FsyncExt4Enter => "fsync_ext4_enter",
+            Program::FsyncExt4Exit => "fsync_ext4_exit",
         }
     }
 
@@ -157,8 +181,6 @@ impl Program {
             Program::StateOpenat2 => "tracepoint/syscalls/sys_enter_openat2",
             Program::StateSignal => "tracepoint/signal/signal_deliver",
             Program::SchedSwitch => "raw_tracepoint/sched_switch",
-            Program::SchedWakeup => "raw_tracepoint/sched_wakeup",
-            Program::SchedWakeupNew => "raw_tracepoint/sched_wakeup_new",
             Program::BlockIssue => "tracepoint/block/block_rq_issue",
             Program::BlockComplete => "tracepoint/block/block_rq_complete",
             Program::FsyncEnter => "tracepoint/syscalls/sys_enter_fsync",
@@ -170,9 +192,9 @@ impl Program {
             Program::ListenLive => "iter/bpf_map_elem/LISTEN_SOCKS",
             Program::SockStateBtf => "tp_btf/inet_sock_set_state",
             Program::SchedSwitchBtf => "tp_btf/sched_switch",
-            Program::SchedWakeupBtf => "tp_btf/sched_wakeup",
-            Program::SchedWakeupNewBtf => "tp_btf/sched_wakeup_new",
             Program::ConnSpillLive => "iter/bpf_map_elem/CONNECTIONS_SPILL",
+            Program::FsyncExt4Enter => "tracepoint/ext4/ext4_sync_file_enter",
+            Program::FsyncExt4Exit => "tracepoint/ext4/ext4_sync_file_exit",
         }
     }
 
@@ -186,12 +208,6 @@ impl Program {
             }
             Program::SchedSwitchBtf => {
                 Some("the raw tracepoint program sched_switch counts instead")
-            }
-            Program::SchedWakeupBtf => {
-                Some("the raw tracepoint program sched_wakeup counts instead")
-            }
-            Program::SchedWakeupNewBtf => {
-                Some("the raw tracepoint program sched_wakeup_new counts instead")
             }
             Program::SockStateRaw => {
                 Some("the classic tracepoint program sock_state counts instead")
@@ -215,7 +231,7 @@ impl Program {
             Program::StateSignal => {
                 Some("SIGTERM is not seen: a stopping broker shows RUNNING until it exits")
             }
-            Program::SchedSwitch | Program::SchedWakeup | Program::SchedWakeupNew => {
+            Program::SchedSwitch => {
                 Some("CPU time, context switches and run-queue latency are not counted")
             }
             Program::BlockIssue | Program::BlockComplete => {
@@ -224,7 +240,13 @@ impl Program {
             Program::FsyncEnter
             | Program::FsyncExit
             | Program::FdatasyncEnter
-            | Program::FdatasyncExit => Some("fsync calls and latency are not counted"),
+            | Program::FdatasyncExit => {
+                Some("fsync calls and latency are not counted on filesystems other than ext4")
+            }
+            Program::FsyncExt4Enter | Program::FsyncExt4Exit => Some(
+                "the fsync/fdatasync syscall tracepoints count instead, attached for every \
+                 running broker",
+            ),
         }
     }
 
@@ -242,21 +264,19 @@ impl Program {
             Program::StateOpenat2 => Some(("syscalls", "sys_enter_openat2")),
             Program::StateSignal => Some(("signal", "signal_deliver")),
             Program::SchedSwitch => None,
-            Program::SchedWakeup => None,
-            Program::SchedWakeupNew => None,
             Program::BlockIssue => Some(("block", "block_rq_issue")),
             Program::BlockComplete => Some(("block", "block_rq_complete")),
             Program::FsyncEnter => Some(("syscalls", "sys_enter_fsync")),
             Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
             Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),
             Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
+            Program::FsyncExt4Enter => Some(("ext4", "ext4_sync_file_enter")),
+            Program::FsyncExt4Exit => Some(("ext4", "ext4_sync_file_exit")),
             Program::SockStateRaw
             | Program::ConnLive
             | Program::ListenLive
             | Program::SockStateBtf
             | Program::SchedSwitchBtf
-            | Program::SchedWakeupBtf
-            | Program::SchedWakeupNewBtf
             | Program::ConnSpillLive => None,
         }
     }
@@ -265,8 +285,6 @@ impl Program {
     pub const fn raw_tracepoint(self) -> Option<&'static str> {
         match self {
             Program::SchedSwitch => Some("sched_switch"),
-            Program::SchedWakeup => Some("sched_wakeup"),
-            Program::SchedWakeupNew => Some("sched_wakeup_new"),
             Program::SockStateRaw => Some("inet_sock_set_state"),
             _ => None,
         }
@@ -277,23 +295,33 @@ impl Program {
         match self {
             Program::SockStateBtf => Some("inet_sock_set_state"),
             Program::SchedSwitchBtf => Some("sched_switch"),
-            Program::SchedWakeupBtf => Some("sched_wakeup"),
-            Program::SchedWakeupNewBtf => Some("sched_wakeup_new"),
+            _ => None,
+        }
+    }
+
+    /// Programs loaded at start but attached only while what they see matters: each is a
+    /// `syscalls:*` tracepoint, and attaching any puts every syscall on the node on the kernel's
+    /// slow path (about 20-60 ns each on the machines this was measured on).
+    pub const fn standby(self) -> Option<Standby> {
+        match self {
+            Program::StateOpenat | Program::StateOpenat2 => Some(Standby::BrokerStarting),
+            Program::FsyncEnter
+            | Program::FsyncExit
+            | Program::FdatasyncEnter
+            | Program::FdatasyncExit => Some(Standby::FsyncUncovered),
             _ => None,
         }
     }
 
     /// Programs that count the same thing, most preferred first: the first this kernel takes
     /// serves, and the rest are not attached.
-    pub const ALTERNATIVES: [&'static [Program]; 4] = [
+    pub const ALTERNATIVES: [&'static [Program]; 2] = [
         &[
             Program::SockStateBtf,
             Program::SockStateRaw,
             Program::SockState,
         ],
         &[Program::SchedSwitchBtf, Program::SchedSwitch],
-        &[Program::SchedWakeupBtf, Program::SchedWakeup],
-        &[Program::SchedWakeupNewBtf, Program::SchedWakeupNew],
     ];
 }
 

@@ -295,13 +295,22 @@ impl Agent {
         ))
     }
 
-    /// Program ids the agent logged as attached.
+    /// Program ids the agent logged as attached at start.
     pub fn program_ids(&self) -> Vec<u32> {
+        self.logged_ids(" attached ")
+    }
+
+    /// Program ids the agent logged as loaded on standby (attached only while needed).
+    pub fn standby_program_ids(&self) -> Vec<u32> {
+        self.logged_ids(" loaded, on standby ")
+    }
+
+    fn logged_ids(&self, message: &str) -> Vec<u32> {
         self.log
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.contains(" attached "))
+            .filter(|l| l.contains(message))
             .filter_map(|l| l.split(" id=").nth(1))
             .filter_map(|id| id.split_whitespace().next()?.parse().ok())
             .collect()

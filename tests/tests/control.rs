@@ -448,17 +448,24 @@ fn diagnostics_bundle_holds_everything_asked_for() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(d["kernel"]["release"], release.trim());
     assert_eq!(d["kernel"]["facts"]["btf"], "/sys/kernel/btf/vmlinux");
-    assert_eq!(d["readiness"], json!({"ready": true, "reasons": []}));
+    assert_eq!(d["readiness"]["ready"], true, "{}", d["readiness"]);
+    assert_eq!(d["readiness"]["reasons"], json!([]), "{}", d["readiness"]);
     assert_eq!(
         d["bpf_stats"],
         json!({"enabled_for_ms": 1000, "error": null})
     );
 
-    let ids = agent.program_ids();
+    // Every program attached now: those attached at start, and any standby one a broker needs.
+    let (ids, standby) = (agent.program_ids(), agent.standby_program_ids());
     let programs = d["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), ids.len(), "{programs:?}");
+    let listed: Vec<u32> = programs
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert!(ids.iter().all(|id| listed.contains(id)), "{programs:?}");
     for p in programs {
-        assert!(ids.contains(&(p["id"].as_u64().unwrap() as u32)), "{p}");
+        let id = p["id"].as_u64().unwrap() as u32;
+        assert!(ids.contains(&id) || standby.contains(&id), "{p}");
         assert!(p["hook"].as_str().unwrap().contains('/'), "{p}");
     }
     let sock_state = programs

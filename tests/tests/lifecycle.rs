@@ -18,12 +18,18 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     if !privileged("ready_reports_attached_probes_and_sigterm_detaches_them") {
         return;
     }
-    let mut agent = Agent::start("");
+    // No broker on this node (a pattern nothing matches): nothing needs the standby programs.
+    let mut agent =
+        Agent::start("[discovery]\ncmdline_patterns = ['kafka\\.Kafka no-broker-here']\n");
     agent.wait_ready();
     let (code, body) = agent.get("/ready");
-    assert_eq!(
-        (code, body.as_str()),
-        (200, r#"{"ready":true,"reasons":[]}"#)
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(ready["ready"], true, "{body}");
+    assert_eq!(ready["reasons"], serde_json::json!([]), "{body}");
+    assert!(
+        ready.get("degraded").is_none(),
+        "this kernel takes every program: {body}"
     );
     let (code, body) = agent.get("/health");
     assert_eq!((code, body.as_str()), (200, r#"{"status":"ok"}"#));
@@ -54,18 +60,17 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
             "{program}"
         );
     }
-    // The scheduler hooks too take their BTF form, and not their raw fallback.
-    for hook in ["sched_switch", "sched_wakeup", "sched_wakeup_new"] {
-        let btf = [
-            ("program", format!("{hook}_btf")),
-            ("hook", format!("tp_btf/{hook}")),
-        ];
-        let btf: Vec<(&str, &str)> = btf.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        assert_eq!(agent.metric("brokerscope_probe_attached", &btf), Some(1.0));
-        let raw_hook = format!("raw_tracepoint/{hook}");
-        let raw = [("program", hook), ("hook", raw_hook.as_str())];
-        assert_eq!(agent.metric("brokerscope_probe_attached", &raw), None);
-    }
+    // The scheduler hook too takes its BTF form, and not its raw fallback.
+    let btf = [
+        ("program", "sched_switch_btf"),
+        ("hook", "tp_btf/sched_switch"),
+    ];
+    assert_eq!(agent.metric("brokerscope_probe_attached", &btf), Some(1.0));
+    let raw = [
+        ("program", "sched_switch"),
+        ("hook", "raw_tracepoint/sched_switch"),
+    ];
+    assert_eq!(agent.metric("brokerscope_probe_attached", &raw), None);
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
@@ -87,19 +92,49 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
             .is_some()
     );
 
-    let ids = agent.program_ids();
+    let ids: Vec<u32> = agent
+        .program_ids()
+        .into_iter()
+        .chain(agent.standby_program_ids())
+        .collect();
     assert_eq!(
         ids.len(),
-        // sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
-        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_openat,
-        // state_openat2, state_signal, sched_switch_btf, sched_wakeup_btf, sched_wakeup_new_btf
-        // (each or its raw fallback),
-        // block_issue, block_complete, fsync_enter, fsync_exit, fdatasync_enter,
-        // fdatasync_exit, conn_live, conn_spill_live and listen_live (map iterators).
+        // Attached: sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
+        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_signal,
+        // sched_switch_btf (or its raw fallback), block_issue, block_complete,
+        // fsync_ext4_enter, fsync_ext4_exit, conn_live, conn_spill_live and listen_live (map
+        // iterators): 16. On standby, loaded: state_openat, state_openat2, fsync_enter,
+        // fsync_exit, fdatasync_enter, fdatasync_exit: 6.
         22,
-        "every program attached: {ids:?}\n{}",
+        "every program loaded: {ids:?}\n{}",
         agent.log_text()
     );
+    // No broker runs here: the standby programs are listed in /ready and not attached, so no
+    // syscall tracepoint slows the node down.
+    let standby: Vec<&str> = ready["standby"]
+        .as_array()
+        .expect("standby list")
+        .iter()
+        .filter_map(|s| s.as_str()?.split(' ').next())
+        .collect();
+    assert_eq!(
+        standby,
+        [
+            "state_openat",
+            "state_openat2",
+            "fsync_enter",
+            "fsync_exit",
+            "fdatasync_enter",
+            "fdatasync_exit"
+        ]
+    );
+    for program in standby {
+        assert!(
+            !agent.attached(program),
+            "{program} attached without a broker"
+        );
+    }
+    assert!(agent.attached("fsync_ext4_enter") && agent.attached("fsync_ext4_exit"));
     for &id in &ids {
         assert!(
             bpftool_has_prog(id),

@@ -27,8 +27,7 @@ fn agent_config(dir: &Path) -> String {
 const SCHEDULER_HOOKS: [(&str, &str); 2] = [
     ("", "sched_switch_btf"),
     (
-        "[probes]\ndisabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
-         \"sched_wakeup_new_btf\"]\n",
+        "[probes]\ndisabled_programs = [\"sched_switch_btf\"]\n",
         "sched_switch",
     ),
 ];
@@ -48,11 +47,16 @@ fn agent_with_hooks(dir: &Path, (config, program): (&str, &str)) -> Agent {
 /// Starts a fake broker with `node.id=id` under `dir` and waits until the agent lists it
 /// running (its pid is then in the kernel's broker set).
 fn broker(agent: &Agent, dir: &Path, id: &str) -> FakeBroker {
+    broker_with(agent, dir, id, "")
+}
+
+/// As [`broker`], with more properties.
+fn broker_with(agent: &Agent, dir: &Path, id: &str, properties: &str) -> FakeBroker {
     let props = dir.join(format!("{id}.properties"));
     std::fs::write(
         &props,
         format!(
-            "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+            "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n{properties}",
             free_port()
         ),
     )
@@ -71,6 +75,18 @@ fn broker(agent: &Agent, dir: &Path, id: &str) -> FakeBroker {
 
 fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     agent.metric(name, labels).unwrap_or(0.0)
+}
+
+/// Time every thread of `pid` spent waiting on a run queue, in seconds: the second field of
+/// each `/proc/<pid>/task/<tid>/schedstat` (nanoseconds), summed.
+fn run_delay_seconds(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
 }
 
 /// utime + stime of a process in seconds (/proc/<pid>/stat fields 14 and 15).
@@ -116,6 +132,13 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
         metric(&agent, "brokerscope_fsync_duration_seconds_count", &labels),
         40.0
     );
+    // The default log dir's filesystem decides which hooks time them: the ext4 hooks (no
+    // syscall tracepoint) when it is ext4, the syscall ones otherwise.
+    let (_, body) = agent.get("/v1/brokers/11");
+    let filesystems =
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["log_dir_filesystems"].clone();
+    let ext4 = filesystems == serde_json::json!(["ext4"]);
+    assert_eq!(agent.attached("fsync_enter"), !ext4, "{filesystems}");
 
     // /proc figures are there too.
     for name in [
@@ -241,6 +264,146 @@ fn direct_io_bytes_on_a_loop_device_match_what_was_written() {
     );
 }
 
+/// A filesystem mounted for a test, unmounted on drop (lazily: a straggling process cannot
+/// keep it).
+struct Mount {
+    target: std::path::PathBuf,
+}
+
+impl Mount {
+    fn new(target: &Path, args: &[&str]) -> Self {
+        std::fs::create_dir_all(target).unwrap();
+        let out = Command::new("mount")
+            .args(args)
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            target: target.into(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+    }
+}
+
+/// Sends `fsync N file` (or fdatasync) and checks the answer.
+fn sync_calls(b: &mut FakeBroker, call: &str, n: u32, file: &Path) {
+    assert_eq!(
+        b.command(
+            &format!("{call} {n} {}", file.display()),
+            Duration::from_secs(30)
+        ),
+        format!("synced {n}")
+    );
+}
+
+#[test]
+fn syscall_fsync_hooks_serve_only_while_a_broker_keeps_logs_off_ext4() {
+    if !privileged("resources") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // An ext4 of the test's own, whatever the machine's disks are, and a tmpfs.
+    let dev = Loop::new(&dir.path().join("ext4.img"), 32 << 20);
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", &dev.dev])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ext4 = Mount::new(&dir.path().join("ext4"), &[&dev.dev]);
+    let tmpfs = Mount::new(&dir.path().join("tmpfs"), &["-t", "tmpfs", "tmpfs"]);
+    let agent = Agent::start(&agent_config(dir.path()));
+    agent.wait_ready();
+    let syscall_hooks = [
+        "fsync_enter",
+        "fsync_exit",
+        "fdatasync_enter",
+        "fdatasync_exit",
+    ];
+    let attached = |want: bool| {
+        eventually(
+            &format!("syscall fsync hooks attached: {want}"),
+            // Detached once no broker needs them and STANDBY_LINGER (2 s) has passed.
+            Duration::from_secs(6),
+            || {
+                syscall_hooks
+                    .iter()
+                    .all(|p| agent.attached(p) == want)
+                    .then_some(())
+            },
+        )
+    };
+    let fsyncs = |id: &str| metric(&agent, "brokerscope_fsync_total", &[("broker", id)]);
+    let filesystems = |id: &str| {
+        let (_, body) = agent.get(&format!("/v1/brokers/{id}"));
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["log_dir_filesystems"].clone()
+    };
+
+    // A broker with its logs on ext4: the ext4 hooks time its syncs, no syscall hook is needed.
+    let logs = ext4.target.join("logs");
+    let mut a = broker_with(
+        &agent,
+        dir.path(),
+        "31",
+        &format!("log.dirs={}\n", logs.display()),
+    );
+    assert_eq!(filesystems("31"), serde_json::json!(["ext4"]));
+    attached(false);
+    std::fs::create_dir_all(&logs).unwrap();
+    let on_ext4 = logs.join("synced");
+    sync_calls(&mut a, "fsync", 10, &on_ext4);
+    assert_eq!(fsyncs("31"), 10.0);
+
+    // A second broker with its logs on tmpfs: the syscall hooks serve while it runs ...
+    let mut b = broker_with(
+        &agent,
+        dir.path(),
+        "32",
+        &format!("log.dirs={}\n", tmpfs.target.join("logs").display()),
+    );
+    assert_eq!(filesystems("32"), serde_json::json!(["tmpfs"]));
+    attached(true);
+    let on_tmpfs = tmpfs.target.join("synced");
+    sync_calls(&mut b, "fsync", 7, &on_tmpfs);
+    sync_calls(&mut b, "fdatasync", 3, &on_tmpfs);
+    assert_eq!(fsyncs("32"), 10.0);
+    // ... and an ext4 sync, seen by both pairs of hooks, is counted once.
+    sync_calls(&mut a, "fdatasync", 5, &on_ext4);
+    assert_eq!(fsyncs("31"), 15.0);
+    assert_eq!(
+        metric(
+            &agent,
+            "brokerscope_fsync_duration_seconds_count",
+            &[("broker", "31")]
+        ),
+        15.0
+    );
+
+    // Once it stops, they are detached again; the ext4 broker is still counted.
+    drop(b);
+    attached(false);
+    sync_calls(&mut a, "fsync", 5, &on_ext4);
+    assert_eq!(fsyncs("31"), 20.0);
+    drop(a);
+    drop(agent);
+    drop(tmpfs);
+    drop(ext4);
+}
+
 /// Pins every thread of `pid` to CPU 0.
 fn pin(pid: u32) {
     let out = Command::new("taskset")
@@ -285,17 +448,26 @@ fn runqueue_latency(agent: &Agent, dir: &Path, program: &str) {
     let alone = sum("31") - before;
 
     // Sharing CPU 0 with another burner of as much CPU: about as long again waiting.
-    let before = sum("31");
+    let (before, kernel_before) = (sum("31"), run_delay_seconds(a.pid));
     b.send("burn 1000");
     assert_eq!(a.command("burn 1000", Duration::from_secs(30)), "burned");
     assert_eq!(
         b.next_line(Duration::from_secs(30)).as_deref(),
         Some("burned")
     );
+    // The burner now waits on stdin: its last slice has ended, and with it the agent's count.
+    std::thread::sleep(Duration::from_millis(50));
     let shared = sum("31") - before;
+    let kernel = run_delay_seconds(a.pid) - kernel_before;
     eprintln!(
         "run-queue wait of a 1 s burn on CPU 0 through {program}: alone {alone:.4} s, shared \
-         {shared:.4} s"
+         {shared:.4} s, the kernel's schedstat {kernel:.4} s"
+    );
+    // The same figure as the kernel's own per-thread total, less at most a microsecond per
+    // slice (the histogram counts whole microseconds).
+    assert!(
+        shared <= kernel + 1e-6 && kernel - shared <= 0.002 + 0.01 * kernel,
+        "{program}: agent {shared} s, /proc schedstat {kernel} s"
     );
     assert!(
         shared > 0.5,

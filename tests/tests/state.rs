@@ -189,6 +189,21 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     };
     assert_eq!(raw, r#"{"brokerState":1}"#);
     assert_eq!(ready_code(&agent), 503);
+    // The open hooks were on standby (no broker); a starting broker needs them.
+    let open_hooks = |want: bool| {
+        eventually(
+            &format!("open hooks attached: {want}"),
+            // Detached once the broker is RUNNING and STANDBY_LINGER (2 s) has passed.
+            Duration::from_secs(6),
+            || {
+                ["state_openat", "state_openat2"]
+                    .iter()
+                    .all(|p| agent.attached(p) == want)
+                    .then_some(())
+            },
+        )
+    };
+    open_hooks(true);
     // Both slash forms, and the explicit broker, answer alike.
     assert_eq!(agent.get("/v1/broker-state").1, r#"{"brokerState":1}"#);
     assert_eq!(state(&agent, "?broker=7").2, r#"{"brokerState":1}"#);
@@ -250,6 +265,8 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     assert_eq!(ready_code(&agent), 204);
     let (code, body) = agent.get("/v1/ready");
     assert_eq!((code, body.as_str()), (204, ""));
+    // RUNNING latches: its opens no longer matter, and the syscall tracepoints go.
+    open_hooks(false);
 
     // SHUTTING_DOWN once SIGTERM is delivered, while the broker takes its time.
     broker.signal(libc::SIGTERM);

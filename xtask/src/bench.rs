@@ -3,8 +3,11 @@
 //!
 //! Kafka-like loopback request/response traffic runs with the agent detached and attached, in
 //! interleaved rounds: 1 KiB produce requests with a small ack, 64 KiB fetch answers sent with
-//! sendfile(2), and short connections (connect, one request, close). Per program, the kernel's
-//! own BPF run-time statistics give the nanoseconds per event. The report goes to
+//! sendfile(2), and short connections (connect, one request, close). The server is a broker to
+//! the agent: a process of its own (`xtask bench-broker`) whose command line names `kafka.Kafka`
+//! and a server.properties with its listener and log dir, so the agent discovers it, watches its
+//! listener and counts its threads as it would a broker's. Per program, the kernel's own BPF
+//! run-time statistics give the nanoseconds per event. The report goes to
 //! `target/bench/report.md` and `report.json`.
 
 use std::{
@@ -15,7 +18,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -52,39 +55,44 @@ impl Case {
             Case::ShortConnections => "short_connections",
         }
     }
+
+    fn from_key(key: &str) -> Option<Self> {
+        [Case::Produce, Case::Fetch, Case::ShortConnections]
+            .into_iter()
+            .find(|c| c.key() == key)
+    }
 }
 
 /// What runs during a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Detached = 0,
+    /// The agent as a node with this broker runs it: the broker RUNNING with its log dir where
+    /// the bench's output is (ext4 here), so no syscall tracepoint is attached.
     Full = 1,
-    NoScheduler = 2,
-    /// Without the scheduler hooks nor the syscall tracepoints: enabling any `syscalls:*`
-    /// tracepoint sends every syscall of every task on the node through the slow path.
-    Lean = 3,
+    /// As [`Mode::Full`], plus an idle second broker with its log dir on tmpfs: the agent
+    /// attaches the fsync syscall tracepoints for it, which put every syscall of every task on
+    /// the node through the kernel's slow path. What a node with xfs or btrfs log dirs pays.
+    OffExt4 = 2,
+    /// As [`Mode::Full`] without the scheduler hook, which runs on every context switch.
+    NoScheduler = 3,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Detached, Mode::Full, Mode::NoScheduler, Mode::Lean];
+    const ALL: [Mode; 4] = [Mode::Detached, Mode::Full, Mode::OffExt4, Mode::NoScheduler];
 
     /// `probes.disabled_programs` for the mode.
     fn disabled(self) -> &'static str {
         match self {
-            Mode::Detached | Mode::Full => "",
+            Mode::Detached | Mode::Full | Mode::OffExt4 => "",
             // Each scheduler hook with its fallback: naming a program disables only it.
-            Mode::NoScheduler => {
-                "disabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
-                 \"sched_wakeup_new_btf\", \"sched_switch\", \"sched_wakeup\", \
-                 \"sched_wakeup_new\"]\n"
-            }
-            Mode::Lean => {
-                "disabled_programs = [\"sched_switch_btf\", \"sched_wakeup_btf\", \
-                 \"sched_wakeup_new_btf\", \"sched_switch\", \"sched_wakeup\", \
-                 \"sched_wakeup_new\", \"state_openat\", \"state_openat2\", \"fsync_enter\", \
-                 \"fsync_exit\", \"fdatasync_enter\", \"fdatasync_exit\"]\n"
-            }
+            Mode::NoScheduler => "disabled_programs = [\"sched_switch_btf\", \"sched_switch\"]\n",
         }
+    }
+
+    /// Whether the agent should have the fsync syscall tracepoints attached once settled.
+    fn syscall_fsync(self) -> bool {
+        self == Mode::OffExt4
     }
 }
 
@@ -107,40 +115,77 @@ fn add_program_stats(programs: &mut Vec<(String, f64, f64)>, text: &str) {
     }
 }
 
-/// A loopback server answering like a broker: reads a request, answers with an ack or a
-/// sendfile of the fetch file.
-struct Server {
+/// The bench's broker: `xtask bench-broker <case> <fetch file> kafka.Kafka <properties>`, a
+/// process the agent discovers as a broker, serving `case` on its properties' listener.
+struct Broker {
+    child: Child,
     addr: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
 }
 
-impl Server {
-    fn start(case: Case, fetch_file: &Path) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let file = fetch_file.to_path_buf();
-        let flag = stop.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if flag.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let file = file.clone();
-                std::thread::spawn(move || serve(stream, case, &file));
-            }
-        });
-        Ok(Self { addr, stop })
+impl Broker {
+    /// Writes `<dir>/<id>.properties` (node.id, a listener on a free port, `log_dir`) and starts
+    /// the broker on it; returns once it listens.
+    fn start(
+        dir: &Path,
+        id: u32,
+        log_dir: &Path,
+        case: Case,
+        fetch_file: &Path,
+    ) -> anyhow::Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let properties = dir.join(format!("broker-{id}.properties"));
+        std::fs::create_dir_all(log_dir)?;
+        std::fs::write(
+            &properties,
+            format!(
+                "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\nlog.dirs={}\n",
+                log_dir.display()
+            ),
+        )?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("bench-broker")
+            .arg(case.key())
+            .arg(fetch_file)
+            .arg(port.to_string())
+            .arg("kafka.Kafka")
+            .arg(&properties)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start the bench broker")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("the bench broker did not start: {line:?}");
+        }
+        Ok(Self {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+        })
     }
 }
 
-impl Drop for Server {
+impl Drop for Broker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop.
-        let _ = TcpStream::connect(self.addr);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// `xtask bench-broker`: serves `case` on 127.0.0.1:`port` until killed, a thread per
+/// connection: reads a request, answers with an ack or a sendfile of the fetch file. Prints
+/// `ready` once it listens.
+pub fn serve_broker(case: &str, fetch_file: &Path, port: u16) -> anyhow::Result<()> {
+    let case = Case::from_key(case).with_context(|| format!("no bench case {case:?}"))?;
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let file = fetch_file.to_path_buf();
+        std::thread::spawn(move || serve(stream, case, &file));
+    }
+    Ok(())
 }
 
 fn serve(mut stream: TcpStream, case: Case, fetch_file: &Path) {
@@ -297,7 +342,7 @@ impl Drop for EmptyPrograms {
     }
 }
 
-/// The agent under test, on a free port with a throwaway PKI, counting every listener.
+/// The agent under test, on a free port with a throwaway PKI.
 pub struct Agent {
     child: Child,
     port: u16,
@@ -319,7 +364,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\nwatch_all_listeners = true\n{extra}",
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\n{extra}",
                 p = pki.display(),
                 extra = mode.disabled()
             ),
@@ -350,6 +395,33 @@ impl Agent {
         // Keep draining stderr so the agent never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Ok(Self { child, port, pki })
+    }
+
+    /// Waits (10 s at most) until broker 1 is RUNNING, the open hooks are gone with its start,
+    /// and the fsync syscall hooks are attached exactly when `mode` has a broker off ext4.
+    fn settle(&self, mode: Mode) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics()?;
+            let attached =
+                |p: &str| text.contains(&format!("brokerscope_probe_attached{{program=\"{p}\""));
+            let running = text.contains("brokerscope_broker_state{broker=\"1\"} 3");
+            if running
+                && !attached("state_openat")
+                && attached("fsync_enter") == mode.syscall_fsync()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not settle for {mode:?}: broker 1 running {running}, \
+                     state_openat attached {}, fsync_enter attached {}",
+                    attached("state_openat"),
+                    attached("fsync_enter")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -463,8 +535,11 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     // (case, median req/s per mode, median ratio to detached per attached mode)
     let mut results = Vec::new();
     let mut programs: Vec<(String, f64, f64)> = Vec::new();
+    // The broker's log dir beside the report (ext4 here); the second broker's on tmpfs.
+    let log_dir = out_dir.join("logs");
+    let off_ext4_dir = Path::new("/dev/shm/brokerscope-bench");
     for case in cases {
-        let server = Server::start(case, &fetch_file)?;
+        let server = Broker::start(&out_dir, 1, &log_dir, case, &fetch_file)?;
         let mut rps: [Vec<f64>; 4] = Default::default();
         let mut ratios: [Vec<f64>; 4] = Default::default();
         for round in 0..ROUNDS {
@@ -472,15 +547,29 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             let mut pass = [0.0; 4];
             for k in 0..4 {
                 let mode = Mode::ALL[(round + k) % 4];
+                let _off_ext4 = match mode {
+                    Mode::OffExt4 => Some(Broker::start(
+                        &out_dir,
+                        2,
+                        &off_ext4_dir.join("logs"),
+                        Case::Produce,
+                        &fetch_file,
+                    )?),
+                    _ => None,
+                };
                 let _agent = match mode {
                     Mode::Detached => None,
-                    _ => Some(Agent::start(bin, &out_dir, mode)?),
+                    _ => {
+                        let agent = Agent::start(bin, &out_dir, mode)?;
+                        agent.settle(mode)?;
+                        Some(agent)
+                    }
                 };
                 pass[mode as usize] = load(case, server.addr);
             }
             eprintln!(
-                "bench: {} round {}: detached {:.0}, attached {:.0}, without scheduler hooks {:.0}, \
-                 without scheduler hooks and syscall tracepoints {:.0} req/s",
+                "bench: {} round {}: detached {:.0}, attached {:.0}, with a broker off ext4 {:.0}, \
+                 without scheduler hooks {:.0} req/s",
                 case.name(),
                 round + 1,
                 pass[0],
@@ -500,6 +589,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             let _stats = BpfStats::enable();
             let empty = EmptyPrograms::start()?;
             let agent = Agent::start(bin, &out_dir, Mode::Full)?;
+            agent.settle(Mode::Full)?;
             let r = load(case, server.addr);
             eprintln!("bench: {} with BPF stats on: {r:.0} req/s", case.name());
             add_program_stats(&mut programs, &agent.metrics()?);
@@ -521,18 +611,23 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let mut md = String::from("# brokerscope benchmark\n\n");
     md += &format!(
         "{CLIENTS} loopback clients, {ROUNDS} rounds of {}s per mode, modes rotated each round; \
-         medians. Modes: detached (no agent); attached (every program); attached without the \
-         scheduler hooks (`probes.disabled_programs` = sched_switch, sched_wakeup, \
-         sched_wakeup_new and their `_btf` forms, which run on every context switch on the \
-         node); lean (also without the \
-         syscall tracepoints state_openat/openat2, fsync/fdatasync enter/exit: enabling any \
-         `syscalls:*` tracepoint puts every syscall of every task on the slow path). Overhead = \
+         medians. The server is a broker to the agent (its own process, `kafka.Kafka` and a \
+         server.properties on its command line): discovered, RUNNING, its listener watched and \
+         its threads counted; its log dir is on ext4. Each attached round starts once the agent \
+         has settled: the broker RUNNING, so the file-open syscall hooks are detached again. \
+         Modes: detached (no agent); attached (every program this node needs: no syscall \
+         tracepoint); with a broker off ext4 (a second, idle broker with its log dir on tmpfs, \
+         for which the agent attaches the fsync/fdatasync syscall tracepoints: attaching any \
+         `syscalls:*` tracepoint puts every syscall of every task on the slow path; what a \
+         node with xfs or btrfs log dirs pays); attached without the scheduler hooks \
+         (`probes.disabled_programs` = sched_switch_btf and its fallback sched_switch, which run \
+         on every context switch on the node). Overhead = \
          1 - mode/detached, the median of per-round ratios. The rounds run with \
          `kernel.bpf_stats_enabled` off, as on a production node; the ns per event below come \
          from one more attached pass per case with it on.\n\n",
         ROUND.as_secs()
     );
-    md += "| case | detached req/s | attached req/s | overhead | no scheduler hooks req/s | overhead | lean req/s | overhead |\n|---|---|---|---|---|---|---|---|\n";
+    md += "| case | detached req/s | attached req/s | overhead | broker off ext4 req/s | overhead | no scheduler hooks req/s | overhead |\n|---|---|---|---|---|---|---|---|\n";
     let mut json_cases = Vec::new();
     for (case, rps, ratio, spread) in &results {
         md += &format!(
@@ -547,7 +642,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             (1.0 - ratio[3]) * 100.0
         );
         json_cases.push(format!(
-            "{{\"case\":\"{}\",\"detached_rps\":{:.1},\"attached_rps\":{:.1},\"ratio\":{:.5},\"no_scheduler_rps\":{:.1},\"no_scheduler_ratio\":{:.5},\"lean_rps\":{:.1},\"lean_ratio\":{:.5},\"ratio_middle_ranges\":[[{:.5},{:.5}],[{:.5},{:.5}],[{:.5},{:.5}]]}}",
+            "{{\"case\":\"{}\",\"detached_rps\":{:.1},\"attached_rps\":{:.1},\"ratio\":{:.5},\"off_ext4_rps\":{:.1},\"off_ext4_ratio\":{:.5},\"no_scheduler_rps\":{:.1},\"no_scheduler_ratio\":{:.5},\"ratio_middle_ranges\":[[{:.5},{:.5}],[{:.5},{:.5}],[{:.5},{:.5}]]}}",
             case.key(),
             rps[0],
             rps[1],
@@ -567,7 +662,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     md += &format!(
         "\nPer-round overhead, lowest to highest once the extreme round at each end is dropped \
          ({} of {ROUNDS} rounds): overheads smaller than this spread are not resolved by the \
-         bench on this machine.\n\n| case | attached | no scheduler hooks | lean |\n|---|---|---|---|\n",
+         bench on this machine.\n\n| case | attached | broker off ext4 | no scheduler hooks |\n|---|---|---|---|\n",
         ROUNDS.saturating_sub(2)
     );
     let overhead = |(low, high): (f64, f64)| {

@@ -51,6 +51,17 @@ enum Cmd {
         /// Only tests whose name contains this (passed to both test runs).
         filter: Option<String>,
     },
+    /// The benchmark's broker (started by `bench`): serves one case on its listener.
+    #[command(hide = true)]
+    BenchBroker {
+        case: String,
+        fetch_file: std::path::PathBuf,
+        port: u16,
+        /// `kafka.Kafka`, so the agent discovers it.
+        main_class: String,
+        /// Its server.properties (listener and log dir).
+        properties: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +71,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter } => test(&root, filter.as_deref()),
+        Cmd::BenchBroker {
+            case,
+            fetch_file,
+            port,
+            ..
+        } => bench::serve_broker(&case, &fetch_file, port),
         Cmd::Bench { scrape_only } => {
             setup::ensure(setup::Needs::Bench)?;
             if !is_root() {

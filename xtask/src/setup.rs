@@ -24,6 +24,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "ca-certificates",
     "prometheus",
+    // mkfs.ext4: the fsync test makes its own ext4 on a loop device.
+    "e2fsprogs",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

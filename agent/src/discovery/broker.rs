@@ -100,12 +100,22 @@ pub struct Broker {
     pub process_roles: Vec<String>,
     pub listeners: Vec<Listener>,
     pub log_dirs: Vec<String>,
+    /// The filesystem of each of `log_dirs`, in order ("ext4", "xfs", ..., or its magic
+    /// number; "unknown" when it could not be told): whether fsync is timed by the filesystem's
+    /// own hooks or needs the syscall tracepoints.
+    pub log_dir_filesystems: Vec<String>,
     pub evidence: Evidence,
 }
 
 impl Broker {
     pub fn is_running(&self) -> bool {
         self.state == BrokerState::Running
+    }
+
+    /// Every log dir is known and on ext4, whose fsync hooks then see all of this broker's
+    /// log syncs.
+    pub fn log_dirs_on_ext4(&self) -> bool {
+        !self.log_dir_filesystems.is_empty() && self.log_dir_filesystems.iter().all(|f| f == "ext4")
     }
 }
 
@@ -171,6 +181,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             log_dirs: vec![],
+            log_dir_filesystems: vec![],
             evidence: Evidence::default(),
         }
     }

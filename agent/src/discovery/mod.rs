@@ -429,6 +429,17 @@ impl State {
             .map_err(|e| evidence.error(format!("network namespace: {e}")))
             .ok();
         let cgroup = self.cgroup(pid, &mut evidence);
+        let log_dir_filesystems = settings
+            .log_dirs
+            .iter()
+            .map(|dir| match self.proc.filesystem_in(pid, dir) {
+                Ok(fs) => fs.name(),
+                Err(e) => {
+                    evidence.error(format!("filesystem of log dir {dir}: {e}"));
+                    "unknown".into()
+                }
+            })
+            .collect();
 
         let (id, source) = match (settings.id, &pod) {
             (Some((id, "node.id")), _) => (id, IdSource::NodeId),
@@ -454,6 +465,7 @@ impl State {
             process_roles: settings.process_roles,
             listeners: settings.listeners,
             log_dirs: settings.log_dirs,
+            log_dir_filesystems,
             evidence,
         }))
     }

@@ -176,10 +176,71 @@ impl ProcFs {
         })
     }
 
+    /// The filesystem holding `dir` as the process names it (see [`ProcFs::path_in`]), from
+    /// its nearest existing ancestor (a log dir the broker has yet to create is made on its
+    /// parent's filesystem).
+    pub fn filesystem_in(&self, pid: u32, dir: &str) -> Result<Filesystem, ProcError> {
+        let path = self.path_in(pid, dir)?;
+        let root = self.pid_dir(pid);
+        let mut at = path.as_path();
+        loop {
+            match statfs_type(at) {
+                Ok(magic) => return Ok(Filesystem(magic)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && at != root => {
+                    at = at.parent().unwrap_or(&root);
+                }
+                Err(source) => {
+                    return Err(ProcError::Io {
+                        path: at.into(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     /// Reads a file of the process (see [`ProcFs::path_in`]), at most `max` bytes.
     pub fn read_file_in(&self, pid: u32, file: &str, max: u64) -> Result<Vec<u8>, ProcError> {
         read_capped(&self.path_in(pid, file)?, max, false)
     }
+}
+
+/// A filesystem type, by its `statfs(2)` magic number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filesystem(pub u64);
+
+impl Filesystem {
+    /// The usual name, or the magic in hex. ext2/3/4 share one magic, and the ext4 driver
+    /// serves all three on current kernels: "ext4".
+    pub fn name(self) -> String {
+        let known = match self.0 {
+            0xef53 => "ext4",
+            0x5846_5342 => "xfs",
+            0x9123_683e => "btrfs",
+            0x0102_1994 => "tmpfs",
+            0x794c_7630 => "overlay",
+            0x6969 => "nfs",
+            0x2fc1_2fc1 => "zfs",
+            0x00c3_6400 => "ceph",
+            0x6573_5546 => "fuse",
+            _ => return format!("{:#x}", self.0),
+        };
+        known.into()
+    }
+}
+
+/// `statfs(2)`'s `f_type` of `path`.
+fn statfs_type(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: all zeroes is a valid `statfs` (plain integers).
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `buf` a valid, writable statfs for the call.
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf.f_type as u64)
 }
 
 /// Drops `.`, folds `name/..`; a `..` with nothing to fold is dropped when `clamp` (at `/`) and

@@ -50,8 +50,9 @@ impl FieldOffsets {
                 Field::SockV6DaddrHigh => high(in_sock(events.sock_v6_daddr)),
                 Field::SockV6RcvSaddr => in_sock(events.sock_v6_rcv_saddr),
                 Field::SockV6RcvSaddrHigh => high(in_sock(events.sock_v6_rcv_saddr)),
-                Field::TaskTgid => Some(tasks.task_tgid),
-                Field::TaskPid => Some(tasks.task_pid),
+                Field::TaskRunDelay => {
+                    (tasks.task_run_delay != NO_FIELD).then_some(tasks.task_run_delay)
+                }
                 Field::TaskState => Some(tasks.task_state),
                 Field::TaskSumExec => Some(tasks.task_sum_exec),
                 Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),

@@ -24,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint, trace_point::TracePointLinkId},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
@@ -35,7 +35,7 @@ use brokerscope_common::{
         SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
     },
     state::STATE_OFFSETS_GLOBAL,
-    telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program},
+    telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program, Standby},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -123,6 +123,33 @@ impl Degraded {
     }
 }
 
+/// A program on standby (see [`Program::standby`]): loaded at start, so the kernel's refusal
+/// shows then, and attached only while its [`Standby`] condition holds.
+struct OnStandby {
+    program: Program,
+    /// The loaded program's id.
+    id: u32,
+    link: Option<TracePointLinkId>,
+}
+
+/// What the standby programs are needed for, now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Some running broker is STARTING or in RECOVERY (see [`Standby::BrokerStarting`]).
+    pub broker_starting: bool,
+    /// Some running broker has a log dir the filesystem fsync hooks do not cover.
+    pub fsync_uncovered: bool,
+}
+
+impl Demand {
+    fn wants(self, standby: Standby) -> bool {
+        match standby {
+            Standby::BrokerStarting => self.broker_starting,
+            Standby::FsyncUncovered => self.fsync_uncovered,
+        }
+    }
+}
+
 /// Per-program counters at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct ProgramStats {
@@ -166,6 +193,7 @@ pub struct Probes {
     errors_batch: batch::Batched<u32, u64>,
     attached: Vec<Attachment>,
     degraded: Vec<Degraded>,
+    standby: Vec<OnStandby>,
     /// The map iterators that read open connections and listeners at scrape time, with the
     /// map each walks.
     map_iters: Vec<(Program, &'static str, map_iter::MapIter)>,
@@ -243,6 +271,7 @@ impl Probes {
         // `degraded` list and by its absence from `brokerscope_probe_attached`.
         let mut attached = Vec::new();
         let mut degraded = Vec::new();
+        let mut standby = Vec::new();
         let mut map_iters = Vec::new();
         // Alternatives in order of preference, then every other program. Once one of a set of
         // alternatives serves, the rest are not attached.
@@ -272,11 +301,21 @@ impl Probes {
                 })
             } else if let (Some(_), Some(e)) = (program.btf_tracepoint(), &unpatched) {
                 Err(ProbesError::Fields(e.clone()))
+            } else if program.standby().is_some() {
+                load_standby(&mut ebpf, program).map(|id| {
+                    standby.push(OnStandby {
+                        program,
+                        id,
+                        link: None,
+                    });
+                    None
+                })
             } else {
-                attach(&mut ebpf, &btf, program, &mut map_iters)
+                attach(&mut ebpf, &btf, program, &mut map_iters).map(Some)
             };
             match (result, program.fallback()) {
-                (Ok(a), _) => attached.push(a),
+                (Ok(Some(a)), _) => attached.push(a),
+                (Ok(None), _) => {}
                 (Err(e), None) => return Err(e),
                 (Err(e), Some(fallback)) => {
                     tracing::warn!(program = program.name(), error = %e, fallback, "program not attached");
@@ -318,6 +357,7 @@ impl Probes {
             errors_batch,
             attached,
             degraded,
+            standby,
             map_iters,
             capacities: config.clone(),
             namespaces: netns::Namespaces::default(),
@@ -341,6 +381,67 @@ impl Probes {
 
     pub fn attached(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// The programs on standby, loaded and attached only on demand.
+    pub fn standby(&self) -> impl Iterator<Item = Program> + '_ {
+        self.standby.iter().map(|s| s.program)
+    }
+
+    /// Whether the ext4 fsync hooks serve (both ends attached): brokers whose log dirs are all on
+    /// ext4 then need no syscall tracepoint.
+    pub fn fsync_hooks_cover_ext4(&self) -> bool {
+        [Program::FsyncExt4Enter, Program::FsyncExt4Exit]
+            .iter()
+            .all(|p| self.attached.iter().any(|a| a.program == p.name()))
+    }
+
+    /// Attaches the standby programs `demand` wants and detaches the others. Whether anything
+    /// changed. A failure is logged and leaves that program as it was (tried again next time).
+    pub fn set_demand(&mut self, demand: Demand) -> bool {
+        let mut changed = false;
+        for s in &mut self.standby {
+            let Some(kind) = s.program.standby() else {
+                continue;
+            };
+            let want = demand.wants(kind);
+            if want == s.link.is_some() {
+                continue;
+            }
+            let (name, hook) = (s.program.name(), s.program.hook());
+            let Some((category, tracepoint)) = s.program.tracepoint() else {
+                continue;
+            };
+            let Some(Ok(prog)) = self.ebpf.program_mut(name).map(<&mut TracePoint>::try_from)
+            else {
+                continue;
+            };
+            if want {
+                match prog.attach(category, tracepoint) {
+                    Ok(link) => {
+                        tracing::info!(program = name, hook, reason = ?kind, "attached on demand");
+                        s.link = Some(link);
+                        self.attached.push(Attachment {
+                            program: name,
+                            hook,
+                            id: s.id,
+                        });
+                        changed = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(program = name, hook, error = %e, "cannot attach on demand")
+                    }
+                }
+            } else if let Some(link) = s.link.take() {
+                if let Err(e) = prog.detach(link) {
+                    tracing::warn!(program = name, hook, error = %e, "cannot detach");
+                }
+                tracing::info!(program = name, hook, "detached: no longer needed");
+                self.attached.retain(|a| a.program != name);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Programs this kernel refused, whose capability a fallback covers.
@@ -538,6 +639,25 @@ impl Drop for Probes {
         let ids: Vec<u32> = self.attached.iter().map(|a| a.id).collect();
         tracing::info!(?ids, "detaching and unloading kernel programs");
     }
+}
+
+/// Loads a tracepoint program on standby without attaching it; its id.
+fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
+    let (name, hook) = (program.name(), program.hook());
+    let err = |source| ProbesError::Program {
+        program: name,
+        hook,
+        source: Box::new(source),
+    };
+    let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
+        kind: "program",
+        name,
+    })?;
+    let prog: &mut TracePoint = prog.try_into().map_err(err)?;
+    prog.load().map_err(err)?;
+    let id = prog.info().map_err(err)?.id();
+    tracing::info!(program = name, hook, id, "loaded, on standby");
+    Ok(id)
 }
 
 fn attach(

@@ -9,9 +9,10 @@ use aya::{
 };
 use brokerscope_common::resources::{
     BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, RESOURCES_CAPACITY,
-    RESOURCES_MAP, RUNQ_CAPACITY, RUNQ_MAP, RUNTIME_CAPACITY, RUNTIME_MAP, ResourceCounters,
-    ResourceOffsets,
+    RESOURCES_MAP, ResourceCounters, ResourceOffsets, THREADS_CAPACITY, THREADS_MAP, ThreadState,
 };
+
+use brokerscope_common::processes::NO_FIELD;
 
 use super::{MapStats, ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
 
@@ -32,8 +33,10 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, Pro
             .or_else(|_| issue.field("rwbs", 8))?,
         complete_dev: complete.field("dev", 4)?,
         complete_sector: complete.field("sector", 8)?,
-        task_tgid: btf.offset_of("task_struct", &["tgid"])?,
-        task_pid: btf.offset_of("task_struct", &["pid"])?,
+        // Without CONFIG_SCHED_INFO, run-queue latency is not measured; the rest is.
+        task_run_delay: btf
+            .offset_of("task_struct", &["sched_info", "run_delay"])
+            .unwrap_or(NO_FIELD),
         _pad: 0,
     })
 }
@@ -42,14 +45,13 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, Pro
 pub struct ResourcesReader {
     counters: HashMap<MapData, u32, ResourceCounters>,
     // The LRU maps read through aya's HashMap (same lookup API).
-    runq: HashMap<MapData, u32, u64>,
-    runtime: HashMap<MapData, u32, u64>,
+    threads: HashMap<MapData, u32, ThreadState>,
     block: HashMap<MapData, BlockKey, BlockStart>,
     fsync: HashMap<MapData, u32, u64>,
     /// The same maps, read whole.
     batched: BatchedMaps,
-    /// Entries of the run-queue, runtime, block and fsync maps, and when they were counted.
-    counted: Option<(std::time::Instant, [u64; 4])>,
+    /// Entries of the thread, block and fsync maps, and when they were counted.
+    counted: Option<(std::time::Instant, [u64; 3])>,
 }
 
 /// How long entry counts of the per-thread and in-flight maps are reused: counting walks every
@@ -59,8 +61,7 @@ const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct BatchedMaps {
     counters: Batched<u32, ResourceCounters>,
-    runq: Batched<u32, u64>,
-    runtime: Batched<u32, u64>,
+    threads: Batched<u32, ThreadState>,
     block: Batched<BlockKey, BlockStart>,
     fsync: Batched<u32, u64>,
 }
@@ -69,8 +70,7 @@ impl ResourcesReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         let batched = BatchedMaps {
             counters: Batched::open(ebpf, RESOURCES_MAP)?,
-            runq: Batched::open(ebpf, RUNQ_MAP)?,
-            runtime: Batched::open(ebpf, RUNTIME_MAP)?,
+            threads: Batched::open(ebpf, THREADS_MAP)?,
             block: Batched::open(ebpf, BLOCK_MAP)?,
             fsync: Batched::open(ebpf, FSYNC_MAP)?,
         };
@@ -78,8 +78,7 @@ impl ResourcesReader {
             batched,
             counted: None,
             counters: take(ebpf, RESOURCES_MAP)?,
-            runq: take(ebpf, RUNQ_MAP)?,
-            runtime: take(ebpf, RUNTIME_MAP)?,
+            threads: take(ebpf, THREADS_MAP)?,
             block: take(ebpf, BLOCK_MAP)?,
             fsync: take(ebpf, FSYNC_MAP)?,
         })
@@ -107,12 +106,11 @@ impl ResourcesReader {
     }
 
     pub fn map_stats(&mut self, resources: usize) -> Vec<MapStats> {
-        let [runq, runtime, block, fsync] = match self.counted {
+        let [threads, block, fsync] = match self.counted {
             Some((at, counts)) if at.elapsed() < COUNT_EVERY => counts,
             _ => {
                 let counts = [
-                    count(&self.batched.runq, &self.runq),
-                    count(&self.batched.runtime, &self.runtime),
+                    count(&self.batched.threads, &self.threads),
                     count(&self.batched.block, &self.block),
                     count(&self.batched.fsync, &self.fsync),
                 ];
@@ -127,14 +125,9 @@ impl ResourcesReader {
                 capacity: RESOURCES_CAPACITY,
             },
             MapStats {
-                map: "runq_since",
-                entries: runq,
-                capacity: RUNQ_CAPACITY,
-            },
-            MapStats {
-                map: "thread_runtime",
-                entries: runtime,
-                capacity: RUNTIME_CAPACITY,
+                map: "threads",
+                entries: threads,
+                capacity: THREADS_CAPACITY,
             },
             MapStats {
                 map: "block_inflight",
