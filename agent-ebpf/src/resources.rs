@@ -10,16 +10,16 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
     fields::Field,
     processes::NO_FIELD,
     resources::{
-        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, LATENCY_BUCKETS, RESOURCES_CAPACITY,
-        ResourceCounters, ResourceOffsets, THREADS_CAPACITY, ThreadState, involuntary,
-        rwbs_direction,
+        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS,
+        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, THREADS_CAPACITY,
+        ThreadState, involuntary, rwbs_direction,
     },
     sockets::log2_bucket,
     telemetry::{ProbeError, Program},
@@ -35,12 +35,22 @@ use crate::{
 #[unsafe(no_mangle)]
 static RESOURCE_OFFSETS: ResourceOffsets = ResourceOffsets::UNSET;
 
-/// Counters per broker tgid; bounded by the number of brokers (as BROKER_PIDS).
+/// Block I/O and fsync counters per broker tgid; bounded by the number of brokers (as
+/// BROKER_PIDS).
 #[map(name = "RESOURCES")]
-static RESOURCES: HashMap<u32, ResourceCounters> = HashMap::with_max_entries(RESOURCES_CAPACITY, 0);
+static RESOURCES: HashMap<u32, IoCounters> = HashMap::with_max_entries(RESOURCES_CAPACITY, 0);
 
 /// Initial value of a new RESOURCES entry (too large for the BPF stack).
-static ZERO: ResourceCounters = ResourceCounters::ZERO;
+static ZERO: IoCounters = IoCounters::ZERO;
+
+/// Scheduler counters per broker tgid, per CPU: `sched_switch` adds to the switching CPU's copy
+/// only, so no counter line moves between CPUs at every switch of a broker thread.
+#[map(name = "SCHED")]
+static SCHED: PerCpuHashMap<u32, SchedCounters> =
+    PerCpuHashMap::with_max_entries(SCHED_CAPACITY, 0);
+
+/// Initial value of a new SCHED entry.
+static SCHED_ZERO: SchedCounters = SchedCounters::ZERO;
 
 /// Per broker thread: its CPU time and run-queue wait totals at its last switch-out. Bounded,
 /// least recently used evicted; values are updated in place through the lookup.
@@ -91,9 +101,9 @@ macro_rules! add {
     };
 }
 
-/// The counters of broker `tgid`, created on first use.
+/// The I/O counters of broker `tgid`, created on first use.
 #[inline(always)]
-fn counters(tgid: u32) -> Result<*mut ResourceCounters, ProbeError> {
+fn counters(tgid: u32) -> Result<*mut IoCounters, ProbeError> {
     if let Some(c) = RESOURCES.get_ptr_mut(&tgid) {
         return Ok(c);
     }
@@ -102,6 +112,28 @@ fn counters(tgid: u32) -> Result<*mut ResourceCounters, ProbeError> {
     RESOURCES
         .get_ptr_mut(&tgid)
         .ok_or(ProbeError::ResourcesFull)
+}
+
+/// This CPU's scheduler counters of broker `tgid`, created on first use (for every CPU at once,
+/// zeroed).
+#[inline(always)]
+fn sched_counters(tgid: u32) -> Result<*mut SchedCounters, ProbeError> {
+    if let Some(c) = SCHED.get_ptr_mut(&tgid) {
+        return Ok(c);
+    }
+    let _ = SCHED.insert(&tgid, &SCHED_ZERO, BPF_NOEXIST as u64);
+    SCHED.get_ptr_mut(&tgid).ok_or(ProbeError::ResourcesFull)
+}
+
+/// `bump!(counters, field, n)` or `bump!(counters, array[i], n)`: a plain add to this CPU's
+/// SCHED value. Only `sched_switch` writes SCHED, and the kernel never runs a program nested in
+/// itself on one CPU.
+macro_rules! bump {
+    ($counters:ident, $field:ident $([$i:expr])?, $n:expr) => {
+        // SAFETY: `$counters` points to this CPU's SCHED value, looked up during this run, and
+        // any index was bounded by log2_bucket.
+        unsafe { (*$counters).$field $([$i])? += $n }
+    };
 }
 
 #[inline(always)]
@@ -225,7 +257,7 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
         // The common case on a busy node: one bitmap lookup.
         return Ok(());
     }
-    let c = counters(tgid)?;
+    let c = sched_counters(tgid)?;
     let sum = prev.sum_exec()?;
     let run_delay = prev.run_delay()?;
     let state = thread(tid);
@@ -233,17 +265,17 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
     let last = state.map(|t| unsafe { *t });
     match last {
         Some(last) if last.last_sum_exec != 0 && last.last_sum_exec <= sum => {
-            add!(c, on_cpu_ns, sum - last.last_sum_exec);
+            bump!(c, on_cpu_ns, sum - last.last_sum_exec);
             // The wait before this slice: the growth of the total since the last switch-out.
             if let Some(delay) = run_delay {
                 let us = delay.saturating_sub(last.last_run_delay) / 1000;
-                add!(c, runq[bucket(us)], 1);
-                add!(c, runq_sum_us, us);
+                bump!(c, runq[bucket(us)], 1);
+                bump!(c, runq_sum_us, us);
             }
         }
         // First seen (or a reused thread id): CPU time from when it got this CPU; its wait
         // before is not known apart from earlier ones.
-        _ => add!(c, on_cpu_ns, sum.saturating_sub(prev.prev_sum_exec()?)),
+        _ => bump!(c, on_cpu_ns, sum.saturating_sub(prev.prev_sum_exec()?)),
     }
     if let Some(t) = state {
         // SAFETY: as above.
@@ -253,9 +285,9 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
         }
     }
     if involuntary(preempt, prev.state()?) {
-        add!(c, involuntary, 1);
+        bump!(c, involuntary, 1);
     } else {
-        add!(c, voluntary, 1);
+        bump!(c, voluntary, 1);
     }
     Ok(())
 }

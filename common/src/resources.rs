@@ -17,10 +17,17 @@
 //!   attributed), completed at `block:block_rq_complete`, keyed by (device, sector);
 //! - fsync/fdatasync calls and latency at their syscall tracepoints.
 
-/// Name of the hash map of counters per broker tgid.
+/// Name of the hash map of block I/O and fsync counters per broker tgid ([`IoCounters`]).
 pub const RESOURCES_MAP: &str = "RESOURCES";
 /// Capacity of [`RESOURCES_MAP`]: one entry per broker process, as `BROKER_PIDS`.
 pub const RESOURCES_CAPACITY: u32 = crate::processes::BROKER_PIDS_CAPACITY;
+
+/// Name of the per-CPU hash map of scheduler counters per broker tgid ([`SchedCounters`]).
+pub const SCHED_MAP: &str = "SCHED";
+/// Capacity of [`SCHED_MAP`]: broker processes whose CPU and scheduling are counted. Per CPU,
+/// so memory is this × 240 bytes × possible CPUs (983 KB on 64 CPUs); a node runs a few
+/// brokers, and a broker beyond this is counted in `resources_map_full` instead.
+pub const SCHED_CAPACITY: u32 = 64;
 
 /// Name of the LRU map of what the scheduler hooks keep per broker thread ([`ThreadState`]).
 pub const THREADS_MAP: &str = "THREADS";
@@ -48,7 +55,68 @@ pub const fn involuntary(preempt: bool, state: u32) -> bool {
     preempt || state == 0
 }
 
-/// Counters of one broker process. Updated with atomic adds from any CPU.
+/// What `sched_switch` counts per broker process, per CPU: written by plain adds on the CPU the
+/// broker's thread was switched out on, with no cache line shared between CPUs (the hook runs
+/// at every switch of a broker thread), summed over CPUs by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedCounters {
+    pub on_cpu_ns: u64,
+    pub voluntary: u64,
+    pub involuntary: u64,
+    pub runq_sum_us: u64,
+    pub runq: [u64; LATENCY_BUCKETS],
+}
+
+impl SchedCounters {
+    pub const ZERO: SchedCounters = SchedCounters {
+        on_cpu_ns: 0,
+        voluntary: 0,
+        involuntary: 0,
+        runq_sum_us: 0,
+        runq: [0; LATENCY_BUCKETS],
+    };
+
+    /// Adds another CPU's counters.
+    pub fn add(&mut self, other: &SchedCounters) {
+        self.on_cpu_ns += other.on_cpu_ns;
+        self.voluntary += other.voluntary;
+        self.involuntary += other.involuntary;
+        self.runq_sum_us += other.runq_sum_us;
+        for (a, b) in self.runq.iter_mut().zip(other.runq) {
+            *a += b;
+        }
+    }
+}
+
+/// Block I/O and fsync counters of one broker process. Updated with atomic adds from any CPU
+/// (these events are far rarer than context switches).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub io_sum_us: u64,
+    pub io: [u64; LATENCY_BUCKETS],
+    pub fsyncs: u64,
+    pub fsync_sum_us: u64,
+    pub fsync: [u64; LATENCY_BUCKETS],
+}
+
+impl IoCounters {
+    pub const ZERO: IoCounters = IoCounters {
+        read_bytes: 0,
+        written_bytes: 0,
+        io_sum_us: 0,
+        io: [0; LATENCY_BUCKETS],
+        fsyncs: 0,
+        fsync_sum_us: 0,
+        fsync: [0; LATENCY_BUCKETS],
+    };
+}
+
+/// Counters of one broker process, as the loader reads them: [`SchedCounters`] summed over
+/// CPUs, and [`IoCounters`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResourceCounters {
@@ -67,6 +135,24 @@ pub struct ResourceCounters {
 }
 
 impl ResourceCounters {
+    /// The two halves as one.
+    pub fn merged(sched: &SchedCounters, io: &IoCounters) -> Self {
+        ResourceCounters {
+            on_cpu_ns: sched.on_cpu_ns,
+            voluntary: sched.voluntary,
+            involuntary: sched.involuntary,
+            runq_sum_us: sched.runq_sum_us,
+            runq: sched.runq,
+            read_bytes: io.read_bytes,
+            written_bytes: io.written_bytes,
+            io_sum_us: io.io_sum_us,
+            io: io.io,
+            fsyncs: io.fsyncs,
+            fsync_sum_us: io.fsync_sum_us,
+            fsync: io.fsync,
+        }
+    }
+
     pub const ZERO: ResourceCounters = ResourceCounters {
         on_cpu_ns: 0,
         voluntary: 0,
@@ -181,6 +267,10 @@ mod pod {
     // SAFETY: #[repr(C)], u64 fields and arrays only, no padding.
     unsafe impl aya::Pod for super::ResourceCounters {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::SchedCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IoCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ThreadState {}
     // SAFETY: #[repr(C)], integer fields, explicit padding.
     unsafe impl aya::Pod for super::ResourceOffsets {}
@@ -214,12 +304,52 @@ mod tests {
     }
 
     #[test]
+    fn per_cpu_scheduler_counters_sum_and_merge_with_io() {
+        let mut a = SchedCounters {
+            on_cpu_ns: 5,
+            voluntary: 1,
+            involuntary: 2,
+            runq_sum_us: 7,
+            ..SchedCounters::ZERO
+        };
+        a.runq[3] = 1;
+        let mut b = SchedCounters {
+            on_cpu_ns: 10,
+            voluntary: 3,
+            runq_sum_us: 1,
+            ..SchedCounters::ZERO
+        };
+        b.runq[3] = 2;
+        b.runq[0] = 1;
+        a.add(&b);
+        assert_eq!(
+            (a.on_cpu_ns, a.voluntary, a.involuntary, a.runq_sum_us),
+            (15, 4, 2, 8)
+        );
+        assert_eq!((a.runq[0], a.runq[3]), (1, 3));
+        let io = IoCounters {
+            read_bytes: 4096,
+            fsyncs: 2,
+            ..IoCounters::ZERO
+        };
+        let merged = ResourceCounters::merged(&a, &io);
+        assert_eq!(
+            (merged.on_cpu_ns, merged.runq, merged.read_bytes, merged.fsyncs),
+            (15, a.runq, 4096, 2)
+        );
+    }
+
+    #[test]
     fn layouts() {
         assert_eq!(
             core::mem::size_of::<ResourceCounters>(),
             8 * (9 + 3 * LATENCY_BUCKETS)
         );
         assert_eq!(core::mem::size_of::<BlockKey>(), 16);
+        assert_eq!(
+            core::mem::size_of::<SchedCounters>(),
+            8 * (4 + LATENCY_BUCKETS)
+        );
         assert_eq!(core::mem::size_of::<ResourceOffsets>(), 44);
     }
 }

@@ -73,6 +73,10 @@ pub enum Program {
     FsyncExt4Enter = 23,
     /// `ext4:ext4_sync_file_exit`: their count and latency.
     FsyncExt4Exit = 24,
+    /// `tp_btf/sched_process_exit`: [`Program::ProcessExit`] with `group_dead` read from the
+    /// tracepoint's arguments (Linux 6.13+) instead of its record through a helper; preferred,
+    /// with the classic tracepoint as its fallback.
+    ProcessExitBtf = 25,
 }
 
 /// When a program on standby is attached (see [`Program::standby`]).
@@ -105,7 +109,7 @@ impl Standby {
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 25] = [
+    pub const ALL: [Program; 26] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -131,6 +135,7 @@ impl Program {
         Program::ConnSpillLive,
         Program::FsyncExt4Enter,
         Program::FsyncExt4Exit,
+        Program::ProcessExitBtf,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -164,6 +169,7 @@ impl Program {
             Program::ConnSpillLive => "conn_spill_live",
             Program::FsyncExt4Enter => "fsync_ext4_enter",
             Program::FsyncExt4Exit => "fsync_ext4_exit",
+            Program::ProcessExitBtf => "process_exit_btf",
         }
     }
 
@@ -195,6 +201,7 @@ impl Program {
             Program::ConnSpillLive => "iter/bpf_map_elem/CONNECTIONS_SPILL",
             Program::FsyncExt4Enter => "tracepoint/ext4/ext4_sync_file_enter",
             Program::FsyncExt4Exit => "tracepoint/ext4/ext4_sync_file_exit",
+            Program::ProcessExitBtf => "tp_btf/sched_process_exit",
         }
     }
 
@@ -203,6 +210,9 @@ impl Program {
     pub const fn fallback(self) -> Option<&'static str> {
         match self {
             Program::SockState => None,
+            Program::ProcessExitBtf => {
+                Some("the classic tracepoint program process_exit reports exits instead")
+            }
             Program::SockStateBtf => {
                 Some("the raw tracepoint program sock_state_raw counts instead")
             }
@@ -272,6 +282,7 @@ impl Program {
             Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
             Program::FsyncExt4Enter => Some(("ext4", "ext4_sync_file_enter")),
             Program::FsyncExt4Exit => Some(("ext4", "ext4_sync_file_exit")),
+            Program::ProcessExitBtf => None,
             Program::SockStateRaw
             | Program::ConnLive
             | Program::ListenLive
@@ -295,6 +306,7 @@ impl Program {
         match self {
             Program::SockStateBtf => Some("inet_sock_set_state"),
             Program::SchedSwitchBtf => Some("sched_switch"),
+            Program::ProcessExitBtf => Some("sched_process_exit"),
             _ => None,
         }
     }
@@ -315,13 +327,14 @@ impl Program {
 
     /// Programs that count the same thing, most preferred first: the first this kernel takes
     /// serves, and the rest are not attached.
-    pub const ALTERNATIVES: [&'static [Program]; 2] = [
+    pub const ALTERNATIVES: [&'static [Program]; 3] = [
         &[
             Program::SockStateBtf,
             Program::SockStateRaw,
             Program::SockState,
         ],
         &[Program::SchedSwitchBtf, Program::SchedSwitch],
+        &[Program::ProcessExitBtf, Program::ProcessExit],
     ];
 }
 

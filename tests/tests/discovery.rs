@@ -334,6 +334,39 @@ fn unreadable_config_is_listed_with_the_reason_and_configured_ports() {
     assert_eq!(brokers(&agent).len(), 1);
 }
 
+/// Exits come through the BTF tracepoint where the kernel passes `group_dead` (this one); where
+/// it is refused, the classic tracepoint serves, equally fast.
+#[test]
+fn a_killed_broker_is_seen_stopped_through_the_classic_exit_tracepoint_too() {
+    if !privileged("a_killed_broker_is_seen_stopped_through_the_classic_exit_tracepoint_too") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&agent_config(
+        dir.path(),
+        "[probes]\ndisabled_programs = [\"process_exit_btf\"]\n",
+    ));
+    agent.wait_ready();
+    assert!(agent.attached("process_exit") && !agent.attached("process_exit_btf"));
+    let props = write(
+        dir.path(),
+        "server.properties",
+        "broker.id=6\nlisteners=PLAINTEXT://127.0.0.1:0\n",
+    );
+    let fake = FakeBroker::start(FakeBrokerSpec::new(&props));
+    wait_running(&agent, "6", fake.pid, Instant::now());
+    fake.kill();
+    let killed = Instant::now();
+    eventually(
+        "broker 6 not running",
+        EXIT_LATENCY_BUDGET + Duration::from_secs(5),
+        || broker(&agent, "6").filter(|b| b["state"] == "not_running"),
+    );
+    let exit_latency = killed.elapsed();
+    eprintln!("exit latency through process_exit (SIGKILL -> not_running): {exit_latency:?}");
+    assert!(exit_latency <= EXIT_LATENCY_BUDGET, "{exit_latency:?}");
+}
+
 #[test]
 fn a_killed_broker_stops_and_its_restart_keeps_identity() {
     if !privileged("a_killed_broker_stops_and_its_restart_keeps_identity") {
@@ -356,6 +389,10 @@ fn a_killed_broker_stops_and_its_restart_keeps_identity() {
     let first = FakeBroker::start(spec());
     let first_pid = first.pid;
     let (b, _) = wait_running(&agent, "5", first_pid, Instant::now());
+    assert!(
+        agent.attached("process_exit_btf"),
+        "this kernel passes group_dead"
+    );
     assert_eq!(b["evidence"]["id_source"], "broker_id");
     assert_eq!(b["evidence"]["overrides"], json!(["log.dirs"]));
     assert_eq!(b["log_dirs"], json!(["/from/override"]));

@@ -71,6 +71,9 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         ("hook", "raw_tracepoint/sched_switch"),
     ];
     assert_eq!(agent.metric("brokerscope_probe_attached", &raw), None);
+    // So does the exit hook, where the kernel passes group_dead (6.13+; this one does).
+    assert!(agent.attached("process_exit_btf"));
+    assert!(!agent.attached("process_exit"));
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
@@ -100,7 +103,8 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(
         ids.len(),
         // Attached: sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
-        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit, state_signal,
+        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit_btf (or its
+        // fallback), state_signal,
         // sched_switch_btf (or its raw fallback), block_issue, block_complete,
         // fsync_ext4_enter, fsync_ext4_exit, conn_live, conn_spill_live and listen_live (map
         // iterators): 16. On standby, loaded: state_openat, state_openat2, fsync_enter,

@@ -328,8 +328,8 @@ impl Probes {
         }
         let events_attached =
             |p: Program| attached.iter().any(|a: &Attachment| a.program == p.name());
-        let exec_events =
-            events_attached(Program::ProcessExec) && events_attached(Program::ProcessExit);
+        let exec_events = events_attached(Program::ProcessExec)
+            && (events_attached(Program::ProcessExitBtf) || events_attached(Program::ProcessExit));
 
         let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
         sockets.set_watch_all(config.watch_all_listeners)?;
@@ -530,7 +530,7 @@ impl Probes {
                 capacity: connection_tiers(self.capacities.connections_capacity).1,
             },
         ];
-        maps.extend(self.resources.map_stats(resources.len()));
+        maps.extend(self.resources.map_stats());
         ProbeSnapshot {
             listeners,
             programs,

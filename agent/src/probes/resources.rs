@@ -5,11 +5,12 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, PerCpuHashMap},
 };
 use brokerscope_common::resources::{
-    BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, RESOURCES_CAPACITY,
-    RESOURCES_MAP, ResourceCounters, ResourceOffsets, THREADS_CAPACITY, THREADS_MAP, ThreadState,
+    BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, IoCounters,
+    RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets, SCHED_CAPACITY,
+    SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
 };
 
 use brokerscope_common::processes::NO_FIELD;
@@ -43,7 +44,8 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, Pro
 
 /// The kernel's per-broker resource counters.
 pub struct ResourcesReader {
-    counters: HashMap<MapData, u32, ResourceCounters>,
+    counters: HashMap<MapData, u32, IoCounters>,
+    sched: PerCpuHashMap<MapData, u32, SchedCounters>,
     // The LRU maps read through aya's HashMap (same lookup API).
     threads: HashMap<MapData, u32, ThreadState>,
     block: HashMap<MapData, BlockKey, BlockStart>,
@@ -60,7 +62,8 @@ pub struct ResourcesReader {
 const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct BatchedMaps {
-    counters: Batched<u32, ResourceCounters>,
+    counters: Batched<u32, IoCounters>,
+    sched: Batched<u32, SchedCounters>,
     threads: Batched<u32, ThreadState>,
     block: Batched<BlockKey, BlockStart>,
     fsync: Batched<u32, u64>,
@@ -70,6 +73,7 @@ impl ResourcesReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         let batched = BatchedMaps {
             counters: Batched::open(ebpf, RESOURCES_MAP)?,
+            sched: Batched::per_cpu(ebpf, SCHED_MAP)?,
             threads: Batched::open(ebpf, THREADS_MAP)?,
             block: Batched::open(ebpf, BLOCK_MAP)?,
             fsync: Batched::open(ebpf, FSYNC_MAP)?,
@@ -78,18 +82,49 @@ impl ResourcesReader {
             batched,
             counted: None,
             counters: take(ebpf, RESOURCES_MAP)?,
+            sched: take(ebpf, SCHED_MAP)?,
             threads: take(ebpf, THREADS_MAP)?,
             block: take(ebpf, BLOCK_MAP)?,
             fsync: take(ebpf, FSYNC_MAP)?,
         })
     }
 
-    /// Counters of every broker process the kernel saw, by tgid.
+    /// Counters of every broker process the kernel saw, by tgid: the I/O counters and the
+    /// scheduler counters summed over CPUs.
     pub fn read(&self) -> Vec<(u32, ResourceCounters)> {
-        self.batched
+        let io: Vec<(u32, IoCounters)> = self
+            .batched
             .counters
             .read_single()
-            .unwrap_or_else(|_| self.counters.iter().filter_map(Result::ok).collect())
+            .unwrap_or_else(|_| self.counters.iter().filter_map(Result::ok).collect());
+        let sched: Vec<(u32, SchedCounters)> = match self.batched.sched.read() {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|(tgid, per_cpu)| (tgid, sum(per_cpu.iter())))
+                .collect(),
+            Err(_) => self
+                .sched
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(tgid, per_cpu)| (tgid, sum(per_cpu.iter())))
+                .collect(),
+        };
+        let mut out: Vec<(u32, ResourceCounters)> = sched
+            .iter()
+            .map(|(tgid, s)| {
+                let io = io
+                    .iter()
+                    .find(|(t, _)| t == tgid)
+                    .map_or(IoCounters::ZERO, |(_, io)| *io);
+                (*tgid, ResourceCounters::merged(s, &io))
+            })
+            .collect();
+        for (tgid, io) in &io {
+            if !out.iter().any(|(t, _)| t == tgid) {
+                out.push((*tgid, ResourceCounters::merged(&SchedCounters::ZERO, io)));
+            }
+        }
+        out
     }
 
     /// Forgets processes that are no longer brokers (exited): their counters end with them.
@@ -102,10 +137,18 @@ impl ResourcesReader {
             .collect();
         for pid in gone {
             let _ = self.counters.remove(&pid);
+            let _ = self.sched.remove(&pid);
         }
     }
 
-    pub fn map_stats(&mut self, resources: usize) -> Vec<MapStats> {
+    pub fn map_stats(&mut self) -> Vec<MapStats> {
+        // A few entries each (one per broker): counted at every call.
+        let resources = count(&self.batched.counters, &self.counters);
+        let sched = self
+            .batched
+            .sched
+            .count()
+            .unwrap_or_else(|_| self.sched.keys().count() as u64);
         let [threads, block, fsync] = match self.counted {
             Some((at, counts)) if at.elapsed() < COUNT_EVERY => counts,
             _ => {
@@ -121,8 +164,13 @@ impl ResourcesReader {
         vec![
             MapStats {
                 map: "resources",
-                entries: resources as u64,
+                entries: resources,
                 capacity: RESOURCES_CAPACITY,
+            },
+            MapStats {
+                map: "sched",
+                entries: sched,
+                capacity: SCHED_CAPACITY,
             },
             MapStats {
                 map: "threads",
@@ -141,6 +189,15 @@ impl ResourcesReader {
             },
         ]
     }
+}
+
+/// Per-CPU values summed.
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a SchedCounters>) -> SchedCounters {
+    let mut total = SchedCounters::ZERO;
+    for c in per_cpu {
+        total.add(c);
+    }
+    total
 }
 
 /// Entries of a map: one batch read, or a walk of its keys where the kernel cannot batch.
