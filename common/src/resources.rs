@@ -334,7 +334,12 @@ mod tests {
         };
         let merged = ResourceCounters::merged(&a, &io);
         assert_eq!(
-            (merged.on_cpu_ns, merged.runq, merged.read_bytes, merged.fsyncs),
+            (
+                merged.on_cpu_ns,
+                merged.runq,
+                merged.read_bytes,
+                merged.fsyncs
+            ),
             (15, a.runq, 4096, 2)
         );
     }
