@@ -588,7 +588,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         e,
         "cpu_seconds_total",
         "On-CPU time of the broker's threads (sched_switch).",
-        &|c| Number::Float(c.on_cpu_ns as f64 / 1e9),
+        &|c| Number::Float(c.sched.on_cpu_ns as f64 / 1e9),
     );
     {
         let mut f = e.family(
@@ -597,8 +597,11 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
             "Context switches of the broker's threads: voluntary (blocked or slept) or involuntary (preempted).",
         );
         for (id, c) in &kernel {
-            f.sample(&[("broker", id), ("kind", "voluntary")], c.voluntary);
-            f.sample(&[("broker", id), ("kind", "involuntary")], c.involuntary);
+            f.sample(&[("broker", id), ("kind", "voluntary")], c.sched.voluntary);
+            f.sample(
+                &[("broker", id), ("kind", "involuntary")],
+                c.sched.involuntary,
+            );
         }
     }
     {
@@ -608,20 +611,20 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
             "Time the broker's threads waited on a run queue, from wake-up or preemption to running.",
         );
         for (id, c) in &kernel {
-            f.log2_histogram(&[("broker", id)], &c.runq, c.runq_sum_us, 1);
+            f.log2_histogram(&[("broker", id)], &c.sched.runq, c.sched.runq_sum_us, 1);
         }
     }
     counter(
         e,
         "disk_read_bytes_total",
         "Bytes of block read requests the broker issued (direct and synchronous reads).",
-        &|c| Number::Int(c.read_bytes),
+        &|c| Number::Int(c.io.read_bytes),
     );
     counter(
         e,
         "disk_written_bytes_total",
         "Bytes of block write requests the broker issued (direct I/O; page-cache writeback is issued by kernel threads).",
-        &|c| Number::Int(c.written_bytes),
+        &|c| Number::Int(c.io.written_bytes),
     );
     {
         let mut f = e.family(
@@ -630,14 +633,14 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
             "Issue-to-completion latency of block requests the broker issued.",
         );
         for (id, c) in &kernel {
-            f.log2_histogram(&[("broker", id)], &c.io, c.io_sum_us, 1);
+            f.log2_histogram(&[("broker", id)], &c.io.io, c.io.io_sum_us, 1);
         }
     }
     counter(
         e,
         "fsync_total",
         "fsync and fdatasync calls the broker completed.",
-        &|c| Number::Int(c.fsyncs),
+        &|c| Number::Int(c.io.fsyncs),
     );
     {
         let mut f = e.family(
@@ -646,7 +649,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
             "Duration of the broker's fsync and fdatasync calls.",
         );
         for (id, c) in &kernel {
-            f.log2_histogram(&[("broker", id)], &c.fsync, c.fsync_sum_us, 1);
+            f.log2_histogram(&[("broker", id)], &c.io.fsync, c.io.fsync_sum_us, 1);
         }
     }
     let procs = &snapshot.procs;

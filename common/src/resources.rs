@@ -1,7 +1,8 @@
 //! Resources: per-broker CPU, scheduling, block I/O and fsync counters from the kernel.
 //!
 //! The kernel side (`agent-ebpf/src/resources.rs`) counts only registered broker tgids (the
-//! processes family's `BROKER_PIDS`), into one [`ResourceCounters`] per broker process:
+//! processes family's `BROKER_PIDS`), into [`SchedCounters`] (per CPU) and [`IoCounters`] per
+//! broker process, which the loader reads as one [`ResourceCounters`]:
 //! - CPU time, context switches and run-queue latency at `sched_switch` (a BTF tracepoint, or a
 //!   raw one: no record is built for it, which matters on a hook that runs at every context
 //!   switch of the node), from the switched-out thread alone: it is the current task, so its
@@ -117,56 +118,10 @@ impl IoCounters {
 
 /// Counters of one broker process, as the loader reads them: [`SchedCounters`] summed over
 /// CPUs, and [`IoCounters`].
-#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResourceCounters {
-    pub on_cpu_ns: u64,
-    pub voluntary: u64,
-    pub involuntary: u64,
-    pub runq_sum_us: u64,
-    pub runq: [u64; LATENCY_BUCKETS],
-    pub read_bytes: u64,
-    pub written_bytes: u64,
-    pub io_sum_us: u64,
-    pub io: [u64; LATENCY_BUCKETS],
-    pub fsyncs: u64,
-    pub fsync_sum_us: u64,
-    pub fsync: [u64; LATENCY_BUCKETS],
-}
-
-impl ResourceCounters {
-    /// The two halves as one.
-    pub fn merged(sched: &SchedCounters, io: &IoCounters) -> Self {
-        ResourceCounters {
-            on_cpu_ns: sched.on_cpu_ns,
-            voluntary: sched.voluntary,
-            involuntary: sched.involuntary,
-            runq_sum_us: sched.runq_sum_us,
-            runq: sched.runq,
-            read_bytes: io.read_bytes,
-            written_bytes: io.written_bytes,
-            io_sum_us: io.io_sum_us,
-            io: io.io,
-            fsyncs: io.fsyncs,
-            fsync_sum_us: io.fsync_sum_us,
-            fsync: io.fsync,
-        }
-    }
-
-    pub const ZERO: ResourceCounters = ResourceCounters {
-        on_cpu_ns: 0,
-        voluntary: 0,
-        involuntary: 0,
-        runq_sum_us: 0,
-        runq: [0; LATENCY_BUCKETS],
-        read_bytes: 0,
-        written_bytes: 0,
-        io_sum_us: 0,
-        io: [0; LATENCY_BUCKETS],
-        fsyncs: 0,
-        fsync_sum_us: 0,
-        fsync: [0; LATENCY_BUCKETS],
-    };
+    pub sched: SchedCounters,
+    pub io: IoCounters,
 }
 
 /// What the scheduler hook keeps per broker thread: one entry, created when the thread is first
@@ -265,8 +220,6 @@ pub const fn rwbs_direction(rwbs: &[u8; 4]) -> u32 {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], u64 fields and arrays only, no padding.
-    unsafe impl aya::Pod for super::ResourceCounters {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::SchedCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IoCounters {}
@@ -304,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn per_cpu_scheduler_counters_sum_and_merge_with_io() {
+    fn per_cpu_scheduler_counters_sum() {
         let mut a = SchedCounters {
             on_cpu_ns: 5,
             voluntary: 1,
@@ -327,28 +280,13 @@ mod tests {
             (15, 4, 2, 8)
         );
         assert_eq!((a.runq[0], a.runq[3]), (1, 3));
-        let io = IoCounters {
-            read_bytes: 4096,
-            fsyncs: 2,
-            ..IoCounters::ZERO
-        };
-        let merged = ResourceCounters::merged(&a, &io);
-        assert_eq!(
-            (
-                merged.on_cpu_ns,
-                merged.runq,
-                merged.read_bytes,
-                merged.fsyncs
-            ),
-            (15, a.runq, 4096, 2)
-        );
     }
 
     #[test]
     fn layouts() {
         assert_eq!(
-            core::mem::size_of::<ResourceCounters>(),
-            8 * (9 + 3 * LATENCY_BUCKETS)
+            core::mem::size_of::<IoCounters>(),
+            8 * (5 + 2 * LATENCY_BUCKETS)
         );
         assert_eq!(core::mem::size_of::<BlockKey>(), 16);
         assert_eq!(

@@ -4,7 +4,9 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use brokerscope_tests::{Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged};
+use brokerscope_tests::{
+    Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged, run_ok,
+};
 
 /// These tests measure CPU time and scheduling: run them one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -273,16 +275,7 @@ struct Mount {
 impl Mount {
     fn new(target: &Path, args: &[&str]) -> Self {
         std::fs::create_dir_all(target).unwrap();
-        let out = Command::new("mount")
-            .args(args)
-            .arg(target)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("mount").args(args).arg(target));
         Mount {
             target: target.into(),
         }
@@ -315,15 +308,7 @@ fn syscall_fsync_hooks_serve_only_while_a_broker_keeps_logs_off_ext4() {
     let dir = tempfile::tempdir().unwrap();
     // An ext4 of the test's own, whatever the machine's disks are, and a tmpfs.
     let dev = Loop::new(&dir.path().join("ext4.img"), 32 << 20);
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", &dev.dev])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &dev.dev]));
     let ext4 = Mount::new(&dir.path().join("ext4"), &[&dev.dev]);
     let tmpfs = Mount::new(&dir.path().join("tmpfs"), &["-t", "tmpfs", "tmpfs"]);
     let agent = Agent::start(&agent_config(dir.path()));

@@ -116,12 +116,18 @@ impl ResourcesReader {
                     .iter()
                     .find(|(t, _)| t == tgid)
                     .map_or(IoCounters::ZERO, |(_, io)| *io);
-                (*tgid, ResourceCounters::merged(s, &io))
+                (*tgid, ResourceCounters { sched: *s, io })
             })
             .collect();
         for (tgid, io) in &io {
             if !out.iter().any(|(t, _)| t == tgid) {
-                out.push((*tgid, ResourceCounters::merged(&SchedCounters::ZERO, io)));
+                out.push((
+                    *tgid,
+                    ResourceCounters {
+                        sched: SchedCounters::ZERO,
+                        io: *io,
+                    },
+                ));
             }
         }
         out
