@@ -24,7 +24,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint, trace_point::TracePointLinkId},
+    programs::{
+        BtfTracePoint, Iter, RawTracePoint, TracePoint,
+        trace_point::{TracePointLink, TracePointLinkId},
+    },
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
@@ -396,10 +399,13 @@ impl Probes {
             .all(|p| self.attached.iter().any(|a| a.program == p.name()))
     }
 
-    /// Attaches the standby programs `demand` wants and detaches the others. Whether anything
-    /// changed. A failure is logged and leaves that program as it was (tried again next time).
-    pub fn set_demand(&mut self, demand: Demand) -> bool {
+    /// Attaches the standby programs `demand` wants and takes the links of the others, which
+    /// detach when dropped: each waits for an RCU grace period (about 75 ms here), so the caller
+    /// drops them without holding anything a scrape needs. Whether anything changed, and those
+    /// links. A failure is logged and leaves that program as it was (tried again next time).
+    pub fn set_demand(&mut self, demand: Demand) -> (bool, Vec<TracePointLink>) {
         let mut changed = false;
+        let mut detached = Vec::new();
         for s in &mut self.standby {
             let Some(kind) = s.program.standby() else {
                 continue;
@@ -433,15 +439,16 @@ impl Probes {
                     }
                 }
             } else if let Some(link) = s.link.take() {
-                if let Err(e) = prog.detach(link) {
-                    tracing::warn!(program = name, hook, error = %e, "cannot detach");
+                match prog.take_link(link) {
+                    Ok(link) => detached.push(link),
+                    Err(e) => tracing::warn!(program = name, hook, error = %e, "cannot detach"),
                 }
                 tracing::info!(program = name, hook, "detached: no longer needed");
                 self.attached.retain(|a| a.program != name);
                 changed = true;
             }
         }
-        changed
+        (changed, detached)
     }
 
     /// Programs this kernel refused, whose capability a fallback covers.
