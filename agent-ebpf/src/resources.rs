@@ -240,7 +240,10 @@ impl Task for Typed {
     }
     #[inline(always)]
     fn run_delay(self) -> Result<Option<u64>, ProbeError> {
-        // The BTF programs are loaded only when the field resolved (see `fields`).
+        // Without the field, the loader patched a stand-in offset (see `fields`): not loaded.
+        if offsets().task_run_delay == NO_FIELD {
+            return Ok(None);
+        }
         Ok(Some(load!(u64, self.task, Field::TaskRunDelay)))
     }
 }

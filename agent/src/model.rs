@@ -136,7 +136,12 @@ impl Model {
                 .standby()
                 .filter_map(|p| {
                     let when = p.standby()?.describe();
-                    Some(format!("{} ({}): {when}", p.name(), p.hook()))
+                    Some(format!(
+                        "{} ({}): {when}: a syscalls tracepoint sends every syscall of every \
+                         task on the node through the kernel's slow path",
+                        p.name(),
+                        p.hook()
+                    ))
                 })
                 .collect();
             status.probe_error = None;

@@ -124,6 +124,13 @@ pub struct ResourceCounters {
     pub io: IoCounters,
 }
 
+impl ResourceCounters {
+    pub const ZERO: ResourceCounters = ResourceCounters {
+        sched: SchedCounters::ZERO,
+        io: IoCounters::ZERO,
+    };
+}
+
 /// What the scheduler hook keeps per broker thread: one entry, created when the thread is first
 /// switched out and updated in place after (no map update, no delete on the hot path).
 #[repr(C)]

@@ -91,17 +91,13 @@ pub enum Standby {
 }
 
 impl Standby {
-    /// For /ready: when the programs are attached, and why not always.
+    /// For /ready: when the programs are attached (why not always is the same for all: they
+    /// are `syscalls:*` tracepoints, see [`Program::standby`]).
     pub const fn describe(self) -> &'static str {
         match self {
-            Standby::BrokerStarting => {
-                "attached only while a broker is STARTING or in RECOVERY: a syscalls tracepoint \
-                 sends every syscall of every task on the node through the kernel's slow path"
-            }
+            Standby::BrokerStarting => "attached only while a broker is STARTING or in RECOVERY",
             Standby::FsyncUncovered => {
-                "attached only while a broker has a log dir the ext4 fsync hooks do not cover: a \
-                 syscalls tracepoint sends every syscall of every task on the node through the \
-                 kernel's slow path"
+                "attached only while a broker has a log dir the ext4 fsync hooks do not cover"
             }
         }
     }

@@ -50,9 +50,7 @@ impl FieldOffsets {
                 Field::SockV6DaddrHigh => high(in_sock(events.sock_v6_daddr)),
                 Field::SockV6RcvSaddr => in_sock(events.sock_v6_rcv_saddr),
                 Field::SockV6RcvSaddrHigh => high(in_sock(events.sock_v6_rcv_saddr)),
-                Field::TaskRunDelay => {
-                    (tasks.task_run_delay != NO_FIELD).then_some(tasks.task_run_delay)
-                }
+                Field::TaskRunDelay => Some(run_delay_load(tasks)),
                 Field::TaskState => Some(tasks.task_state),
                 Field::TaskSumExec => Some(tasks.task_sum_exec),
                 Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),
@@ -63,6 +61,18 @@ impl FieldOffsets {
 
     fn get(&self, field: Field) -> Option<u32> {
         self.0[field as usize]
+    }
+}
+
+/// Where the run-delay load points: `sched_info.run_delay`, or without CONFIG_SCHED_INFO a
+/// stand-in u64 field of the task. The program then reads `task_run_delay` as `NO_FIELD` in its
+/// `RESOURCE_OFFSETS` and skips the load; the placeholder still needs a valid offset, so that
+/// the other BTF programs are not refused for a field only this one wants.
+fn run_delay_load(tasks: &ResourceOffsets) -> u32 {
+    if tasks.task_run_delay == NO_FIELD {
+        tasks.task_sum_exec
+    } else {
+        tasks.task_run_delay
     }
 }
 
@@ -312,6 +322,21 @@ mod tests {
                 section: ".text".into()
             })
         );
+    }
+
+    #[test]
+    fn a_kernel_without_run_delay_still_patches_the_load_the_program_skips() {
+        let tasks = ResourceOffsets {
+            task_sum_exec: 232,
+            task_run_delay: 3080,
+            ..ResourceOffsets::UNSET
+        };
+        assert_eq!(run_delay_load(&tasks), 3080);
+        let without = ResourceOffsets {
+            task_run_delay: NO_FIELD,
+            ..tasks
+        };
+        assert_eq!(run_delay_load(&without), 232);
     }
 
     #[test]

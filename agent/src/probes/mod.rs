@@ -537,13 +537,13 @@ impl Probes {
                 capacity: connection_tiers(self.capacities.connections_capacity).1,
             },
         ];
-        maps.extend(self.resources.map_stats());
+        maps.extend(self.resources.map_stats(&resources));
         ProbeSnapshot {
             listeners,
             programs,
             errors,
             maps,
-            resources,
+            resources: resources.counters,
         }
     }
 

@@ -7,13 +7,14 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuHashMap},
 };
-use brokerscope_common::resources::{
-    BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, IoCounters,
-    RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets, SCHED_CAPACITY,
-    SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
+use brokerscope_common::{
+    processes::NO_FIELD,
+    resources::{
+        BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, IoCounters,
+        RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets, SCHED_CAPACITY,
+        SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
+    },
 };
-
-use brokerscope_common::processes::NO_FIELD;
 
 use super::{MapStats, ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
 
@@ -56,6 +57,15 @@ pub struct ResourcesReader {
     counted: Option<(std::time::Instant, [u64; 3])>,
 }
 
+/// What [`ResourcesReader::read`] found.
+pub struct Resources {
+    /// By tgid, sorted.
+    pub counters: Vec<(u32, ResourceCounters)>,
+    /// Entries of the I/O map and of the per-CPU scheduler map.
+    io_entries: u64,
+    sched_entries: u64,
+}
+
 /// How long entry counts of the per-thread and in-flight maps are reused: counting walks every
 /// bucket of maps of up to 16384 entries, a gauge of how full they are does not need it at
 /// every scrape.
@@ -91,7 +101,7 @@ impl ResourcesReader {
 
     /// Counters of every broker process the kernel saw, by tgid: the I/O counters and the
     /// scheduler counters summed over CPUs.
-    pub fn read(&self) -> Vec<(u32, ResourceCounters)> {
+    pub fn read(&self) -> Resources {
         let io: Vec<(u32, IoCounters)> = self
             .batched
             .counters
@@ -109,34 +119,26 @@ impl ResourcesReader {
                 .map(|(tgid, per_cpu)| (tgid, sum(per_cpu.iter())))
                 .collect(),
         };
-        let mut out: Vec<(u32, ResourceCounters)> = sched
-            .iter()
-            .map(|(tgid, s)| {
-                let io = io
-                    .iter()
-                    .find(|(t, _)| t == tgid)
-                    .map_or(IoCounters::ZERO, |(_, io)| *io);
-                (*tgid, ResourceCounters { sched: *s, io })
-            })
-            .collect();
-        for (tgid, io) in &io {
-            if !out.iter().any(|(t, _)| t == tgid) {
-                out.push((
-                    *tgid,
-                    ResourceCounters {
-                        sched: SchedCounters::ZERO,
-                        io: *io,
-                    },
-                ));
-            }
+        let (io_entries, sched_entries) = (io.len() as u64, sched.len() as u64);
+        let mut by_tgid = std::collections::BTreeMap::new();
+        for (tgid, s) in sched {
+            by_tgid.entry(tgid).or_insert(ResourceCounters::ZERO).sched = s;
         }
-        out
+        for (tgid, i) in io {
+            by_tgid.entry(tgid).or_insert(ResourceCounters::ZERO).io = i;
+        }
+        Resources {
+            counters: by_tgid.into_iter().collect(),
+            io_entries,
+            sched_entries,
+        }
     }
 
     /// Forgets processes that are no longer brokers (exited): their counters end with them.
     pub fn retain(&mut self, pids: &[u32]) {
         let gone: Vec<u32> = self
             .read()
+            .counters
             .into_iter()
             .map(|(p, _)| p)
             .filter(|p| !pids.contains(p))
@@ -147,14 +149,9 @@ impl ResourcesReader {
         }
     }
 
-    pub fn map_stats(&mut self) -> Vec<MapStats> {
-        // A few entries each (one per broker): counted at every call.
-        let resources = count(&self.batched.counters, &self.counters);
-        let sched = self
-            .batched
-            .sched
-            .count()
-            .unwrap_or_else(|_| self.sched.keys().count() as u64);
+    /// Fill levels; those of the per-broker maps from `read`, just made.
+    pub fn map_stats(&mut self, read: &Resources) -> Vec<MapStats> {
+        let (resources, sched) = (read.io_entries, read.sched_entries);
         let [threads, block, fsync] = match self.counted {
             Some((at, counts)) if at.elapsed() < COUNT_EVERY => counts,
             _ => {
