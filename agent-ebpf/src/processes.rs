@@ -14,7 +14,10 @@ use brokerscope_common::{
     telemetry::{ProbeError, Program},
 };
 
-use crate::telemetry::{count_error, count_run};
+use crate::{
+    resources::release_thread,
+    telemetry::{count_error, count_run},
+};
 
 /// Written by the loader from the tracepoints' format files.
 #[unsafe(no_mangle)]
@@ -66,6 +69,7 @@ pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
     if !is_broker(tgid) {
         return 0;
     }
+    release_thread(pid);
     // `sched_process_exit(struct task_struct *p, bool group_dead)`.
     let group_dead: u64 = ctx.arg(1);
     if process_ended(Some(group_dead & 0xff != 0), pid, tgid)
@@ -97,6 +101,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     if !is_broker(tgid) {
         return Ok(());
     }
+    release_thread(pid);
     let off = offsets().exit_group_dead;
     let group_dead = if off == NO_FIELD {
         None

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
@@ -18,8 +18,8 @@ use brokerscope_common::{
     processes::NO_FIELD,
     resources::{
         BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS,
-        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, THREADS_CAPACITY,
-        ThreadState, involuntary, rwbs_direction,
+        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, THREAD_WAYS,
+        THREADS_CAPACITY, ThreadState, involuntary, rwbs_direction, thread_set,
     },
     sockets::log2_bucket,
     telemetry::{ProbeError, Program},
@@ -52,20 +52,69 @@ static SCHED: PerCpuHashMap<u32, SchedCounters> =
 /// Initial value of a new SCHED entry.
 static SCHED_ZERO: SchedCounters = SchedCounters::ZERO;
 
-/// Per broker thread: its CPU time and run-queue wait totals at its last switch-out. Bounded,
-/// least recently used evicted; values are updated in place through the lookup.
+/// Per broker thread: its CPU time and run-queue wait totals at its last switch-out, in a slot
+/// of its set (see `THREADS_MAP`); values are updated in place through the lookup.
 #[map(name = "THREADS")]
-static THREADS: LruHashMap<u32, ThreadState> = LruHashMap::with_max_entries(THREADS_CAPACITY, 0);
+static THREADS: Array<ThreadState> = Array::with_max_entries(THREADS_CAPACITY, 0);
 
-/// The state of broker thread `tid`, created on first sight; None when it cannot be created.
-/// Only the thread's own switch-outs touch it, and a thread is switched out on one CPU at a time.
+/// Slots of THREADS taken from a live thread (see `EVICTIONS_MAP`).
+#[map(name = "EVICTIONS")]
+static EVICTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The state of broker thread `tid`: its slot, or a slot of its set taken for it (a free one,
+/// else the last way's, evicting its thread); None only if the set were outside the array.
+/// A slot is written by its own thread's switch-outs (on one CPU at a time) and exit, and by a
+/// thread taking it.
 #[inline(always)]
 fn thread(tid: u32) -> Option<*mut ThreadState> {
-    if let Some(t) = THREADS.get_ptr_mut(&tid) {
-        return Some(t);
+    let first = thread_set(tid);
+    let mut free = None;
+    for way in 0..THREAD_WAYS {
+        let slot = THREADS.get_ptr_mut(first + way)?;
+        // SAFETY: `slot` points into THREADS, looked up during this run.
+        let owner = unsafe { (*slot).tid };
+        if owner == tid {
+            return Some(slot);
+        }
+        if owner == 0 && free.is_none() {
+            free = Some(slot);
+        }
     }
-    let _ = THREADS.insert(&tid, &ThreadState::ZERO, 0);
-    THREADS.get_ptr_mut(&tid)
+    let slot = match free {
+        Some(slot) => slot,
+        None => {
+            if let Some(n) = EVICTIONS.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot; see `count_run` for why a plain add.
+                unsafe { *n += 1 };
+            }
+            THREADS.get_ptr_mut(first + THREAD_WAYS - 1)?
+        }
+    };
+    // SAFETY: as above.
+    unsafe {
+        *slot = ThreadState {
+            tid,
+            ..ThreadState::ZERO
+        }
+    };
+    Some(slot)
+}
+
+/// Frees the THREADS slot of broker thread `tid`, which is exiting.
+#[inline(always)]
+pub fn release_thread(tid: u32) {
+    let first = thread_set(tid);
+    for way in 0..THREAD_WAYS {
+        if let Some(slot) = THREADS.get_ptr_mut(first + way) {
+            // SAFETY: `slot` points into THREADS, looked up during this run.
+            unsafe {
+                if (*slot).tid == tid {
+                    (*slot).tid = 0;
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// How many entries `block_issue` put in BLOCK_INFLIGHT that `block_complete` has not taken
@@ -241,7 +290,10 @@ impl Task for Typed {
     #[inline(always)]
     fn run_delay(self) -> Result<Option<u64>, ProbeError> {
         // Without the field, the loader patched a stand-in offset (see `fields`): not loaded.
-        if offsets().task_run_delay == NO_FIELD {
+        // SAFETY: as in `offsets`; one field read, where `offsets` copies the whole struct.
+        let run_delay =
+            unsafe { core::ptr::read_volatile(&raw const RESOURCE_OFFSETS.task_run_delay) };
+        if run_delay == NO_FIELD {
             return Ok(None);
         }
         Ok(Some(load!(u64, self.task, Field::TaskRunDelay)))

@@ -385,6 +385,19 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
             f.sample(&[("map", m.map)], m.capacity);
         }
     }
+    {
+        let mut f = e.family(
+            "map_evictions_total",
+            Kind::Counter,
+            "Entries replaced while still live, in maps that count it (the LRU maps evict \
+             silently; the connection map refuses rather than evicts).",
+        );
+        for m in &p.maps {
+            if let Some(n) = m.evictions {
+                f.sample(&[("map", m.map)], n);
+            }
+        }
+    }
 
     brokers(e, &snapshot.brokers);
     broker_states(e, &snapshot.broker_states);
@@ -878,11 +891,20 @@ mod tests {
                     misses: Some(2),
                 }],
                 errors: vec![("connections_map_full", 1)],
-                maps: vec![MapStats {
-                    map: "connections",
-                    entries: 5,
-                    capacity: 64,
-                }],
+                maps: vec![
+                    MapStats {
+                        map: "connections",
+                        entries: 5,
+                        capacity: 64,
+                        evictions: None,
+                    },
+                    MapStats {
+                        map: "threads",
+                        entries: 7,
+                        capacity: 16384,
+                        evictions: Some(3),
+                    },
+                ],
                 resources: vec![],
             },
             ..Snapshot::default()
@@ -952,6 +974,7 @@ mod tests {
             r#"brokerscope_probe_errors_total{kind="connections_map_full"} 1"#,
             r#"brokerscope_map_entries{map="connections"} 5"#,
             r#"brokerscope_map_capacity{map="connections"} 64"#,
+            r#"brokerscope_map_evictions_total{map="threads"} 3"#,
             "brokerscope_agent_ready 1",
             r#"brokerscope_bytes_received_total{netns="4026531840",port="9092"} 1500"#,
             r#"brokerscope_bytes_sent_total{netns="4026531840",port="9092"} 70000"#,
@@ -976,6 +999,8 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+        // A map that does not count evictions has no such series, rather than a zero.
+        assert!(!text.contains(r#"brokerscope_map_evictions_total{map="connections"}"#));
     }
 
     #[test]

@@ -30,12 +30,31 @@ pub const SCHED_MAP: &str = "SCHED";
 /// brokers, and a broker beyond this is counted in `resources_map_full` instead.
 pub const SCHED_CAPACITY: u32 = 64;
 
-/// Name of the LRU map of what the scheduler hooks keep per broker thread ([`ThreadState`]).
+/// Name of the array of what the scheduler hook keeps per broker thread ([`ThreadState`]): a
+/// cache of [`THREAD_WAYS`]-way sets, a thread's set chosen by its id ([`thread_set`]). Its
+/// lookup is array lookups the verifier inlines, where a hash map's hashes the key and walks a
+/// bucket, and taking a slot is a store, where an LRU insert takes a lock: this runs at every
+/// switch-out of a broker thread.
 pub const THREADS_MAP: &str = "THREADS";
-/// Capacity of [`THREADS_MAP`]: broker threads (a JVM has hundreds). An evicted thread's next
-/// slice is counted from when it got the CPU, as a new thread's, and a wait it was in is not
-/// measured.
+/// Slots of [`THREADS_MAP`] (24 bytes each, 384 KiB): broker threads (a JVM has hundreds). A
+/// thread's slot is freed when it exits. A thread whose set is full takes the last way's slot,
+/// counted in [`EVICTIONS_MAP`]: the thread it took it from has its next slice counted from when
+/// it got the CPU, as a new thread's, and the wait before that slice is not measured.
 pub const THREADS_CAPACITY: u32 = 16384;
+/// Ways of a [`THREADS_MAP`] set: a slot is taken from a live thread only when five share a set
+/// (consecutive thread ids never do; ids spread at random, 1000 threads make an expected 0.02
+/// such sets).
+pub const THREAD_WAYS: u32 = 4;
+
+/// The first slot of thread `tid`'s set in [`THREADS_MAP`].
+#[inline(always)]
+pub const fn thread_set(tid: u32) -> u32 {
+    (tid & (THREADS_CAPACITY / THREAD_WAYS - 1)) * THREAD_WAYS
+}
+
+/// Name of the per-CPU array of slots taken from a live entry, by evicting map: one slot,
+/// [`THREADS_MAP`]'s (the LRU maps evict silently).
+pub const EVICTIONS_MAP: &str = "EVICTIONS";
 
 /// Name of the LRU map of block requests in flight issued by brokers.
 pub const BLOCK_MAP: &str = "BLOCK_INFLIGHT";
@@ -131,11 +150,14 @@ impl ResourceCounters {
     };
 }
 
-/// What the scheduler hook keeps per broker thread: one entry, created when the thread is first
-/// switched out and updated in place after (no map update, no delete on the hot path).
+/// What the scheduler hook keeps per broker thread: one slot, taken when the thread is first
+/// switched out, updated in place after, and freed when it exits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadState {
+    /// The thread owning the slot (0: free; the idle task is never a broker's).
+    pub tid: u32,
+    pub _pad: u32,
     /// Its `se.sum_exec_runtime` at its last switch-out (0: not switched out yet).
     pub last_sum_exec: u64,
     /// Its `sched_info.run_delay` at its last switch-out.
@@ -144,6 +166,8 @@ pub struct ThreadState {
 
 impl ThreadState {
     pub const ZERO: ThreadState = ThreadState {
+        tid: 0,
+        _pad: 0,
         last_sum_exec: 0,
         last_run_delay: 0,
     };
@@ -301,5 +325,24 @@ mod tests {
             8 * (4 + LATENCY_BUCKETS)
         );
         assert_eq!(core::mem::size_of::<ResourceOffsets>(), 44);
+        assert_eq!(core::mem::size_of::<ThreadState>(), 24);
+    }
+
+    #[test]
+    fn thread_sets_stay_in_the_array_and_consecutive_threads_never_share_one() {
+        assert!(THREADS_CAPACITY.is_power_of_two() && THREAD_WAYS.is_power_of_two());
+        for tid in [1, 4095, 4096, 4097, 0x3f_ffff, u32::MAX] {
+            let first = thread_set(tid);
+            assert_eq!(first % THREAD_WAYS, 0, "{tid}");
+            assert!(first + THREAD_WAYS <= THREADS_CAPACITY, "{tid}");
+        }
+        const SETS: u32 = THREADS_CAPACITY / THREAD_WAYS;
+        let mut taken = [false; SETS as usize];
+        for tid in 7000..7000 + SETS {
+            let set = (thread_set(tid) / THREAD_WAYS) as usize;
+            assert!(!taken[set], "{tid} shares a set");
+            taken[set] = true;
+        }
+        assert_eq!(thread_set(7000), thread_set(7000 + SETS));
     }
 }

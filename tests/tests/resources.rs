@@ -463,3 +463,54 @@ fn runqueue_latency(agent: &Agent, dir: &Path, program: &str) {
         "{program}: alone {alone}, shared {shared}"
     );
 }
+
+/// Threads of one set of the kernel's per-thread array (ids equal modulo this: its slots over
+/// its ways, `THREADS_CAPACITY / THREAD_WAYS` in brokerscope-common).
+const THREAD_SET_STRIDE: u32 = 16384 / 4;
+
+#[test]
+fn a_fifth_thread_in_a_four_way_set_takes_a_slot_and_is_counted_as_an_eviction() {
+    if !privileged("resources") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent_with_hooks(dir.path(), SCHEDULER_HOOKS[0]);
+    let mut b = broker(&agent, dir.path(), "41");
+    let threads = [("map", "threads")];
+    let evictions = || agent.metric("brokerscope_map_evictions_total", &threads);
+    // The broker's own threads, once each has been switched out (the count is refreshed once a
+    // second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let (entries, before) = (
+        metric(&agent, "brokerscope_map_entries", &threads),
+        evictions(),
+    );
+    assert_eq!(before, Some(0.0), "nothing shares a set yet");
+
+    let spawn = |b: &mut FakeBroker, n: u32| {
+        let reply = b.command(
+            &format!("threads {n} {THREAD_SET_STRIDE}"),
+            Duration::from_secs(30),
+        );
+        assert!(reply.starts_with("threads ["), "{reply}");
+        eprintln!("{reply}");
+    };
+    // Four fit in the set's four ways; their slots are freed when they exit.
+    spawn(&mut b, 4);
+    assert_eq!(evictions(), Some(0.0));
+    eventually("slots freed", Duration::from_secs(5), || {
+        (metric(&agent, "brokerscope_map_entries", &threads) == entries).then_some(())
+    });
+
+    // A fifth takes the last way from a live thread, at least once while all five take turns.
+    spawn(&mut b, 5);
+    let evicted = evictions().unwrap();
+    assert!(evicted >= 1.0, "{evicted} evictions");
+    eventually("slots freed", Duration::from_secs(5), || {
+        (metric(&agent, "brokerscope_map_entries", &threads) == entries).then_some(())
+    });
+    // The broker's CPU time is still counted: a thread whose slot was taken restarts from the
+    // CPU time of its current slice.
+    assert!(metric(&agent, "brokerscope_cpu_seconds_total", &[("broker", "41")]) > 0.0);
+}

@@ -171,6 +171,8 @@ pub struct MapStats {
     pub map: &'static str,
     pub entries: u64,
     pub capacity: u32,
+    /// Entries replaced while live, for a map that counts them (see `EVICTIONS_MAP`).
+    pub evictions: Option<u64>,
 }
 
 /// Everything the probes know, read at one instant.
@@ -522,6 +524,7 @@ impl Probes {
                 map: "listeners",
                 entries: listeners.len() as u64,
                 capacity: self.capacities.listeners_capacity,
+                evictions: None,
             },
             // Every tracked connection is one entry, and is exactly accepted - closed -
             // untracked summed over listeners: no need to walk a map of 64k entries per scrape.
@@ -529,12 +532,14 @@ impl Probes {
                 map: "connections",
                 entries: tracked,
                 capacity: self.capacities.connections_capacity,
+                evictions: None,
             },
             // The part of them in the second tier (see `connection_tiers`).
             MapStats {
                 map: "connections_spill",
                 entries: spilled.unwrap_or_default(),
                 capacity: connection_tiers(self.capacities.connections_capacity).1,
+                evictions: None,
             },
         ];
         maps.extend(self.resources.map_stats(&resources));

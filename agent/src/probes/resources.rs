@@ -5,14 +5,14 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
 };
 use brokerscope_common::{
     processes::NO_FIELD,
     resources::{
-        BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, FSYNC_CAPACITY, FSYNC_MAP, IoCounters,
-        RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets, SCHED_CAPACITY,
-        SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
+        BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, EVICTIONS_MAP, FSYNC_CAPACITY, FSYNC_MAP,
+        IoCounters, RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets,
+        SCHED_CAPACITY, SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
     },
 };
 
@@ -47,8 +47,9 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, Pro
 pub struct ResourcesReader {
     counters: HashMap<MapData, u32, IoCounters>,
     sched: PerCpuHashMap<MapData, u32, SchedCounters>,
+    threads: Array<MapData, ThreadState>,
+    evictions: PerCpuArray<MapData, u64>,
     // The LRU maps read through aya's HashMap (same lookup API).
-    threads: HashMap<MapData, u32, ThreadState>,
     block: HashMap<MapData, BlockKey, BlockStart>,
     fsync: HashMap<MapData, u32, u64>,
     /// The same maps, read whole.
@@ -94,6 +95,7 @@ impl ResourcesReader {
             counters: take(ebpf, RESOURCES_MAP)?,
             sched: take(ebpf, SCHED_MAP)?,
             threads: take(ebpf, THREADS_MAP)?,
+            evictions: take(ebpf, EVICTIONS_MAP)?,
             block: take(ebpf, BLOCK_MAP)?,
             fsync: take(ebpf, FSYNC_MAP)?,
         })
@@ -156,7 +158,7 @@ impl ResourcesReader {
             Some((at, counts)) if at.elapsed() < COUNT_EVERY => counts,
             _ => {
                 let counts = [
-                    count(&self.batched.threads, &self.threads),
+                    self.threads_taken(),
                     count(&self.batched.block, &self.block),
                     count(&self.batched.fsync, &self.fsync),
                 ];
@@ -169,28 +171,50 @@ impl ResourcesReader {
                 map: "resources",
                 entries: resources,
                 capacity: RESOURCES_CAPACITY,
+                evictions: None,
             },
             MapStats {
                 map: "sched",
                 entries: sched,
                 capacity: SCHED_CAPACITY,
+                evictions: None,
             },
             MapStats {
                 map: "threads",
                 entries: threads,
                 capacity: THREADS_CAPACITY,
+                evictions: Some(super::sum_per_cpu(&self.evictions, 0)),
             },
             MapStats {
                 map: "block_inflight",
                 entries: block,
                 capacity: BLOCK_CAPACITY,
+                evictions: None,
             },
             MapStats {
                 map: "fsync_inflight",
                 entries: fsync,
                 capacity: FSYNC_CAPACITY,
+                evictions: None,
             },
         ]
+    }
+}
+
+impl ResourcesReader {
+    /// Slots of the per-thread array that belong to a thread: one batch read, or a lookup per
+    /// slot where the kernel cannot batch.
+    fn threads_taken(&self) -> u64 {
+        let taken = |state: &ThreadState| state.tid != 0;
+        match self.batched.threads.read_single() {
+            Ok(slots) => slots.iter().filter(|(_, s)| taken(s)).count() as u64,
+            Err(_) => self
+                .threads
+                .iter()
+                .filter_map(Result::ok)
+                .filter(taken)
+                .count() as u64,
+        }
     }
 }
 

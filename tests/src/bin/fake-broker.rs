@@ -24,6 +24,9 @@
 //! - `fsync N PATH` / `fdatasync N PATH` → writes a byte and syncs PATH N times → `synced N`.
 //! - `direct PATH BYTES` → writes BYTES (a multiple of 4096) to PATH with O_DIRECT in 64 KiB
 //!   blocks, then reads them back → `direct BYTES`.
+//! - `threads N STRIDE` → starts N threads whose ids are equal modulo STRIDE (choosing each id
+//!   through `/proc/sys/kernel/ns_last_pid`, so it needs root), has each sleep 1 ms 50 times, and
+//!   joins them → `threads <id>...`.
 //!
 //! A missing
 //! properties file is not fatal (discovery must still list the process): it then listens on
@@ -222,8 +225,83 @@ fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str)
             Ok(n) => format!("direct {n}"),
             Err(e) => format!("error {e}"),
         },
+        ["threads", n, stride] => {
+            match one_set_threads(n.parse().unwrap_or(0), stride.parse().unwrap_or(0)) {
+                Ok(tids) => format!("threads {tids:?}"),
+                Err(e) => format!("error {e}"),
+            }
+        }
         _ => format!("error unknown command {line}"),
     }
+}
+
+/// Starts `n` threads whose ids are equal modulo `stride`, and not to that of any thread of this
+/// process already, each sleeping 1 ms at a time until all are started and it has slept 50
+/// times; their ids once joined.
+fn one_set_threads(n: usize, stride: u32) -> io::Result<Vec<u32>> {
+    let read_u32 = |path: &str| -> io::Result<u32> {
+        std::fs::read_to_string(path)?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::other(format!("{path}: {e}")))
+    };
+    let pid_max = read_u32("/proc/sys/kernel/pid_max")?;
+    if stride == 0 || pid_max / stride < n as u32 + 2 {
+        return Err(io::Error::other(format!("stride {stride}")));
+    }
+    let ours: Vec<u32> = std::fs::read_dir("/proc/self/task")?
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect();
+    let residue = (0..stride)
+        .map(|r| (read_u32("/proc/sys/kernel/ns_last_pid").unwrap_or(0) + 100 + r) % stride)
+        .find(|r| r > &300 && ours.iter().all(|t| t % stride != *r))
+        .ok_or_else(|| io::Error::other("no free residue"))?;
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let mut wanted = residue;
+    while threads.len() < n && wanted < pid_max {
+        let tid = wanted;
+        wanted += stride;
+        if std::path::Path::new(&format!("/proc/{tid}")).exists() {
+            continue;
+        }
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (tid - 1).to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let all_started = started.clone();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let got = unsafe { libc::gettid() } as u32;
+            let _ = tx.send(got);
+            let mut slept = 0;
+            while got == tid
+                && (slept < 50 || !all_started.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                slept += 1;
+            }
+        });
+        match rx.recv() {
+            Ok(got) if got == tid => threads.push((tid, handle)),
+            // Another process took the id first: that thread has returned; try the next one.
+            _ => {
+                let _ = handle.join();
+            }
+        }
+    }
+    started.store(true, std::sync::atomic::Ordering::Relaxed);
+    let enough = threads.len() == n;
+    let tids = threads
+        .into_iter()
+        .map(|(tid, handle)| {
+            let _ = handle.join();
+            tid
+        })
+        .collect();
+    if !enough {
+        return Err(io::Error::other("not enough free thread ids"));
+    }
+    Ok(tids)
 }
 
 /// CPU time of the calling thread.
