@@ -1,6 +1,7 @@
 //! Processes: exec and exit events for broker discovery (see `brokerscope_common::processes`).
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, RingBuf},
@@ -8,8 +9,8 @@ use aya_ebpf::{
 };
 use brokerscope_common::{
     processes::{
-        BROKER_PID_WORDS, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_BYTES, ProcessEvent,
-        ProcessOffsets, broker_bit, process_ended,
+        BROKER_PID_WORDS, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_EVERY_NS, NO_FIELD,
+        PROCESS_EVENTS_BYTES, ProcessEvent, ProcessOffsets, broker_bit, process_ended,
     },
     telemetry::{ProbeError, Program},
 };
@@ -26,6 +27,10 @@ static PROCESS_OFFSETS: ProcessOffsets = ProcessOffsets::UNSET;
 /// Events to user space; bounded by its size in bytes.
 #[map(name = "PROCESS_EVENTS")]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0);
+
+/// When an exec event last woke the reader (see `EXEC_WAKE_EVERY_NS`).
+#[map(name = "EXEC_WOKEN")]
+static EXEC_WOKEN: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Brokers (tgids) whose exit is reported, and whose opens, signals and resources the state and
 /// resources families watch: a bitmap over every possible pid (see `BROKER_PIDS_MAP`).
@@ -124,6 +129,23 @@ fn send(kind: u32, pid: u32) -> Result<(), ProbeError> {
     // SAFETY: no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     entry.write(ProcessEvent { kind, pid, ts_ns });
-    entry.submit(0);
+    let wake = if kind != EVENT_EXEC {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        match EXEC_WOKEN.get_ptr_mut(0) {
+            // SAFETY: the slot comes from the lookup just made. Two CPUs racing here both wake
+            // the reader, which is harmless.
+            Some(last) if ts_ns.wrapping_sub(unsafe { *last }) < EXEC_WAKE_EVERY_NS => {
+                BPF_RB_NO_WAKEUP
+            }
+            Some(last) => {
+                // SAFETY: as above.
+                unsafe { *last = ts_ns };
+                BPF_RB_FORCE_WAKEUP
+            }
+            None => BPF_RB_FORCE_WAKEUP,
+        }
+    };
+    entry.submit(u64::from(wake));
     Ok(())
 }

@@ -800,12 +800,17 @@ unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c
 /// Drains ring buffer `name` on the runtime into a bounded channel of what `parse` makes of
 /// each record. When the consumer falls behind, records are dropped and `lost` is sent once
 /// there is room, so the consumer knows to catch up another way: nothing grows.
+///
+/// With `recheck`, the kernel side commits some records without waking the reader (see
+/// `EXEC_WAKE_EVERY_NS`): after a drain that found records, the ring is drained again
+/// `recheck` later whether or not a wake-up came, until a drain on that timer finds nothing.
 fn spawn_ring_channel<S: Clone + Send + 'static>(
     ebpf: &mut Ebpf,
     name: &'static str,
     capacity: usize,
     parse: fn(&[u8]) -> Option<S>,
     lost: S,
+    recheck: Option<Duration>,
 ) -> Result<tokio::sync::mpsc::Receiver<S>, ProbesError> {
     use tokio::sync::mpsc::error::TrySendError;
     let ring: aya::maps::RingBuf<MapData> = take_map(ebpf, name)?;
@@ -814,27 +819,49 @@ fn spawn_ring_channel<S: Clone + Send + 'static>(
     let mut ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    // Records read, or None once the consumer is gone.
+    let drain = move |ring: &mut aya::maps::RingBuf<MapData>| -> Option<usize> {
+        let mut found = 0;
+        while let Some(item) = ring.next() {
+            found += 1;
+            let Some(signal) = parse(&item) else { continue };
+            match tx.try_send(signal) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    let _ = tx.try_send(lost.clone());
+                }
+                Err(TrySendError::Closed(_)) => return None,
+            }
+        }
+        Some(found)
+    };
     tokio::spawn(async move {
+        let mut again_at: Option<tokio::time::Instant> = None;
         loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(guard) => guard,
-                Err(e) => {
+            let woken = match again_at {
+                Some(at) => tokio::time::timeout_at(at, ring.readable_mut()).await.ok(),
+                None => Some(ring.readable_mut().await),
+            };
+            let (found, on_timer) = match woken {
+                Some(Ok(mut guard)) => {
+                    let found = drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    (found, false)
+                }
+                Some(Err(e)) => {
                     tracing::warn!(map = name, error = %e, "ring buffer reader stopped");
                     return;
                 }
+                None => (drain(ring.get_mut()), true),
             };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let Some(signal) = parse(&item) else { continue };
-                match tx.try_send(signal) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
-                        let _ = tx.try_send(lost.clone());
-                    }
-                    Err(TrySendError::Closed(_)) => return,
-                }
+            let Some(found) = found else { return };
+            // An empty drain on a wake-up keeps the timer: the records it has to catch may be
+            // committed after it.
+            if found > 0 {
+                again_at = recheck.map(|d| tokio::time::Instant::now() + d);
+            } else if on_timer {
+                again_at = None;
             }
-            guard.clear_ready();
         }
     });
     Ok(rx)

@@ -1,15 +1,15 @@
 //! Processes (kernel side: agent-ebpf/src/processes.rs): exec/exit events for discovery, and
 //! the set of broker pids whose exit the kernel reports.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
 use brokerscope_common::processes::{
-    BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, NO_FIELD, PROCESS_EVENTS_MAP, ProcessEvent,
-    ProcessOffsets, broker_bit,
+    BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_LAG_MS, NO_FIELD, PROCESS_EVENTS_MAP,
+    ProcessEvent, ProcessOffsets, broker_bit,
 };
 use tokio::sync::mpsc;
 
@@ -86,6 +86,7 @@ pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<ProcessSignal>, Pr
         CHANNEL_CAPACITY,
         parse,
         ProcessSignal::Lost,
+        Some(Duration::from_millis(EXEC_WAKE_LAG_MS)),
     )
 }
 

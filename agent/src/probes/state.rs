@@ -48,6 +48,7 @@ pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<StateSignal>, Prob
         CHANNEL_CAPACITY,
         parse,
         StateSignal::Lost,
+        None,
     )
 }
 
