@@ -10,14 +10,14 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
     fields::Field,
     processes::NO_FIELD,
     resources::{
-        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS,
+        BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS, NO_SLOT,
         RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, THREAD_WAYS,
         THREADS_CAPACITY, ThreadState, involuntary, rwbs_direction, thread_set,
     },
@@ -43,14 +43,15 @@ static RESOURCES: HashMap<u32, IoCounters> = HashMap::with_max_entries(RESOURCES
 /// Initial value of a new RESOURCES entry (too large for the BPF stack).
 static ZERO: IoCounters = IoCounters::ZERO;
 
-/// Scheduler counters per broker tgid, per CPU: `sched_switch` adds to the switching CPU's copy
-/// only, so no counter line moves between CPUs at every switch of a broker thread.
+/// Scheduler counters per broker slot (see `SCHED_MAP`), per CPU: `sched_switch` adds to the
+/// switching CPU's copy only, so no counter line moves between CPUs at every switch of a broker
+/// thread.
 #[map(name = "SCHED")]
-static SCHED: PerCpuHashMap<u32, SchedCounters> =
-    PerCpuHashMap::with_max_entries(SCHED_CAPACITY, 0);
+static SCHED: PerCpuArray<SchedCounters> = PerCpuArray::with_max_entries(SCHED_CAPACITY, 0);
 
-/// Initial value of a new SCHED entry.
-static SCHED_ZERO: SchedCounters = SchedCounters::ZERO;
+/// Each broker tgid's SCHED slot, written by the loader.
+#[map(name = "BROKER_SLOTS")]
+static BROKER_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(SCHED_CAPACITY, 0);
 
 /// Per broker thread: its CPU time and run-queue wait totals at its last switch-out, in a slot
 /// of its set (see `THREADS_MAP`); values are updated in place through the lookup.
@@ -94,6 +95,7 @@ fn thread(tid: u32) -> Option<*mut ThreadState> {
     unsafe {
         *slot = ThreadState {
             tid,
+            slot: NO_SLOT,
             ..ThreadState::ZERO
         }
     };
@@ -163,15 +165,33 @@ fn counters(tgid: u32) -> Result<*mut IoCounters, ProbeError> {
         .ok_or(ProbeError::ResourcesFull)
 }
 
-/// This CPU's scheduler counters of broker `tgid`, created on first use (for every CPU at once,
-/// zeroed).
+/// This CPU's scheduler counters of broker `tgid`, through the slot kept in its thread's
+/// `state` (looked up in BROKER_SLOTS once per thread, and again if the slot has changed hands).
 #[inline(always)]
-fn sched_counters(tgid: u32) -> Result<*mut SchedCounters, ProbeError> {
-    if let Some(c) = SCHED.get_ptr_mut(&tgid) {
-        return Ok(c);
+fn sched_counters(
+    tgid: u32,
+    state: Option<*mut ThreadState>,
+) -> Result<*mut SchedCounters, ProbeError> {
+    if let Some(t) = state {
+        // SAFETY: `t` points to this thread's THREADS value, looked up during this run.
+        let slot = unsafe { (*t).slot };
+        if let Some(c) = SCHED.get_ptr_mut(slot)
+            // SAFETY: `c` points to this CPU's SCHED value, looked up during this run.
+            && unsafe { (*c).owner } == tgid
+        {
+            return Ok(c);
+        }
     }
-    let _ = SCHED.insert(&tgid, &SCHED_ZERO, BPF_NOEXIST as u64);
-    SCHED.get_ptr_mut(&tgid).ok_or(ProbeError::ResourcesFull)
+    // SAFETY: a plain read of the value; the loader writes a slot before marking the broker.
+    let slot = unsafe { BROKER_SLOTS.get(&tgid) }
+        .copied()
+        .ok_or(ProbeError::ResourcesFull)?;
+    let c = SCHED.get_ptr_mut(slot).ok_or(ProbeError::ResourcesFull)?;
+    if let Some(t) = state {
+        // SAFETY: as above.
+        unsafe { (*t).slot = slot };
+    }
+    Ok(c)
 }
 
 /// `bump!(counters, field, n)` or `bump!(counters, array[i], n)`: a plain add to this CPU's
@@ -221,6 +241,8 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
 /// What the scheduler hook reads of the switched-out task: helper reads at offsets from BTF
 /// ([`Probed`]), or direct loads through a typed pointer ([`Typed`]).
 trait Task: Copy {
+    /// (`tgid`, `pid`): the process and thread ids.
+    fn ids(self) -> (u32, u32);
     /// `__state` (`state` before 5.14).
     fn state(self) -> Result<u32, ProbeError>;
     /// `se.sum_exec_runtime`.
@@ -247,6 +269,12 @@ impl Probed<'_> {
 }
 
 impl Task for Probed<'_> {
+    #[inline(always)]
+    fn ids(self) -> (u32, u32) {
+        // The switched-out task is still the current one.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        ((pid_tgid >> 32) as u32, pid_tgid as u32)
+    }
     #[inline(always)]
     fn state(self) -> Result<u32, ProbeError> {
         self.read(self.off.task_state)
@@ -275,6 +303,15 @@ struct Typed {
 }
 
 impl Task for Typed {
+    /// Two loads, where the helper is a call (and a return through the kernel's return thunk,
+    /// where speculative-return mitigations are on), at every context switch of the node.
+    #[inline(always)]
+    fn ids(self) -> (u32, u32) {
+        (
+            load!(u32, self.task, Field::TaskTgid),
+            load!(u32, self.task, Field::TaskPid),
+        )
+    }
     #[inline(always)]
     fn state(self) -> Result<u32, ProbeError> {
         Ok(load!(u32, self.task, Field::TaskState))
@@ -306,16 +343,15 @@ impl Task for Typed {
 /// switched in.
 #[inline(always)]
 fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let (tgid, tid) = prev.ids();
     if !is_broker(tgid) {
         // The common case on a busy node: one bitmap lookup.
         return Ok(());
     }
-    let c = sched_counters(tgid)?;
     let sum = prev.sum_exec()?;
     let run_delay = prev.run_delay()?;
     let state = thread(tid);
+    let c = sched_counters(tgid, state)?;
     // SAFETY: `t` points to this thread's THREADS value, looked up during this run.
     let last = state.map(|t| unsafe { *t });
     match last {

@@ -59,11 +59,15 @@ pub enum Field {
     TaskSumExec = 20,
     /// `task_struct.se.prev_sum_exec_runtime` (u64).
     TaskPrevSumExec = 21,
+    /// `task_struct.pid`: the thread id (u32).
+    TaskPid = 22,
+    /// `task_struct.tgid`: the process id (u32).
+    TaskTgid = 23,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 22] = [
+    pub const ALL: [Field; 24] = [
         Field::SockNum,
         Field::SockFlags,
         Field::SockNet,
@@ -86,6 +90,8 @@ impl Field {
         Field::TaskState,
         Field::TaskSumExec,
         Field::TaskPrevSumExec,
+        Field::TaskPid,
+        Field::TaskTgid,
     ];
 
     /// The offset compiled into the program in place of this field's.

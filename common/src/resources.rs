@@ -5,9 +5,12 @@
 //! broker process, which the loader reads as one [`ResourceCounters`]:
 //! - CPU time, context switches and run-queue latency at `sched_switch` (a BTF tracepoint, or a
 //!   raw one: no record is built for it, which matters on a hook that runs at every context
-//!   switch of the node), from the switched-out thread alone: it is the current task, so its
-//!   tgid is known without reading a `task_struct`, and a switch between two other processes'
-//!   threads costs one bitmap lookup. CPU time is the growth of the thread's
+//!   switch of the node), from the switched-out thread alone: its ids are two loads from the
+//!   task (the BTF form; the raw one asks the helper, the task being current), and a switch
+//!   between two other processes' threads costs one bitmap lookup. A broker thread's state and
+//!   its broker's counters are array slots the verifier inlines the lookups of: no helper call
+//!   on the path (a call returns through the kernel's return thunk where speculative-return
+//!   mitigations are on). CPU time is the growth of the thread's
 //!   `se.sum_exec_runtime` since its last switch-out, run-queue latency that of its
 //!   `sched_info.run_delay` (the time it waited runnable, woken or preempted, before the slice
 //!   that just ended): the scheduler's own accounts, the ones /proc reports
@@ -23,12 +26,22 @@ pub const RESOURCES_MAP: &str = "RESOURCES";
 /// Capacity of [`RESOURCES_MAP`]: one entry per broker process, as `BROKER_PIDS`.
 pub const RESOURCES_CAPACITY: u32 = crate::processes::BROKER_PIDS_CAPACITY;
 
-/// Name of the per-CPU hash map of scheduler counters per broker tgid ([`SchedCounters`]).
+/// Name of the per-CPU array of scheduler counters ([`SchedCounters`]), one slot per broker
+/// process: the loader gives each broker a slot ([`BROKER_SLOTS_MAP`]) before it marks the
+/// broker in `BROKER_PIDS`, writing the broker's tgid as the slot's `owner` on every CPU, and
+/// zeroes the slot when the process stops being a broker. An array, so `sched_switch` finds its
+/// counters with a lookup the verifier inlines, where a per-CPU hash map's is a call that hashes
+/// the key and walks a bucket.
 pub const SCHED_MAP: &str = "SCHED";
 /// Capacity of [`SCHED_MAP`]: broker processes whose CPU and scheduling are counted. Per CPU,
-/// so memory is this × 240 bytes × possible CPUs (983 KB on 64 CPUs); a node runs a few
+/// so memory is this × 248 bytes × possible CPUs (1 MB on 64 CPUs); a node runs a few
 /// brokers, and a broker beyond this is counted in `resources_map_full` instead.
 pub const SCHED_CAPACITY: u32 = 64;
+/// Name of the hash map of each broker tgid's [`SCHED_MAP`] slot, read by `sched_switch` once
+/// per thread (the slot is kept in the thread's [`ThreadState`]); capacity [`SCHED_CAPACITY`].
+pub const BROKER_SLOTS_MAP: &str = "BROKER_SLOTS";
+/// A [`ThreadState`] whose broker slot is not looked up yet.
+pub const NO_SLOT: u32 = u32::MAX;
 
 /// Name of the array of what the scheduler hook keeps per broker thread ([`ThreadState`]): a
 /// cache of [`THREAD_WAYS`]-way sets, a thread's set chosen by its id ([`thread_set`]). Its
@@ -81,6 +94,9 @@ pub const fn involuntary(preempt: bool, state: u32) -> bool {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedCounters {
+    /// The broker process the slot belongs to, written by the loader (0: none); not a counter.
+    pub owner: u32,
+    pub _pad: u32,
     pub on_cpu_ns: u64,
     pub voluntary: u64,
     pub involuntary: u64,
@@ -90,6 +106,8 @@ pub struct SchedCounters {
 
 impl SchedCounters {
     pub const ZERO: SchedCounters = SchedCounters {
+        owner: 0,
+        _pad: 0,
         on_cpu_ns: 0,
         voluntary: 0,
         involuntary: 0,
@@ -97,7 +115,7 @@ impl SchedCounters {
         runq: [0; LATENCY_BUCKETS],
     };
 
-    /// Adds another CPU's counters.
+    /// Adds another CPU's counters (not the owner).
     pub fn add(&mut self, other: &SchedCounters) {
         self.on_cpu_ns += other.on_cpu_ns;
         self.voluntary += other.voluntary;
@@ -157,7 +175,8 @@ impl ResourceCounters {
 pub struct ThreadState {
     /// The thread owning the slot (0: free; the idle task is never a broker's).
     pub tid: u32,
-    pub _pad: u32,
+    /// Its broker's [`SCHED_MAP`] slot, or [`NO_SLOT`].
+    pub slot: u32,
     /// Its `se.sum_exec_runtime` at its last switch-out (0: not switched out yet).
     pub last_sum_exec: u64,
     /// Its `sched_info.run_delay` at its last switch-out.
@@ -167,7 +186,7 @@ pub struct ThreadState {
 impl ThreadState {
     pub const ZERO: ThreadState = ThreadState {
         tid: 0,
-        _pad: 0,
+        slot: NO_SLOT,
         last_sum_exec: 0,
         last_run_delay: 0,
     };
@@ -322,7 +341,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<BlockKey>(), 16);
         assert_eq!(
             core::mem::size_of::<SchedCounters>(),
-            8 * (4 + LATENCY_BUCKETS)
+            8 * (5 + LATENCY_BUCKETS)
         );
         assert_eq!(core::mem::size_of::<ResourceOffsets>(), 44);
         assert_eq!(core::mem::size_of::<ThreadState>(), 24);

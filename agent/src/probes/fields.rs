@@ -54,6 +54,8 @@ impl FieldOffsets {
                 Field::TaskState => Some(tasks.task_state),
                 Field::TaskSumExec => Some(tasks.task_sum_exec),
                 Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),
+                Field::TaskPid => btf.offset_of("task_struct", &["pid"]).ok(),
+                Field::TaskTgid => btf.offset_of("task_struct", &["tgid"]).ok(),
             };
         }
         Ok(Self(offsets))

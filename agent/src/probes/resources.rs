@@ -5,14 +5,15 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use brokerscope_common::{
     processes::NO_FIELD,
     resources::{
-        BLOCK_CAPACITY, BLOCK_MAP, BlockKey, BlockStart, EVICTIONS_MAP, FSYNC_CAPACITY, FSYNC_MAP,
-        IoCounters, RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters, ResourceOffsets,
-        SCHED_CAPACITY, SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP, ThreadState,
+        BLOCK_CAPACITY, BLOCK_MAP, BROKER_SLOTS_MAP, BlockKey, BlockStart, EVICTIONS_MAP,
+        FSYNC_CAPACITY, FSYNC_MAP, IoCounters, RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters,
+        ResourceOffsets, SCHED_CAPACITY, SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP,
+        ThreadState,
     },
 };
 
@@ -46,7 +47,12 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, Pro
 /// The kernel's per-broker resource counters.
 pub struct ResourcesReader {
     counters: HashMap<MapData, u32, IoCounters>,
-    sched: PerCpuHashMap<MapData, u32, SchedCounters>,
+    sched: PerCpuArray<MapData, SchedCounters>,
+    broker_slots: HashMap<MapData, u32, u32>,
+    /// The broker tgid owning each SCHED slot (0: free), as written to the kernel.
+    owners: Vec<u32>,
+    /// Possible CPUs: values per SCHED slot.
+    cpus: usize,
     threads: Array<MapData, ThreadState>,
     evictions: PerCpuArray<MapData, u64>,
     // The LRU maps read through aya's HashMap (same lookup API).
@@ -94,6 +100,12 @@ impl ResourcesReader {
             counted: None,
             counters: take(ebpf, RESOURCES_MAP)?,
             sched: take(ebpf, SCHED_MAP)?,
+            broker_slots: take(ebpf, BROKER_SLOTS_MAP)?,
+            owners: vec![0; SCHED_CAPACITY as usize],
+            cpus: aya::util::nr_cpus().map_err(|(what, source)| ProbesError::Read {
+                path: what.to_string(),
+                source,
+            })?,
             threads: take(ebpf, THREADS_MAP)?,
             evictions: take(ebpf, EVICTIONS_MAP)?,
             block: take(ebpf, BLOCK_MAP)?,
@@ -109,16 +121,17 @@ impl ResourcesReader {
             .counters
             .read_single()
             .unwrap_or_else(|_| self.counters.iter().filter_map(Result::ok).collect());
+        let owner = |slot: u32| self.owners.get(slot as usize).copied().filter(|&o| o != 0);
         let sched: Vec<(u32, SchedCounters)> = match self.batched.sched.read() {
-            Ok(entries) => entries
+            Ok(slots) => slots
                 .into_iter()
-                .map(|(tgid, per_cpu)| (tgid, sum(per_cpu.iter())))
+                .filter_map(|(slot, per_cpu)| Some((owner(slot)?, sum(per_cpu.iter()))))
                 .collect(),
-            Err(_) => self
-                .sched
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(tgid, per_cpu)| (tgid, sum(per_cpu.iter())))
+            Err(_) => (0..SCHED_CAPACITY)
+                .filter_map(|slot| {
+                    let per_cpu = self.sched.get(&slot, 0).ok()?;
+                    Some((owner(slot)?, sum(per_cpu.iter())))
+                })
                 .collect(),
         };
         let (io_entries, sched_entries) = (io.len() as u64, sched.len() as u64);
@@ -136,8 +149,10 @@ impl ResourcesReader {
         }
     }
 
-    /// Forgets processes that are no longer brokers (exited): their counters end with them.
+    /// Forgets processes that are no longer brokers (exited): their counters end with them. Gives
+    /// each new broker a scheduler slot, to be called before the kernel is told it is a broker.
     pub fn retain(&mut self, pids: &[u32]) {
+        self.assign_slots(pids);
         let gone: Vec<u32> = self
             .read()
             .counters
@@ -147,8 +162,53 @@ impl ResourcesReader {
             .collect();
         for pid in gone {
             let _ = self.counters.remove(&pid);
-            let _ = self.sched.remove(&pid);
         }
+    }
+
+    /// Frees the scheduler slots of processes not in `pids` (zeroed, so the slot's next broker
+    /// starts from nothing) and gives a free one to each broker in `pids` without one. A broker
+    /// left without (more than SCHED_CAPACITY) is counted by the kernel as `resources_map_full`.
+    fn assign_slots(&mut self, pids: &[u32]) {
+        for slot in 0..SCHED_CAPACITY {
+            let owner = self.owners[slot as usize];
+            if owner != 0 && !pids.contains(&owner) {
+                let _ = self.broker_slots.remove(&owner);
+                if let Err(e) = self.write_slot(slot, 0) {
+                    tracing::warn!(slot, error = %e, "cannot clear a scheduler slot");
+                }
+                self.owners[slot as usize] = 0;
+            }
+        }
+        for &pid in pids {
+            if pid == 0 || self.owners.contains(&pid) {
+                continue;
+            }
+            let Some(slot) = self.owners.iter().position(|&o| o == 0) else {
+                tracing::warn!(
+                    pid,
+                    "every scheduler slot is taken: not counting this broker"
+                );
+                return;
+            };
+            let slot = slot as u32;
+            let taken = self
+                .write_slot(slot, pid)
+                .and_then(|()| self.broker_slots.insert(pid, slot, 0));
+            match taken {
+                Ok(()) => self.owners[slot as usize] = pid,
+                Err(e) => tracing::warn!(pid, slot, error = %e, "cannot give a scheduler slot"),
+            }
+        }
+    }
+
+    /// Zero counters owned by `owner` on every CPU of SCHED slot `slot`.
+    fn write_slot(&mut self, slot: u32, owner: u32) -> Result<(), aya::maps::MapError> {
+        let value = SchedCounters {
+            owner,
+            ..SchedCounters::ZERO
+        };
+        let values = aya::maps::PerCpuValues::try_from(vec![value; self.cpus])?;
+        self.sched.set(slot, values, 0)
     }
 
     /// Fill levels; those of the per-broker maps from `read`, just made.
