@@ -715,8 +715,9 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     md += "\nThe `(empty program, bpftrace)` rows are programs that do nothing, on the same hooks in \
            the same pass: what the kernel's stats report for them is the measurement's own cost \
            (two clock reads per run) and the dispatch, part of every row above. `process_exec` \
-           wakes the agent's reader through its ring buffer at every exec (the kernel's irq_work, \
-           a self-interrupt, which in a VM is an exit to the hypervisor): most of its figure.\n";
+           wakes the agent's reader through its ring buffer (the kernel's irq_work, a \
+           self-interrupt, which in a VM is an exit to the hypervisor) at most once per 10 ms: \
+           the few execs of this pass, far apart, each do, and that is most of its figure.\n";
     md += "\nTargets: overhead <= 2% at Kafka-like sizes; <= 150 ns per probe event.\n";
     let (scrape_md, scrape_json) = {
         let (runs, rss) = crate::scrape::run(root, bin, &out_dir)?;
