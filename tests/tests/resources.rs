@@ -506,6 +506,7 @@ fn a_fifth_thread_in_a_four_way_set_takes_a_slot_and_is_counted_as_an_eviction()
     // A fifth takes the last way from a live thread, at least once while all five take turns.
     spawn(&mut b, 5);
     let evicted = evictions().unwrap();
+    eprintln!("five threads of one set: {evicted} slots taken from a live thread");
     assert!(evicted >= 1.0, "{evicted} evictions");
     eventually("slots freed", Duration::from_secs(5), || {
         (metric(&agent, "brokerscope_map_entries", &threads) == entries).then_some(())

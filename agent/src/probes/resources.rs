@@ -80,7 +80,6 @@ const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct BatchedMaps {
     counters: Batched<u32, IoCounters>,
-    sched: Batched<u32, SchedCounters>,
     threads: Batched<u32, ThreadState>,
     block: Batched<BlockKey, BlockStart>,
     fsync: Batched<u32, u64>,
@@ -90,7 +89,6 @@ impl ResourcesReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         let batched = BatchedMaps {
             counters: Batched::open(ebpf, RESOURCES_MAP)?,
-            sched: Batched::per_cpu(ebpf, SCHED_MAP)?,
             threads: Batched::open(ebpf, THREADS_MAP)?,
             block: Batched::open(ebpf, BLOCK_MAP)?,
             fsync: Batched::open(ebpf, FSYNC_MAP)?,
@@ -121,19 +119,15 @@ impl ResourcesReader {
             .counters
             .read_single()
             .unwrap_or_else(|_| self.counters.iter().filter_map(Result::ok).collect());
-        let owner = |slot: u32| self.owners.get(slot as usize).copied().filter(|&o| o != 0);
-        let sched: Vec<(u32, SchedCounters)> = match self.batched.sched.read() {
-            Ok(slots) => slots
-                .into_iter()
-                .filter_map(|(slot, per_cpu)| Some((owner(slot)?, sum(per_cpu.iter()))))
-                .collect(),
-            Err(_) => (0..SCHED_CAPACITY)
-                .filter_map(|slot| {
-                    let per_cpu = self.sched.get(&slot, 0).ok()?;
-                    Some((owner(slot)?, sum(per_cpu.iter())))
-                })
-                .collect(),
-        };
+        // A lookup per broker's slot: a node has a few, and the array holds SCHED_CAPACITY.
+        let sched: Vec<(u32, SchedCounters)> = (0..SCHED_CAPACITY)
+            .zip(&self.owners)
+            .filter(|&(_, &owner)| owner != 0)
+            .filter_map(|(slot, &owner)| {
+                let per_cpu = self.sched.get(&slot, 0).ok()?;
+                Some((owner, sum(per_cpu.iter())))
+            })
+            .collect();
         let (io_entries, sched_entries) = (io.len() as u64, sched.len() as u64);
         let mut by_tgid = std::collections::BTreeMap::new();
         for (tgid, s) in sched {
