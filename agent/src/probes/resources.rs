@@ -148,10 +148,9 @@ impl ResourcesReader {
     pub fn retain(&mut self, pids: &[u32]) {
         self.assign_slots(pids);
         let gone: Vec<u32> = self
-            .read()
             .counters
-            .into_iter()
-            .map(|(p, _)| p)
+            .keys()
+            .filter_map(Result::ok)
             .filter(|p| !pids.contains(p))
             .collect();
         for pid in gone {
@@ -253,9 +252,7 @@ impl ResourcesReader {
             },
         ]
     }
-}
 
-impl ResourcesReader {
     /// Slots of the per-thread array that belong to a thread: one batch read, or a lookup per
     /// slot where the kernel cannot batch.
     fn threads_taken(&self) -> u64 {
