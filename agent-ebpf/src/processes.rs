@@ -8,6 +8,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
+    fields::Field,
     processes::{
         BROKER_PID_WORDS, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_EVERY_NS, NO_FIELD,
         PROCESS_EVENTS_BYTES, ProcessEvent, ProcessOffsets, broker_bit, process_ended,
@@ -16,6 +17,7 @@ use brokerscope_common::{
 };
 
 use crate::{
+    fields::load,
     resources::release_thread,
     telemetry::{count_error, count_run},
 };
@@ -69,13 +71,17 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
     count_run(Program::ProcessExitBtf);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // `sched_process_exit(struct task_struct *p, bool group_dead)`: `p` is the exiting task,
+    // whose ids are two loads (see `Field`) where the helper is a call, at every exit on the node.
+    let task: u64 = ctx.arg(0);
+    let (tgid, pid) = (
+        load!(u32, task, Field::TaskTgid),
+        load!(u32, task, Field::TaskPid),
+    );
     if !is_broker(tgid) {
         return 0;
     }
     release_thread(pid);
-    // `sched_process_exit(struct task_struct *p, bool group_dead)`.
     let group_dead: u64 = ctx.arg(1);
     if process_ended(Some(group_dead & 0xff != 0), pid, tgid)
         && let Err(e) = send(EVENT_EXIT, tgid)
