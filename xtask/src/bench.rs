@@ -610,6 +610,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
         let spread = ratios.clone().map(middle_range);
         results.push((case, rps.map(median), ratios.map(median), spread));
     }
+    // The second broker's log dir is in memory: not left behind.
+    let _ = std::fs::remove_dir_all(off_ext4_dir);
 
     let mut md = String::from("# brokerscope benchmark\n\n");
     md += &format!(
