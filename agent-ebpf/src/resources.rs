@@ -3,8 +3,8 @@
 //!
 //! Everything is filtered by `BROKER_PIDS` before any counter is touched. `sched_switch` runs
 //! on every context switch of the node: when the switched-out thread is not a broker's, its
-//! path is one bitmap lookup (an array lookup the verifier inlines), with no task read, no clock
-//! read and no hash lookup.
+//! path is two loads of its ids and one bitmap lookup (an array lookup the verifier inlines),
+//! with no helper call, no clock read and no hash lookup.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,

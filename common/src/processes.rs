@@ -13,12 +13,11 @@ pub const PROCESS_EVENTS_MAP: &str = "PROCESS_EVENTS";
 pub const PROCESS_EVENTS_BYTES: u32 = 128 * 1024;
 
 /// An exec event wakes the reader only when no exec event has in this long; the others are
-/// committed without a wake-up, and read by [`EXEC_WAKE_LAG_MS`]. A wake-up is an irq_work self-interrupt, ≈19 µs of the
-/// exec's ≈20 µs on a virtual machine (an exit to the hypervisor), paid by every exec of the
-/// node. Broker exits always wake it.
+/// committed without a wake-up and read within [`EXEC_WAKE_LAG_MS`]. A wake-up is an irq_work
+/// self-interrupt, ≈19 µs of the exec's ≈20 µs on a virtual machine (an exit to the
+/// hypervisor), paid by every exec of the node. Broker exits always wake it. The time of the
+/// last exec wake-up is kept in the kernel side's `EXEC_WOKEN`.
 pub const EXEC_WAKE_EVERY_NS: u64 = 10_000_000;
-/// Map of the time of the last exec wake-up (`bpf_ktime_get_ns`), one slot.
-pub const EXEC_WOKEN_MAP: &str = "EXEC_WOKEN";
 /// How long after a drain that found events the reader drains again without waiting for a
 /// wake-up: longer than [`EXEC_WAKE_EVERY_NS`], so an event committed without one is read at
 /// most this long after the one that woke the reader, whose drain started the wait.

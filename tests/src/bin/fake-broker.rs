@@ -25,8 +25,11 @@
 //! - `direct PATH BYTES` → writes BYTES (a multiple of 4096) to PATH with O_DIRECT in 64 KiB
 //!   blocks, then reads them back → `direct BYTES`.
 //! - `threads N STRIDE` → starts N threads whose ids are equal modulo STRIDE (choosing each id
-//!   through `/proc/sys/kernel/ns_last_pid`, so it needs root), has each sleep 1 ms 50 times, and
-//!   joins them → `threads <id>...`.
+//!   through `/proc/sys/kernel/ns_last_pid`, so it needs root; a thread that got another id
+//!   returns at once), has each sleep 1 ms 50 times, and joins them → `threads [<id>, ...]
+//!   spawned <threads started, those included>`.
+//! - `switches` → `switches <n>`: the process's context switches so far, voluntary and not
+//!   (getrusage, its exited threads' included).
 //!
 //! A missing
 //! properties file is not fatal (discovery must still list the process): it then listens on
@@ -227,9 +230,16 @@ fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str)
         },
         ["threads", n, stride] => {
             match one_set_threads(n.parse().unwrap_or(0), stride.parse().unwrap_or(0)) {
-                Ok(tids) => format!("threads {tids:?}"),
+                Ok((tids, spawned)) => format!("threads {tids:?} spawned {spawned}"),
                 Err(e) => format!("error {e}"),
             }
+        }
+        ["switches"] => {
+            // SAFETY: an all-zero rusage is valid, and getrusage fills it.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: `usage` is a valid rusage to fill.
+            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+            format!("switches {}", usage.ru_nvcsw + usage.ru_nivcsw)
         }
         _ => format!("error unknown command {line}"),
     }
@@ -238,7 +248,7 @@ fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str)
 /// Starts `n` threads whose ids are equal modulo `stride`, and not to that of any thread of this
 /// process already, each sleeping 1 ms at a time until all are started and it has slept 50
 /// times; their ids once joined.
-fn one_set_threads(n: usize, stride: u32) -> io::Result<Vec<u32>> {
+fn one_set_threads(n: usize, stride: u32) -> io::Result<(Vec<u32>, usize)> {
     let read_u32 = |path: &str| -> io::Result<u32> {
         std::fs::read_to_string(path)?
             .trim()
@@ -259,6 +269,7 @@ fn one_set_threads(n: usize, stride: u32) -> io::Result<Vec<u32>> {
         .ok_or_else(|| io::Error::other("no free residue"))?;
     let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut threads = Vec::new();
+    let mut spawned = 0;
     let mut wanted = residue;
     while threads.len() < n && wanted < pid_max {
         let tid = wanted;
@@ -269,6 +280,7 @@ fn one_set_threads(n: usize, stride: u32) -> io::Result<Vec<u32>> {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (tid - 1).to_string())?;
         let (tx, rx) = std::sync::mpsc::channel();
         let all_started = started.clone();
+        spawned += 1;
         let handle = std::thread::spawn(move || {
             // SAFETY: gettid has no preconditions.
             let got = unsafe { libc::gettid() } as u32;
@@ -301,7 +313,7 @@ fn one_set_threads(n: usize, stride: u32) -> io::Result<Vec<u32>> {
     if !enough {
         return Err(io::Error::other("not enough free thread ids"));
     }
-    Ok(tids)
+    Ok((tids, spawned))
 }
 
 /// CPU time of the calling thread.
