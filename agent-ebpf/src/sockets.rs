@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, RingBuf},
@@ -23,8 +23,8 @@ use brokerscope_common::{
         CONN_RESET_SENT, CONN_RETRANSMIT, CONN_WAYS, CONNECTIONS_CAPACITY, ConnEvent,
         ConnectionState, DURATION_BUCKETS, EventOffsets, FIRST_TIER_MAX, IPPROTO_TCP,
         LISTENERS_CAPACITY, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
-        LiveRecord, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, classify,
-        is_connection_state, is_watched, log2_bucket, payload_bytes, tcp_state,
+        LiveRecord, NO_SLOT, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, Watch,
+        classify, is_connection_state, is_watched, log2_bucket, payload_bytes, tcp_state,
     },
     telemetry::{ProbeError, Program},
 };
@@ -35,10 +35,10 @@ use crate::{
 };
 
 /// `add!(counters, field, n)` or `add!(counters, array[i], n)`: atomic add to a field of a
-/// LISTENERS value.
+/// LISTENERS or LISTENERS_AUTO value.
 macro_rules! add {
     ($counters:ident, $field:ident $([$i:expr])?, $n:expr) => {
-        // SAFETY: `$counters` points to a LISTENERS value looked up during this run, and any
+        // SAFETY: `$counters` points to a counters value looked up during this run, and any
         // index was bounds-checked by the caller.
         unsafe { increment(&raw mut (*$counters).$field $([$i])?, $n) }
     };
@@ -48,15 +48,22 @@ macro_rules! add {
 #[unsafe(no_mangle)]
 static SOCKET_OFFSETS: SocketOffsets = SocketOffsets::UNSET;
 
-/// Per-listener counters; bounded by the number of watched (netns, port) pairs that accepted a
-/// connection. The loader resizes it from `probes.listeners_capacity`.
+/// Per-listener counters by slot, given by the loader to each watched listener: an array
+/// lookup, which the verifier inlines, where a hash lookup was a call, a hash of the key and
+/// two more cache lines. The loader resizes it from `probes.listeners_capacity`.
 #[map(name = "LISTENERS")]
-static LISTENERS: HashMap<ListenerKey, ListenerCounters> =
-    HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
+static LISTENERS: Array<ListenerCounters> = Array::with_max_entries(LISTENERS_CAPACITY, 0);
 
-/// Listeners to count (or to ignore: the agent's own); bounded like LISTENERS.
+/// Per-listener counters of listeners without a slot (watch-all mode's, and watched ones once
+/// every slot is taken), created at their first accept; bounded like LISTENERS, allocated as
+/// used.
+#[map(name = "LISTENERS_AUTO")]
+static LISTENERS_AUTO: HashMap<ListenerKey, ListenerCounters> =
+    HashMap::with_max_entries(LISTENERS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Listeners to count, with their slot (or to ignore: the agent's own); bounded like LISTENERS.
 #[map(name = "WATCHED")]
-static WATCHED: HashMap<ListenerKey, u32> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
+static WATCHED: HashMap<ListenerKey, Watch> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
 /// Accepted connections not yet closed, in two tiers: this one first, the spill tier while the
 /// socket's bucket here is full. Together bounded by `probes.connections_capacity` (the loader
@@ -97,7 +104,7 @@ static CONN_SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "LISTEN_SOCKS")]
 static LISTEN_SOCKS: HashMap<ListenerKey, u64> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
 
-/// Initial value of a new LISTENERS entry (too large for the BPF stack).
+/// Initial value of a new LISTENERS_AUTO entry (too large for the BPF stack).
 static ZERO_COUNTERS: ListenerCounters = ListenerCounters::ZERO;
 
 /// One entry: live settings, updated in place by the loader.
@@ -457,15 +464,16 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
     match classify(oldstate, newstate) {
         Transition::PassiveOpen => {
             let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
-            if !watched(&listener) {
+            let Some(slot) = watched_slot(&listener) else {
                 return Ok(());
-            }
-            let counters = listener_counters(&listener)?;
+            };
+            let counters = listener_counters(slot, &listener)?;
             add!(counters, accepted, 1);
             let state = ConnectionState {
                 listener,
                 // SAFETY: no preconditions.
                 established_ns: unsafe { bpf_ktime_get_ns() },
+                slot,
                 ..ConnectionState::default()
             };
             if track(sk, &state, 0).is_err() {
@@ -497,7 +505,7 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
             let state = unsafe { *state };
             untrack(sk, tier);
-            let counters = listener_counters(&state.listener)?;
+            let counters = listener_counters(state.slot, &state.listener)?;
             add!(counters, closed, 1);
             let accounted = account_close(socket, oldstate, &state, counters);
             send_event(CONN_CLOSE, &state.listener, |e| {
@@ -566,13 +574,14 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let total_retrans: u32 = kread(sk, off.tcp_total_retrans, ProbeError::ReadSocket)?;
     // SAFETY: the pointer came from a successful lookup; the socket is locked by the caller of
     // this tracepoint, so no other retransmit of this socket races this update.
-    let (listener, seen) = unsafe { ((*state).listener, (*state).retrans_seen) };
+    let (listener, slot, seen) =
+        unsafe { ((*state).listener, (*state).slot, (*state).retrans_seen) };
     if total_retrans <= seen {
         return Ok(());
     }
     // SAFETY: as above.
     unsafe { (*state).retrans_seen = total_retrans };
-    let counters = listener_counters(&listener)?;
+    let counters = listener_counters(slot, &listener)?;
     add!(counters, retransmits, u64::from(total_retrans - seen));
     send_event(CONN_RETRANSMIT, &listener, |e| {
         e.count = u64::from(total_retrans - seen);
@@ -598,8 +607,8 @@ fn try_reset(
         return Ok(());
     }
     let key = ListenerKey::new(kread_netns(sk, &off)?, port);
-    // Only listeners that already exist: an RST must not create one.
-    let Some(counters) = LISTENERS.get_ptr_mut(&key) else {
+    // Only listeners that have counters: an RST must not create them.
+    let Some(counters) = existing_counters(&key) else {
         return Ok(());
     };
     if sent {
@@ -806,21 +815,37 @@ fn spill_enabled() -> bool {
 }
 
 #[inline(always)]
-fn watched(key: &ListenerKey) -> bool {
+fn watch_of(key: &ListenerKey) -> Option<Watch> {
     // SAFETY: a plain read of a map value returned by the lookup.
-    let watched = unsafe { WATCHED.get(key).copied() };
-    is_watched(watched, watch_all())
+    unsafe { WATCHED.get(key).copied() }
+}
+
+/// Whether an accept on `key` is counted, and where: its slot, or [`NO_SLOT`].
+#[inline(always)]
+fn watched_slot(key: &ListenerKey) -> Option<u32> {
+    let watch = watch_of(key);
+    if !is_watched(watch.map(|w| w.mode), watch_all()) {
+        return None;
+    }
+    Some(watch.map_or(NO_SLOT, |w| w.slot))
 }
 
 /// A listener whose counters are kept: watched, or in watch-all mode one that already has
 /// counters (an outgoing connection's ephemeral port must not become a "listener").
 #[inline(always)]
 fn counted(key: &ListenerKey) -> bool {
-    // SAFETY: a plain read of a map value returned by the lookup.
-    match unsafe { WATCHED.get(key).copied() } {
-        Some(WATCH) => true,
-        Some(_) => false,
-        None => watch_all() && LISTENERS.get_ptr(key).is_some(),
+    match watch_of(key) {
+        Some(w) => w.mode == WATCH,
+        None => watch_all() && LISTENERS_AUTO.get_ptr(key).is_some(),
+    }
+}
+
+/// The counters of `key` if it has any, without creating them.
+#[inline(always)]
+fn existing_counters(key: &ListenerKey) -> Option<*mut ListenerCounters> {
+    match watch_of(key) {
+        Some(w) if w.mode == WATCH && w.slot != NO_SLOT => LISTENERS.get_ptr_mut(w.slot),
+        _ => LISTENERS_AUTO.get_ptr_mut(key),
     }
 }
 
@@ -829,15 +854,23 @@ fn watch_all() -> bool {
     SOCKETS_CONFIG.get(0).is_some_and(|c| c.watch_all != 0)
 }
 
-fn listener_counters(key: &ListenerKey) -> Result<*mut ListenerCounters, ProbeError> {
-    if let Some(ptr) = LISTENERS.get_ptr_mut(key) {
+/// The counters of listener `key` at `slot`, or for [`NO_SLOT`] its entry in LISTENERS_AUTO,
+/// created if need be.
+#[inline(always)]
+fn listener_counters(slot: u32, key: &ListenerKey) -> Result<*mut ListenerCounters, ProbeError> {
+    if slot != NO_SLOT {
+        return LISTENERS.get_ptr_mut(slot).ok_or(ProbeError::ListenersFull);
+    }
+    if let Some(ptr) = LISTENERS_AUTO.get_ptr_mut(key) {
         return Ok(ptr);
     }
     // Another CPU may insert the same key between our lookup and insert: NOEXIST makes that a
     // harmless failure and the second lookup finds its entry.
     // The zero value comes from a global: at ~600 bytes it does not fit the 512-byte stack.
-    let _ = LISTENERS.insert(key, &ZERO_COUNTERS, BPF_NOEXIST.into());
-    LISTENERS.get_ptr_mut(key).ok_or(ProbeError::ListenersFull)
+    let _ = LISTENERS_AUTO.insert(key, &ZERO_COUNTERS, BPF_NOEXIST.into());
+    LISTENERS_AUTO
+        .get_ptr_mut(key)
+        .ok_or(ProbeError::ListenersFull)
 }
 
 /// The inode number of the network namespace a socket belongs to: `sk->__sk_common.skc_net.net
@@ -884,7 +917,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     if listening {
         let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
         let key = ListenerKey::new(kread_netns(sk, &off)?, port);
-        if !watched(&key) {
+        if watched_slot(&key).is_none() {
             return Ok(());
         }
         if counted(&key) {
@@ -914,12 +947,11 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
             // A broker's listener (explicitly watched) gets its counters now. In watch-all mode
             // only listeners that already have counters: an outgoing connection's ephemeral
             // port must not become a "listener".
-            // SAFETY: a plain read of a value returned by the lookup.
-            let counters = match unsafe { WATCHED.get(&key).copied() } {
-                Some(WATCH) => listener_counters(&key)?,
+            let (slot, counters) = match watch_of(&key) {
+                Some(w) if w.mode == WATCH => (w.slot, listener_counters(w.slot, &key)?),
                 Some(_) => return Ok(()),
-                None if watch_all() => match LISTENERS.get_ptr_mut(&key) {
-                    Some(counters) => counters,
+                None if watch_all() => match LISTENERS_AUTO.get_ptr_mut(&key) {
+                    Some(counters) => (NO_SLOT, counters),
                     None => return Ok(()),
                 },
                 None => return Ok(()),
@@ -933,6 +965,8 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
                 base_sent: sent,
                 retrans_seen: total_retrans,
                 flags: CONN_ADOPTED,
+                slot,
+                _pad: 0,
             };
             // NOEXIST: if the socket was tracked meanwhile, leave its entry alone.
             if track(sk, &adopted, u64::from(BPF_NOEXIST)).is_ok() {

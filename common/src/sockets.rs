@@ -5,11 +5,21 @@
 //! local port) and starts tracking the socket; the tracked socket's move to `CLOSE` counts a close.
 //! Sockets that were open before the agent started are never tracked, so no history is invented.
 
-/// Name of the hash map of per-listener counters, keyed by [`ListenerKey`].
+/// Name of the array of per-listener counters, indexed by the slot the loader gives each
+/// watched listener. The slot is in the listener's [`WATCHED_MAP`] entry and in each of its
+/// tracked connections' [`ConnectionState`], so the programs reach the counters by index: no
+/// hash lookup on an accept's or a close's path.
 pub const LISTENERS_MAP: &str = "LISTENERS";
-/// Default capacity of [`LISTENERS_MAP`]: one entry per (network namespace, listening port) that
-/// has accepted a connection. A node with a few hundred pods of a few listeners each fits easily.
+/// Name of the hash map of per-listener counters, keyed by [`ListenerKey`], of listeners
+/// counted without a slot: those only watch-all mode counts, and watched ones once every slot
+/// is taken. Allocated as used, so it costs nothing while watch-all mode is off.
+pub const LISTENERS_AUTO_MAP: &str = "LISTENERS_AUTO";
+/// Default capacity of [`LISTENERS_MAP`] (slots) and of [`LISTENERS_AUTO_MAP`]: one entry per
+/// (network namespace, listening port) counted. A node with a few hundred pods of a few
+/// listeners each fits easily.
 pub const LISTENERS_CAPACITY: u32 = 4096;
+/// A listener without a slot in [`LISTENERS_MAP`]: its counters are in [`LISTENERS_AUTO_MAP`].
+pub const NO_SLOT: u32 = u32::MAX;
 
 /// Name of the first tier of tracked connections: an array of buckets of [`CONN_WAYS`] kernel
 /// addresses of `struct sock` (0: a free slot), with their states in [`CONN_STATES_MAP`].
@@ -163,6 +173,27 @@ impl ListenerCounters {
             .saturating_sub(self.closed)
             .saturating_sub(self.untracked)
     }
+
+    /// Adds `other`'s counts to these: one listener's counters from both maps.
+    pub fn add(&mut self, other: &Self) {
+        self.accepted += other.accepted;
+        self.adopted += other.adopted;
+        self.closed += other.closed;
+        self.untracked += other.untracked;
+        self.bytes_received += other.bytes_received;
+        self.bytes_sent += other.bytes_sent;
+        self.retransmits += other.retransmits;
+        self.resets_sent += other.resets_sent;
+        self.resets_received += other.resets_received;
+        self.duration_sum_us += other.duration_sum_us;
+        for (a, b) in self.duration.iter_mut().zip(other.duration) {
+            *a += b;
+        }
+        self.rtt_sum_us += other.rtt_sum_us;
+        for (a, b) in self.rtt.iter_mut().zip(other.rtt) {
+            *a += b;
+        }
+    }
 }
 
 impl Default for ListenerCounters {
@@ -188,6 +219,9 @@ pub struct ConnectionState {
     /// `tcp_sock.total_retrans` already counted into the listener.
     pub retrans_seen: u32,
     pub flags: u32,
+    /// The listener's slot in [`LISTENERS_MAP`] when tracking began, or [`NO_SLOT`].
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// Where the kernel programs find what they read, resolved by the loader at load time from the
@@ -302,12 +336,22 @@ pub const fn is_connection_state(state: i32) -> bool {
     )
 }
 
-/// Name of the hash map of listeners to watch, keyed by [`ListenerKey`], valued by
-/// [`WATCH`] or [`IGNORE`]. Filled by the loader from discovery; bounded like [`LISTENERS_MAP`].
+/// Name of the hash map of listeners to watch, keyed by [`ListenerKey`], valued by [`Watch`].
+/// Filled by the loader from discovery; bounded like [`LISTENERS_MAP`].
 pub const WATCHED_MAP: &str = "WATCHED";
 pub const WATCH: u32 = 1;
 /// The agent's own listener: never counted, even in watch-all mode.
 pub const IGNORE: u32 = 2;
+
+/// A [`WATCHED_MAP`] entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch {
+    /// [`WATCH`] or [`IGNORE`].
+    pub mode: u32,
+    /// A watched listener's slot in [`LISTENERS_MAP`], or [`NO_SLOT`].
+    pub slot: u32,
+}
 
 /// Name of the one-entry array holding [`SocketsConfig`], updated in place for live changes.
 pub const SOCKETS_CONFIG_MAP: &str = "SOCKETS_CONFIG";
@@ -521,6 +565,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectionState {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::Watch {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketsConfig {}
@@ -658,13 +704,36 @@ mod tests {
     }
 
     #[test]
+    fn adding_counters_adds_every_field() {
+        let counters = |n: u64| ListenerCounters {
+            accepted: n,
+            adopted: 2 * n,
+            closed: 3 * n,
+            untracked: 4 * n,
+            bytes_received: 5 * n,
+            bytes_sent: 6 * n,
+            retransmits: 7 * n,
+            resets_sent: 8 * n,
+            resets_received: 9 * n,
+            duration_sum_us: 10 * n,
+            duration: [11 * n; DURATION_BUCKETS],
+            rtt_sum_us: 12 * n,
+            rtt: [13 * n; RTT_BUCKETS],
+        };
+        let mut a = counters(1);
+        a.add(&counters(2));
+        assert_eq!(a, counters(3));
+    }
+
+    #[test]
     fn shared_types_have_the_layout_the_kernel_expects() {
         assert_eq!(core::mem::size_of::<ListenerKey>(), 8);
         assert_eq!(
             core::mem::size_of::<ListenerCounters>(),
             8 * (11 + DURATION_BUCKETS + RTT_BUCKETS)
         );
-        assert_eq!(core::mem::size_of::<ConnectionState>(), 40);
+        assert_eq!(core::mem::size_of::<ConnectionState>(), 48);
+        assert_eq!(core::mem::size_of::<Watch>(), 8);
         assert_eq!(core::mem::size_of::<LiveRecord>(), 40);
         assert_eq!(core::mem::size_of::<SocketOffsets>() % 8, 0);
     }

@@ -1042,6 +1042,142 @@ fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
     drop((b1, b2, b3));
 }
 
+/// Each listener's counters have a slot in an array, given by the agent when it starts to
+/// watch the listener and kept for the listener's life. With 16 slots (the smallest capacity), a
+/// broker's 12 listeners take 12; after it stops, a second broker's 8 take the last 4, and the
+/// other 4 are counted in the second, hashed map. Every one of them is exact: accepts, closes,
+/// payload bytes both ways, resets received, lifetimes.
+#[test]
+fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map() {
+    if !privileged("listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map") {
+        return;
+    }
+    use brokerscope_tests::{
+        FakeBroker, FakeBrokerSpec, discovery_config, fake_request, free_port, wait_broker_running,
+    };
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&discovery_config(
+        dir.path(),
+        "[probes]\nlisteners_capacity = 16\n",
+    ));
+    agent.wait_ready();
+    let map_entries = |map: &str| agent.metric("brokerscope_map_entries", &[("map", map)]);
+    assert_eq!(map_entries("listeners"), Some(0.0));
+    assert_eq!(map_entries("listeners_auto"), Some(0.0));
+
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 20 {
+        let p = free_port();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    let properties = |id: u32, ports: &[u16]| {
+        let names: Vec<String> = (0..ports.len()).map(|i| format!("L{i}")).collect();
+        let listeners: Vec<String> = names
+            .iter()
+            .zip(ports)
+            .map(|(n, p)| format!("{n}://127.0.0.1:{p}"))
+            .collect();
+        let map: Vec<String> = names.iter().map(|n| format!("{n}:PLAINTEXT")).collect();
+        let path = dir.path().join(format!("b{id}.properties"));
+        std::fs::write(
+            &path,
+            format!(
+                "node.id={id}\nlisteners={}\nlistener.security.protocol.map={}\n",
+                listeners.join(","),
+                map.join(",")
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // Per listener: two requests closed with FIN, then one closed with RST by the client. That
+    // one has no answer: bytes sent count once acknowledged, and an RST can overtake the ACK of
+    // the last bytes received.
+    let exercise = |id: &str, ports: &[u16]| {
+        let mut want = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let i = i as u32;
+            let requests = [(1000 + i, 3000 + 7 * i), (5 + i, 64 * 1024), (17 * i, 0)];
+            let (mut received, mut sent) = (0, 0);
+            for (k, &(n, m)) in requests.iter().enumerate() {
+                let mut s = TcpStream::connect(("127.0.0.1", *port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                fake_request(&mut s, n, m).unwrap();
+                let (r, w) = request_bytes(n, m);
+                received += r;
+                sent += w;
+                if k + 1 == requests.len() {
+                    reset(s);
+                }
+            }
+            want.push((format!("L{i}"), port.to_string(), received, sent));
+        }
+        for (listener, port, received, sent) in want {
+            let labels = broker_labels(id, &listener, &port);
+            eventually(
+                &format!("broker {id} {listener}: 3 closed"),
+                Duration::from_secs(10),
+                || {
+                    (agent.metric("brokerscope_connections_closed_total", &labels) == Some(3.0))
+                        .then_some(())
+                },
+            );
+            let (_, body) = agent.get("/metrics");
+            let get = |name: &str| find_sample(&body, name, &labels);
+            let what = format!("broker {id} listener {listener}");
+            assert_eq!(
+                get("brokerscope_connections_accepted_total"),
+                Some(3.0),
+                "{what}"
+            );
+            assert_eq!(get("brokerscope_connections_active"), Some(0.0), "{what}");
+            assert_eq!(
+                get("brokerscope_bytes_received_total"),
+                Some(received as f64),
+                "{what}: bytes in"
+            );
+            assert_eq!(
+                get("brokerscope_bytes_sent_total"),
+                Some(sent as f64),
+                "{what}: bytes out"
+            );
+            assert_eq!(
+                get("brokerscope_tcp_resets_received_total"),
+                Some(1.0),
+                "{what}"
+            );
+            assert_eq!(
+                get("brokerscope_connection_duration_seconds_count"),
+                Some(3.0),
+                "{what}"
+            );
+        }
+    };
+
+    let first = properties(1, &ports[..12]);
+    let b1 = FakeBroker::start(FakeBrokerSpec::new(&first));
+    wait_broker_running(&agent, "1", b1.pid);
+    exercise("1", &ports[..12]);
+    assert_eq!(map_entries("listeners"), Some(12.0));
+    assert_eq!(map_entries("listeners_auto"), Some(0.0));
+    b1.kill();
+    eventually("broker 1 not running", Duration::from_secs(10), || {
+        let (_, body) = agent.get("/v1/brokers/1");
+        body.contains("\"state\":\"not_running\"").then_some(())
+    });
+
+    let second = properties(2, &ports[12..]);
+    let b2 = FakeBroker::start(FakeBrokerSpec::new(&second));
+    wait_broker_running(&agent, "2", b2.pid);
+    exercise("2", &ports[12..]);
+    // Slots are never given twice: the first broker's 12 stay its listeners'.
+    assert_eq!(map_entries("listeners"), Some(16.0));
+    assert_eq!(map_entries("listeners_auto"), Some(4.0));
+}
+
 /// `RetransSegs` from a namespace's /proc/net/snmp.
 fn retrans_segs(ns: &brokerscope_tests::NetNs) -> u64 {
     let out = ns.command("cat").arg("/proc/net/snmp").output().unwrap();

@@ -95,6 +95,20 @@ impl<K: Copy, V: Copy> Batched<K, V> {
         Ok(out)
     }
 
+    /// The first `n` entries with their single value: an array's indexes `0..n`, without
+    /// copying the rest of it.
+    pub fn read_first(&self, n: usize) -> std::io::Result<Vec<(K, V)>> {
+        let mut out = Vec::with_capacity(n);
+        if n > 0 {
+            self.walk_up_to(n, |key, values| {
+                if let Some(value) = values.next() {
+                    out.push((key, value));
+                }
+            })?;
+        }
+        Ok(out)
+    }
+
     /// How many entries the map holds.
     pub fn count(&self) -> std::io::Result<u64> {
         let mut n = 0;
@@ -103,7 +117,16 @@ impl<K: Copy, V: Copy> Batched<K, V> {
     }
 
     /// Calls `f` with each entry's key and values, a chunk of entries per system call.
-    fn walk(&self, mut f: impl FnMut(K, &mut dyn Iterator<Item = V>)) -> std::io::Result<()> {
+    fn walk(&self, f: impl FnMut(K, &mut dyn Iterator<Item = V>)) -> std::io::Result<()> {
+        self.walk_up_to(usize::MAX, f)
+    }
+
+    /// [`Self::walk`], stopping after `limit` entries.
+    fn walk_up_to(
+        &self,
+        limit: usize,
+        mut f: impl FnMut(K, &mut dyn Iterator<Item = V>),
+    ) -> std::io::Result<()> {
         // Per-CPU values are laid out at 8-byte strides, one per possible CPU.
         let stride = size_of::<V>().next_multiple_of(8);
         let per_key = if self.cpus > 1 {
@@ -119,6 +142,7 @@ impl<K: Copy, V: Copy> Batched<K, V> {
         // The batch token is the bucket (hash) or index (array) to go on from: a u32 for both.
         let mut token = 0u32;
         let mut first = true;
+        let mut left = limit;
         loop {
             let mut next = 0u32;
             let mut attr = BatchAttr {
@@ -126,7 +150,7 @@ impl<K: Copy, V: Copy> Batched<K, V> {
                 out_batch: (&raw mut next) as u64,
                 keys: keys.as_mut_ptr() as u64,
                 values: values.as_mut_ptr() as u64,
-                count: chunk as u32,
+                count: chunk.min(left) as u32,
                 map_fd: self.fd.as_raw_fd() as u32,
                 ..BatchAttr::default()
             };
@@ -157,7 +181,8 @@ impl<K: Copy, V: Copy> Batched<K, V> {
                 });
                 f(key, &mut value);
             }
-            if done {
+            left -= attr.count as usize;
+            if done || left == 0 {
                 return Ok(());
             }
             token = next;

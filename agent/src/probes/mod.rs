@@ -34,8 +34,8 @@ use brokerscope_common::{
     resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
         CONN_BUCKETS_GLOBAL, CONN_EVENTS_MAP, CONN_STATES_MAP, CONN_WAYS, CONNECTIONS_MAP,
-        CONNECTIONS_SPILL_MAP, EVENT_OFFSETS_GLOBAL, LISTEN_SOCKS_MAP, LISTENERS_MAP,
-        SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
+        CONNECTIONS_SPILL_MAP, EVENT_OFFSETS_GLOBAL, LISTEN_SOCKS_MAP, LISTENERS_AUTO_MAP,
+        LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
     },
     state::STATE_OFFSETS_GLOBAL,
     telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program, Standby},
@@ -258,6 +258,7 @@ impl Probes {
             .override_global(STATE_OFFSETS_GLOBAL, &state_offsets, true)
             .override_global(RESOURCE_OFFSETS_GLOBAL, &resource_offsets, true)
             .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
+            .map_max_entries(LISTENERS_AUTO_MAP, config.listeners_capacity)
             .map_max_entries(WATCHED_MAP, config.listeners_capacity)
             .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
             .map_max_entries(CONNECTIONS_MAP, buckets)
@@ -519,10 +520,19 @@ impl Probes {
             .map(|&e| (e.label(), error_counts[e as usize]))
             .collect();
         let resources = self.resources.read();
+        let (slots, auto) = self.sockets.entries();
         let mut maps = vec![
+            // Listeners with a slot of their own, and those counted in the second map (see
+            // `brokerscope_common::sockets::LISTENERS_AUTO_MAP`).
             MapStats {
                 map: "listeners",
-                entries: listeners.len() as u64,
+                entries: slots,
+                capacity: self.capacities.listeners_capacity,
+                evictions: None,
+            },
+            MapStats {
+                map: "listeners_auto",
+                entries: auto,
                 capacity: self.capacities.listeners_capacity,
                 evictions: None,
             },

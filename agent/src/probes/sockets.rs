@@ -8,8 +8,9 @@ use aya::{
     maps::{Array, HashMap, MapData},
 };
 use brokerscope_common::sockets::{
-    CONN_SPILLED_MAP, IGNORE, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters,
-    ListenerKey, LiveRecord, SOCKETS_CONFIG_MAP, SocketOffsets, SocketsConfig, WATCH, WATCHED_MAP,
+    CONN_SPILLED_MAP, IGNORE, LISTENERS_AUTO_MAP, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER,
+    ListenerCounters, ListenerKey, LiveRecord, NO_SLOT, SOCKETS_CONFIG_MAP, SocketOffsets,
+    SocketsConfig, WATCH, WATCHED_MAP, Watch,
 };
 
 use super::{ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
@@ -156,12 +157,23 @@ pub const NO_OFFSET: u32 = u32::MAX;
 
 /// Owns the socket maps' handles.
 pub struct SocketsReader {
-    listeners: HashMap<MapData, ListenerKey, ListenerCounters>,
-    watched: HashMap<MapData, ListenerKey, u32>,
-    /// LISTENERS, read whole.
-    listeners_batch: Batched<ListenerKey, ListenerCounters>,
-    /// What WATCHED holds: only this reader writes it, so scrapes need not read it back.
+    /// Counters by slot, and the same array for batch reads of its slots in use.
+    listeners: Array<MapData, ListenerCounters>,
+    listeners_batch: Batched<u32, ListenerCounters>,
+    /// Counters of listeners without a slot, and the same map for batch reads.
+    auto: HashMap<MapData, ListenerKey, ListenerCounters>,
+    auto_batch: Batched<ListenerKey, ListenerCounters>,
+    watched: HashMap<MapData, ListenerKey, Watch>,
+    /// What WATCHED holds (each entry's mode): only this reader writes it, so scrapes need not
+    /// read it back.
     watched_entries: std::collections::HashMap<ListenerKey, u32>,
+    /// The listener of each slot given so far, by slot. A slot stays its listener's for the
+    /// agent's life, as the listener's counters do (a rewatched listener counts on where it
+    /// left off), so slots are never cleared or reused.
+    slots: Vec<ListenerKey>,
+    slot_of: std::collections::HashMap<ListenerKey, u32>,
+    /// Entries of LISTENERS_AUTO at the last read.
+    auto_entries: usize,
     config: Array<MapData, SocketsConfig>,
     spilled: Array<MapData, u64>,
     watch_all: bool,
@@ -178,8 +190,13 @@ impl SocketsReader {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         Ok(Self {
             listeners_batch: Batched::open(ebpf, LISTENERS_MAP)?,
+            auto_batch: Batched::open(ebpf, LISTENERS_AUTO_MAP)?,
             watched_entries: std::collections::HashMap::new(),
+            slots: Vec::new(),
+            slot_of: std::collections::HashMap::new(),
+            auto_entries: 0,
             listeners: take(ebpf, LISTENERS_MAP)?,
+            auto: take(ebpf, LISTENERS_AUTO_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
             spilled: take(ebpf, CONN_SPILLED_MAP)?,
@@ -247,7 +264,11 @@ impl SocketsReader {
         }
         for key in &wanted {
             if !current.iter().any(|(k, _)| k == key) {
-                self.watched.insert(key, WATCH, 0).map_err(err)?;
+                let watch = Watch {
+                    mode: WATCH,
+                    slot: self.slot_for(*key),
+                };
+                self.watched.insert(key, watch, 0).map_err(err)?;
                 self.watched_entries.insert(*key, WATCH);
                 // Watched anew (a broker that started or restarted): its listening socket
                 // may predate this, so its namespace gets swept again.
@@ -260,8 +281,12 @@ impl SocketsReader {
     /// Never count (netns, port), even in watch-all mode.
     pub fn ignore(&mut self, netns: u32, port: u16) -> Result<(), ProbesError> {
         let key = ListenerKey::new(netns, port);
+        let watch = Watch {
+            mode: IGNORE,
+            slot: NO_SLOT,
+        };
         self.watched
-            .insert(key, IGNORE, 0)
+            .insert(key, watch, 0)
             .map_err(|e| ProbesError::Map {
                 name: WATCHED_MAP,
                 source: Box::new(e),
@@ -315,11 +340,55 @@ impl SocketsReader {
         self.watched_entries.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
-    /// Every LISTENERS entry: one batch read, or entry by entry where the kernel cannot batch.
+    /// `key`'s slot: the one it was given, or the next free one, or [`NO_SLOT`] when every
+    /// slot is taken (its counters then go to LISTENERS_AUTO, bounded too).
+    fn slot_for(&mut self, key: ListenerKey) -> u32 {
+        if let Some(&slot) = self.slot_of.get(&key) {
+            return slot;
+        }
+        let slot = self.slots.len() as u32;
+        if slot >= self.listeners.len() {
+            return NO_SLOT;
+        }
+        self.slots.push(key);
+        self.slot_of.insert(key, slot);
+        slot
+    }
+
+    /// Every listener's counters: the slots in use and LISTENERS_AUTO, summed per listener (a
+    /// listener counted in watch-all mode before it was watched has some in both). Batch reads,
+    /// or entry by entry where the kernel cannot batch.
     fn listener_entries(&self) -> Vec<(ListenerKey, ListenerCounters)> {
-        self.listeners_batch
+        self.listener_entries_and_auto().0
+    }
+
+    /// [`Self::listener_entries`], and how many of the listeners have counters in
+    /// LISTENERS_AUTO.
+    fn listener_entries_and_auto(&self) -> (Vec<(ListenerKey, ListenerCounters)>, usize) {
+        let used = self.slots.len();
+        let by_slot = self.listeners_batch.read_first(used).unwrap_or_else(|_| {
+            (0..used as u32)
+                .filter_map(|slot| Some((slot, self.listeners.get(&slot, 0).ok()?)))
+                .collect()
+        });
+        let mut out: std::collections::HashMap<ListenerKey, ListenerCounters> = by_slot
+            .into_iter()
+            .filter_map(|(slot, counters)| Some((*self.slots.get(slot as usize)?, counters)))
+            .collect();
+        let auto = self
+            .auto_batch
             .read_single()
-            .unwrap_or_else(|_| self.listeners.iter().filter_map(Result::ok).collect())
+            .unwrap_or_else(|_| self.auto.iter().filter_map(Result::ok).collect());
+        let auto_entries = auto.len();
+        for (key, counters) in auto {
+            out.entry(key).or_default().add(&counters);
+        }
+        (out.into_iter().collect(), auto_entries)
+    }
+
+    /// Slots given to listeners, and entries of LISTENERS_AUTO at the last [`Self::read`].
+    pub fn entries(&self) -> (u64, u64) {
+        (self.slots.len() as u64, self.auto_entries as u64)
     }
 
     /// Namespaces whose sweep failed are swept again next time.
@@ -330,8 +399,9 @@ impl SocketsReader {
     /// Every listener's counters with the live sockets added, sorted by (netns, port). An entry
     /// that vanishes mid-walk is skipped.
     pub fn read(&mut self, live: &Live) -> Vec<ListenerStats> {
-        let mut out: Vec<ListenerStats> = self
-            .listener_entries()
+        let (entries, auto_entries) = self.listener_entries_and_auto();
+        self.auto_entries = auto_entries;
+        let mut out: Vec<ListenerStats> = entries
             .into_iter()
             .map(|(key, counters)| {
                 let (live_sent, live_received) = live.sent.get(&key).copied().unwrap_or_default();
