@@ -24,3 +24,31 @@ macro_rules! load {
 }
 
 pub(crate) use load;
+
+/// `sk`, a typed socket pointer, as a `struct tcp_sock *` for direct loads of its TCP fields:
+/// a call the loader patches (see `brokerscope_common::fields::CAST_CALL_PLACEHOLDER`) into the
+/// `bpf_rdonly_cast` kfunc, which costs a register move, or into the `bpf_skc_to_tcp_sock`
+/// helper. The kfunc checks nothing: the caller checks the socket's protocol first, and the
+/// result is 0 only from the helper, for a socket that is not a full TCP one.
+#[inline(always)]
+pub fn tcp_sock(sk: u64) -> u64 {
+    let tp: u64;
+    // SAFETY: a call of one of the two functions above with the socket and a constant type
+    // id; it clobbers the argument registers, as declared, and reads no memory of ours.
+    unsafe {
+        core::arch::asm!(
+            "r2 = {type_id}",
+            "call {call}",
+            type_id = const brokerscope_common::fields::CAST_TYPE_PLACEHOLDER,
+            call = const brokerscope_common::fields::CAST_CALL_PLACEHOLDER,
+            inout("r1") sk => _,
+            lateout("r0") tp,
+            out("r2") _,
+            out("r3") _,
+            out("r4") _,
+            out("r5") _,
+            options(nostack),
+        )
+    };
+    tp
+}

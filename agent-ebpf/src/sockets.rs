@@ -9,7 +9,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
@@ -30,7 +30,7 @@ use brokerscope_common::{
 };
 
 use crate::{
-    fields::load,
+    fields::{load, tcp_sock},
     telemetry::{count_error, count_run, increment},
 };
 
@@ -271,10 +271,11 @@ fn try_sock_state_btf(ctx: &BtfTracePointContext) -> Result<(), ProbeError> {
     if classify(oldstate, newstate) == Transition::Other {
         return Ok(());
     }
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
-    // SAFETY: the helper checks its argument, a typed socket pointer: it answers NULL unless
-    // the socket is a full TCP socket, and otherwise the same pointer as a `struct tcp_sock`.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as u64;
+    let sk: u64 = ctx.arg(0);
+    if load!(u16, sk, Field::SockProtocol) != IPPROTO_TCP {
+        return Ok(());
+    }
+    let tp = tcp_sock(sk);
     if tp == 0 {
         return Ok(());
     }

@@ -63,11 +63,13 @@ pub enum Field {
     TaskPid = 22,
     /// `task_struct.tgid`: the process id (u32).
     TaskTgid = 23,
+    /// `sock.sk_protocol` (u16).
+    SockProtocol = 24,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 24] = [
+    pub const ALL: [Field; 25] = [
         Field::SockNum,
         Field::SockFlags,
         Field::SockNet,
@@ -92,6 +94,7 @@ impl Field {
         Field::TaskPrevSumExec,
         Field::TaskPid,
         Field::TaskTgid,
+        Field::SockProtocol,
     ];
 
     /// The offset compiled into the program in place of this field's.
@@ -107,6 +110,15 @@ impl Field {
         Some(Self::ALL[(offset - PLACEHOLDER_BASE) as usize])
     }
 }
+
+/// The immediate of the call instruction that casts a socket pointer to `struct tcp_sock *`.
+/// The loader makes it a call of the `bpf_rdonly_cast` kfunc, which the verifier replaces with
+/// a register move, or where the kernel has none, of the `bpf_skc_to_tcp_sock` helper.
+pub const CAST_CALL_PLACEHOLDER: i32 = 0x7fca_0c01;
+/// The immediate moved into the cast's second argument: the BTF id of `struct tcp_sock`.
+pub const CAST_TYPE_PLACEHOLDER: i32 = 0x7fca_0c02;
+/// `BPF_FUNC_skc_to_tcp_sock`, the cast's fallback (Linux 5.9+).
+pub const BPF_FUNC_SKC_TO_TCP_SOCK: i32 = 137;
 
 /// The first placeholder offset. Far above any struct field the programs load (a `tcp_sock`
 /// is about 2.5 KiB), and below `i16::MAX`, the largest offset an instruction holds.

@@ -242,6 +242,19 @@ impl Btf {
             .ok_or_else(|| BtfError::NoEnumerator { name: name.into() })
     }
 
+    /// The type id of `struct <name>`.
+    pub fn struct_id(&self, name: &str) -> Option<u32> {
+        self.structs_by_name.get(name).copied()
+    }
+
+    /// The type id of function `name`: what a call of it as a kfunc names.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.str_at(t.name) == name)
+            .map(|id| id as u32)
+    }
+
     /// Byte offset of a member path such as `["__sk_common", "skc_net", "net"]` inside
     /// `struct <ty>`. Every step must be an embedded struct/union, not a pointer.
     pub fn offset_of(&self, ty: &str, path: &[&str]) -> Result<u32, BtfError> {

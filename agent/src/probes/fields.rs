@@ -2,7 +2,7 @@
 //! `brokerscope_common::fields`), in a copy of the object, before it is loaded.
 
 use brokerscope_common::{
-    fields::Field,
+    fields::{BPF_FUNC_SKC_TO_TCP_SOCK, CAST_CALL_PLACEHOLDER, CAST_TYPE_PLACEHOLDER, Field},
     processes::NO_FIELD,
     resources::ResourceOffsets,
     sockets::{EventOffsets, SocketOffsets},
@@ -10,9 +10,24 @@ use brokerscope_common::{
 
 use super::btf::Btf;
 
-/// This kernel's offset of each [`Field`], by index; `None` where its BTF has no such member.
+/// This kernel's offset of each [`Field`], by index (`None` where its BTF has no such
+/// member), and how the programs cast a socket to `struct tcp_sock *`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldOffsets([Option<u32>; Field::ALL.len()]);
+pub struct FieldOffsets {
+    fields: [Option<u32>; Field::ALL.len()],
+    cast: Cast,
+}
+
+/// What the cast's call instruction becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cast {
+    /// The `bpf_rdonly_cast` kfunc (Linux 6.2+), by its BTF id, to `struct tcp_sock` by its
+    /// BTF id. The verifier turns the call into a register move: no call, no return. The
+    /// program checks the socket's protocol itself.
+    Kfunc { func: u32, tcp_sock: u32 },
+    /// The `bpf_skc_to_tcp_sock` helper: a call, which also checks the protocol.
+    Helper,
+}
 
 impl FieldOffsets {
     /// From the offsets already resolved for the helper-reading programs. Socket fields are
@@ -56,13 +71,25 @@ impl FieldOffsets {
                 Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),
                 Field::TaskPid => btf.offset_of("task_struct", &["pid"]).ok(),
                 Field::TaskTgid => btf.offset_of("task_struct", &["tgid"]).ok(),
+                Field::SockProtocol => in_sock(socket.sock_protocol),
             };
         }
-        Ok(Self(offsets))
+        let cast = match (btf.func_id("bpf_rdonly_cast"), btf.struct_id("tcp_sock")) {
+            (Some(func), Some(tcp_sock)) => Cast::Kfunc { func, tcp_sock },
+            _ => Cast::Helper,
+        };
+        Ok(Self {
+            fields: offsets,
+            cast,
+        })
     }
 
     fn get(&self, field: Field) -> Option<u32> {
-        self.0[field as usize]
+        self.fields[field as usize]
+    }
+
+    pub fn cast(&self) -> Cast {
+        self.cast
     }
 }
 
@@ -117,6 +144,11 @@ impl Object {
 }
 
 const BPF_CLASS_MASK: u8 = 0x07;
+/// `BPF_JMP | BPF_CALL`, and `BPF_ALU64 | BPF_MOV | BPF_K`.
+const CALL: u8 = 0x85;
+const MOV64_IMM: u8 = 0xb7;
+/// `src_reg` of a call of a kernel function by BTF id (in the high nibble of the regs byte).
+const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
 const BPF_LDX: u8 = 0x01;
 const BPF_MODE_MASK: u8 = 0xe0;
 const BPF_MEM: u8 = 0x60;
@@ -137,6 +169,10 @@ pub fn patch(object: &[u8], offsets: &FieldOffsets) -> Result<Object, PatchError
     for (name, range) in code_sections(object)? {
         let code = &mut copy.bytes_mut()[range];
         for insn in code.chunks_exact_mut(8) {
+            if patch_cast(insn, offsets.cast) {
+                patched += 1;
+                continue;
+            }
             let offset = i16::from_le_bytes([insn[2], insn[3]]);
             let Some(field) = Field::from_placeholder(offset) else {
                 continue;
@@ -163,6 +199,26 @@ pub fn patch(object: &[u8], offsets: &FieldOffsets) -> Result<Object, PatchError
     }
     copy.patched = patched;
     Ok(copy)
+}
+
+/// Rewrites `insn` if it is the cast's call or its type argument; whether it was.
+fn patch_cast(insn: &mut [u8], cast: Cast) -> bool {
+    let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+    let (regs, new) = match (insn[0], imm, cast) {
+        (CALL, CAST_CALL_PLACEHOLDER, Cast::Kfunc { func, .. }) => {
+            (BPF_PSEUDO_KFUNC_CALL << 4, func as i32)
+        }
+        (CALL, CAST_CALL_PLACEHOLDER, Cast::Helper) => (0, BPF_FUNC_SKC_TO_TCP_SOCK),
+        (MOV64_IMM, CAST_TYPE_PLACEHOLDER, Cast::Kfunc { tcp_sock, .. }) => {
+            (insn[1], tcp_sock as i32)
+        }
+        // The helper takes one argument: the move is left, harmless, with a zero.
+        (MOV64_IMM, CAST_TYPE_PLACEHOLDER, Cast::Helper) => (insn[1], 0),
+        _ => return false,
+    };
+    insn[1] = regs;
+    insn[4..8].copy_from_slice(&new.to_le_bytes());
+    true
 }
 
 /// Name and byte range of each section holding instructions.
@@ -263,11 +319,54 @@ mod tests {
     }
 
     fn offsets(known: &[(Field, u32)]) -> FieldOffsets {
-        let mut o = FieldOffsets([None; Field::ALL.len()]);
+        let mut o = FieldOffsets {
+            fields: [None; Field::ALL.len()],
+            cast: Cast::Helper,
+        };
         for (field, offset) in known {
-            o.0[*field as usize] = Some(*offset);
+            o.fields[*field as usize] = Some(*offset);
         }
         o
+    }
+
+    fn with_imm(code: u8, regs: u8, imm: i32) -> [u8; 8] {
+        let mut i = [0u8; 8];
+        i[0] = code;
+        i[1] = regs;
+        i[4..8].copy_from_slice(&imm.to_le_bytes());
+        i
+    }
+
+    #[test]
+    fn the_cast_becomes_the_kfunc_where_the_kernel_has_it_and_the_helper_elsewhere() {
+        let code = [
+            with_imm(MOV64_IMM, 0x02, CAST_TYPE_PLACEHOLDER), // r2 = placeholder
+            with_imm(CALL, 0x00, CAST_CALL_PLACEHOLDER),      // call placeholder
+            with_imm(CALL, 0x00, 14),                         // an ordinary helper call
+            with_imm(MOV64_IMM, 0x02, 7),                     // an ordinary move
+        ];
+        let object = elf(&code, &[]);
+        let mut kfunc = offsets(&[]);
+        kfunc.cast = Cast::Kfunc {
+            func: 52_000,
+            tcp_sock: 9_000,
+        };
+        let patched = patch(&object, &kfunc).unwrap();
+        assert_eq!(patched.patched, 2);
+        let bytes = patched.bytes();
+        assert_eq!(&bytes[64..72], &with_imm(MOV64_IMM, 0x02, 9_000));
+        assert_eq!(&bytes[72..80], &with_imm(CALL, 0x20, 52_000));
+        assert_eq!(&bytes[80..96], &object[80..96]);
+
+        let patched = patch(&object, &offsets(&[])).unwrap();
+        assert_eq!(patched.patched, 2);
+        let bytes = patched.bytes();
+        assert_eq!(&bytes[64..72], &with_imm(MOV64_IMM, 0x02, 0));
+        assert_eq!(
+            &bytes[72..80],
+            &with_imm(CALL, 0x00, BPF_FUNC_SKC_TO_TCP_SOCK)
+        );
+        assert_eq!(&bytes[80..96], &object[80..96]);
     }
 
     fn offset_of(bytes: &[u8], insn_at: usize) -> i16 {

@@ -237,7 +237,10 @@ impl Probes {
             &event_offsets,
             &resource_offsets,
         )
-        .and_then(|field_offsets| fields::patch(EBPF_OBJECT, &field_offsets));
+        .and_then(|field_offsets| {
+            tracing::debug!(cast = ?field_offsets.cast(), "socket cast to struct tcp_sock");
+            fields::patch(EBPF_OBJECT, &field_offsets)
+        });
         let (object, unpatched) = match &patched {
             Ok(object) => {
                 tracing::debug!(instructions = object.patched, "patched direct loads");
