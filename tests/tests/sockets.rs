@@ -1043,13 +1043,17 @@ fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
 }
 
 /// Each listener's counters have a slot in an array, given by the agent when it starts to
-/// watch the listener and kept for the listener's life. With 16 slots (the smallest capacity), a
-/// broker's 12 listeners take 12; after it stops, a second broker's 8 take the last 4, and the
-/// other 4 are counted in the second, hashed map. Every one of them is exact: accepts, closes,
-/// payload bytes both ways, resets received, lifetimes.
+/// watch the listener and kept after, until it is needed for another listener. With 16 slots
+/// (the smallest capacity), a broker's 12 listeners take 12; after it stops, a second broker's 8
+/// get the last 4, and the other 4 are counted in the second, hashed map. Once the first broker
+/// has been gone for the reclaim delay, a third broker's 12 listeners get its 12 slots back,
+/// zeroed. Every listener is exact: accepts, closes, payload bytes both ways, resets received,
+/// lifetimes.
 #[test]
-fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map() {
-    if !privileged("listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map") {
+fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_reclaimed_slot() {
+    if !privileged(
+        "listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_reclaimed_slot",
+    ) {
         return;
     }
     use brokerscope_tests::{
@@ -1067,7 +1071,7 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map() {
     assert_eq!(map_entries("listeners_auto"), Some(0.0));
 
     let mut ports: Vec<u16> = Vec::new();
-    while ports.len() < 20 {
+    while ports.len() < 32 {
         let p = free_port();
         if !ports.contains(&p) {
             ports.push(p);
@@ -1163,17 +1167,37 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map() {
     exercise("1", &ports[..12]);
     assert_eq!(map_entries("listeners"), Some(12.0));
     assert_eq!(map_entries("listeners_auto"), Some(0.0));
-    b1.kill();
-    eventually("broker 1 not running", Duration::from_secs(10), || {
-        let (_, body) = agent.get("/v1/brokers/1");
-        body.contains("\"state\":\"not_running\"").then_some(())
-    });
+    let stopped = |id: &str, b: FakeBroker| {
+        b.kill();
+        eventually(
+            &format!("broker {id} not running"),
+            Duration::from_secs(10),
+            || {
+                let (_, body) = agent.get(&format!("/v1/brokers/{id}"));
+                body.contains("\"state\":\"not_running\"").then_some(())
+            },
+        );
+        std::time::Instant::now()
+    };
+    let first_gone = stopped("1", b1);
 
-    let second = properties(2, &ports[12..]);
+    let second = properties(2, &ports[12..20]);
     let b2 = FakeBroker::start(FakeBrokerSpec::new(&second));
     wait_broker_running(&agent, "2", b2.pid);
-    exercise("2", &ports[12..]);
-    // Slots are never given twice: the first broker's 12 stay its listeners'.
+    exercise("2", &ports[12..20]);
+    // The first broker's 12 slots are still its listeners': 4 slots were left.
+    assert_eq!(map_entries("listeners"), Some(16.0));
+    assert_eq!(map_entries("listeners_auto"), Some(4.0));
+    stopped("2", b2);
+
+    // The agent's reclaim delay is 5 s.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(first_gone.elapsed()));
+    let third = properties(3, &ports[20..]);
+    let b3 = FakeBroker::start(FakeBrokerSpec::new(&third));
+    wait_broker_running(&agent, "3", b3.pid);
+    // Exact counts prove each reclaimed slot was zeroed: the first broker's listeners had
+    // three connections each.
+    exercise("3", &ports[20..]);
     assert_eq!(map_entries("listeners"), Some(16.0));
     assert_eq!(map_entries("listeners_auto"), Some(4.0));
 }

@@ -1,7 +1,10 @@
 //! TCP sockets (kernel side: agent-ebpf/src/sockets.rs): resolving the offsets the programs need
 //! and reading the per-listener counters.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf,
@@ -152,6 +155,10 @@ pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<SocketOffsets, Probe
     })
 }
 
+/// How long a listener's slot stays its own after it stops being watched, at least. Far longer
+/// than an accept takes between reading the slot and counting into it.
+const RECLAIM_AFTER: Duration = Duration::from_secs(5);
+
 /// Marks an offset this kernel's BTF does not offer (the program needing it is not loaded).
 pub const NO_OFFSET: u32 = u32::MAX;
 
@@ -167,11 +174,13 @@ pub struct SocketsReader {
     /// What WATCHED holds (each entry's mode): only this reader writes it, so scrapes need not
     /// read it back.
     watched_entries: std::collections::HashMap<ListenerKey, u32>,
-    /// The listener of each slot given so far, by slot. A slot stays its listener's for the
-    /// agent's life, as the listener's counters do (a rewatched listener counts on where it
-    /// left off), so slots are never cleared or reused.
-    slots: Vec<ListenerKey>,
+    /// The listener of each slot given, by slot (`None`: reclaimed, free). A slot stays its
+    /// listener's while watched and after, so a rewatched listener (a broker restarted in the
+    /// same namespace) counts on where it left off; see [`Self::reclaim`] for when it is freed.
+    slots: Vec<Option<ListenerKey>>,
     slot_of: std::collections::HashMap<ListenerKey, u32>,
+    /// Since when each slot's listener has not been watched.
+    unwatched_since: std::collections::HashMap<u32, Instant>,
     /// Entries of LISTENERS_AUTO at the last read.
     auto_entries: usize,
     config: Array<MapData, SocketsConfig>,
@@ -194,6 +203,7 @@ impl SocketsReader {
             watched_entries: std::collections::HashMap::new(),
             slots: Vec::new(),
             slot_of: std::collections::HashMap::new(),
+            unwatched_since: std::collections::HashMap::new(),
             auto_entries: 0,
             listeners: take(ebpf, LISTENERS_MAP)?,
             auto: take(ebpf, LISTENERS_AUTO_MAP)?,
@@ -260,6 +270,9 @@ impl SocketsReader {
                 let _ = self.watched.remove(key);
                 self.watched_entries.remove(key);
                 self.swept.remove(key);
+                if let Some(&slot) = self.slot_of.get(key) {
+                    self.unwatched_since.insert(slot, Instant::now());
+                }
             }
         }
         for key in &wanted {
@@ -340,19 +353,66 @@ impl SocketsReader {
         self.watched_entries.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
-    /// `key`'s slot: the one it was given, or the next free one, or [`NO_SLOT`] when every
-    /// slot is taken (its counters then go to LISTENERS_AUTO, bounded too).
+    /// `key`'s slot: the one it was given, or a free one, or a reclaimed one, or [`NO_SLOT`]
+    /// when none can be had (its counters then go to LISTENERS_AUTO, bounded too).
     fn slot_for(&mut self, key: ListenerKey) -> u32 {
         if let Some(&slot) = self.slot_of.get(&key) {
+            self.unwatched_since.remove(&slot);
             return slot;
         }
-        let slot = self.slots.len() as u32;
-        if slot >= self.listeners.len() {
+        let slot = if let Some(free) = self.slots.iter().position(Option::is_none) {
+            free as u32
+        } else if (self.slots.len() as u32) < self.listeners.len() {
+            self.slots.push(None);
+            self.slots.len() as u32 - 1
+        } else if let Some(reclaimed) = self.reclaim() {
+            reclaimed
+        } else {
             return NO_SLOT;
-        }
-        self.slots.push(key);
+        };
+        self.slots[slot as usize] = Some(key);
         self.slot_of.insert(key, slot);
         slot
+    }
+
+    /// Frees the slot of the listener unwatched longest, once unwatched for [`RECLAIM_AFTER`]
+    /// and with no connection open in it (`active` 0: every one accepted or adopted has closed
+    /// or was never tracked, and no program can find the slot any more, so nothing writes it),
+    /// and zeroes it for its next listener. The old listener's counters go: its broker has been
+    /// gone that long, and its series are no longer shown. Only when every slot is taken, so on
+    /// a node within its capacity counters are kept for the agent's life.
+    fn reclaim(&mut self) -> Option<u32> {
+        let mut unwatched: Vec<(Instant, u32)> = self
+            .unwatched_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= RECLAIM_AFTER)
+            .map(|(slot, since)| (*since, *slot))
+            .collect();
+        unwatched.sort_unstable();
+        for (_, slot) in unwatched {
+            let Ok(counters) = self.listeners.get(&slot, 0) else {
+                continue;
+            };
+            if counters.active() != 0
+                || self.listeners.set(slot, ListenerCounters::ZERO, 0).is_err()
+            {
+                continue;
+            }
+            self.unwatched_since.remove(&slot);
+            if let Some(key) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+                self.slot_of.remove(&key);
+                // Counted anew if it is ever watched again: its totals start over.
+                self.reported.remove(&key);
+                tracing::info!(
+                    netns = key.netns,
+                    port = key.port,
+                    slot,
+                    "listener slot reclaimed: its counters are dropped"
+                );
+            }
+            return Some(slot);
+        }
+        None
     }
 
     /// Every listener's counters: the slots in use and LISTENERS_AUTO, summed per listener (a
@@ -366,6 +426,7 @@ impl SocketsReader {
     /// LISTENERS_AUTO.
     fn listener_entries_and_auto(&self) -> (Vec<(ListenerKey, ListenerCounters)>, usize) {
         let used = self.slots.len();
+        // Slots in use are a prefix of the array, some perhaps free (reclaimed, not given yet).
         let by_slot = self.listeners_batch.read_first(used).unwrap_or_else(|_| {
             (0..used as u32)
                 .filter_map(|slot| Some((slot, self.listeners.get(&slot, 0).ok()?)))
@@ -373,7 +434,7 @@ impl SocketsReader {
         });
         let mut out: std::collections::HashMap<ListenerKey, ListenerCounters> = by_slot
             .into_iter()
-            .filter_map(|(slot, counters)| Some((*self.slots.get(slot as usize)?, counters)))
+            .filter_map(|(slot, counters)| Some(((*self.slots.get(slot as usize)?)?, counters)))
             .collect();
         let auto = self
             .auto_batch
@@ -388,7 +449,8 @@ impl SocketsReader {
 
     /// Slots given to listeners, and entries of LISTENERS_AUTO at the last [`Self::read`].
     pub fn entries(&self) -> (u64, u64) {
-        (self.slots.len() as u64, self.auto_entries as u64)
+        let given = self.slots.iter().filter(|s| s.is_some()).count();
+        (given as u64, self.auto_entries as u64)
     }
 
     /// Namespaces whose sweep failed are swept again next time.
