@@ -23,8 +23,9 @@ use brokerscope_common::{
         CONN_RESET_SENT, CONN_RETRANSMIT, CONN_WAYS, CONNECTIONS_CAPACITY, ConnEvent,
         ConnectionState, DURATION_BUCKETS, EventOffsets, FIRST_TIER_MAX, IPPROTO_TCP,
         LISTENERS_CAPACITY, LIVE_CONNECTION, LIVE_LISTENER, ListenerCounters, ListenerKey,
-        LiveRecord, NO_SLOT, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH, Watch,
-        classify, is_connection_state, is_watched, log2_bucket, payload_bytes, tcp_state,
+        LiveRecord, NO_SLOT, RTT_BUCKETS, SocketOffsets, SocketsConfig, Transition, WATCH,
+        WATCH_INDEX_SIZE, Watch, WatchIndexEntry, classify, is_connection_state, is_watched,
+        log2_bucket, payload_bytes, tcp_state, watch_index,
     },
     telemetry::{ProbeError, Program},
 };
@@ -64,6 +65,10 @@ static LISTENERS_AUTO: HashMap<ListenerKey, ListenerCounters> =
 /// Listeners to count, with their slot (or to ignore: the agent's own); bounded like LISTENERS.
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<ListenerKey, Watch> = HashMap::with_max_entries(LISTENERS_CAPACITY, 0);
+
+/// WATCHED's direct-mapped index, looked up first (see `WATCH_INDEX_MAP`).
+#[map(name = "WATCH_INDEX")]
+static WATCH_INDEX: Array<WatchIndexEntry> = Array::with_max_entries(WATCH_INDEX_SIZE, 0);
 
 /// Accepted connections not yet closed, in two tiers: this one first, the spill tier while the
 /// socket's bucket here is full. Together bounded by `probes.connections_capacity` (the loader
@@ -815,8 +820,30 @@ fn spill_enabled() -> bool {
     SOCKETS_CONFIG.get(0).is_some_and(|c| c.spill != 0)
 }
 
+/// `key`'s WATCHED entry: from its index entry when that holds it, else (another key holds the
+/// entry) from WATCHED itself.
 #[inline(always)]
 fn watch_of(key: &ListenerKey) -> Option<Watch> {
+    if let Some(entry) = WATCH_INDEX.get_ptr(watch_index(key)) {
+        // SAFETY (the block): reads of the entry just looked up, each of one aligned word.
+        // `mode` first: the loader writes a key before setting its mode, and x86 keeps loads
+        // in order, so a mode seen set comes with its own key and slot.
+        let (mode, held, slot, others) = unsafe {
+            let mode = core::ptr::read_volatile(&raw const (*entry).watch.mode);
+            (
+                mode,
+                core::ptr::read_volatile(&raw const (*entry).key),
+                core::ptr::read_volatile(&raw const (*entry).watch.slot),
+                core::ptr::read_volatile(&raw const (*entry).others),
+            )
+        };
+        if mode != 0 && held.netns == key.netns && held.port == key.port {
+            return Some(Watch { mode, slot });
+        }
+        if others == 0 {
+            return None;
+        }
+    }
     // SAFETY: a plain read of a map value returned by the lookup.
     unsafe { WATCHED.get(key).copied() }
 }

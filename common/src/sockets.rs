@@ -345,12 +345,44 @@ pub const IGNORE: u32 = 2;
 
 /// A [`WATCHED_MAP`] entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watch {
     /// [`WATCH`] or [`IGNORE`].
     pub mode: u32,
     /// A watched listener's slot in [`LISTENERS_MAP`], or [`NO_SLOT`].
     pub slot: u32,
+}
+
+/// Name of the direct-mapped index of [`WATCHED_MAP`]: an array of [`WATCH_INDEX_SIZE`]
+/// [`WatchIndexEntry`]s, where a listener's entry, if any, is at [`watch_index`] of its key. A
+/// lookup is one array element the verifier inlines; a hash map's is a call, a hash of the key
+/// and two more cache lines, on every accept. Keys whose index another key holds are found in
+/// [`WATCHED_MAP`], which holds every key.
+pub const WATCH_INDEX_MAP: &str = "WATCH_INDEX";
+/// Entries of [`WATCH_INDEX_MAP`]: a power of two.
+pub const WATCH_INDEX_SIZE: u32 = 4096;
+
+/// A [`WATCH_INDEX_MAP`] entry. The loader changes one with two writes, so that a program
+/// reading it while it changes never takes one key's watch for another's: a key is written
+/// with `watch.mode` 0 (empty), then `mode` alone is set; it is removed by clearing `mode`.
+/// Programs read `mode` first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchIndexEntry {
+    pub key: ListenerKey,
+    /// `mode` 0: no key held here.
+    pub watch: Watch,
+    /// 1 if some [`WATCHED_MAP`] key has this index but is not the one held here: a lookup
+    /// that does not match then asks [`WATCHED_MAP`]. 0 or 1 only, so that it changes as one
+    /// byte.
+    pub others: u32,
+    pub _pad: u32,
+}
+
+/// The [`WATCH_INDEX_MAP`] index of `key`: a multiplicative hash of its namespace and port.
+pub const fn watch_index(key: &ListenerKey) -> u32 {
+    let h = key.netns.wrapping_mul(0x9e37_79b1) ^ (key.port as u32).wrapping_mul(0x85eb_ca6b);
+    (h ^ (h >> 16)) & (WATCH_INDEX_SIZE - 1)
 }
 
 /// Name of the one-entry array holding [`SocketsConfig`], updated in place for live changes.
@@ -567,6 +599,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Watch {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::WatchIndexEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketsConfig {}
@@ -704,6 +738,27 @@ mod tests {
     }
 
     #[test]
+    fn watch_indexes_stay_in_the_index_and_spread_ports_and_namespaces() {
+        assert!(WATCH_INDEX_SIZE.is_power_of_two());
+        let mut seen = [0u32; WATCH_INDEX_SIZE as usize];
+        // A node's usual keys: a few ports in many pod namespaces (consecutive inodes).
+        for netns in 4_026_532_000..4_026_532_256u32 {
+            for port in [9091, 9092, 9093, 9094] {
+                let i = watch_index(&ListenerKey::new(netns, port));
+                assert!(i < WATCH_INDEX_SIZE);
+                seen[i as usize] += 1;
+            }
+        }
+        // 1024 keys in 4096 entries: mostly apart.
+        let shared: u32 = seen.iter().filter(|n| **n > 1).map(|n| n - 1).sum();
+        assert!(shared < 200, "{shared} keys share an index");
+        assert_ne!(
+            watch_index(&ListenerKey::new(1, 9092)),
+            watch_index(&ListenerKey::new(2, 9092))
+        );
+    }
+
+    #[test]
     fn adding_counters_adds_every_field() {
         let counters = |n: u64| ListenerCounters {
             accepted: n,
@@ -734,6 +789,7 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<ConnectionState>(), 48);
         assert_eq!(core::mem::size_of::<Watch>(), 8);
+        assert_eq!(core::mem::size_of::<WatchIndexEntry>(), 24);
         assert_eq!(core::mem::size_of::<LiveRecord>(), 40);
         assert_eq!(core::mem::size_of::<SocketOffsets>() % 8, 0);
     }

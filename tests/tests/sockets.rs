@@ -1047,8 +1047,9 @@ fn brokers_in_three_namespaces_on_one_port_are_counted_apart_and_exactly() {
 /// (the smallest capacity), a broker's 12 listeners take 12; after it stops, a second broker's 8
 /// get the last 4, and the other 4 are counted in the second, hashed map. Once the first broker
 /// has been gone for the reclaim delay, a third broker's 12 listeners get its 12 slots back,
-/// zeroed. Every listener is exact: accepts, closes, payload bytes both ways, resets received,
-/// lifetimes.
+/// zeroed. Four of the second broker's listeners are two pairs that share an entry of the
+/// watched listeners' index, so one of each pair is found through the hash map behind it. Every
+/// listener is exact: accepts, closes, payload bytes both ways, resets received, lifetimes.
 #[test]
 fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_reclaimed_slot() {
     if !privileged(
@@ -1056,6 +1057,7 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_r
     ) {
         return;
     }
+    use brokerscope_common::sockets::{ListenerKey, watch_index};
     use brokerscope_tests::{
         FakeBroker, FakeBrokerSpec, discovery_config, fake_request, free_port, wait_broker_running,
     };
@@ -1077,6 +1079,26 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_r
             ports.push(p);
         }
     }
+    // Two pairs of free ports whose keys share an index entry, for the second broker.
+    let netns = own_netns();
+    let mut by_index: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    let mut pairs: Vec<u16> = Vec::new();
+    for port in 20_000..30_000u16 {
+        if ports.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let index = watch_index(&ListenerKey::new(netns, port));
+        let same = by_index.entry(index).or_default();
+        same.push(port);
+        if same.len() == 2 {
+            pairs.extend_from_slice(same);
+            if pairs.len() == 4 {
+                break;
+            }
+        }
+    }
+    assert_eq!(pairs.len(), 4, "two pairs of ports sharing an index entry");
+    ports[12..16].copy_from_slice(&pairs);
     let properties = |id: u32, ports: &[u16]| {
         let names: Vec<String> = (0..ports.len()).map(|i| format!("L{i}")).collect();
         let listeners: Vec<String> = names

@@ -13,7 +13,7 @@ use aya::{
 use brokerscope_common::sockets::{
     CONN_SPILLED_MAP, IGNORE, LISTENERS_AUTO_MAP, LISTENERS_MAP, LIVE_CONNECTION, LIVE_LISTENER,
     ListenerCounters, ListenerKey, LiveRecord, NO_SLOT, SOCKETS_CONFIG_MAP, SocketOffsets,
-    SocketsConfig, WATCH, WATCHED_MAP, Watch,
+    SocketsConfig, WATCH, WATCH_INDEX_MAP, WATCHED_MAP, Watch, WatchIndexEntry, watch_index,
 };
 
 use super::{ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
@@ -171,6 +171,10 @@ pub struct SocketsReader {
     auto: HashMap<MapData, ListenerKey, ListenerCounters>,
     auto_batch: Batched<ListenerKey, ListenerCounters>,
     watched: HashMap<MapData, ListenerKey, Watch>,
+    /// WATCHED's index; which key holds each entry, and how many other keys have its index.
+    index: Array<MapData, WatchIndexEntry>,
+    index_held: std::collections::HashMap<u32, ListenerKey>,
+    index_others: std::collections::HashMap<u32, u32>,
     /// What WATCHED holds (each entry's mode): only this reader writes it, so scrapes need not
     /// read it back.
     watched_entries: std::collections::HashMap<ListenerKey, u32>,
@@ -208,6 +212,9 @@ impl SocketsReader {
             listeners: take(ebpf, LISTENERS_MAP)?,
             auto: take(ebpf, LISTENERS_AUTO_MAP)?,
             watched: take(ebpf, WATCHED_MAP)?,
+            index: take(ebpf, WATCH_INDEX_MAP)?,
+            index_held: std::collections::HashMap::new(),
+            index_others: std::collections::HashMap::new(),
             config: take(ebpf, SOCKETS_CONFIG_MAP)?,
             spilled: take(ebpf, CONN_SPILLED_MAP)?,
             watch_all: false,
@@ -256,10 +263,6 @@ impl SocketsReader {
 
     /// Makes the WATCH entries exactly `listeners`; IGNORE entries stay.
     pub fn set_watched(&mut self, listeners: &[(u32, u16)]) -> Result<(), ProbesError> {
-        let err = |e| ProbesError::Map {
-            name: WATCHED_MAP,
-            source: Box::new(e),
-        };
         let wanted: std::collections::HashSet<ListenerKey> = listeners
             .iter()
             .map(|&(netns, port)| ListenerKey::new(netns, port))
@@ -267,7 +270,7 @@ impl SocketsReader {
         let current = self.watched_entries();
         for (key, value) in &current {
             if *value == WATCH && !wanted.contains(key) {
-                let _ = self.watched.remove(key);
+                self.drop_watch(key);
                 self.watched_entries.remove(key);
                 self.swept.remove(key);
                 if let Some(&slot) = self.slot_of.get(key) {
@@ -281,7 +284,7 @@ impl SocketsReader {
                     mode: WATCH,
                     slot: self.slot_for(*key),
                 };
-                self.watched.insert(key, watch, 0).map_err(err)?;
+                self.put_watch(*key, watch)?;
                 self.watched_entries.insert(*key, WATCH);
                 // Watched anew (a broker that started or restarted): its listening socket
                 // may predate this, so its namespace gets swept again.
@@ -298,14 +301,86 @@ impl SocketsReader {
             mode: IGNORE,
             slot: NO_SLOT,
         };
-        self.watched
-            .insert(key, watch, 0)
-            .map_err(|e| ProbesError::Map {
-                name: WATCHED_MAP,
-                source: Box::new(e),
-            })?;
+        self.put_watch(key, watch)?;
         self.watched_entries.insert(key, IGNORE);
         Ok(())
+    }
+
+    /// Writes `key`'s watch into WATCHED, then into its index entry if no other key holds it
+    /// (else flags the entry: another key has its index), in the order the programs' reads
+    /// rely on (see `WatchIndexEntry`).
+    fn put_watch(&mut self, key: ListenerKey, watch: Watch) -> Result<(), ProbesError> {
+        let map_err = |name: &'static str| {
+            move |e| ProbesError::Map {
+                name,
+                source: Box::new(e),
+            }
+        };
+        self.watched
+            .insert(key, watch, 0)
+            .map_err(map_err(WATCHED_MAP))?;
+        let i = watch_index(&key);
+        match self.index_held.get(&i) {
+            Some(held) if *held != key => {
+                let others = self.index_others.entry(i).or_default();
+                *others += 1;
+                if *others == 1 {
+                    self.set_others(i, 1)?;
+                }
+            }
+            _ => {
+                let others = u32::from(self.index_others.get(&i).is_some_and(|n| *n > 0));
+                let mut entry = WatchIndexEntry {
+                    key,
+                    watch: Watch {
+                        mode: 0,
+                        slot: watch.slot,
+                    },
+                    others,
+                    _pad: 0,
+                };
+                self.index
+                    .set(i, entry, 0)
+                    .map_err(map_err(WATCH_INDEX_MAP))?;
+                entry.watch.mode = watch.mode;
+                self.index
+                    .set(i, entry, 0)
+                    .map_err(map_err(WATCH_INDEX_MAP))?;
+                self.index_held.insert(i, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `key` from its index entry (clearing the mode alone), or from the entry's count
+    /// of other keys, then from WATCHED.
+    fn drop_watch(&mut self, key: &ListenerKey) {
+        let i = watch_index(key);
+        if self.index_held.get(&i) == Some(key) {
+            if let Ok(mut entry) = self.index.get(&i, 0) {
+                entry.watch.mode = 0;
+                let _ = self.index.set(i, entry, 0);
+            }
+            self.index_held.remove(&i);
+        } else if let Some(others) = self.index_others.get_mut(&i) {
+            *others -= 1;
+            if *others == 0 {
+                self.index_others.remove(&i);
+                let _ = self.set_others(i, 0);
+            }
+        }
+        let _ = self.watched.remove(key);
+    }
+
+    /// Sets the flag of index entry `i` that says other keys have its index.
+    fn set_others(&mut self, i: u32, flag: u32) -> Result<(), ProbesError> {
+        let err = |e| ProbesError::Map {
+            name: WATCH_INDEX_MAP,
+            source: Box::new(e),
+        };
+        let mut entry = self.index.get(&i, 0).map_err(err)?;
+        entry.others = flag;
+        self.index.set(i, entry, 0).map_err(err)
     }
 
     /// Namespaces to iterate: those of watched listeners and, in watch-all mode, of every
