@@ -507,8 +507,12 @@ impl SocketsReader {
                 .filter_map(|slot| Some((slot, self.listeners.get(&slot, 0).ok()?)))
                 .collect()
         });
+        // A slot still all zeros (its listener never accepted, adopted or reset a connection)
+        // is left out, as a listener without counters was before slots: its series appear with
+        // its first connection.
         let mut out: std::collections::HashMap<ListenerKey, ListenerCounters> = by_slot
             .into_iter()
+            .filter(|(_, counters)| *counters != ListenerCounters::ZERO)
             .filter_map(|(slot, counters)| Some(((*self.slots.get(slot as usize)?)?, counters)))
             .collect();
         let auto = self
