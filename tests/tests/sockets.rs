@@ -1183,12 +1183,18 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_r
         }
     };
 
-    let first = properties(1, &ports[..12]);
-    let b1 = FakeBroker::start(FakeBrokerSpec::new(&first));
-    wait_broker_running(&agent, "1", b1.pid);
-    exercise("1", &ports[..12]);
-    assert_eq!(map_entries("listeners"), Some(12.0));
-    assert_eq!(map_entries("listeners_auto"), Some(0.0));
+    // Broker `id` on `ports`, running and exercised; then the map fill it leaves.
+    let broker_on = |id: u32, ports: &[u16], slots: f64, auto: f64| {
+        let path = properties(id, ports);
+        let b = FakeBroker::start(FakeBrokerSpec::new(&path));
+        let id = id.to_string();
+        wait_broker_running(&agent, &id, b.pid);
+        exercise(&id, ports);
+        assert_eq!(map_entries("listeners"), Some(slots), "broker {id}");
+        assert_eq!(map_entries("listeners_auto"), Some(auto), "broker {id}");
+        b
+    };
+    let b1 = broker_on(1, &ports[..12], 12.0, 0.0);
     let stopped = |id: &str, b: FakeBroker| {
         b.kill();
         eventually(
@@ -1203,25 +1209,15 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_r
     };
     let first_gone = stopped("1", b1);
 
-    let second = properties(2, &ports[12..20]);
-    let b2 = FakeBroker::start(FakeBrokerSpec::new(&second));
-    wait_broker_running(&agent, "2", b2.pid);
-    exercise("2", &ports[12..20]);
     // The first broker's 12 slots are still its listeners': 4 slots were left.
-    assert_eq!(map_entries("listeners"), Some(16.0));
-    assert_eq!(map_entries("listeners_auto"), Some(4.0));
+    let b2 = broker_on(2, &ports[12..20], 16.0, 4.0);
     stopped("2", b2);
 
     // The agent's reclaim delay is 5 s.
     std::thread::sleep(Duration::from_secs(6).saturating_sub(first_gone.elapsed()));
-    let third = properties(3, &ports[20..]);
-    let b3 = FakeBroker::start(FakeBrokerSpec::new(&third));
-    wait_broker_running(&agent, "3", b3.pid);
     // Exact counts prove each reclaimed slot was zeroed: the first broker's listeners had
-    // three connections each.
-    exercise("3", &ports[20..]);
-    assert_eq!(map_entries("listeners"), Some(16.0));
-    assert_eq!(map_entries("listeners_auto"), Some(4.0));
+    // three connections each. No new entry in the second map: all 12 got slots.
+    let _b3 = broker_on(3, &ports[20..], 16.0, 4.0);
 }
 
 /// `RetransSegs` from a namespace's /proc/net/snmp.

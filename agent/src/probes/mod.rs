@@ -906,10 +906,15 @@ where
     let map = ebpf
         .take_map(name)
         .ok_or(ProbesError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|e| ProbesError::Map {
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// Turns an error of an operation on map `name` into a [`ProbesError`] naming the map.
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbesError + Copy {
+    move |e| ProbesError::Map {
         name,
         source: Box::new(e),
-    })
+    }
 }
 
 fn take_per_cpu_array(

@@ -13,7 +13,7 @@ use brokerscope_common::processes::{
 };
 use tokio::sync::mpsc;
 
-use super::{ProbesError, tracefs::Format};
+use super::{ProbesError, map_error, tracefs::Format};
 
 /// What discovery hears from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,10 +55,7 @@ impl BrokerPids {
     /// Replaces the set with `pids`, writing only the words that change. A word is written
     /// whole: the kernel side only reads, and this is the only writer.
     pub fn set(&mut self, pids: &[u32]) -> Result<(), ProbesError> {
-        let err = |e| ProbesError::Map {
-            name: BROKER_PIDS_MAP,
-            source: Box::new(e),
-        };
+        let err = map_error(BROKER_PIDS_MAP);
         let mut wanted = std::collections::BTreeMap::<u32, u64>::new();
         for &pid in pids {
             let (word, bit) = broker_bit(pid);

@@ -16,7 +16,7 @@ use brokerscope_common::sockets::{
     SocketsConfig, WATCH, WATCH_INDEX_MAP, WATCHED_MAP, Watch, WatchIndexEntry, watch_index,
 };
 
-use super::{ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
+use super::{ProbesError, batch::Batched, btf::Btf, map_error, take_map as take, tracefs::Format};
 
 /// Counters of one (network namespace, port) listener: closed connections' totals from the
 /// kernel map plus what is still open, read by the iterator.
@@ -255,10 +255,9 @@ impl SocketsReader {
             events: u32::from(self.events),
             spill: u32::from(self.spill),
         };
-        self.config.set(0, config, 0).map_err(|e| ProbesError::Map {
-            name: SOCKETS_CONFIG_MAP,
-            source: Box::new(e),
-        })
+        self.config
+            .set(0, config, 0)
+            .map_err(map_error(SOCKETS_CONFIG_MAP))
     }
 
     /// Makes the WATCH entries exactly `listeners`; IGNORE entries stay.
@@ -310,15 +309,9 @@ impl SocketsReader {
     /// (else flags the entry: another key has its index), in the order the programs' reads
     /// rely on (see `WatchIndexEntry`).
     fn put_watch(&mut self, key: ListenerKey, watch: Watch) -> Result<(), ProbesError> {
-        let map_err = |name: &'static str| {
-            move |e| ProbesError::Map {
-                name,
-                source: Box::new(e),
-            }
-        };
         self.watched
             .insert(key, watch, 0)
-            .map_err(map_err(WATCHED_MAP))?;
+            .map_err(map_error(WATCHED_MAP))?;
         let i = watch_index(&key);
         match self.index_held.get(&i) {
             Some(held) if *held != key => {
@@ -341,11 +334,11 @@ impl SocketsReader {
                 };
                 self.index
                     .set(i, entry, 0)
-                    .map_err(map_err(WATCH_INDEX_MAP))?;
+                    .map_err(map_error(WATCH_INDEX_MAP))?;
                 entry.watch.mode = watch.mode;
                 self.index
                     .set(i, entry, 0)
-                    .map_err(map_err(WATCH_INDEX_MAP))?;
+                    .map_err(map_error(WATCH_INDEX_MAP))?;
                 self.index_held.insert(i, key);
             }
         }
@@ -374,10 +367,7 @@ impl SocketsReader {
 
     /// Sets the flag of index entry `i` that says other keys have its index.
     fn set_others(&mut self, i: u32, flag: u32) -> Result<(), ProbesError> {
-        let err = |e| ProbesError::Map {
-            name: WATCH_INDEX_MAP,
-            source: Box::new(e),
-        };
+        let err = map_error(WATCH_INDEX_MAP);
         let mut entry = self.index.get(&i, 0).map_err(err)?;
         entry.others = flag;
         self.index.set(i, entry, 0).map_err(err)
