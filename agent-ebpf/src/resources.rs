@@ -26,7 +26,7 @@ use brokerscope_common::{
 };
 
 use crate::{
-    fields::load,
+    fields::{load, opaque_zero},
     processes::is_broker,
     telemetry::{count_error, count_run, increment},
 };
@@ -93,10 +93,12 @@ fn thread(tid: u32) -> Option<*mut ThreadState> {
     };
     // SAFETY: as above.
     unsafe {
+        // Zeros the compiler cannot merge into a byte-wise memset call (see `opaque_zero`).
         *slot = ThreadState {
             tid,
             slot: NO_SLOT,
-            ..ThreadState::ZERO
+            last_sum_exec: opaque_zero(),
+            last_run_delay: opaque_zero(),
         }
     };
     Some(slot)

@@ -31,7 +31,7 @@ use brokerscope_common::{
 };
 
 use crate::{
-    fields::{load, tcp_sock},
+    fields::{load, opaque_zero, tcp_sock},
     telemetry::{count_error, count_run, increment},
 };
 
@@ -475,12 +475,17 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
             };
             let counters = listener_counters(slot, &listener)?;
             add!(counters, accepted, 1);
+            let zero = opaque_zero();
             let state = ConnectionState {
                 listener,
                 // SAFETY: no preconditions.
                 established_ns: unsafe { bpf_ktime_get_ns() },
+                base_received: zero,
+                base_sent: zero,
+                retrans_seen: zero as u32,
+                flags: zero as u32,
                 slot,
-                ..ConnectionState::default()
+                _pad: 0,
             };
             if track(sk, &state, 0).is_err() {
                 add!(counters, untracked, 1);
@@ -941,7 +946,6 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     if !listening && !is_connection_state(state) {
         return Ok(());
     }
-    let mut record = LiveRecord::default();
     if listening {
         let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
         let key = ListenerKey::new(kread_netns(sk, &off)?, port);
@@ -952,10 +956,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
             let _ = LISTEN_SOCKS.insert(&key, &sk, 0);
         }
         let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
-        record.listener = key;
-        record.kind = LIVE_LISTENER;
-        record.drops = u64::from(drops);
-        return emit(ctx, &record);
+        return emit(ctx, &listener_record(key, drops));
     }
 
     let (sent, received) = socket_payload(sk, state, &off)?;
@@ -963,11 +964,7 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
         Some((tracked, _)) => {
             // SAFETY: the pointer came from a successful lookup and is valid for this run.
             let tracked = unsafe { *tracked };
-            record.listener = tracked.listener;
-            record.kind = LIVE_CONNECTION;
-            record.bytes_sent = sent.saturating_sub(tracked.base_sent);
-            record.bytes_received = received.saturating_sub(tracked.base_received);
-            emit(ctx, &record)
+            emit(ctx, &connection_record(&tracked, sent, received))
         }
         None => {
             let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
@@ -1095,14 +1092,37 @@ fn live_connection(
         return Ok(());
     }
     let (sent, received) = socket_payload(sk, state, off)?;
-    let record = LiveRecord {
+    emit(ctx, &connection_record(&tracked, sent, received))
+}
+
+/// A tracked connection's record: its payload bytes since tracking began, from the socket's
+/// totals. Every field is written, zeros included, as values the compiler cannot merge into a
+/// byte-wise memset call (see `opaque_zero`).
+#[inline(always)]
+fn connection_record(tracked: &ConnectionState, sent: u64, received: u64) -> LiveRecord {
+    let zero = opaque_zero();
+    LiveRecord {
         listener: tracked.listener,
         kind: LIVE_CONNECTION,
+        _pad: zero as u32,
         bytes_sent: sent.saturating_sub(tracked.base_sent),
         bytes_received: received.saturating_sub(tracked.base_received),
-        ..LiveRecord::default()
-    };
-    emit(ctx, &record)
+        drops: zero,
+    }
+}
+
+/// A watched listening socket's record: its drops. Written as [`connection_record`].
+#[inline(always)]
+fn listener_record(listener: ListenerKey, drops: u32) -> LiveRecord {
+    let zero = opaque_zero();
+    LiveRecord {
+        listener,
+        kind: LIVE_LISTENER,
+        _pad: zero as u32,
+        bytes_sent: zero,
+        bytes_received: zero,
+        drops: u64::from(drops),
+    }
 }
 
 /// Watched listening sockets at scrape time: an iterator over LISTEN_SOCKS, writing each
@@ -1132,13 +1152,7 @@ fn try_listen_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
         return Ok(());
     }
     let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
-    let record = LiveRecord {
-        listener,
-        kind: LIVE_LISTENER,
-        drops: u64::from(drops),
-        ..LiveRecord::default()
-    };
-    emit(ctx, &record)
+    emit(ctx, &listener_record(listener, drops))
 }
 
 /// Payload bytes a socket in `state` has received and had acknowledged.
@@ -1201,11 +1215,22 @@ fn send_event(
     if !SOCKETS_CONFIG.get(0).is_some_and(|c| c.events != 0) {
         return;
     }
+    // Zeros the compiler cannot merge into a byte-wise memset call (see `opaque_zero`).
+    let zero = opaque_zero();
+    let zero16 = v6(zero, zero);
     let mut event = ConnEvent {
         kind,
         netns: listener.netns,
         port: listener.port,
-        ..ConnEvent::default()
+        remote_port: zero as u16,
+        family: zero as u16,
+        _pad: zero as u16,
+        local_addr: zero16,
+        remote_addr: zero16,
+        bytes_sent: zero,
+        bytes_received: zero,
+        duration_ns: zero,
+        count: zero,
     };
     if let Err(e) = fill(&mut event) {
         count_error(e);
@@ -1266,11 +1291,12 @@ fn sock_tuple(sk: u64, e: &mut ConnEvent) -> Result<(), ProbeError> {
 
 const AF_INET: u16 = 2;
 
+/// `::ffff:a.b.c.d` from an IPv4 address's bytes. Built from two 8-byte halves: as an array
+/// literal, its ten zero bytes became a call to a byte-wise memset (see `opaque_zero`).
 #[inline(always)]
 fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    let high = [0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]];
+    v6(opaque_zero(), u64::from_ne_bytes(high))
 }
 
 /// A closing connection's payload bytes over its tracked life, and lifetime (the tuple is
