@@ -304,6 +304,13 @@ trait Socket: Copy {
     fn srtt_us(self) -> Result<u32, ProbeError>;
     /// Remote port, family and addresses, for a connection event.
     fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError>;
+    /// When the socket became established, at its passive open: now, in `bpf_ktime_get_ns`'s
+    /// clock (CLOCK_MONOTONIC).
+    #[inline(always)]
+    fn established_ns(self) -> u64 {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// A socket read with `bpf_probe_read_kernel` at offsets from BTF.
@@ -393,6 +400,18 @@ impl Socket for Typed {
     fn addr(self) -> u64 {
         self.tp
     }
+    /// The clock TCP read when it began processing the handshake's last ACK, a moment before
+    /// this transition (0.2-24 µs measured here): the same clock as `bpf_ktime_get_ns`, read
+    /// with one load instead of a helper call. Never 0 on a socket that has received a packet;
+    /// the helper is the fallback all the same.
+    #[inline(always)]
+    fn established_ns(self) -> u64 {
+        match load!(u64, self.tp, Field::TcpClockCache) {
+            // SAFETY: no preconditions.
+            0 => unsafe { bpf_ktime_get_ns() },
+            ns => ns,
+        }
+    }
     #[inline(always)]
     fn local_port(self) -> Result<u16, ProbeError> {
         Ok(load!(u16, self.tp, Field::SockNum))
@@ -478,8 +497,7 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
             let zero = opaque_zero();
             let state = ConnectionState {
                 listener,
-                // SAFETY: no preconditions.
-                established_ns: unsafe { bpf_ktime_get_ns() },
+                established_ns: socket.established_ns(),
                 base_received: zero,
                 base_sent: zero,
                 retrans_seen: zero as u32,

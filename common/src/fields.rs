@@ -65,11 +65,14 @@ pub enum Field {
     TaskTgid = 23,
     /// `sock.sk_protocol` (u16).
     SockProtocol = 24,
+    /// `tcp_sock.tcp_clock_cache`: when TCP last read its clock for this socket, in ns of
+    /// CLOCK_MONOTONIC (u64).
+    TcpClockCache = 25,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 25] = [
+    pub const ALL: [Field; 26] = [
         Field::SockNum,
         Field::SockFlags,
         Field::SockNet,
@@ -95,6 +98,7 @@ impl Field {
         Field::TaskPid,
         Field::TaskTgid,
         Field::SockProtocol,
+        Field::TcpClockCache,
     ];
 
     /// The offset compiled into the program in place of this field's.

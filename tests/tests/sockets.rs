@@ -362,6 +362,51 @@ fn payload_bytes_resets_and_lifetimes(config: &str) -> Agent {
         rtt >= 1.0 && rtt <= N as f64,
         "one RTT sample per connection at most: {rtt}"
     );
+
+    // One more connection, held open 300 ms between its accept and its close: its lifetime
+    // is at least that, at most the time until the agent shows it closed, and lands above the
+    // 0.262144 s bucket. (The BTF hook takes the start from the socket's own TCP clock, the
+    // others from the BPF clock; both must be the same clock for this to hold.)
+    let sum = |body: &str| {
+        find_sample(body, "brokerscope_connection_duration_seconds_sum", &labels).unwrap()
+    };
+    let below = |body: &str| {
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", "0.262144"));
+        find_sample(
+            body,
+            "brokerscope_connection_duration_seconds_bucket",
+            &with_le,
+        )
+        .unwrap()
+    };
+    let (sum_before, below_before) = (sum(&body), below(&body));
+    let start = std::time::Instant::now();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server);
+    drop(client);
+    eventually(
+        "the held connection closed",
+        Duration::from_secs(10),
+        || {
+            let closed = agent.metric("brokerscope_connections_closed_total", &labels);
+            (closed == Some(N as f64 + 1.0)).then_some(())
+        },
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let (_, body) = agent.get("/metrics");
+    let lifetime = sum(&body) - sum_before;
+    assert!(
+        (0.3..=elapsed).contains(&lifetime),
+        "held 0.3 s, seen closed after {elapsed} s: lifetime {lifetime} s"
+    );
+    assert_eq!(
+        below(&body),
+        below_before,
+        "not in a bucket under 0.262144 s"
+    );
     agent
 }
 
