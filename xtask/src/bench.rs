@@ -7,8 +7,10 @@
 //! the agent: a process of its own (`xtask bench-broker`) whose command line names `kafka.Kafka`
 //! and a server.properties with its listener and log dir, so the agent discovers it, watches its
 //! listener and counts its threads as it would a broker's. Per program, the kernel's own BPF
-//! run-time statistics give the nanoseconds per event. The report goes to
-//! `target/bench/report.md` and `report.json`.
+//! run-time statistics give the nanoseconds per event, and, against the machine's busy CPU time
+//! in the same window, the share of it the agent's programs and process take: a ratio within
+//! one window, which this machine resolves where it does not resolve throughput ratios between
+//! rounds. The report goes to `target/bench/report.md` and `report.json`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -488,6 +490,88 @@ fn sample(text: &str, name: &str, program: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time used so far, in seconds: the whole machine's busy time (`/proc/stat`: user, nice,
+/// system, irq and softirq; idle, iowait and steal left out), the agent process's (its threads'
+/// time on a CPU, from the scheduler's stats), and the run time of the agent's hook programs
+/// (the kernel's stats).
+struct CpuTimes {
+    busy: f64,
+    process: f64,
+    programs: f64,
+}
+
+/// What the agent took of the machine's busy CPU time over a window, as fractions.
+#[derive(Clone, Copy, Default)]
+struct Share {
+    busy_seconds: f64,
+    programs: f64,
+    process: f64,
+}
+
+impl CpuTimes {
+    /// `metrics`: a scrape to read the programs' run time from ("" for none yet).
+    fn read(pid: u32, metrics: &str) -> anyhow::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu: Vec<f64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("/proc/stat has no cpu line")?
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let busy = [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&i| cpu.get(i).copied().unwrap_or(0.0))
+            .sum::<f64>();
+        // Each thread's time on a CPU in ns (the first field of its schedstat): the ticks of
+        // `/proc/<pid>/stat` are 10 ms, more than the agent takes in a window.
+        let mut process_ns = 0.0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let path = task?.path().join("schedstat");
+            if let Ok(text) = std::fs::read_to_string(path) {
+                process_ns += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+        Ok(Self {
+            busy: busy * tick,
+            process: process_ns / 1e9,
+            programs: hook_seconds(metrics),
+        })
+    }
+
+    fn share_since(&self, start: &CpuTimes) -> Share {
+        let busy = self.busy - start.busy;
+        if busy <= 0.0 {
+            return Share::default();
+        }
+        Share {
+            busy_seconds: busy,
+            programs: (self.programs - start.programs) / busy,
+            process: (self.process - start.process) / busy,
+        }
+    }
+}
+
+/// The run time of the agent's hook programs in a scrape, iterators left out: they run when
+/// scraped, not with the traffic.
+fn hook_seconds(metrics: &str) -> f64 {
+    let mut programs = Vec::new();
+    add_program_stats(&mut programs, metrics);
+    programs
+        .iter()
+        .filter(|(name, _, _)| !ITERATORS.contains(&name.as_str()))
+        .map(|(_, _, secs)| secs)
+        .sum()
+}
+
 /// Turns the kernel's BPF run-time accounting on for the bench and back off after.
 struct BpfStats {
     before: String,
@@ -588,14 +672,25 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
         // The cost per event, from one more attached pass with the kernel's run-time stats
         // on. Not during the rounds: the stats add two clock reads to every program run, which
         // a production node does not pay.
-        {
+        let share = {
             let _stats = BpfStats::enable();
             let empty = EmptyPrograms::start()?;
             let agent = Agent::start(bin, &out_dir, Mode::Full)?;
             agent.settle(Mode::Full)?;
+            let start = CpuTimes::read(agent.pid(), &agent.metrics()?)?;
             let r = load(case, server.addr);
-            eprintln!("bench: {} with BPF stats on: {r:.0} req/s", case.name());
-            add_program_stats(&mut programs, &agent.metrics()?);
+            let mut end = CpuTimes::read(agent.pid(), "")?;
+            let after = agent.metrics()?;
+            end.programs = hook_seconds(&after);
+            let share = end.share_since(&start);
+            eprintln!(
+                "bench: {} with BPF stats on: {r:.0} req/s; the agent's programs {:.2}% and \
+                 its process {:.2}% of the busy CPU time",
+                case.name(),
+                share.programs * 100.0,
+                share.process * 100.0
+            );
+            add_program_stats(&mut programs, &after);
             for (hook, runs, secs) in empty.stats() {
                 let name = format!("(empty program, bpftrace) {hook}");
                 match programs.iter_mut().find(|(n, _, _)| *n == name) {
@@ -606,9 +701,10 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                     None => programs.push((name, runs, secs)),
                 }
             }
-        }
+            share
+        };
         let spread = ratios.clone().map(middle_range);
-        results.push((case, rps.map(median), ratios.map(median), spread));
+        results.push((case, rps.map(median), ratios.map(median), spread, share));
     }
     // The second broker's log dir is in memory: not left behind.
     let _ = std::fs::remove_dir_all(off_ext4_dir);
@@ -634,7 +730,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     );
     md += "| case | detached req/s | attached req/s | overhead | broker off ext4 req/s | overhead | no scheduler hooks req/s | overhead |\n|---|---|---|---|---|---|---|---|\n";
     let mut json_cases = Vec::new();
-    for (case, rps, ratio, spread) in &results {
+    for (case, rps, ratio, spread, _) in &results {
         md += &format!(
             "| {} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.2}% | {:.0} | {:.2}% |\n",
             case.name(),
@@ -677,7 +773,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             (1.0 - low) * 100.0
         )
     };
-    for (case, _, _, spread) in &results {
+    for (case, _, _, spread, _) in &results {
         md += &format!(
             "| {} | {} | {} | {} |\n",
             case.name(),
@@ -685,6 +781,32 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             overhead(spread[2]),
             overhead(spread[3])
         );
+    }
+    md += "\nThe agent's share of the machine's busy CPU time (user, system, irq and softirq, \
+           over every CPU) in the attached pass with the kernel's stats on: its hook programs' \
+           run time and its process's CPU time, against the busy time of the same window. Both \
+           are measured in the same window, so the host's noise moves them together. An upper \
+           bound for the programs (the stats' own clock reads are in their run time, and a \
+           production node does not pay them), a lower bound for what the agent costs (the \
+           dispatch to each program and the cache lines it takes from the traffic are not in \
+           it).\n\n| case | busy CPU s | hook programs | agent process | together |\n|---|---|---|---|---|\n";
+    let mut json_shares = Vec::new();
+    for (case, _, _, _, share) in &results {
+        md += &format!(
+            "| {} | {:.2} | {:.2}% | {:.2}% | {:.2}% |\n",
+            case.name(),
+            share.busy_seconds,
+            share.programs * 100.0,
+            share.process * 100.0,
+            (share.programs + share.process) * 100.0
+        );
+        json_shares.push(format!(
+            "{{\"case\":\"{}\",\"busy_seconds\":{:.3},\"programs_share\":{:.5},\"process_share\":{:.5}}}",
+            case.key(),
+            share.busy_seconds,
+            share.programs,
+            share.process
+        ));
     }
     // Kernel hooks run on every event of their kind on the node; the map and socket iterators
     // run only when scraped, once per element walked.
@@ -727,9 +849,10 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     };
     md += &scrape_md;
     let json = format!(
-        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"programs\":[{}],{scrape_json}}}\n",
+        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"cpu_shares\":[{}],\"programs\":[{}],{scrape_json}}}\n",
         ROUND.as_secs(),
         json_cases.join(","),
+        json_shares.join(","),
         json_programs.join(",")
     );
     std::fs::write(out_dir.join("report.md"), &md)?;
