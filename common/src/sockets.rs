@@ -210,7 +210,9 @@ pub const CONN_ADOPTED: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionState {
     pub listener: ListenerKey,
-    /// `bpf_ktime_get_ns()` when tracking began.
+    /// When tracking began, in `bpf_ktime_get_ns`'s clock (CLOCK_MONOTONIC). At a passive open
+    /// seen by the BTF hook, the socket's `tcp_clock_cache`: when TCP began processing the
+    /// handshake's last ACK, a moment before the transition.
     pub established_ns: u64,
     /// Payload bytes already moved when tracking began (0 for accepted connections), so only
     /// what happens afterwards is counted.
