@@ -491,13 +491,11 @@ fn sample(text: &str, name: &str, program: &str) -> f64 {
 }
 
 /// CPU time used so far, in seconds: the whole machine's busy time (`/proc/stat`: user, nice,
-/// system, irq and softirq; idle, iowait and steal left out), the agent process's (its threads'
-/// time on a CPU, from the scheduler's stats), and the run time of the agent's hook programs
-/// (the kernel's stats).
+/// system, irq and softirq; idle, iowait and steal left out) and the agent process's (its
+/// threads' time on a CPU, from the scheduler's stats).
 struct CpuTimes {
     busy: f64,
     process: f64,
-    programs: f64,
 }
 
 /// What the agent took of the machine's busy CPU time over a window, as fractions.
@@ -509,8 +507,7 @@ struct Share {
 }
 
 impl CpuTimes {
-    /// `metrics`: a scrape to read the programs' run time from ("" for none yet).
-    fn read(pid: u32, metrics: &str) -> anyhow::Result<Self> {
+    fn read(pid: u32) -> anyhow::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let stat = std::fs::read_to_string("/proc/stat")?;
@@ -543,18 +540,19 @@ impl CpuTimes {
         Ok(Self {
             busy: busy * tick,
             process: process_ns / 1e9,
-            programs: hook_seconds(metrics),
         })
     }
 
-    fn share_since(&self, start: &CpuTimes) -> Share {
+    /// The share of the busy time since `start` that the agent's process and, with their run
+    /// time over the same window, its programs took.
+    fn share_since(&self, start: &CpuTimes, programs_seconds: f64) -> Share {
         let busy = self.busy - start.busy;
         if busy <= 0.0 {
             return Share::default();
         }
         Share {
             busy_seconds: busy,
-            programs: (self.programs - start.programs) / busy,
+            programs: programs_seconds / busy,
             process: (self.process - start.process) / busy,
         }
     }
@@ -677,12 +675,12 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             let empty = EmptyPrograms::start()?;
             let agent = Agent::start(bin, &out_dir, Mode::Full)?;
             agent.settle(Mode::Full)?;
-            let start = CpuTimes::read(agent.pid(), &agent.metrics()?)?;
+            let start = CpuTimes::read(agent.pid())?;
+            let programs_before = hook_seconds(&agent.metrics()?);
             let r = load(case, server.addr);
-            let mut end = CpuTimes::read(agent.pid(), "")?;
+            let end = CpuTimes::read(agent.pid())?;
             let after = agent.metrics()?;
-            end.programs = hook_seconds(&after);
-            let share = end.share_since(&start);
+            let share = end.share_since(&start, hook_seconds(&after) - programs_before);
             eprintln!(
                 "bench: {} with BPF stats on: {r:.0} req/s; the agent's programs {:.2}% and \
                  its process {:.2}% of the busy CPU time",
