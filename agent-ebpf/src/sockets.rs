@@ -489,7 +489,7 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
     match classify(oldstate, newstate) {
         Transition::PassiveOpen => {
             let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
-            let Some(slot) = watched_slot(&listener) else {
+            let Some(slot) = watched_slot(watch_of(&listener)) else {
                 return Ok(());
             };
             let counters = listener_counters(slot, &listener)?;
@@ -514,7 +514,7 @@ fn on_state_change(socket: impl Socket, oldstate: i32, newstate: i32) -> Result<
         }
         Transition::Listen => {
             let listener = ListenerKey::new(socket.netns()?, socket.local_port()?);
-            if counted(&listener) {
+            if counted(&listener, watch_of(&listener)) {
                 let _ = LISTEN_SOCKS.insert(&listener, &sk, 0);
             }
             Ok(())
@@ -871,10 +871,10 @@ fn watch_of(key: &ListenerKey) -> Option<Watch> {
     unsafe { WATCHED.get(key).copied() }
 }
 
-/// Whether an accept on `key` is counted, and where: its slot, or [`NO_SLOT`].
+/// Whether an accept on a listener whose WATCHED entry is `watch` ([`watch_of`]) is counted,
+/// and where: its slot, or [`NO_SLOT`].
 #[inline(always)]
-fn watched_slot(key: &ListenerKey) -> Option<u32> {
-    let watch = watch_of(key);
+fn watched_slot(watch: Option<Watch>) -> Option<u32> {
     if !is_watched(watch.map(|w| w.mode), watch_all()) {
         return None;
     }
@@ -882,10 +882,11 @@ fn watched_slot(key: &ListenerKey) -> Option<u32> {
 }
 
 /// A listener whose counters are kept: watched, or in watch-all mode one that already has
-/// counters (an outgoing connection's ephemeral port must not become a "listener").
+/// counters (an outgoing connection's ephemeral port must not become a "listener"). `watch`
+/// is `key`'s WATCHED entry ([`watch_of`]).
 #[inline(always)]
-fn counted(key: &ListenerKey) -> bool {
-    match watch_of(key) {
+fn counted(key: &ListenerKey, watch: Option<Watch>) -> bool {
+    match watch {
         Some(w) => w.mode == WATCH,
         None => watch_all() && LISTENERS_AUTO.get_ptr(key).is_some(),
     }
@@ -967,10 +968,12 @@ fn try_tcp_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     if listening {
         let port: u16 = kread(sk, off.sock_num, ProbeError::ReadSocket)?;
         let key = ListenerKey::new(kread_netns(sk, &off)?, port);
-        if watched_slot(&key).is_none() {
+        // One lookup for both questions: is it watched, is its socket kept for the drops.
+        let watch = watch_of(&key);
+        if watched_slot(watch).is_none() {
             return Ok(());
         }
-        if counted(&key) {
+        if counted(&key, watch) {
             let _ = LISTEN_SOCKS.insert(&key, &sk, 0);
         }
         let drops: u32 = kread(sk, off.sock_drops, ProbeError::ReadSocket)?;
@@ -1165,7 +1168,7 @@ fn try_listen_live(ctx: *mut core::ffi::c_void) -> Result<(), ProbeError> {
     let state: u8 = kread(sk, off.sock_state, ProbeError::ReadSocket)?;
     if i32::from(state) != tcp_state::LISTEN
         || !same_listener(sk, &listener, &off)?
-        || !counted(&listener)
+        || !counted(&listener, watch_of(&listener))
     {
         return Ok(());
     }
