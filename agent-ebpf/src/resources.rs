@@ -9,9 +9,11 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext, TracePointContext,
+    },
 };
 use brokerscope_common::{
     fields::Field,
@@ -548,6 +550,60 @@ pub fn fsync_ext4_exit(_ctx: TracePointContext) -> u32 {
         count_error(e);
     }
     0
+}
+
+/// XFS's fsync file operation, entered as ext4's is (see [`fsync_ext4_enter`]). The
+/// tracepoint has no exit: the count is exact, the duration is not measured here.
+#[tracepoint(category = "xfs", name = "xfs_file_fsync")]
+pub fn fsync_xfs(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncXfs);
+    if let Err(e) = sync_count() {
+        count_error(e);
+    }
+    0
+}
+
+/// Btrfs's fsync file operation, as [`fsync_xfs`]: counted, no duration.
+#[tracepoint(category = "btrfs", name = "btrfs_sync_file")]
+pub fn fsync_btrfs(_ctx: TracePointContext) -> u32 {
+    count_run(Program::FsyncBtrfs);
+    if let Err(e) = sync_count() {
+        count_error(e);
+    }
+    0
+}
+
+/// The VFS fsync path every filesystem's fsync, fdatasync, msync(MS_SYNC) and O_SYNC write
+/// goes through: count and duration on any filesystem, paid only by those calls. Needs
+/// fentry/fexit, which stock distribution kernels allow; where refused, the filesystem
+/// tracepoints above serve.
+#[fentry(function = "vfs_fsync_range")]
+pub fn fsync_vfs_enter(_ctx: FEntryContext) -> u32 {
+    count_run(Program::FsyncVfsEnter);
+    sync_enter();
+    0
+}
+
+/// Its return: counts the call with its duration.
+#[fexit(function = "vfs_fsync_range")]
+pub fn fsync_vfs_exit(_ctx: FExitContext) -> u32 {
+    count_run(Program::FsyncVfsExit);
+    if let Err(e) = sync_exit() {
+        count_error(e);
+    }
+    0
+}
+
+/// Counts a broker's fsync without its duration (entry-only hooks).
+#[inline(always)]
+fn sync_count() -> Result<(), ProbeError> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_broker(tgid) {
+        return Ok(());
+    }
+    let c = counters(tgid)?;
+    add!(c, fsyncs, 1);
+    Ok(())
 }
 
 #[inline(always)]

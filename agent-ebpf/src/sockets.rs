@@ -130,9 +130,13 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     run(&ctx, Program::SendReset, |ctx| {
         let off = offsets();
-        // The sockaddr's port is in network order.
-        let port: u16 = field(ctx, off.tp_send_reset_saddr + 2)?;
-        try_reset(ctx, off.tp_send_reset_skaddr, u16::from_be(port), true)
+        let port = if off.tp_send_reset_saddr != NO_FIELD {
+            // The sockaddr's port is in network order.
+            u16::from_be(field(ctx, off.tp_send_reset_saddr + 2)?)
+        } else {
+            field(ctx, off.tp_send_reset_sport)?
+        };
+        try_reset(ctx, off.tp_send_reset_skaddr, port, true)
     })
 }
 
@@ -385,6 +389,10 @@ impl Socket for Traced<'_> {
     }
     #[inline(always)]
     fn tuple(self, e: &mut ConnEvent) -> Result<(), ProbeError> {
+        if event_offsets().state_family == NO_FIELD {
+            // A record without the tuple: the socket has it.
+            return sock_tuple(self.probed.sk, e);
+        }
         state_tuple(self.record.ctx, e)
     }
 }
@@ -592,9 +600,11 @@ fn account_close(
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     let off = offsets();
-    let err: i32 = field(ctx, off.tp_retransmit_err)?;
-    if err != 0 {
-        return Ok(());
+    if off.tp_retransmit_err != NO_FIELD {
+        let err: i32 = field(ctx, off.tp_retransmit_err)?;
+        if err != 0 {
+            return Ok(());
+        }
     }
     let sk: u64 = field(ctx, off.tp_retransmit_skaddr)?;
     let Some((state, _)) = tracked(sk) else {
@@ -614,6 +624,9 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), ProbeError> {
     add!(counters, retransmits, u64::from(total_retrans - seen));
     send_event(CONN_RETRANSMIT, &listener, |e| {
         e.count = u64::from(total_retrans - seen);
+        if event_offsets().retransmit_family == NO_FIELD {
+            return sock_tuple(sk, e);
+        }
         retransmit_tuple(ctx, e)
     });
     Ok(())

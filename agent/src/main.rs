@@ -289,16 +289,28 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
                 Ok(probes) => {
                     tracing::info!(
                         programs = probes.attached().len(),
+                        refused = probes.degraded().len(),
                         "step 4/5: probes attached"
                     );
+                    for missing in probes.missing() {
+                        tracing::warn!(
+                            capability = %missing,
+                            "step 4/5: no hook this kernel allows; serving the rest"
+                        );
+                    }
                     model.set_probes(probes);
                     release_load_memory();
                 }
                 Err(e) => {
+                    let hint = if probes::is_permission_error(&e) {
+                        "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+                    } else {
+                        "see the error for what this kernel lacks"
+                    };
                     tracing::error!(
                         error = %format!("{e:#}"),
-                        "step 4/5: probes not attached; serving with /ready at 503. The agent \
-                         needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) on a kernel with BTF"
+                        hint,
+                        "step 4/5: probes not attached; serving with /ready at 503"
                     );
                     model.set_probe_error(e.to_string());
                 }

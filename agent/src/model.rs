@@ -21,6 +21,14 @@ pub struct Readiness {
     /// Optional programs this kernel refused and what covers for them (absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<String>,
+    /// Capabilities this kernel allows no hook for (absent when none): the agent serves the
+    /// rest, and says here what it cannot see.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// Every attached hook with its scope (`broker-only`, or `node-wide` for the hooks that
+    /// slow every process while attached; those need `probes.node_wide_hooks`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Attachment>,
     /// Programs attached only while needed, and when (absent when none);
     /// `brokerscope_probe_attached` says whether each is attached now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -34,7 +42,9 @@ struct Status {
     probe_error: Option<String>,
     attached: Vec<Attachment>,
     degraded: Vec<String>,
+    missing: Vec<String>,
     standby: Vec<String>,
+    fsync_cover: crate::probes::FsyncCover,
 }
 
 /// The broker table as discovery last published it.
@@ -100,6 +110,9 @@ pub struct BrokerView {
     pub broker: Broker,
     pub broker_state: StateView,
     pub state_changes: Vec<StateChange>,
+    /// How each of `log_dirs`' fsyncs are measured on this node: `count+duration`, `count`
+    /// (xfs and btrfs where fentry is refused) or `not measured`.
+    pub log_dir_fsync: Vec<&'static str>,
 }
 
 /// What a renderer needs, read at one instant.
@@ -132,6 +145,8 @@ impl Model {
             let mut status = self.status_mut();
             status.attached = probes.attached().to_vec();
             status.degraded = probes.degraded().iter().map(|d| d.describe()).collect();
+            status.missing = probes.missing();
+            status.fsync_cover = probes.fsync_cover();
             status.standby = probes
                 .standby()
                 .filter_map(|p| {
@@ -230,6 +245,8 @@ impl Model {
             });
         }
         let degraded = status.degraded.clone();
+        let missing = status.missing.clone();
+        let hooks = status.attached.clone();
         let standby = status.standby.clone();
         drop(status);
         let brokers = self.brokers_state();
@@ -243,6 +260,8 @@ impl Model {
             ready: reasons.is_empty(),
             reasons,
             degraded,
+            missing,
+            hooks,
             standby,
         }
     }
@@ -387,10 +406,18 @@ impl Model {
         let mut states = self.states();
         let broker_state = states.evaluate(&broker, false);
         let state_changes = states.changes(&broker.id);
+        drop(states);
+        let cover = self.status().fsync_cover;
+        let log_dir_fsync = broker
+            .log_dir_filesystems
+            .iter()
+            .map(|fs| cover.measures(fs))
+            .collect();
         BrokerView {
             broker,
             broker_state,
             state_changes,
+            log_dir_fsync,
         }
     }
 
@@ -494,10 +521,10 @@ impl Model {
     }
 
     fn apply_demand(&self, last_wanted: &mut LastWanted) {
-        let ext4 = {
+        let cover = {
             let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
             match probes.as_ref() {
-                Some(p) => p.fsync_hooks_cover_ext4(),
+                Some(p) => p.fsync_cover(),
                 None => return,
             }
         };
@@ -517,7 +544,9 @@ impl Model {
                 broker_starting: running
                     .iter()
                     .any(|b| !states.settled(&b.id, b.pid, b.start_time_ticks)),
-                fsync_uncovered: running.iter().any(|b| !(ext4 && b.log_dirs_on_ext4())),
+                fsync_uncovered: running
+                    .iter()
+                    .any(|b| !b.log_dirs_covered(|fs| cover.covers(fs))),
             }
         };
         let now = std::time::Instant::now();

@@ -652,14 +652,18 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
     counter(
         e,
         "fsync_total",
-        "fsync and fdatasync calls the broker completed.",
+        "fsync and fdatasync calls (and msync(MS_SYNC), O_SYNC writes) the broker made, exact on \
+         every filesystem the fsync hooks cover: all with fentry/fexit, else ext4, xfs and btrfs \
+         (see /ready's hooks).",
         &|c| Number::Int(c.io.fsyncs),
     );
     {
         let mut f = e.family(
             "fsync_duration_seconds",
             Kind::Histogram,
-            "Duration of the broker's fsync and fdatasync calls.",
+            "Duration of the broker's fsync and fdatasync calls, where measured: every filesystem \
+             with fentry/fexit, else ext4 only (xfs and btrfs fsyncs are counted in fsync_total \
+             without a duration).",
         );
         for (id, c) in &kernel {
             f.log2_histogram(&[("broker", id)], &c.io.fsync, c.io.fsync_sum_us, 1);
@@ -846,12 +850,15 @@ mod tests {
                 ready: true,
                 reasons: vec![],
                 degraded: vec![],
+                missing: vec![],
+                hooks: vec![],
                 standby: vec![],
             }),
             attached: vec![Attachment {
                 program: "sock_state",
                 hook: "tracepoint/sock/inet_sock_set_state",
                 id: 7,
+                scope: "broker-only",
             }],
             probes: ProbeSnapshot {
                 listeners: vec![ListenerStats {

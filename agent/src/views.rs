@@ -110,6 +110,7 @@ mod tests {
                     recovery: None,
                 },
                 state_changes: Vec::new(),
+                log_dir_fsync: Vec::new(),
             })
             .collect();
         let out = with_counters(&snapshot, views);

@@ -239,11 +239,15 @@ pub struct SocketOffsets {
     pub tp_protocol: u32,
     /// `skaddr` in `tcp:tcp_retransmit_skb`, `tcp:tcp_send_reset`, `tcp:tcp_receive_reset`.
     pub tp_retransmit_skaddr: u32,
+    /// `err` of `tcp:tcp_retransmit_skb` (Linux 6.10+, which also traces failed
+    /// retransmits); `NO_FIELD` before, when only sent ones are traced.
     pub tp_retransmit_err: u32,
     pub tp_send_reset_skaddr: u32,
     /// `saddr` of `tcp:tcp_send_reset`: a sockaddr_in/in6 of the local side; its port (network
-    /// order) is at byte 2.
+    /// order) is at byte 2. `NO_FIELD` before Linux 6.10, whose record has `sport` instead.
     pub tp_send_reset_saddr: u32,
+    /// `sport` of `tcp:tcp_send_reset` (host order), read where `saddr` is `NO_FIELD`.
+    pub tp_send_reset_sport: u32,
     pub tp_receive_reset_skaddr: u32,
     /// `sport` of `tcp:tcp_receive_reset` (host order).
     pub tp_receive_reset_sport: u32,
@@ -269,7 +273,6 @@ pub struct SocketOffsets {
     /// Bit of `SOCK_DONE` in `sk_flags` (from BTF `enum sock_flags`): set by `tcp_fin()`, so the
     /// peer's FIN was counted in `bytes_received`.
     pub sock_done_bit: u32,
-    pub _pad: u32,
 }
 
 impl SocketOffsets {
@@ -284,6 +287,7 @@ impl SocketOffsets {
         tp_retransmit_err: 0,
         tp_send_reset_skaddr: 0,
         tp_send_reset_saddr: 0,
+        tp_send_reset_sport: 0,
         tp_receive_reset_skaddr: 0,
         tp_receive_reset_sport: 0,
         sock_net: 0,
@@ -300,7 +304,6 @@ impl SocketOffsets {
         tcp_total_retrans: 0,
         tcp_srtt_us: 0,
         sock_done_bit: 0,
-        _pad: 0,
     };
 }
 

@@ -77,6 +77,48 @@ pub enum Program {
     /// tracepoint's arguments (Linux 6.13+) instead of its record through a helper; preferred,
     /// with the classic tracepoint as its fallback.
     ProcessExitBtf = 25,
+    /// `xfs:xfs_file_fsync`: fsync and fdatasync of XFS files, counted (no exit tracepoint:
+    /// no duration).
+    FsyncXfs = 26,
+    /// `btrfs:btrfs_sync_file`: the same for Btrfs.
+    FsyncBtrfs = 27,
+    /// `fentry/vfs_fsync_range`: every filesystem's fsync path; with [`Program::FsyncVfsExit`]
+    /// count and duration. Preferred where the kernel allows fentry; the filesystem
+    /// tracepoints serve elsewhere.
+    FsyncVfsEnter = 28,
+    /// `fexit/vfs_fsync_range`.
+    FsyncVfsExit = 29,
+}
+
+/// What a program is for, as a user asks about it: when every program of a capability is
+/// refused, `/ready` names the capability as missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    Connections,
+    Retransmits,
+    Resets,
+    OpenSockets,
+    Discovery,
+    BrokerState,
+    Scheduler,
+    BlockIo,
+    Fsync,
+}
+
+impl Capability {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Capability::Connections => "connections, bytes, RTT and lifetimes per listener",
+            Capability::Retransmits => "retransmits as they happen",
+            Capability::Resets => "TCP resets sent and received",
+            Capability::OpenSockets => "bytes of open connections and listen drops",
+            Capability::Discovery => "broker discovery from exec/exit events",
+            Capability::BrokerState => "broker shutdown and log recovery events",
+            Capability::Scheduler => "CPU time, context switches and run-queue latency",
+            Capability::BlockIo => "block I/O bytes and latency",
+            Capability::Fsync => "fsync/fdatasync counts and latency",
+        }
+    }
 }
 
 /// When a program on standby is attached (see [`Program::standby`]).
@@ -97,7 +139,7 @@ impl Standby {
         match self {
             Standby::BrokerStarting => "attached only while a broker is STARTING or in RECOVERY",
             Standby::FsyncUncovered => {
-                "attached only while a broker has a log dir the ext4 fsync hooks do not cover"
+                "attached only while a broker has a log dir the fsync hooks do not cover"
             }
         }
     }
@@ -105,7 +147,7 @@ impl Standby {
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 26] = [
+    pub const ALL: [Program; 30] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -132,6 +174,10 @@ impl Program {
         Program::FsyncExt4Enter,
         Program::FsyncExt4Exit,
         Program::ProcessExitBtf,
+        Program::FsyncXfs,
+        Program::FsyncBtrfs,
+        Program::FsyncVfsEnter,
+        Program::FsyncVfsExit,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -166,6 +212,10 @@ impl Program {
             Program::FsyncExt4Enter => "fsync_ext4_enter",
             Program::FsyncExt4Exit => "fsync_ext4_exit",
             Program::ProcessExitBtf => "process_exit_btf",
+            Program::FsyncXfs => "fsync_xfs",
+            Program::FsyncBtrfs => "fsync_btrfs",
+            Program::FsyncVfsEnter => "fsync_vfs_enter",
+            Program::FsyncVfsExit => "fsync_vfs_exit",
         }
     }
 
@@ -198,14 +248,21 @@ impl Program {
             Program::FsyncExt4Enter => "tracepoint/ext4/ext4_sync_file_enter",
             Program::FsyncExt4Exit => "tracepoint/ext4/ext4_sync_file_exit",
             Program::ProcessExitBtf => "tp_btf/sched_process_exit",
+            Program::FsyncXfs => "tracepoint/xfs/xfs_file_fsync",
+            Program::FsyncBtrfs => "tracepoint/btrfs/btrfs_sync_file",
+            Program::FsyncVfsEnter => "fentry/vfs_fsync_range",
+            Program::FsyncVfsExit => "fexit/vfs_fsync_range",
         }
     }
 
-    /// What is lost when this program cannot be loaded, and what takes over; `None` for the
-    /// programs the agent cannot work without.
+    /// What is lost when this program cannot be loaded, and what takes over. No program is
+    /// one the agent cannot work without: it serves what the others count.
     pub const fn fallback(self) -> Option<&'static str> {
         match self {
-            Program::SockState => None,
+            Program::SockState => Some(
+                "connections, their bytes, RTT and lifetimes are not counted (no other hook \
+                 for TCP state changes)",
+            ),
             Program::ProcessExitBtf => {
                 Some("the classic tracepoint program process_exit reports exits instead")
             }
@@ -246,13 +303,51 @@ impl Program {
             Program::FsyncEnter
             | Program::FsyncExit
             | Program::FdatasyncEnter
-            | Program::FdatasyncExit => {
-                Some("fsync calls and latency are not counted on filesystems other than ext4")
-            }
-            Program::FsyncExt4Enter | Program::FsyncExt4Exit => Some(
-                "the fsync/fdatasync syscall tracepoints count instead, attached for every \
-                 running broker",
+            | Program::FdatasyncExit => Some(
+                "fsync calls are not counted on filesystems other than ext4, xfs and btrfs \
+                 where the kernel refuses fentry",
             ),
+            Program::FsyncExt4Enter | Program::FsyncExt4Exit => {
+                Some("fsyncs of ext4 files are not counted")
+            }
+            Program::FsyncXfs => Some("fsyncs of XFS files are not counted"),
+            Program::FsyncBtrfs => Some("fsyncs of Btrfs files are not counted"),
+            Program::FsyncVfsEnter | Program::FsyncVfsExit => Some(
+                "the ext4, xfs and btrfs fsync tracepoints count instead (durations on ext4 \
+                 only)",
+            ),
+        }
+    }
+
+    /// The capability the program serves (alone or with its alternatives).
+    pub const fn capability(self) -> Capability {
+        match self {
+            Program::SockState | Program::SockStateRaw | Program::SockStateBtf => {
+                Capability::Connections
+            }
+            Program::Retransmit => Capability::Retransmits,
+            Program::SendReset | Program::ReceiveReset => Capability::Resets,
+            Program::TcpLive | Program::ConnLive | Program::ConnSpillLive | Program::ListenLive => {
+                Capability::OpenSockets
+            }
+            Program::ProcessExec | Program::ProcessExit | Program::ProcessExitBtf => {
+                Capability::Discovery
+            }
+            Program::StateOpenat | Program::StateOpenat2 | Program::StateSignal => {
+                Capability::BrokerState
+            }
+            Program::SchedSwitch | Program::SchedSwitchBtf => Capability::Scheduler,
+            Program::BlockIssue | Program::BlockComplete => Capability::BlockIo,
+            Program::FsyncEnter
+            | Program::FsyncExit
+            | Program::FdatasyncEnter
+            | Program::FdatasyncExit
+            | Program::FsyncExt4Enter
+            | Program::FsyncExt4Exit
+            | Program::FsyncXfs
+            | Program::FsyncBtrfs
+            | Program::FsyncVfsEnter
+            | Program::FsyncVfsExit => Capability::Fsync,
         }
     }
 
@@ -278,7 +373,9 @@ impl Program {
             Program::FdatasyncExit => Some(("syscalls", "sys_exit_fdatasync")),
             Program::FsyncExt4Enter => Some(("ext4", "ext4_sync_file_enter")),
             Program::FsyncExt4Exit => Some(("ext4", "ext4_sync_file_exit")),
-            Program::ProcessExitBtf => None,
+            Program::FsyncXfs => Some(("xfs", "xfs_file_fsync")),
+            Program::FsyncBtrfs => Some(("btrfs", "btrfs_sync_file")),
+            Program::ProcessExitBtf | Program::FsyncVfsEnter | Program::FsyncVfsExit => None,
             Program::SockStateRaw
             | Program::ConnLive
             | Program::ListenLive
@@ -307,6 +404,43 @@ impl Program {
         }
     }
 
+    /// The kernel function, for the programs attached by fentry (`Some((name, false))`) or
+    /// fexit (`Some((name, true))`).
+    pub const fn trampoline(self) -> Option<(&'static str, bool)> {
+        match self {
+            Program::FsyncVfsEnter => Some(("vfs_fsync_range", false)),
+            Program::FsyncVfsExit => Some(("vfs_fsync_range", true)),
+            _ => None,
+        }
+    }
+
+    /// Whether attaching the program taxes every process on the node, not only the work it
+    /// watches: a `syscalls:*` tracepoint sets the syscall-tracing work flag on every task, so
+    /// every syscall takes the kernel's slow path whatever the program filters. Such programs
+    /// are attached only when `probes.node_wide_hooks` allows.
+    pub const fn node_wide(self) -> bool {
+        matches!(
+            self,
+            Program::StateOpenat
+                | Program::StateOpenat2
+                | Program::FsyncEnter
+                | Program::FsyncExit
+                | Program::FdatasyncEnter
+                | Program::FdatasyncExit
+        )
+    }
+
+    /// `node-wide` or `broker-only` (see [`Program::node_wide`]): a broker-only hook fires on
+    /// its kind of event node-wide, and its program returns at its first lookup for anything
+    /// that is not a broker's.
+    pub const fn scope(self) -> &'static str {
+        if self.node_wide() {
+            "node-wide"
+        } else {
+            "broker-only"
+        }
+    }
+
     /// Programs loaded at start but attached only while what they see matters: each is a
     /// `syscalls:*` tracepoint, and attaching any puts every syscall on the node on the kernel's
     /// slow path (about 20-60 ns each on the machines this was measured on).
@@ -318,6 +452,25 @@ impl Program {
             | Program::FdatasyncEnter
             | Program::FdatasyncExit => Some(Standby::FsyncUncovered),
             _ => None,
+        }
+    }
+
+    /// Pairs of programs, tried before the others, that serve together (an entry and its
+    /// exit) and cover the programs whose [`Program::covered_by`] they are.
+    pub const COVERING: [Program; 2] = [Program::FsyncVfsEnter, Program::FsyncVfsExit];
+
+    /// The pair whose attachment makes this program unneeded (empty: none).
+    pub const fn covered_by(self) -> &'static [Program] {
+        match self {
+            Program::FsyncExt4Enter
+            | Program::FsyncExt4Exit
+            | Program::FsyncXfs
+            | Program::FsyncBtrfs
+            | Program::FsyncEnter
+            | Program::FsyncExit
+            | Program::FdatasyncEnter
+            | Program::FdatasyncExit => &[Program::FsyncVfsEnter, Program::FsyncVfsExit],
+            _ => &[],
         }
     }
 

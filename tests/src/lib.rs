@@ -3,6 +3,8 @@
 //!
 //! The binary comes from `BROKERSCOPE_TEST_BIN` (set by `cargo xtask test`) or target/debug.
 
+pub mod kernel;
+
 use std::{
     io::{BufRead as _, BufReader},
     os::unix::fs::MetadataExt as _,

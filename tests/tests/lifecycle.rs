@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use brokerscope_tests::{Agent, agent_bin, privileged};
+use brokerscope_tests::{Agent, agent_bin, kernel, privileged};
 
 fn bpftool_has_prog(id: u32) -> bool {
     Command::new("bpftool")
@@ -27,12 +27,35 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(ready["ready"], true, "{body}");
     assert_eq!(ready["reasons"], serde_json::json!([]), "{body}");
-    assert!(
-        ready.get("degraded").is_none(),
-        "this kernel takes every program: {body}"
-    );
-    let (code, body) = agent.get("/health");
-    assert_eq!((code, body.as_str()), (200, r#"{"status":"ok"}"#));
+    // What this kernel allows, asked of the kernel itself: the agent's choices must follow.
+    let fentry = kernel::fentry_allowed();
+    let map_iters = kernel::map_iterators_allowed();
+    let group_dead = kernel::tracepoint_has_field("sched", "sched_process_exit", "group_dead");
+    eprintln!("kernel allows: fentry {fentry}, map iterators {map_iters}, group_dead {group_dead}");
+    let mut expected_refused = Vec::new();
+    if !fentry {
+        expected_refused.extend(["fsync_vfs_enter", "fsync_vfs_exit"]);
+    }
+    if !map_iters {
+        expected_refused.extend(["conn_live", "listen_live", "conn_spill_live"]);
+    }
+    if !group_dead {
+        expected_refused.push("process_exit_btf");
+    }
+    let mut refused: Vec<&str> = ready["degraded"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|s| s.as_str()?.split(' ').next())
+                .collect()
+        })
+        .unwrap_or_default();
+    refused.sort_unstable();
+    expected_refused.sort_unstable();
+    assert_eq!(refused, expected_refused, "refused programs: {body}");
+    assert!(ready.get("missing").is_none(), "nothing missing: {body}");
+    let (code, health) = agent.get("/health");
+    assert_eq!((code, health.as_str()), (200, r#"{"status":"ok"}"#));
 
     assert_eq!(agent.metric("brokerscope_agent_ready", &[]), Some(1.0));
     assert_eq!(
@@ -44,7 +67,7 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
             ]
         ),
         Some(1.0),
-        "this kernel takes the BTF tracepoint, with its direct loads patched in"
+        "every tested kernel takes the BTF tracepoint, with its direct loads patched in"
     );
     // ... so its fallbacks, the raw and the classic tracepoint, are not attached at all.
     for (program, hook) in [
@@ -71,9 +94,24 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         ("hook", "raw_tracepoint/sched_switch"),
     ];
     assert_eq!(agent.metric("brokerscope_probe_attached", &raw), None);
-    // So does the exit hook, where the kernel passes group_dead (6.13+; this one does).
-    assert!(agent.attached("process_exit_btf"));
-    assert!(!agent.attached("process_exit"));
+    // The exit hook takes its BTF form where the kernel passes group_dead (6.13+).
+    assert_eq!(agent.attached("process_exit_btf"), group_dead);
+    assert_eq!(agent.attached("process_exit"), !group_dead);
+    // fsync: the VFS pair where fentry loads, else the filesystems' own tracepoints.
+    for program in ["fsync_vfs_enter", "fsync_vfs_exit"] {
+        assert_eq!(agent.attached(program), fentry, "{program}");
+    }
+    for program in [
+        "fsync_ext4_enter",
+        "fsync_ext4_exit",
+        "fsync_xfs",
+        "fsync_btrfs",
+    ] {
+        assert_eq!(agent.attached(program), !fentry, "{program}");
+    }
+    for program in ["conn_live", "listen_live", "conn_spill_live"] {
+        assert_eq!(agent.attached(program), map_iters, "{program}");
+    }
     // Our own scrapes are TCP connections: the program has run.
     let events = agent.metric(
         "brokerscope_probe_events_total",
@@ -100,45 +138,45 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         .into_iter()
         .chain(agent.standby_program_ids())
         .collect();
+    // Attached: sock_state_btf, tcp_retransmit, tcp_send_reset, tcp_receive_reset, tcp_live
+    // (iterator), process_exec, process_exit_btf or process_exit, state_signal,
+    // sched_switch_btf, block_issue, block_complete: 11; the fsync VFS pair (2) or the ext4
+    // pair, xfs and btrfs (4); the three map iterators where they load. Nothing on standby:
+    // node-wide hooks are off by default.
+    let expected = 11 + if fentry { 2 } else { 4 } + if map_iters { 3 } else { 0 };
     assert_eq!(
         ids.len(),
-        // Attached: sock_state_btf (or one of its fallbacks), tcp_retransmit, tcp_send_reset,
-        // tcp_receive_reset, tcp_live (iterator), process_exec, process_exit_btf (or its
-        // fallback), state_signal,
-        // sched_switch_btf (or its raw fallback), block_issue, block_complete,
-        // fsync_ext4_enter, fsync_ext4_exit, conn_live, conn_spill_live and listen_live (map
-        // iterators): 16. On standby, loaded: state_openat, state_openat2, fsync_enter,
-        // fsync_exit, fdatasync_enter, fdatasync_exit: 6.
-        22,
+        expected,
         "every program loaded: {ids:?}\n{}",
         agent.log_text()
     );
-    // No broker runs here: the standby programs are listed in /ready and not attached, so no
-    // syscall tracepoint slows the node down.
-    let standby: Vec<&str> = ready["standby"]
-        .as_array()
-        .expect("standby list")
-        .iter()
-        .filter_map(|s| s.as_str()?.split(' ').next())
-        .collect();
-    assert_eq!(
-        standby,
-        [
-            "state_openat",
-            "state_openat2",
-            "fsync_enter",
-            "fsync_exit",
-            "fdatasync_enter",
-            "fdatasync_exit"
-        ]
-    );
-    for program in standby {
-        assert!(
-            !agent.attached(program),
-            "{program} attached without a broker"
-        );
+    assert!(agent.standby_program_ids().is_empty());
+    assert!(ready.get("standby").is_none(), "{body}");
+    // Every hook /ready lists is broker-only, and none is a syscall tracepoint.
+    let hooks = ready["hooks"].as_array().expect("hooks");
+    assert_eq!(hooks.len(), expected, "{hooks:?}");
+    for hook in hooks {
+        assert_eq!(hook["scope"], "broker-only", "{hook}");
+        assert!(!hook["hook"].as_str().unwrap().contains("syscalls"), "{hook}");
     }
-    assert!(agent.attached("fsync_ext4_enter") && agent.attached("fsync_ext4_exit"));
+    // And the kernel agrees: no tracepoint link of this agent's programs is a syscall one.
+    match kernel::tracepoint_links() {
+        Some(links) => {
+            let ours: Vec<&(u32, String)> =
+                links.iter().filter(|(prog, _)| ids.contains(prog)).collect();
+            assert!(!ours.is_empty(), "the agent's tracepoint links: {links:?}");
+            for (prog, tp) in ours {
+                assert!(
+                    !tp.starts_with("sys_enter_") && !tp.starts_with("sys_exit_"),
+                    "program {prog} on syscall tracepoint {tp}"
+                );
+            }
+        }
+        None => eprintln!(
+            "this kernel's link info does not name tracepoints (before 6.6): the syscall \
+             check rests on /ready's hooks"
+        ),
+    }
     for &id in &ids {
         assert!(
             bpftool_has_prog(id),

@@ -129,18 +129,26 @@ fn cpu_time_agrees_with_proc_and_fsyncs_are_counted_exactly() {
         b.command(&format!("fdatasync 15 {file}"), Duration::from_secs(30)),
         "synced 15"
     );
-    assert_eq!(metric(&agent, "brokerscope_fsync_total", &labels), 40.0);
-    assert_eq!(
-        metric(&agent, "brokerscope_fsync_duration_seconds_count", &labels),
-        40.0
-    );
-    // The default log dir's filesystem decides which hooks time them: the ext4 hooks (no
-    // syscall tracepoint) when it is ext4, the syscall ones otherwise.
+    // The default log dir's filesystem (the temporary directory's) decides how they are
+    // measured; no syscall tracepoint is attached for it, whatever it is.
     let (_, body) = agent.get("/v1/brokers/11");
-    let filesystems =
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["log_dir_filesystems"].clone();
-    let ext4 = filesystems == serde_json::json!(["ext4"]);
-    assert_eq!(agent.attached("fsync_enter"), !ext4, "{filesystems}");
+    let view = serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let measured = view["log_dir_fsync"][0].as_str().unwrap().to_string();
+    let expected = |full: f64| match measured.as_str() {
+        "count+duration" => (full, full),
+        "count" => (full, 0.0),
+        _ => (0.0, 0.0),
+    };
+    assert_eq!(
+        (
+            metric(&agent, "brokerscope_fsync_total", &labels),
+            metric(&agent, "brokerscope_fsync_duration_seconds_count", &labels)
+        ),
+        expected(40.0),
+        "{} measured as {measured}",
+        view["log_dir_filesystems"]
+    );
+    assert!(!agent.attached("fsync_enter"));
 
     // /proc figures are there too.
     for name in [
@@ -299,20 +307,123 @@ fn sync_calls(b: &mut FakeBroker, call: &str, n: u32, file: &Path) {
     );
 }
 
+/// A filesystem of the test's own on a loop device (sparse backing file), unmounted and
+/// detached on drop.
+struct LoopFs {
+    mount: Mount,
+    _dev: Loop,
+}
+
+impl LoopFs {
+    fn new(dir: &Path, fstype: &str) -> Self {
+        // mkfs.xfs wants at least 300 MiB; the file is sparse.
+        let dev = Loop::new(&dir.join(format!("{fstype}.img")), 320 << 20);
+        let mkfs = format!("mkfs.{fstype}");
+        let mut cmd = Command::new(&mkfs);
+        match fstype {
+            "ext4" => cmd.args(["-q", "-F"]),
+            "xfs" => cmd.args(["-q", "-f"]),
+            _ => cmd.args(["-q", "-f"]),
+        };
+        run_ok(cmd.arg(&dev.dev));
+        // The filesystem may be a module the kernel has not loaded yet.
+        let _ = Command::new("modprobe").arg(fstype).status();
+        let mount = Mount::new(&dir.join(fstype), &["-t", fstype, &dev.dev]);
+        LoopFs { mount, _dev: dev }
+    }
+}
+
 #[test]
-fn syscall_fsync_hooks_serve_only_while_a_broker_keeps_logs_off_ext4() {
+fn fsyncs_are_exact_on_ext4_xfs_and_btrfs_without_a_syscall_hook() {
     if !privileged("resources") {
         return;
     }
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    // An ext4 of the test's own, whatever the machine's disks are, and a tmpfs.
-    let dev = Loop::new(&dir.path().join("ext4.img"), 32 << 20);
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &dev.dev]));
-    let ext4 = Mount::new(&dir.path().join("ext4"), &[&dev.dev]);
+    let filesystems = [
+        LoopFs::new(dir.path(), "ext4"),
+        LoopFs::new(dir.path(), "xfs"),
+        LoopFs::new(dir.path(), "btrfs"),
+    ];
     let tmpfs = Mount::new(&dir.path().join("tmpfs"), &["-t", "tmpfs", "tmpfs"]);
     let agent = Agent::start(&agent_config(dir.path()));
     agent.wait_ready();
+    let vfs = agent.attached("fsync_vfs_enter") && agent.attached("fsync_vfs_exit");
+    eprintln!("fsync hooks: {}", if vfs { "fentry/fexit on vfs_fsync_range" } else { "filesystem tracepoints" });
+    let count = |id: &str| {
+        (
+            metric(&agent, "brokerscope_fsync_total", &[("broker", id)]),
+            metric(
+                &agent,
+                "brokerscope_fsync_duration_seconds_count",
+                &[("broker", id)],
+            ),
+        )
+    };
+    let view = |id: &str| {
+        let (_, body) = agent.get(&format!("/v1/brokers/{id}"));
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let logs: Vec<(&str, std::path::PathBuf)> = filesystems
+        .iter()
+        .map(|fs| fs.mount.target.as_path())
+        .chain([tmpfs.target.as_path()])
+        .zip(["ext4", "xfs", "btrfs", "tmpfs"])
+        .map(|(target, fstype)| (fstype, target.join("logs")))
+        .collect();
+    for (i, (fstype, logs)) in logs.iter().enumerate() {
+        let id = format!("4{i}");
+        let mut b = broker_with(
+            &agent,
+            dir.path(),
+            &id,
+            &format!("log.dirs={}\n", logs.display()),
+        );
+        let v = view(&id);
+        assert_eq!(v["log_dir_filesystems"], serde_json::json!([fstype]));
+        std::fs::create_dir_all(logs).unwrap();
+        let file = logs.join("00000000000000000000.log");
+        let (n, m) = (7 + i as u32, 3);
+        sync_calls(&mut b, "fsync", n, &file);
+        sync_calls(&mut b, "fdatasync", m, &file);
+        let all = f64::from(n + m);
+        // Exact where a hook covers the filesystem: with fentry every one, timed; else ext4
+        // timed, xfs and btrfs counted without a duration, tmpfs not measured.
+        let (expected, how) = match (vfs, *fstype) {
+            (true, _) | (false, "ext4") => ((all, all), "count+duration"),
+            (false, "xfs" | "btrfs") => ((all, 0.0), "count"),
+            _ => ((0.0, 0.0), "not measured"),
+        };
+        assert_eq!(count(&id), expected, "{fstype}: {n} fsyncs + {m} fdatasyncs");
+        assert_eq!(v["log_dir_fsync"], serde_json::json!([how]), "{fstype}");
+        eprintln!("{fstype}: {} of {n}+{m} counted ({how})", count(&id).0);
+    }
+    // No broker situation brought a syscall hook.
+    for program in ["fsync_enter", "fsync_exit", "fdatasync_enter", "fdatasync_exit"] {
+        assert!(!agent.attached(program), "{program}");
+    }
+}
+
+#[test]
+fn node_wide_hooks_when_allowed_count_fsyncs_on_other_filesystems_while_needed() {
+    if !privileged("resources") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Mount::new(&dir.path().join("tmpfs"), &["-t", "tmpfs", "tmpfs"]);
+    let agent = Agent::start(&format!(
+        "{}[probes]\nnode_wide_hooks = true\n",
+        agent_config(dir.path())
+    ));
+    agent.wait_ready();
+    if agent.attached("fsync_vfs_enter") {
+        eprintln!(
+            "SKIPPED node_wide_hooks fsync part: this kernel allows fentry, whose VFS pair \
+             counts every filesystem, so no syscall hook is ever needed"
+        );
+        return;
+    }
     let syscall_hooks = [
         "fsync_enter",
         "fsync_exit",
@@ -332,61 +443,35 @@ fn syscall_fsync_hooks_serve_only_while_a_broker_keeps_logs_off_ext4() {
             },
         )
     };
-    let fsyncs = |id: &str| metric(&agent, "brokerscope_fsync_total", &[("broker", id)]);
-    let filesystems = |id: &str| {
-        let (_, body) = agent.get(&format!("/v1/brokers/{id}"));
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["log_dir_filesystems"].clone()
-    };
-
-    // A broker with its logs on ext4: the ext4 hooks time its syncs, no syscall hook is needed.
-    let logs = ext4.target.join("logs");
-    let mut a = broker_with(
-        &agent,
-        dir.path(),
-        "31",
-        &format!("log.dirs={}\n", logs.display()),
-    );
-    assert_eq!(filesystems("31"), serde_json::json!(["ext4"]));
     attached(false);
-    std::fs::create_dir_all(&logs).unwrap();
-    let on_ext4 = logs.join("synced");
-    sync_calls(&mut a, "fsync", 10, &on_ext4);
-    assert_eq!(fsyncs("31"), 10.0);
-
-    // A second broker with its logs on tmpfs: the syscall hooks serve while it runs ...
     let mut b = broker_with(
         &agent,
         dir.path(),
         "32",
         &format!("log.dirs={}\n", tmpfs.target.join("logs").display()),
     );
-    assert_eq!(filesystems("32"), serde_json::json!(["tmpfs"]));
     attached(true);
+    let (_, ready) = agent.get("/ready");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let node_wide: Vec<&str> = ready["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["scope"] == "node-wide")
+        .filter_map(|h| h["program"].as_str())
+        .filter(|p| p.starts_with("fsync_") || p.starts_with("fdatasync_"))
+        .collect();
+    assert_eq!(node_wide, syscall_hooks, "{ready}");
     let on_tmpfs = tmpfs.target.join("synced");
     sync_calls(&mut b, "fsync", 7, &on_tmpfs);
     sync_calls(&mut b, "fdatasync", 3, &on_tmpfs);
-    assert_eq!(fsyncs("32"), 10.0);
-    // ... and an ext4 sync, seen by both pairs of hooks, is counted once.
-    sync_calls(&mut a, "fdatasync", 5, &on_ext4);
-    assert_eq!(fsyncs("31"), 15.0);
     assert_eq!(
-        metric(
-            &agent,
-            "brokerscope_fsync_duration_seconds_count",
-            &[("broker", "31")]
-        ),
-        15.0
+        metric(&agent, "brokerscope_fsync_total", &[("broker", "32")]),
+        10.0
     );
-
-    // Once it stops, they are detached again; the ext4 broker is still counted.
+    // Once it stops, they are detached again.
     drop(b);
     attached(false);
-    sync_calls(&mut a, "fsync", 5, &on_ext4);
-    assert_eq!(fsyncs("31"), 20.0);
-    drop(a);
-    drop(agent);
-    drop(tmpfs);
-    drop(ext4);
 }
 
 /// Pins every thread of `pid` to CPU 0.

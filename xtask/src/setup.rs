@@ -24,8 +24,11 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "ca-certificates",
     "prometheus",
-    // mkfs.ext4: the fsync test makes its own ext4 on a loop device.
+    // mkfs.ext4, mkfs.xfs, mkfs.btrfs: the fsync tests make their own filesystems on loop
+    // devices.
     "e2fsprogs",
+    "xfsprogs",
+    "btrfs-progs",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

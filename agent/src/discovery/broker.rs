@@ -112,10 +112,10 @@ impl Broker {
         self.state == BrokerState::Running
     }
 
-    /// Every log dir is known and on ext4, whose fsync hooks then see all of this broker's
-    /// log syncs.
-    pub fn log_dirs_on_ext4(&self) -> bool {
-        !self.log_dir_filesystems.is_empty() && self.log_dir_filesystems.iter().all(|f| f == "ext4")
+    /// Every log dir is known and on a filesystem `covered` says the fsync hooks see, so
+    /// they see all of this broker's log syncs.
+    pub fn log_dirs_covered(&self, covered: impl Fn(&str) -> bool) -> bool {
+        !self.log_dir_filesystems.is_empty() && self.log_dir_filesystems.iter().all(|f| covered(f))
     }
 }
 

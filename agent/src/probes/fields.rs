@@ -43,6 +43,7 @@ impl FieldOffsets {
             .offset_of("tcp_sock", &["inet_conn", "icsk_inet", "sk"])
             .map_err(|e| PatchError::NoSock(e.to_string()))?;
         let in_sock = |offset: u32| (offset != NO_FIELD).then(|| sock + offset);
+        let known = |offset: u32| (offset != NO_FIELD).then_some(offset);
         let high = |offset: Option<u32>| offset.map(|o| o + 8);
         let mut offsets = [None; Field::ALL.len()];
         for field in Field::ALL {
@@ -50,13 +51,13 @@ impl FieldOffsets {
                 Field::SockNum => in_sock(socket.sock_num),
                 Field::SockFlags => in_sock(socket.sock_flags),
                 Field::SockNet => in_sock(socket.sock_net),
-                Field::NetInum => Some(socket.net_inum),
-                Field::TcpBytesReceived => Some(socket.tcp_bytes_received),
-                Field::TcpBytesAcked => Some(socket.tcp_bytes_acked),
-                Field::TcpSndUna => Some(socket.tcp_snd_una),
-                Field::TcpWriteSeq => Some(socket.tcp_write_seq),
-                Field::TcpTotalRetrans => Some(socket.tcp_total_retrans),
-                Field::TcpSrttUs => Some(socket.tcp_srtt_us),
+                Field::NetInum => known(socket.net_inum),
+                Field::TcpBytesReceived => known(socket.tcp_bytes_received),
+                Field::TcpBytesAcked => known(socket.tcp_bytes_acked),
+                Field::TcpSndUna => known(socket.tcp_snd_una),
+                Field::TcpWriteSeq => known(socket.tcp_write_seq),
+                Field::TcpTotalRetrans => known(socket.tcp_total_retrans),
+                Field::TcpSrttUs => known(socket.tcp_srtt_us),
                 Field::SockDport => in_sock(events.sock_dport),
                 Field::SockFamily => in_sock(events.sock_family),
                 Field::SockDaddr => in_sock(events.sock_daddr),
@@ -65,10 +66,10 @@ impl FieldOffsets {
                 Field::SockV6DaddrHigh => high(in_sock(events.sock_v6_daddr)),
                 Field::SockV6RcvSaddr => in_sock(events.sock_v6_rcv_saddr),
                 Field::SockV6RcvSaddrHigh => high(in_sock(events.sock_v6_rcv_saddr)),
-                Field::TaskRunDelay => Some(run_delay_load(tasks)),
-                Field::TaskState => Some(tasks.task_state),
-                Field::TaskSumExec => Some(tasks.task_sum_exec),
-                Field::TaskPrevSumExec => Some(tasks.task_prev_sum_exec),
+                Field::TaskRunDelay => known(run_delay_load(tasks)),
+                Field::TaskState => known(tasks.task_state),
+                Field::TaskSumExec => known(tasks.task_sum_exec),
+                Field::TaskPrevSumExec => known(tasks.task_prev_sum_exec),
                 Field::TaskPid => btf.offset_of("task_struct", &["pid"]).ok(),
                 Field::TaskTgid => btf.offset_of("task_struct", &["tgid"]).ok(),
                 Field::SockProtocol => in_sock(socket.sock_protocol),
@@ -130,6 +131,19 @@ pub struct Object {
     len: usize,
     /// Instructions rewritten.
     pub patched: usize,
+    /// Code sections left unpatched, and why: the programs in them cannot load here (`.text`,
+    /// the shared functions, refuses every program that loads fields directly).
+    pub refused: Vec<(String, PatchError)>,
+}
+
+impl Object {
+    /// Why the program in code section `section` cannot be loaded, if it cannot.
+    pub fn refusal(&self, section: &str) -> Option<&PatchError> {
+        self.refused
+            .iter()
+            .find(|(name, _)| name == section || name == ".text")
+            .map(|(_, e)| e)
+    }
 }
 
 impl Object {
@@ -157,49 +171,62 @@ const SHF_EXECINSTR: u64 = 0x4;
 const SHT_NOBITS: u32 = 8;
 
 /// Copies `object` and rewrites every placeholder load in its code sections with `offsets`.
-/// Fails, naming the field, if a program loads a field this kernel does not have: the caller
-/// then keeps the programs that need none.
+/// A section that loads a field this kernel does not have (or cannot fit) is left as it was
+/// and listed in [`Object::refused`], naming the field: the caller refuses the program in it
+/// and keeps every other. Only an object that is not an ELF file fails whole.
 pub fn patch(object: &[u8], offsets: &FieldOffsets) -> Result<Object, PatchError> {
     let mut copy = Object {
         words: vec![0; object.len().div_ceil(8)],
         len: object.len(),
         patched: 0,
+        refused: Vec::new(),
     };
     copy.bytes_mut().copy_from_slice(object);
-    let mut patched = 0;
     for (name, range) in code_sections(object)? {
-        let code = &mut copy.bytes_mut()[range];
-        for insn in code.chunks_exact_mut(8) {
-            if patch_cast(insn, offsets.cast) {
-                patched += 1;
-                continue;
+        let code = &mut copy.bytes_mut()[range.clone()];
+        match patch_section(code, &name, offsets) {
+            Ok(patched) => copy.patched += patched,
+            Err(e) => {
+                copy.bytes_mut()[range.clone()].copy_from_slice(&object[range]);
+                copy.refused.push((name, e));
             }
-            let offset = i16::from_le_bytes([insn[2], insn[3]]);
-            let Some(field) = Field::from_placeholder(offset) else {
-                continue;
-            };
-            let opcode = insn[0];
-            if opcode & BPF_CLASS_MASK != BPF_LDX || opcode & BPF_MODE_MASK != BPF_MEM {
-                return Err(PatchError::NotALoad {
-                    field,
-                    code: opcode,
-                    section: name,
-                });
-            }
-            let real = offsets.get(field).ok_or(PatchError::Missing(field))?;
-            let real = i16::try_from(real)
-                .ok()
-                .filter(|o| *o < brokerscope_common::fields::PLACEHOLDER_BASE)
-                .ok_or(PatchError::TooLarge {
-                    field,
-                    offset: real,
-                })?;
-            insn[2..4].copy_from_slice(&real.to_le_bytes());
-            patched += 1;
         }
     }
-    copy.patched = patched;
     Ok(copy)
+}
+
+/// Patches one code section in place; the instructions rewritten.
+fn patch_section(code: &mut [u8], name: &str, offsets: &FieldOffsets) -> Result<usize, PatchError> {
+    let mut patched = 0;
+    for insn in code.chunks_exact_mut(8) {
+        if patch_cast(insn, offsets.cast) {
+            patched += 1;
+            continue;
+        }
+        let offset = i16::from_le_bytes([insn[2], insn[3]]);
+        let Some(field) = Field::from_placeholder(offset) else {
+            continue;
+        };
+        let opcode = insn[0];
+        if opcode & BPF_CLASS_MASK != BPF_LDX || opcode & BPF_MODE_MASK != BPF_MEM {
+            return Err(PatchError::NotALoad {
+                field,
+                code: opcode,
+                section: name.to_string(),
+            });
+        }
+        let real = offsets.get(field).ok_or(PatchError::Missing(field))?;
+        let real = i16::try_from(real)
+            .ok()
+            .filter(|o| *o < brokerscope_common::fields::PLACEHOLDER_BASE)
+            .ok_or(PatchError::TooLarge {
+                field,
+                offset: real,
+            })?;
+        insn[2..4].copy_from_slice(&real.to_le_bytes());
+        patched += 1;
+    }
+    Ok(patched)
 }
 
 /// Rewrites `insn` if it is the cast's call or its type argument; whether it was.
@@ -417,12 +444,15 @@ mod tests {
             (Field::SockNum, 14),
         ]);
         assert_eq!(
-            patch(&object, &all).err(),
-            Some(PatchError::NotALoad {
-                field: Field::SockNum,
-                code: 0x07,
-                section: ".text".into()
-            })
+            patch(&object, &all).unwrap().refused,
+            vec![(
+                ".text".to_string(),
+                PatchError::NotALoad {
+                    field: Field::SockNum,
+                    code: 0x07,
+                    section: ".text".into()
+                }
+            )]
         );
     }
 
@@ -444,17 +474,25 @@ mod tests {
     #[test]
     fn a_field_the_kernel_lacks_or_cannot_fit_is_refused_by_name() {
         let object = elf(&[insn(0x79, Field::SockV6Daddr.placeholder())], &[]);
+        let refused = |o: &FieldOffsets| patch(&object, o).unwrap().refused;
         assert_eq!(
-            patch(&object, &offsets(&[])).err(),
-            Some(PatchError::Missing(Field::SockV6Daddr))
+            refused(&offsets(&[])),
+            vec![(".text".to_string(), PatchError::Missing(Field::SockV6Daddr))]
         );
         assert_eq!(
-            patch(&object, &offsets(&[(Field::SockV6Daddr, 0x7f00)])).err(),
-            Some(PatchError::TooLarge {
-                field: Field::SockV6Daddr,
-                offset: 0x7f00
-            })
+            refused(&offsets(&[(Field::SockV6Daddr, 0x7f00)])),
+            vec![(
+                ".text".to_string(),
+                PatchError::TooLarge {
+                    field: Field::SockV6Daddr,
+                    offset: 0x7f00
+                }
+            )]
         );
+        // The refused section is left as it was.
+        let copy = patch(&object, &offsets(&[])).unwrap();
+        assert_eq!(copy.bytes(), &object[..]);
+        assert!(copy.refusal("tp_btf/sched_switch").is_some());
         assert!(matches!(
             patch(b"not an elf file at all, just bytes", &offsets(&[])),
             Err(PatchError::Elf(_))

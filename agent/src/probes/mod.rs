@@ -4,8 +4,11 @@
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
 mod batch;
+#[cfg(test)]
+mod captured;
 mod btf;
 mod fields;
+pub mod lacks;
 mod map_iter;
 mod netns;
 pub mod processes;
@@ -25,7 +28,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
     programs::{
-        BtfTracePoint, Iter, RawTracePoint, TracePoint,
+        BtfTracePoint, FEntry, FExit, Iter, RawTracePoint, TracePoint,
         trace_point::{TracePointLink, TracePointLinkId},
     },
 };
@@ -38,7 +41,7 @@ use brokerscope_common::{
         LISTENERS_MAP, SOCKET_OFFSETS_GLOBAL, WATCHED_MAP, connection_tiers,
     },
     state::STATE_OFFSETS_GLOBAL,
-    telemetry::{PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program, Standby},
+    telemetry::{Capability, PROBE_ERRORS_MAP, PROBE_EVENTS_MAP, ProbeError, Program, Standby},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -62,6 +65,8 @@ pub enum ProbesError {
     Format(#[from] tracefs::FormatError),
     #[error("disabled by probes.disabled_programs")]
     Disabled,
+    #[error("this kernel lacks what it reads: {0}")]
+    Lacks(String),
     #[error("its direct loads cannot be patched for this kernel: {0}")]
     Fields(#[source] fields::PatchError),
     #[error("cannot load kernel BTF for the iterator: {0}")]
@@ -98,12 +103,56 @@ pub enum ProbesError {
     LogFd(#[source] std::io::Error),
 }
 
+/// Every offset the programs are loaded with, resolved from one kernel's tracefs and BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct Offsets {
+    pub sockets: brokerscope_common::sockets::SocketOffsets,
+    pub processes: brokerscope_common::processes::ProcessOffsets,
+    pub events: brokerscope_common::sockets::EventOffsets,
+    pub state: brokerscope_common::state::StateOffsets,
+    pub resources: brokerscope_common::resources::ResourceOffsets,
+}
+
+impl Offsets {
+    /// Resolves every offset, with the tracepoint formats from `read` (this kernel's tracefs,
+    /// or a captured kernel's in the tests), and what the kernel lacks, by program.
+    pub fn resolve(
+        read: impl Fn(&str, &str) -> tracefs::Format + Copy,
+        btf: &btf::Btf,
+    ) -> (Self, lacks::Lacks) {
+        let mut lacks = lacks::Lacks::default();
+        let offsets = Self {
+            sockets: sockets::resolve_offsets(read, btf, &mut lacks),
+            processes: processes::resolve_offsets(read, &mut lacks),
+            events: sockets_events::resolve_offsets(read, btf, &mut lacks),
+            state: state::resolve_offsets(read, &mut lacks),
+            resources: resources::resolve_offsets(read, btf, &mut lacks),
+        };
+        (offsets, lacks)
+    }
+}
+
+/// Whether `e` is the kernel refusing for want of privileges (EPERM/EACCES), as opposed to
+/// lacking something, so the log can say which.
+pub fn is_permission_error(e: &ProbesError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES));
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// A program attached to its hook.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Attachment {
     pub program: &'static str,
     pub hook: &'static str,
     pub id: u32,
+    /// `broker-only` or `node-wide` (see [`Program::scope`]).
+    pub scope: &'static str,
 }
 
 /// A program the kernel refused, and what covers for it.
@@ -133,6 +182,43 @@ struct OnStandby {
     /// The loaded program's id.
     id: u32,
     link: Option<TracePointLinkId>,
+}
+
+/// Which filesystems' fsyncs the attached hooks see (see [`Probes::fsync_cover`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsyncCover {
+    /// The VFS pair (fentry/fexit): every filesystem, with durations.
+    pub every: bool,
+    /// The ext4 tracepoints: count and duration.
+    pub ext4: bool,
+    /// The XFS and Btrfs entry tracepoints: count only.
+    pub xfs: bool,
+    pub btrfs: bool,
+}
+
+impl FsyncCover {
+    /// Whether an fsync of a file on `filesystem` (as discovery names it) is counted.
+    pub fn covers(self, filesystem: &str) -> bool {
+        self.every
+            || match filesystem {
+                "ext4" => self.ext4,
+                "xfs" => self.xfs,
+                "btrfs" => self.btrfs,
+                _ => false,
+            }
+    }
+
+    /// How the fsyncs of a file on `filesystem` are measured: `count+duration`, `count`, or
+    /// `not measured`.
+    pub fn measures(self, filesystem: &str) -> &'static str {
+        if self.every || (filesystem == "ext4" && self.ext4) {
+            "count+duration"
+        } else if self.covers(filesystem) {
+            "count"
+        } else {
+            "not measured"
+        }
+    }
 }
 
 /// What the standby programs are needed for, now.
@@ -217,11 +303,17 @@ impl Probes {
     pub fn load(kernel: &KernelFacts, config: &ProbesConfig) -> Result<Self, ProbesError> {
         // Parsed once: a few MiB of kernel type information.
         let kernel_types = btf::Btf::parse(&read_file(&kernel.btf)?)?;
-        let offsets = sockets::resolve_offsets(&kernel.tracefs, &kernel_types)?;
-        let process_offsets = processes::resolve_offsets(&kernel.tracefs)?;
-        let event_offsets = sockets_events::resolve_offsets(&kernel.tracefs, &kernel_types)?;
-        let state_offsets = state::resolve_offsets(&kernel.tracefs)?;
-        let resource_offsets = resources::resolve_offsets(&kernel.tracefs, &kernel_types)?;
+        let (all, lacks) = Offsets::resolve(
+            |category: &str, name: &str| tracefs::Format::read(&kernel.tracefs, category, name),
+            &kernel_types,
+        );
+        let Offsets {
+            sockets: offsets,
+            processes: process_offsets,
+            events: event_offsets,
+            state: state_offsets,
+            resources: resource_offsets,
+        } = all;
         tracing::debug!(
             ?offsets,
             ?process_offsets,
@@ -229,8 +321,15 @@ impl Probes {
             ?state_offsets,
             "resolved offsets"
         );
-        // The direct loads of the BTF programs get this kernel's offsets; without them those
-        // programs are not loaded and their fallbacks serve.
+        for (program, reason) in lacks.iter() {
+            tracing::info!(
+                program = program.name(),
+                reason,
+                "this kernel lacks what the program reads"
+            );
+        }
+        // The direct loads of the BTF programs get this kernel's offsets; a program whose
+        // loads cannot be patched is not loaded, and its fallback serves.
         let patched = fields::FieldOffsets::resolve(
             &kernel_types,
             &offsets,
@@ -243,7 +342,11 @@ impl Probes {
         });
         let (object, unpatched) = match &patched {
             Ok(object) => {
-                tracing::debug!(instructions = object.patched, "patched direct loads");
+                tracing::debug!(
+                    instructions = object.patched,
+                    refused = ?object.refused,
+                    "patched direct loads"
+                );
                 (object.bytes(), None)
             }
             Err(e) => {
@@ -251,6 +354,15 @@ impl Probes {
                 (EBPF_OBJECT, Some(e.clone()))
             }
         };
+        let refusals: Vec<(Program, fields::PatchError)> = Program::ALL
+            .into_iter()
+            .filter(|p| p.btf_tracepoint().is_some())
+            .filter_map(|p| match (&patched, &unpatched) {
+                (_, Some(e)) => Some((p, e.clone())),
+                (Ok(object), None) => object.refusal(p.hook()).map(|e| (p, e.clone())),
+                (Err(_), None) => None,
+            })
+            .collect();
         let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
         let buckets = first_tier / CONN_WAYS as u32;
         let mut ebpf = EbpfLoader::new()
@@ -282,33 +394,44 @@ impl Probes {
         let mut degraded = Vec::new();
         let mut standby = Vec::new();
         let mut map_iters = Vec::new();
-        // Alternatives in order of preference, then every other program. Once one of a set of
-        // alternatives serves, the rest are not attached.
-        let order = Program::ALTERNATIVES.into_iter().flatten().copied().chain(
-            Program::ALL
-                .into_iter()
-                .filter(|p| !Program::ALTERNATIVES.iter().any(|set| set.contains(p))),
-        );
+        // Alternatives in order of preference, then the programs that cover others, then every
+        // other program. Once one of a set of alternatives serves, the rest are not attached;
+        // nor is a program whose work a pair that attached covers (see `Program::covered_by`).
+        let first: Vec<Program> = Program::ALTERNATIVES
+            .into_iter()
+            .flatten()
+            .copied()
+            .chain(Program::COVERING)
+            .collect();
+        let order = first
+            .clone()
+            .into_iter()
+            .chain(Program::ALL.into_iter().filter(|p| !first.contains(p)));
+        let mut skipped_node_wide = Vec::new();
         for program in order {
+            let is_attached =
+                |p: Program, attached: &[Attachment]| attached.iter().any(|a| a.program == p.name());
             let served = Program::ALTERNATIVES.iter().any(|set| {
-                set.contains(&program)
-                    && attached
-                        .iter()
-                        .any(|a: &Attachment| set.iter().any(|p| p.name() == a.program))
+                set.contains(&program) && set.iter().any(|p| is_attached(*p, &attached))
             });
-            if served {
+            let covered = !program.covered_by().is_empty()
+                && program
+                    .covered_by()
+                    .iter()
+                    .all(|p| is_attached(*p, &attached));
+            if served || covered {
                 continue;
             }
+            if program.node_wide() && !config.node_wide_hooks {
+                skipped_node_wide.push(program.name());
+                continue;
+            }
+            let refused = refusals.iter().find(|(p, _)| *p == program);
             let result = if config.disabled_programs.iter().any(|d| d == program.name()) {
                 Err(ProbesError::Disabled)
-            } else if program == Program::SockStateRaw
-                && offsets.sock_protocol == sockets::NO_OFFSET
-            {
-                Err(ProbesError::Missing {
-                    kind: "BTF member",
-                    name: "sock.sk_protocol",
-                })
-            } else if let (Some(_), Some(e)) = (program.btf_tracepoint(), &unpatched) {
+            } else if let Some(reason) = lacks.why(program) {
+                Err(ProbesError::Lacks(reason.to_string()))
+            } else if let Some((_, e)) = refused {
                 Err(ProbesError::Fields(e.clone()))
             } else if program.standby().is_some() {
                 load_standby(&mut ebpf, program).map(|id| {
@@ -322,11 +445,11 @@ impl Probes {
             } else {
                 attach(&mut ebpf, &btf, program, &mut map_iters).map(Some)
             };
-            match (result, program.fallback()) {
-                (Ok(Some(a)), _) => attached.push(a),
-                (Ok(None), _) => {}
-                (Err(e), None) => return Err(e),
-                (Err(e), Some(fallback)) => {
+            match result {
+                Ok(Some(a)) => attached.push(a),
+                Ok(None) => {}
+                Err(e) => {
+                    let fallback = program.fallback();
                     tracing::warn!(program = program.name(), error = %e, fallback, "program not attached");
                     degraded.push(Degraded {
                         program,
@@ -334,6 +457,47 @@ impl Probes {
                     });
                 }
             }
+        }
+        // A pair serves only whole: half of it is taken back.
+        for pair in Program::COVERING.chunks(2) {
+            let up: Vec<Program> = pair
+                .iter()
+                .copied()
+                .filter(|p| attached.iter().any(|a: &Attachment| a.program == p.name()))
+                .collect();
+            if up.len() == 1 {
+                let lone = up[0];
+                let other = pair.iter().copied().find(|p| *p != lone).unwrap_or(lone);
+                if let Some(Err(e)) = ebpf.program_mut(lone.name()).map(unload) {
+                    tracing::warn!(program = lone.name(), error = %e, "cannot unload");
+                }
+                attached.retain(|a| a.program != lone.name());
+                degraded.push(Degraded {
+                    program: lone,
+                    error: format!("its other half {} was not attached", other.name()),
+                });
+                // The programs the pair would have covered were skipped: attach them now.
+                for covered in Program::ALL
+                    .into_iter()
+                    .filter(|p| p.covered_by() == pair && !p.node_wide())
+                {
+                    match attach(&mut ebpf, &btf, covered, &mut map_iters) {
+                        Ok(a) => attached.push(a),
+                        Err(e) => degraded.push(Degraded {
+                            program: covered,
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+            }
+        }
+        if !skipped_node_wide.is_empty() {
+            tracing::info!(
+                programs = ?skipped_node_wide,
+                "node-wide hooks off (probes.node_wide_hooks = false): each is a syscall \
+                 tracepoint, which slows every syscall of every process on the node by ~20% \
+                 while attached"
+            );
         }
         let events_attached =
             |p: Program| attached.iter().any(|a: &Attachment| a.program == p.name());
@@ -397,12 +561,19 @@ impl Probes {
         self.standby.iter().map(|s| s.program)
     }
 
-    /// Whether the ext4 fsync hooks serve (both ends attached): brokers whose log dirs are all on
-    /// ext4 then need no syscall tracepoint.
-    pub fn fsync_hooks_cover_ext4(&self) -> bool {
-        [Program::FsyncExt4Enter, Program::FsyncExt4Exit]
-            .iter()
-            .all(|p| self.attached.iter().any(|a| a.program == p.name()))
+    /// Which filesystems' fsyncs the attached hooks see.
+    pub fn fsync_cover(&self) -> FsyncCover {
+        let up = |programs: &[Program]| {
+            programs
+                .iter()
+                .all(|p| self.attached.iter().any(|a| a.program == p.name()))
+        };
+        FsyncCover {
+            every: up(&Program::COVERING),
+            ext4: up(&[Program::FsyncExt4Enter, Program::FsyncExt4Exit]),
+            xfs: up(&[Program::FsyncXfs]),
+            btrfs: up(&[Program::FsyncBtrfs]),
+        }
     }
 
     /// Attaches the standby programs `demand` wants and takes the links of the others, which
@@ -437,6 +608,7 @@ impl Probes {
                             program: name,
                             hook,
                             id: s.id,
+                            scope: s.program.scope(),
                         });
                         changed = true;
                     }
@@ -457,9 +629,18 @@ impl Probes {
         (changed, detached)
     }
 
-    /// Programs this kernel refused, whose capability a fallback covers.
+    /// Programs this kernel refused (or the config disabled), and what covers for them.
     pub fn degraded(&self) -> &[Degraded] {
         &self.degraded
+    }
+
+    /// Capabilities none of whose programs serves (attached or on standby): one line each,
+    /// naming why each program is not there.
+    pub fn missing(&self) -> Vec<String> {
+        missing_capabilities(&self.degraded, |p| {
+            self.attached.iter().any(|a| a.program == p.name())
+                || self.standby.iter().any(|s| s.program == p)
+        })
     }
 
     /// The exec/exit event stream for discovery; `None` once taken.
@@ -666,6 +847,36 @@ impl Drop for Probes {
     }
 }
 
+/// Capabilities none of whose programs `serves`, each with why its programs were refused.
+fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool) -> Vec<String> {
+    let mut missing: Vec<(Capability, Vec<String>)> = Vec::new();
+    for d in degraded {
+        let capability = d.program.capability();
+        let programs = Program::ALL.into_iter().filter(|p| p.capability() == capability);
+        if programs.clone().any(&serves) {
+            continue;
+        }
+        let why = format!("{}: {}", d.program.name(), d.error);
+        match missing.iter_mut().find(|(c, _)| *c == capability) {
+            Some((_, reasons)) => reasons.push(why),
+            None => missing.push((capability, vec![why])),
+        }
+    }
+    missing
+        .into_iter()
+        .map(|(c, reasons)| format!("{} ({})", c.describe(), reasons.join("; ")))
+        .collect()
+}
+
+/// Unloads a trampoline program, detaching it from its hook.
+fn unload(program: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::FExit(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
 /// Loads a tracepoint program on standby without attaching it; its id.
 fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
@@ -712,6 +923,26 @@ fn attach(
         kind: "program",
         name,
     })?;
+    if let Some((function, exit)) = program.trampoline() {
+        let id = if exit {
+            let prog: &mut FExit = prog.try_into().map_err(err)?;
+            prog.load(function, btf).map_err(err)?;
+            prog.attach().map_err(err)?;
+            prog.info().map_err(err)?.id()
+        } else {
+            let prog: &mut FEntry = prog.try_into().map_err(err)?;
+            prog.load(function, btf).map_err(err)?;
+            prog.attach().map_err(err)?;
+            prog.info().map_err(err)?.id()
+        };
+        tracing::info!(program = name, hook, id, "attached");
+        return Ok(Attachment {
+            program: name,
+            hook,
+            id,
+            scope: program.scope(),
+        });
+    }
     let id = match (
         program.raw_tracepoint(),
         program.btf_tracepoint(),
@@ -762,6 +993,7 @@ fn attach(
         program: name,
         hook,
         id,
+        scope: program.scope(),
     })
 }
 
@@ -1024,20 +1256,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_optional_program_says_what_covers_for_it() {
-        assert!(
-            Program::SockState.fallback().is_none(),
-            "the core program has no fallback"
+    fn a_capability_is_missing_only_when_none_of_its_programs_serves() {
+        let refused = |program| Degraded {
+            program,
+            error: "EPERM".into(),
+        };
+        let degraded = [
+            refused(Program::SockStateBtf),
+            refused(Program::FsyncExt4Enter),
+            refused(Program::FsyncExt4Exit),
+        ];
+        // The raw tracepoint counts connections; nothing counts fsyncs.
+        let missing = missing_capabilities(&degraded, |p| p == Program::SockStateRaw);
+        assert_eq!(
+            missing,
+            vec![
+                "fsync/fdatasync counts and latency (fsync_ext4_enter: EPERM; fsync_ext4_exit: \
+                 EPERM)"
+                    .to_string()
+            ]
         );
-        for p in Program::ALL
-            .into_iter()
-            .filter(|p| *p != Program::SockState)
-        {
+        assert!(missing_capabilities(&degraded, |_| true).is_empty());
+    }
+
+    #[test]
+    fn every_program_says_what_covers_for_it() {
+        for p in Program::ALL {
             let d = Degraded {
                 program: p,
                 error: "EPERM".into(),
             };
             let line = d.describe();
+            assert!(!line.contains("no fallback"), "{line}");
             assert!(
                 line.starts_with(&format!("{} ({}) not attached: ", p.name(), p.hook())),
                 "{line}"

@@ -1,19 +1,21 @@
 //! Processes (kernel side: agent-ebpf/src/processes.rs): exec/exit events for discovery, and
 //! the set of broker pids whose exit the kernel reports.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
 use brokerscope_common::processes::{
-    BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_LAG_MS, NO_FIELD, PROCESS_EVENTS_MAP,
-    ProcessEvent, ProcessOffsets, broker_bit,
+    BROKER_PIDS_MAP, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_LAG_MS, PROCESS_EVENTS_MAP, ProcessEvent,
+    ProcessOffsets, broker_bit,
 };
 use tokio::sync::mpsc;
 
-use super::{ProbesError, map_error, tracefs::Format};
+use brokerscope_common::telemetry::Program;
+
+use super::{ProbesError, lacks::Lacks, map_error, tracefs::Format};
 
 /// What discovery hears from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,14 +29,15 @@ pub enum ProcessSignal {
 /// Capacity of the channel from the ring reader to discovery.
 const CHANNEL_CAPACITY: usize = 4096;
 
-pub fn resolve_offsets(tracefs: &Path) -> Result<ProcessOffsets, ProbesError> {
-    let exec = Format::read(tracefs, "sched", "sched_process_exec")?;
-    let exit = Format::read(tracefs, "sched", "sched_process_exit")?;
-    Ok(ProcessOffsets {
-        exec_pid: exec.field("pid", 4)?,
-        // Older kernels lack group_dead: the program then takes the leader's exit.
-        exit_group_dead: exit.field("group_dead", 1).unwrap_or(NO_FIELD),
-    })
+/// The exec record's pid (the exec program needs it) and the exit record's `group_dead`
+/// (optional: without it the program takes the leader's exit).
+pub fn resolve_offsets(read: impl Fn(&str, &str) -> Format, lacks: &mut Lacks) -> ProcessOffsets {
+    let exec = read("sched", "sched_process_exec");
+    let exit = read("sched", "sched_process_exit");
+    ProcessOffsets {
+        exec_pid: lacks.offset(&[Program::ProcessExec], exec.field("pid", 4)),
+        exit_group_dead: Lacks::optional(exit.field("group_dead", 1)),
+    }
 }
 
 /// The broker pid set in the kernel.

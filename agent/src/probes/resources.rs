@@ -1,47 +1,53 @@
 //! Resources (kernel side: agent-ebpf/src/resources.rs): reads the per-broker counters and the
 //! fill of the maps behind them.
 
-use std::path::Path;
-
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
-use brokerscope_common::{
-    processes::NO_FIELD,
-    resources::{
-        BLOCK_CAPACITY, BLOCK_MAP, BROKER_SLOTS_MAP, BlockKey, BlockStart, EVICTIONS_MAP,
-        FSYNC_CAPACITY, FSYNC_MAP, IoCounters, RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters,
-        ResourceOffsets, SCHED_CAPACITY, SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP,
-        ThreadState,
-    },
+use brokerscope_common::resources::{
+    BLOCK_CAPACITY, BLOCK_MAP, BROKER_SLOTS_MAP, BlockKey, BlockStart, EVICTIONS_MAP,
+    FSYNC_CAPACITY, FSYNC_MAP, IoCounters, RESOURCES_CAPACITY, RESOURCES_MAP, ResourceCounters,
+    ResourceOffsets, SCHED_CAPACITY, SCHED_MAP, SchedCounters, THREADS_CAPACITY, THREADS_MAP,
+    ThreadState,
 };
 
-use super::{MapStats, ProbesError, batch::Batched, btf::Btf, take_map as take, tracefs::Format};
+use brokerscope_common::telemetry::Program;
 
-pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<ResourceOffsets, ProbesError> {
-    let issue = Format::read(tracefs, "block", "block_rq_issue")?;
-    let complete = Format::read(tracefs, "block", "block_rq_complete")?;
-    Ok(ResourceOffsets {
-        task_state: btf
-            .offset_of("task_struct", &["__state"])
-            .or_else(|_| btf.offset_of("task_struct", &["state"]))?,
-        task_sum_exec: btf.offset_of("task_struct", &["se", "sum_exec_runtime"])?,
-        task_prev_sum_exec: btf.offset_of("task_struct", &["se", "prev_sum_exec_runtime"])?,
-        issue_dev: issue.field("dev", 4)?,
-        issue_sector: issue.field("sector", 8)?,
-        issue_bytes: issue.field("bytes", 4)?,
-        issue_rwbs: issue
-            .field("rwbs", 10)
-            .or_else(|_| issue.field("rwbs", 8))?,
-        complete_dev: complete.field("dev", 4)?,
-        complete_sector: complete.field("sector", 8)?,
+use super::{
+    MapStats, ProbesError, batch::Batched, btf::Btf, lacks::Lacks, take_map as take,
+    tracefs::Format,
+};
+
+/// The scheduler programs' `task_struct` members and the block request records' fields.
+pub fn resolve_offsets(
+    read: impl Fn(&str, &str) -> Format,
+    btf: &Btf,
+    lacks: &mut Lacks,
+) -> ResourceOffsets {
+    use Program::{BlockComplete, BlockIssue, SchedSwitch, SchedSwitchBtf};
+    let sched = &[SchedSwitch, SchedSwitchBtf];
+    let issue = read("block", "block_rq_issue");
+    let complete = read("block", "block_rq_complete");
+    let task = |path: &[&str]| btf.offset_of("task_struct", path);
+    ResourceOffsets {
+        task_state: lacks.offset(sched, task(&["__state"]).or_else(|_| task(&["state"]))),
+        task_sum_exec: lacks.offset(sched, task(&["se", "sum_exec_runtime"])),
+        task_prev_sum_exec: lacks.offset(sched, task(&["se", "prev_sum_exec_runtime"])),
+        issue_dev: lacks.offset(&[BlockIssue], issue.field("dev", 4)),
+        issue_sector: lacks.offset(&[BlockIssue], issue.field("sector", 8)),
+        issue_bytes: lacks.offset(&[BlockIssue], issue.field("bytes", 4)),
+        // RWBS_LEN grew from 8 to 10 in Linux 6.8.
+        issue_rwbs: lacks.offset(
+            &[BlockIssue],
+            issue.field("rwbs", 10).or_else(|_| issue.field("rwbs", 8)),
+        ),
+        complete_dev: lacks.offset(&[BlockComplete], complete.field("dev", 4)),
+        complete_sector: lacks.offset(&[BlockComplete], complete.field("sector", 8)),
         // Without CONFIG_SCHED_INFO, run-queue latency is not measured; the rest is.
-        task_run_delay: btf
-            .offset_of("task_struct", &["sched_info", "run_delay"])
-            .unwrap_or(NO_FIELD),
+        task_run_delay: Lacks::optional(task(&["sched_info", "run_delay"])),
         _pad: 0,
-    })
+    }
 }
 
 /// The kernel's per-broker resource counters.

@@ -1,10 +1,7 @@
 //! TCP sockets (kernel side: agent-ebpf/src/sockets.rs): resolving the offsets the programs need
 //! and reading the per-listener counters.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::{
     Ebpf,
@@ -16,7 +13,16 @@ use brokerscope_common::sockets::{
     SocketsConfig, WATCH, WATCH_INDEX_MAP, WATCHED_MAP, Watch, WatchIndexEntry, watch_index,
 };
 
-use super::{ProbesError, batch::Batched, btf::Btf, map_error, take_map as take, tracefs::Format};
+use brokerscope_common::telemetry::Program;
+
+use super::{
+    ProbesError,
+    batch::Batched,
+    btf::Btf,
+    lacks::{Lacks, NO_OFFSET},
+    map_error, take_map as take,
+    tracefs::Format,
+};
 
 /// Counters of one (network namespace, port) listener: closed connections' totals from the
 /// kernel map plus what is still open, read by the iterator.
@@ -110,57 +116,92 @@ pub fn parse_records(bytes: &[u8]) -> Result<Vec<LiveRecord>, IterError> {
         .collect())
 }
 
-/// Reads `inet_sock_set_state`'s record layout from tracefs and the `struct sock -> net -> inum`
-/// path from BTF.
-pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<SocketOffsets, ProbesError> {
-    let state = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
-    let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
-    let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
-    let tcp = |field: &str| btf.offset_of("tcp_sock", &[field]);
-    let sock_done = btf.enum_value("SOCK_DONE")?;
-    Ok(SocketOffsets {
-        tp_skaddr: state.field("skaddr", 8)?,
-        tp_oldstate: state.field("oldstate", 4)?,
-        tp_newstate: state.field("newstate", 4)?,
-        tp_sport: state.field("sport", 2)?,
-        tp_protocol: state.field("protocol", 2)?,
-        tp_retransmit_skaddr: retransmit.field("skaddr", 8)?,
-        tp_retransmit_err: retransmit.field("err", 4)?,
-        tp_send_reset_skaddr: send_reset.field("skaddr", 8)?,
-        tp_send_reset_saddr: send_reset.field("saddr", 28)?,
-        tp_receive_reset_skaddr: receive_reset.field("skaddr", 8)?,
-        tp_receive_reset_sport: receive_reset.field("sport", 2)?,
-        sock_net: btf.offset_of("sock", &["__sk_common", "skc_net", "net"])?,
-        sock_num: btf.offset_of("sock", &["__sk_common", "skc_num"])?,
-        sock_state: btf.offset_of("sock", &["__sk_common", "skc_state"])?,
-        sock_flags: btf.offset_of("sock", &["__sk_common", "skc_flags"])?,
-        sock_drops: btf.offset_of("sock", &["sk_drops"])?,
+/// Every program that reads sockets through `struct sock`/`tcp_sock` members.
+pub const SOCKET_PROGRAMS: &[Program] = &[
+    Program::SockState,
+    Program::SockStateRaw,
+    Program::SockStateBtf,
+    Program::Retransmit,
+    Program::SendReset,
+    Program::ReceiveReset,
+    Program::TcpLive,
+    Program::ConnLive,
+    Program::ConnSpillLive,
+    Program::ListenLive,
+];
+
+/// Reads the socket programs' tracepoint record layouts from tracefs and their `struct sock`,
+/// `tcp_sock` and `net` members from BTF. A lookup that fails costs only the programs that
+/// need it (see [`Lacks`]).
+pub fn resolve_offsets(
+    read: impl Fn(&str, &str) -> Format,
+    btf: &Btf,
+    lacks: &mut Lacks,
+) -> SocketOffsets {
+    use Program::{ReceiveReset, Retransmit, SendReset, SockState};
+    let state = read("sock", "inet_sock_set_state");
+    let retransmit = read("tcp", "tcp_retransmit_skb");
+    let send_reset = read("tcp", "tcp_send_reset");
+    let receive_reset = read("tcp", "tcp_receive_reset");
+    let all = SOCKET_PROGRAMS;
+    let sock = |lacks: &mut Lacks, path: &[&str]| lacks.offset(all, btf.offset_of("sock", path));
+    let tcp =
+        |lacks: &mut Lacks, field: &str| lacks.offset(all, btf.offset_of("tcp_sock", &[field]));
+    // RSTs sent: the local port from the record's sockaddr (Linux 6.10+, whose record carries
+    // the local address of a socket that already released its port), else its `sport`.
+    let send_reset_saddr = Lacks::optional(send_reset.field("saddr", 28));
+    let send_reset_sport = if send_reset_saddr == NO_OFFSET {
+        lacks.offset(&[SendReset], send_reset.field("sport", 2))
+    } else {
+        NO_OFFSET
+    };
+    let sock_done_bit = btf
+        .enum_value("SOCK_DONE")
+        .map_err(|e| e.to_string())
+        .and_then(|bit| {
+            u32::try_from(bit)
+                .ok()
+                .filter(|bit| *bit < 64)
+                .ok_or_else(|| format!("SOCK_DONE is {bit}, not a bit of sk_flags"))
+        });
+    SocketOffsets {
+        tp_skaddr: lacks.offset(&[SockState], state.field("skaddr", 8)),
+        tp_oldstate: lacks.offset(&[SockState], state.field("oldstate", 4)),
+        tp_newstate: lacks.offset(&[SockState], state.field("newstate", 4)),
+        tp_sport: lacks.offset(&[SockState], state.field("sport", 2)),
+        tp_protocol: lacks.offset(&[SockState], state.field("protocol", 2)),
+        tp_retransmit_skaddr: lacks.offset(&[Retransmit], retransmit.field("skaddr", 8)),
+        // Linux 6.10+ also fires for failed retransmits, with `err`; before, only for sent ones.
+        tp_retransmit_err: Lacks::optional(retransmit.field("err", 4)),
+        tp_send_reset_skaddr: lacks.offset(&[SendReset], send_reset.field("skaddr", 8)),
+        tp_send_reset_saddr: send_reset_saddr,
+        tp_send_reset_sport: send_reset_sport,
+        tp_receive_reset_skaddr: lacks.offset(&[ReceiveReset], receive_reset.field("skaddr", 8)),
+        tp_receive_reset_sport: lacks.offset(&[ReceiveReset], receive_reset.field("sport", 2)),
+        sock_net: sock(lacks, &["__sk_common", "skc_net", "net"]),
+        sock_num: sock(lacks, &["__sk_common", "skc_num"]),
+        sock_state: sock(lacks, &["__sk_common", "skc_state"]),
+        sock_flags: sock(lacks, &["__sk_common", "skc_flags"]),
+        sock_drops: sock(lacks, &["sk_drops"]),
         // A bitfield before Linux 5.6: the raw tracepoint program is then not loaded.
-        sock_protocol: btf.offset_of("sock", &["sk_protocol"]).unwrap_or(NO_OFFSET),
-        net_inum: btf.offset_of("net", &["ns", "inum"])?,
-        tcp_bytes_received: tcp("bytes_received")?,
-        tcp_bytes_acked: tcp("bytes_acked")?,
-        tcp_snd_una: tcp("snd_una")?,
-        tcp_write_seq: tcp("write_seq")?,
-        tcp_total_retrans: tcp("total_retrans")?,
-        tcp_srtt_us: tcp("srtt_us")?,
-        sock_done_bit: u32::try_from(sock_done)
-            .ok()
-            .filter(|bit| *bit < 64)
-            .ok_or(ProbesError::Btf(super::btf::BtfError::NoEnumerator {
-                name: "SOCK_DONE (in 0..64)".into(),
-            }))?,
-        _pad: 0,
-    })
+        sock_protocol: lacks.offset(
+            &[Program::SockStateRaw],
+            btf.offset_of("sock", &["sk_protocol"]),
+        ),
+        net_inum: lacks.offset(all, btf.offset_of("net", &["ns", "inum"])),
+        tcp_bytes_received: tcp(lacks, "bytes_received"),
+        tcp_bytes_acked: tcp(lacks, "bytes_acked"),
+        tcp_snd_una: tcp(lacks, "snd_una"),
+        tcp_write_seq: tcp(lacks, "write_seq"),
+        tcp_total_retrans: tcp(lacks, "total_retrans"),
+        tcp_srtt_us: tcp(lacks, "srtt_us"),
+        sock_done_bit: lacks.offset(all, sock_done_bit),
+    }
 }
 
 /// How long a listener's slot stays its own after it stops being watched, at least. Far longer
 /// than an accept takes between reading the slot and counting into it.
 const RECLAIM_AFTER: Duration = Duration::from_secs(5);
-
-/// Marks an offset this kernel's BTF does not offer (the program needing it is not loaded).
-pub const NO_OFFSET: u32 = u32::MAX;
 
 /// Owns the socket maps' handles.
 pub struct SocketsReader {

@@ -4,42 +4,72 @@
 //!
 //! Owns the ring's reader; what the events mean to users (broker, listener) is the model's.
 
-use std::path::Path;
-
 use aya::maps::{MapData, RingBuf};
 use brokerscope_common::sockets::{ConnEvent, EventOffsets};
 use tokio::io::unix::AsyncFd;
 
-use brokerscope_common::processes::NO_FIELD;
-
-use super::{ProbesError, btf::Btf, tracefs::Format};
+use super::{
+    ProbesError,
+    btf::Btf,
+    lacks::{Lacks, NO_OFFSET},
+    tracefs::Format,
+};
 
 /// Most events handed over per wakeup; the rest wait for the next round (bounded batches).
 const BATCH: usize = 1024;
 
 /// The 4-tuple fields of the two tracepoints that have them, and of `struct sock` for the raw
-/// tracepoint.
-pub fn resolve_offsets(tracefs: &Path, btf: &Btf) -> Result<EventOffsets, ProbesError> {
-    let sock = |member: &str| btf.offset_of("sock", &["__sk_common", member]);
-    let state = Format::read(tracefs, "sock", "inet_sock_set_state")?;
-    let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
-    Ok(EventOffsets {
-        state_dport: state.field("dport", 2)?,
-        state_family: state.field("family", 2)?,
-        state_saddr_v6: state.field("saddr_v6", 16)?,
-        state_daddr_v6: state.field("daddr_v6", 16)?,
-        retransmit_dport: retransmit.field("dport", 2)?,
-        retransmit_family: retransmit.field("family", 2)?,
-        retransmit_saddr_v6: retransmit.field("saddr_v6", 16)?,
-        retransmit_daddr_v6: retransmit.field("daddr_v6", 16)?,
-        sock_dport: sock("skc_dport")?,
-        sock_family: sock("skc_family")?,
-        sock_daddr: sock("skc_daddr")?,
-        sock_rcv_saddr: sock("skc_rcv_saddr")?,
+/// tracepoint. The records' tuples are optional: where a record lacks them, the programs read
+/// the tuple from the socket (all four record fields of a tracepoint, or none, are used).
+pub fn resolve_offsets(
+    read: impl Fn(&str, &str) -> Format,
+    btf: &Btf,
+    lacks: &mut Lacks,
+) -> EventOffsets {
+    let all = super::sockets::SOCKET_PROGRAMS;
+    let mut sock =
+        |member: &str| lacks.offset(all, btf.offset_of("sock", &["__sk_common", member]));
+    // [dport, family, saddr_v6, daddr_v6] of a record, or all NO_OFFSET.
+    let tuple = |format: Format| {
+        let fields = [
+            format.field("dport", 2),
+            format.field("family", 2),
+            format.field("saddr_v6", 16),
+            format.field("daddr_v6", 16),
+        ];
+        if fields.iter().all(Result::is_ok) {
+            fields.map(|f| f.unwrap_or(NO_OFFSET))
+        } else {
+            [NO_OFFSET; 4]
+        }
+    };
+    let [state_dport, state_family, state_saddr_v6, state_daddr_v6] =
+        tuple(read("sock", "inet_sock_set_state"));
+    let [
+        retransmit_dport,
+        retransmit_family,
+        retransmit_saddr_v6,
+        retransmit_daddr_v6,
+    ] = tuple(read("tcp", "tcp_retransmit_skb"));
+    EventOffsets {
+        state_dport,
+        state_family,
+        state_saddr_v6,
+        state_daddr_v6,
+        retransmit_dport,
+        retransmit_family,
+        retransmit_saddr_v6,
+        retransmit_daddr_v6,
+        sock_dport: sock("skc_dport"),
+        sock_family: sock("skc_family"),
+        sock_daddr: sock("skc_daddr"),
+        sock_rcv_saddr: sock("skc_rcv_saddr"),
         // Absent in kernels built without IPv6.
-        sock_v6_daddr: sock("skc_v6_daddr").unwrap_or(NO_FIELD),
-        sock_v6_rcv_saddr: sock("skc_v6_rcv_saddr").unwrap_or(NO_FIELD),
-    })
+        sock_v6_daddr: Lacks::optional(btf.offset_of("sock", &["__sk_common", "skc_v6_daddr"])),
+        sock_v6_rcv_saddr: Lacks::optional(
+            btf.offset_of("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
+        ),
+    }
 }
 
 /// Drains the ring on the runtime and hands each batch to `sink`.

@@ -1,15 +1,15 @@
 //! Broker state (kernel side: agent-ebpf/src/state.rs): file opens and SIGTERMs of registered
 //! brokers, from a ring buffer into a bounded channel for the state tracker (`crate::state`).
 
-use std::path::Path;
-
 use aya::Ebpf;
 use brokerscope_common::state::{
     MAX_PATH, STATE_EVENT_OPEN, STATE_EVENT_SIGTERM, STATE_EVENTS_MAP, StateEvent, StateOffsets,
 };
 use tokio::sync::mpsc;
 
-use super::{ProbesError, tracefs::Format};
+use brokerscope_common::telemetry::Program;
+
+use super::{ProbesError, lacks::Lacks, tracefs::Format};
 
 /// What the state tracker hears from the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,18 +25,20 @@ pub enum StateSignal {
 /// Capacity of the channel from the ring reader to the tracker.
 const CHANNEL_CAPACITY: usize = 8192;
 
-pub fn resolve_offsets(tracefs: &Path) -> Result<StateOffsets, ProbesError> {
-    let openat = Format::read(tracefs, "syscalls", "sys_enter_openat")?;
-    let openat2 = Format::read(tracefs, "syscalls", "sys_enter_openat2")?;
-    let deliver = Format::read(tracefs, "signal", "signal_deliver")?;
-    Ok(StateOffsets {
-        openat_dfd: openat.field("dfd", 8)?,
-        openat_filename: openat.field("filename", 8)?,
-        openat2_dfd: openat2.field("dfd", 8)?,
-        openat2_filename: openat2.field("filename", 8)?,
-        signal_sig: deliver.field("sig", 4)?,
+/// The opened path of the two open syscalls' records, and the delivered signal's number.
+pub fn resolve_offsets(read: impl Fn(&str, &str) -> Format, lacks: &mut Lacks) -> StateOffsets {
+    use Program::{StateOpenat, StateOpenat2, StateSignal};
+    let openat = read("syscalls", "sys_enter_openat");
+    let openat2 = read("syscalls", "sys_enter_openat2");
+    let deliver = read("signal", "signal_deliver");
+    StateOffsets {
+        openat_dfd: lacks.offset(&[StateOpenat], openat.field("dfd", 8)),
+        openat_filename: lacks.offset(&[StateOpenat], openat.field("filename", 8)),
+        openat2_dfd: lacks.offset(&[StateOpenat2], openat2.field("dfd", 8)),
+        openat2_filename: lacks.offset(&[StateOpenat2], openat2.field("filename", 8)),
+        signal_sig: lacks.offset(&[StateSignal], deliver.field("sig", 4)),
         _pad: 0,
-    })
+    }
 }
 
 /// Starts the task that drains the ring buffer into a bounded channel; the tracker gets

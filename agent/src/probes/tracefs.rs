@@ -7,14 +7,10 @@ use std::{collections::HashMap, path::Path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("cannot read tracepoint format {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
     NoField { tracepoint: String, field: String },
+    #[error("tracepoint {tracepoint} does not exist on this kernel ({reason})")]
+    NoTracepoint { tracepoint: String, reason: String },
 }
 
 /// A field of a tracepoint record.
@@ -29,21 +25,49 @@ pub struct Field {
 pub struct Format {
     tracepoint: String,
     fields: HashMap<String, Field>,
+    /// Why the tracepoint could not be read (it does not exist here, or its module is not
+    /// loaded): every field lookup then says so, and only the programs needing it go.
+    missing: Option<String>,
 }
 
 impl Format {
-    /// Reads `<tracefs>/events/<category>/<name>/format`.
-    pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self, FormatError> {
+    /// Reads `<tracefs>/events/<category>/<name>/format`. A tracepoint this kernel lacks gives
+    /// a format without fields whose lookups name the cause.
+    pub fn read(tracefs: &Path, category: &str, name: &str) -> Self {
         let path = tracefs
             .join("events")
             .join(category)
             .join(name)
             .join("format");
-        let text = std::fs::read_to_string(&path).map_err(|source| FormatError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self::parse(&format!("{category}:{name}"), &text))
+        let tracepoint = format!("{category}:{name}");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&tracepoint, &text),
+            Err(e) => Self {
+                tracepoint,
+                fields: HashMap::new(),
+                missing: Some(format!("cannot read {}: {e}", path.display())),
+            },
+        }
+    }
+
+    /// Reads the format of `category:name` from a capture of several tracefs `format` files,
+    /// each after a line `== <category>/<name>` (the kernels under test, see
+    /// `testdata/kernels`).
+    #[cfg(test)]
+    pub fn from_capture(capture: &str, category: &str, name: &str) -> Self {
+        let header = format!("== {category}/{name}");
+        let tracepoint = format!("{category}:{name}");
+        let mut lines = capture.lines();
+        if lines.by_ref().any(|l| l.trim_end() == header) {
+            let text: Vec<&str> = lines.take_while(|l| !l.starts_with("== ")).collect();
+            Self::parse(&tracepoint, &text.join("\n"))
+        } else {
+            Self {
+                tracepoint,
+                fields: HashMap::new(),
+                missing: Some("not in the capture".into()),
+            }
+        }
     }
 
     /// Parses lines such as `field:__u16 sport; offset:24; size:2; signed:0;`.
@@ -79,11 +103,18 @@ impl Format {
         Self {
             tracepoint: tracepoint.into(),
             fields,
+            missing: None,
         }
     }
 
     /// The field `name`, which must have `size` bytes.
     pub fn field(&self, name: &str, size: u32) -> Result<u32, FormatError> {
+        if let Some(reason) = &self.missing {
+            return Err(FormatError::NoTracepoint {
+                tracepoint: self.tracepoint.clone(),
+                reason: reason.clone(),
+            });
+        }
         match self.fields.get(name) {
             Some(f) if f.size == size => Ok(f.offset),
             _ => Err(FormatError::NoField {
