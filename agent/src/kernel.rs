@@ -19,6 +19,15 @@ pub enum KernelError {
          CONFIG_DEBUG_INFO_BTF=y"
     )]
     NoBtf,
+    #[error(
+        "kernel {release} is older than {}.{}, the oldest brokerscope runs on: it lacks BPF \
+         atomic compare-and-exchange (5.12), with which the state-change programs claim \
+         connection slots; run a 5.12 or newer kernel (Debian 12's \
+         6.1 or 6.12, Ubuntu 22.04's 5.15, RHEL 9's 5.14)",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
+    TooOld { release: String },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -52,8 +61,32 @@ pub struct KernelFacts {
     pub memlock_raised: bool,
 }
 
+/// The oldest kernel the agent runs on (see [`KernelError::TooOld`]).
+pub const MIN_KERNEL: (u32, u32) = (5, 12);
+
+/// `(major, minor)` of a kernel release such as `6.1.0-57-amd64` or `5.14.0-427.el9.x86_64`.
+pub fn version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`]; a release it cannot read passes (the probes
+/// then say what is missing one by one).
+pub fn check_version(release: &str) -> Result<(), KernelError> {
+    match version(release) {
+        Some(v) if v < MIN_KERNEL => Err(KernelError::TooOld {
+            release: release.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the checks, mounting tracefs and bpffs where they are missing.
 pub fn check() -> Result<KernelFacts, KernelError> {
+    let release = read("/proc/sys/kernel/osrelease")?.trim().to_string();
+    check_version(&release)?;
     if !Path::new(BTF_PATH).exists() {
         return Err(KernelError::NoBtf);
     }
@@ -65,7 +98,6 @@ pub fn check() -> Result<KernelFacts, KernelError> {
         .iter()
         .find(|m| m.fstype == "cgroup2")
         .map(|m| m.mount_point.clone());
-    let release = read("/proc/sys/kernel/osrelease")?.trim().to_string();
     Ok(KernelFacts {
         release,
         btf: BTF_PATH.into(),
@@ -225,6 +257,26 @@ mod tests {
                 .any(|m| m.mount_point == Path::new("/mnt/with space"))
         );
         assert_eq!(mounts.len(), 8);
+    }
+
+    #[test]
+    fn kernels_before_the_minimum_are_refused_naming_what_they_lack() {
+        for old in ["5.10.0-28-amd64", "4.18.0-513.el8.x86_64", "5.11.22"] {
+            let err = check_version(old).unwrap_err().to_string();
+            assert!(err.contains(old) && err.contains("5.12"), "{err}");
+            assert!(err.contains("compare-and-exchange"), "{err}");
+        }
+        for ok in [
+            "5.12.0",
+            "5.14.0-427.el9.x86_64",
+            "6.1.0-57-amd64",
+            "6.12.118+deb12-amd64",
+            "6.18.44-fc-v1252",
+            "unreadable",
+        ] {
+            assert!(check_version(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(version("6.12.118+deb12-amd64"), Some((6, 12)));
     }
 
     #[test]
