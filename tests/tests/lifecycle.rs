@@ -157,13 +157,18 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(hooks.len(), expected, "{hooks:?}");
     for hook in hooks {
         assert_eq!(hook["scope"], "broker-only", "{hook}");
-        assert!(!hook["hook"].as_str().unwrap().contains("syscalls"), "{hook}");
+        assert!(
+            !hook["hook"].as_str().unwrap().contains("syscalls"),
+            "{hook}"
+        );
     }
     // And the kernel agrees: no tracepoint link of this agent's programs is a syscall one.
     match kernel::tracepoint_links() {
         Some(links) => {
-            let ours: Vec<&(u32, String)> =
-                links.iter().filter(|(prog, _)| ids.contains(prog)).collect();
+            let ours: Vec<&(u32, String)> = links
+                .iter()
+                .filter(|(prog, _)| ids.contains(prog))
+                .collect();
             assert!(!ours.is_empty(), "the agent's tracepoint links: {links:?}");
             for (prog, tp) in ours {
                 assert!(
@@ -338,4 +343,64 @@ fn refuses_to_listen_on_a_discovered_broker_port() {
         stderr.contains("detaching and unloading kernel programs"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_capability_without_any_hook_is_named_missing_and_the_rest_serves() {
+    if !privileged("a_capability_without_any_hook_is_named_missing_and_the_rest_serves") {
+        return;
+    }
+    // No kernel of the matrix refuses every form of a capability, so the config refuses all
+    // three forms of the TCP state-change hook, as a kernel without them would.
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = format!(
+        r"kafka\.Kafka {}/",
+        regex::escape(&dir.path().display().to_string())
+    );
+    let agent = Agent::start(&format!(
+        "[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\ndisabled_programs = \
+         [\"sock_state_btf\", \"sock_state_raw\", \"sock_state\"]\n"
+    ));
+    agent.wait_ready();
+    let (code, body) = agent.get("/ready");
+    assert_eq!(code, 200, "degraded, not dead: {body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let missing = ready["missing"].as_array().expect("a missing list");
+    assert_eq!(missing.len(), 1, "{body}");
+    let line = missing[0].as_str().unwrap();
+    for part in [
+        "connections",
+        "sock_state_btf: disabled by probes.disabled_programs",
+        "sock_state_raw",
+        "sock_state:",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(!agent.attached("sock_state_btf") && !agent.attached("sock_state"));
+    // The rest serves: a broker is discovered and its state and CPU are there.
+    let props = dir.path().join("server.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "node.id=5\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+            brokerscope_tests::free_port()
+        ),
+    )
+    .unwrap();
+    let b = brokerscope_tests::FakeBroker::start(brokerscope_tests::FakeBrokerSpec::new(&props));
+    brokerscope_tests::eventually(
+        "broker 5 running",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, body) = agent.get("/v1/broker-state/?broker=5");
+            (code == 200 && body == r#"{"brokerState":3}"#).then_some(())
+        },
+    );
+    assert!(
+        agent
+            .metric("brokerscope_cpu_seconds_total", &[("broker", "5")])
+            .is_some()
+    );
+    assert!(agent.attached("sched_switch_btf"));
+    drop(b);
 }
