@@ -443,9 +443,11 @@ fn spawn_discovery_events(
     }
 }
 
-/// Feeds the kernel's open/SIGTERM events to the broker state tracker, and derives every
-/// broker's state again every [`STATE_TICK`] (listeners appear without an event), on a thread of
-/// its own: the tracker reads /proc.
+/// Feeds the kernel's SIGTERM events (and opens, from the opt-in `openat` hooks) to the broker
+/// state tracker, and derives every broker's state again every [`STATE_TICK`] (listeners appear
+/// without an event), or every [`state::POLL_TICK`] while a broker is starting (its open
+/// descriptors are polled each tick: that is how log recovery is seen), on a thread of its own:
+/// the tracker reads /proc.
 fn spawn_state_tracker(
     model: Arc<Model>,
     mut events: Option<tokio::sync::mpsc::Receiver<probes::state::StateSignal>>,
@@ -473,8 +475,13 @@ fn spawn_state_tracker(
                     None => {}
                 }
                 if std::time::Instant::now() >= next_tick {
-                    model.tick_states();
-                    next_tick = std::time::Instant::now() + STATE_TICK;
+                    let polling = model.tick_states();
+                    let every = if polling {
+                        state::POLL_TICK
+                    } else {
+                        STATE_TICK
+                    };
+                    next_tick = std::time::Instant::now() + every;
                 }
             }
         });

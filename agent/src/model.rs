@@ -378,15 +378,19 @@ impl Model {
         }
     }
 
-    /// Derives every broker's state again (listeners that started listening, quiet recovery).
-    pub fn tick_states(&self) {
+    /// Derives every broker's state again (listeners that started listening, quiet recovery),
+    /// polling the open descriptors of the brokers still starting (log recovery). Whether some
+    /// are: the tracker's thread then ticks every [`crate::state::POLL_TICK`].
+    pub fn tick_states(&self) -> bool {
         let brokers = self.brokers();
         let mut states = self.states();
         for b in &brokers {
-            states.evaluate(b, true);
+            states.tick(b);
         }
+        let polling = states.polling();
         drop(states);
         self.sync_demand();
+        polling
     }
 
     /// The broker's Kafka state now.

@@ -1,14 +1,22 @@
-//! Kafka broker state in Strimzi's numbering, derived from the kernel and /proc (never from the
+//! Kafka broker state in Strimzi's numbering, derived from /proc and the kernel (never from the
 //! broker's own metrics): what `/v1/broker-state`, `/v1/ready`, `brokerscope_broker_state` and
 //! the `broker_state` of `/v1/brokers` report.
 //!
-//! Owns the per-process facts the derivation needs (log segment inventory, opens seen, SIGTERM,
-//! listening) and a bounded history of state changes per broker. It reads /proc, never a map:
-//! kernel facts arrive as [`StateSignal`]s from `probes::state`.
+//! Owns the per-process facts the derivation needs (log segment inventory, segments seen opened,
+//! SIGTERM, listening) and a bounded history of state changes per broker. It reads /proc, never a
+//! map: kernel facts arrive as [`StateSignal`]s from `probes::state`.
+//!
+//! Log recovery is seen by polling the broker's open descriptors ([`fds`]) on every tick while
+//! the process is starting (not yet seen RUNNING, recovery not over, no SIGTERM), and never after:
+//! Kafka keeps each loaded segment's `.log` open, so a recovering broker's segments accumulate
+//! there. No kernel hook is needed for it; the opt-in `openat` hooks, when attached, feed the same
+//! inventory through [`StateSignal::Open`].
 //!
 //! The heuristics, in order (first match wins), and their limits are in the README:
-//! no process → NOT_RUNNING; SIGTERM delivered → SHUTTING_DOWN; segments under `log.dirs` being
+//! no process → NOT_RUNNING; SIGTERM delivered → SHUTTING_DOWN; segments under `log.dirs` seen
 //! opened → RECOVERY; every listener in LISTEN → RUNNING (latched); else STARTING.
+
+mod fds;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -20,6 +28,7 @@ use std::{
 use brokerscope_common::state::AT_FDCWD;
 use serde::Serialize;
 
+use self::fds::{FdPoll, FdPollError};
 use crate::{discovery::Broker, probes::state::StateSignal};
 
 /// Kafka's broker states with Strimzi's numbers.
@@ -123,6 +132,20 @@ const MAX_DIR_ENTRIES: usize = 200_000;
 /// A listening broker that opened no tracked segment for this long is past recovery even if
 /// the estimate says segments remain (estimate wrong, events lost, segments deleted).
 pub const QUIET: Duration = Duration::from_secs(5);
+/// How often the tracker's thread ticks while some process is having its descriptors polled
+/// (otherwise every 250 ms): a segment opened is seen within about this long.
+pub const POLL_TICK: Duration = Duration::from_millis(100);
+/// A process whose descriptors took `d` to list is listed again no sooner than `POLL_PACE·d`
+/// after, so the listing, which every poll pays however little changed, takes at most
+/// 1/`POLL_PACE` of a core: the kernel lists about one descriptor a µs (10,000 in 9-30 ms here,
+/// so every 200-600 ms rather than every tick; [`fds::MAX_FDS`], ~0.3 s, every ~6 s). Listings
+/// of up to `POLL_TICK / POLL_PACE` (a few thousand descriptors) run every tick. Link reads are
+/// not paced: each new descriptor is read once, at most [`MAX_LINKS_PER_POLL`] a poll.
+pub const POLL_PACE: u32 = 20;
+/// Descriptor links read per process and poll. A broker that opened more since the last poll
+/// has the rest read on the next ones (tens of thousands a second at [`POLL_TICK`]); it bounds
+/// how long one poll holds the tracker's lock (4096 links take 15-40 ms here, ~4 µs each).
+pub const MAX_LINKS_PER_POLL: usize = 4096;
 /// Lines of `/proc/<pid>/net/tcp{,6}` read per check (a broker with more sockets than this is
 /// checked on the first ones; listeners come first in the kernel's hash order only by chance).
 const MAX_TCP_LINES: usize = 200_000;
@@ -236,12 +259,183 @@ struct Process {
     /// The last listening check and its answer (reading `/proc/<pid>/net/tcp` of a namespace
     /// with thousands of sockets takes tens of ms: checked at most every [`LISTEN_RECHECK`]).
     listen_checked: Option<(Instant, bool)>,
+    /// The poll of its open descriptors.
+    fds: FdWatch,
+}
+
+/// Where a process's descriptor poll is.
+#[derive(Debug)]
+enum FdWatch {
+    /// Not polled yet: the first tick that finds the process starting begins.
+    Idle,
+    Polling(Box<Watching>),
+    /// Never again for this process.
+    Stopped,
+}
+
+/// A descriptor poll in progress, and what it saw (for its last log line).
+#[derive(Debug)]
+struct Watching {
+    /// None until `/proc/<pid>/fd` could be opened (retried every tick).
+    poll: Option<FdPoll>,
+    since: Instant,
+    /// No poll before (see [`POLL_PACE`]).
+    not_before: Option<Instant>,
+    polls: u64,
+    /// Time spent polling.
+    busy: Duration,
+    /// Tracked segments this poll saw opened first.
+    segments_opened: u64,
+    /// The last error was logged (debug) once.
+    error_logged: bool,
 }
 
 /// How long a listening check is reused.
 pub const LISTEN_RECHECK: Duration = Duration::from_millis(250);
 
 impl Process {
+    fn new(broker: &Broker, inventory: Inventory) -> Self {
+        Process {
+            pid: broker.pid,
+            start_time_ticks: broker.start_time_ticks,
+            inventory,
+            recovery_seen: false,
+            recovery_over: false,
+            last_open: None,
+            sigterm: false,
+            running: false,
+            listen_checked: None,
+            fds: FdWatch::Idle,
+        }
+    }
+
+    /// Counts an open of `path` (as the broker sees it) against the inventory, from the
+    /// descriptor poll or an `openat` hook; whether it told something new.
+    fn saw_open(&mut self, path: &str) -> bool {
+        if self.inventory.opened(path) {
+            self.recovery_seen = true;
+            self.last_open = Some(Instant::now());
+            true
+        } else if self.recovery_seen && self.inventory.under_log_dirs(path) {
+            self.last_open = Some(Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Past the point where its opens matter: RUNNING (latched), recovery over, or SIGTERM.
+    fn past_recovery(&self) -> Option<&'static str> {
+        if self.sigterm {
+            Some("SIGTERM delivered")
+        } else if self.running {
+            Some("RUNNING")
+        } else if self.recovery_over {
+            Some("recovery over")
+        } else {
+            None
+        }
+    }
+
+    /// Polls the open descriptors while the process is starting (stopping for good once it is
+    /// not), paced by [`POLL_PACE`] when `pace`; whether a segment was seen opened.
+    fn poll_fds(&mut self, id: &str, pace: bool) -> bool {
+        if let Some(reason) = self.past_recovery() {
+            self.stop_polling(id, reason);
+            return false;
+        }
+        let mut watch = match std::mem::replace(&mut self.fds, FdWatch::Stopped) {
+            FdWatch::Stopped => return false,
+            FdWatch::Polling(watch) => {
+                if pace && watch.not_before.is_some_and(|t| Instant::now() < t) {
+                    self.fds = FdWatch::Polling(watch);
+                    return false;
+                }
+                watch
+            }
+            FdWatch::Idle => {
+                tracing::info!(
+                    broker = %id,
+                    pid = self.pid,
+                    logs = self.inventory.logs_remaining,
+                    segments = self.inventory.segments_remaining,
+                    "broker state: polling open descriptors while the broker starts"
+                );
+                Box::new(Watching {
+                    poll: None,
+                    since: Instant::now(),
+                    not_before: None,
+                    polls: 0,
+                    busy: Duration::ZERO,
+                    segments_opened: 0,
+                    error_logged: false,
+                })
+            }
+        };
+        let started = Instant::now();
+        let result = match watch.poll.as_mut() {
+            Some(poll) => Ok(poll),
+            None => FdPoll::open(self.pid, self.start_time_ticks).map(|p| watch.poll.insert(p)),
+        }
+        .and_then(|poll| {
+            let mut opened = 0;
+            let mut news = false;
+            poll.poll(MAX_LINKS_PER_POLL, |path| {
+                let first = self.inventory.segments.contains_key(path);
+                news |= self.saw_open(path);
+                opened += u64::from(first);
+            })
+            .map(|stats| (opened, news, stats.listing))
+        });
+        watch.polls += 1;
+        watch.busy += started.elapsed();
+        let news = match result {
+            Ok((opened, news, listing)) => {
+                watch.segments_opened += opened;
+                watch.not_before = paced(started, listing);
+                news
+            }
+            Err(FdPollError::Gone { .. }) => {
+                self.fds = FdWatch::Polling(watch);
+                self.stop_polling(id, "process gone");
+                return false;
+            }
+            // Denied (a process the agent may not inspect) or odd: not worth more than a debug
+            // line, once; retried on the next tick.
+            Err(e) => {
+                if !watch.error_logged {
+                    tracing::debug!(
+                        broker = %id,
+                        pid = self.pid,
+                        error = %e,
+                        "broker state: cannot poll open descriptors"
+                    );
+                    watch.error_logged = true;
+                }
+                false
+            }
+        };
+        self.fds = FdWatch::Polling(watch);
+        news
+    }
+
+    /// Ends the descriptor poll for good, logging what it saw if it ran.
+    fn stop_polling(&mut self, id: &str, reason: &'static str) {
+        if let FdWatch::Polling(w) = std::mem::replace(&mut self.fds, FdWatch::Stopped) {
+            tracing::info!(
+                broker = %id,
+                pid = self.pid,
+                reason,
+                segments_opened = w.segments_opened,
+                segments_remaining = self.inventory.segments_remaining,
+                polls = w.polls,
+                poll_ms = %format_args!("{:.1}", w.busy.as_secs_f64() * 1e3),
+                polled_for_ms = w.since.elapsed().as_millis() as u64,
+                "broker state: stopped polling open descriptors"
+            );
+        }
+    }
+
     /// Whether every listener listens. `read`: may read /proc (the tracker's own thread);
     /// otherwise (requests) the last answer is used, "not yet" when there is none.
     fn listening(&mut self, broker: &Broker, read: bool) -> bool {
@@ -268,23 +462,42 @@ struct Tracked {
 }
 
 /// Per-broker state, fed by the broker table, kernel events and a periodic tick.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StateTracker {
     by_id: HashMap<String, Tracked>,
     /// Running pid -> broker id.
     by_pid: HashMap<u32, String>,
+    /// Descriptor polls are paced ([`POLL_PACE`]); tests tick back to back without.
+    pace: bool,
+}
+
+impl Default for StateTracker {
+    fn default() -> Self {
+        Self {
+            by_id: HashMap::new(),
+            by_pid: HashMap::new(),
+            pace: true,
+        }
+    }
 }
 
 impl StateTracker {
     /// Follows the broker table: new processes get an inventory, gone ids are forgotten.
     pub fn sync(&mut self, brokers: &[Broker]) {
-        self.by_id
-            .retain(|id, _| brokers.iter().any(|b| &b.id == id));
+        self.by_id.retain(|id, tracked| {
+            let known = brokers.iter().any(|b| &b.id == id);
+            if let (false, Some(p)) = (known, tracked.process.as_mut()) {
+                p.stop_polling(id, "broker gone");
+            }
+            known
+        });
         self.by_pid.clear();
         for b in brokers {
             let tracked = self.by_id.entry(b.id.clone()).or_default();
             if !b.is_running() {
-                tracked.process = None;
+                if let Some(mut p) = tracked.process.take() {
+                    p.stop_polling(&b.id, "process exited");
+                }
                 continue;
             }
             self.by_pid.insert(b.pid, b.id.clone());
@@ -293,6 +506,9 @@ impl StateTracker {
                 .as_ref()
                 .is_some_and(|p| p.pid == b.pid && p.start_time_ticks == b.start_time_ticks);
             if !same {
+                if let Some(old) = tracked.process.as_mut() {
+                    old.stop_polling(&b.id, "process replaced");
+                }
                 let root = PathBuf::from(format!("/proc/{}/root", b.pid));
                 let inventory = Inventory::take(&root, &b.log_dirs);
                 tracing::info!(
@@ -302,17 +518,7 @@ impl StateTracker {
                     segments = inventory.segments_remaining,
                     "broker state: new process, log segments counted"
                 );
-                tracked.process = Some(Process {
-                    pid: b.pid,
-                    start_time_ticks: b.start_time_ticks,
-                    inventory,
-                    recovery_seen: false,
-                    recovery_over: false,
-                    last_open: None,
-                    sigterm: false,
-                    running: false,
-                    listen_checked: None,
-                });
+                tracked.process = Some(Process::new(b, inventory));
             }
         }
         for b in brokers {
@@ -320,19 +526,15 @@ impl StateTracker {
         }
     }
 
-    /// Applies a kernel event. Returns the broker id it concerned.
+    /// Applies a kernel event (opens come from the opt-in `openat` hooks only). Returns the
+    /// broker id it concerned.
     pub fn on_signal(&mut self, signal: &StateSignal) -> Option<String> {
         match signal {
             StateSignal::Open { tgid, dfd, path } => {
                 let id = self.by_pid.get(tgid)?.clone();
                 let process = self.by_id.get_mut(&id)?.process.as_mut()?;
                 let path = absolute(*tgid, *dfd, path)?;
-                if process.inventory.opened(&path) {
-                    process.recovery_seen = true;
-                    process.last_open = Some(Instant::now());
-                } else if process.recovery_seen && process.inventory.under_log_dirs(&path) {
-                    process.last_open = Some(Instant::now());
-                }
+                process.saw_open(&path);
                 Some(id)
             }
             StateSignal::Sigterm { tgid } => {
@@ -381,6 +583,35 @@ impl StateTracker {
             tracked.current = Some(view.state);
         }
         view
+    }
+
+    /// The tracker thread's pass over one broker: derives its state, then, while its process is
+    /// starting, polls the process's open descriptors and derives again if that saw a segment
+    /// opened. Deriving first lets a broker already listening when first seen (the agent started
+    /// after it) latch RUNNING without its descriptors ever being read. The poll runs under the
+    /// tracker's lock, as the listening check does: a request waits for one poll at most.
+    pub fn tick(&mut self, broker: &Broker) -> StateView {
+        let view = self.evaluate(broker, true);
+        let process = self
+            .by_id
+            .get_mut(&broker.id)
+            .and_then(|t| t.process.as_mut())
+            .filter(|p| broker.is_running() && p.pid == broker.pid);
+        if process.is_some_and(|p| p.poll_fds(&broker.id, self.pace)) {
+            self.evaluate(broker, true)
+        } else {
+            view
+        }
+    }
+
+    /// Whether some process is having its descriptors polled: the tracker's thread then ticks
+    /// every [`POLL_TICK`].
+    pub fn polling(&self) -> bool {
+        self.by_id.values().any(|t| {
+            t.process
+                .as_ref()
+                .is_some_and(|p| matches!(p.fds, FdWatch::Polling(_)))
+        })
     }
 
     /// Whether this process of broker `id` is past starting: seen RUNNING (which latches) or
@@ -444,6 +675,12 @@ fn derive(p: &mut Process, broker: &Broker, read: bool) -> StateView {
         };
     }
     plain(KafkaState::Starting)
+}
+
+/// When a poll that began at `started` and listed in `listing` lets the next one run: None
+/// (next tick) when the listing was cheap.
+fn paced(started: Instant, listing: Duration) -> Option<Instant> {
+    (listing > POLL_TICK / POLL_PACE).then(|| started + listing * POLL_PACE)
 }
 
 /// Whether every configured listener port is in LISTEN in the broker's network namespace
@@ -592,6 +829,327 @@ mod tests {
             remaining_logs_to_recover: logs,
             remaining_segments_to_recover: segments,
         }
+    }
+
+    /// Log dirs `d1` (logs t-0 with 3 segments, t-1 with 2) and `d2` (u-0 with 3) under `dir`,
+    /// each segment with an index beside it; the 8 segments in the order the tests open them.
+    fn log_dirs(dir: &Path) -> (Vec<String>, Vec<PathBuf>) {
+        let mut segments = Vec::new();
+        for (part, n) in [("d1/t-0", 3), ("d1/t-1", 2), ("d2/u-0", 3)] {
+            let part = dir.join(part);
+            std::fs::create_dir_all(&part).unwrap();
+            for i in 0..n {
+                let segment = part.join(format!("{:020}.log", i * 100));
+                std::fs::write(&segment, b"segment").unwrap();
+                std::fs::write(segment.with_extension("index"), b"").unwrap();
+                segments.push(segment);
+            }
+        }
+        std::fs::write(dir.join("d1/meta.properties"), b"node.id=7\n").unwrap();
+        let dirs = vec![
+            format!("{}/d1", dir.display()),
+            format!("{}/d2/", dir.display()),
+        ];
+        (dirs, segments)
+    }
+
+    /// This test process as a broker with `log_dirs` and one listener on a port nobody listens
+    /// on (until the test does): the port, to listen on.
+    fn own_broker(log_dirs: Vec<String>) -> (Broker, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let pid = std::process::id();
+        let mut b = broker("7", pid, 1, &[("PLAINTEXT", port)]);
+        b.start_time_ticks = fds::start_ticks(pid).unwrap();
+        b.log_dirs = log_dirs;
+        (b, port)
+    }
+
+    /// A tracker that polls on every tick, however long a poll took (ticks here come back to
+    /// back, on a machine maybe loaded).
+    fn unpaced() -> StateTracker {
+        StateTracker {
+            pace: false,
+            ..StateTracker::default()
+        }
+    }
+
+    #[test]
+    fn slow_polls_are_paced() {
+        let now = Instant::now();
+        assert_eq!(paced(now, Duration::from_millis(1)), None);
+        assert_eq!(paced(now, POLL_TICK / POLL_PACE), None);
+        // 10,000 descriptors listed in 9 ms: the next poll 180 ms after this one began.
+        assert_eq!(
+            paced(now, Duration::from_millis(9)),
+            Some(now + Duration::from_millis(180))
+        );
+    }
+
+    fn recovering(logs: i32, segments: i32) -> StateView {
+        StateView {
+            state: KafkaState::Recovery,
+            recovery: Some(rec(logs, segments)),
+        }
+    }
+
+    fn plain(state: KafkaState) -> StateView {
+        StateView {
+            state,
+            recovery: None,
+        }
+    }
+
+    fn watch(t: &StateTracker) -> &'static str {
+        match t.by_id["7"].process.as_ref().map(|p| &p.fds) {
+            None => "no process",
+            Some(FdWatch::Idle) => "idle",
+            Some(FdWatch::Polling(_)) => "polling",
+            Some(FdWatch::Stopped) => "stopped",
+        }
+    }
+
+    fn changes(t: &StateTracker) -> Vec<&'static str> {
+        t.changes("7").iter().map(|c| c.to).collect()
+    }
+
+    /// Ticks until the broker is RUNNING (the listening check is reused for 250 ms).
+    fn tick_until_running(t: &mut StateTracker, b: &Broker) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.tick(b) != plain(KafkaState::Running) {
+            assert!(
+                Instant::now() < deadline,
+                "not RUNNING: {:?}",
+                t.current("7")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn recovery_is_seen_from_open_descriptors_with_exact_counts_and_polling_stops_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dirs, segments) = log_dirs(dir.path());
+        let (b, port) = own_broker(dirs);
+        let mut t = unpaced();
+        t.sync(std::slice::from_ref(&b));
+        assert_eq!(t.tick(&b), plain(KafkaState::Starting));
+        assert_eq!((watch(&t), t.polling()), ("polling", true));
+
+        // Opened one by one, kept open (as Kafka keeps each loaded segment's FileChannel), with
+        // the index beside each opened and closed: every tick sees exactly what was opened.
+        let logs_left = [3, 3, 2, 2, 1, 1, 1, 0];
+        let mut open = Vec::new();
+        for (k, segment) in segments.iter().enumerate() {
+            open.push(std::fs::File::open(segment).unwrap());
+            drop(std::fs::File::open(segment.with_extension("index")).unwrap());
+            let left = 8 - (k as i32 + 1);
+            assert_eq!(
+                t.tick(&b),
+                recovering(logs_left[k], left),
+                "after {}",
+                k + 1
+            );
+            if k == 2 {
+                // Closing a counted segment does not count it back, nor does opening it again.
+                drop(open.remove(0));
+                assert_eq!(t.tick(&b), recovering(2, 5));
+                open.push(std::fs::File::open(&segments[0]).unwrap());
+                assert_eq!(t.tick(&b), recovering(2, 5));
+            }
+        }
+        // Recovered, not listening: RECOVERY 0/0, and the poll stops on the next tick.
+        assert!(t.polling());
+        assert_eq!(t.tick(&b), recovering(0, 0));
+        assert_eq!((watch(&t), t.polling()), ("stopped", false));
+
+        let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        tick_until_running(&mut t, &b);
+        assert_eq!(changes(&t), ["STARTING", "RECOVERY", "RUNNING"]);
+        assert!(!t.polling());
+    }
+
+    #[test]
+    fn a_process_seen_mid_recovery_counts_the_segments_it_already_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dirs, segments) = log_dirs(dir.path());
+        let held: Vec<_> = segments[..4]
+            .iter()
+            .map(|s| std::fs::File::open(s).unwrap())
+            .collect();
+        let (b, _port) = own_broker(dirs);
+        let mut t = unpaced();
+        t.sync(std::slice::from_ref(&b));
+        // The inventory is taken first (8 segments), then the first poll finds 4 held.
+        assert_eq!(t.tick(&b), recovering(2, 4));
+        // The kernel path (the opt-in openat hooks) feeds the same inventory; an open both saw
+        // counts once.
+        for path in [&segments[3], &segments[4]] {
+            let open = StateSignal::Open {
+                tgid: b.pid,
+                dfd: AT_FDCWD,
+                path: path.display().to_string(),
+            };
+            assert_eq!(t.on_signal(&open).as_deref(), Some("7"));
+        }
+        assert_eq!(t.evaluate(&b, true), recovering(1, 3));
+        let also = std::fs::File::open(&segments[4]).unwrap();
+        assert_eq!(t.tick(&b), recovering(1, 3));
+        assert!(t.polling());
+        drop((held, also));
+    }
+
+    #[test]
+    fn a_broker_listening_when_first_seen_is_running_and_its_descriptors_are_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dirs, segments) = log_dirs(dir.path());
+        let held: Vec<_> = segments
+            .iter()
+            .map(|s| std::fs::File::open(s).unwrap())
+            .collect();
+        let (b, port) = own_broker(dirs);
+        let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut t = unpaced();
+        t.sync(std::slice::from_ref(&b));
+        assert_eq!(t.tick(&b), plain(KafkaState::Running));
+        assert_eq!((watch(&t), t.polling()), ("stopped", false));
+        assert_eq!(changes(&t), ["STARTING", "RUNNING"]);
+        for _ in 0..3 {
+            assert_eq!(t.tick(&b), plain(KafkaState::Running));
+        }
+        // Every segment is held open, and none was counted: no descriptor was read.
+        let p = t.by_id["7"].process.as_ref().unwrap();
+        assert_eq!(p.inventory.recovery(), rec(3, 8));
+        assert!(!p.recovery_seen);
+        drop(held);
+    }
+
+    #[test]
+    fn sigterm_or_exit_stops_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dirs, segments) = log_dirs(dir.path());
+        let (mut b, _port) = own_broker(dirs);
+        let mut t = unpaced();
+        t.sync(std::slice::from_ref(&b));
+        assert_eq!(t.tick(&b), plain(KafkaState::Starting));
+        assert!(t.polling());
+        t.on_signal(&StateSignal::Sigterm { tgid: b.pid });
+        assert_eq!(t.tick(&b), plain(KafkaState::ShuttingDown));
+        assert_eq!((watch(&t), t.polling()), ("stopped", false));
+        let late = std::fs::File::open(&segments[0]).unwrap();
+        assert_eq!(t.tick(&b), plain(KafkaState::ShuttingDown));
+        assert_eq!(
+            t.by_id["7"]
+                .process
+                .as_ref()
+                .unwrap()
+                .inventory
+                .segments_remaining,
+            8
+        );
+
+        // A new process of the broker starts polling again; its exit ends it.
+        b.start_time_ticks += 1;
+        t.sync(std::slice::from_ref(&b));
+        t.tick(&b);
+        // Its start time is not this process's: seen as gone, no longer polled.
+        assert_eq!((watch(&t), t.polling()), ("stopped", false));
+        b.state = crate::discovery::BrokerState::NotRunning;
+        t.sync(std::slice::from_ref(&b));
+        assert_eq!(t.tick(&b), plain(KafkaState::NotRunning));
+        assert_eq!((watch(&t), t.polling()), ("no process", false));
+        drop(late);
+    }
+
+    /// Not a check: what polling costs for a broker holding 10,000 segments (100 logs of 100),
+    /// through the tracker ticking every [`POLL_TICK`] as the agent's thread does (budgeted,
+    /// paced polls), and through [`FdPoll`] alone (unbudgeted). Run in release for the agent's
+    /// figures.
+    #[test]
+    #[ignore = "a measurement: cargo test --release fd_poll_cost -- --ignored --nocapture"]
+    fn fd_poll_cost_with_10k_open_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut segments = Vec::new();
+        for p in 0..100 {
+            let part = data.join(format!("topic-{p:03}"));
+            std::fs::create_dir_all(&part).unwrap();
+            for i in 0..100 {
+                let s = part.join(format!("{:020}.log", i * 1000));
+                std::fs::write(&s, b"").unwrap();
+                segments.push(s);
+            }
+        }
+        let (b, _port) = own_broker(vec![data.display().to_string()]);
+        let mut t = StateTracker::default();
+        let at = Instant::now();
+        t.sync(std::slice::from_ref(&b));
+        let inventory = at.elapsed();
+        t.tick(&b);
+        // Ticks as the agent's thread runs them; each tick's time, `polled` when it polled.
+        let run = |t: &mut StateTracker, until: &dyn Fn(StateView) -> bool, ticks: usize| {
+            let mut times = Vec::new();
+            let begun = Instant::now();
+            for _ in 0..ticks {
+                let polls = |t: &StateTracker| match &t.by_id["7"].process.as_ref().unwrap().fds {
+                    FdWatch::Polling(w) => w.polls,
+                    _ => 0,
+                };
+                let before = polls(t);
+                let at = Instant::now();
+                let view = t.tick(&b);
+                times.push((at.elapsed(), polls(t) > before));
+                if until(view) {
+                    break;
+                }
+                std::thread::sleep(POLL_TICK.saturating_sub(at.elapsed()));
+            }
+            (begun.elapsed(), times)
+        };
+        let held: Vec<_> = segments
+            .iter()
+            .map(|s| std::fs::File::open(s).unwrap())
+            .collect();
+        let (all_seen, first) = run(&mut t, &|v| v == recovering(0, 0), 100);
+        assert_eq!(t.tick(&b), recovering(0, 0));
+        // Steady state: the same process, nothing new to read (a second tracker).
+        let mut steady = StateTracker::default();
+        let (mut b2, _port) = own_broker(vec![format!("{}/none", dir.path().display())]);
+        b2.id = "7".into();
+        steady.sync(std::slice::from_ref(&b2));
+        run(&mut steady, &|_| false, 30);
+        let (over, ticks) = run(&mut steady, &|_| false, 20);
+        let polled: Vec<_> = ticks.iter().filter(|(_, p)| *p).map(|(d, _)| *d).collect();
+        let first_polled = first.iter().filter(|(_, p)| *p).count();
+        let busy: Duration = ticks.iter().map(|(d, _)| *d).sum();
+
+        let pid = std::process::id();
+        let mut poll = FdPoll::open(pid, fds::start_ticks(pid).unwrap()).unwrap();
+        let at = Instant::now();
+        let full = poll.poll(usize::MAX, |_| {}).unwrap();
+        let full_time = at.elapsed();
+        let rounds = 20;
+        let at = Instant::now();
+        let mut again = fds::PollStats::default();
+        for _ in 0..rounds {
+            again = poll.poll(usize::MAX, |_| {}).unwrap();
+        }
+        let again_time = at.elapsed() / rounds;
+        eprintln!(
+            "10,000 open segments, {} links a poll at most, pace {POLL_PACE}:\n\
+             inventory {inventory:?}\n\
+             opened -> all seen in {all_seen:?}, {first_polled} polls; ticks: {first:?}\n\
+             steady: {} polls in {} ticks over {over:?}, {polled:?} each, {:.1}% of a core\n\
+             FdPoll alone: first unbudgeted poll {full_time:?} ({full:?}), then {again_time:?} \
+             ({again:?})",
+            MAX_LINKS_PER_POLL,
+            polled.len(),
+            ticks.len(),
+            busy.as_secs_f64() * 100.0 / over.as_secs_f64(),
+        );
+        drop(held);
     }
 
     #[test]

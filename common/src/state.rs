@@ -1,10 +1,11 @@
 //! Broker state: the kernel events the agent derives Kafka's broker state from.
 //!
 //! The kernel side (`agent-ebpf/src/state.rs`) reports, for registered broker tgids only, every
-//! `openat`/`openat2` (with the path as the broker passed it, so user space can match it against
-//! the broker's `log.dirs`: log recovery opens every segment) and every SIGTERM delivered to the
-//! broker (`signal:signal_deliver`, the start of a shutdown). User space turns those, `/proc` and
-//! the broker's listening sockets into Strimzi's numbering (`agent/src/state.rs`).
+//! SIGTERM delivered to the broker (`signal:signal_deliver`, the start of a shutdown) and, only
+//! where `probes.node_wide_hooks` allows the syscall tracepoints, every `openat`/`openat2` (with
+//! the path as the broker passed it). User space sees log recovery from the starting broker's
+//! open descriptors without them, and turns those, `/proc` and the broker's listening sockets
+//! into Strimzi's numbering (`agent/src/state.rs`).
 
 /// Name of the ring buffer carrying [`StateEvent`]s.
 pub const STATE_EVENTS_MAP: &str = "STATE_EVENTS";

@@ -349,7 +349,14 @@ fn fsyncs_are_exact_on_ext4_xfs_and_btrfs_without_a_syscall_hook() {
     let agent = Agent::start(&agent_config(dir.path()));
     agent.wait_ready();
     let vfs = agent.attached("fsync_vfs_enter") && agent.attached("fsync_vfs_exit");
-    eprintln!("fsync hooks: {}", if vfs { "fentry/fexit on vfs_fsync_range" } else { "filesystem tracepoints" });
+    eprintln!(
+        "fsync hooks: {}",
+        if vfs {
+            "fentry/fexit on vfs_fsync_range"
+        } else {
+            "filesystem tracepoints"
+        }
+    );
     let count = |id: &str| {
         (
             metric(&agent, "brokerscope_fsync_total", &[("broker", id)]),
@@ -394,12 +401,21 @@ fn fsyncs_are_exact_on_ext4_xfs_and_btrfs_without_a_syscall_hook() {
             (false, "xfs" | "btrfs") => ((all, 0.0), "count"),
             _ => ((0.0, 0.0), "not measured"),
         };
-        assert_eq!(count(&id), expected, "{fstype}: {n} fsyncs + {m} fdatasyncs");
+        assert_eq!(
+            count(&id),
+            expected,
+            "{fstype}: {n} fsyncs + {m} fdatasyncs"
+        );
         assert_eq!(v["log_dir_fsync"], serde_json::json!([how]), "{fstype}");
         eprintln!("{fstype}: {} of {n}+{m} counted ({how})", count(&id).0);
     }
     // No broker situation brought a syscall hook.
-    for program in ["fsync_enter", "fsync_exit", "fdatasync_enter", "fdatasync_exit"] {
+    for program in [
+        "fsync_enter",
+        "fsync_exit",
+        "fdatasync_enter",
+        "fdatasync_exit",
+    ] {
         assert!(!agent.attached(program), "{program}");
     }
 }

@@ -1,8 +1,11 @@
 //! Broker state, end to end: a fake broker walks through Kafka's start-up and shutdown (waits,
-//! opens its log segments one by one, listens, catches SIGTERM and takes its time to exit), and
-//! the real agent reports each step in Strimzi's wire format on `/v1/broker-state/` and
-//! `/v1/ready/`, as the cluster operator reads them — by curl, and by a Java 17 client
-//! (tests/java/BrokerStateClient.java) with the operator's strictness.
+//! opens its log segments one by one and keeps them open, listens, catches SIGTERM and takes its
+//! time to exit), and the real agent reports each step in Strimzi's wire format on
+//! `/v1/broker-state/` and `/v1/ready/`, as the cluster operator reads them — by curl, and by a
+//! Java 17 client (tests/java/BrokerStateClient.java) with the operator's strictness.
+//!
+//! The agent runs with the `openat` hooks disabled: recovery is seen from polling the broker's
+//! open descriptors alone, and the tests check those hooks were never attached.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,7 +21,62 @@ fn agent_config(dir: &Path) -> String {
         r"kafka\.Kafka {}/",
         regex::escape(&dir.display().to_string())
     );
-    format!("[discovery]\ncmdline_patterns = ['{pattern}']\n")
+    format!(
+        "[discovery]\ncmdline_patterns = ['{pattern}']\n\
+         [probes]\ndisabled_programs = [{}]\n",
+        OPEN_HOOKS.map(|p| format!("'{p}'")).join(", ")
+    )
+}
+
+/// The syscall tracepoint programs that could also see a broker's opens: never attached here.
+const OPEN_HOOKS: [&str; 2] = ["state_openat", "state_openat2"];
+
+fn assert_no_open_hooks(agent: &Agent) {
+    let (_, metrics) = agent.get("/metrics");
+    for p in OPEN_HOOKS {
+        assert!(
+            !metrics.contains(&format!("brokerscope_probe_attached{{program=\"{p}\"")),
+            "{p} is attached\n{}",
+            agent.log_text()
+        );
+    }
+}
+
+/// The agent's log line saying it stopped polling `pid`'s descriptors, waited for.
+fn poll_stopped(agent: &Agent, pid: u32) -> String {
+    agent.wait_for_log(&format!("pid={pid} reason="))
+}
+
+/// `key=value` of a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Waits until `/v1/broker-state/` is exactly `want`; how long after `since` the request that
+/// saw it began and ended (a curl with a TLS handshake each: that is the resolution).
+fn wait_exact(agent: &Agent, want: &Value, since: Instant, what: &str) -> (Duration, Duration) {
+    let deadline = since + Duration::from_secs(5);
+    loop {
+        let began = since.elapsed();
+        let (code, v, raw) = state(agent, "");
+        assert_eq!(code, 200, "{raw}");
+        assert_shape(&v, &raw);
+        if &v == want {
+            return (began, since.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {raw}, want {want}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn recovery_state(logs: i64, segments: i64) -> Value {
+    json!({"brokerState":2,"recoveryState":{
+        "remainingLogsToRecover":logs,"remainingSegmentsToRecover":segments}})
 }
 
 /// Two log dirs: d1 with logs t-0 (3 segments) and t-1 (2), d2 with u-0 (3): 3 logs, 8 segments.
@@ -189,53 +247,37 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     };
     assert_eq!(raw, r#"{"brokerState":1}"#);
     assert_eq!(ready_code(&agent), 503);
-    // The open hooks were on standby (no broker); a starting broker needs them.
-    let open_hooks = |want: bool| {
-        eventually(
-            &format!("open hooks attached: {want}"),
-            // Detached once the broker is RUNNING and STANDBY_LINGER (2 s) has passed.
-            Duration::from_secs(6),
-            || {
-                ["state_openat", "state_openat2"]
-                    .iter()
-                    .all(|p| agent.attached(p) == want)
-                    .then_some(())
-            },
-        )
-    };
-    open_hooks(true);
+    // A starting broker has its descriptors polled; no syscall tracepoint is attached for it.
+    let polling = agent.wait_for_log("polling open descriptors");
+    assert!(
+        polling.contains(&format!("pid={}", broker.pid)),
+        "{polling}"
+    );
+    assert!(field(&polling, "segments") == Some("8"), "{polling}");
+    assert_no_open_hooks(&agent);
     // Both slash forms, and the explicit broker, answer alike.
     assert_eq!(agent.get("/v1/broker-state").1, r#"{"brokerState":1}"#);
     assert_eq!(state(&agent, "?broker=7").2, r#"{"brokerState":1}"#);
     assert_eq!(agent.get("/v1/broker-state/?broker=nope").0, 404);
     assert_eq!(agent.get("/v1/broker-state/?brokr=7").0, 400);
 
-    // RECOVERY: segments opened one by one (the test paces them, so every step is seen
-    // whatever the machine's load); the remaining counts go down exactly, summed over both log
-    // dirs. Opening order: d1/t-0 (3), d1/t-1 (2), d2/u-0 (3).
+    // RECOVERY: segments opened one by one and kept open (the test paces them, so every step
+    // is seen whatever the machine's load); the remaining counts go down exactly, summed over
+    // both log dirs. Opening order: d1/t-0 (3), d1/t-1 (2), d2/u-0 (3).
     let logs_left = [3, 3, 2, 2, 1, 1, 1, 0];
+    let mut seen_after = Vec::new();
     for (k, logs) in logs_left.iter().enumerate() {
         let answer = broker.command("recover-step", Duration::from_secs(5));
+        let opened = Instant::now();
         assert!(answer.starts_with("opened "), "{answer}");
         let segments = 8 - (k as i64 + 1);
-        let want = json!({"brokerState":2,"recoveryState":{
-            "remainingLogsToRecover":logs,"remainingSegmentsToRecover":segments}});
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let (code, v, raw) = state(&agent, "");
-            assert_eq!(code, 200, "{raw}");
-            assert_shape(&v, &raw);
-            if v == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "after {} opens: {raw}, want {want}\n{}",
-                k + 1,
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let want = recovery_state(*logs, segments);
+        seen_after.push(wait_exact(
+            &agent,
+            &want,
+            opened,
+            &format!("after {} opens", k + 1),
+        ));
         assert_eq!(ready_code(&agent), 503);
         if k == 0 {
             // The operator's strict parser accepts the recovery shape.
@@ -247,6 +289,16 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
             );
         }
     }
+    let (began, ended): (Vec<_>, Vec<_>) = seen_after.into_iter().unzip();
+    eprintln!(
+        "segment open -> seen on /v1/broker-state/: request began after {:?} (max {:?}), \
+         answered after {:?} (max {:?}), over 8 opens",
+        began.iter().sum::<Duration>() / 8,
+        began.iter().max().unwrap(),
+        ended.iter().sum::<Duration>() / 8,
+        ended.iter().max().unwrap(),
+    );
+    assert_no_open_hooks(&agent);
     assert_eq!(
         broker.command("recover-step", Duration::from_secs(5)),
         "recovered"
@@ -265,8 +317,16 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     assert_eq!(ready_code(&agent), 204);
     let (code, body) = agent.get("/v1/ready");
     assert_eq!((code, body.as_str()), (204, ""));
-    // RUNNING latches: its opens no longer matter, and the syscall tracepoints go.
-    open_hooks(false);
+    // The poll stopped once every counted segment was seen (recovery over), having seen all 8.
+    let stopped = poll_stopped(&agent, broker.pid);
+    assert!(stopped.contains(r#"reason="recovery over""#), "{stopped}");
+    assert_eq!(field(&stopped, "segments_opened"), Some("8"), "{stopped}");
+    assert_eq!(
+        field(&stopped, "segments_remaining"),
+        Some("0"),
+        "{stopped}"
+    );
+    assert_no_open_hooks(&agent);
 
     // SHUTTING_DOWN once SIGTERM is delivered, while the broker takes its time.
     broker.signal(libc::SIGTERM);
@@ -338,6 +398,13 @@ fn several_brokers_need_a_choice_and_the_java_client_reads_the_state_strictly() 
         let two = state(&agent, "?broker=2").1["brokerState"] == 3;
         (one && two).then_some(())
     });
+    // Listening from the start: RUNNING at once, their descriptors never polled, no hook.
+    assert!(
+        !agent.log_text().contains("polling open descriptors"),
+        "{}",
+        agent.log_text()
+    );
+    assert_no_open_hooks(&agent);
     // Two brokers share the agent's namespace: no way to choose without ?broker=.
     let (code, v, raw) = state(&agent, "");
     assert_eq!(code, 400, "{raw}");
@@ -357,4 +424,78 @@ fn several_brokers_need_a_choice_and_the_java_client_reads_the_state_strictly() 
     let (code, stdout, stderr) = run("");
     assert_eq!(code, Some(3), "{stdout}\n{stderr}");
     assert_eq!(stdout, "HTTP_2 400 brokerState=-1", "{stderr}");
+}
+
+#[test]
+fn ten_thousand_segments_are_counted_exactly_from_the_descriptor_poll() {
+    if !privileged("state") {
+        return;
+    }
+    // 100 logs of 100 segments in one log dir: 10,000 segments the broker holds open once
+    // loaded, as Kafka does.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for p in 0..100 {
+        let part = data.join(format!("topic-{p:03}"));
+        std::fs::create_dir_all(&part).unwrap();
+        for i in 0..100 {
+            std::fs::write(part.join(format!("{:020}.log", i * 1000)), b"").unwrap();
+        }
+    }
+    let port = free_port();
+    let props = dir.path().join("server.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "node.id=9\nlisteners=PLAINTEXT://127.0.0.1:{port}\nlog.dirs={}\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&agent_config(dir.path()));
+    agent.wait_ready();
+    let mut broker = FakeBroker::start(FakeBrokerSpec {
+        options: &["--defer-listen"],
+        ..FakeBrokerSpec::new(&props)
+    });
+    wait_state(&agent, 1, Duration::from_secs(5));
+    agent.wait_for_log("polling open descriptors");
+
+    // Batches in opening order (log by log): 2500 = 25 whole logs; 5050 more = 50 more whole
+    // logs and half of the 76th (more than one poll reads: the rest waits a tick); the last
+    // 2450. Each leaves exact counts.
+    for (batch, logs, segments) in [(2500, 75, 7500), (5050, 25, 2450), (2450, 0, 0)] {
+        let answer = broker.command(&format!("recover-step {batch}"), Duration::from_secs(10));
+        let opened = Instant::now();
+        assert_eq!(answer, format!("opened {batch}"));
+        let (began, ended) = wait_exact(
+            &agent,
+            &recovery_state(logs, segments),
+            opened,
+            &format!("after a batch of {batch}"),
+        );
+        eprintln!(
+            "{batch} segments opened -> seen: request began after {began:?}, \
+             answered after {ended:?}"
+        );
+    }
+    assert_eq!(
+        broker.command("recover-step 1", Duration::from_secs(5)),
+        "recovered"
+    );
+    let stopped = poll_stopped(&agent, broker.pid);
+    eprintln!("{stopped}");
+    assert_eq!(
+        field(&stopped, "segments_opened"),
+        Some("10000"),
+        "{stopped}"
+    );
+    assert_eq!(
+        field(&stopped, "segments_remaining"),
+        Some("0"),
+        "{stopped}"
+    );
+    assert_eq!(broker.command("listen", Duration::from_secs(5)), "listened");
+    wait_state(&agent, 3, Duration::from_secs(2));
+    assert_no_open_hooks(&agent);
 }

@@ -364,16 +364,14 @@ impl Config {
             }
         }
         for name in &self.probes.disabled_programs {
-            let known = Program::ALL.iter().find(|p| p.name() == name);
-            match known {
-                None => errors.push(ConfigError::invalid(
+            if !Program::ALL.iter().any(|p| p.name() == name) {
+                errors.push(ConfigError::invalid(
                     "probes.disabled_programs",
                     format!(
                         "`{name}` is not a program; programs: {}",
                         Program::ALL.map(Program::name).join(", ")
                     ),
-                )),
-                Some(_) => {}
+                ));
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {

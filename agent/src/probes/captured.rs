@@ -49,8 +49,8 @@ fn plan(k: &Captured) -> (Offsets, Vec<(Program, String)>, Vec<Program>) {
         &offsets.resources,
     )
     .unwrap_or_else(|e| panic!("{}: {e}", k.name));
-    let object = fields::patch(EBPF_OBJECT, &field_offsets)
-        .unwrap_or_else(|e| panic!("{}: {e}", k.name));
+    let object =
+        fields::patch(EBPF_OBJECT, &field_offsets).unwrap_or_else(|e| panic!("{}: {e}", k.name));
     let unpatched = Program::ALL
         .into_iter()
         .filter(|p| p.btf_tracepoint().is_some() && object.refusal(p.hook()).is_some())
@@ -119,7 +119,11 @@ fn a_kernel_without_a_tracepoint_loses_only_its_programs() {
     lacking.sort_by_key(|p| *p as u32);
     assert_eq!(
         lacking,
-        vec![Program::Retransmit, Program::SendReset, Program::ReceiveReset]
+        vec![
+            Program::Retransmit,
+            Program::SendReset,
+            Program::ReceiveReset
+        ]
     );
     let why = lacks.why(Program::SendReset).unwrap();
     assert!(

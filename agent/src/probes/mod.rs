@@ -4,9 +4,9 @@
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
 mod batch;
+mod btf;
 #[cfg(test)]
 mod captured;
-mod btf;
 mod fields;
 pub mod lacks;
 mod map_iter;
@@ -409,8 +409,9 @@ impl Probes {
             .chain(Program::ALL.into_iter().filter(|p| !first.contains(p)));
         let mut skipped_node_wide = Vec::new();
         for program in order {
-            let is_attached =
-                |p: Program, attached: &[Attachment]| attached.iter().any(|a| a.program == p.name());
+            let is_attached = |p: Program, attached: &[Attachment]| {
+                attached.iter().any(|a| a.program == p.name())
+            };
             let served = Program::ALTERNATIVES.iter().any(|set| {
                 set.contains(&program) && set.iter().any(|p| is_attached(*p, &attached))
             });
@@ -852,7 +853,9 @@ fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool)
     let mut missing: Vec<(Capability, Vec<String>)> = Vec::new();
     for d in degraded {
         let capability = d.program.capability();
-        let programs = Program::ALL.into_iter().filter(|p| p.capability() == capability);
+        let programs = Program::ALL
+            .into_iter()
+            .filter(|p| p.capability() == capability);
         if programs.clone().any(&serves) {
             continue;
         }

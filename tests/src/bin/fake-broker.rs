@@ -8,7 +8,8 @@
 //!   (so kernel byte counters can be checked against a sendfile of known size).
 //!
 //! Prints `pid <pid>`, `listening <name> <port>` per listener, then `ready` on stdout, and exits
-//! when stdin closes.
+//! when stdin closes. Like a JVM (`-XX:+MaxFDLimit`), it raises its open-file limit to the hard
+//! limit first, so it can hold thousands of segments open.
 //!
 //! Options after the properties path, for the broker-state and resources tests:
 //! - `--defer-listen`: print `ready` without listening; the `listen` command listens later.
@@ -19,7 +20,11 @@
 //! - `listen` → `listening <name> <port>`... then `listened`.
 //! - `recover MS` → opens every `*.log` under `log.dirs` (sorted), one every MS ms, keeping them
 //!   open, as Kafka's log recovery does → `recovered <n>`.
-//! - `recover-step` → opens the next of those → `opened <path>`, or `recovered` when none is left.
+//! - `recover-step` → opens the next of those → `opened <path>`, or `recovered` when none is
+//!   left. Every segment opened stays open until exit (Kafka keeps each loaded segment's `.log`
+//!   FileChannel), so a test can pause recovery after k of n segments and know what is held.
+//! - `recover-step N` → opens the next N (fewer when fewer are left) → `opened <count>`, or
+//!   `recovered` when none is left.
 //! - `burn MS` → spins until its thread had MS ms of CPU → `burned`.
 //! - `fsync N PATH` / `fdatasync N PATH` → writes a byte and syncs PATH N times → `synced N`.
 //! - `direct PATH BYTES` → writes BYTES (a multiple of 4096) to PATH with O_DIRECT in 64 KiB
@@ -75,6 +80,7 @@ fn main() {
         }
     }
 
+    raise_nofile();
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "pid {}", std::process::id());
     if !defer_listen {
@@ -94,6 +100,22 @@ fn main() {
         let _ = writeln!(out, "{answer}");
         let _ = out.flush();
         line.clear();
+    }
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit, as the JVM does at start.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for the calls to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 
@@ -172,6 +194,28 @@ fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str)
                 },
                 None => "recovered".into(),
             }
+        }
+        ["recover-step", n] => {
+            let n: usize = n.parse().unwrap_or(1);
+            let all = recovery.segments.get_or_insert_with(|| segments(props));
+            let from = recovery.open.len();
+            let next = all.get(from..(from + n).min(all.len())).unwrap_or_default();
+            if next.is_empty() {
+                return "recovered".into();
+            }
+            for path in next {
+                match std::fs::File::open(path) {
+                    Ok(f) => recovery.open.push(f),
+                    Err(e) => {
+                        return format!(
+                            "error {} after {}: {e}",
+                            path.display(),
+                            recovery.open.len() - from
+                        );
+                    }
+                }
+            }
+            format!("opened {}", recovery.open.len() - from)
         }
         ["listen"] => {
             let mut out = io::stdout().lock();
