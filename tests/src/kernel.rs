@@ -160,3 +160,27 @@ pub fn tracepoint_links() -> Option<Vec<(u32, String)>> {
     }
     (!saw_perf_link_without_name).then_some(links)
 }
+
+/// Asserts, from the kernel's link info, that none of `programs` (ids) is attached to a
+/// syscall tracepoint; says so and passes where the kernel does not name link tracepoints
+/// (before 6.6). The count of tracepoint links found among `programs`.
+pub fn assert_no_syscall_tracepoint(programs: &[u32]) -> usize {
+    let Some(links) = tracepoint_links() else {
+        eprintln!(
+            "this kernel's link info does not name tracepoints (before 6.6): no syscall check \
+             from the kernel's side"
+        );
+        return 0;
+    };
+    let ours: Vec<&(u32, String)> = links
+        .iter()
+        .filter(|(prog, _)| programs.contains(prog))
+        .collect();
+    for (prog, tp) in &ours {
+        assert!(
+            !tp.starts_with("sys_enter_") && !tp.starts_with("sys_exit_"),
+            "program {prog} is attached to syscall tracepoint {tp}"
+        );
+    }
+    ours.len()
+}

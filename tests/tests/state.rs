@@ -40,6 +40,8 @@ fn assert_no_open_hooks(agent: &Agent) {
             agent.log_text()
         );
     }
+    // Nor, says the kernel's own link info, any syscall tracepoint.
+    brokerscope_tests::kernel::assert_no_syscall_tracepoint(&agent.program_ids());
 }
 
 /// The agent's log line saying it stopped polling `pid`'s descriptors, waited for.
