@@ -389,10 +389,15 @@ fn a_killed_broker_stops_and_its_restart_keeps_identity() {
     let first = FakeBroker::start(spec());
     let first_pid = first.pid;
     let (b, _) = wait_running(&agent, "5", first_pid, Instant::now());
-    assert!(
-        agent.attached("process_exit_btf"),
-        "this kernel passes group_dead"
+    // The exit hook's BTF form where the kernel passes group_dead (6.13+), else the classic
+    // tracepoint: asked of the kernel's own record format.
+    let group_dead = brokerscope_tests::kernel::tracepoint_has_field(
+        "sched",
+        "sched_process_exit",
+        "group_dead",
     );
+    assert_eq!(agent.attached("process_exit_btf"), group_dead);
+    assert_eq!(agent.attached("process_exit"), !group_dead);
     assert_eq!(b["evidence"]["id_source"], "broker_id");
     assert_eq!(b["evidence"]["overrides"], json!(["log.dirs"]));
     assert_eq!(b["log_dirs"], json!(["/from/override"]));
