@@ -390,62 +390,105 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn block_issue(ctx: TracePointContext) -> u32 {
     count_run(Program::BlockIssue);
-    if let Err(e) = try_issue(&ctx) {
+    if let Err(e) = try_issue(&ctx, false) {
         count_error(e);
     }
     0
 }
 
-fn try_issue(ctx: &TracePointContext) -> Result<(), ProbeError> {
-    // Issued in the submitting task's context (direct I/O, synchronous reads, plug flushes).
+/// A request queued on an I/O scheduler, in the submitting task's context: where a kernel
+/// worker issues it later (Linux 6.1 queues a loop device's O_DIRECT writes on mq-deadline and
+/// runs the queue from kblockd), its issue is no longer the broker's to see. Counted here, and
+/// not again when issued.
+#[tracepoint(category = "block", name = "block_rq_insert")]
+pub fn block_insert(ctx: TracePointContext) -> u32 {
+    count_run(Program::BlockInsert);
+    if let Err(e) = try_issue(&ctx, true) {
+        count_error(e);
+    }
+    0
+}
+
+fn try_issue(ctx: &TracePointContext, inserted: bool) -> Result<(), ProbeError> {
+    // Issued (or queued) in the submitting task's context: direct I/O, synchronous reads, plug
+    // flushes. Writeback is kernel threads' and not the broker's; a request the broker queued
+    // on a scheduler may be issued by a kernel worker, and is found by its entry.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !is_broker(tgid) {
+    let broker = is_broker(tgid);
+    if !broker && (inserted || BLOCK_PENDING.get(0).is_none_or(|n| *n == 0)) {
         return Ok(());
     }
     let off = offsets();
-    let read = |o: u32| -> Result<u64, ProbeError> {
-        // SAFETY: offsets from the tracepoint's format file; the read is checked.
-        unsafe { ctx.read_at::<u64>(o as usize) }.map_err(|_| ProbeError::ReadContext)
-    };
-    // SAFETY: as above.
+    // SAFETY: offsets from the tracepoint's format file; the reads are checked.
     let dev: u32 =
         unsafe { ctx.read_at(off.issue_dev as usize) }.map_err(|_| ProbeError::ReadContext)?;
-    let sector = read(off.issue_sector)?;
+    // SAFETY: as above.
+    let sector: u64 =
+        unsafe { ctx.read_at(off.issue_sector as usize) }.map_err(|_| ProbeError::ReadContext)?;
+    let key = BlockKey {
+        dev,
+        _pad: 0,
+        sector,
+    };
+    let queued = BLOCK_INFLIGHT.get_ptr_mut(&key);
+    if inserted {
+        // Noted with its submitter; counted when issued, its size then final.
+        if queued.is_none() {
+            note_inflight(&key, tgid, 0);
+        }
+        return Ok(());
+    }
     // SAFETY: as above.
     let bytes: u32 =
         unsafe { ctx.read_at(off.issue_bytes as usize) }.map_err(|_| ProbeError::ReadContext)?;
     // SAFETY: as above.
     let rwbs: [u8; 4] =
         unsafe { ctx.read_at(off.issue_rwbs as usize) }.map_err(|_| ProbeError::ReadContext)?;
-    let c = counters(tgid)?;
+    let owner = match queued {
+        // SAFETY: the pointer comes from the lookup just made; only this request's issue
+        // writes its flag.
+        Some(start) => unsafe {
+            if (*start).counted != 0 {
+                return Ok(());
+            }
+            (*start).counted = 1;
+            (*start).tgid
+        },
+        None if broker => {
+            note_inflight(&key, tgid, 1);
+            tgid
+        }
+        None => return Ok(()),
+    };
+    let c = counters(owner)?;
     match rwbs_direction(&rwbs) {
         1 => add!(c, read_bytes, u64::from(bytes)),
         2 => add!(c, written_bytes, u64::from(bytes)),
-        _ => return Ok(()),
+        _ => {}
     }
-    let key = BlockKey {
-        dev,
-        _pad: 0,
-        sector,
-    };
+    Ok(())
+}
+
+/// Notes a broker's request in flight from now, for its completion's latency.
+#[inline(always)]
+fn note_inflight(key: &BlockKey, tgid: u32, counted: u32) {
     // SAFETY: a plain helper call.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     let start = BlockStart {
         ts_ns,
         tgid,
-        _pad: 0,
+        counted,
     };
     // Counted first, so a completion on another CPU never sees the entry without its count.
     count_pending(1);
     if BLOCK_INFLIGHT
-        .insert(&key, &start, u64::from(BPF_NOEXIST))
+        .insert(key, &start, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Already there (a request reissued before it completed), or not inserted at all.
         count_pending(u64::MAX);
-        let _ = BLOCK_INFLIGHT.insert(&key, &start, 0);
+        let _ = BLOCK_INFLIGHT.insert(key, &start, 0);
     }
-    Ok(())
 }
 
 /// Adds `n` (wrapping: `u64::MAX` takes one away) to BLOCK_PENDING.

@@ -205,9 +205,12 @@ pub struct BlockKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockStart {
+    /// When the broker queued (`block_rq_insert`) or issued it.
     pub ts_ns: u64,
     pub tgid: u32,
-    pub _pad: u32,
+    /// Its bytes were counted (at issue, when the request's size is final: bios merge into a
+    /// queued request).
+    pub counted: u32,
 }
 
 /// Tracepoint record offsets (tracefs) and `task_struct` fields (BTF), resolved at load time.

@@ -88,6 +88,10 @@ pub enum Program {
     FsyncVfsEnter = 28,
     /// `fexit/vfs_fsync_range`.
     FsyncVfsExit = 29,
+    /// `block:block_rq_insert`: block requests a broker's task queues on an I/O scheduler,
+    /// which a kernel worker may issue later (counted here, in the submitter's context, and
+    /// not again at issue).
+    BlockInsert = 30,
 }
 
 /// What a program is for, as a user asks about it: when every program of a capability is
@@ -147,7 +151,7 @@ impl Standby {
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 30] = [
+    pub const ALL: [Program; 31] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -178,6 +182,7 @@ impl Program {
         Program::FsyncBtrfs,
         Program::FsyncVfsEnter,
         Program::FsyncVfsExit,
+        Program::BlockInsert,
     ];
 
     /// Capacity of [`PROBE_EVENTS_MAP`].
@@ -216,6 +221,7 @@ impl Program {
             Program::FsyncBtrfs => "fsync_btrfs",
             Program::FsyncVfsEnter => "fsync_vfs_enter",
             Program::FsyncVfsExit => "fsync_vfs_exit",
+            Program::BlockInsert => "block_insert",
         }
     }
 
@@ -252,6 +258,7 @@ impl Program {
             Program::FsyncBtrfs => "tracepoint/btrfs/btrfs_sync_file",
             Program::FsyncVfsEnter => "fentry/vfs_fsync_range",
             Program::FsyncVfsExit => "fexit/vfs_fsync_range",
+            Program::BlockInsert => "tracepoint/block/block_rq_insert",
         }
     }
 
@@ -300,6 +307,10 @@ impl Program {
             Program::BlockIssue | Program::BlockComplete => {
                 Some("block I/O bytes and latency are not counted")
             }
+            Program::BlockInsert => Some(
+                "block requests an I/O scheduler queues and a kernel worker issues (Linux 6.1 \
+                 issues O_DIRECT writes so) are not attributed to the broker",
+            ),
             Program::FsyncEnter
             | Program::FsyncExit
             | Program::FdatasyncEnter
@@ -337,7 +348,9 @@ impl Program {
                 Capability::BrokerState
             }
             Program::SchedSwitch | Program::SchedSwitchBtf => Capability::Scheduler,
-            Program::BlockIssue | Program::BlockComplete => Capability::BlockIo,
+            Program::BlockIssue | Program::BlockComplete | Program::BlockInsert => {
+                Capability::BlockIo
+            }
             Program::FsyncEnter
             | Program::FsyncExit
             | Program::FdatasyncEnter
@@ -367,6 +380,7 @@ impl Program {
             Program::SchedSwitch => None,
             Program::BlockIssue => Some(("block", "block_rq_issue")),
             Program::BlockComplete => Some(("block", "block_rq_complete")),
+            Program::BlockInsert => Some(("block", "block_rq_insert")),
             Program::FsyncEnter => Some(("syscalls", "sys_enter_fsync")),
             Program::FsyncExit => Some(("syscalls", "sys_exit_fsync")),
             Program::FdatasyncEnter => Some(("syscalls", "sys_enter_fdatasync")),

@@ -140,10 +140,10 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         .collect();
     // Attached: sock_state_btf, tcp_retransmit, tcp_send_reset, tcp_receive_reset, tcp_live
     // (iterator), process_exec, process_exit_btf or process_exit, state_signal,
-    // sched_switch_btf, block_issue, block_complete: 11; the fsync VFS pair (2) or the ext4
+    // sched_switch_btf, block_issue, block_insert, block_complete: 12; the fsync VFS pair (2) or the ext4
     // pair, xfs and btrfs (4); the three map iterators where they load. Nothing on standby:
     // node-wide hooks are off by default.
-    let expected = 11 + if fentry { 2 } else { 4 } + if map_iters { 3 } else { 0 };
+    let expected = 12 + if fentry { 2 } else { 4 } + if map_iters { 3 } else { 0 };
     assert_eq!(
         ids.len(),
         expected,

@@ -28,8 +28,30 @@ pub fn resolve_offsets(
     use Program::{BlockComplete, BlockIssue, SchedSwitch, SchedSwitchBtf};
     let sched = &[SchedSwitch, SchedSwitchBtf];
     let issue = read("block", "block_rq_issue");
+    let insert = read("block", "block_rq_insert");
     let complete = read("block", "block_rq_complete");
     let task = |path: &[&str]| btf.offset_of("task_struct", path);
+    // The insert program reads its record with the issue record's offsets (one event class,
+    // `block_rq`): it runs only where the two agree.
+    let same = |name: &str, size: u32| match (insert.field(name, size), issue.field(name, size)) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Err(e), _) => Err(e.to_string()),
+        _ => Err(format!(
+            "block:block_rq_insert's `{name}` is not where block:block_rq_issue has it"
+        )),
+    };
+    let rwbs_size = if issue.field("rwbs", 10).is_ok() {
+        10
+    } else {
+        8
+    };
+    if let Err(why) = same("dev", 4)
+        .and(same("sector", 8))
+        .and(same("bytes", 4))
+        .and(same("rwbs", rwbs_size))
+    {
+        lacks.charge(&[Program::BlockInsert], why);
+    }
     ResourceOffsets {
         task_state: lacks.offset(sched, task(&["__state"]).or_else(|_| task(&["state"]))),
         task_sum_exec: lacks.offset(sched, task(&["se", "sum_exec_runtime"])),
