@@ -9,11 +9,9 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, fentry, fexit, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext, TracePointContext,
-    },
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use brokerscope_common::{
     fields::Field,
@@ -611,27 +609,6 @@ pub fn fsync_xfs(_ctx: TracePointContext) -> u32 {
 pub fn fsync_btrfs(_ctx: TracePointContext) -> u32 {
     count_run(Program::FsyncBtrfs);
     if let Err(e) = sync_count() {
-        count_error(e);
-    }
-    0
-}
-
-/// The VFS fsync path every filesystem's fsync, fdatasync, msync(MS_SYNC) and O_SYNC write
-/// goes through: count and duration on any filesystem, paid only by those calls. Needs
-/// fentry/fexit, which stock distribution kernels allow; where refused, the filesystem
-/// tracepoints above serve.
-#[fentry(function = "vfs_fsync_range")]
-pub fn fsync_vfs_enter(_ctx: FEntryContext) -> u32 {
-    count_run(Program::FsyncVfsEnter);
-    sync_enter();
-    0
-}
-
-/// Its return: counts the call with its duration.
-#[fexit(function = "vfs_fsync_range")]
-pub fn fsync_vfs_exit(_ctx: FExitContext) -> u32 {
-    count_run(Program::FsyncVfsExit);
-    if let Err(e) = sync_exit() {
         count_error(e);
     }
     0

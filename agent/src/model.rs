@@ -111,7 +111,7 @@ pub struct BrokerView {
     pub broker_state: StateView,
     pub state_changes: Vec<StateChange>,
     /// How each of `log_dirs`' fsyncs are measured on this node: `count+duration`, `count`
-    /// (xfs and btrfs where fentry is refused) or `not measured`.
+    /// (xfs and btrfs) or `not measured`.
     pub log_dir_fsync: Vec<&'static str>,
 }
 

@@ -653,17 +653,17 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
         e,
         "fsync_total",
         "fsync and fdatasync calls (and msync(MS_SYNC), O_SYNC writes) the broker made, exact on \
-         every filesystem the fsync hooks cover: all with fentry/fexit, else ext4, xfs and btrfs \
-         (see /ready's hooks).",
+         ext4, xfs and btrfs files (their fsync tracepoints; other filesystems are not measured, \
+         see /v1/brokers' log_dir_fsync).",
         &|c| Number::Int(c.io.fsyncs),
     );
     {
         let mut f = e.family(
             "fsync_duration_seconds",
             Kind::Histogram,
-            "Duration of the broker's fsync and fdatasync calls, where measured: every filesystem \
-             with fentry/fexit, else ext4 only (xfs and btrfs fsyncs are counted in fsync_total \
-             without a duration).",
+            "Duration of the broker's fsync and fdatasync calls of ext4 files (xfs and btrfs \
+             fsyncs are counted in fsync_total without a duration: their tracepoints have no \
+             exit).",
         );
         for (id, c) in &kernel {
             f.log2_histogram(&[("broker", id)], &c.io.fsync, c.io.fsync_sum_us, 1);

@@ -82,16 +82,10 @@ pub enum Program {
     FsyncXfs = 26,
     /// `btrfs:btrfs_sync_file`: the same for Btrfs.
     FsyncBtrfs = 27,
-    /// `fentry/vfs_fsync_range`: every filesystem's fsync path; with [`Program::FsyncVfsExit`]
-    /// count and duration. Preferred where the kernel allows fentry; the filesystem
-    /// tracepoints serve elsewhere.
-    FsyncVfsEnter = 28,
-    /// `fexit/vfs_fsync_range`.
-    FsyncVfsExit = 29,
     /// `block:block_rq_insert`: block requests a broker's task queues on an I/O scheduler,
     /// which a kernel worker may issue later (counted here, in the submitter's context, and
     /// not again at issue).
-    BlockInsert = 30,
+    BlockInsert = 28,
 }
 
 /// What a program is for, as a user asks about it: when every program of a capability is
@@ -151,7 +145,7 @@ impl Standby {
 
 impl Program {
     /// Every program, in index order. Bounds [`PROBE_EVENTS_MAP`].
-    pub const ALL: [Program; 31] = [
+    pub const ALL: [Program; 29] = [
         Program::SockState,
         Program::Retransmit,
         Program::SendReset,
@@ -180,8 +174,6 @@ impl Program {
         Program::ProcessExitBtf,
         Program::FsyncXfs,
         Program::FsyncBtrfs,
-        Program::FsyncVfsEnter,
-        Program::FsyncVfsExit,
         Program::BlockInsert,
     ];
 
@@ -219,8 +211,6 @@ impl Program {
             Program::ProcessExitBtf => "process_exit_btf",
             Program::FsyncXfs => "fsync_xfs",
             Program::FsyncBtrfs => "fsync_btrfs",
-            Program::FsyncVfsEnter => "fsync_vfs_enter",
-            Program::FsyncVfsExit => "fsync_vfs_exit",
             Program::BlockInsert => "block_insert",
         }
     }
@@ -256,8 +246,6 @@ impl Program {
             Program::ProcessExitBtf => "tp_btf/sched_process_exit",
             Program::FsyncXfs => "tracepoint/xfs/xfs_file_fsync",
             Program::FsyncBtrfs => "tracepoint/btrfs/btrfs_sync_file",
-            Program::FsyncVfsEnter => "fentry/vfs_fsync_range",
-            Program::FsyncVfsExit => "fexit/vfs_fsync_range",
             Program::BlockInsert => "tracepoint/block/block_rq_insert",
         }
     }
@@ -314,19 +302,14 @@ impl Program {
             Program::FsyncEnter
             | Program::FsyncExit
             | Program::FdatasyncEnter
-            | Program::FdatasyncExit => Some(
-                "fsync calls are not counted on filesystems other than ext4, xfs and btrfs \
-                 where the kernel refuses fentry",
-            ),
+            | Program::FdatasyncExit => {
+                Some("fsync calls are not counted on filesystems other than ext4, xfs and btrfs")
+            }
             Program::FsyncExt4Enter | Program::FsyncExt4Exit => {
                 Some("fsyncs of ext4 files are not counted")
             }
             Program::FsyncXfs => Some("fsyncs of XFS files are not counted"),
             Program::FsyncBtrfs => Some("fsyncs of Btrfs files are not counted"),
-            Program::FsyncVfsEnter | Program::FsyncVfsExit => Some(
-                "the ext4, xfs and btrfs fsync tracepoints count instead (durations on ext4 \
-                 only)",
-            ),
         }
     }
 
@@ -358,9 +341,7 @@ impl Program {
             | Program::FsyncExt4Enter
             | Program::FsyncExt4Exit
             | Program::FsyncXfs
-            | Program::FsyncBtrfs
-            | Program::FsyncVfsEnter
-            | Program::FsyncVfsExit => Capability::Fsync,
+            | Program::FsyncBtrfs => Capability::Fsync,
         }
     }
 
@@ -389,7 +370,7 @@ impl Program {
             Program::FsyncExt4Exit => Some(("ext4", "ext4_sync_file_exit")),
             Program::FsyncXfs => Some(("xfs", "xfs_file_fsync")),
             Program::FsyncBtrfs => Some(("btrfs", "btrfs_sync_file")),
-            Program::ProcessExitBtf | Program::FsyncVfsEnter | Program::FsyncVfsExit => None,
+            Program::ProcessExitBtf => None,
             Program::SockStateRaw
             | Program::ConnLive
             | Program::ListenLive
@@ -414,16 +395,6 @@ impl Program {
             Program::SockStateBtf => Some("inet_sock_set_state"),
             Program::SchedSwitchBtf => Some("sched_switch"),
             Program::ProcessExitBtf => Some("sched_process_exit"),
-            _ => None,
-        }
-    }
-
-    /// The kernel function, for the programs attached by fentry (`Some((name, false))`) or
-    /// fexit (`Some((name, true))`).
-    pub const fn trampoline(self) -> Option<(&'static str, bool)> {
-        match self {
-            Program::FsyncVfsEnter => Some(("vfs_fsync_range", false)),
-            Program::FsyncVfsExit => Some(("vfs_fsync_range", true)),
             _ => None,
         }
     }
@@ -466,25 +437,6 @@ impl Program {
             | Program::FdatasyncEnter
             | Program::FdatasyncExit => Some(Standby::FsyncUncovered),
             _ => None,
-        }
-    }
-
-    /// Pairs of programs, tried before the others, that serve together (an entry and its
-    /// exit) and cover the programs whose [`Program::covered_by`] they are.
-    pub const COVERING: [Program; 2] = [Program::FsyncVfsEnter, Program::FsyncVfsExit];
-
-    /// The pair whose attachment makes this program unneeded (empty: none).
-    pub const fn covered_by(self) -> &'static [Program] {
-        match self {
-            Program::FsyncExt4Enter
-            | Program::FsyncExt4Exit
-            | Program::FsyncXfs
-            | Program::FsyncBtrfs
-            | Program::FsyncEnter
-            | Program::FsyncExit
-            | Program::FdatasyncEnter
-            | Program::FdatasyncExit => &[Program::FsyncVfsEnter, Program::FsyncVfsExit],
-            _ => &[],
         }
     }
 

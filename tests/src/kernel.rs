@@ -52,7 +52,6 @@ const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 /// `enum bpf_attach_type`.
-pub const BPF_TRACE_FENTRY: u32 = 24;
 pub const BPF_TRACE_ITER: u32 = 28;
 
 /// Loads (and at once closes) the smallest program of type tracing with `attach_type` on
@@ -79,12 +78,6 @@ pub fn tracing_program_loads(attach_type: u32, func: &str) -> std::io::Result<()
     // SAFETY: the descriptor was just returned to us and is closed once.
     unsafe { libc::close(fd as i32) };
     Ok(())
-}
-
-/// Whether this kernel lets fentry/fexit programs load (stock distribution kernels do; the
-/// development machine's does not).
-pub fn fentry_allowed() -> bool {
-    tracing_program_loads(BPF_TRACE_FENTRY, "vfs_fsync_range").is_ok()
 }
 
 /// Whether map-element iterators load here.

@@ -35,6 +35,22 @@ pub fn privileged(test: &str) -> bool {
     root
 }
 
+/// How many times longer than on a real machine the tests' time budgets may be:
+/// `BROKERSCOPE_TEST_TIME_SCALE` (default 1). `cargo xtask vmtest` sets it in its emulated
+/// guests (TCG), where the same work takes 5-20 times as long.
+pub fn time_scale() -> u32 {
+    std::env::var("BROKERSCOPE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `budget` times [`time_scale`].
+pub fn scaled(budget: Duration) -> Duration {
+    budget * time_scale()
+}
+
 /// A throwaway PKI made by `brokerscope pki dev`.
 pub struct Pki {
     pub dir: tempfile::TempDir,

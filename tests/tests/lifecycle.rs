@@ -28,14 +28,10 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     assert_eq!(ready["ready"], true, "{body}");
     assert_eq!(ready["reasons"], serde_json::json!([]), "{body}");
     // What this kernel allows, asked of the kernel itself: the agent's choices must follow.
-    let fentry = kernel::fentry_allowed();
     let map_iters = kernel::map_iterators_allowed();
     let group_dead = kernel::tracepoint_has_field("sched", "sched_process_exit", "group_dead");
-    eprintln!("kernel allows: fentry {fentry}, map iterators {map_iters}, group_dead {group_dead}");
+    eprintln!("kernel allows: map iterators {map_iters}, group_dead {group_dead}");
     let mut expected_refused = Vec::new();
-    if !fentry {
-        expected_refused.extend(["fsync_vfs_enter", "fsync_vfs_exit"]);
-    }
     if !map_iters {
         expected_refused.extend(["conn_live", "listen_live", "conn_spill_live"]);
     }
@@ -97,17 +93,14 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
     // The exit hook takes its BTF form where the kernel passes group_dead (6.13+).
     assert_eq!(agent.attached("process_exit_btf"), group_dead);
     assert_eq!(agent.attached("process_exit"), !group_dead);
-    // fsync: the VFS pair where fentry loads, else the filesystems' own tracepoints.
-    for program in ["fsync_vfs_enter", "fsync_vfs_exit"] {
-        assert_eq!(agent.attached(program), fentry, "{program}");
-    }
+    // fsync: the filesystems' own tracepoints, which every tested kernel has.
     for program in [
         "fsync_ext4_enter",
         "fsync_ext4_exit",
         "fsync_xfs",
         "fsync_btrfs",
     ] {
-        assert_eq!(agent.attached(program), !fentry, "{program}");
+        assert!(agent.attached(program), "{program}");
     }
     for program in ["conn_live", "listen_live", "conn_spill_live"] {
         assert_eq!(agent.attached(program), map_iters, "{program}");
@@ -140,10 +133,10 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         .collect();
     // Attached: sock_state_btf, tcp_retransmit, tcp_send_reset, tcp_receive_reset, tcp_live
     // (iterator), process_exec, process_exit_btf or process_exit, state_signal,
-    // sched_switch_btf, block_issue, block_insert, block_complete: 12; the fsync VFS pair (2) or the ext4
-    // pair, xfs and btrfs (4); the three map iterators where they load. Nothing on standby:
-    // node-wide hooks are off by default.
-    let expected = 12 + if fentry { 2 } else { 4 } + if map_iters { 3 } else { 0 };
+    // sched_switch_btf, block_issue, block_insert, block_complete: 12; the ext4 pair, xfs and
+    // btrfs (4); the three map iterators where they load. Nothing on standby: node-wide hooks
+    // are off by default.
+    let expected = 16 + if map_iters { 3 } else { 0 };
     assert_eq!(
         ids.len(),
         expected,

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use brokerscope_tests::{Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged};
+use brokerscope_tests::{
+    Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, privileged, scaled,
+};
 use serde_json::{Value, json};
 
 fn agent_config(dir: &Path) -> String {
@@ -238,8 +240,10 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     assert_eq!(state(&agent, "").0, 404);
     assert_eq!(ready_code(&agent), 404);
 
+    // Long enough after SIGTERM for the test to see SHUTTING_DOWN, also in an emulated guest.
+    let term_wait_ms = scaled(Duration::from_millis(1500)).as_millis().to_string();
     let mut broker = FakeBroker::start(FakeBrokerSpec {
-        options: &["--defer-listen", "--term-wait-ms", "1500"],
+        options: &["--defer-listen", "--term-wait-ms", &term_wait_ms],
         ..FakeBrokerSpec::new(&props)
     });
     // STARTING: the process exists, nothing opened, not listening.
@@ -332,14 +336,14 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
 
     // SHUTTING_DOWN once SIGTERM is delivered, while the broker takes its time.
     broker.signal(libc::SIGTERM);
-    wait_state(&agent, 7, Duration::from_secs(1));
+    wait_state(&agent, 7, scaled(Duration::from_secs(1)));
     assert_eq!(state(&agent, "").2, r#"{"brokerState":7}"#);
     assert_eq!(
         broker.next_line(Duration::from_secs(2)).as_deref(),
         Some("sigterm")
     );
     let status = broker
-        .wait_exit(Duration::from_secs(10))
+        .wait_exit(scaled(Duration::from_secs(10)))
         .expect("broker exits");
     assert!(status.success(), "{status}");
     // NOT_RUNNING after exit: the only broker on the node, stopped.

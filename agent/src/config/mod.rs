@@ -19,7 +19,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[log]`: the agent's own log (beyond INTERFACE.md; live-switchable). `RUST_LOG`, when set,
+/// `[log]`: the agent's own log (beyond docs/interface.md; live-switchable). `RUST_LOG`, when set,
 /// wins at startup.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -101,7 +101,7 @@ impl Default for DiscoveryConfig {
     }
 }
 
-/// `[probes]`: kernel map capacities (not in INTERFACE.md's minimal set; added so memory is
+/// `[probes]`: kernel map capacities (not in docs/interface.md's minimal set; added so memory is
 /// bounded by configuration).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -129,8 +129,8 @@ impl Default for ProbesConfig {
             // No hook whose mere attachment slows processes other than the brokers: syscall
             // tracepoints put every syscall of every task on the node through the kernel's
             // slow path (+17-21% per syscall measured). `true` allows them for deeper
-            // debugging: fsync on filesystems other than ext4/xfs/btrfs where fentry is
-            // refused, and file opens during a broker's log recovery.
+            // debugging: fsync on filesystems other than ext4/xfs/btrfs, and file opens during
+            // a broker's log recovery.
             node_wide_hooks: false,
         }
     }

@@ -28,7 +28,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
     programs::{
-        BtfTracePoint, FEntry, FExit, Iter, RawTracePoint, TracePoint,
+        BtfTracePoint, Iter, RawTracePoint, TracePoint,
         trace_point::{TracePointLink, TracePointLinkId},
     },
 };
@@ -187,8 +187,6 @@ struct OnStandby {
 /// Which filesystems' fsyncs the attached hooks see (see [`Probes::fsync_cover`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsyncCover {
-    /// The VFS pair (fentry/fexit): every filesystem, with durations.
-    pub every: bool,
     /// The ext4 tracepoints: count and duration.
     pub ext4: bool,
     /// The XFS and Btrfs entry tracepoints: count only.
@@ -199,19 +197,18 @@ pub struct FsyncCover {
 impl FsyncCover {
     /// Whether an fsync of a file on `filesystem` (as discovery names it) is counted.
     pub fn covers(self, filesystem: &str) -> bool {
-        self.every
-            || match filesystem {
-                "ext4" => self.ext4,
-                "xfs" => self.xfs,
-                "btrfs" => self.btrfs,
-                _ => false,
-            }
+        match filesystem {
+            "ext4" => self.ext4,
+            "xfs" => self.xfs,
+            "btrfs" => self.btrfs,
+            _ => false,
+        }
     }
 
     /// How the fsyncs of a file on `filesystem` are measured: `count+duration`, `count`, or
     /// `not measured`.
     pub fn measures(self, filesystem: &str) -> &'static str {
-        if self.every || (filesystem == "ext4" && self.ext4) {
+        if filesystem == "ext4" && self.ext4 {
             "count+duration"
         } else if self.covers(filesystem) {
             "count"
@@ -394,14 +391,12 @@ impl Probes {
         let mut degraded = Vec::new();
         let mut standby = Vec::new();
         let mut map_iters = Vec::new();
-        // Alternatives in order of preference, then the programs that cover others, then every
-        // other program. Once one of a set of alternatives serves, the rest are not attached;
-        // nor is a program whose work a pair that attached covers (see `Program::covered_by`).
+        // Alternatives in order of preference, then every other program. Once one of a set of
+        // alternatives serves, the rest are not attached.
         let first: Vec<Program> = Program::ALTERNATIVES
             .into_iter()
             .flatten()
             .copied()
-            .chain(Program::COVERING)
             .collect();
         let order = first
             .clone()
@@ -415,12 +410,7 @@ impl Probes {
             let served = Program::ALTERNATIVES.iter().any(|set| {
                 set.contains(&program) && set.iter().any(|p| is_attached(*p, &attached))
             });
-            let covered = !program.covered_by().is_empty()
-                && program
-                    .covered_by()
-                    .iter()
-                    .all(|p| is_attached(*p, &attached));
-            if served || covered {
+            if served {
                 continue;
             }
             if program.node_wide() && !config.node_wide_hooks {
@@ -456,39 +446,6 @@ impl Probes {
                         program,
                         error: e.to_string(),
                     });
-                }
-            }
-        }
-        // A pair serves only whole: half of it is taken back.
-        for pair in Program::COVERING.chunks(2) {
-            let up: Vec<Program> = pair
-                .iter()
-                .copied()
-                .filter(|p| attached.iter().any(|a: &Attachment| a.program == p.name()))
-                .collect();
-            if up.len() == 1 {
-                let lone = up[0];
-                let other = pair.iter().copied().find(|p| *p != lone).unwrap_or(lone);
-                if let Some(Err(e)) = ebpf.program_mut(lone.name()).map(unload) {
-                    tracing::warn!(program = lone.name(), error = %e, "cannot unload");
-                }
-                attached.retain(|a| a.program != lone.name());
-                degraded.push(Degraded {
-                    program: lone,
-                    error: format!("its other half {} was not attached", other.name()),
-                });
-                // The programs the pair would have covered were skipped: attach them now.
-                for covered in Program::ALL
-                    .into_iter()
-                    .filter(|p| p.covered_by() == pair && !p.node_wide())
-                {
-                    match attach(&mut ebpf, &btf, covered, &mut map_iters) {
-                        Ok(a) => attached.push(a),
-                        Err(e) => degraded.push(Degraded {
-                            program: covered,
-                            error: e.to_string(),
-                        }),
-                    }
                 }
             }
         }
@@ -570,7 +527,6 @@ impl Probes {
                 .all(|p| self.attached.iter().any(|a| a.program == p.name()))
         };
         FsyncCover {
-            every: up(&Program::COVERING),
             ext4: up(&[Program::FsyncExt4Enter, Program::FsyncExt4Exit]),
             xfs: up(&[Program::FsyncXfs]),
             btrfs: up(&[Program::FsyncBtrfs]),
@@ -871,15 +827,6 @@ fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool)
         .collect()
 }
 
-/// Unloads a trampoline program, detaching it from its hook.
-fn unload(program: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
-    match program {
-        aya::programs::Program::FEntry(p) => p.unload(),
-        aya::programs::Program::FExit(p) => p.unload(),
-        _ => Ok(()),
-    }
-}
-
 /// Loads a tracepoint program on standby without attaching it; its id.
 fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
@@ -926,26 +873,6 @@ fn attach(
         kind: "program",
         name,
     })?;
-    if let Some((function, exit)) = program.trampoline() {
-        let id = if exit {
-            let prog: &mut FExit = prog.try_into().map_err(err)?;
-            prog.load(function, btf).map_err(err)?;
-            prog.attach().map_err(err)?;
-            prog.info().map_err(err)?.id()
-        } else {
-            let prog: &mut FEntry = prog.try_into().map_err(err)?;
-            prog.load(function, btf).map_err(err)?;
-            prog.attach().map_err(err)?;
-            prog.info().map_err(err)?.id()
-        };
-        tracing::info!(program = name, hook, id, "attached");
-        return Ok(Attachment {
-            program: name,
-            hook,
-            id,
-            scope: program.scope(),
-        });
-    }
     let id = match (
         program.raw_tracepoint(),
         program.btf_tracepoint(),
