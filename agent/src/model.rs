@@ -526,11 +526,18 @@ impl Model {
 
     fn apply_demand(&self, last_wanted: &mut LastWanted) {
         let cover = {
-            let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-            match probes.as_ref() {
-                Some(p) => p.fsync_cover(),
-                None => return,
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(p) = probes.as_mut() else { return };
+            // A filesystem mounted after the start loads its module, and with it its fsync
+            // tracepoint: its program attaches then.
+            if p.attach_appeared_tracepoints() {
+                let mut status = self.status_mut();
+                status.attached = p.attached().to_vec();
+                status.degraded = p.degraded().iter().map(|d| d.describe()).collect();
+                status.missing = p.missing();
+                status.fsync_cover = p.fsync_cover();
             }
+            p.fsync_cover()
         };
         let wanted = {
             // Copied out first: `states()` takes the tracker's lock and then the table's, so

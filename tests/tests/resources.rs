@@ -5,7 +5,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use brokerscope_tests::{
-    Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, kernel, privileged, run_ok,
+    Agent, FakeBroker, FakeBrokerSpec, eventually, free_port, kernel, privileged, run_ok, scaled,
 };
 
 /// These tests measure CPU time and scheduling: run them one at a time.
@@ -363,14 +363,31 @@ fn fsyncs_are_exact_on_ext4_xfs_and_btrfs_without_a_syscall_hook() {
     }
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
+    // The agent first, the filesystems after: where a filesystem is a module (Debian's kernels),
+    // its tracepoints appear with its first mount, and the agent attaches their programs then.
+    let agent = Agent::start(&agent_config(dir.path()));
+    agent.wait_ready();
     let filesystems = [
         LoopFs::new(dir.path(), "ext4"),
         LoopFs::new(dir.path(), "xfs"),
         LoopFs::new(dir.path(), "btrfs"),
     ];
     let tmpfs = Mount::new(&dir.path().join("tmpfs"), &["-t", "tmpfs", "tmpfs"]);
-    let agent = Agent::start(&agent_config(dir.path()));
-    agent.wait_ready();
+    eventually(
+        "the filesystems' fsync programs attached",
+        scaled(Duration::from_secs(5)),
+        || {
+            [
+                "fsync_ext4_enter",
+                "fsync_ext4_exit",
+                "fsync_xfs",
+                "fsync_btrfs",
+            ]
+            .iter()
+            .all(|p| agent.attached(p))
+            .then_some(())
+        },
+    );
     let count = |id: &str| {
         (
             metric(&agent, "brokerscope_fsync_total", &[("broker", id)]),

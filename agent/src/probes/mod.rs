@@ -286,6 +286,8 @@ pub struct Probes {
     /// map each walks.
     map_iters: Vec<(Program, &'static str, map_iter::MapIter)>,
     capacities: ProbesConfig,
+    /// Where tracefs is, to see a tracepoint appear.
+    tracefs: std::path::PathBuf,
     namespaces: netns::Namespaces,
     broker_pids: processes::BrokerPids,
     process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
@@ -491,6 +493,7 @@ impl Probes {
             standby,
             map_iters,
             capacities: config.clone(),
+            tracefs: kernel.tracefs.clone(),
             namespaces: netns::Namespaces::default(),
             broker_pids,
             process_events,
@@ -517,6 +520,62 @@ impl Probes {
     /// The programs on standby, loaded and attached only on demand.
     pub fn standby(&self) -> impl Iterator<Item = Program> + '_ {
         self.standby.iter().map(|s| s.program)
+    }
+
+    /// Attaches the filesystem fsync programs refused at start because their tracepoint did not
+    /// exist yet (the filesystem's module was not loaded: it loads with the first mount of one),
+    /// once it does. Whether any attached. Cheap while nothing waits: a `stat` per waiting
+    /// program.
+    pub fn attach_appeared_tracepoints(&mut self) -> bool {
+        let mut attached_any = false;
+        let waiting: Vec<Program> = self
+            .degraded
+            .iter()
+            .map(|d| d.program)
+            .filter(|p| p.capability() == Capability::Fsync && !p.node_wide())
+            .collect();
+        for program in waiting {
+            let Some((category, name)) = program.tracepoint() else {
+                continue;
+            };
+            let events = self.tracefs.join("events").join(category).join(name);
+            if !events.exists() {
+                continue;
+            }
+            let Some(Ok(prog)) = self
+                .ebpf
+                .program_mut(program.name())
+                .map(<&mut TracePoint>::try_from)
+            else {
+                continue;
+            };
+            if prog.fd().is_err() {
+                // Not loaded: refused for another reason than a missing tracepoint.
+                continue;
+            }
+            match prog.attach(category, name).and_then(|_| prog.info()) {
+                Ok(info) => {
+                    tracing::info!(
+                        program = program.name(),
+                        hook = program.hook(),
+                        id = info.id(),
+                        "attached: its tracepoint appeared (filesystem module loaded)"
+                    );
+                    self.attached.push(Attachment {
+                        program: program.name(),
+                        hook: program.hook(),
+                        id: info.id(),
+                        scope: program.scope(),
+                    });
+                    self.degraded.retain(|d| d.program != program);
+                    attached_any = true;
+                }
+                Err(e) => {
+                    tracing::debug!(program = program.name(), error = %e, "still cannot attach")
+                }
+            }
+        }
+        attached_any
     }
 
     /// Which filesystems' fsyncs the attached hooks see.
