@@ -10,7 +10,10 @@
 //! run-time statistics give the nanoseconds per event, and, against the machine's busy CPU time
 //! in the same window, the share of it the agent's programs and process take: a ratio within
 //! one window, which this machine resolves where it does not resolve throughput ratios between
-//! rounds. The report goes to `target/bench/report.md` and `report.json`.
+//! rounds. Then [`node_tax`]: whether any hook the agent attaches by default slows processes
+//! other than the brokers, with their log dirs on every filesystem a node may have them on
+//! (`--node-tax-only` runs just that part). The report goes to `target/bench/report.md` and
+//! `report.json`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -26,6 +29,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+mod mounts;
+pub mod node_tax;
 
 const ROUNDS: usize = 7;
 const ROUND: Duration = Duration::from_secs(3);
@@ -72,9 +78,10 @@ enum Mode {
     /// The agent as a node with this broker runs it: the broker RUNNING with its log dir where
     /// the bench's output is (ext4 here), so no syscall tracepoint is attached.
     Full = 1,
-    /// As [`Mode::Full`], plus an idle second broker with its log dir on tmpfs: the agent
-    /// attaches the fsync syscall tracepoints for it, which put every syscall of every task on
-    /// the node through the kernel's slow path. What a node with xfs or btrfs log dirs pays.
+    /// As [`Mode::Full`] with `probes.node_wide_hooks = true`, plus an idle second broker with
+    /// its log dir on tmpfs: the agent attaches the fsync syscall tracepoints for it (by default
+    /// it attaches none), which put every syscall of every task on the node through the
+    /// kernel's slow path. What opting in costs.
     OffExt4 = 2,
     /// As [`Mode::Full`] without the scheduler hook, which runs on every context switch.
     NoScheduler = 3,
@@ -83,10 +90,11 @@ enum Mode {
 impl Mode {
     const ALL: [Mode; 4] = [Mode::Detached, Mode::Full, Mode::OffExt4, Mode::NoScheduler];
 
-    /// `probes.disabled_programs` for the mode.
-    fn disabled(self) -> &'static str {
+    /// The agent's `[probes]` settings for the mode.
+    fn probes(self) -> &'static str {
         match self {
-            Mode::Detached | Mode::Full | Mode::OffExt4 => "",
+            Mode::Detached | Mode::Full => "",
+            Mode::OffExt4 => "node_wide_hooks = true\n",
             // Each scheduler hook with its fallback: naming a program disables only it.
             Mode::NoScheduler => "disabled_programs = [\"sched_switch_btf\", \"sched_switch\"]\n",
         }
@@ -137,17 +145,26 @@ impl Broker {
         case: Case,
         fetch_file: &Path,
     ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        Self::start_with_log_dirs(dir, id, &log_dir.display().to_string(), case, fetch_file)
+    }
+
+    /// As [`Broker::start`] with `log.dirs` as given, which the broker never touches: they may
+    /// be paths that cannot exist.
+    fn start_with_log_dirs(
+        dir: &Path,
+        id: u32,
+        log_dirs: &str,
+        case: Case,
+        fetch_file: &Path,
+    ) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let properties = dir.join(format!("broker-{id}.properties"));
-        std::fs::create_dir_all(log_dir)?;
         std::fs::write(
             &properties,
-            format!(
-                "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\nlog.dirs={}\n",
-                log_dir.display()
-            ),
+            format!("node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{port}\nlog.dirs={log_dirs}\n"),
         )?;
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = Command::new(self_exe())
             .arg("bench-broker")
             .arg(case.key())
             .arg(fetch_file)
@@ -175,6 +192,14 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// This very xtask binary, to run its hidden helper subcommands. Through `/proc/self/exe`,
+/// which the kernel resolves to the running binary's inode even once `cargo` has rebuilt
+/// `target/debug/xtask` under it (another `cargo xtask` run meanwhile), where
+/// `current_exe()` would name a deleted file.
+fn self_exe() -> &'static Path {
+    Path::new("/proc/self/exe")
 }
 
 /// `xtask bench-broker`: serves `case` on 127.0.0.1:`port` until killed, a thread per
@@ -229,8 +254,20 @@ fn sendfile(stream: &TcpStream, file: &std::fs::File, len: usize) -> bool {
 
 /// Requests per second over `ROUND` with `CLIENTS` clients.
 fn load(case: Case, addr: std::net::SocketAddr) -> f64 {
+    load_sliced(case, addr, ROUND, 1).0
+}
+
+/// Requests per second over `round` with `CLIENTS` clients, and in each of `slices` equal
+/// slices of it.
+fn load_sliced(
+    case: Case,
+    addr: std::net::SocketAddr,
+    round: Duration,
+    slices: u32,
+) -> (f64, Vec<f64>) {
     let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + ROUND;
+    let start = Instant::now();
+    let deadline = start + round;
     let threads: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let done = done.clone();
@@ -256,10 +293,23 @@ fn load(case: Case, addr: std::net::SocketAddr) -> f64 {
             })
         })
         .collect();
+    let slice = round / slices.max(1);
+    let mut per_slice = Vec::new();
+    let mut before = 0;
+    for k in 1..=slices.max(1) {
+        let until = start + slice * k;
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        let now = done.load(Ordering::Relaxed);
+        per_slice.push((now - before) as f64 / slice.as_secs_f64());
+        before = now;
+    }
     for t in threads {
         let _ = t.join();
     }
-    done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
+    (
+        done.load(Ordering::Relaxed) as f64 / round.as_secs_f64(),
+        per_slice,
+    )
 }
 
 /// Empty programs (bpftrace's `{}`) on the two busiest hooks: the kernel's run-time stats of a
@@ -356,6 +406,11 @@ pub struct Agent {
 
 impl Agent {
     fn start(bin: &Path, dir: &Path, mode: Mode) -> anyhow::Result<Self> {
+        Self::start_with(bin, dir, mode.probes())
+    }
+
+    /// The agent with `probes` as its `[probes]` section, config and PKI under `dir`.
+    fn start_with(bin: &Path, dir: &Path, probes: &str) -> anyhow::Result<Self> {
         let pki = dir.join("pki");
         if !pki.join("client.key").exists() {
             crate::run(
@@ -371,7 +426,7 @@ impl Agent {
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\n{extra}",
                 p = pki.display(),
-                extra = mode.disabled()
+                extra = probes
             ),
         )?;
         Self::launch(bin, &config, pki)
@@ -592,7 +647,11 @@ impl Drop for BpfStats {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The lowest and highest per-round ratio once the extreme round at each end is dropped: how
@@ -715,10 +774,11 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
          its threads counted; its log dir is on ext4. Each attached round starts once the agent \
          has settled: the broker RUNNING, so the file-open syscall hooks are detached again. \
          Modes: detached (no agent); attached (every program this node needs: no syscall \
-         tracepoint); with a broker off ext4 (a second, idle broker with its log dir on tmpfs, \
-         for which the agent attaches the fsync/fdatasync syscall tracepoints: attaching any \
-         `syscalls:*` tracepoint puts every syscall of every task on the slow path; what a \
-         node with xfs or btrfs log dirs pays); attached without the scheduler hooks \
+         tracepoint); with a broker off ext4 (`probes.node_wide_hooks = true` and a second, \
+         idle broker with its log dir on tmpfs, for which the agent then attaches the \
+         fsync/fdatasync syscall tracepoints: attaching any `syscalls:*` tracepoint puts every \
+         syscall of every task on the slow path; what opting in costs, see also the node-tax \
+         section); attached without the scheduler hooks \
          (`probes.disabled_programs` = sched_switch_btf and its fallback sched_switch, which run \
          on every context switch on the node). Overhead = \
          1 - mode/detached, the median of per-round ratios. The rounds run with \
@@ -856,6 +916,26 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     std::fs::write(out_dir.join("report.md"), &md)?;
     std::fs::write(out_dir.join("report.json"), &json)?;
     println!("{md}");
+    // Its own section of the report just written, which `--node-tax-only` replaces alone.
+    run_node_tax(bin, &out_dir)
+}
+
+/// `cargo xtask bench --node-tax-only`: the node-tax part alone, its section of
+/// `report.md` and its key of `report.json` replaced (the rest kept).
+pub fn run_node_tax_only(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    run_node_tax(bin, &out_dir)
+}
+
+fn run_node_tax(bin: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let fetch_file = out_dir.join("fetch.bin");
+    if !fetch_file.exists() {
+        std::fs::write(&fetch_file, vec![7u8; FETCH])?;
+    }
+    let report = node_tax::run(bin, out_dir, &fetch_file)?;
+    report.merge_into(out_dir)?;
+    println!("{}", report.markdown);
     println!("written to {}", out_dir.display());
     Ok(())
 }

@@ -11,6 +11,7 @@
 mod bench;
 mod scrape;
 mod setup;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,12 +46,24 @@ enum Cmd {
         /// Only the scrape comparison (agent vs node_exporter over mTLS).
         #[arg(long)]
         scrape_only: bool,
+        /// Only the node-tax part: an unrelated process's syscalls and a broker's produce
+        /// throughput, agent detached vs attached, with the brokers' log dirs on ext4, xfs,
+        /// btrfs, tmpfs, unreadable, and while a broker recovers.
+        #[arg(long, conflicts_with = "scrape_only")]
+        node_tax_only: bool,
     },
-    /// Set up, build and run every test (the end-to-end ones need root).
+    /// Set up, build and run every test: unit, end-to-end on this kernel, then the end-to-end
+    /// subset on Debian 12's 6.1 and 6.12 kernels in QEMU (the end-to-end ones need root).
     Test {
-        /// Only tests whose name contains this (passed to both test runs).
+        /// Only tests whose name contains this (passed to every test run).
         filter: Option<String>,
+        /// Skip the kernel matrix in QEMU (`cargo xtask vmtest`): this kernel only.
+        #[arg(long)]
+        host_only: bool,
     },
+    /// Boot Debian's 6.1/6.12 kernels in QEMU and run the end-to-end subset in them, or capture
+    /// their tracepoint formats and BTF (docs/vmtest.md).
+    Vmtest(vmtest::Args),
     /// The benchmark's broker (started by `bench`): serves one case on its listener.
     #[command(hide = true)]
     BenchBroker {
@@ -62,6 +75,20 @@ enum Cmd {
         /// Its server.properties (listener and log dir).
         properties: std::path::PathBuf,
     },
+    /// The node-tax bench's unrelated process (started by `bench`): `CALLS` getppid calls in
+    /// `CHUNKS` timed chunks, pinned to `CPU`; prints each chunk's wall and CPU ns.
+    #[command(hide = true)]
+    BenchSyscalls { calls: u64, chunks: u32, cpu: usize },
+    /// The node-tax bench's recovering broker (started by `bench`): opens every segment under
+    /// its properties' log dirs, one per `PACE_MS`, keeping them open, then listens.
+    #[command(hide = true)]
+    BenchRecoveringBroker {
+        pace_ms: u64,
+        /// `kafka.Kafka`, so the agent discovers it.
+        main_class: String,
+        /// Its server.properties (listener and log dirs).
+        properties: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,15 +97,32 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
-        Cmd::Test { filter } => test(&root, filter.as_deref()),
+        Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
+        Cmd::Vmtest(args) => vmtest::main(&root, args),
         Cmd::BenchBroker {
             case,
             fetch_file,
             port,
             ..
         } => bench::serve_broker(&case, &fetch_file, port),
-        Cmd::Bench { scrape_only } => {
-            setup::ensure(setup::Needs::Bench)?;
+        Cmd::BenchSyscalls { calls, chunks, cpu } => {
+            bench::node_tax::syscall_loop(calls, chunks, cpu)
+        }
+        Cmd::BenchRecoveringBroker {
+            pace_ms,
+            properties,
+            ..
+        } => bench::node_tax::recovering_broker(&properties, pace_ms),
+        Cmd::Bench {
+            scrape_only,
+            node_tax_only,
+        } => {
+            // The node-tax part needs only the tests' packages (mkfs.ext4/xfs/btrfs, curl).
+            setup::ensure(if node_tax_only {
+                setup::Needs::Test
+            } else {
+                setup::Needs::Bench
+            })?;
             if !is_root() {
                 bail!("the benchmark loads eBPF programs: run `sudo -E cargo xtask bench`");
             }
@@ -90,6 +134,9 @@ fn main() -> anyhow::Result<()> {
                 let (md, _) = scrape::report(&runs, rss);
                 println!("{md}");
                 return Ok(());
+            }
+            if node_tax_only {
+                return bench::run_node_tax_only(&root, &bin);
             }
             bench::run(&root, &bin)
         }
@@ -180,6 +227,31 @@ fn run_agent(root: &Path, listen: &str, release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// The end-to-end subset on Debian 12's 6.1 and 6.12 kernels (`cargo xtask vmtest --kernel
+/// all`), its per-kernel `vmtest <kernel>: N passed, N failed` lines added to `totals` (the
+/// guests' own `test result:` lines are echoed but not counted twice).
+fn test_kernels(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::Result<()> {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "xtask",
+        "--",
+        "vmtest",
+        "--kernel",
+        "all",
+    ]);
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    run_counting(&mut cmd, totals, |line| {
+        line.strip_prefix("vmtest ")
+            .and_then(|rest| rest.split_once(": "))
+            .map(|(_, counts)| counts)
+    })
+}
+
 /// Test totals parsed from cargo's `test result:` lines.
 #[derive(Default)]
 struct Totals {
@@ -190,6 +262,16 @@ struct Totals {
 
 /// Runs a `cargo test`, echoing its output, and adds its `test result:` lines to `totals`.
 fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
+    run_counting(cmd, totals, |line| line.strip_prefix("test result: "))
+}
+
+/// Runs `cmd`, echoing its output, and adds to `totals` the `N passed`, `N failed` and
+/// `N ignored` parts of each line `counts` picks out.
+fn run_counting(
+    cmd: &mut Command,
+    totals: &mut Totals,
+    counts: impl Fn(&str) -> Option<&str>,
+) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let shown = format!("{cmd:?}");
     let mut child = cmd
@@ -200,8 +282,8 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading test output")?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split([';', '.']) {
+        if let Some(rest) = counts(&line) {
+            for part in rest.split([';', '.', ',']) {
                 let mut words = part.split_whitespace();
                 if let (Some(n), Some(what)) = (words.next(), words.next()) {
                     let n: u64 = n.parse().unwrap_or(0);
@@ -224,9 +306,12 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+fn test(root: &Path, filter: Option<&str>, host_only: bool) -> anyhow::Result<()> {
     let mut totals = Totals::default();
-    let result = test_all(root, filter, &mut totals);
+    let mut result = test_all(root, filter, &mut totals);
+    if result.is_ok() && !host_only {
+        result = test_kernels(root, filter, &mut totals);
+    }
     // One closing line for the whole run, in the form CI reads.
     println!(
         "xtask: {} passed, {} failed, {} skipped",

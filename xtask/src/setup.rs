@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::run;
 
-/// bpf-linker release known to build with nightly's LLVM here (KERNEL.md).
+/// bpf-linker release known to build with nightly's LLVM here (docs/kernels.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the end-to-end tests and `xtask run` use.
@@ -38,7 +38,21 @@ pub enum Needs {
     /// The tests' packages, plus node_exporter and oha for the scrape comparison and bpftrace
     /// for the empty-program floor.
     Bench,
+    /// The tests' packages (the guest runs the host's own tools over 9p), plus QEMU, a static
+    /// busybox for the guest's initramfs and kmod's depmod for the extracted kernels' modules.
+    /// The host kernel's facilities are not needed: the tests run in the guest's.
+    Vmtest,
 }
+
+/// Debian packages `cargo xtask vmtest` adds: QEMU (TCG is enough), busybox for the
+/// initramfs's /init, depmod, and xz/zstd to unpack compressed modules for busybox's insmod.
+const VMTEST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
+];
 
 /// oha release that builds with this toolchain (a load tool that presents client certificates).
 const OHA_VERSION: &str = "1";
@@ -56,7 +70,11 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
             run(Command::new("cargo").args(["install", "oha", "--version", OHA_VERSION]))?;
         }
     }
-    kernel()?;
+    if needs == Needs::Vmtest {
+        debian_packages(VMTEST_PACKAGES)?;
+    } else {
+        kernel()?;
+    }
     Ok(())
 }
 
