@@ -470,6 +470,8 @@ fn diagnostics_bundle_holds_everything_asked_for() {
     assert_eq!(listed, ids, "{programs:?}");
     for p in programs {
         assert!(p["hook"].as_str().unwrap().contains('/'), "{p}");
+        // Default config: every hook is broker-only (no syscall tracepoint).
+        assert_eq!(p["scope"], "broker-only", "{p}");
     }
     let sock_state = programs
         .iter()

@@ -71,6 +71,7 @@ pub fn capture(model: &Model, control: &Control) -> Value {
             json!({
                 "program": a.program,
                 "hook": a.hook,
+                "scope": a.scope,
                 "id": a.id,
                 "run_count": n.run_count,
                 "run_time_ns": n.run_time.as_nanos() as u64,
