@@ -561,19 +561,26 @@ struct Share {
     process: f64,
 }
 
+/// The length of a clock tick in seconds, and the machine's `cpu` line of /proc/stat in ticks
+/// (user nice system idle iowait irq softirq steal ...).
+fn proc_stat_cpu() -> anyhow::Result<(f64, Vec<f64>)> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect();
+    Ok((tick, cpu))
+}
+
 impl CpuTimes {
     fn read(pid: u32) -> anyhow::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let cpu: Vec<f64> = stat
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("cpu "))
-            .context("/proc/stat has no cpu line")?
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0.0))
-            .collect();
+        let (tick, cpu) = proc_stat_cpu()?;
         // user nice system idle iowait irq softirq steal
         let busy = [0, 1, 2, 5, 6]
             .iter()

@@ -78,18 +78,9 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`crate::output`], trimmed.
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    crate::output(cmd).map(|s| s.trim().to_string())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {

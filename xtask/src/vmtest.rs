@@ -371,20 +371,7 @@ fn uname_r() -> anyhow::Result<String> {
         .to_string())
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use crate::output;
 
 /// A distribution kernel unpacked under target/vmtest/<release>/root.
 struct Kernel {

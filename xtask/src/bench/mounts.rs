@@ -68,17 +68,7 @@ impl Mounted {
 
 /// Runs a command, its output kept for the error only.
 fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::output(cmd).map(drop)
 }
 
 /// A sparse file, deleted when dropped.

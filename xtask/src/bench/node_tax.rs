@@ -428,18 +428,8 @@ struct CpuSplit {
 
 impl CpuSplit {
     fn read() -> anyhow::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let stat = std::fs::read_to_string("/proc/stat")?;
         // user nice system idle iowait irq softirq steal
-        let cpu: Vec<f64> = stat
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("cpu "))
-            .context("/proc/stat has no cpu line")?
-            .split_whitespace()
-            .map(|v| v.parse::<f64>().unwrap_or(0.0))
-            .collect();
+        let (tick, cpu) = super::proc_stat_cpu()?;
         let field = |i: usize| cpu.get(i).copied().unwrap_or(0.0);
         let machine = field(0) + field(1) + field(2);
         let steal = field(7);
