@@ -560,6 +560,15 @@ fn scrapes_read_open_sockets_without_walking_the_socket_table_and_follow_a_reope
     if !privileged("scrapes_read_open_sockets_without_walking_the_socket_table") {
         return;
     }
+    if !brokerscope_tests::kernel::map_iterators_allowed() {
+        eprintln!(
+            "SKIPPED scrapes_read_open_sockets_without_walking_the_socket_table: this kernel \
+             refuses iter/bpf_map_elem programs (EPERM), so the agent walks each watched \
+             namespace's socket table at every scrape instead (the other socket tests cover \
+             that path); the kernel matrix runs this test where they load"
+        );
+        return;
+    }
     let _serial = serial();
     let agent = Agent::start(WATCH_ALL);
     agent.wait_ready();

@@ -45,6 +45,10 @@ pub const SUBSET: &[(&str, &str)] = &[
     ),
     ("sockets", "retransmits_agree_with_the_namespaces_own_count"),
     ("sockets", "listen_drops_match_the_kernels_own_count"),
+    (
+        "sockets",
+        "scrapes_read_open_sockets_without_walking_the_socket_table_and_follow_a_reopened_listener",
+    ),
     // Process discovery from exec/exit events, both exit hook forms; sendfile accounting.
     (
         "discovery",
