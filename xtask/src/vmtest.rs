@@ -1004,12 +1004,21 @@ mount -t tmpfs -o mode=0755 tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "cannot mount the overlay on the host's root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize={msize} vmtestout /newroot{out} \
-    || fail "cannot mount the results share (9p tag vmtestout) on {out}"
 R=/newroot
+# The workspace may sit under /tmp, /var/tmp or /run (a clone made there, as CI's may be),
+# which get tmpfs of their own below: its view through the overlay is kept aside and put back.
+W={workspace}
+case "$W/" in
+    /tmp/*|/var/tmp/*|/run/*) mkdir -p /ws && mount --bind "$R$W" /ws || fail "cannot keep $W" ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
 mount -t tmpfs -o mode=0755 tmpfs $R/run
+case "$W/" in
+    /tmp/*|/var/tmp/*|/run/*) mkdir -p "$R$W" && mount --bind /ws "$R$W" || fail "cannot put $W back" ;;
+esac
+mount -t 9p -o trans=virtio,version=9p2000.L,msize={msize} vmtestout /newroot{out} \
+    || fail "cannot mount the results share (9p tag vmtestout) on {out}"
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -1046,6 +1055,7 @@ exec switch_root /newroot /usr/bin/env -i \
         release = kernel.release,
         msize = MSIZE,
         out = out.display(),
+        workspace = sh_quote(&crate::workspace_root().display().to_string()),
         modules = kernel.modules().display(),
         run = sh_quote(&run),
     )
