@@ -205,6 +205,7 @@ impl JavaClient {
             .arg(&self.ca)
             .arg(&self.p12)
             .arg("changeit")
+            .arg(scaled(Duration::from_secs(10)).as_secs().to_string())
             .output()
             .unwrap();
         (
