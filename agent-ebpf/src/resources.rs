@@ -573,8 +573,8 @@ pub fn fdatasync_exit(_ctx: TracePointContext) -> u32 {
 
 /// ext4's fsync file operation, entered by fsync, fdatasync, msync(MS_SYNC) and O_SYNC/O_DSYNC
 /// writes on ext4 files. Fires only on those, where the syscall tracepoints above would put every
-/// syscall of every task on the node through the slow path: these serve while every broker's log
-/// dirs are on ext4, and the syscall ones are attached only for brokers with others.
+/// syscall of every task on the node through the slow path: those are attached only when
+/// `probes.node_wide_hooks` allows, for brokers with log dirs on other filesystems.
 #[tracepoint(category = "ext4", name = "ext4_sync_file_enter")]
 pub fn fsync_ext4_enter(_ctx: TracePointContext) -> u32 {
     count_run(Program::FsyncExt4Enter);
@@ -614,13 +614,17 @@ pub fn fsync_btrfs(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Counts a broker's fsync without its duration (entry-only hooks).
+/// Counts a broker's fsync without its duration (entry-only hooks). Where the opt-in syscall
+/// pair is attached too, the syscall's entry is taken away, so its exit does not count the
+/// same call again (as the ext4 pair does for ext4 files).
 #[inline(always)]
 fn sync_count() -> Result<(), ProbeError> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if !is_broker(tgid) {
         return Ok(());
     }
+    let _ = FSYNC_INFLIGHT.remove(&(pid_tgid as u32));
     let c = counters(tgid)?;
     add!(c, fsyncs, 1);
     Ok(())

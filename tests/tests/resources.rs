@@ -534,6 +534,24 @@ fn node_wide_hooks_when_allowed_count_fsyncs_on_other_filesystems_while_needed()
         metric(&agent, "brokerscope_fsync_total", &[("broker", "32")]),
         10.0
     );
+    // A broker on xfs meanwhile: its syncs pass both the xfs tracepoint and the syscall pair,
+    // and are counted once.
+    let xfs = LoopFs::new(dir.path(), "xfs");
+    let xfs_logs = xfs.mount.target.join("logs");
+    let mut c = broker_with(
+        &agent,
+        dir.path(),
+        "33",
+        &format!("log.dirs={}\n", xfs_logs.display()),
+    );
+    std::fs::create_dir_all(&xfs_logs).unwrap();
+    sync_calls(&mut c, "fsync", 4, &xfs_logs.join("synced"));
+    sync_calls(&mut c, "fdatasync", 2, &xfs_logs.join("synced"));
+    assert_eq!(
+        metric(&agent, "brokerscope_fsync_total", &[("broker", "33")]),
+        6.0
+    );
+    drop(c);
     // Once it stops, they are detached again.
     drop(b);
     attached(false);
