@@ -208,7 +208,7 @@ fn page_size() -> u64 {
 
 /// Fields after the command (which may hold spaces and parentheses): field N of proc(5) is
 /// index N-3 here.
-fn parse_stat(stat: &str, page: u64, s: &mut ProcStats) {
+pub(crate) fn parse_stat(stat: &str, page: u64, s: &mut ProcStats) {
     let Some((_, rest)) = stat.rsplit_once(") ") else {
         return;
     };
@@ -217,10 +217,11 @@ fn parse_stat(stat: &str, page: u64, s: &mut ProcStats) {
     s.minor_faults = at(10);
     s.major_faults = at(12);
     s.threads = at(20);
-    s.rss_bytes = at(24).map(|pages| pages * page);
+    // More pages than bytes can count is no size (and must not overflow).
+    s.rss_bytes = at(24).and_then(|pages| pages.checked_mul(page));
 }
 
-fn parse_max_fds(limits: &str) -> Option<u64> {
+pub(crate) fn parse_max_fds(limits: &str) -> Option<u64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..]
         .split_whitespace()
@@ -229,14 +230,14 @@ fn parse_max_fds(limits: &str) -> Option<u64> {
         .ok()
 }
 
-fn field(text: &str, name: &str) -> Option<u64> {
+pub(crate) fn field(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().parse().ok())
 }
 
 /// `some avg10=0.00 avg60=0.00 avg300=0.00 total=123` lines: total is in microseconds.
-fn parse_pressure(text: &str) -> Vec<(&'static str, f64)> {
+pub(crate) fn parse_pressure(text: &str) -> Vec<(&'static str, f64)> {
     text.lines()
         .filter_map(|l| {
             let kind = match l.split_whitespace().next()? {
@@ -318,6 +319,26 @@ mod tests {
         assert_eq!(s.major_faults, Some(7));
         assert_eq!(s.threads, Some(12));
         assert_eq!(s.rss_bytes, Some(300 * 4096));
+    }
+
+    #[test]
+    fn an_rss_beyond_what_bytes_count_is_unknown() {
+        // Found by the `proc` fuzz target: pages times the page size overflowed (a panic where
+        // overflow is checked).
+        let mut fields = vec!["0"; 21];
+        fields[16] = "1"; // field 20: threads
+        fields[20] = "18446744073709551615"; // field 24: rss, in pages
+        let stat = format!("1 (x) S {}", fields.join(" "));
+        let mut s = ProcStats::default();
+        parse_stat(&stat, 4096, &mut s);
+        assert_eq!(s.rss_bytes, None);
+        assert_eq!(s.threads, Some(1));
+        parse_stat(
+            &stat.replace("18446744073709551615", "4503599627370495"),
+            4096,
+            &mut s,
+        );
+        assert_eq!(s.rss_bytes, Some(4_503_599_627_370_495 * 4096));
     }
 
     #[test]

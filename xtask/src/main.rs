@@ -6,9 +6,12 @@
 //!   Idempotent; a no-op in well under a second once done.
 //! - `run`: setup, build, dev certificates under `.dev/pki` (git-ignored), then the agent on
 //!   127.0.0.1:8443 with the built-in defaults plus those certificates.
-//! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root.
+//! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root, then
+//!   every fuzz target for a few seconds each.
+//! - `fuzz`: the cargo-fuzz targets (fuzz/), each for a bounded time (docs/fuzzing.md).
 
 mod bench;
+mod fuzz;
 mod scrape;
 mod setup;
 mod vmtest;
@@ -52,8 +55,9 @@ enum Cmd {
         #[arg(long, conflicts_with = "scrape_only")]
         node_tax_only: bool,
     },
-    /// Set up, build and run every test: unit, end-to-end on this kernel, then the end-to-end
-    /// subset on Debian 12's 6.1 and 6.12 kernels in QEMU (the end-to-end ones need root).
+    /// Set up, build and run every test: unit, end-to-end on this kernel, every fuzz target for
+    /// a few seconds, then the end-to-end subset on Debian 12's 6.1 and 6.12 kernels in QEMU
+    /// (the end-to-end ones need root).
     Test {
         /// Only tests whose name contains this (passed to every test run).
         filter: Option<String>,
@@ -61,6 +65,9 @@ enum Cmd {
         #[arg(long)]
         host_only: bool,
     },
+    /// Build the fuzz targets (fuzz/, nightly) and run each for a bounded time; fails on a
+    /// crash, naming the crashing input (docs/fuzzing.md).
+    Fuzz(fuzz::Args),
     /// Boot Debian's 6.1/6.12 kernels in QEMU and run the end-to-end subset in them, or capture
     /// their tracepoint formats and BTF (docs/vmtest.md).
     Vmtest(vmtest::Args),
@@ -99,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
         Cmd::Vmtest(args) => vmtest::main(&root, args),
+        Cmd::Fuzz(args) => fuzz::main(&root, args),
         Cmd::BenchBroker {
             case,
             fetch_file,
@@ -363,10 +371,16 @@ fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::R
         );
     }
     let mut e2e = cargo(root);
-    e2e.args(["test", "--package", "brokerscope-tests"])
+    // Every test binary runs even when one fails: the closing totals count them all.
+    e2e.args(["test", "--no-fail-fast", "--package", "brokerscope-tests"])
         .env("BROKERSCOPE_TEST_BIN", &bin);
     if let Some(f) = filter {
         e2e.args(["--", f]);
     }
-    run_tests(&mut e2e, totals)
+    run_tests(&mut e2e, totals)?;
+
+    // The fuzz targets, briefly: each one a test in the totals. A filter picks the targets
+    // whose name contains it (all of them for `fuzz`).
+    let targets = fuzz::selected(root, filter)?;
+    fuzz::run_targets(root, &targets, fuzz::TEST_SECONDS, false, totals)
 }

@@ -42,6 +42,8 @@ pub enum Needs {
     /// busybox for the guest's initramfs and kmod's depmod for the extracted kernels' modules.
     /// The host kernel's facilities are not needed: the tests run in the guest's.
     Vmtest,
+    /// cargo-fuzz on nightly and a C++ compiler (`cargo xtask fuzz`); no kernel facility.
+    Fuzz,
 }
 
 /// Debian packages `cargo xtask vmtest` adds: QEMU (TCG is enough), busybox for the
@@ -57,11 +59,28 @@ const VMTEST_PACKAGES: &[&str] = &[
 /// oha release that builds with this toolchain (a load tool that presents client certificates).
 const OHA_VERSION: &str = "1";
 
+/// cargo-fuzz release the fuzz targets are built with (`cargo xtask fuzz`, docs/fuzzing.md).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Debian packages the fuzz build adds: libfuzzer-sys compiles libFuzzer's C++ sources.
+const FUZZ_PACKAGES: &[&str] = &["g++"];
+
 pub fn ensure(needs: Needs) -> anyhow::Result<()> {
+    if needs == Needs::Fuzz {
+        // The fuzz build skips the kernel object (agent/build.rs) and loads nothing: neither
+        // bpf-linker nor the kernel's facilities are needed.
+        debian_packages(FUZZ_PACKAGES)?;
+        return cargo_fuzz();
+    }
     rust_src()?;
     bpf_linker()?;
     if needs != Needs::Run {
         debian_packages(TEST_PACKAGES)?;
+    }
+    if needs == Needs::Test {
+        // `cargo xtask test` ends with the fuzz targets.
+        debian_packages(FUZZ_PACKAGES)?;
+        cargo_fuzz()?;
     }
     if needs == Needs::Bench {
         debian_packages(&["prometheus-node-exporter", "bpftrace"])?;
@@ -187,6 +206,27 @@ fn bpf_linker() -> anyhow::Result<()> {
             &format!("llvm-{major}"),
         ])
         .env("LLVM_PREFIX", &prefix))
+}
+
+/// cargo-fuzz, built by nightly (the fuzz targets need nightly's sanitizer flags anyway).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let bin = cargo_bin_dir().join("cargo-fuzz");
+    if let Ok(version) = output(Command::new(&bin).arg("--version")) {
+        if version.split_whitespace().last() == Some(CARGO_FUZZ_VERSION) {
+            return Ok(());
+        }
+        eprintln!("setup: found {version}, want cargo-fuzz {CARGO_FUZZ_VERSION}; reinstalling");
+    }
+    nightly_sysroot()?;
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (the fuzz targets' runner)");
+    run(Command::new("cargo").args([
+        "+nightly",
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {

@@ -374,7 +374,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        if let Err(e) = crate::control::logs::parse_filter(&self.log.level) {
             errors.push(ConfigError::invalid(
                 "log.level",
                 format!(

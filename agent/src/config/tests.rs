@@ -264,3 +264,13 @@ fn node_wide_hooks_are_off_unless_asked_for() {
     let on = Config::from_toml("[probes]\nnode_wide_hooks = true\n").unwrap();
     assert!(on.probes.node_wide_hooks);
 }
+
+#[test]
+fn a_log_level_with_blanks_before_a_multibyte_target_is_checked_not_a_panic() {
+    // Found by the `config_file` fuzz target: tracing-subscriber cut a directive with leading
+    // blanks at the offsets of its trimmed form, inside the `é` (a panic in validation).
+    let c = Config::from_toml("[log]\nlevel = \"info, xé=debug\"\n").unwrap();
+    assert_eq!(c.log.level, "info, xé=debug");
+    let e = Config::from_toml("[log]\nlevel = \" é=nonsense\"\n").unwrap_err();
+    assert_eq!(e.key(), Some("log.level"));
+}

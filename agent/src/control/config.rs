@@ -110,6 +110,24 @@ impl LiveConfig {
         }
     }
 
+    /// Over the defaults, applied to nothing: no discovery, no log subscriber to switch
+    /// (setting the level only checks it). For unit tests and the fuzz targets.
+    pub fn unattached() -> Self {
+        let config = Config::default();
+        let stats = Arc::new(crate::server::stats::ServerStats::default());
+        let server = ServerState::new(&config.server, stats);
+        Self::new(
+            config,
+            None,
+            Targets {
+                model: Arc::new(Model::default()),
+                server,
+                discovery: None,
+                log_level: LogLevel::detached(),
+            },
+        )
+    }
+
     pub fn current(&self) -> Config {
         self.lock().clone()
     }
@@ -417,21 +435,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{config::AccessLog, server::stats::ServerStats};
+    use crate::config::AccessLog;
 
     fn live() -> LiveConfig {
-        let config = Config::default();
-        let server = ServerState::new(&config.server, Arc::new(ServerStats::default()));
-        LiveConfig::new(
-            config,
-            None,
-            Targets {
-                model: Arc::new(Model::default()),
-                server,
-                discovery: None,
-                log_level: LogLevel::detached(),
-            },
-        )
+        LiveConfig::unattached()
     }
 
     fn keys(e: ChangeError) -> Vec<String> {

@@ -212,6 +212,16 @@ pub enum LogLevelError {
     },
 }
 
+/// A `log.level` value as a `tracing` filter, each comma-separated directive trimmed first:
+/// tracing-subscriber (0.3.23) reads a directive with leading blanks at the offsets of its
+/// trimmed form, so it cut a multi-byte character (a panic, found by fuzzing) or read an ASCII
+/// target one byte off. It splits on every comma itself, so trimming around commas changes
+/// nothing else.
+pub fn parse_filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let directives: Vec<&str> = level.split(',').map(str::trim).collect();
+    EnvFilter::builder().parse(directives.join(","))
+}
+
 impl LogLevel {
     pub fn new(handle: reload::Handle<EnvFilter, Registry>) -> Self {
         Self {
@@ -219,19 +229,16 @@ impl LogLevel {
         }
     }
 
-    /// No subscriber to switch (unit tests).
-    #[cfg(test)]
+    /// No subscriber to switch: setting a level only checks it (unit tests, fuzz targets).
     pub fn detached() -> Self {
         Self { handle: None }
     }
 
     pub fn set(&self, level: &str) -> Result<(), LogLevelError> {
-        let filter = EnvFilter::builder()
-            .parse(level)
-            .map_err(|source| LogLevelError::Parse {
-                level: level.into(),
-                source,
-            })?;
+        let filter = parse_filter(level).map_err(|source| LogLevelError::Parse {
+            level: level.into(),
+            source,
+        })?;
         match &self.handle {
             Some(handle) => handle
                 .reload(filter)
@@ -255,6 +262,20 @@ mod tests {
             target: "t".into(),
             message: format!("line {i}"),
         }
+    }
+
+    #[test]
+    fn directives_are_trimmed_before_tracing_reads_them() {
+        // Found by fuzzing (config_file): a directive after `, ` whose target holds a
+        // multi-byte character made tracing-subscriber slice inside it (a panic), and an ASCII
+        // one was read one byte off (`, brokerscope=debug` named the target ` brokerscop`).
+        let f = parse_filter("warn, brokerscope=debug").unwrap();
+        assert_eq!(f.to_string(), "brokerscope=debug,warn");
+        assert!(parse_filter(" é=info").is_ok());
+        assert!(parse_filter("info,\u{a0}é=nonsense").is_err());
+        LogLevel::detached()
+            .set("info , kafka\u{e9}=trace")
+            .unwrap();
     }
 
     #[test]

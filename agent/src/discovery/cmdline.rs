@@ -42,7 +42,11 @@ impl Patterns {
     }
 
     /// The first pattern matching the command line, and Kafka's arguments after the match.
+    /// An empty command line (a kernel thread, a zombie) is no broker, whatever the patterns.
     pub fn matches(&self, cmdline: &Cmdline) -> Option<Match> {
+        if cmdline.args.is_empty() {
+            return None;
+        }
         self.compiled.iter().find_map(|re| {
             let m = re.find(&cmdline.joined)?;
             // Kafka's arguments follow the main class, which is where the match starts for the
@@ -271,6 +275,19 @@ mod tests {
         ] {
             assert_eq!(p.matches(&cmd(args)), None, "{args:?}");
         }
+    }
+
+    #[test]
+    fn an_empty_command_line_matches_no_pattern() {
+        // Found by the `cmdline` fuzz target: a pattern that matches the empty string (`^`,
+        // `kafka|`, accepted by config validation) met a kernel thread's empty cmdline, and
+        // taking the arguments after the match indexed past the end (a panic in discovery).
+        let p = Patterns::new(&["^".into(), "kafka|".into(), ".*".into()]).unwrap();
+        assert_eq!(p.matches(&Cmdline::from_proc(b"")), None);
+        assert_eq!(p.matches(&Cmdline::from_proc(b"\0")), None);
+        let m = p.matches(&Cmdline::from_proc(b"java\0")).unwrap();
+        assert_eq!(m.pattern, "^");
+        assert_eq!(m.kafka.properties, None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub enum PropertiesError {
 /// Parsed key/value pairs. A later key replaces an earlier one, as in Java.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Properties {
-    values: BTreeMap<String, String>,
+    pub(crate) values: BTreeMap<String, String>,
 }
 
 impl Properties {

@@ -1,0 +1,535 @@
+//! brokerscope: an eBPF node agent for Kafka brokers.
+//!
+//! A library with one entry, [`main`] (the `brokerscope` binary is a call to it); its modules
+//! stay private. [`fuzzing`] is the fuzz targets' door to the parsers (fuzz/, docs/fuzzing.md).
+//!
+//! `run` starts the agent in a fixed order, each step logged: config -> TLS material -> kernel
+//! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
+//! `check-config` validates a config file and prints the effective configuration.
+
+mod client;
+mod config;
+mod control;
+mod discovery;
+mod files;
+mod flight;
+#[doc(hidden)]
+pub mod fuzzing;
+mod kernel;
+mod model;
+mod pki;
+mod probes;
+mod render;
+mod resources;
+mod server;
+mod state;
+mod views;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{config::Config, model::Model};
+
+#[derive(Parser)]
+#[command(
+    name = "brokerscope",
+    version,
+    about = "eBPF node agent for Kafka brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// TOML config file; every key has a default, so none is needed.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Throwaway certificates for local runs and tests.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+    /// Read from a running agent: brokers, state, metrics, diagnostics, config.
+    Get {
+        what: client::What,
+        /// One broker (brokers, state).
+        #[arg(long)]
+        broker: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Change a running agent's configuration live.
+    Set {
+        #[command(subcommand)]
+        what: SetCommand,
+    },
+    /// Follow a running agent's live events (Ctrl-C to stop).
+    Events {
+        /// Only these brokers (comma-separated ids).
+        #[arg(long)]
+        broker: Option<String>,
+        /// Only these listeners (comma-separated names).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only these kinds, e.g. broker_started,connection_reset.
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// A running agent's recent log lines.
+    Logs {
+        /// RFC 3339 time, or seconds back from now.
+        #[arg(long)]
+        since: Option<String>,
+        /// error | warn | info | debug.
+        #[arg(long)]
+        level: Option<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCommand {
+    /// KEY=VALUE (dotted key, e.g. server.access_log=debug; VALUE is JSON when it parses, else a
+    /// string). Several are applied as one change.
+    Config {
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Write ca.crt/ca.key, tls.crt/tls.key and client.crt/client.key into a directory.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of every certificate, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Overrides the start of validity (tests): RFC 3339, or an offset from now like `-2d`.
+        #[arg(long, hide = true, allow_hyphen_values = true, value_parser = pki::parse_instant)]
+        not_before: Option<time::OffsetDateTime>,
+        /// Overrides the end of validity (tests): RFC 3339, or an offset from now like `-1h`.
+        #[arg(long, hide = true, allow_hyphen_values = true, value_parser = pki::parse_instant)]
+        not_after: Option<time::OffsetDateTime>,
+    },
+}
+
+/// The command line: `brokerscope run | pki dev | check-config | get | set | events | logs`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Pki {
+            command:
+                PkiCommand::Dev {
+                    out,
+                    days,
+                    not_before,
+                    not_after,
+                },
+        } => pki::generate_dev(
+            &out,
+            pki::Validity::days(days).with_bounds(not_before, not_after),
+        )
+        .map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        })
+        .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
+        Command::CheckConfig { file } => match Config::load(Some(&file), std::env::vars()) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(key) = e.key() {
+                    eprintln!("offending key: {key}");
+                }
+                Err(e.into())
+            }
+        },
+        Command::Get {
+            what,
+            broker,
+            connection,
+        } => client_run(client::get(&connection, what, broker.as_deref())),
+        Command::Set {
+            what:
+                SetCommand::Config {
+                    assignments,
+                    connection,
+                },
+        } => client_run(client::set_config(&connection, &assignments)),
+        Command::Events {
+            broker,
+            listener,
+            kind,
+            connection,
+        } => client_run(client::events(
+            &connection,
+            broker.as_deref(),
+            listener.as_deref(),
+            kind.as_deref(),
+        )),
+        Command::Logs {
+            since,
+            level,
+            connection,
+        } => client_run(client::logs(
+            &connection,
+            since.as_deref(),
+            level.as_deref(),
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent's log: stderr and the in-memory ring behind `/v1/logs`, under one filter that
+/// `log.level` switches live. `RUST_LOG`, when set, is the filter until the config changes it.
+struct Logging {
+    level: control::logs::LogLevel,
+    ring: Arc<control::logs::LogRing>,
+    from_env: bool,
+}
+
+fn init_logging() -> Logging {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let from_env = env.is_some();
+    let filter = env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ring = Arc::new(control::logs::LogRing::default());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(control::logs::RingLayer(ring.clone()))
+        .init();
+    Logging {
+        level: control::logs::LogLevel::new(handle),
+        ring,
+        from_env,
+    }
+}
+
+/// Runs one client command on a small runtime of its own.
+fn client_run(
+    command: impl std::future::Future<Output = Result<(), client::ClientError>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(command).map_err(anyhow::Error::from)
+}
+
+fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let logging = init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("brokerscope")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_async(config_path, logging))
+}
+
+async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Result<()> {
+    let config = Config::load(config_path.as_deref(), std::env::vars())?;
+    if !logging.from_env {
+        logging.level.set(&config.log.level)?;
+    }
+    tracing::info!(
+        config = %config_path.as_ref().map_or("<defaults>".into(), |p| p.display().to_string()),
+        "step 1/5: configuration loaded"
+    );
+
+    let server_stats = Arc::new(server::stats::ServerStats::default());
+    let tls = server::reload::TlsSource::load(&config.server, server_stats.clone())?;
+    tracing::info!(
+        cert = %config.server.cert_file.display(),
+        serial = %tls.leaf().serial,
+        client_ca = %config.server.client_ca_file.display(),
+        "step 2/5: TLS material loaded (client certificates required)"
+    );
+
+    let model = Arc::new(Model::default());
+    // However run_async ends (a clean stop or an error after the probes attached), the kernel
+    // programs are detached before it returns: other threads keep the model alive until exit.
+    let _detach = DetachOnExit(model.clone());
+    match kernel::check() {
+        Ok(facts) => {
+            tracing::info!(
+                release = %facts.release,
+                tracefs = %facts.tracefs.display(),
+                cgroup2 = ?facts.cgroup2,
+                memlock_raised = facts.memlock_raised,
+                "step 3/5: kernel checked"
+            );
+            model.set_kernel(facts.clone());
+            match probes::Probes::load(&facts, &config.probes) {
+                Ok(probes) => {
+                    tracing::info!(
+                        programs = probes.attached().len(),
+                        refused = probes.degraded().len(),
+                        "step 4/5: probes attached"
+                    );
+                    for missing in probes.missing() {
+                        tracing::warn!(
+                            capability = %missing,
+                            "step 4/5: no hook this kernel allows; serving the rest"
+                        );
+                    }
+                    model.set_probes(probes);
+                    release_load_memory();
+                }
+                Err(e) => {
+                    let hint = if probes::is_permission_error(&e) {
+                        "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+                    } else {
+                        "see the error for what this kernel lacks"
+                    };
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        hint,
+                        "step 4/5: probes not attached; serving with /ready at 503"
+                    );
+                    model.set_probe_error(e.to_string());
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "step 3/5: kernel check failed; serving with /ready at 503");
+            model.set_probe_error(e.to_string());
+        }
+    }
+
+    let discovery = Arc::new(discovery::Discovery::new(
+        discovery::Settings {
+            cmdline_patterns: config.discovery.cmdline_patterns.clone(),
+            listener_ports: config.discovery.listener_ports.clone(),
+            cgroup2: model.kernel().and_then(|k| k.cgroup2),
+        },
+        model.clone(),
+    )?);
+    let first = discovery.clone();
+    match tokio::task::spawn_blocking(move || first.scan_all()).await {
+        Ok(Ok(summary)) => tracing::info!(
+            brokers = summary.running,
+            processes = summary.processes,
+            "discovery: first scan done"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "discovery: first scan failed; /ready stays 503"),
+        Err(e) => tracing::error!(error = %e, "discovery: first scan panicked; /ready stays 503"),
+    }
+    // Kernel exec/exit events drive discovery; a slow rescan stays as a safety net (a process
+    // can change its command line without exec). Without probes, the rescan is all there is.
+    let rescan = match model.take_process_events() {
+        Some(events) => {
+            spawn_discovery_events(discovery.clone(), events);
+            discovery::SAFETY_RESCAN
+        }
+        None => discovery::FALLBACK_RESCAN,
+    };
+    let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
+    // Kernel connection events flow only while /v1/events has a subscriber.
+    if let Some(ring) = model.take_conn_events() {
+        let sink = model.clone();
+        match probes::sockets_events::spawn_reader(ring, move |events| {
+            sink.publish_conn_events(events)
+        }) {
+            Ok(()) => {
+                let weak = Arc::downgrade(&model);
+                model.events.on_interest(move |on| {
+                    if let Some(model) = weak.upgrade() {
+                        model.set_conn_events(on);
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no kernel connection events for /v1/events"),
+        }
+    }
+    spawn_state_tracker(model.clone(), model.take_state_events());
+    model.spawn_demand_thread();
+
+    let addr = config.server.listen_addr()?;
+    // Discovered brokers' listeners, as configured ones were checked with the config.
+    for b in model.brokers().iter().filter(|b| b.is_running()) {
+        server::isolation::check_isolation(
+            addr,
+            b.listeners.iter().map(|l| l.port),
+            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
+        )?;
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    model.ignore_own_listener(local.port());
+    tracing::info!(addr = %local, "step 5/5: listening");
+
+    let state = server::ServerState::new(&config.server, server_stats);
+    let control = control::Control::new(
+        config,
+        config_path,
+        model.clone(),
+        state.clone(),
+        Some(discovery.clone()),
+        logging.level,
+        logging.ring,
+    );
+    let _file_watch = control.clone().spawn_file_watch();
+    let app = server::routes::router_with(model.clone(), state.clone(), control);
+    server::serve(listener, tls, state, app, shutdown_signal()).await;
+
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Detaches and unloads every kernel program when dropped.
+struct DetachOnExit(Arc<Model>);
+
+impl Drop for DetachOnExit {
+    fn drop(&mut self) {
+        drop(self.0.take_probes());
+    }
+}
+
+/// Feeds the kernel's exec/exit events to discovery on a thread of its own: discovery reads
+/// /proc, which blocks. An exec of a broker is examined on an examiner thread (so one broker's
+/// hanging files delay no other); an exit that overtakes it is caught when it ends.
+fn spawn_discovery_events(
+    discovery: Arc<discovery::Discovery>,
+    mut events: tokio::sync::mpsc::Receiver<probes::processes::ProcessSignal>,
+) {
+    use probes::processes::ProcessSignal;
+    let spawned = std::thread::Builder::new()
+        .name("discovery".into())
+        .spawn(move || {
+            while let Some(signal) = events.blocking_recv() {
+                match signal {
+                    ProcessSignal::Exec(pid) => {
+                        discovery.on_exec(pid);
+                    }
+                    ProcessSignal::Exit(pid) => discovery.on_exit(pid),
+                    ProcessSignal::Lost => {
+                        tracing::warn!("process events were lost; rescanning /proc");
+                        if let Err(e) = discovery.scan_all() {
+                            tracing::warn!(error = %e, "rescan failed");
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the discovery thread; relying on rescans");
+    }
+}
+
+/// Feeds the kernel's SIGTERM events (and opens, from the opt-in `openat` hooks) to the broker
+/// state tracker, and derives every broker's state again every [`STATE_TICK`] (listeners appear
+/// without an event), or every [`state::POLL_TICK`] while a broker is starting (its open
+/// descriptors are polled each tick: that is how log recovery is seen), on a thread of its own:
+/// the tracker reads /proc.
+fn spawn_state_tracker(
+    model: Arc<Model>,
+    mut events: Option<tokio::sync::mpsc::Receiver<probes::state::StateSignal>>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("broker-state".into())
+        .spawn(move || {
+            let mut next_tick = std::time::Instant::now();
+            loop {
+                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+                // None: the wait elapsed; Some(None): the stream ended.
+                let got = match events.as_mut() {
+                    Some(rx) => {
+                        handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
+                    }
+                    None => {
+                        std::thread::sleep(wait);
+                        None
+                    }
+                };
+                match got {
+                    Some(Some(signal)) => model.on_state_signal(&signal),
+                    Some(None) => events = None,
+                    None => {}
+                }
+                if std::time::Instant::now() >= next_tick {
+                    let polling = model.tick_states();
+                    let every = if polling {
+                        state::POLL_TICK
+                    } else {
+                        STATE_TICK
+                    };
+                    next_tick = std::time::Instant::now() + every;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the broker state thread");
+    }
+}
+
+/// How often broker states are derived again without an event.
+const STATE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+/// Hands the heap the loader freed back to the kernel. Loading parses the kernel's BTF twice
+/// (ours for offsets, aya's for relocations): tens of MiB, freed once the programs are in, but
+/// glibc keeps freed memory below its top chunk mapped, and the agent would idle at that
+/// high-water mark for the rest of its life.
+fn release_load_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        let released = unsafe { libc::malloc_trim(0) };
+        tracing::debug!(
+            released = released == 1,
+            "returned the loader's freed heap to the kernel"
+        );
+    }
+}
