@@ -33,6 +33,11 @@ pub struct Readiness {
     /// `brokerscope_probe_attached` says whether each is attached now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub standby: Vec<String>,
+    /// Reads of brokers' own files running past their deadline (absent when none): a hung
+    /// filesystem holds a worker. The brokers concerned say UNKNOWN where it matters; the agent
+    /// serves everything else, so this does not make it unready.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stalled: Vec<String>,
 }
 
 #[derive(Default)]
@@ -127,6 +132,8 @@ pub struct Snapshot {
     pub broker_states: Vec<(String, u8)>,
     /// /proc and cgroup figures of running brokers, by broker id.
     pub procs: Vec<(String, crate::resources::ProcStats)>,
+    /// The workers reading brokers' own files.
+    pub file_work: crate::files::workers::WorkStats,
 }
 
 impl Model {
@@ -161,7 +168,24 @@ impl Model {
                 .collect();
             status.probe_error = None;
         }
+        let signals = probes
+            .attached()
+            .iter()
+            .any(|a| a.program == brokerscope_common::telemetry::Program::StateSignal.name());
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_sigterm_observed(signals);
         *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = Some(probes);
+    }
+
+    /// As if the probes had attached `signal_deliver` (tests that run no kernel programs).
+    #[cfg(test)]
+    pub fn assume_sigterm_observed(&self) {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_sigterm_observed(true);
     }
 
     /// Keeps the agent's own endpoint out of every counter, even in watch-all mode.
@@ -256,6 +280,11 @@ impl Model {
                 None => "discovery has not run yet".to_string(),
             });
         }
+        let stalled = crate::files::workers::files()
+            .stalled()
+            .into_iter()
+            .map(|s| format!("{}: running for {} s", s.what, s.running_for.as_secs()))
+            .collect();
         Readiness {
             ready: reasons.is_empty(),
             reasons,
@@ -263,6 +292,7 @@ impl Model {
             missing,
             hooks,
             standby,
+            stalled,
         }
     }
 
@@ -327,6 +357,7 @@ impl Model {
             brokers,
             broker_states,
             procs,
+            file_work: crate::files::workers::files().stats(),
         }
     }
 

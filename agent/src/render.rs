@@ -399,10 +399,39 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
         }
     }
 
+    file_work(e, &snapshot.file_work);
     brokers(e, &snapshot.brokers);
     broker_states(e, &snapshot.broker_states);
     resources(e, snapshot);
     listeners(e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
+}
+
+/// The file workers that read brokers' own files (see `files::workers`).
+fn file_work(e: &mut Exposition, w: &crate::files::workers::WorkStats) {
+    e.family(
+        "file_workers",
+        Kind::Gauge,
+        "Threads reading brokers' own files (properties, log dirs).",
+    )
+    .sample(&[], w.threads);
+    e.family(
+        "file_workers_stalled",
+        Kind::Gauge,
+        "Reads of brokers' own files running past their deadline now: a hung filesystem holds them (see /ready `stalled`).",
+    )
+    .sample(&[], w.stalled);
+    e.family(
+        "file_work_timeouts_total",
+        Kind::Counter,
+        "Reads of brokers' own files that passed their deadline; the agent went on without them.",
+    )
+    .sample(&[], w.timeouts);
+    e.family(
+        "file_work_refused_total",
+        Kind::Counter,
+        "Reads of brokers' own files not started: an earlier one of the same process still ran, or every worker was busy.",
+    )
+    .sample(&[], w.refused);
 }
 
 type CounterOf = fn(&ListenerStats) -> u64;
@@ -791,11 +820,27 @@ fn server_families(e: &mut Exposition, s: &ServerSnapshot) {
     )
     .sample(&[], s.connections_active);
     e.family(
+        "http_connections_pending",
+        Kind::Gauge,
+        "Connections to the endpoint still in the TLS handshake (no verified client certificate yet).",
+    )
+    .sample(&[], s.connections_pending);
+    e.family(
         "http_connections_rejected_total",
         Kind::Counter,
-        "Connections closed right after accept because the connection limit was reached.",
+        "Connections closed because a connection limit was reached: handshakes shed (per peer or in total) and authenticated connections over the cap.",
     )
     .sample(&[], s.connections_rejected);
+    {
+        let mut f = e.family(
+            "tls_handshake_failures_total",
+            Kind::Counter,
+            "Connections that ended without completing the TLS handshake with a verified client certificate, by reason.",
+        );
+        for (reason, n) in &s.handshake_failures {
+            f.sample(&[("reason", reason)], n);
+        }
+    }
     e.family(
         "tls_cert_expiry_timestamp_seconds",
         Kind::Gauge,
@@ -853,6 +898,7 @@ mod tests {
                 missing: vec![],
                 hooks: vec![],
                 standby: vec![],
+                stalled: vec![],
             }),
             attached: vec![Attachment {
                 program: "sock_state",
@@ -1033,6 +1079,7 @@ mod tests {
     }
 
     fn server_snapshot() -> ServerSnapshot {
+        use crate::server::handshake::Failure;
         let stats = crate::server::stats::ServerStats::default();
         stats.record("/metrics", 200, std::time::Duration::from_millis(3));
         stats.record("/metrics", 200, std::time::Duration::from_millis(30));
@@ -1043,6 +1090,13 @@ mod tests {
         stats
             .tls_reload_failures
             .store(2, std::sync::atomic::Ordering::Relaxed);
+        for failure in [
+            Failure::NoCertificate,
+            Failure::NoCertificate,
+            Failure::ShedPerPeer,
+        ] {
+            stats.handshake_failed(failure);
+        }
         stats.snapshot()
     }
 
@@ -1065,7 +1119,12 @@ mod tests {
             "brokerscope_tls_cert_expiry_timestamp_seconds 1900000000",
             "brokerscope_tls_reload_failures_total 2",
             "brokerscope_tls_reloads_total 0",
-            "brokerscope_http_connections_rejected_total 0",
+            "brokerscope_http_connections_rejected_total 1",
+            "brokerscope_http_connections_pending 0",
+            "# TYPE brokerscope_tls_handshake_failures_total counter",
+            r#"brokerscope_tls_handshake_failures_total{reason="timeout"} 0"#,
+            r#"brokerscope_tls_handshake_failures_total{reason="no_certificate"} 2"#,
+            r#"brokerscope_tls_handshake_failures_total{reason="shed_per_peer"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

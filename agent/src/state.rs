@@ -16,12 +16,12 @@
 //! no process → NOT_RUNNING; SIGTERM delivered → SHUTTING_DOWN; segments under `log.dirs` seen
 //! opened → RECOVERY; every listener in LISTEN → RUNNING (latched); else STARTING.
 
-mod fds;
+pub(crate) mod fds;
 
 use std::{
     collections::{HashMap, VecDeque},
     io::BufRead as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -29,7 +29,9 @@ use brokerscope_common::state::AT_FDCWD;
 use serde::Serialize;
 
 use self::fds::{FdPoll, FdPollError};
+use crate::files::{ConfinedError, ProcessRoot};
 use crate::{discovery::Broker, probes::state::StateSignal};
+use std::sync::mpsc::Receiver;
 
 /// Kafka's broker states with Strimzi's numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +48,7 @@ pub enum KafkaState {
     )]
     PendingControlledShutdown,
     ShuttingDown,
-    #[cfg_attr(not(test), expect(dead_code, reason = "every state here is derived"))]
+    /// What the agent cannot observe (see [`StateView::unknown`]).
     Unknown,
 }
 
@@ -96,6 +98,34 @@ pub struct StateView {
     pub state: KafkaState,
     /// Present in RECOVERY only.
     pub recovery: Option<Recovery>,
+    /// Why the state is UNKNOWN: what the agent cannot observe (present then only).
+    pub unknown: Option<&'static str>,
+}
+
+impl StateView {
+    pub const fn of(state: KafkaState) -> Self {
+        StateView {
+            state,
+            recovery: None,
+            unknown: None,
+        }
+    }
+
+    pub const fn unknown(why: &'static str) -> Self {
+        StateView {
+            state: KafkaState::Unknown,
+            recovery: None,
+            unknown: Some(why),
+        }
+    }
+
+    const fn recovering(recovery: Recovery) -> Self {
+        StateView {
+            state: KafkaState::Recovery,
+            recovery: Some(recovery),
+            unknown: None,
+        }
+    }
 }
 
 impl Serialize for StateView {
@@ -106,6 +136,9 @@ impl Serialize for StateView {
         st.serialize_field("number", &self.state.number())?;
         if let Some(r) = &self.recovery {
             st.serialize_field("recovery", r)?;
+        }
+        if let Some(why) = self.unknown {
+            st.serialize_field("unknown", why)?;
         }
         st.end()
     }
@@ -129,6 +162,14 @@ pub const MAX_CHANGES: usize = 32;
 pub const MAX_SEGMENTS: usize = 200_000;
 /// Directory entries read per log dir and per partition dir while taking the inventory.
 const MAX_DIR_ENTRIES: usize = 200_000;
+/// Directory entries read in all for one inventory.
+const MAX_LISTED: usize = 2_000_000;
+/// How long the tracker waits for an inventory before it says UNKNOWN (the listing goes on, off
+/// its lock, and is used when it ends).
+pub const INVENTORY_DEADLINE: Duration = Duration::from_secs(2);
+/// A listing that could not start (an earlier one of the process still hangs, every file
+/// worker busy) is tried again after this long.
+const INVENTORY_RETRY: Duration = Duration::from_secs(5);
 /// A listening broker that opened no tracked segment for this long is past recovery even if
 /// the estimate says segments remain (estimate wrong, events lost, segments deleted).
 pub const QUIET: Duration = Duration::from_secs(5);
@@ -165,8 +206,11 @@ struct Inventory {
 
 impl Inventory {
     /// Partition directories (logs) holding at least one `*.log` file (segments), under every
-    /// log dir, read through `root` (`/proc/<pid>/root`).
-    fn take(root: &Path, log_dirs: &[String]) -> Self {
+    /// log dir, listed inside the process's own root (see [`crate::files::confine`]): a log dir
+    /// that is a link out of it, or a partition that is a link at all, is not followed. At most
+    /// [`MAX_DIR_ENTRIES`] entries per directory and [`MAX_LISTED`] in all. Slow on a large or
+    /// hung filesystem: it runs on a file worker, never under the tracker's lock.
+    fn take(root: &ProcessRoot, log_dirs: &[String]) -> Self {
         let mut inv = Inventory {
             log_dirs: log_dirs
                 .iter()
@@ -177,28 +221,36 @@ impl Inventory {
                 .collect(),
             ..Inventory::default()
         };
+        let mut listed = 0usize;
         for dir in inv.log_dirs.clone() {
-            let Ok(entries) = std::fs::read_dir(root.join(dir.trim_start_matches('/'))) else {
+            let Ok(logs) = root.open_dir(&dir) else {
                 continue;
             };
-            for part in entries.take(MAX_DIR_ENTRIES).flatten() {
-                if !part.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
+            let Ok((parts, _)) = logs.entries(MAX_DIR_ENTRIES.min(MAX_LISTED - listed)) else {
+                continue;
+            };
+            listed += parts.len();
+            for part in parts.iter().filter(|p| p.is_dir) {
+                if listed >= MAX_LISTED {
+                    break;
                 }
-                let Ok(files) = std::fs::read_dir(part.path()) else {
+                let Ok(files) = logs
+                    .child_dir(&part.name)
+                    .and_then(|d| d.entries(MAX_DIR_ENTRIES.min(MAX_LISTED - listed)))
+                else {
                     continue;
                 };
-                let part_name = part.file_name().to_string_lossy().into_owned();
+                listed += files.0.len();
+                let part_name = part.name_lossy();
                 let mut count = 0u32;
-                for file in files.take(MAX_DIR_ENTRIES).flatten() {
-                    let name = file.file_name().to_string_lossy().into_owned();
-                    if !name.ends_with(".log") {
+                for file in &files.0 {
+                    if !file.name.ends_with(b".log") {
                         continue;
                     }
                     if inv.segments.len() < MAX_SEGMENTS {
                         let log = inv.remaining_per_log.len();
                         inv.segments
-                            .insert(format!("{dir}/{part_name}/{name}"), log);
+                            .insert(format!("{dir}/{part_name}/{}", file.name_lossy()), log);
                     }
                     count += 1;
                 }
@@ -248,7 +300,9 @@ impl Inventory {
 struct Process {
     pid: u32,
     start_time_ticks: u64,
+    /// Empty until `listing` is done.
     inventory: Inventory,
+    listing: Listing,
     /// A tracked segment was opened: recovery began.
     recovery_seen: bool,
     recovery_over: bool,
@@ -258,9 +312,38 @@ struct Process {
     running: bool,
     /// The last listening check and its answer (reading `/proc/<pid>/net/tcp` of a namespace
     /// with thousands of sockets takes tens of ms: checked at most every [`LISTEN_RECHECK`]).
-    listen_checked: Option<(Instant, bool)>,
+    listen_checked: Option<(Instant, Listening)>,
     /// The poll of its open descriptors.
     fds: FdWatch,
+    /// The descriptor poll failed for a reason other than the process's exit (no privilege to
+    /// inspect it): recovery cannot be seen.
+    fds_unreadable: bool,
+}
+
+/// Whether every listener of a broker listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listening {
+    Yes,
+    No,
+    /// Cannot be told: why.
+    Unknown(&'static str),
+}
+
+/// Where the inventory of a process's log dirs is: listed on a file worker
+/// ([`crate::files::workers::files`]), so a huge or hung log dir never holds the tracker.
+#[derive(Debug)]
+enum Listing {
+    Pending {
+        since: Instant,
+        done: Receiver<Result<Inventory, ConfinedError>>,
+    },
+    Done,
+    /// Could not be listed (`retry`: the listing could not start, tried again after
+    /// [`INVENTORY_RETRY`]).
+    Failed {
+        at: Instant,
+        retry: bool,
+    },
 }
 
 /// Where a process's descriptor poll is.
@@ -294,11 +377,12 @@ struct Watching {
 pub const LISTEN_RECHECK: Duration = Duration::from_millis(250);
 
 impl Process {
-    fn new(broker: &Broker, inventory: Inventory) -> Self {
+    fn new(broker: &Broker, files: &crate::files::Workers) -> Self {
         Process {
             pid: broker.pid,
             start_time_ticks: broker.start_time_ticks,
-            inventory,
+            inventory: Inventory::default(),
+            listing: start_listing(broker, files),
             recovery_seen: false,
             recovery_over: false,
             last_open: None,
@@ -306,6 +390,89 @@ impl Process {
             running: false,
             listen_checked: None,
             fds: FdWatch::Idle,
+            fds_unreadable: false,
+        }
+    }
+
+    /// Takes the inventory if its listing ended (waiting at most `wait`), or starts the listing
+    /// again after a failure to start. Whether it is done.
+    fn collect_listing(
+        &mut self,
+        broker: &Broker,
+        id: &str,
+        files: &crate::files::Workers,
+        wait: Duration,
+    ) -> bool {
+        match &self.listing {
+            Listing::Done => return true,
+            Listing::Failed { at, retry, .. } => {
+                if *retry && at.elapsed() >= INVENTORY_RETRY {
+                    self.listing = start_listing(broker, files);
+                }
+                return false;
+            }
+            Listing::Pending { .. } => {}
+        }
+        let Listing::Pending { since, done } = &self.listing else {
+            return false;
+        };
+        let result = if wait.is_zero() {
+            done.try_recv()
+                .map_err(|e| e == std::sync::mpsc::TryRecvError::Disconnected)
+        } else {
+            done.recv_timeout(wait)
+                .map_err(|e| e == std::sync::mpsc::RecvTimeoutError::Disconnected)
+        };
+        let took = since.elapsed();
+        match result {
+            Ok(Ok(inventory)) => {
+                tracing::info!(
+                    broker = %id,
+                    pid = self.pid,
+                    logs = inventory.logs_remaining,
+                    segments = inventory.segments_remaining,
+                    listing_ms = took.as_millis() as u64,
+                    "broker state: log segments counted"
+                );
+                self.inventory = inventory;
+                self.listing = Listing::Done;
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::info!(broker = %id, pid = self.pid, error = %e, "broker state: cannot list the log dirs; recovery cannot be seen");
+                self.listing = Listing::Failed {
+                    at: Instant::now(),
+                    retry: false,
+                };
+                false
+            }
+            // The worker ended without an answer (it panicked).
+            Err(true) => {
+                tracing::warn!(broker = %id, pid = self.pid, "broker state: listing the log dirs failed; tried again later");
+                self.listing = Listing::Failed {
+                    at: Instant::now(),
+                    retry: true,
+                };
+                false
+            }
+            Err(false) => false,
+        }
+    }
+
+    /// Why recovery cannot be seen for this process, if it cannot.
+    fn recovery_unseen(&self, broker: &Broker) -> Option<&'static str> {
+        if broker.evidence.files_stalled {
+            Some(FILES_STALLED)
+        } else if broker.log_dirs.is_empty() {
+            Some("log dirs unknown (properties not read)")
+        } else if matches!(self.listing, Listing::Pending { .. }) {
+            Some("log dirs not listed yet")
+        } else if matches!(self.listing, Listing::Failed { .. }) {
+            Some("log dirs could not be listed")
+        } else if self.fds_unreadable {
+            Some("open descriptors unreadable")
+        } else {
+            None
         }
     }
 
@@ -342,6 +509,10 @@ impl Process {
     fn poll_fds(&mut self, id: &str, pace: bool) -> bool {
         if let Some(reason) = self.past_recovery() {
             self.stop_polling(id, reason);
+            return false;
+        }
+        if !matches!(self.listing, Listing::Done) {
+            // Opens seen before the inventory would be lost: each descriptor is read once.
             return false;
         }
         let mut watch = match std::mem::replace(&mut self.fds, FdWatch::Stopped) {
@@ -391,6 +562,7 @@ impl Process {
         watch.busy += started.elapsed();
         let news = match result {
             Ok((opened, news, listing)) => {
+                self.fds_unreadable = false;
                 watch.segments_opened += opened;
                 watch.not_before = paced(started, listing);
                 news
@@ -403,6 +575,7 @@ impl Process {
             // Denied (a process the agent may not inspect) or odd: not worth more than a debug
             // line, once; retried on the next tick.
             Err(e) => {
+                self.fds_unreadable = true;
                 if !watch.error_logged {
                     tracing::debug!(
                         broker = %id,
@@ -438,13 +611,13 @@ impl Process {
 
     /// Whether every listener listens. `read`: may read /proc (the tracker's own thread);
     /// otherwise (requests) the last answer is used, "not yet" when there is none.
-    fn listening(&mut self, broker: &Broker, read: bool) -> bool {
+    fn listening(&mut self, broker: &Broker, read: bool) -> Listening {
         if wanted_ports(broker).is_empty() {
-            return true;
+            return Listening::Unknown("no listener port known");
         }
         match self.listen_checked {
             Some((at, answer)) if !read || at.elapsed() < LISTEN_RECHECK => answer,
-            None if !read => false,
+            None if !read => Listening::Unknown("listening not checked yet"),
             _ => {
                 let answer = listening(broker);
                 self.listen_checked = Some((Instant::now(), answer));
@@ -469,7 +642,21 @@ pub struct StateTracker {
     by_pid: HashMap<u32, String>,
     /// Descriptor polls are paced ([`POLL_PACE`]); tests tick back to back without.
     pace: bool,
+    /// How long `sync` waits for a new process's log dirs to be listed, under the tracker's
+    /// lock: [`LISTING_WAIT`] (a listing that takes longer goes on without holding anything);
+    /// tests wait longer, to tick deterministically.
+    wait_listing: Duration,
+    /// Where the listings run.
+    files: crate::files::Workers,
+    /// Whether a SIGTERM to a broker can be seen (the `signal_deliver` program is attached).
+    /// Without it a RUNNING broker that is told to stop would go on reading RUNNING: such a
+    /// broker reads UNKNOWN instead ([`SIGTERM_UNSEEN`]).
+    sigterm_observed: bool,
 }
+
+/// How long a new process's listing is waited for before its state is first derived: enough
+/// for an ordinary log dir (a few ms), so a broker start does not log UNKNOWN first.
+const LISTING_WAIT: Duration = Duration::from_millis(20);
 
 impl Default for StateTracker {
     fn default() -> Self {
@@ -477,11 +664,20 @@ impl Default for StateTracker {
             by_id: HashMap::new(),
             by_pid: HashMap::new(),
             pace: true,
+            wait_listing: LISTING_WAIT,
+            files: crate::files::workers::files().clone(),
+            sigterm_observed: false,
         }
     }
 }
 
 impl StateTracker {
+    /// Says whether the kernel reports SIGTERMs delivered to brokers (the probes attached
+    /// `signal_deliver`, or not).
+    pub fn set_sigterm_observed(&mut self, observed: bool) {
+        self.sigterm_observed = observed;
+    }
+
     /// Follows the broker table: new processes get an inventory, gone ids are forgotten.
     pub fn sync(&mut self, brokers: &[Broker]) {
         self.by_id.retain(|id, tracked| {
@@ -492,6 +688,7 @@ impl StateTracker {
             known
         });
         self.by_pid.clear();
+        let mut fresh = Vec::new();
         for b in brokers {
             let tracked = self.by_id.entry(b.id.clone()).or_default();
             if !b.is_running() {
@@ -509,20 +706,15 @@ impl StateTracker {
                 if let Some(old) = tracked.process.as_mut() {
                     old.stop_polling(&b.id, "process replaced");
                 }
-                let root = PathBuf::from(format!("/proc/{}/root", b.pid));
-                let inventory = Inventory::take(&root, &b.log_dirs);
-                tracing::info!(
-                    broker = %b.id,
-                    pid = b.pid,
-                    logs = inventory.logs_remaining,
-                    segments = inventory.segments_remaining,
-                    "broker state: new process, log segments counted"
-                );
-                tracked.process = Some(Process::new(b, inventory));
+                let mut process = Process::new(b, &self.files);
+                process.collect_listing(b, &b.id, &self.files, self.wait_listing);
+                tracked.process = Some(process);
+                fresh.push(b.pid);
             }
         }
         for b in brokers {
-            self.evaluate(b, false);
+            // A new process's listeners are read now, so its first state is not a guess.
+            self.evaluate(b, fresh.contains(&b.pid));
         }
     }
 
@@ -555,11 +747,16 @@ impl StateTracker {
     pub fn evaluate(&mut self, broker: &Broker, read: bool) -> StateView {
         let tracked = self.by_id.entry(broker.id.clone()).or_default();
         let view = match tracked.process.as_mut().filter(|_| broker.is_running()) {
-            None => StateView {
-                state: KafkaState::NotRunning,
-                recovery: None,
-            },
-            Some(p) => derive(p, broker, read),
+            None => StateView::of(KafkaState::NotRunning),
+            Some(p) => {
+                p.collect_listing(broker, &broker.id, &self.files, Duration::ZERO);
+                match derive(p, broker, read) {
+                    v if v.state == KafkaState::Running && !self.sigterm_observed => {
+                        StateView::unknown(SIGTERM_UNSEEN)
+                    }
+                    v => v,
+                }
+            }
         };
         if tracked.current != Some(view.state) {
             let change = StateChange {
@@ -608,9 +805,9 @@ impl StateTracker {
     /// every [`POLL_TICK`].
     pub fn polling(&self) -> bool {
         self.by_id.values().any(|t| {
-            t.process
-                .as_ref()
-                .is_some_and(|p| matches!(p.fds, FdWatch::Polling(_)))
+            t.process.as_ref().is_some_and(|p| {
+                matches!(p.fds, FdWatch::Polling(_)) || matches!(p.listing, Listing::Pending { .. })
+            })
         })
     }
 
@@ -642,40 +839,85 @@ impl StateTracker {
 }
 
 fn derive(p: &mut Process, broker: &Broker, read: bool) -> StateView {
-    let plain = |state| StateView {
-        state,
-        recovery: None,
-    };
     if p.sigterm {
-        return plain(KafkaState::ShuttingDown);
+        return StateView::of(KafkaState::ShuttingDown);
     }
     if p.running {
-        return plain(KafkaState::Running);
+        return StateView::of(KafkaState::Running);
     }
     if p.recovery_seen && !p.recovery_over {
         let quiet = p.last_open.is_none_or(|t| t.elapsed() >= QUIET);
-        if p.inventory.segments_remaining == 0 || (quiet && p.listening(broker, read)) {
+        if p.inventory.segments_remaining == 0
+            || (quiet && p.listening(broker, read) == Listening::Yes)
+        {
             p.recovery_over = true;
         } else {
-            return StateView {
-                state: KafkaState::Recovery,
-                recovery: Some(p.inventory.recovery()),
-            };
+            return StateView::recovering(p.inventory.recovery());
         }
     }
-    if p.listening(broker, read) {
+    let listening = p.listening(broker, read);
+    if listening == Listening::Yes {
         p.running = true;
-        return plain(KafkaState::Running);
+        return StateView::of(KafkaState::Running);
     }
     if p.recovery_seen {
         // Recovered but not serving yet: Kafka stays in RECOVERY until it starts serving.
-        return StateView {
-            state: KafkaState::Recovery,
-            recovery: Some(p.inventory.recovery()),
-        };
+        return StateView::recovering(p.inventory.recovery());
     }
-    plain(KafkaState::Starting)
+    if broker.evidence.files_stalled {
+        // The root of what cannot be told: its listeners and log dirs are in those files.
+        return StateView::unknown(FILES_STALLED);
+    }
+    if let Listening::Unknown(why) = listening {
+        return StateView::unknown(why);
+    }
+    // Not listening: STARTING, unless a recovery could be going on unseen.
+    match p.recovery_unseen(broker) {
+        Some(why) => StateView::unknown(why),
+        None => StateView::of(KafkaState::Starting),
+    }
 }
+
+/// A live process's start time in clock ticks (tests building brokers of this process).
+#[cfg(test)]
+pub fn start_ticks_of_pid(pid: u32) -> Option<u64> {
+    fds::start_ticks(pid).ok()
+}
+
+/// Lists the log dirs of `broker`'s process on a file worker (see [`Inventory::take`]).
+fn start_listing(broker: &Broker, files: &crate::files::Workers) -> Listing {
+    let (pid, start, dirs) = (broker.pid, broker.start_time_ticks, broker.log_dirs.clone());
+    let spawned = files.spawn(
+        LISTING_KEY | u64::from(pid),
+        format!("listing the log dirs of broker {} (pid {pid})", broker.id),
+        INVENTORY_DEADLINE,
+        move || {
+            let dir = PathBuf::from(format!("/proc/{pid}"));
+            ProcessRoot::open(&dir, pid, Some(start)).map(|root| Inventory::take(&root, &dirs))
+        },
+    );
+    match spawned {
+        Ok(done) => Listing::Pending {
+            since: Instant::now(),
+            done,
+        },
+        Err(e) => {
+            tracing::info!(broker = %broker.id, pid, error = %e, "broker state: cannot list the log dirs now; tried again later");
+            Listing::Failed {
+                at: Instant::now(),
+                retry: true,
+            }
+        }
+    }
+}
+
+const FILES_STALLED: &str = "the broker's files could not be read in time";
+/// A listening broker while the agent cannot see SIGTERMs: it may be shutting down.
+const SIGTERM_UNSEEN: &str =
+    "listening, but a SIGTERM would not be seen (the signal_deliver probe is not attached)";
+
+/// File-worker keys of log-dir listings (a pid's own reads, by discovery, use the pid).
+const LISTING_KEY: u64 = 1 << 32;
 
 /// When a poll that began at `started` and listed in `listing` lets the next one run: None
 /// (next tick) when the listing was cheap.
@@ -685,17 +927,19 @@ fn paced(started: Instant, listing: Duration) -> Option<Instant> {
 
 /// Whether every configured listener port is in LISTEN in the broker's network namespace
 /// (`/proc/<pid>/net/tcp{,6}` show the namespace of that process). A broker with no known
-/// listener (config unreadable, no `discovery.listener_ports`) counts as listening.
-fn listening(broker: &Broker) -> bool {
+/// listener (config unreadable, no `discovery.listener_ports`) cannot be told.
+fn listening(broker: &Broker) -> Listening {
     let mut wanted = wanted_ports(broker);
     if wanted.is_empty() {
-        return true;
+        return Listening::Unknown("no listener port known");
     }
+    let mut read = false;
     for file in ["tcp", "tcp6"] {
         let path = format!("/proc/{}/net/{file}", broker.pid);
         let Ok(f) = std::fs::File::open(&path) else {
             continue;
         };
+        read = true;
         for line in std::io::BufReader::new(f)
             .lines()
             .skip(1)
@@ -705,12 +949,16 @@ fn listening(broker: &Broker) -> bool {
             if let Some(port) = listen_port(&line) {
                 wanted.retain(|&w| w != port);
                 if wanted.is_empty() {
-                    return true;
+                    return Listening::Yes;
                 }
             }
         }
     }
-    false
+    if read {
+        Listening::No
+    } else {
+        Listening::Unknown("listening sockets unreadable")
+    }
 }
 
 /// The configured listener ports (0, an ephemeral port, cannot be checked).
@@ -727,7 +975,7 @@ fn wanted_ports(broker: &Broker) -> Vec<u16> {
 }
 
 /// The local port of a `/proc/net/tcp{,6}` line in state LISTEN (`0A`).
-fn listen_port(line: &str) -> Option<u16> {
+pub(crate) fn listen_port(line: &str) -> Option<u16> {
     let mut fields = line.split_whitespace();
     let local = fields.nth(1)?;
     let state = fields.nth(1)?;
@@ -809,7 +1057,8 @@ mod tests {
             "/d2".to_string(),
             "/missing".to_string(),
         ];
-        let mut inv = Inventory::take(root.path(), &dirs);
+        let confined = ProcessRoot::at(root.path(), None, crate::files::confine::Resolver::Auto);
+        let mut inv = Inventory::take(&confined, &dirs);
         assert_eq!(inv.recovery(), rec(3, 4));
         assert!(inv.opened("/d1/t-0/0.log"));
         assert!(!inv.opened("/d1/t-0/0.log"), "counted once");
@@ -833,7 +1082,7 @@ mod tests {
 
     /// Log dirs `d1` (logs t-0 with 3 segments, t-1 with 2) and `d2` (u-0 with 3) under `dir`,
     /// each segment with an index beside it; the 8 segments in the order the tests open them.
-    fn log_dirs(dir: &Path) -> (Vec<String>, Vec<PathBuf>) {
+    fn log_dirs(dir: &std::path::Path) -> (Vec<String>, Vec<PathBuf>) {
         let mut segments = Vec::new();
         for (part, n) in [("d1/t-0", 3), ("d1/t-1", 2), ("d2/u-0", 3)] {
             let part = dir.join(part);
@@ -872,6 +1121,9 @@ mod tests {
     fn unpaced() -> StateTracker {
         StateTracker {
             pace: false,
+            wait_listing: Duration::from_secs(10),
+            files: crate::files::Workers::new("test-files", 4),
+            sigterm_observed: true,
             ..StateTracker::default()
         }
     }
@@ -889,17 +1141,11 @@ mod tests {
     }
 
     fn recovering(logs: i32, segments: i32) -> StateView {
-        StateView {
-            state: KafkaState::Recovery,
-            recovery: Some(rec(logs, segments)),
-        }
+        StateView::recovering(rec(logs, segments))
     }
 
     fn plain(state: KafkaState) -> StateView {
-        StateView {
-            state,
-            recovery: None,
-        }
+        StateView::of(state)
     }
 
     fn watch(t: &StateTracker) -> &'static str {
@@ -1015,7 +1261,8 @@ mod tests {
         t.sync(std::slice::from_ref(&b));
         assert_eq!(t.tick(&b), plain(KafkaState::Running));
         assert_eq!((watch(&t), t.polling()), ("stopped", false));
-        assert_eq!(changes(&t), ["STARTING", "RUNNING"]);
+        // Its listeners were read when it was first seen: RUNNING straight away.
+        assert_eq!(changes(&t), ["RUNNING"]);
         for _ in 0..3 {
             assert_eq!(t.tick(&b), plain(KafkaState::Running));
         }
@@ -1053,14 +1300,67 @@ mod tests {
         // A new process of the broker starts polling again; its exit ends it.
         b.start_time_ticks += 1;
         t.sync(std::slice::from_ref(&b));
-        t.tick(&b);
-        // Its start time is not this process's: seen as gone, no longer polled.
-        assert_eq!((watch(&t), t.polling()), ("stopped", false));
+        // Its start time is not this process's: the listing refuses it (the pid names another
+        // process), so it is never polled, and what it does cannot be seen.
+        assert_eq!(
+            t.tick(&b),
+            StateView::unknown("log dirs could not be listed")
+        );
+        assert_eq!((watch(&t), t.polling()), ("idle", false));
         b.state = crate::discovery::BrokerState::NotRunning;
         t.sync(std::slice::from_ref(&b));
         assert_eq!(t.tick(&b), plain(KafkaState::NotRunning));
         assert_eq!((watch(&t), t.polling()), ("no process", false));
         drop(late);
+    }
+
+    #[test]
+    fn what_cannot_be_observed_is_unknown_never_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dirs, _segments) = log_dirs(dir.path());
+        let (base, _port) = own_broker(dirs);
+        let check = |b: &Broker, want: StateView| {
+            let mut t = unpaced();
+            t.sync(std::slice::from_ref(b));
+            assert_eq!(t.tick(b), want, "{b:?}");
+            assert!(!t.tick(b).state.is_ready());
+        };
+        // No listener known (properties unreadable, no configured ports): listening cannot be
+        // told, so neither can RUNNING.
+        let mut b = base.clone();
+        b.listeners.clear();
+        check(&b, StateView::unknown("no listener port known"));
+        b.listeners = base.listeners.clone();
+        b.listeners[0].port = 0;
+        check(&b, StateView::unknown("no listener port known"));
+        // Not listening, and a recovery could not be seen.
+        let mut b = base.clone();
+        b.log_dirs.clear();
+        check(
+            &b,
+            StateView::unknown("log dirs unknown (properties not read)"),
+        );
+        let mut b = base.clone();
+        b.evidence.files_stalled = true;
+        check(
+            &b,
+            StateView::unknown("the broker's files could not be read in time"),
+        );
+        let mut b = base.clone();
+        b.pid = u32::MAX - 1;
+        check(&b, StateView::unknown("listening sockets unreadable"));
+        // All known and not listening: STARTING.
+        check(&base, plain(KafkaState::Starting));
+    }
+
+    #[test]
+    fn unknown_says_why_in_the_brokers_view_only() {
+        let v = serde_json::to_value(StateView::unknown("log dirs unknown (properties not read)"))
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"name": "UNKNOWN", "number": 127, "unknown": "log dirs unknown (properties not read)"})
+        );
     }
 
     /// Not a check: what polling costs for a broker holding 10,000 segments (100 logs of 100),
@@ -1083,7 +1383,10 @@ mod tests {
             }
         }
         let (b, _port) = own_broker(vec![data.display().to_string()]);
-        let mut t = StateTracker::default();
+        let mut t = StateTracker {
+            sigterm_observed: true,
+            ..StateTracker::default()
+        };
         let at = Instant::now();
         t.sync(std::slice::from_ref(&b));
         let inventory = at.elapsed();
@@ -1115,7 +1418,10 @@ mod tests {
         let (all_seen, first) = run(&mut t, &|v| v == recovering(0, 0), 100);
         assert_eq!(t.tick(&b), recovering(0, 0));
         // Steady state: the same process, nothing new to read (a second tracker).
-        let mut steady = StateTracker::default();
+        let mut steady = StateTracker {
+            sigterm_observed: true,
+            ..StateTracker::default()
+        };
         let (mut b2, _port) = own_broker(vec![format!("{}/none", dir.path().display())]);
         b2.id = "7".into();
         steady.sync(std::slice::from_ref(&b2));
@@ -1154,7 +1460,10 @@ mod tests {
 
     #[test]
     fn a_stopped_broker_is_not_running_and_changes_are_bounded() {
-        let mut t = StateTracker::default();
+        let mut t = StateTracker {
+            sigterm_observed: true,
+            ..StateTracker::default()
+        };
         let mut b = broker("1", u32::MAX - 1, 1, &[]);
         for i in 0..(MAX_CHANGES * 2) {
             b.state = if i % 2 == 0 {

@@ -105,10 +105,7 @@ mod tests {
             .iter()
             .map(|b| BrokerView {
                 broker: b.clone(),
-                broker_state: crate::state::StateView {
-                    state: crate::state::KafkaState::Running,
-                    recovery: None,
-                },
+                broker_state: crate::state::StateView::of(crate::state::KafkaState::Running),
                 state_changes: Vec::new(),
                 log_dir_fsync: Vec::new(),
             })

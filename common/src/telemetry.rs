@@ -287,7 +287,7 @@ impl Program {
                 Some("log recovery is not seen: a broker goes from STARTING to RUNNING")
             }
             Program::StateSignal => {
-                Some("SIGTERM is not seen: a stopping broker shows RUNNING until it exits")
+                Some("SIGTERM is not seen: a listening broker shows UNKNOWN (127), never RUNNING")
             }
             Program::SchedSwitch => {
                 Some("CPU time, context switches and run-queue latency are not counted")

@@ -136,7 +136,26 @@ impl Agent {
 
     /// As [`Agent::start`], with the given PKI (used by [`Agent::get`]) and TLS files.
     pub fn start_with(pki: Pki, files: TlsFiles, extra: &str) -> Self {
-        let mut agent = Self::spawn(pki, files, extra);
+        Self::started(Self::spawn(pki, files, extra, &[]))
+    }
+
+    /// As [`Agent::start`], run by `setpriv` without the capabilities that load BPF programs
+    /// (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN: dropped from its bounding and inheritable sets),
+    /// as in a DaemonSet that was not granted them. It keeps root's other capabilities, so it
+    /// still reads /proc.
+    pub fn start_without_bpf(extra: &str) -> Self {
+        let pki = Pki::new();
+        let files = TlsFiles::of(&pki);
+        let drop = "-bpf,-perfmon,-sys_admin";
+        let wrapper = [
+            "setpriv".to_string(),
+            format!("--inh-caps={drop}"),
+            format!("--bounding-set={drop}"),
+        ];
+        Self::started(Self::spawn(pki, files, extra, &wrapper))
+    }
+
+    fn started(mut agent: Self) -> Self {
         match agent
             .listening
             .take()
@@ -155,7 +174,7 @@ impl Agent {
         files: TlsFiles,
         extra: &str,
     ) -> (std::process::ExitStatus, String) {
-        let mut agent = Self::spawn(pki, files, extra);
+        let mut agent = Self::spawn(pki, files, extra, &[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = agent.child.try_wait().expect("wait") {
@@ -172,7 +191,8 @@ impl Agent {
         }
     }
 
-    fn spawn(pki: Pki, files: TlsFiles, extra: &str) -> Self {
+    /// Starts `brokerscope run`, behind `wrapper` (a command and its arguments) when given.
+    fn spawn(pki: Pki, files: TlsFiles, extra: &str, wrapper: &[String]) -> Self {
         let config_dir = tempfile::tempdir().expect("tempdir");
         let config = config_dir.path().join("brokerscope.toml");
         // Tests poll /metrics in tight loops: only the tests about rate limiting get the
@@ -189,7 +209,15 @@ impl Agent {
             files.client_ca.display(),
         );
         std::fs::write(&config, text).expect("write config");
-        let mut child = Command::new(agent_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(agent_bin());
+                cmd
+            }
+            None => Command::new(agent_bin()),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,brokerscope=debug")
@@ -620,6 +648,42 @@ pub fn wait_broker_running(agent: &Agent, id: &str, pid: u32) {
     );
 }
 
+/// How soon after a broker process is spawned it must be listed in /v1/brokers: kernel exec
+/// events drive discovery (the /proc rescan is only a 30 s safety net).
+pub const DISCOVERY_LATENCY_BUDGET: Duration = Duration::from_millis(100);
+
+/// `/v1/brokers/{id}`, or None on 404.
+pub fn broker(agent: &Agent, id: &str) -> Option<serde_json::Value> {
+    let (code, body) = agent.get(&format!("/v1/brokers/{id}"));
+    match code {
+        200 => Some(serde_json::from_str(&body).expect("JSON")),
+        404 => None,
+        _ => panic!("/v1/brokers/{id}: {code} {body}"),
+    }
+}
+
+/// Polls until broker `id` runs with `pid`; returns it and how long after `since` it appeared.
+/// Polls back to back (each poll is a curl run, a TLS handshake and a snapshot: `eventually`'s
+/// 25 ms pause would add up to 25 ms of the test's own to the figure).
+pub fn wait_running(
+    agent: &Agent,
+    id: &str,
+    pid: u32,
+    since: Instant,
+) -> (serde_json::Value, Duration) {
+    let deadline = Instant::now() + DISCOVERY_LATENCY_BUDGET + Duration::from_secs(5);
+    loop {
+        if let Some(b) = broker(agent, id).filter(|b| b["pid"] == pid && b["state"] == "running") {
+            return (b, since.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for broker {id} (pid {pid}) in /v1/brokers"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Path of the fake broker binary (built with this crate: target/<profile>/fake-broker).
 pub fn fake_broker_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("BROKERSCOPE_FAKE_BROKER_BIN") {
@@ -645,6 +709,12 @@ pub struct FakeBrokerSpec<'a> {
     pub hostname: Option<&'a str>,
     /// Fake-broker options after the overrides (`--defer-listen`, `--term-wait-ms N`).
     pub options: &'a [&'a str],
+    /// Run inside this container: its own mount namespace, chrooted to its root, working
+    /// directory `cwd` there; `properties` is then a path inside the container.
+    pub container: Option<(&'a Container, &'a str)>,
+    /// Do not read the properties file (it may be a FIFO, a device, a link out): listen on
+    /// nothing, as with a missing file.
+    pub skip_properties: bool,
 }
 
 impl<'a> FakeBrokerSpec<'a> {
@@ -656,7 +726,120 @@ impl<'a> FakeBrokerSpec<'a> {
             netns: None,
             hostname: None,
             options: &[],
+            container: None,
+            skip_properties: false,
         }
+    }
+}
+
+/// A container as far as discovery can tell: a root directory that a process enters in its own
+/// mount namespace with `chroot`, holding the fake broker (bind-mounted with the host's /usr, in
+/// that namespace only), beside a "node" directory outside it that nothing in it can name.
+pub struct Container {
+    dir: tempfile::TempDir,
+}
+
+impl Container {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("brokerscope-container-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("root");
+        for d in ["usr", ".bs", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir in root");
+        }
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).expect("lib link");
+        std::os::unix::fs::symlink("usr/lib64", root.join("lib64")).expect("lib64 link");
+        std::fs::create_dir_all(dir.path().join("node")).expect("mkdir node");
+        Self { dir }
+    }
+
+    /// The container's root, as the node sees it.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// `inside` (an absolute path in the container) as the node sees it.
+    pub fn path(&self, inside: &str) -> PathBuf {
+        self.root().join(inside.trim_start_matches('/'))
+    }
+
+    /// A directory of the node outside the root (its path, as the node sees it, is never
+    /// reachable from inside).
+    pub fn node(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    /// Writes `text` at `inside`, making its directories.
+    pub fn write(&self, inside: &str, text: &str) -> PathBuf {
+        let p = self.path(inside);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// `inside` as a symlink to `target` (taken as is: absolute targets mean the container's
+    /// root to the process, and the node's root to a careless reader).
+    pub fn link(&self, target: &str, inside: &str) {
+        let p = self.path(inside);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::os::unix::fs::symlink(target, p).expect("symlink");
+    }
+
+    /// Sets up `cmd` to enter the container before it execs (`program` is then resolved inside).
+    fn enter(&self, cmd: &mut Command, cwd: &str) {
+        use std::{ffi::CString, os::unix::ffi::OsStrExt as _, os::unix::process::CommandExt as _};
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
+        let root = self.root();
+        let bs_src = fake_broker_bin()
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let binds = [
+            (c(Path::new("/usr")), c(&root.join("usr"))),
+            (c(&bs_src), c(&root.join(".bs"))),
+        ];
+        let (root, cwd) = (c(&root), CString::new(cwd).expect("no NUL"));
+        let check = |rc: libc::c_int| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: the closure runs in the forked child before exec and only makes syscalls on
+        // memory prepared before the fork (no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(move || {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                for (src, dst) in &binds {
+                    check(libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?;
+                }
+                check(libc::chroot(root.as_ptr()))?;
+                check(libc::chdir(cwd.as_ptr()))?;
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Default for Container {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -675,11 +858,20 @@ pub struct FakeBroker {
 impl FakeBroker {
     /// Starts it and waits (10 s at most) until it listens.
     pub fn start(spec: FakeBrokerSpec<'_>) -> Self {
-        let bin = fake_broker_bin();
+        let bin = match spec.container {
+            Some(_) => PathBuf::from("/.bs/fake-broker"),
+            None => fake_broker_bin(),
+        };
         let mut cmd = match spec.netns {
             Some(ns) => ns.command(&bin),
             None => Command::new(&bin),
         };
+        if let Some((container, cwd)) = spec.container {
+            container.enter(&mut cmd, cwd);
+        }
+        if spec.skip_properties {
+            cmd.env("FAKE_BROKER_SKIP_PROPERTIES", "1");
+        }
         cmd.arg("kafka.Kafka").arg(spec.properties);
         for o in spec.overrides {
             cmd.args(["--override", o]);

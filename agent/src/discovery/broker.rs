@@ -59,6 +59,10 @@ pub struct Evidence {
     pub listeners_source: Option<ListenersSource>,
     /// What could not be read or made sense of; none of it stopped discovery.
     pub errors: Vec<String>,
+    /// Reading the broker's own files (properties, log dirs) did not finish in time: its
+    /// filesystem may hang. It is read again once that read ends.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub files_stalled: bool,
 }
 
 /// Most errors kept per broker, and the longest one.

@@ -15,16 +15,19 @@
 //! [`SAFETY_RESCAN`] besides, or every [`FALLBACK_RESCAN`] when the events are unavailable.
 
 pub mod broker;
-mod cmdline;
+pub(crate) mod cmdline;
 pub mod listeners;
-mod proc;
+pub(crate) mod proc;
 pub mod properties;
 mod table;
 
 use std::{
     collections::HashSet,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -40,7 +43,10 @@ use self::{
     properties::{BrokerSettings, ListenersSource, Properties},
     table::{BrokerTable, Observed},
 };
-use crate::model::Model;
+use crate::{
+    files::{self, ProcessRoot, WorkError, Workers},
+    model::Model,
+};
 
 /// How often the rescan task walks /proc when kernel exec/exit events are unavailable (the
 /// probes did not attach).
@@ -67,11 +73,10 @@ pub enum DiscoveryError {
 /// Why a broker's properties file was not used (shown as evidence).
 #[derive(Debug, thiserror::Error)]
 enum PropertiesFileError {
-    #[error("properties file {path} not read: {source}")]
+    #[error("properties file {source}")]
     Read {
-        path: String,
         #[source]
-        source: ProcError,
+        source: files::ConfinedError,
     },
     #[error("properties file {path} not parsed: {source}")]
     Parse {
@@ -99,7 +104,10 @@ pub struct ScanSummary {
     pub running: usize,
 }
 
-struct State {
+/// What examining a process needs, swapped whole by live config changes: examinations read it
+/// without holding the table's lock.
+#[derive(Clone)]
+struct Reader {
     proc: ProcFs,
     patterns: Patterns,
     listener_ports: Vec<u16>,
@@ -107,31 +115,59 @@ struct State {
     own_pid: u32,
     boot_time: Option<u64>,
     clock_ticks: u64,
-    table: BrokerTable,
+    /// The pool a broker's own files are read on, each read bounded by [`FILE_DEADLINE`].
+    files: Workers,
 }
+
+/// The broker table and the examinations in flight. Held for table updates only: never while a
+/// file of a broker is read.
+struct Table {
+    table: BrokerTable,
+    /// Pids being examined after an exec.
+    examining: HashSet<u32>,
+    /// Pids that exec'd again while examined: examined once more when that ends.
+    again: HashSet<u32>,
+}
+
+/// A broker's own files (its properties, its log dirs' filesystems) are given this long; then
+/// discovery goes on without them and marks the broker [`Evidence::files_stalled`].
+pub const FILE_DEADLINE: Duration = Duration::from_secs(2);
+/// Examinations after exec events run at once on at most this many threads (each waits at most
+/// [`FILE_DEADLINE`] for the broker's files); beyond it the next rescan finds the process.
+const MAX_EXAMINERS: usize = 16;
 
 /// The broker finder. Cheap to share (`Arc`); every method takes `&self`.
 pub struct Discovery {
     model: Arc<Model>,
-    state: Mutex<State>,
+    reader: RwLock<Arc<Reader>>,
+    table: Mutex<Table>,
+    /// Examinations after exec events, so the event reader never waits for one.
+    examiners: Workers,
+    next_job: AtomicU64,
 }
 
 impl Discovery {
     /// Compiles the patterns; reads nothing yet.
     pub fn new(settings: Settings, model: Arc<Model>) -> Result<Self, DiscoveryError> {
-        Self::with_proc(settings, model, ProcFs::default())
+        Self::with_proc(
+            settings,
+            model,
+            ProcFs::default(),
+            files::workers::files().clone(),
+        )
     }
 
     fn with_proc(
         settings: Settings,
         model: Arc<Model>,
         proc: ProcFs,
+        files: Workers,
     ) -> Result<Self, DiscoveryError> {
         let patterns = Patterns::new(&settings.cmdline_patterns)?;
         let boot_time = proc::boot_time(&proc);
         Ok(Self {
             model,
-            state: Mutex::new(State {
+            reader: RwLock::new(Arc::new(Reader {
                 proc,
                 patterns,
                 listener_ports: settings.listener_ports,
@@ -139,17 +175,28 @@ impl Discovery {
                 own_pid: std::process::id(),
                 boot_time,
                 clock_ticks: proc::clock_ticks(),
+                files,
+            })),
+            table: Mutex::new(Table {
                 table: BrokerTable::default(),
+                examining: HashSet::new(),
+                again: HashSet::new(),
             }),
+            examiners: Workers::new("discovery", MAX_EXAMINERS),
+            next_job: AtomicU64::new(0),
         })
     }
 
     /// Looks at every process: new brokers are examined, known ones only have their start time
     /// checked, and brokers whose process is gone stop. Publishes the table to the model (the
     /// first successful scan makes discovery count as run for `/ready`).
+    ///
+    /// Takes as long as the examinations (each broker's files at most [`FILE_DEADLINE`], once:
+    /// a broker whose earlier read still hangs is not waited for again); the table's lock is
+    /// held only to record what they found.
     pub fn scan_all(&self) -> Result<ScanSummary, DiscoveryError> {
-        let mut st = self.lock();
-        let pids = match st.proc.pids() {
+        let reader = self.reader();
+        let pids = match reader.proc.pids() {
             Ok(pids) => pids,
             Err(source) => {
                 let e = DiscoveryError::ListProcesses { source };
@@ -159,21 +206,22 @@ impl Discovery {
         };
         let mut seen = HashSet::new();
         for &pid in &pids {
-            if let Some(process) = st.visit(pid, false) {
+            if let Some(process) = self.visit(&reader, pid, false) {
                 seen.insert(process);
             }
         }
-        for id in st.table.stop_unseen(&seen) {
+        let mut t = self.lock();
+        for id in t.table.stop_unseen(&seen) {
             tracing::info!(broker = %id, "broker process gone");
         }
-        let snapshot = st.table.snapshot();
+        let snapshot = t.table.snapshot();
         let found: Vec<u32> = snapshot
             .iter()
             .filter(|b| b.is_running())
             .map(|b| b.pid)
             .collect();
         self.model.set_brokers(snapshot);
-        let running = found.len() - self.settle(&mut st, &found);
+        let running = found.len() - self.settle(&reader, &mut t, &found);
         Ok(ScanSummary {
             processes: pids.len(),
             running,
@@ -181,27 +229,78 @@ impl Discovery {
     }
 
     /// A process called execve (kernel `sched_process_exec`; pass the thread group id, which
-    /// the exec'ing thread becomes). Examines that process alone, always afresh; a tracked broker
-    /// that exec'd into something else stops.
+    /// the exec'ing thread becomes). Returns at once: a process that is (or was) a broker is
+    /// examined afresh on an examiner thread, so one broker whose files hang never delays
+    /// another's discovery. The receiver, when there is one, says when that examination ended.
     ///
-    /// Like every method here it takes the discovery lock and reads a few small /proc files:
-    /// call it from a blocking context (the event reader's thread, or `spawn_blocking`).
-    pub fn on_exec(&self, pid: u32) {
-        let mut st = self.lock();
-        let before = st.table.running_pid(pid).map(|b| b.id.clone());
-        let now = st.visit(pid, true);
-        if before.is_none() && now.is_none() {
-            // Most execs on a node: not a broker before, not one now.
-            return;
+    /// Reads the process's command line here (most execs on a node are no broker and end
+    /// there): call it from a blocking context (the event reader's thread, or `spawn_blocking`).
+    pub fn on_exec(self: &Arc<Self>, pid: u32) -> Option<std::sync::mpsc::Receiver<()>> {
+        {
+            let mut t = self.lock();
+            if t.examining.contains(&pid) {
+                t.again.insert(pid);
+                return None;
+            }
+            if t.table.running_pid(pid).is_none() {
+                drop(t);
+                let reader = self.reader();
+                let matches = reader.proc.cmdline(pid).is_ok_and(|bytes| {
+                    reader
+                        .patterns
+                        .matches(&Cmdline::from_proc(&bytes))
+                        .is_some()
+                });
+                if !matches || pid == reader.own_pid {
+                    return None;
+                }
+                t = self.lock();
+            }
+            if !t.examining.insert(pid) {
+                t.again.insert(pid);
+                return None;
+            }
         }
-        if let (Some(id), None) = (&before, now) {
-            st.table.exited(pid);
-            tracing::info!(broker = %id, pid, "broker process exec'd into something else");
+        let this = self.clone();
+        let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let spawned = self.examiners.spawn(
+            job,
+            format!("examining pid {pid} after its exec"),
+            FILE_DEADLINE * 2,
+            move || this.examine_exec(pid),
+        );
+        match spawned {
+            Ok(done) => Some(done),
+            Err(e) => {
+                self.lock().examining.remove(&pid);
+                tracing::warn!(pid, error = %e, "cannot examine an exec'd process now; the next rescan will");
+                None
+            }
         }
-        let snapshot = st.table.snapshot();
-        self.model.update_brokers(snapshot);
-        if now.is_some() {
-            self.settle(&mut st, &[pid]);
+    }
+
+    /// The examination behind [`Discovery::on_exec`], repeated while the process exec'd again
+    /// meanwhile.
+    fn examine_exec(&self, pid: u32) {
+        loop {
+            let reader = self.reader();
+            let before = self.lock().table.running_pid(pid).map(|b| b.id.clone());
+            let now = self.visit(&reader, pid, true);
+            let mut t = self.lock();
+            if let (Some(id), None) = (&before, now) {
+                t.table.exited(pid);
+                tracing::info!(broker = %id, pid, "broker process exec'd into something else");
+            }
+            if before.is_some() || now.is_some() {
+                self.model.update_brokers(t.table.snapshot());
+                if now.is_some() {
+                    self.settle(&reader, &mut t, &[pid]);
+                }
+            }
+            if !t.again.remove(&pid) {
+                t.examining.remove(&pid);
+                return;
+            }
         }
     }
 
@@ -210,10 +309,10 @@ impl Discovery {
     /// start) would stay `running` until the next rescan: so once the pids are registered, any
     /// of `pids` that is gone or a zombie is taken as exited here. An exit event that does come
     /// finds it already stopped. Returns how many it stopped.
-    fn settle(&self, st: &mut State, pids: &[u32]) -> usize {
+    fn settle(&self, reader: &Reader, t: &mut Table, pids: &[u32]) -> usize {
         let mut stopped = 0;
         for &pid in pids {
-            let gone = match st.proc.stat(pid) {
+            let gone = match reader.proc.stat(pid) {
                 Ok(stat) => stat.state == 'Z' || stat.state == 'X',
                 Err(ProcError::Io { source, .. }) => {
                     source.kind() == std::io::ErrorKind::NotFound
@@ -221,13 +320,13 @@ impl Discovery {
                 }
                 Err(_) => false,
             };
-            if gone && let Some(id) = st.table.exited(pid) {
+            if gone && let Some(id) = t.table.exited(pid) {
                 tracing::info!(broker = %id, pid, "broker process exited before its exit could be reported");
                 stopped += 1;
             }
         }
         if stopped > 0 {
-            self.model.update_brokers(st.table.snapshot());
+            self.model.update_brokers(t.table.snapshot());
         }
         stopped
     }
@@ -236,10 +335,10 @@ impl Discovery {
     /// the last thread, or of the leader when `pid == tgid`). Only a lookup, no /proc read; a
     /// pid that is no broker is ignored.
     pub fn on_exit(&self, pid: u32) {
-        let mut st = self.lock();
-        if let Some(id) = st.table.exited(pid) {
+        let mut t = self.lock();
+        if let Some(id) = t.table.exited(pid) {
             tracing::info!(broker = %id, pid, "broker process exited");
-            let snapshot = st.table.snapshot();
+            let snapshot = t.table.snapshot();
             self.model.update_brokers(snapshot);
         }
     }
@@ -249,25 +348,24 @@ impl Discovery {
     /// stop and newly matching ones appear.
     pub fn set_patterns(&self, patterns: &[String]) -> Result<(), DiscoveryError> {
         let compiled = Patterns::new(patterns)?;
-        let mut st = self.lock();
-        st.patterns = compiled;
+        self.swap_reader(|r| r.patterns = compiled);
         // Forget the command lines: the next scan re-reads every known broker.
-        st.table.update_running(|b| b.cmdline_hash = 0);
+        self.lock().table.update_running(|b| b.cmdline_hash = 0);
         Ok(())
     }
 
     /// Replaces `discovery.listener_ports` (live config); brokers whose config could not be
     /// read take the new ports at once.
     pub fn set_listener_ports(&self, ports: &[u16]) {
-        let mut st = self.lock();
-        st.listener_ports = ports.to_vec();
+        self.swap_reader(|r| r.listener_ports = ports.to_vec());
         let fallback = listeners::from_ports(ports);
-        st.table.update_running(|b| {
+        let mut t = self.lock();
+        t.table.update_running(|b| {
             if b.evidence.listeners_source == Some(ListenersSource::ConfiguredPorts) {
                 b.listeners = fallback.clone();
             }
         });
-        let snapshot = st.table.snapshot();
+        let snapshot = t.table.snapshot();
         self.model.update_brokers(snapshot);
     }
 
@@ -290,41 +388,45 @@ impl Discovery {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl State {
-    /// Examines `pid` unless it is a broker process already known. Returns its process key
-    /// when it is a running broker now.
-    /// `force` re-examines a known broker process too (after an exec).
-    fn visit(&mut self, pid: u32, force: bool) -> Option<(u32, u64)> {
-        if pid == self.own_pid {
+    /// Examines `pid` unless it is a broker process already known (and read in full). Returns
+    /// its process key when it is a running broker now. `force` re-examines a known broker
+    /// process too (after an exec). The table's lock is taken only to look and to record.
+    fn visit(&self, reader: &Reader, pid: u32, force: bool) -> Option<(u32, u64)> {
+        if pid == reader.own_pid {
             return None;
         }
-        if let Some(known) = self.table.running_pid(pid).filter(|_| !force) {
-            let process = (known.pid, known.start_time_ticks);
+        let known = self.lock().table.running_pid(pid).map(|b| {
+            (
+                (b.pid, b.start_time_ticks),
+                b.cmdline_hash,
+                b.evidence.files_stalled,
+            )
+        });
+        if let Some((process, hash, stalled)) = known.filter(|_| !force) {
             // Same pid and start time is the same process, but exec keeps both: a wrapper
             // (`ip netns exec`, `nsenter`, `taskset`) whose command line matched may have
-            // become the broker since. An unchanged command line means nothing to re-read.
-            if let Ok(stat) = self.proc.stat(pid)
+            // become the broker since. An unchanged command line means nothing to re-read,
+            // unless its files could not be read last time.
+            if !stalled
+                && let Ok(stat) = reader.proc.stat(pid)
                 && stat.state != 'Z'
                 && stat.start_ticks == process.1
-                && self
+                && reader
                     .proc
                     .cmdline(pid)
-                    .is_ok_and(|bytes| cmdline_hash(&bytes) == known.cmdline_hash)
+                    .is_ok_and(|bytes| cmdline_hash(&bytes) == hash)
             {
                 return Some(process);
             }
         }
-        match self.examine(pid) {
+        match reader.examine(pid) {
             Ok(Some(broker)) => {
                 let process = (broker.pid, broker.start_time_ticks);
-                let proc = self.proc.clone();
-                match self.table.observe(broker, |(p, start)| {
-                    proc.stat(p)
+                let mut t = self.lock();
+                match t.table.observe(broker, |(p, start)| {
+                    reader
+                        .proc
+                        .stat(p)
                         .is_ok_and(|s| s.start_ticks == start && s.state != 'Z')
                 }) {
                     Observed::New { id } => tracing::info!(broker = %id, pid, "broker found"),
@@ -349,8 +451,113 @@ impl State {
         }
     }
 
+    fn reader(&self) -> Arc<Reader> {
+        self.reader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn swap_reader(&self, change: impl FnOnce(&mut Reader)) {
+        let mut guard = self.reader.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = Reader::clone(&guard);
+        change(&mut next);
+        *guard = Arc::new(next);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a broker's own files said: read on a file worker, inside the process's root.
+struct FileFacts {
+    read: bool,
+    overrides: Vec<String>,
+    settings: BrokerSettings,
+    log_dir_filesystems: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl FileFacts {
+    /// Reads the properties file (when named and `root` is there), applies the overrides and
+    /// tells the filesystem of each log dir. Without `root` (it could not be opened, or the
+    /// read did not finish in time), the overrides and configured ports alone.
+    fn gather(
+        root: Option<&ProcessRoot>,
+        kafka: &cmdline::KafkaArgs,
+        listener_ports: &[u16],
+    ) -> Self {
+        let mut errors = Vec::new();
+        let (mut props, read) = match (&kafka.properties, root) {
+            (Some(path), Some(root)) => match read_properties(root, path) {
+                Ok(props) => (props, true),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    (Properties::default(), false)
+                }
+            },
+            _ => (Properties::default(), false),
+        };
+        let overrides = properties::apply_overrides(&mut props, &kafka.overrides)
+            .iter()
+            .map(|k| properties::excerpt(k, MAX_KEY_EVIDENCE))
+            .collect();
+        let mut settings = BrokerSettings::from_properties(&props);
+        if !read {
+            // Kafka's defaults describe a broker whose file we did read; without it, only
+            // overrides and the configured fallback ports are known.
+            settings
+                .errors
+                .retain(|e| e != "neither node.id nor broker.id is set");
+            if props.get("listeners").is_none() {
+                settings.listeners = listeners::from_ports(listener_ports);
+                settings.listeners_source = Some(ListenersSource::ConfiguredPorts);
+            }
+            if props.get("log.dirs").is_none() && props.get("log.dir").is_none() {
+                settings.log_dirs.clear();
+            }
+        }
+        let log_dir_filesystems = settings
+            .log_dirs
+            .iter()
+            .map(|dir| match root.map(|r| r.filesystem(dir)) {
+                Some(Ok(magic)) => proc::Filesystem(magic).name(),
+                Some(Err(e)) => {
+                    errors.push(format!("filesystem of log dir {e}"));
+                    "unknown".into()
+                }
+                None => "unknown".into(),
+            })
+            .collect();
+        FileFacts {
+            read,
+            overrides,
+            settings,
+            log_dir_filesystems,
+            errors,
+        }
+    }
+}
+
+fn read_properties(root: &ProcessRoot, path: &str) -> Result<Properties, PropertiesFileError> {
+    let bytes = root
+        .read_file(path, properties::MAX_PROPERTIES_BYTES)
+        .map_err(|source| PropertiesFileError::Read { source })?;
+    // Java reads .properties as ISO-8859-1; every key discovery uses is ASCII, so UTF-8
+    // with replacement loses nothing it needs.
+    Properties::parse(&String::from_utf8_lossy(&bytes)).map_err(|source| {
+        PropertiesFileError::Parse {
+            path: properties::excerpt(path, MAX_PATH_EVIDENCE),
+            source,
+        }
+    })
+}
+
+impl Reader {
     /// Reads one process. `Ok(None)`: not a broker. `Err`: it could not be identified (gone,
-    /// or its basic /proc files unreadable); anything past that becomes evidence.
+    /// or its basic /proc files unreadable); anything past that becomes evidence. Its own files
+    /// are read on a file worker, waited for at most [`FILE_DEADLINE`].
     fn examine(&self, pid: u32) -> Result<Option<Broker>, ProcError> {
         let bytes = self.proc.cmdline(pid)?;
         let cmdline = Cmdline::from_proc(&bytes);
@@ -379,36 +586,13 @@ impl State {
             evidence.error(problem.clone());
         }
 
-        let (mut props, read) = match &matched.kafka.properties {
-            Some(path) => match self.read_properties(pid, path) {
-                Ok(props) => (props, true),
-                Err(e) => {
-                    evidence.error(e.to_string());
-                    (Properties::default(), false)
-                }
-            },
-            None => (Properties::default(), false),
-        };
-        evidence.properties_read = read;
-        evidence.overrides = properties::apply_overrides(&mut props, &matched.kafka.overrides)
-            .iter()
-            .map(|k| properties::excerpt(k, MAX_KEY_EVIDENCE))
-            .collect();
-        let mut settings = BrokerSettings::from_properties(&props);
-        if !read {
-            // Kafka's defaults describe a broker whose file we did read; without it, only
-            // overrides and the configured fallback ports are known.
-            settings
-                .errors
-                .retain(|e| e != "neither node.id nor broker.id is set");
-            if props.get("listeners").is_none() {
-                settings.listeners = listeners::from_ports(&self.listener_ports);
-                settings.listeners_source = Some(ListenersSource::ConfiguredPorts);
-            }
-            if props.get("log.dirs").is_none() && props.get("log.dir").is_none() {
-                settings.log_dirs.clear();
-            }
+        let facts = self.broker_files(pid, stat.start_ticks, &matched.kafka, &mut evidence);
+        evidence.properties_read = facts.read;
+        evidence.overrides = facts.overrides;
+        for e in facts.errors {
+            evidence.error(e);
         }
+        let settings = facts.settings;
         for e in settings.errors {
             evidence.error(e);
         }
@@ -429,17 +613,6 @@ impl State {
             .map_err(|e| evidence.error(format!("network namespace: {e}")))
             .ok();
         let cgroup = self.cgroup(pid, &mut evidence);
-        let log_dir_filesystems = settings
-            .log_dirs
-            .iter()
-            .map(|dir| match self.proc.filesystem_in(pid, dir) {
-                Ok(fs) => fs.name(),
-                Err(e) => {
-                    evidence.error(format!("filesystem of log dir {dir}: {e}"));
-                    "unknown".into()
-                }
-            })
-            .collect();
 
         let (id, source) = match (settings.id, &pod) {
             (Some((id, "node.id")), _) => (id, IdSource::NodeId),
@@ -465,26 +638,50 @@ impl State {
             process_roles: settings.process_roles,
             listeners: settings.listeners,
             log_dirs: settings.log_dirs,
-            log_dir_filesystems,
+            log_dir_filesystems: facts.log_dir_filesystems,
             evidence,
         }))
     }
 
-    fn read_properties(&self, pid: u32, path: &str) -> Result<Properties, PropertiesFileError> {
-        let bytes = self
-            .proc
-            .read_file_in(pid, path, properties::MAX_PROPERTIES_BYTES)
-            .map_err(|source| PropertiesFileError::Read {
-                path: path.into(),
-                source,
-            })?;
-        // Java reads .properties as ISO-8859-1; every key discovery uses is ASCII, so UTF-8
-        // with replacement loses nothing it needs.
-        Properties::parse(&String::from_utf8_lossy(&bytes)).map_err(|source| {
-            PropertiesFileError::Parse {
-                path: path.into(),
-                source,
-            }
+    /// [`FileFacts::gather`] on a file worker, inside the process's root; what the command line
+    /// alone says when that cannot be had in time (marked [`Evidence::files_stalled`]).
+    fn broker_files(
+        &self,
+        pid: u32,
+        start_ticks: u64,
+        kafka: &cmdline::KafkaArgs,
+        evidence: &mut Evidence,
+    ) -> FileFacts {
+        if kafka.properties.is_none()
+            && kafka
+                .overrides
+                .iter()
+                .all(|(k, _)| k != "log.dirs" && k != "log.dir")
+        {
+            return FileFacts::gather(None, kafka, &self.listener_ports);
+        }
+        let dir = self.proc.pid_dir(pid);
+        let (args, ports) = (kafka.clone(), self.listener_ports.clone());
+        let job = self.files.run(
+            u64::from(pid),
+            format!("reading the files of broker process {pid}"),
+            FILE_DEADLINE,
+            move || match ProcessRoot::open(&dir, pid, Some(start_ticks)) {
+                Ok(root) => FileFacts::gather(Some(&root), &args, &ports),
+                Err(e) => {
+                    let mut facts = FileFacts::gather(None, &args, &ports);
+                    facts.errors.insert(0, format!("files not read: {e}"));
+                    facts
+                }
+            },
+        );
+        job.unwrap_or_else(|e| {
+            evidence.files_stalled = matches!(e, WorkError::Hung { .. } | WorkError::Busy { .. });
+            let mut facts = FileFacts::gather(None, kafka, &self.listener_ports);
+            facts
+                .errors
+                .insert(0, format!("files not read: reading them {e}"));
+            facts
         })
     }
 

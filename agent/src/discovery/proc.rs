@@ -1,5 +1,6 @@
 //! Reads what discovery needs from `/proc/<pid>`: command line, start time, thread group,
-//! network namespace, cgroup, environment, and files through the process's own root and cwd.
+//! network namespace, cgroup and environment. The process's own files (through its root and
+//! cwd) are read by [`crate::files::confine`], never here.
 //!
 //! Every read is bounded in size. The proc root is a parameter so unit tests run over a fake
 //! tree in a temporary directory.
@@ -68,7 +69,6 @@ pub struct Stat {
 }
 
 impl ProcFs {
-    #[cfg(test)]
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
@@ -154,55 +154,6 @@ impl ProcFs {
             .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
             .map(|v| String::from_utf8_lossy(v).into_owned()))
     }
-
-    /// Where `file`, as the process names it, is seen from here: absolute paths under
-    /// `/proc/<pid>/root`, relative ones under `/proc/<pid>/cwd`. `.` and `..` are resolved
-    /// lexically first, `/..` staying at `/` as the kernel does, so an absolute path cannot
-    /// climb out of the process's root. Symlinks inside the process's tree are followed by the
-    /// kernel from our root, not the process's (a documented limit).
-    pub fn path_in(&self, pid: u32, file: &str) -> Result<PathBuf, ProcError> {
-        if file.is_empty() {
-            return Err(ProcError::Format {
-                path: file.into(),
-                what: "empty path",
-            });
-        }
-        let p = Path::new(file);
-        let dir = self.pid_dir(pid);
-        Ok(if p.is_absolute() {
-            dir.join("root").join(normalize(p, true))
-        } else {
-            dir.join("cwd").join(normalize(p, false))
-        })
-    }
-
-    /// The filesystem holding `dir` as the process names it (see [`ProcFs::path_in`]), from
-    /// its nearest existing ancestor (a log dir the broker has yet to create is made on its
-    /// parent's filesystem).
-    pub fn filesystem_in(&self, pid: u32, dir: &str) -> Result<Filesystem, ProcError> {
-        let path = self.path_in(pid, dir)?;
-        let root = self.pid_dir(pid);
-        let mut at = path.as_path();
-        loop {
-            match statfs_type(at) {
-                Ok(magic) => return Ok(Filesystem(magic)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && at != root => {
-                    at = at.parent().unwrap_or(&root);
-                }
-                Err(source) => {
-                    return Err(ProcError::Io {
-                        path: at.into(),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Reads a file of the process (see [`ProcFs::path_in`]), at most `max` bytes.
-    pub fn read_file_in(&self, pid: u32, file: &str, max: u64) -> Result<Vec<u8>, ProcError> {
-        read_capped(&self.path_in(pid, file)?, max, false)
-    }
 }
 
 /// A filesystem type, by its `statfs(2)` magic number.
@@ -227,40 +178,6 @@ impl Filesystem {
         };
         known.into()
     }
-}
-
-/// `statfs(2)`'s `f_type` of `path`.
-fn statfs_type(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: all zeroes is a valid `statfs` (plain integers).
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `buf` a valid, writable statfs for the call.
-    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(buf.f_type as u64)
-}
-
-/// Drops `.`, folds `name/..`; a `..` with nothing to fold is dropped when `clamp` (at `/`) and
-/// kept otherwise (relative to the cwd, the kernel walks it).
-fn normalize(p: &Path, clamp: bool) -> PathBuf {
-    let mut out: Vec<Component<'_>> = Vec::new();
-    for c in p.components() {
-        match c {
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-            Component::ParentDir => match out.last() {
-                Some(Component::Normal(_)) => {
-                    out.pop();
-                }
-                _ if clamp => {}
-                _ => out.push(c),
-            },
-            Component::Normal(_) => out.push(c),
-        }
-    }
-    out.iter().collect()
 }
 
 fn read_text(path: &Path) -> Result<String, ProcError> {
@@ -351,33 +268,6 @@ mod tests {
         assert_eq!(s.start_ticks, 424242);
         assert_eq!(parse_stat("17 (java) S 1 2"), None);
         assert_eq!(parse_stat("garbage"), None);
-    }
-
-    #[test]
-    fn paths_resolve_through_root_and_cwd_and_never_climb() {
-        let p = ProcFs::at("/proc");
-        assert_eq!(
-            p.path_in(7, "/etc/kafka/server.properties").unwrap(),
-            Path::new("/proc/7/root/etc/kafka/server.properties")
-        );
-        assert_eq!(
-            p.path_in(7, "config/server.properties").unwrap(),
-            Path::new("/proc/7/cwd/config/server.properties")
-        );
-        assert_eq!(
-            p.path_in(7, "/../../etc/./kafka/../server.properties")
-                .unwrap(),
-            Path::new("/proc/7/root/etc/server.properties")
-        );
-        assert_eq!(
-            p.path_in(7, "bin/../config/s.properties").unwrap(),
-            Path::new("/proc/7/cwd/config/s.properties")
-        );
-        assert_eq!(
-            p.path_in(7, "../config/s.properties").unwrap(),
-            Path::new("/proc/7/cwd/../config/s.properties")
-        );
-        assert!(p.path_in(7, "").is_err());
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl FdPoll {
 
 /// One `linux_dirent64` record off the front of `records`: its name (up to the NUL) and the
 /// records after it. None when none is left or the record is malformed.
-fn next_dirent(records: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn next_dirent(records: &[u8]) -> Option<(&[u8], &[u8])> {
     // d_ino (8), d_off (8), d_reclen (2), d_type (1), then the NUL-terminated name.
     const NAME: usize = 19;
     let reclen = usize::from(u16::from_ne_bytes([*records.get(16)?, *records.get(17)?]));
@@ -257,7 +257,7 @@ fn next_dirent(records: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// A descriptor directory entry's number (not `.`, `..` or anything else).
-fn parse_fd(name: &[u8]) -> Option<u32> {
+pub(crate) fn parse_fd(name: &[u8]) -> Option<u32> {
     if name.is_empty() || name.len() > 10 || !name.iter().all(u8::is_ascii_digit) {
         return None;
     }

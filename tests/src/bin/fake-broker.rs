@@ -36,7 +36,8 @@
 //! - `switches` → `switches <n>`: the process's context switches so far, voluntary and not
 //!   (getrusage, its exited threads' included).
 //!
-//! A missing
+//! With `FAKE_BROKER_SKIP_PROPERTIES` set it does not read the file at all (the hostile-input
+//! tests name FIFOs and devices). A missing
 //! properties file is not fatal (discovery must still list the process): it then listens on
 //! nothing. Which network namespace it runs in is the caller's choice (`ip netns exec`).
 
@@ -57,7 +58,15 @@ fn main() {
         eprintln!("fake-broker: no properties file after kafka.Kafka");
         std::process::exit(2);
     };
-    let mut props = match std::fs::read_to_string(path) {
+    let skip = std::env::var_os("FAKE_BROKER_SKIP_PROPERTIES").is_some();
+    let read = |path: &str| {
+        if skip {
+            Err(io::Error::other("not read (FAKE_BROKER_SKIP_PROPERTIES)"))
+        } else {
+            std::fs::read_to_string(path)
+        }
+    };
+    let mut props = match read(path) {
         Ok(text) => parse_properties(&text),
         Err(e) => {
             eprintln!("fake-broker: cannot read {path}: {e}; listening on nothing");
