@@ -1,5 +1,10 @@
 //! Request and connection limits: the per-identity token bucket, and the fixed caps and timeouts
 //! that keep slow, silent or greedy clients from pinning the endpoint.
+//!
+//! Connections have two budgets: *pending* ones (accepted, TLS handshake with a verified client
+//! certificate not finished yet; per peer and in total, see `admission`) and *authenticated* ones
+//! ([`MAX_CONNECTIONS`]). Both fit, with [`CLOSING_SLACK`], in the process's descriptor limit
+//! ([`Budget::fit`]). docs/hostile-clients.md explains the numbers.
 
 use std::{
     collections::HashMap,
@@ -7,14 +12,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Connections served at once; the next one is closed right after accept and counted.
+/// Authenticated connections (handshake done, client certificate verified) served at once; the
+/// next one is closed right after its handshake and counted.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Connections still in the TLS handshake, all peers together. A new one beyond it sheds a
+/// pending connection of the peer with the most (`admission`).
+pub const MAX_PENDING: usize = 256;
+/// Connections still in the TLS handshake from one peer (an IPv4 address, an IPv6 /64). A new
+/// one beyond it sheds one of that peer's pending connections.
+pub const MAX_PENDING_PER_PEER: usize = 32;
+/// Sockets allowed beyond both budgets: connections shed or refused whose task has not closed
+/// them yet. Past `MAX_PENDING + MAX_CONNECTIONS + CLOSING_SLACK` sockets a new connection is
+/// closed right after accept, so the process never runs out of descriptors.
+pub const CLOSING_SLACK: usize = 64;
+/// Descriptors kept for everything else the agent opens (BPF programs, maps and links, `/proc`
+/// files, the config and TLS files being reloaded).
+pub const FD_RESERVE: usize = 512;
 /// Requests being handled at once, all connections together; beyond it, 503.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// HTTP/2 streams per connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Connections the kernel completes and queues while the accept loop is busy (capped by
+/// `net.core.somaxconn`). The default of tokio and std, 128, overflows under a flood of a few
+/// hundred connections on a busy node; a SYN dropped for it costs a real client a 1 s
+/// retransmission. Queued connections take kernel memory, not descriptors.
+pub const LISTEN_BACKLOG: i32 = 4096;
 /// A client that has not finished its TLS handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The handshake timeout of a connection accepted while the pending budget, in total or its
+/// peer's, is at least half full. A real client's handshake takes milliseconds.
+pub const HANDSHAKE_TIMEOUT_UNDER_PRESSURE: Duration = Duration::from_secs(3);
 /// HTTP/1: a request's headers must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request handled or streamed, and none started or finished for this
@@ -30,6 +57,75 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Distinct client identities the rate limiter remembers.
 pub const RATE_LIMIT_IDENTITIES: usize = 1024;
+
+/// The connection budgets as this process can hold them: the fixed caps, cut down when
+/// `RLIMIT_NOFILE` leaves less room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub pending: usize,
+    pub pending_per_peer: usize,
+    pub authenticated: usize,
+    /// Sockets of the endpoint at most, every state together.
+    pub sockets: usize,
+}
+
+impl Budget {
+    /// Descriptors the fixed caps need (the soft `RLIMIT_NOFILE` [`raise_nofile`] asks for).
+    pub const WANTED_FDS: u64 = (MAX_PENDING + MAX_CONNECTIONS + CLOSING_SLACK + FD_RESERVE) as u64;
+
+    /// The budgets for a soft `RLIMIT_NOFILE` of `nofile`: the fixed caps when they fit beside
+    /// [`FD_RESERVE`], else each cut in proportion (at least 1), so the pending budget can never
+    /// take the sockets the authenticated one needs.
+    pub fn fit(nofile: u64) -> Self {
+        let want = MAX_PENDING + MAX_CONNECTIONS + CLOSING_SLACK;
+        let room = usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FD_RESERVE);
+        if room >= want {
+            return Self {
+                pending: MAX_PENDING,
+                pending_per_peer: MAX_PENDING_PER_PEER,
+                authenticated: MAX_CONNECTIONS,
+                sockets: want,
+            };
+        }
+        let part = |cap: usize| (cap * room / want).max(1);
+        let pending = part(MAX_PENDING);
+        let authenticated = part(MAX_CONNECTIONS);
+        Self {
+            pending,
+            pending_per_peer: MAX_PENDING_PER_PEER.min(pending),
+            authenticated,
+            sockets: room.max(pending + authenticated),
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` towards `want` (never above the hard limit, never down) and
+/// returns the soft limit in force afterwards.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    if limit.rlim_cur >= want || limit.rlim_cur >= limit.rlim_max {
+        return limit.rlim_cur;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want.min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct we pass; no other effects on memory.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        raised.rlim_cur
+    } else {
+        limit.rlim_cur
+    }
+}
 
 /// What the limiter says about one request.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -237,6 +333,52 @@ mod tests {
             limiter.check("op", t0 + Duration::from_millis(100)),
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn budgets_fit_the_descriptor_limit() {
+        let full = Budget::fit(20_000);
+        assert_eq!(
+            full,
+            Budget {
+                pending: MAX_PENDING,
+                pending_per_peer: MAX_PENDING_PER_PEER,
+                authenticated: MAX_CONNECTIONS,
+                sockets: MAX_PENDING + MAX_CONNECTIONS + CLOSING_SLACK,
+            }
+        );
+        assert_eq!(Budget::fit(Budget::WANTED_FDS), full);
+        // 1024, a common default: 512 after the reserve, each cap cut in proportion.
+        let small = Budget::fit(1024);
+        assert_eq!(small.sockets, 512);
+        assert_eq!(small.pending, MAX_PENDING * 512 / 832);
+        assert_eq!(small.authenticated, MAX_CONNECTIONS * 512 / 832);
+        assert!(small.pending + small.authenticated <= small.sockets);
+        assert_eq!(small.pending_per_peer, MAX_PENDING_PER_PEER);
+        // Nothing left: one of each, never zero.
+        let none = Budget::fit(10);
+        assert_eq!(
+            (none.pending, none.pending_per_peer, none.authenticated),
+            (1, 1, 1)
+        );
+        assert_eq!(none.sockets, 2);
+    }
+
+    #[test]
+    fn nofile_is_raised_to_what_the_budgets_need() {
+        // The test process's own limit: raised (or already enough), never lowered.
+        let mut before = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct we pass.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut before) },
+            0
+        );
+        let now = raise_nofile(Budget::WANTED_FDS);
+        assert!(now >= before.rlim_cur);
+        assert!(now >= Budget::WANTED_FDS.min(before.rlim_max));
     }
 
     #[test]

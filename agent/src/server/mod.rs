@@ -3,9 +3,12 @@
 //! serves the router over HTTP/1.1 or HTTP/2 as ALPN chose, within fixed limits.
 //!
 //! Owns sockets, TLS, limits and the endpoint's own metrics; what is served is `routes`.
-//! It never touches kernel maps.
+//! It never touches kernel maps. Who may hold a connection before authenticating is
+//! `admission`; why handshakes fail, counted and logged, is `handshake`.
 
 pub mod access;
+pub mod admission;
+pub mod handshake;
 pub mod identity;
 pub mod isolation;
 pub mod limits;
@@ -17,6 +20,7 @@ pub mod stats;
 pub mod tls;
 
 use std::{
+    os::fd::{AsRawFd as _, RawFd},
     pin::Pin,
     sync::{
         Arc,
@@ -39,7 +43,14 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-use self::{identity::ClientIdentity, limits::*, reload::TlsSource, stats::ServerStats};
+use self::{
+    admission::{PeerKey, PendingPool, ShedBy, Ticket},
+    handshake::{Failure, FailureLog, Throttle},
+    identity::ClientIdentity,
+    limits::*,
+    reload::TlsSource,
+    stats::ServerStats,
+};
 use crate::config::{AccessLog, ServerConfig as ServerSection};
 
 /// How long open connections get to finish after shutdown starts.
@@ -128,8 +139,23 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What every connection task shares: the authenticated budget, the counters, the throttled
+/// logs.
+struct Shared {
+    budget: Budget,
+    authenticated: Arc<Semaphore>,
+    stats: Arc<ServerStats>,
+    failures: FailureLog,
+    over_authenticated: Throttle,
+}
+
 /// Serves until `shutdown` resolves, then drains open connections for up to 5 s. Runs the TLS
 /// reloader meanwhile.
+///
+/// Connections are admitted in two stages: at accept into the pending pool (per peer and in
+/// total, see `admission`), and once the handshake has verified a client certificate into the
+/// authenticated budget. Sockets in every state stay within [`Budget::sockets`], below
+/// `RLIMIT_NOFILE`, so `accept` itself never fails for want of descriptors.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsSource,
@@ -139,7 +165,39 @@ pub async fn serve(
 ) {
     let configs = tls.subscribe();
     let reloader = tokio::spawn(tls.run());
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let nofile = raise_nofile(Budget::WANTED_FDS);
+    let budget = Budget::fit(nofile);
+    if budget.pending < MAX_PENDING || budget.authenticated < MAX_CONNECTIONS {
+        tracing::warn!(
+            nofile,
+            wanted = Budget::WANTED_FDS,
+            "RLIMIT_NOFILE is too low for the connection limits; cut to fit"
+        );
+    }
+    tracing::info!(
+        pending_per_peer = budget.pending_per_peer,
+        pending = budget.pending,
+        authenticated = budget.authenticated,
+        sockets = budget.sockets,
+        nofile,
+        "connection limits"
+    );
+    widen_backlog(&listener);
+    let sockets = Arc::new(Semaphore::new(budget.sockets));
+    let pool = PendingPool::new(
+        budget.pending_per_peer,
+        budget.pending,
+        has_data,
+        state.stats.clone(),
+    );
+    let shared = Arc::new(Shared {
+        budget,
+        authenticated: Arc::new(Semaphore::new(budget.authenticated)),
+        stats: state.stats.clone(),
+        failures: FailureLog::default(),
+        over_authenticated: Throttle::new(handshake::LOG_EVERY, handshake::LOG_BURST),
+    });
+    let accept_errors = Throttle::new(handshake::LOG_EVERY, handshake::LOG_BURST);
     let (stop_tx, stop_rx) = watch::channel(false);
     let builder = http_builder();
     tokio::pin!(shutdown);
@@ -148,24 +206,43 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(suppressed) = accept_errors.check(Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
+                    // One connection's trouble: go on. Anything else (EMFILE, ENOBUFS): back
+                    // off instead of spinning.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            state
-                .stats
-                .connections_rejected
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection limit ({MAX_CONNECTIONS}) reached; closing");
+        let Ok(permit) = sockets.clone().try_acquire_owned() else {
+            // Only when shed connections are not closed as fast as they come.
+            shared.stats.handshake_failed(Failure::ShedTotal);
+            shared.failures.log(
+                Failure::ShedTotal,
+                peer,
+                &format_args!("socket budget ({}) spent; closed at accept", budget.sockets),
+            );
             drop(tcp);
             continue;
         };
+        let slot = Slot::new(permit, state.stats.clone());
         let _ = tcp.set_nodelay(true);
+        let admission = pool.admit(PeerKey::of(peer.ip()), tcp.as_raw_fd());
+        let timeout = if admission.pressure {
+            HANDSHAKE_TIMEOUT_UNDER_PRESSURE
+        } else {
+            HANDSHAKE_TIMEOUT
+        };
         // Each connection takes the config current now; a reload never touches open ones.
         let acceptor = TlsAcceptor::from(configs.borrow().clone());
         let conn = Conn {
@@ -173,15 +250,16 @@ pub async fn serve(
             app: app.clone(),
             builder: builder.clone(),
             stop: stop_rx.clone(),
-            _slot: Slot::new(permit, state.stats.clone()),
+            shared: shared.clone(),
+            _slot: slot,
         };
-        tokio::spawn(conn.run(tcp, acceptor));
+        tokio::spawn(conn.run(tcp, acceptor, admission.ticket, timeout));
     }
     reloader.abort();
     tracing::info!("stopped accepting; draining connections");
     let _ = stop_tx.send(true);
-    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
-    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+    let all = u32::try_from(budget.sockets).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.acquire_many(all))
         .await
         .is_err()
     {
@@ -189,7 +267,40 @@ pub async fn serve(
     }
 }
 
-/// A held connection slot; counts the connection as active while it lives.
+/// Sets the listen backlog to [`LISTEN_BACKLOG`] (the listener comes with 128).
+fn widen_backlog(listener: &TcpListener) {
+    // SAFETY: listen(2) on the descriptor `listener` owns and keeps open for the call; on a
+    // socket already listening it only changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot raise the listen backlog to {LISTEN_BACKLOG}; keeping 128"
+        );
+    }
+}
+
+/// Whether the client's first bytes are queued on socket `fd`, read or not (a real client sends
+/// its ClientHello right after connecting; a silent one never does). The pool's
+/// [`admission::Probe`]: it calls this only for connections it holds, whose socket
+/// [`FirstBytes`] keeps open until their ticket has left the pool.
+fn has_data(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most 1 byte into `byte`, which outlives the call. `fd` is open:
+    // the pool probes only connections it holds, and a connection's ticket leaves the pool
+    // before its socket is closed (FirstBytes drops `ticket` before `inner`). MSG_PEEK leaves
+    // the byte queued for the TLS handshake, MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast::<libc::c_void>(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// A held socket slot; counts the connection as active while it lives.
 struct Slot {
     _permit: OwnedSemaphorePermit,
     stats: Arc<ServerStats>,
@@ -213,31 +324,100 @@ impl Drop for Slot {
     }
 }
 
+/// Why a handshake ended without an authenticated client, for the log line.
+enum Refusal {
+    Error(std::io::Error),
+    Timeout(Duration),
+    Shed(ShedBy, Budget),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Error(e) => write!(f, "{e}"),
+            Refusal::Timeout(t) => write!(f, "no handshake within {t:?}"),
+            Refusal::Shed(ShedBy::PerPeer, b) => write!(
+                f,
+                "shed: {} handshakes pending from this peer and another came",
+                b.pending_per_peer
+            ),
+            Refusal::Shed(ShedBy::Total, b) => write!(
+                f,
+                "shed: {} handshakes pending, the most from this peer, and another came",
+                b.pending
+            ),
+        }
+    }
+}
+
 struct Conn {
     peer: std::net::SocketAddr,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     stop: watch::Receiver<bool>,
+    shared: Arc<Shared>,
     _slot: Slot,
 }
 
 impl Conn {
-    async fn run(mut self, tcp: TcpStream, acceptor: TlsAcceptor) {
+    async fn run(
+        mut self,
+        tcp: TcpStream,
+        acceptor: TlsAcceptor,
+        ticket: Ticket,
+        timeout: Duration,
+    ) {
         let peer = self.peer;
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-        let tls = tokio::select! {
+        let pending = ticket.pending().clone();
+        let io = FirstBytes {
+            ticket: Some(ticket),
+            inner: tcp,
+        };
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(io));
+        // Biased: a handshake that is done counts as done even if it was shed meanwhile.
+        let outcome = tokio::select! {
+            biased;
             result = handshake => match result {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
+                Ok(Ok(tls)) => Ok(tls),
+                Ok(Err(e)) => Err((handshake::classify(&e), Refusal::Error(e))),
+                Err(_) => Err((Failure::Timeout, Refusal::Timeout(timeout))),
             },
+            () = pending.shed() => {
+                let by = pending.shed_by().unwrap_or(ShedBy::Total);
+                let failure = match by {
+                    ShedBy::PerPeer => Failure::ShedPerPeer,
+                    ShedBy::Total => Failure::ShedTotal,
+                };
+                Err((failure, Refusal::Shed(by, self.shared.budget)))
+            }
             _ = self.stop.wait_for(|stop| *stop) => return,
+        };
+        // A failed handshake's socket is closed by now, its ticket (dropped first) out of the
+        // pool; a completed one's ticket leaves the pool below.
+        drop(pending);
+        let mut tls = match outcome {
+            Ok(tls) => tls,
+            Err((failure, refusal)) => {
+                self.shared.stats.handshake_failed(failure);
+                self.shared.failures.log(failure, peer, &refusal);
+                return;
+            }
+        };
+        tls.get_mut().0.ticket = None;
+        let Ok(_authenticated) = self.shared.authenticated.clone().try_acquire_owned() else {
+            self.shared
+                .stats
+                .connections_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.shared.over_authenticated.check(Instant::now()) {
+                tracing::info!(
+                    %peer,
+                    suppressed,
+                    "authenticated connection limit ({}) reached; closing",
+                    self.shared.budget.authenticated
+                );
+            }
+            return;
         };
         let identity = Arc::new(
             tls.get_ref()
@@ -433,6 +613,63 @@ impl http_body::Body for Streaming {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The socket under TLS, with the connection's place in the pending pool while it handshakes:
+/// marks it as having spoken at the first byte read (so it is shed after silent ones), then
+/// passes everything through.
+struct FirstBytes {
+    /// Declared before `inner`, so dropped first: the pool never holds a closed descriptor.
+    /// Taken out once the handshake is done.
+    ticket: Option<Ticket>,
+    inner: TcpStream,
+}
+
+impl AsyncRead for FirstBytes {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(ticket) = &self.ticket
+        {
+            ticket.pending().mark_spoke();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for FirstBytes {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

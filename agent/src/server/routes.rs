@@ -163,8 +163,13 @@ async fn brokers(
 
 async fn broker(
     axum::extract::State(state): State,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<BrokerWithCounters>, ApiError> {
+    // axum's own rejection would be a text/plain 400: errors are JSON.
+    let axum::extract::Path(id) = id.map_err(|_| ApiError::BadParameter {
+        parameter: "id".into(),
+        reason: "not UTF-8 once percent-decoded".into(),
+    })?;
     let arrived = std::time::Instant::now();
     // An unknown id costs nothing.
     let b = state.model.broker(&id).ok_or(ApiError::NotFound)?;
@@ -725,21 +730,40 @@ mod tests {
                 (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
             );
         }
-        // No such process: no listener can be seen listening, so it is starting.
+        // No such process: its listening sockets cannot be read, so its state is not known,
+        // and never RUNNING.
         let pid = u32::MAX - 7;
         model.set_brokers(vec![broker("1", pid, 1, &[("PLAINTEXT", 9092)])]);
         let a = get(&app, "/v1/broker-state/").await;
-        assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":1}"#));
+        assert_eq!(
+            (a.code, a.text()),
+            (StatusCode::OK, r#"{"brokerState":127}"#)
+        );
         let a = get(&app, "/v1/ready/").await;
         assert_eq!(
             (a.code, a.text()),
-            (StatusCode::SERVICE_UNAVAILABLE, r#"{"brokerState":1}"#)
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"brokerState":127}"#)
         );
-        // No listener to wait for: running.
-        model.set_brokers(vec![
-            broker("1", pid, 1, &[("PLAINTEXT", 9092)]),
-            broker("2", pid - 1, 1, &[]),
-        ]);
+        // This process, listening on its one listener: UNKNOWN while a SIGTERM could not be
+        // seen (no probes), RUNNING once it could.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id();
+        let mut own = broker("2", me, 1, &[("PLAINTEXT", port)]);
+        own.start_time_ticks = crate::state::start_ticks_of_pid(me).unwrap();
+        model.set_brokers(vec![broker("1", pid, 1, &[("PLAINTEXT", 9092)]), own]);
+        let a = get(&app, "/v1/broker-state?broker=2").await;
+        assert_eq!(
+            (a.code, a.text()),
+            (StatusCode::OK, r#"{"brokerState":127}"#)
+        );
+        let a = get(&app, "/v1/brokers/2").await;
+        let v: serde_json::Value = serde_json::from_str(a.text()).unwrap();
+        assert_eq!(
+            v["broker_state"]["unknown"],
+            "listening, but a SIGTERM would not be seen (the signal_deliver probe is not attached)"
+        );
+        model.assume_sigterm_observed();
         let a = get(&app, "/v1/broker-state?broker=2").await;
         assert_eq!((a.code, a.text()), (StatusCode::OK, r#"{"brokerState":3}"#));
         let a = get(&app, "/v1/ready?broker=2").await;
@@ -762,8 +786,22 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_slice(&get(&app, "/v1/brokers/2").await.body).unwrap();
         assert_eq!(v["broker_state"], json!({"name":"RUNNING","number":3}));
-        assert_eq!(v["state_changes"][0]["to"], "RUNNING");
+        assert_eq!(v["state_changes"][0]["to"], "UNKNOWN");
+        assert_eq!(v["state_changes"][1]["to"], "RUNNING");
         assert_eq!(v["state"], "running");
+    }
+
+    #[tokio::test]
+    async fn a_broker_id_that_is_not_utf8_is_a_json_400() {
+        // Found by the `http` fuzz target: axum's path rejection answered in plain text.
+        let a = get(&app(), "/v1/brokers/%FF").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            a.text(),
+            r#"{"error":"bad parameter","parameter":"id","reason":"not UTF-8 once percent-decoded"}"#
+        );
+        let a = get(&app(), "/v1/brokers/%6B%61fka-0").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+use super::handshake::Failure;
+
 /// Upper bounds (seconds) of the request duration histogram.
 pub const DURATION_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -54,8 +56,15 @@ struct Requests {
 #[derive(Default)]
 pub struct ServerStats {
     requests: Mutex<Requests>,
+    /// Sockets held, every state (handshaking, served, closing).
     pub connections_active: AtomicU64,
+    /// Connections in the TLS handshake (kept by `admission::PendingPool`).
+    pub connections_pending: AtomicU64,
+    /// Connections closed by a connection limit: shed pending ones, authenticated ones over
+    /// `MAX_CONNECTIONS`.
     pub connections_rejected: AtomicU64,
+    /// By [`Failure::index`].
+    handshake_failures: [AtomicU64; Failure::ALL.len()],
     /// Server certificate notAfter, Unix seconds; 0 until loaded.
     pub tls_cert_expiry: AtomicI64,
     pub tls_reloads: AtomicU64,
@@ -73,7 +82,10 @@ pub struct ServerSnapshot {
     pub requests: Vec<(String, u16, u64)>,
     pub durations: Vec<(String, Histogram)>,
     pub connections_active: u64,
+    pub connections_pending: u64,
     pub connections_rejected: u64,
+    /// Every reason of [`Failure::ALL`], in that order, zeros included.
+    pub handshake_failures: Vec<(&'static str, u64)>,
     pub tls_cert_expiry: i64,
     pub tls_reloads: u64,
     pub tls_reload_failures: u64,
@@ -84,6 +96,15 @@ pub struct ServerSnapshot {
 }
 
 impl ServerStats {
+    /// Counts a connection that ended without completing its handshake; a shed one is also a
+    /// rejected connection.
+    pub fn handshake_failed(&self, failure: Failure) {
+        self.handshake_failures[failure.index()].fetch_add(1, Ordering::Relaxed);
+        if failure.is_shed() {
+            self.connections_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one answered request. `path` must be a route template or [`OTHER_PATH`].
     pub fn record(&self, path: &str, code: u16, elapsed: Duration) {
         let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,7 +129,15 @@ impl ServerStats {
                 .map(|(p, h)| (p.clone(), h.clone()))
                 .collect(),
             connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_pending: self.connections_pending.load(Ordering::Relaxed),
             connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
+            handshake_failures: Failure::ALL
+                .iter()
+                .map(|f| {
+                    let n = self.handshake_failures[f.index()].load(Ordering::Relaxed);
+                    (f.label(), n)
+                })
+                .collect(),
             tls_cert_expiry: self.tls_cert_expiry.load(Ordering::Relaxed),
             tls_reloads: self.tls_reloads.load(Ordering::Relaxed),
             tls_reload_failures: self.tls_reload_failures.load(Ordering::Relaxed),
@@ -149,5 +178,28 @@ mod tests {
         assert!((h.sum - 20.0305).abs() < 1e-9, "{}", h.sum);
         // Exactly on a bound counts in that bucket (le is inclusive).
         assert_eq!(s.durations[1].1.counts[0], 1);
+    }
+
+    #[test]
+    fn handshake_failures_by_reason_and_shed_ones_are_rejected_too() {
+        let stats = ServerStats::default();
+        stats.handshake_failed(Failure::NoCertificate);
+        stats.handshake_failed(Failure::NoCertificate);
+        stats.handshake_failed(Failure::ShedPerPeer);
+        stats.handshake_failed(Failure::ShedTotal);
+        let s = stats.snapshot();
+        assert_eq!(
+            s.handshake_failures,
+            [
+                ("timeout", 0),
+                ("no_certificate", 2),
+                ("bad_certificate", 0),
+                ("protocol", 0),
+                ("peer_closed", 0),
+                ("shed_per_peer", 1),
+                ("shed_total", 1),
+            ]
+        );
+        assert_eq!(s.connections_rejected, 2);
     }
 }
