@@ -18,7 +18,7 @@ use brokerscope_common::{
     processes::NO_FIELD,
     resources::{
         BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS, NO_SLOT,
-        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, THREAD_WAYS,
+        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, TASK_DEAD, THREAD_WAYS,
         THREADS_CAPACITY, ThreadState, involuntary, rwbs_direction, thread_set,
     },
     sockets::log2_bucket,
@@ -104,20 +104,26 @@ fn thread(tid: u32) -> Option<*mut ThreadState> {
     Some(slot)
 }
 
+/// The THREADS slot broker thread `tid` holds, if any (takes none).
+#[inline(always)]
+fn held_thread(tid: u32) -> Option<*mut ThreadState> {
+    let first = thread_set(tid);
+    for way in 0..THREAD_WAYS {
+        let slot = THREADS.get_ptr_mut(first + way)?;
+        // SAFETY: `slot` points into THREADS, looked up during this run.
+        if unsafe { (*slot).tid } == tid {
+            return Some(slot);
+        }
+    }
+    None
+}
+
 /// Frees the THREADS slot of broker thread `tid`, which is exiting.
 #[inline(always)]
 pub fn release_thread(tid: u32) {
-    let first = thread_set(tid);
-    for way in 0..THREAD_WAYS {
-        if let Some(slot) = THREADS.get_ptr_mut(first + way) {
-            // SAFETY: `slot` points into THREADS, looked up during this run.
-            unsafe {
-                if (*slot).tid == tid {
-                    (*slot).tid = 0;
-                    return;
-                }
-            }
-        }
+    if let Some(slot) = held_thread(tid) {
+        // SAFETY: `slot` points into THREADS, looked up during this run.
+        unsafe { (*slot).tid = 0 };
     }
 }
 
@@ -352,7 +358,11 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
     }
     let sum = prev.sum_exec()?;
     let run_delay = prev.run_delay()?;
-    let state = thread(tid);
+    let task_state = prev.state()?;
+    // A dead thread's last switch comes after its exit freed its slot: it takes none (it would
+    // hold it for good), and frees one it still holds.
+    let dead = task_state == TASK_DEAD;
+    let state = if dead { held_thread(tid) } else { thread(tid) };
     let c = sched_counters(tgid, state)?;
     // SAFETY: `t` points to this thread's THREADS value, looked up during this run.
     let last = state.map(|t| unsafe { *t });
@@ -373,11 +383,15 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
     if let Some(t) = state {
         // SAFETY: as above.
         unsafe {
-            (*t).last_sum_exec = sum;
-            (*t).last_run_delay = run_delay.unwrap_or(0);
+            if dead {
+                (*t).tid = 0;
+            } else {
+                (*t).last_sum_exec = sum;
+                (*t).last_run_delay = run_delay.unwrap_or(0);
+            }
         }
     }
-    if involuntary(preempt, prev.state()?) {
+    if involuntary(preempt, task_state) {
         bump!(c, involuntary, 1);
     } else {
         bump!(c, voluntary, 1);

@@ -82,6 +82,11 @@ pub const FSYNC_CAPACITY: u32 = 1024;
 /// Log2 buckets of latency histograms in microseconds: bucket i < 2^(i+1) µs; 2^26 µs is 67 s.
 pub const LATENCY_BUCKETS: usize = 26;
 
+/// `task_struct.__state` of a thread at its very last switch-out (`do_task_dead`), after
+/// `sched_process_exit` freed its slot: that switch must not take a slot again (the value has
+/// been 0x80 since Linux 4.14).
+pub const TASK_DEAD: u32 = 0x80;
+
 /// A switch the task did not ask for: it was preempted, or it was still runnable (`__state` 0,
 /// e.g. a yield). A task going to sleep or blocking has a non-zero `__state` and was not preempted.
 pub const fn involuntary(preempt: bool, state: u32) -> bool {
