@@ -18,8 +18,8 @@ use brokerscope_common::{
     processes::NO_FIELD,
     resources::{
         BLOCK_CAPACITY, BlockKey, BlockStart, FSYNC_CAPACITY, IoCounters, LATENCY_BUCKETS, NO_SLOT,
-        RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, TASK_DEAD, THREAD_WAYS,
-        THREADS_CAPACITY, ThreadState, involuntary, rwbs_direction, thread_set,
+        PF_EXITING, RESOURCES_CAPACITY, ResourceOffsets, SCHED_CAPACITY, SchedCounters, TASK_DEAD,
+        THREAD_WAYS, THREADS_CAPACITY, ThreadState, involuntary, rwbs_direction, thread_set,
     },
     sockets::log2_bucket,
     telemetry::{ProbeError, Program},
@@ -253,6 +253,8 @@ trait Task: Copy {
     fn ids(self) -> (u32, u32);
     /// `__state` (`state` before 5.14).
     fn state(self) -> Result<u32, ProbeError>;
+    /// `flags` (`PF_*`).
+    fn flags(self) -> Result<u32, ProbeError>;
     /// `se.sum_exec_runtime`.
     fn sum_exec(self) -> Result<u64, ProbeError>;
     /// `se.prev_sum_exec_runtime`.
@@ -286,6 +288,10 @@ impl Task for Probed<'_> {
     #[inline(always)]
     fn state(self) -> Result<u32, ProbeError> {
         self.read(self.off.task_state)
+    }
+    #[inline(always)]
+    fn flags(self) -> Result<u32, ProbeError> {
+        self.read(self.off.task_flags)
     }
     #[inline(always)]
     fn sum_exec(self) -> Result<u64, ProbeError> {
@@ -325,6 +331,10 @@ impl Task for Typed {
         Ok(load!(u32, self.task, Field::TaskState))
     }
     #[inline(always)]
+    fn flags(self) -> Result<u32, ProbeError> {
+        Ok(load!(u32, self.task, Field::TaskFlags))
+    }
+    #[inline(always)]
     fn sum_exec(self) -> Result<u64, ProbeError> {
         Ok(load!(u64, self.task, Field::TaskSumExec))
     }
@@ -359,10 +369,14 @@ fn on_switch(preempt: bool, prev: impl Task) -> Result<(), ProbeError> {
     let sum = prev.sum_exec()?;
     let run_delay = prev.run_delay()?;
     let task_state = prev.state()?;
-    // A dead thread's last switch comes after its exit freed its slot: it takes none (it would
-    // hold it for good), and frees one it still holds.
+    // A thread that began to exit takes no slot (see PF_EXITING); its last switch frees the
+    // one it may still hold.
     let dead = task_state == TASK_DEAD;
-    let state = if dead { held_thread(tid) } else { thread(tid) };
+    let state = if dead || prev.flags()? & PF_EXITING != 0 {
+        held_thread(tid)
+    } else {
+        thread(tid)
+    };
     let c = sched_counters(tgid, state)?;
     // SAFETY: `t` points to this thread's THREADS value, looked up during this run.
     let last = state.map(|t| unsafe { *t });

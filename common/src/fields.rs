@@ -68,11 +68,13 @@ pub enum Field {
     /// `tcp_sock.tcp_clock_cache`: when TCP last read its clock for this socket, in ns of
     /// CLOCK_MONOTONIC (u64).
     TcpClockCache = 25,
+    /// `task_struct.flags` (u32; `PF_EXITING` once the thread has begun to exit).
+    TaskFlags = 26,
 }
 
 impl Field {
     /// Every field, in index order.
-    pub const ALL: [Field; 26] = [
+    pub const ALL: [Field; 27] = [
         Field::SockNum,
         Field::SockFlags,
         Field::SockNet,
@@ -99,6 +101,7 @@ impl Field {
         Field::TaskTgid,
         Field::SockProtocol,
         Field::TcpClockCache,
+        Field::TaskFlags,
     ];
 
     /// The offset compiled into the program in place of this field's.

@@ -82,10 +82,15 @@ pub const FSYNC_CAPACITY: u32 = 1024;
 /// Log2 buckets of latency histograms in microseconds: bucket i < 2^(i+1) µs; 2^26 µs is 67 s.
 pub const LATENCY_BUCKETS: usize = 26;
 
-/// `task_struct.__state` of a thread at its very last switch-out (`do_task_dead`), after
-/// `sched_process_exit` freed its slot: that switch must not take a slot again (the value has
-/// been 0x80 since Linux 4.14).
+/// `task_struct.__state` of a thread at its very last switch-out (`do_task_dead`): 0x80 since
+/// Linux 4.14.
 pub const TASK_DEAD: u32 = 0x80;
+
+/// `task_struct.flags` bit set when a thread begins to exit (`exit_signals`, before
+/// `sched_process_exit` frees its THREADS slot): its switches from then on take no slot, or a
+/// switch after the exit (a preemption, a close that sleeps, the last one) would hold one for
+/// good. 0x4 in every kernel.
+pub const PF_EXITING: u32 = 0x4;
 
 /// A switch the task did not ask for: it was preempted, or it was still runnable (`__state` 0,
 /// e.g. a yield). A task going to sleep or blocking has a non-zero `__state` and was not preempted.
@@ -237,7 +242,8 @@ pub struct ResourceOffsets {
     /// `task_struct.sched_info.run_delay` (CONFIG_SCHED_INFO), or `NO_FIELD`: run-queue
     /// latency is then not measured.
     pub task_run_delay: u32,
-    pub _pad: u32,
+    /// `task_struct.flags`.
+    pub task_flags: u32,
 }
 
 impl ResourceOffsets {
@@ -252,7 +258,7 @@ impl ResourceOffsets {
         complete_dev: 0,
         complete_sector: 0,
         task_run_delay: 0,
-        _pad: 0,
+        task_flags: 0,
     };
 }
 

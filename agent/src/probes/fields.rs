@@ -74,6 +74,7 @@ impl FieldOffsets {
                 Field::TaskTgid => btf.offset_of("task_struct", &["tgid"]).ok(),
                 Field::SockProtocol => in_sock(socket.sock_protocol),
                 Field::TcpClockCache => btf.offset_of("tcp_sock", &["tcp_clock_cache"]).ok(),
+                Field::TaskFlags => known(tasks.task_flags),
             };
         }
         let cast = match (btf.func_id("bpf_rdonly_cast"), btf.struct_id("tcp_sock")) {

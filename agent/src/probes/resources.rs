@@ -68,7 +68,7 @@ pub fn resolve_offsets(
         complete_sector: lacks.offset(&[BlockComplete], complete.field("sector", 8)),
         // Without CONFIG_SCHED_INFO, run-queue latency is not measured; the rest is.
         task_run_delay: Lacks::optional(task(&["sched_info", "run_delay"])),
-        _pad: 0,
+        task_flags: lacks.offset(sched, task(&["flags"])),
     }
 }
 
