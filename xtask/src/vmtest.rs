@@ -59,6 +59,11 @@ pub const SUBSET: &[(&str, &str)] = &[
         "a_killed_broker_is_seen_stopped_through_the_classic_exit_tracepoint_too",
     ),
     ("discovery", "fake_broker_serves_requests_and_sendfile"),
+    // Container files: resolved inside the broker's root by openat2(RESOLVE_IN_ROOT).
+    (
+        "hostile",
+        "links_and_dot_dots_out_of_a_container_never_reach_the_node",
+    ),
     // Broker state: recovery from the log dirs, and the operator's Java client.
     (
         "state",
