@@ -718,7 +718,63 @@ fn a_fifth_thread_in_a_four_way_set_takes_a_slot_and_is_counted_as_an_eviction()
     let evicted = evictions().unwrap();
     eprintln!("five threads of one set: {evicted} slots taken from a live thread");
     assert!(evicted >= 1.0, "{evicted} evictions");
-    eventually("slots freed", Duration::from_secs(5), || {
+    let freed = eventually_or_none(Duration::from_secs(5), || {
         (metric(&agent, "brokerscope_map_entries", &threads) == entries).then_some(())
     });
+    if freed.is_none() {
+        panic!(
+            "slots not freed: {} taken, {entries} before; held: {:?}",
+            metric(&agent, "brokerscope_map_entries", &threads),
+            held_threads(agent.pid())
+        );
+    }
+}
+
+/// `f` until it gives a value, for at most `within`.
+fn eventually_or_none<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The thread ids holding a slot of the THREADS map of the agent `pid` (bpftool), each with
+/// whether that thread still lives: for a failure's message.
+fn held_threads(pid: u32) -> Vec<(u32, bool)> {
+    let maps: serde_json::Value = serde_json::from_str(&run_ok(
+        std::process::Command::new("bpftool").args(["-j", "map", "show"]),
+    ))
+    .unwrap_or_default();
+    let Some(id) = maps.as_array().into_iter().flatten().find_map(|m| {
+        let ours = m["pids"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["pid"] == pid));
+        (ours && m["name"] == "THREADS").then(|| m["id"].to_string())
+    }) else {
+        return Vec::new();
+    };
+    let dump: serde_json::Value = serde_json::from_str(&run_ok(
+        std::process::Command::new("bpftool").args(["-j", "map", "dump", "id", &id]),
+    ))
+    .unwrap_or_default();
+    let byte = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|h| u8::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0)
+    };
+    dump.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let v = e["value"].as_array()?;
+            let tid = u32::from_le_bytes([byte(&v[0]), byte(&v[1]), byte(&v[2]), byte(&v[3])]);
+            (tid != 0).then(|| (tid, std::path::Path::new(&format!("/proc/{tid}")).exists()))
+        })
+        .collect()
 }

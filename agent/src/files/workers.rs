@@ -405,11 +405,14 @@ mod tests {
         let w = Workers::new("t", 1);
         let r: Result<(), _> = w.run(1, "panics", Duration::from_secs(5), || panic!("boom"));
         assert_eq!(r, Err(WorkError::Panicked));
-        // The key is free once the worker has put the job away, and the thread lives on.
+        // The key and the thread are free once the worker has put the job away (until then
+        // the key is busy, or the one thread is), and the thread lives on.
         let t = Instant::now();
         loop {
             match w.run(1, "next", Duration::from_secs(5), || 5) {
-                Err(WorkError::Busy { .. }) if t.elapsed() < Duration::from_secs(5) => {
+                Err(WorkError::Busy { .. } | WorkError::Full { .. })
+                    if t.elapsed() < Duration::from_secs(5) =>
+                {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 r => break assert_eq!(r, Ok(5)),
