@@ -697,18 +697,7 @@ impl StateTracker {
                 }
                 continue;
             }
-            self.by_pid.insert(b.pid, b.id.clone());
-            let same = tracked
-                .process
-                .as_ref()
-                .is_some_and(|p| p.pid == b.pid && p.start_time_ticks == b.start_time_ticks);
-            if !same {
-                if let Some(old) = tracked.process.as_mut() {
-                    old.stop_polling(&b.id, "process replaced");
-                }
-                let mut process = Process::new(b, &self.files);
-                process.collect_listing(b, &b.id, &self.files, self.wait_listing);
-                tracked.process = Some(process);
+            if self.follow(b) {
                 fresh.push(b.pid);
             }
         }
@@ -716,6 +705,26 @@ impl StateTracker {
             // A new process's listeners are read now, so its first state is not a guess.
             self.evaluate(b, fresh.contains(&b.pid));
         }
+    }
+
+    /// Follows running broker `b`'s process unless it already does; whether it began to.
+    fn follow(&mut self, b: &Broker) -> bool {
+        self.by_pid.insert(b.pid, b.id.clone());
+        let tracked = self.by_id.entry(b.id.clone()).or_default();
+        let same = tracked
+            .process
+            .as_ref()
+            .is_some_and(|p| p.pid == b.pid && p.start_time_ticks == b.start_time_ticks);
+        if same {
+            return false;
+        }
+        if let Some(old) = tracked.process.as_mut() {
+            old.stop_polling(&b.id, "process replaced");
+        }
+        let mut process = Process::new(b, &self.files);
+        process.collect_listing(b, &b.id, &self.files, self.wait_listing);
+        tracked.process = Some(process);
+        true
     }
 
     /// Applies a kernel event (opens come from the opt-in `openat` hooks only). Returns the
@@ -745,6 +754,11 @@ impl StateTracker {
     /// from /proc (tens of ms in a namespace with many sockets): the tracker's thread passes
     /// true, requests false (they reuse its last answer).
     pub fn evaluate(&mut self, broker: &Broker, read: bool) -> StateView {
+        // A broker table newer than the one last followed (a request's copy can be): a running
+        // process not followed yet is followed now, never taken as not running.
+        if broker.is_running() {
+            self.follow(broker);
+        }
         let tracked = self.by_id.entry(broker.id.clone()).or_default();
         let view = match tracked.process.as_mut().filter(|_| broker.is_running()) {
             None => StateView::of(KafkaState::NotRunning),
