@@ -357,12 +357,17 @@ fn start_recovery_running_shutdown_and_exit_in_strimzi_format() {
     assert_eq!(code, 200);
     let b: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(b["broker_state"], json!({"name":"NOT_RUNNING","number":0}));
-    let to: Vec<&str> = b["state_changes"]
+    let mut to: Vec<&str> = b["state_changes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| c["to"].as_str().unwrap())
         .collect();
+    // A state asked before the new process's log dirs were listed (the tracker waits 20 ms for
+    // that; an emulated guest can take longer) is UNKNOWN, and logged: honest, so allowed first.
+    if to.first() == Some(&"UNKNOWN") {
+        to.remove(0);
+    }
     assert_eq!(
         to,
         [

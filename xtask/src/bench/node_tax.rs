@@ -1,6 +1,6 @@
 //! The node-tax part of `cargo xtask bench`: whether any hook the agent attaches by default
 //! slows processes other than the brokers (a `syscalls:*` tracepoint would: attaching one puts
-//! every syscall of every task on the kernel's slow path, KERNEL.md), and what it costs the
+//! every syscall of every task on the kernel's slow path, docs/kernels.md), and what it costs the
 //! broker, with the brokers' log dirs wherever a node may have them.
 //!
 //! Per situation (log dirs on ext4, xfs and btrfs loop filesystems, on tmpfs, unreadable, and
