@@ -403,18 +403,15 @@ impl Process {
         files: &crate::files::Workers,
         wait: Duration,
     ) -> bool {
-        match &self.listing {
+        let (since, done) = match &self.listing {
             Listing::Done => return true,
-            Listing::Failed { at, retry, .. } => {
+            Listing::Failed { at, retry } => {
                 if *retry && at.elapsed() >= INVENTORY_RETRY {
                     self.listing = start_listing(broker, files);
                 }
                 return false;
             }
-            Listing::Pending { .. } => {}
-        }
-        let Listing::Pending { since, done } = &self.listing else {
-            return false;
+            Listing::Pending { since, done } => (since, done),
         };
         let result = if wait.is_zero() {
             done.try_recv()
@@ -461,9 +458,7 @@ impl Process {
 
     /// Why recovery cannot be seen for this process, if it cannot.
     fn recovery_unseen(&self, broker: &Broker) -> Option<&'static str> {
-        if broker.evidence.files_stalled {
-            Some(FILES_STALLED)
-        } else if broker.log_dirs.is_empty() {
+        if broker.log_dirs.is_empty() {
             Some("log dirs unknown (properties not read)")
         } else if matches!(self.listing, Listing::Pending { .. }) {
             Some("log dirs not listed yet")
@@ -697,6 +692,7 @@ impl StateTracker {
                 }
                 continue;
             }
+            self.by_pid.insert(b.pid, b.id.clone());
             if self.follow(b) {
                 fresh.push(b.pid);
             }
@@ -709,15 +705,12 @@ impl StateTracker {
 
     /// Follows running broker `b`'s process unless it already does; whether it began to.
     fn follow(&mut self, b: &Broker) -> bool {
-        self.by_pid.insert(b.pid, b.id.clone());
-        let tracked = self.by_id.entry(b.id.clone()).or_default();
-        let same = tracked
-            .process
-            .as_ref()
-            .is_some_and(|p| p.pid == b.pid && p.start_time_ticks == b.start_time_ticks);
-        if same {
+        let followed = self.by_id.get(&b.id).and_then(|t| t.process.as_ref());
+        if followed.is_some_and(|p| p.pid == b.pid && p.start_time_ticks == b.start_time_ticks) {
             return false;
         }
+        self.by_pid.insert(b.pid, b.id.clone());
+        let tracked = self.by_id.entry(b.id.clone()).or_default();
         if let Some(old) = tracked.process.as_mut() {
             old.stop_polling(&b.id, "process replaced");
         }

@@ -447,6 +447,18 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `dir/name`: the `server.properties` of broker `id` with one PLAINTEXT listener on a free
+/// loopback port.
+pub fn broker_properties(dir: &Path, name: &str, id: &str) -> PathBuf {
+    let path = dir.join(name);
+    let text = format!(
+        "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
+        free_port()
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
 /// A loopback port nobody listens on right now (for servers that cannot bind port 0 and report
 /// it, such as Prometheus).
 pub fn free_port() -> u16 {

@@ -23,8 +23,8 @@ use std::{
 };
 
 use brokerscope_tests::{
-    Agent, FakeBroker, FakeBrokerSpec, discovery_config, eventually, find_sample, free_port,
-    privileged, scaled, wait_broker_running,
+    Agent, FakeBroker, FakeBrokerSpec, broker_properties, discovery_config, eventually,
+    find_sample, privileged, scaled, wait_broker_running,
 };
 
 /// The floods here load the whole machine: one test at a time.
@@ -372,15 +372,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let props = dir.path().join("server.properties");
-    std::fs::write(
-        &props,
-        format!(
-            "node.id=7\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
-            free_port()
-        ),
-    )
-    .unwrap();
+    let props = broker_properties(dir.path(), "server.properties", "7");
     let broker = FakeBroker::start(FakeBrokerSpec::new(&props));
     let agent = Agent::start(&discovery_config(dir.path(), ""));
     wait_broker_running(&agent, "7", broker.pid);

@@ -15,8 +15,8 @@ use std::{
 };
 
 use brokerscope_tests::{
-    Agent, Container, DISCOVERY_LATENCY_BUDGET, FakeBroker, FakeBrokerSpec, broker, eventually,
-    free_port, privileged, scaled, wait_running,
+    Agent, Container, DISCOVERY_LATENCY_BUDGET, FakeBroker, FakeBrokerSpec, broker,
+    broker_properties, eventually, free_port, privileged, scaled, wait_running,
 };
 use serde_json::Value;
 
@@ -129,15 +129,7 @@ fn unique_tag(test: &str) -> String {
 
 /// A broker of the node outside any container, started now, and how long it took to be listed.
 fn control_broker(agent: &Agent, dir: &Path, tag: &str, id: &str) -> (FakeBroker, Duration) {
-    let props = dir.join(format!("control-{id}.properties"));
-    std::fs::write(
-        &props,
-        format!(
-            "node.id={id}\nlisteners=PLAINTEXT://127.0.0.1:{}\n",
-            free_port()
-        ),
-    )
-    .unwrap();
+    let props = broker_properties(dir, &format!("control-{id}.properties"), id);
     let tag_override = format!("hostile.tag={tag}");
     let overrides = [tag_override.as_str()];
     let start = Instant::now();
@@ -637,18 +629,25 @@ fn an_agent_without_its_probes_never_says_running() {
     let _serial = serial();
     let tag = unique_tag("noprobes");
     let agent = Agent::start_without_bpf(&tag_config(&tag, ""));
+    // Not ready, for want of probes (the kernel refused the load), and none attached.
     let (code, ready) = agent.get("/ready");
-    assert_eq!(code, 503, "no probes, not ready: {ready}");
-    assert_eq!(agent.metric("brokerscope_probe_attached", &[]), None);
+    assert_eq!(code, 503, "{ready}");
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    let reasons = ready["reasons"].to_string();
+    assert!(reasons.contains("probes not attached: "), "{reasons}");
+    agent.wait_for_log("the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)");
+    assert!(
+        ready["hooks"].as_array().is_none_or(Vec::is_empty),
+        "{ready}"
+    );
+    let (_, metrics) = agent.get("/metrics");
+    assert!(
+        !metrics.contains("brokerscope_probe_attached{"),
+        "a program attached:\n{metrics}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
-    let props = dir.path().join("server.properties");
-    let port = free_port();
-    std::fs::write(
-        &props,
-        format!("node.id=61\nlisteners=PLAINTEXT://127.0.0.1:{port}\n"),
-    )
-    .unwrap();
+    let props = broker_properties(dir.path(), "server.properties", "61");
     let tag_override = format!("hostile.tag={tag}");
     let overrides = [tag_override.as_str()];
     let b = FakeBroker::start(FakeBrokerSpec {

@@ -178,7 +178,7 @@ impl ProcessRoot {
         if let Some(start) = start_ticks {
             let stat = std::fs::read_to_string(proc_dir.join("stat"))
                 .map_err(|e| process(format!("cannot read its stat: {e}")))?;
-            if start_ticks_of(&stat) != Some(start) {
+            if crate::discovery::proc::parse_stat(&stat).map(|s| s.start_ticks) != Some(start) {
                 return Err(process("the pid names another process now".into()));
             }
         }
@@ -551,16 +551,6 @@ fn openat_raw(dir: RawFd, name: &CStr, flags: i32) -> std::io::Result<OwnedFd> {
 fn open_raw(path: &str, flags: i32) -> std::io::Result<OwnedFd> {
     let c = CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     openat_raw(libc::AT_FDCWD, &c, flags | libc::O_CLOEXEC)
-}
-
-/// Field 22 of `/proc/<pid>/stat` (start time in clock ticks), counted after the command name's
-/// closing parenthesis.
-fn start_ticks_of(stat: &str) -> Option<u64> {
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
 }
 
 /// Opens the inode behind an `O_PATH` descriptor for real, through `/proc/self/fd`: the same
