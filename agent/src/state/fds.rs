@@ -304,7 +304,7 @@ pub fn start_ticks(pid: u32) -> Result<u64, FdPollError> {
 mod tests {
     use std::{
         collections::BTreeSet,
-        os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+        os::{fd::AsRawFd, unix::ffi::OsStrExt as _},
         path::Path,
     };
 
@@ -330,6 +330,27 @@ mod tests {
         (stats, seen)
     }
 
+    /// A descriptor moved to a number of the test's own: tests running beside each
+    /// other open and close files in this one process, and a number another test
+    /// freed between two polls is (rightly) not read again when a test takes it.
+    struct Placed(i32);
+
+    impl Placed {
+        fn new(file: impl AsRawFd, fd: i32) -> Self {
+            // SAFETY: both are descriptors of this process; each test owns its range of
+            // numbers (900 and up), which nothing else uses.
+            assert_eq!(unsafe { libc::dup2(file.as_raw_fd(), fd) }, fd);
+            Placed(fd)
+        }
+    }
+
+    impl Drop for Placed {
+        fn drop(&mut self) {
+            // SAFETY: the number is this guard's (see `new`).
+            unsafe { libc::close(self.0) };
+        }
+    }
+
     fn names(dir: &Path, files: &[&str]) -> BTreeSet<String> {
         files
             .iter()
@@ -345,15 +366,16 @@ mod tests {
         let (_, before) = poll_under(&mut p, usize::MAX, d);
         assert!(before.is_empty());
 
-        let a = std::fs::File::create(d.join("a.log")).unwrap();
-        let b = std::fs::File::create(d.join("b.log")).unwrap();
+        const A: i32 = 920;
+        let a = Placed::new(std::fs::File::create(d.join("a.log")).unwrap(), A);
+        let b = Placed::new(std::fs::File::create(d.join("b.log")).unwrap(), A + 1);
         // Odd targets, all under the directory: a deleted file, a file whose name is not UTF-8,
         // a FIFO (opened without blocking; the poll must not open it), and, elsewhere, a socket
         // and a pipe.
-        let deleted = std::fs::File::create(d.join("gone.log")).unwrap();
+        let deleted = Placed::new(std::fs::File::create(d.join("gone.log")).unwrap(), A + 2);
         std::fs::remove_file(d.join("gone.log")).unwrap();
         let odd = std::ffi::OsStr::from_bytes(b"odd-\xff.log");
-        let not_utf8 = std::fs::File::create(d.join(odd)).unwrap();
+        let not_utf8 = Placed::new(std::fs::File::create(d.join(odd)).unwrap(), A + 3);
         let fifo_path = std::ffi::CString::new(format!("{}/fifo", d.display())).unwrap();
         // SAFETY: a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo_path.as_ptr(), 0o600) }, 0);
@@ -363,8 +385,10 @@ mod tests {
             .custom_flags(libc::O_NONBLOCK)
             .open(d.join("fifo"))
             .unwrap();
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fifo = Placed::new(fifo, A + 4);
+        let socket = Placed::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), A + 5);
         let (pipe_r, pipe_w) = std::io::pipe().unwrap();
+        let (pipe_r, pipe_w) = (Placed::new(pipe_r, A + 6), Placed::new(pipe_w, A + 7));
 
         let (stats, seen) = poll_under(&mut p, usize::MAX, d);
         assert_eq!(seen, names(d, &["a.log", "b.log", "fifo"]));
@@ -374,10 +398,10 @@ mod tests {
         assert!(seen.is_empty(), "{seen:?}");
         assert!(stats.listed >= 9, "{stats:?}");
 
-        // A descriptor closed, a poll, a new one (likely the same number): read.
+        // A descriptor closed, a poll, a new one under the same number: read.
         drop(a);
         let _ = poll_under(&mut p, usize::MAX, d);
-        let c = std::fs::File::create(d.join("c.log")).unwrap();
+        let c = Placed::new(std::fs::File::create(d.join("c.log")).unwrap(), A);
         let (_, seen) = poll_under(&mut p, usize::MAX, d);
         assert!(seen.contains(&format!("{}/c.log", d.display())), "{seen:?}");
         drop((b, c, deleted, not_utf8, fifo, socket, pipe_r, pipe_w));
@@ -387,41 +411,39 @@ mod tests {
     fn a_reused_number_is_read_again_once_seen_missing() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        // A number of its own, far from what other tests get (the lowest free one).
         const FD: i32 = 900;
-        let place = |f: std::fs::File| {
-            // SAFETY: both are descriptors of this process; FD is not used by anything else.
-            assert_eq!(unsafe { libc::dup2(f.as_raw_fd(), FD) }, FD);
-        };
+        let file = |name: &str| std::fs::File::create(d.join(name)).unwrap();
         let mut p = own();
-        place(std::fs::File::create(d.join("first.log")).unwrap());
+        let first = Placed::new(file("first.log"), FD);
         let (_, seen) = poll_under(&mut p, usize::MAX, d);
         assert_eq!(seen, names(d, &["first.log"]));
         // Replaced between two polls: the number never went missing, so it is not read again.
-        place(std::fs::File::create(d.join("second.log")).unwrap());
+        std::mem::forget(first);
+        let second = Placed::new(file("second.log"), FD);
         let (_, seen) = poll_under(&mut p, usize::MAX, d);
         assert!(seen.is_empty(), "{seen:?}");
-        // SAFETY: FD is this test's.
-        assert_eq!(unsafe { libc::close(FD) }, 0);
+        drop(second);
         let (_, seen) = poll_under(&mut p, usize::MAX, d);
         assert!(seen.is_empty(), "{seen:?}");
-        place(std::fs::File::create(d.join("third.log")).unwrap());
+        let _third = Placed::new(file("third.log"), FD);
         let (_, seen) = poll_under(&mut p, usize::MAX, d);
         assert_eq!(seen, names(d, &["third.log"]));
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::close(FD) }, 0);
     }
 
     #[test]
     fn the_budget_defers_new_numbers_to_the_next_polls() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
+        // Numbers of their own: tests running beside this one open and close
+        // files in the same process, and a number another test freed between two
+        // polls is (rightly) not read again when this test takes it.
+        const FIRST: i32 = 910;
         let mut p = own();
         let _ = p.poll(usize::MAX, |_| {}).unwrap();
         let files: Vec<String> = (0..5).map(|i| format!("{i}.log")).collect();
-        let open: Vec<_> = files
-            .iter()
-            .map(|f| std::fs::File::create(d.join(f)).unwrap())
+        let _open: Vec<Placed> = (FIRST..)
+            .zip(&files)
+            .map(|(fd, f)| Placed::new(std::fs::File::create(d.join(f)).unwrap(), fd))
             .collect();
         let mut all = BTreeSet::new();
         for _ in 0..100 {
@@ -434,7 +456,6 @@ mod tests {
         }
         let want: Vec<&str> = files.iter().map(String::as_str).collect();
         assert_eq!(all, names(d, &want));
-        drop(open);
     }
 
     #[test]
