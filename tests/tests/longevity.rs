@@ -1,0 +1,248 @@
+//! Months on a node: counters that survive an agent's death (pinned maps and links adopted by
+//! the next agent), listeners of stopped brokers released with their series, maps that return
+//! to what is live.
+
+use std::{
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use brokerscope_tests::{
+    Agent, FakeBroker, FakeBrokerSpec, NetNs, PinDir, discovery_config, eventually, fake_request,
+    find_sample, privileged, wait_broker_running,
+};
+
+/// Bytes one fake-broker request puts on the wire each way: `R`, u32 N, u32 M, N bytes → M.
+fn request_bytes(n: u32, m: u32) -> (u64, u64) {
+    (9 + u64::from(n), u64::from(m))
+}
+
+const LABELS: [(&str, &str); 3] = [("broker", "1"), ("listener", "PLAINTEXT"), ("port", "9092")];
+
+/// (accepted, closed, active, bytes received, bytes sent) of broker 1's listener.
+fn counts(agent: &Agent) -> Option<[u64; 5]> {
+    let (code, body) = agent.get("/metrics");
+    assert_eq!(code, 200, "{body}");
+    let get = |name: &str| find_sample(&body, name, &LABELS).map(|v| v as u64);
+    Some([
+        get("brokerscope_connections_accepted_total")?,
+        get("brokerscope_connections_closed_total")?,
+        get("brokerscope_connections_active")?,
+        get("brokerscope_bytes_received_total")?,
+        get("brokerscope_bytes_sent_total")?,
+    ])
+}
+
+/// Client traffic to `addr` on a thread: one request per connection, until stopped. What it
+/// did: connections, bytes the broker received, bytes it sent.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    totals: Arc<[AtomicU64; 3]>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let (s, t) = (stop.clone(), totals.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !s.load(Ordering::SeqCst) {
+                i += 1;
+                let (n, m) = (100 + i % 977, 1000 + (i * 31) % 4096);
+                let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .expect("connect to the broker");
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                fake_request(&mut c, n, m).expect("request");
+                drop(c);
+                let (r, w) = request_bytes(n, m);
+                t[0].fetch_add(1, Ordering::SeqCst);
+                t[1].fetch_add(r, Ordering::SeqCst);
+                t[2].fetch_add(w, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Self {
+            stop,
+            totals,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> [u64; 3] {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("traffic thread");
+        }
+        [0, 1, 2].map(|i| self.totals[i].load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    agent.metric(name, labels)
+}
+
+#[test]
+fn kill_9_and_restart_under_traffic_loses_no_count_and_counts_none_twice() {
+    if !privileged("kill_9_and_restart_under_traffic_loses_no_count_and_counts_none_twice") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = discovery_config(dir.path(), "");
+    let pins = PinDir::new();
+    let mut first = Agent::start_pinned(&config, pins.clone());
+    first.wait_ready();
+
+    let props = dir.path().join("server.properties");
+    std::fs::write(&props, "node.id=1\nlisteners=PLAINTEXT://:9092\n").unwrap();
+    let ns = NetNs::new();
+    let _veth = ns.veth("169.254.221.1/30", "169.254.221.2/30");
+    let broker = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns),
+        ..FakeBrokerSpec::new(&props)
+    });
+    wait_broker_running(&first, "1", broker.pid);
+    let addr: std::net::SocketAddr = "169.254.221.2:9092".parse().unwrap();
+
+    // One connection lives across the restart, with a request on each side of it.
+    let mut long = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    fake_request(&mut long, 4000, 40_000).unwrap();
+    let traffic = Traffic::start(addr);
+    let mut last = [0u64; 5];
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(now) = counts(&first) {
+            last = now;
+        }
+    }
+    assert!(last[0] > 1, "traffic counted before the kill: {last:?}");
+    let since = metric(
+        &first,
+        "brokerscope_counters_start_time_seconds",
+        &[("pinned", "true")],
+    )
+    .expect("counters start time");
+
+    first.kill();
+    // Connections made while no agent runs: the pinned programs count them.
+    let down_before = traffic.totals[0].load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(800));
+    let made_while_down = traffic.totals[0].load(Ordering::SeqCst) - down_before;
+    assert!(made_while_down > 0);
+    assert_eq!(pins.layouts().len(), 1, "pins stay after kill -9");
+
+    let second = Agent::start_pinned(&config, pins.clone());
+    second.wait_ready();
+    wait_broker_running(&second, "1", broker.pid);
+    let log = second.wait_for_log("adopting the pinned maps and links");
+    assert!(log.contains(&pins.path().display().to_string()), "{log}");
+    // Never below what the first agent reported.
+    let resumed = counts(&second).expect("broker 1's counters after the restart");
+    for i in [0, 1, 3, 4] {
+        assert!(
+            resumed[i] >= last[i],
+            "counter {i} went back: {resumed:?} after {last:?}"
+        );
+    }
+    assert!(
+        resumed[0] >= last[0] + made_while_down,
+        "connections made while down are counted: {resumed:?}, {last:?}, {made_while_down}"
+    );
+    fake_request(&mut long, 5000, 50_000).unwrap();
+    let [connections, received, sent] = traffic.finish();
+    drop(long);
+    let (long_r, long_w) = {
+        let (r1, w1) = request_bytes(4000, 40_000);
+        let (r2, w2) = request_bytes(5000, 50_000);
+        (r1 + r2, w1 + w2)
+    };
+    let want = [
+        connections + 1,
+        connections + 1,
+        0,
+        received + long_r,
+        sent + long_w,
+    ];
+    eventually(
+        "every connection and byte counted once",
+        Duration::from_secs(10),
+        || {
+            let now = counts(&second)?;
+            (now == want).then_some(())
+        },
+    );
+    // The same counting, not a new one; the broker is the same broker.
+    assert_eq!(
+        metric(
+            &second,
+            "brokerscope_counters_start_time_seconds",
+            &[("pinned", "true")]
+        ),
+        Some(since)
+    );
+    assert_eq!(
+        metric(
+            &second,
+            "brokerscope_broker_restarts_total",
+            &[("broker", "1")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &second,
+            "brokerscope_probe_errors_total",
+            &[("kind", "map_full")]
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+    eprintln!(
+        "{connections} connections ({made_while_down} while no agent ran), {received} bytes \
+         received, {sent} sent: all counted once"
+    );
+
+    // The broker restarts while no agent runs: the next agent counts that restart, and the
+    // listener (same namespace and port) continues its counts.
+    let mut second = second;
+    second.kill();
+    broker.kill();
+    let broker = FakeBroker::start(FakeBrokerSpec {
+        netns: Some(&ns),
+        ..FakeBrokerSpec::new(&props)
+    });
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fake_request(&mut c, 10, 20).unwrap();
+    drop(c);
+    let third = Agent::start_pinned(&config, pins.clone());
+    wait_broker_running(&third, "1", broker.pid);
+    assert_eq!(
+        metric(
+            &third,
+            "brokerscope_broker_restarts_total",
+            &[("broker", "1")]
+        ),
+        Some(1.0)
+    );
+    let (r, w) = request_bytes(10, 20);
+    let want = [want[0] + 1, want[1] + 1, 0, want[3] + r, want[4] + w];
+    eventually(
+        "the restarted broker's connection",
+        Duration::from_secs(10),
+        || (counts(&third)? == want).then_some(()),
+    );
+}
