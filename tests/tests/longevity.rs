@@ -246,3 +246,140 @@ fn kill_9_and_restart_under_traffic_loses_no_count_and_counts_none_twice() {
         || (counts(&third)? == want).then_some(()),
     );
 }
+
+/// The series of `/metrics` (sample lines), without the agent's own HTTP figures, which grow
+/// with the scrapes themselves; `broker_info` by its name alone (its labels name the current
+/// process and namespace).
+fn series(body: &str) -> Vec<String> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("brokerscope_http_"))
+        .map(|l| l.rsplit_once(' ').map_or(l, |(name, _)| name))
+        .map(|s| match s.split_once('{') {
+            Some(("brokerscope_broker_info", _)) => "brokerscope_broker_info".to_string(),
+            _ => s.to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_brokers_listeners_are_released_with_their_series_after_the_grace_period() {
+    if !privileged(
+        "a_stopped_brokers_listeners_are_released_with_their_series_after_the_grace_period",
+    ) {
+        return;
+    }
+    const CYCLES: usize = 20;
+    // Longer than the restarts take (about 10 s here), so the stopped listeners are all still
+    // held when the last broker runs.
+    const GRACE_S: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&discovery_config(
+        dir.path(),
+        &format!("[probes]\nlistener_release_seconds = {GRACE_S}\n"),
+    ));
+    agent.wait_ready();
+    let props = dir.path().join("server.properties");
+    std::fs::write(&props, "node.id=2\nlisteners=PLAINTEXT://:9092\n").unwrap();
+    let addr: std::net::SocketAddr = "169.254.222.2:9092".parse().unwrap();
+    // A broker pod restarted again and again, each time in a new network namespace, with a
+    // connection each time (a listener without counters has no series).
+    // The old namespaces are kept until the end: a namespace's inode number is reused once it
+    // is freed, and a listener is (namespace inode, port), so freed ones could make all the
+    // restarts one listener.
+    let mut live = None;
+    let mut old_namespaces = Vec::new();
+    let mut after_first = None;
+    let mut first_stop = None;
+    for cycle in 0..CYCLES {
+        if let Some((broker, veth, ns)) = live.take() {
+            drop((broker, veth));
+            first_stop.get_or_insert_with(std::time::Instant::now);
+            old_namespaces.push(ns);
+        }
+        let ns = NetNs::new();
+        let veth = ns.veth("169.254.222.1/30", "169.254.222.2/30");
+        let broker = FakeBroker::start(FakeBrokerSpec {
+            netns: Some(&ns),
+            ..FakeBrokerSpec::new(&props)
+        });
+        wait_broker_running(&agent, "2", broker.pid);
+        let labels = [("broker", "2"), ("listener", "PLAINTEXT"), ("port", "9092")];
+        let closed = |agent: &Agent| {
+            let (_, body) = agent.get("/metrics");
+            find_sample(&body, "brokerscope_connections_closed_total", &labels)
+        };
+        assert_eq!(
+            closed(&agent),
+            None,
+            "a new namespace's listener starts without series"
+        );
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        fake_request(&mut c, 10, 10).unwrap();
+        drop(c);
+        eventually("the connection counted", Duration::from_secs(10), || {
+            (closed(&agent) == Some(1.0)).then_some(())
+        });
+        if cycle == 0 {
+            let (_, body) = agent.get("/metrics");
+            after_first = Some(series(&body));
+        }
+        // The namespace goes with the pod: broker first, then its links and the namespace.
+        live = Some((broker, veth, ns));
+    }
+    // The pods are gone: their namespaces with them.
+    drop(old_namespaces);
+    let (_, before) = agent.get("/metrics");
+    let slots = |body: &str| {
+        find_sample(body, "brokerscope_map_entries", &[("map", "listeners")]).unwrap_or(-1.0)
+    };
+    let held_for = first_stop.map(|t| t.elapsed()).unwrap_or_default();
+    if held_for < Duration::from_secs(GRACE_S) {
+        // (One more where a broker was first seen before it entered its namespace.)
+        assert!(
+            slots(&before) >= CYCLES as f64,
+            "within the grace period every stopped broker's listener keeps its slot: {}",
+            slots(&before)
+        );
+    } else {
+        eprintln!("the restarts took {held_for:?}, more than the grace period: not checking it");
+    }
+    let want = after_first.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(GRACE_S + 10);
+    loop {
+        let (_, body) = agent.get("/metrics");
+        let now = series(&body);
+        if now == want && slots(&body) == 1.0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let extra: Vec<&String> = now.iter().filter(|s| !want.contains(s)).collect();
+            let missing: Vec<&String> = want.iter().filter(|s| !now.contains(s)).collect();
+            panic!(
+                "not only the live broker's series after the grace period: {} slots; extra \
+                 {extra:#?}; missing {missing:#?}",
+                slots(&body)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, after) = agent.get("/metrics");
+    eprintln!(
+        "{CYCLES} broker restarts in new namespaces: /metrics {} bytes, {} series, {} listener \
+         slots before the grace period ended; {} bytes, {} series, 1 slot after (one restart: \
+         {} series)",
+        before.len(),
+        series(&before).len(),
+        slots(&before),
+        after.len(),
+        series(&after).len(),
+        want.len()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("released: unwatched for probes.listener_release_seconds"),
+        "{}",
+        agent.log_text()
+    );
+}
