@@ -383,3 +383,79 @@ fn a_stopped_brokers_listeners_are_released_with_their_series_after_the_grace_pe
         agent.log_text()
     );
 }
+
+#[test]
+fn after_ten_thousand_short_connections_each_on_its_own_thread_the_maps_hold_only_what_lives() {
+    if !privileged(
+        "after_ten_thousand_short_connections_each_on_its_own_thread_the_maps_hold_only_what_lives",
+    ) {
+        return;
+    }
+    const CONNECTIONS: u64 = 10_000;
+    const CLIENTS: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&discovery_config(dir.path(), ""));
+    agent.wait_ready();
+    let props = brokerscope_tests::broker_properties(dir.path(), "server.properties", "3");
+    let broker = FakeBroker::start(FakeBrokerSpec::new(&props));
+    wait_broker_running(&agent, "3", broker.pid);
+    let (name, port) = broker.listeners[0].clone();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let port = port.to_string();
+    let labels = [
+        ("broker", "3"),
+        ("listener", name.as_str()),
+        ("port", port.as_str()),
+    ];
+    let entries = |map: &str| agent.metric("brokerscope_map_entries", &[("map", map)]);
+    // The broker's own threads, each switched out once by now (counts refresh every second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let threads_before = entries("threads").expect("threads map");
+
+    // The fake broker serves each connection on a thread of its own, which exits at close:
+    // 10,000 threads born and dead, and 10,000 connections opened and closed.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for i in 0..CONNECTIONS / CLIENTS {
+                    let mut c =
+                        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    fake_request(&mut c, 1 + (i % 100) as u32, 1).expect("request");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client");
+    }
+    let done = |name: &str| find_sample(&agent.get("/metrics").1, name, &labels);
+    eventually("every connection closed", Duration::from_secs(20), || {
+        (done("brokerscope_connections_closed_total") == Some(CONNECTIONS as f64)).then_some(())
+    });
+    assert_eq!(
+        done("brokerscope_connections_accepted_total"),
+        Some(CONNECTIONS as f64)
+    );
+    assert_eq!(done("brokerscope_connections_active"), Some(0.0));
+    assert_eq!(entries("connections"), Some(0.0));
+    // Each thread's slot is freed by its last switch-out; the count is at most a second old.
+    let mut held = None;
+    let freed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        held = entries("threads");
+        held == Some(threads_before)
+    });
+    assert!(
+        freed,
+        "thread slots back to the live threads' {threads_before}: {held:?}"
+    );
+    assert_eq!(
+        agent.metric("brokerscope_map_evictions_total", &[("map", "threads")]),
+        Some(0.0)
+    );
+    eprintln!(
+        "{CONNECTIONS} connections on as many threads: connections map 0, threads map \
+         {threads_before} (the broker's live threads) before and after, no eviction"
+    );
+}
