@@ -459,3 +459,65 @@ fn after_ten_thousand_short_connections_each_on_its_own_thread_the_maps_hold_onl
          {threads_before} (the broker's live threads) before and after, no eviction"
     );
 }
+
+#[test]
+fn another_layouts_pins_are_removed_and_counting_starts_over_visibly() {
+    if !privileged("another_layouts_pins_are_removed_and_counting_starts_over_visibly") {
+        return;
+    }
+    let pins = PinDir::new();
+    let since = |agent: &Agent| {
+        agent.metric(
+            "brokerscope_counters_start_time_seconds",
+            &[("pinned", "true")],
+        )
+    };
+    let mut first = Agent::start_pinned("[probes]\nlisteners_capacity = 4096\n", pins.clone());
+    first.wait_ready();
+    let first_since = since(&first).expect("pinned counters");
+    let old = pins.layouts();
+    assert_eq!(old.len(), 1, "{old:?}");
+    assert!(first.terminate().success());
+    // As after an upgrade: the same pin directory, maps of another size.
+    std::thread::sleep(Duration::from_millis(50));
+    let second = Agent::start_pinned("[probes]\nlisteners_capacity = 2048\n", pins.clone());
+    second.wait_ready();
+    let line = second.wait_for_log("pinned maps and links of another layout");
+    assert!(line.contains(&old[0].display().to_string()), "{line}");
+    let now = pins.layouts();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, old);
+    assert!(
+        since(&second).expect("pinned counters") > first_since,
+        "the counters start over, visibly"
+    );
+    assert!(
+        !second.log_text().contains("adopting the pinned maps"),
+        "{}",
+        second.log_text()
+    );
+}
+
+#[test]
+fn a_pin_directory_off_bpffs_is_named_and_counting_goes_on_unpinned() {
+    if !privileged("a_pin_directory_off_bpffs_is_named_and_counting_goes_on_unpinned") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&format!(
+        "[probes]\npin_dir = \"{}\"\n",
+        dir.path().join("pins").display()
+    ));
+    agent.wait_ready();
+    let line = agent.wait_for_log("maps and links not pinned");
+    assert!(line.contains("is not on a BPF filesystem"), "{line}");
+    assert!(
+        agent
+            .metric(
+                "brokerscope_counters_start_time_seconds",
+                &[("pinned", "false")]
+            )
+            .is_some()
+    );
+    assert!(!dir.path().join("pins").exists());
+}
