@@ -439,6 +439,26 @@ pub fn patch_for(assignment: &str) -> Result<Value, ClientError> {
     Ok(value)
 }
 
+/// Adds `more` to the merge patch `patch`. Not a merge patch applied (that would delete the
+/// keys set to null): a null stays, meaning "back to the default" when the agent applies it.
+fn combine(patch: &mut Value, more: Value) {
+    match (patch, more) {
+        (Value::Object(into), Value::Object(more)) => {
+            for (key, value) in more {
+                match into.get_mut(&key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        combine(existing, value)
+                    }
+                    _ => {
+                        into.insert(key, value);
+                    }
+                }
+            }
+        }
+        (patch, more) => *patch = more,
+    }
+}
+
 /// Percent-encodes a query value.
 fn encode(v: &str) -> String {
     v.bytes()
@@ -537,7 +557,7 @@ pub async fn get(c: &Connection, what: What, broker: Option<&str>) -> Result<(),
 pub async fn set_config(c: &Connection, assignments: &[String]) -> Result<(), ClientError> {
     let mut patch = Value::Object(serde_json::Map::new());
     for a in assignments {
-        crate::control::config::merge_patch(&mut patch, &patch_for(a)?);
+        combine(&mut patch, patch_for(a)?);
     }
     let client = Client::new(c)?;
     let body = serde_json::to_vec(&patch).unwrap_or_default();
@@ -762,6 +782,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn assignments_combine_into_one_patch_that_keeps_nulls() {
+        let mut patch = json!({});
+        for a in [
+            "server.rate_limit_rps=null",
+            "server.access_log=debug",
+            "discovery.listener_ports=[9092]",
+            "server.access_log=null",
+        ] {
+            combine(&mut patch, patch_for(a).unwrap());
+        }
+        assert_eq!(
+            patch,
+            json!({
+                "server": {"rate_limit_rps": null, "access_log": null},
+                "discovery": {"listener_ports": [9092]}
+            })
+        );
+    }
 
     #[test]
     fn dotted_assignments_become_merge_patches() {

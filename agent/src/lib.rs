@@ -141,6 +141,13 @@ enum PkiCommand {
 pub fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command whose output goes to `head` ends quietly when the reader is gone, as Unix
+        // tools do (Rust ignores SIGPIPE, so a write would fail and printing would panic). The
+        // agent itself keeps ignoring it: a peer that goes away is an error to handle there.
+        // SAFETY: setting a signal's disposition to its default; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Pki {
@@ -314,6 +321,11 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
         "step 2/5: TLS material loaded (client certificates required)"
     );
 
+    // The port first: a busy one is said before anything is loaded (a crash-looping pod would
+    // otherwise load every program at each try).
+    let addr = config.server.listen_addr()?;
+    let listener = bind(addr).await?;
+
     let model = Arc::new(Model::default());
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
     // programs are detached before it returns: other threads keep the model alive until exit.
@@ -413,7 +425,6 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
     spawn_state_tracker(model.clone(), model.take_state_events());
     model.spawn_demand_thread();
 
-    let addr = config.server.listen_addr()?;
     // Discovered brokers' listeners, as configured ones were checked with the config.
     for b in model.brokers().iter().filter(|b| b.is_running()) {
         server::isolation::check_isolation(
@@ -422,9 +433,6 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
             &format!("the listeners of broker {} (pid {})", b.id, b.pid),
         )?;
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
     let local = listener
         .local_addr()
         .context("listener has no local address")?;
@@ -447,6 +455,24 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
 
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the endpoint; a busy port names its holder where /proc tells it.
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let holder = server::isolation::port_holder(addr.port())
+                .unwrap_or_else(|| "another process".to_string());
+            anyhow::bail!(
+                "cannot listen on {addr} (server.listen): the port is in use by {holder}; stop \
+                 it, or choose another port with server.listen (or BROKERSCOPE_SERVER_LISTEN)"
+            )
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("cannot listen on {addr} (server.listen)")))
+        }
+    }
 }
 
 /// Detaches and unloads every kernel program when dropped.

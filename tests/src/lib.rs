@@ -284,8 +284,17 @@ impl Agent {
         } else {
             "rate_limit_rps = 100000\nrate_limit_burst = 100000\n"
         };
+        // An `extra` naming its own address replaces the ephemeral one.
+        let listen = if extra
+            .lines()
+            .any(|l| l.starts_with("listen ") || l.starts_with("listen="))
+        {
+            ""
+        } else {
+            "listen = \"127.0.0.1:0\"\n"
+        };
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{limits}{extra}",
+            "[server]\n{listen}cert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{limits}{extra}",
             files.cert.display(),
             files.key.display(),
             files.client_ca.display(),

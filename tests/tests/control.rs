@@ -824,6 +824,112 @@ fn cli_exits_non_zero_with_a_clear_message_on_403() {
     );
 }
 
+#[test]
+fn cli_null_puts_a_key_back_to_its_default() {
+    if !privileged("cli_null_puts_a_key_back_to_its_default") {
+        return;
+    }
+    // The file leaves rate_limit_rps at its default.
+    let agent = Agent::start("rate_limit_burst = 1000\n");
+    let rps = |agent: &Agent| config(agent)["server"]["rate_limit_rps"].clone();
+    let default = rps(&agent);
+    assert_eq!(default, json!(20));
+    let (code, out, err) = cli(
+        &agent,
+        &agent.pki,
+        &[
+            "set",
+            "config",
+            "server.rate_limit_rps=7",
+            "server.access_log=debug",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(rps(&agent), json!(7));
+    let (code, out, err) = cli(
+        &agent,
+        &agent.pki,
+        &[
+            "set",
+            "config",
+            "server.rate_limit_rps=null",
+            "server.access_log=null",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("server.rate_limit_rps: 7 -> ") && !out.contains("nothing changed"),
+        "{out}"
+    );
+    assert_eq!(rps(&agent), default);
+    assert_eq!(config(&agent)["server"]["access_log"], json!("info"));
+}
+
+#[test]
+fn cli_output_cut_short_by_its_reader_ends_quietly() {
+    if !privileged("cli_output_cut_short_by_its_reader_ends_quietly") {
+        return;
+    }
+    let agent = Agent::start("");
+    // `brokerscope get metrics | head -2`: the reader goes after two lines.
+    let mut child = std::process::Command::new(brokerscope_tests::agent_bin())
+        .args(["get", "metrics", "--url"])
+        .arg(format!("https://localhost:{}", agent.port()))
+        .args(agent.client_args())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.starts_with('#'), "{first}");
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "nothing on stderr (no panic): {stderr}");
+    // Ended by SIGPIPE, as `cat` would be, or done before the reader went.
+    assert!(
+        out.status.success()
+            || std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(libc::SIGPIPE),
+        "{:?}",
+        out.status
+    );
+}
+
+#[test]
+fn a_log_level_that_is_not_one_is_refused_by_check_config_and_live() {
+    if !privileged("a_log_level_that_is_not_one_is_refused_by_check_config_and_live") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "loud.toml", "[log]\nlevel = \"loud\"\n");
+    let out = std::process::Command::new(brokerscope_tests::agent_bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("log.level") && stderr.contains("`loud` is neither a level"),
+        "{stderr}"
+    );
+    let agent = Agent::start("");
+    let (code, out, err) = cli(&agent, &agent.pki, &["set", "config", "log.level=loud"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("log.level") && err.contains("neither a level"),
+        "{err}"
+    );
+    // The agent still logs.
+    let (code, _) = agent.get("/ready");
+    assert_eq!(code, 200);
+    let (code, out, err) = cli(&agent, &agent.pki, &["logs", "--level", "info"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("step 5/5: listening"), "{out}");
+}
+
 /// Resident set of a process, bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

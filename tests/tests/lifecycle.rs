@@ -467,3 +467,32 @@ fn a_capability_without_any_hook_is_named_missing_and_the_rest_serves() {
     assert!(agent.attached("sched_switch_btf"));
     drop(b);
 }
+
+#[test]
+fn a_busy_port_is_found_first_and_its_holder_named() {
+    if !privileged("a_busy_port_is_found_first_and_its_holder_named") {
+        return;
+    }
+    use brokerscope_tests::{Pki, TlsFiles};
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let pki = Pki::new();
+    let files = TlsFiles::of(&pki);
+    let started = std::time::Instant::now();
+    let (status, log) = Agent::run_to_exit(pki, files, &format!("listen = \"127.0.0.1:{port}\"\n"));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (server.listen): the port is in use by pid {} (",
+            std::process::id()
+        )) && log.contains("server.listen (or BROKERSCOPE_SERVER_LISTEN)"),
+        "{log}"
+    );
+    // Before any program was loaded.
+    assert!(
+        !log.contains("step 3/5") && !log.contains(" attached "),
+        "{log}"
+    );
+    eprintln!("refused in {:?}", started.elapsed());
+    drop(holder);
+}

@@ -199,12 +199,8 @@ pub struct LogLevel {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogLevelError {
-    #[error("`{level}` is not a log level or filter: {source}")]
-    Parse {
-        level: String,
-        #[source]
-        source: tracing_subscriber::filter::ParseError,
-    },
+    #[error("`{level}` is not a log level or filter: {reason}")]
+    Parse { level: String, reason: String },
     #[error("the log filter cannot be changed: {source}")]
     Reload {
         #[source]
@@ -217,10 +213,32 @@ pub enum LogLevelError {
 /// trimmed form, so it cut a multi-byte character (a panic, found by fuzzing) or read an ASCII
 /// target one byte off. It splits on every comma itself, so trimming around commas changes
 /// nothing else.
-pub fn parse_filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+///
+/// Stricter than `tracing`'s own parser, which takes any bare word as a target to enable at
+/// every level (so `loud` would silence the agent): a bare directive must be a level, anything
+/// else `target=level`.
+pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
     let directives: Vec<&str> = level.split(',').map(str::trim).collect();
-    EnvFilter::builder().parse(directives.join(","))
+    for d in &directives {
+        let level_of = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word));
+        let ok = match d.rsplit_once('=') {
+            Some((target, level)) => !target.is_empty() && level_of(level),
+            None => level_of(d),
+        };
+        if !ok {
+            return Err(format!(
+                "`{d}` is neither a level ({}) nor `target=level`",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    EnvFilter::builder()
+        .parse(directives.join(","))
+        .map_err(|e| e.to_string())
 }
+
+/// The levels a filter directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 impl LogLevel {
     pub fn new(handle: reload::Handle<EnvFilter, Registry>) -> Self {
@@ -235,9 +253,9 @@ impl LogLevel {
     }
 
     pub fn set(&self, level: &str) -> Result<(), LogLevelError> {
-        let filter = parse_filter(level).map_err(|source| LogLevelError::Parse {
+        let filter = parse_filter(level).map_err(|reason| LogLevelError::Parse {
             level: level.into(),
-            source,
+            reason,
         })?;
         match &self.handle {
             Some(handle) => handle
@@ -269,6 +287,18 @@ mod tests {
         // Found by fuzzing (config_file): a directive after `, ` whose target holds a
         // multi-byte character made tracing-subscriber slice inside it (a panic), and an ASCII
         // one was read one byte off (`, brokerscope=debug` named the target ` brokerscop`).
+        for bad in ["loud", "info,loud", "brokerscope=loud", "=info", ""] {
+            let e = parse_filter(bad).unwrap_err();
+            assert!(e.contains("neither a level"), "{bad}: {e}");
+        }
+        for good in [
+            "INFO",
+            "off",
+            "info,kernel=warn",
+            "brokerscope::server=trace",
+        ] {
+            assert!(parse_filter(good).is_ok(), "{good}");
+        }
         let f = parse_filter("warn, brokerscope=debug").unwrap();
         assert_eq!(f.to_string(), "brokerscope=debug,warn");
         assert!(parse_filter(" é=info").is_ok());

@@ -57,3 +57,71 @@ mod tests {
         );
     }
 }
+
+/// Who listens on TCP `port` in the agent's network namespace, as `pid <pid> (<comm>)`, from
+/// `/proc/net/tcp{,6}` (the listening socket's inode) and the processes' descriptors; None if
+/// /proc does not tell (another user's process without the privilege to read its fds).
+pub fn port_holder(port: u16) -> Option<String> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| listening_inode(line, port))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+        });
+        if holds {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            return Some(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    None
+}
+
+/// The inode of a `/proc/net/tcp` line's socket if it listens (state 0A) on `port`.
+fn listening_inode(line: &str, port: u16) -> Option<String> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+    let state = fields.get(3)?;
+    let inode = fields.get(9)?;
+    (u16::from_str_radix(local_port, 16).ok()? == port && *state == "0A").then(|| inode.to_string())
+}
+
+#[cfg(test)]
+mod holder_tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_of_a_port_is_named() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let holder = port_holder(port).expect("this process listens");
+        assert!(
+            holder.starts_with(&format!("pid {} (", std::process::id())),
+            "{holder}"
+        );
+        drop(listener);
+        assert_eq!(port_holder(port), None);
+    }
+}
