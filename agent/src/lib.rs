@@ -169,18 +169,7 @@ pub fn main() -> ExitCode {
         })
         .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
         Command::Cleanup { config } => cleanup(config.as_deref()),
-        Command::CheckConfig { file } => match Config::load(Some(&file), std::env::vars()) {
-            Ok(config) => {
-                print!("{}", config.to_toml());
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(key) = e.key() {
-                    eprintln!("offending key: {key}");
-                }
-                Err(e.into())
-            }
-        },
+        Command::CheckConfig { file } => check_config(&file),
         Command::Get {
             what,
             broker,
@@ -221,6 +210,40 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `brokerscope check-config FILE`: everything `run` would refuse, before it loads anything:
+/// the keys, the TLS files (readable, a certificate and its key, a CA bundle that parses, valid
+/// now) and the port. Prints the effective configuration when all is well.
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = match Config::load(Some(file), std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            if let Some(key) = e.key() {
+                eprintln!("offending key: {key}");
+            }
+            return Err(e.into());
+        }
+    };
+    server::tls::load(&config.server, server::tls::unix_now())?;
+    let addr = config.server.listen_addr()?;
+    if let Err(e) = std::net::TcpListener::bind(addr) {
+        let holder = server::isolation::port_holder(addr.port());
+        match holder {
+            // The agent this config is for, most likely: `run` would wait for it to stop.
+            Some(h) if h.ends_with("(brokerscope)") => {
+                eprintln!("note: {addr} (server.listen) is in use by {h}, a running agent")
+            }
+            _ => anyhow::bail!(
+                "server.listen: cannot listen on {addr}: {e}{}",
+                holder
+                    .map(|h| format!(" (in use by {h})"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    print!("{}", config.to_toml());
+    Ok(())
 }
 
 /// `brokerscope cleanup`: removes what the agent pinned under `probes.pin_dir`.

@@ -322,20 +322,69 @@ fn check_config_names_the_offending_key() {
         "{stderr}"
     );
 
-    let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[server]\nlisten = \"127.0.0.1:9443\"\n").unwrap();
-    let out = Command::new(agent_bin())
-        .args(["check-config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // It checks the TLS files as `run` would: missing, then a key of another certificate.
+    let pki = brokerscope_tests::Pki::new();
+    let other = brokerscope_tests::Pki::new();
+    let port = brokerscope_tests::free_port();
+    let tls = |cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        )
+    };
+    let check = |text: String| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(agent_bin())
+            .args(["check-config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = dir.path().join("missing-ca.crt");
+    let (ok, _, stderr) = check(tls(&pki.path("tls.crt"), &pki.path("tls.key"), &missing));
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "error: server.client_ca_file: cannot read {}: No such file or directory (os error 2) \
+             (for a local try, `brokerscope pki dev --out DIR` makes a CA, a server and a client \
+             certificate; point server.cert_file, key_file and client_ca_file at them)",
+            missing.display()
+        )
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("listen = \"127.0.0.1:9443\""), "{stdout}");
+    let (ok, _, stderr) = check(tls(
+        &pki.path("tls.crt"),
+        &other.path("tls.key"),
+        &pki.path("ca.crt"),
+    ));
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "error: server.key_file: the key in {} is not the key of the certificate in {} \
+             (server.cert_file)",
+            other.path("tls.key").display(),
+            pki.path("tls.crt").display()
+        )
+    );
+    let (ok, stdout, stderr) = check(tls(
+        &pki.path("tls.crt"),
+        &pki.path("tls.key"),
+        &pki.path("ca.crt"),
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("listen = \"127.0.0.1:{port}\"")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("rate_limit_rps = 20"),
         "defaults are printed too: {stdout}"

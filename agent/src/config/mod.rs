@@ -177,17 +177,120 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("config key `{key}`: {message}")]
-    Type { key: String, message: String },
-    #[error("config key `{key}` is invalid: {reason}")]
-    Invalid { key: String, reason: String },
+    #[error("config key `{key}`{}: {message}", at_text(at))]
+    Type {
+        key: String,
+        message: String,
+        /// Where the value came from (file line, environment variable), when known.
+        at: Option<String>,
+    },
+    #[error("config key `{key}`{} is invalid: {reason}", at_text(at))]
+    Invalid {
+        key: String,
+        reason: String,
+        at: Option<String>,
+    },
+    #[error(
+        "{} problems in the configuration:\n{}",
+        errors.len(),
+        errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n")
+    )]
+    Several { errors: Vec<ConfigError> },
+}
+
+fn at_text(at: &Option<String>) -> String {
+    at.as_ref().map(|a| format!(" ({a})")).unwrap_or_default()
+}
+
+/// Where the values of a loaded configuration came from, to name them in errors.
+#[derive(Default)]
+struct Sources {
+    /// The file and its text.
+    file: Option<(PathBuf, String)>,
+    /// Dotted key → the environment variable that set it.
+    env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    fn of(&self, key: &str) -> Option<String> {
+        if let Some(var) = self.env.get(key) {
+            return Some(format!("environment variable {var}"));
+        }
+        let (path, text) = self.file.as_ref()?;
+        let (section, name) = key.split_once('.')?;
+        let mut current = "";
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if let Some(header) = line.strip_prefix('[') {
+                current = header.split(']').next().unwrap_or("").trim();
+                continue;
+            }
+            let is_key = line
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+            if current == section && is_key {
+                return Some(format!("{} line {}", path.display(), i + 1));
+            }
+        }
+        None
+    }
+
+    /// `e` with where its key's value came from.
+    fn locate(&self, mut e: ConfigError) -> ConfigError {
+        if let ConfigError::Type { key, at, .. } | ConfigError::Invalid { key, at, .. } = &mut e
+            && at.is_none()
+        {
+            *at = self.of(key);
+        }
+        e
+    }
+}
+
+/// A serde message in plain words: `invalid type: string "fifty", expected u32` becomes
+/// `expected a whole number from 0 to 4294967295, got the string "fifty"`.
+fn plain(message: &str) -> String {
+    // The TOML deserializer adds lines naming the key, which the error names already.
+    let message = message.lines().next().unwrap_or(message).trim();
+    let expected = |what: &str| match what.trim() {
+        "u16" => "a whole number from 0 to 65535".to_string(),
+        "u32" => "a whole number from 0 to 4294967295".to_string(),
+        "u64" => "a whole number from 0".to_string(),
+        "a sequence" => "a list, such as [\"a\", \"b\"]".to_string(),
+        other if other.starts_with("struct ") => "a table".to_string(),
+        other => other.to_string(),
+    };
+    let got = |what: &str| {
+        what.replacen("string ", "the string ", 1)
+            .replacen("integer ", "the number ", 1)
+            .replace('`', "")
+    };
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((what, wanted)) = message
+            .strip_prefix(prefix)
+            .and_then(|r| r.rsplit_once(", expected "))
+        {
+            return format!("expected {}, got {}", expected(wanted), got(what));
+        }
+    }
+    if let Some((field, keys)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once("`, expected "))
+    {
+        let keys = keys
+            .strip_prefix("one of ")
+            .unwrap_or(keys)
+            .replace('`', "");
+        return format!("there is no key `{field}` here; the keys are {keys}");
+    }
+    message.to_string()
 }
 
 impl ConfigError {
-    /// The dotted key the error is about, when there is one.
+    /// The dotted key the error is about (the first one's, of several), when there is one.
     pub fn key(&self) -> Option<&str> {
         match self {
             ConfigError::Type { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Several { errors } => errors.first().and_then(ConfigError::key),
             _ => None,
         }
     }
@@ -196,6 +299,16 @@ impl ConfigError {
         ConfigError::Invalid {
             key: key.into(),
             reason: reason.into(),
+            at: None,
+        }
+    }
+
+    /// One error, or all of them.
+    fn all(mut errors: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several { errors }),
         }
     }
 }
@@ -206,22 +319,26 @@ impl Config {
         path: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let mut sources = Sources::default();
         let mut table = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.into(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
+                let table = text
+                    .parse::<toml::Table>()
                     .map_err(|e| ConfigError::Syntax {
                         path: path.into(),
                         message: e.to_string(),
-                    })?
+                    })?;
+                sources.file = Some((path.into(), text));
+                table
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
-        Config::from_table(table)
+        sources.env = apply_env(&mut table, env)?;
+        Config::from_table_at(table, &sources)
     }
 
     /// Parses a TOML text (no environment), validating it.
@@ -236,24 +353,66 @@ impl Config {
         Config::from_table(table)
     }
 
+    #[cfg(test)]
     fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Type {
-                    key: e.path().to_string(),
-                    message: e.into_inner().to_string(),
-                }
-            })?;
-        config.validate()?;
-        Ok(config)
+        Config::from_table_at(table, &Sources::default())
     }
 
-    /// Checks every value; the first offending key is named.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        match self.validate_all().into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
+    /// Every key checked on its own (its type, whether it exists), then the whole: every
+    /// error at once, each with where its value came from.
+    fn from_table_at(table: toml::Table, sources: &Sources) -> Result<Config, ConfigError> {
+        let deserialize = |t: toml::Table| {
+            serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(t)).map_err(|e| {
+                ConfigError::Type {
+                    key: e.path().to_string(),
+                    message: plain(&e.into_inner().to_string()),
+                    at: None,
+                }
+            })
+        };
+        let mut errors = Vec::new();
+        let mut good = toml::Table::new();
+        for (section, value) in table {
+            let toml::Value::Table(keys) = value else {
+                let mut one = toml::Table::new();
+                one.insert(section.clone(), value);
+                errors.extend(deserialize(one).err());
+                continue;
+            };
+            let mut kept = toml::Table::new();
+            for (key, value) in keys {
+                let mut inner = toml::Table::new();
+                inner.insert(key.clone(), value.clone());
+                let mut one = toml::Table::new();
+                one.insert(section.clone(), toml::Value::Table(inner));
+                match deserialize(one) {
+                    Ok(_) => {
+                        kept.insert(key, value);
+                    }
+                    // An unknown section: said once, not once per key.
+                    Err(e) if e.key() == Some(section.as_str()) => {
+                        errors.push(e);
+                        break;
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            good.insert(section, toml::Value::Table(kept));
         }
+        let config = deserialize(good)?;
+        let typed: Vec<String> = errors
+            .iter()
+            .filter_map(|e| e.key().map(str::to_string))
+            .collect();
+        // The keys refused above are at their defaults here: their value errors are moot.
+        errors.extend(
+            config
+                .validate_all()
+                .into_iter()
+                .filter(|e| e.key().is_none_or(|k| !typed.iter().any(|t| t == k))),
+        );
+        ConfigError::all(errors.into_iter().map(|e| sources.locate(e)).collect())?;
+        Ok(config)
     }
 
     /// Checks every value and names every offending key (live config answers them all).
@@ -447,10 +606,12 @@ impl ServerConfig {
 
 /// Applies `BROKERSCOPE_<SECTION>_<KEY>=value` overrides. The value is read as a TOML value
 /// (`5`, `true`, `["a", "b"]`) and, when it is not one, as a plain string (`0.0.0.0:8443`).
+/// Applies the `BROKERSCOPE_<SECTION>_<KEY>` variables; which variable set each dotted key.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut set = BTreeMap::new();
     let overrides: BTreeMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -478,6 +639,7 @@ fn apply_env(
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match section_table {
             toml::Value::Table(t) => {
+                set.insert(format!("{section}.{key}"), var.clone());
                 t.insert(key, value);
             }
             _ => {
@@ -485,7 +647,7 @@ fn apply_env(
             }
         }
     }
-    Ok(())
+    Ok(set)
 }
 
 #[cfg(test)]

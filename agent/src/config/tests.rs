@@ -274,3 +274,50 @@ fn a_log_level_with_blanks_before_a_multibyte_target_is_checked_not_a_panic() {
     let e = Config::from_toml("[log]\nlevel = \" é=nonsense\"\n").unwrap_err();
     assert_eq!(e.key(), Some("log.level"));
 }
+
+#[test]
+fn every_bad_value_is_reported_at_once_with_its_line_in_plain_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[server]\nrate_limit_rps = \"fifty\"\nlisten = \"nowhere\"\n\n[probes]\nconnections_capacity = 1\nwatch_all_listeners = \"yes\"\n[log]\nlevel = \"loud\"\n",
+    )
+    .unwrap();
+    let err = Config::load(
+        Some(&path),
+        env(&[("BROKERSCOPE_SERVER_LISTN", "0.0.0.0:1")]),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    let ConfigError::Several { errors } = &err else {
+        panic!("{text}");
+    };
+    let keys: Vec<&str> = errors.iter().filter_map(ConfigError::key).collect();
+    for key in [
+        "server.rate_limit_rps",
+        "server.listen",
+        "server.listn",
+        "probes.connections_capacity",
+        "probes.watch_all_listeners",
+        "log.level",
+    ] {
+        assert!(keys.contains(&key), "{key} missing: {text}");
+    }
+    assert_eq!(errors.len(), 6, "{text}");
+    let file = path.display().to_string();
+    for expected in [
+        format!("`server.rate_limit_rps` ({file} line 2): expected a whole number from 0 to 4294967295, got the string \"fifty\""),
+        format!("`server.listen` ({file} line 3) is invalid"),
+        "`server.listn` (environment variable BROKERSCOPE_SERVER_LISTN): there is no key `listn` here; the keys are listen,".to_string(),
+        format!("`probes.connections_capacity` ({file} line 6) is invalid"),
+        format!("`probes.watch_all_listeners` ({file} line 7): expected a boolean, got the string \"yes\""),
+        format!("`log.level` ({file} line 9) is invalid"),
+    ] {
+        assert!(text.contains(&expected), "{expected}\nnot in\n{text}");
+    }
+    assert!(
+        text.starts_with("6 problems in the configuration:\n"),
+        "{text}"
+    );
+}

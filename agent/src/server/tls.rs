@@ -14,28 +14,31 @@ use rustls::{
 
 use crate::config::ServerConfig as ServerSection;
 
+/// Why TLS material was refused. Each names the config key of the file at fault, and says
+/// once why (no error here has a `source`: what the cause says is in the message).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{key}: cannot read {path}: {error}{}", missing_hint(error))]
     Read {
+        key: &'static str,
         path: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path} holds no PEM {what}")]
-    Empty { path: String, what: &'static str },
-    #[error("client CA bundle {path}: {source}")]
-    Ca {
+    #[error("{key}: {path} holds no PEM {what}")]
+    Empty {
+        key: &'static str,
         path: String,
-        #[source]
-        source: rustls::Error,
+        what: &'static str,
     },
-    #[error("client certificate verifier: {0}")]
-    Verifier(#[source] rustls::server::VerifierBuilderError),
-    #[error("server certificate {path} cannot be parsed: {reason}")]
+    #[error("server.client_ca_file: a CA in {path} is not usable: {error}")]
+    Ca { path: String, error: rustls::Error },
+    #[error("server.client_ca_file: the client certificate verifier refused the CAs: {0}")]
+    Verifier(rustls::server::VerifierBuilderError),
+    #[error("server.cert_file: {path} is not an X.509 certificate: {reason}")]
     Parse { path: String, reason: String },
     #[error(
-        "server certificate {path} is not valid now: valid from {not_before} until {not_after} (Unix seconds), now {now}"
+        "server.cert_file: the certificate in {path} is not valid now: valid from {} until {}, now {}",
+        rfc3339(*not_before), rfc3339(*not_after), rfc3339(*now)
     )]
     Validity {
         path: String,
@@ -43,32 +46,67 @@ pub enum TlsError {
         not_after: i64,
         now: i64,
     },
-    #[error("server certificate {cert} and key {key} do not form a usable pair: {source}")]
+    #[error("{}", pair_message(cert, key, error))]
     Pair {
         cert: String,
         key: String,
-        #[source]
-        source: rustls::Error,
+        error: rustls::Error,
     },
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+/// For a file that does not exist: how to make a set to try the agent with.
+fn missing_hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        " (for a local try, `brokerscope pki dev --out DIR` makes a CA, a server and a client \
+         certificate; point server.cert_file, key_file and client_ca_file at them)"
+    } else {
+        ""
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{unix} (Unix seconds)"))
+}
+
+fn pair_message(cert: &str, key: &str, error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "server.key_file: the key in {key} is not the key of the certificate in {cert} \
+             (server.cert_file)"
+        ),
+        other => format!(
+            "server.cert_file and server.key_file: {cert} and {key} cannot be used together: \
+             {other}"
+        ),
+    }
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::Read {
+        key,
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
+fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(key, path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
+        .map_err(|error| TlsError::Read {
+            key,
             path: path.display().to_string(),
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
+            key,
             path: path.display().to_string(),
             what: "certificate",
         });
@@ -76,14 +114,17 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    const KEY: &str = "server.key_file";
+    let pem = read(KEY, path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read {
+        .map_err(|error| TlsError::Read {
+            key: KEY,
             path: path.display().to_string(),
-            source,
+            error,
         })?
         .ok_or_else(|| TlsError::Empty {
+            key: KEY,
             path: path.display().to_string(),
             what: "private key",
         })
@@ -141,21 +182,21 @@ pub fn unix_now() -> i64 {
 pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    for ca in certs(&section.client_ca_file)? {
-        roots.add(ca).map_err(|source| TlsError::Ca {
+    for ca in certs("server.client_ca_file", &section.client_ca_file)? {
+        roots.add(ca).map_err(|error| TlsError::Ca {
             path: section.client_ca_file.display().to_string(),
-            source,
+            error,
         })?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
-    let pair_err = |source| TlsError::Pair {
+    let pair_err = |error| TlsError::Pair {
         cert: section.cert_file.display().to_string(),
         key: section.key_file.display().to_string(),
-        source,
+        error,
     };
-    let chain = certs(&section.cert_file)?;
+    let chain = certs("server.cert_file", &section.cert_file)?;
     let leaf = LeafInfo::read(&section.cert_file, &chain[0])?;
     if now < leaf.not_before || now > leaf.not_after {
         return Err(TlsError::Validity {
@@ -169,7 +210,7 @@ pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(pair_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key(&section.key_file)?)
+        .with_single_cert(chain, private_key(&section.key_file)?)
         .map_err(pair_err)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
