@@ -47,6 +47,8 @@ struct Status {
     probe_error: Option<String>,
     attached: Vec<Attachment>,
     degraded: Vec<String>,
+    /// The verifier's log of each program it refused (diagnostics only: many lines each).
+    verifier_logs: Vec<(&'static str, String)>,
     missing: Vec<String>,
     standby: Vec<String>,
     fsync_cover: crate::probes::FsyncCover,
@@ -152,6 +154,11 @@ impl Model {
             let mut status = self.status_mut();
             status.attached = probes.attached().to_vec();
             status.degraded = probes.degraded().iter().map(|d| d.describe()).collect();
+            status.verifier_logs = probes
+                .degraded()
+                .iter()
+                .filter_map(|d| Some((d.program.name(), d.verifier_log.clone()?)))
+                .collect();
             status.missing = probes.missing();
             status.fsync_cover = probes.fsync_cover();
             status.standby = probes
@@ -294,6 +301,11 @@ impl Model {
             standby,
             stalled,
         }
+    }
+
+    /// The verifier's log of each program it refused, for the diagnostics bundle.
+    pub fn verifier_logs(&self) -> Vec<(&'static str, String)> {
+        self.status().verifier_logs.clone()
     }
 
     /// A snapshot for a request that arrived at `arrived`, shared with concurrent requests

@@ -453,6 +453,22 @@ fn diagnostics_bundle_holds_everything_asked_for() {
     assert_eq!(d["kernel"]["facts"]["btf"], "/sys/kernel/btf/vmlinux");
     assert_eq!(d["readiness"]["ready"], true, "{}", d["readiness"]);
     assert_eq!(d["readiness"]["reasons"], json!([]), "{}", d["readiness"]);
+    // A program the verifier refused: one line in /ready, its whole log here.
+    let refused: Vec<&str> = d["readiness"]["degraded"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|line| line.as_str())
+        .filter(|line| line.contains("the kernel's verifier refused it"))
+        .filter_map(|line| line.split(' ').next())
+        .collect();
+    let logged: Vec<&str> = d["verifier_logs"]
+        .as_array()
+        .expect("verifier_logs")
+        .iter()
+        .filter_map(|v| v["program"].as_str())
+        .collect();
+    assert_eq!(refused, logged, "{}", d["verifier_logs"]);
     assert_eq!(
         d["bpf_stats"],
         json!({"enabled_for_ms": 1000, "error": null})

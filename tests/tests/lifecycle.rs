@@ -46,6 +46,11 @@ fn ready_reports_attached_probes_and_sigterm_leaves_them_pinned_until_cleanup() 
                 .collect()
         })
         .unwrap_or_default();
+    // One line each, however long the verifier's log (it is in the diagnostics bundle).
+    for d in ready["degraded"].as_array().into_iter().flatten() {
+        let d = d.as_str().unwrap();
+        assert!(!d.contains('\n') && d.len() < 1000, "{d}");
+    }
     refused.sort_unstable();
     expected_refused.sort_unstable();
     assert_eq!(refused, expected_refused, "refused programs: {body}");

@@ -112,6 +112,11 @@ pub fn capture(model: &Model, control: &Control) -> Value {
             "facts": model.kernel(),
         },
         "readiness": snapshot.readiness,
+        "verifier_logs": model
+            .verifier_logs()
+            .into_iter()
+            .map(|(program, log)| json!({"program": program, "log": log}))
+            .collect::<Vec<_>>(),
         "bpf_stats": {
             "enabled_for_ms": if stats_error.is_none() { STATS_WINDOW.as_millis() as u64 } else { 0 },
             "error": stats_error,

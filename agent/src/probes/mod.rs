@@ -167,7 +167,10 @@ pub struct Attachment {
 #[derive(Clone, Debug)]
 pub struct Degraded {
     pub program: Program,
+    /// One line.
     pub error: String,
+    /// The kernel verifier's whole log, when it refused the program (for diagnostics).
+    pub verifier_log: Option<String>,
 }
 
 impl Degraded {
@@ -542,10 +545,12 @@ impl Probes {
                 Ok(None) => {}
                 Err(e) => {
                     let fallback = program.fallback();
-                    tracing::warn!(program = program.name(), error = %e, fallback, "program not attached");
+                    let (error, verifier_log) = one_line(&e);
+                    tracing::warn!(program = program.name(), %error, fallback, "program not attached");
                     degraded.push(Degraded {
                         program,
-                        error: e.to_string(),
+                        error,
+                        verifier_log,
                     });
                 }
             }
@@ -1044,6 +1049,46 @@ fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool)
         .collect()
 }
 
+/// `e` in one line, and the verifier's log apart when the verifier refused the program: the
+/// log is many lines (all of them go to the diagnostics bundle); its line that says why, with
+/// the statistics after it left out, is in the summary.
+fn one_line(e: &ProbesError) -> (String, Option<String>) {
+    if let ProbesError::Program {
+        program,
+        hook,
+        source,
+    } = e
+        && let aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } = source.as_ref()
+    {
+        let log = verifier_log.to_string();
+        let why = verifier_reason(&log);
+        let summary = format!(
+            "cannot load program {program} for {hook}: the kernel's verifier refused it \
+             ({io_error}): {why} (its whole log is in the diagnostics bundle)"
+        );
+        return (summary, Some(log));
+    }
+    let text = e.to_string();
+    (text.lines().collect::<Vec<_>>().join(" | "), None)
+}
+
+/// The line of a verifier log that says why: its last one but the statistics.
+fn verifier_reason(log: &str) -> &str {
+    log.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !["verification time", "stack depth", "processed "]
+                    .iter()
+                    .any(|s| l.starts_with(s))
+        })
+        .next_back()
+        .unwrap_or("the verifier logged nothing")
+}
+
 /// Opens the pin directory of `layout` under `base` (`None`: pinning is off, or the directory
 /// cannot be used, which is logged: counting then starts over with each agent).
 fn open_pins(base: &Path, layout: pins::Layout) -> Option<pins::Pins> {
@@ -1477,10 +1522,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_verifier_log_is_summed_up_by_its_reason() {
+        // The tail of Debian 6.12's refusal of process_exit_btf (a tp_btf argument it lacks).
+        let log = "90: (63) *(u32 *)(r0 +0) = r1\n91: (79) r1 = *(u64 *)(r6 +8)\n\
+                   func 'sched_process_exit' doesn't have 2-th argument\n\
+                   invalid bpf_context access off=8 size=8\nverification time 4884 usec\n\
+                   stack depth 8\nprocessed 87 insns (limit 1000000) max_states_per_insn 0\n";
+        assert_eq!(
+            verifier_reason(log),
+            "invalid bpf_context access off=8 size=8"
+        );
+        assert_eq!(verifier_reason(""), "the verifier logged nothing");
+    }
+
+    #[test]
     fn a_capability_is_missing_only_when_none_of_its_programs_serves() {
         let refused = |program| Degraded {
             program,
             error: "EPERM".into(),
+            verifier_log: None,
         };
         let degraded = [
             refused(Program::SockStateBtf),
@@ -1506,6 +1566,7 @@ mod tests {
             let d = Degraded {
                 program: p,
                 error: "EPERM".into(),
+                verifier_log: None,
             };
             let line = d.describe();
             assert!(!line.contains("no fallback"), "{line}");
