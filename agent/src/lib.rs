@@ -280,20 +280,27 @@ struct Logging {
     from_env: bool,
 }
 
-fn init_logging() -> Logging {
+fn init_logging(format: config::LogFormat) -> Logging {
     use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
     let from_env = env.is_some();
     let filter = env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let ring = Arc::new(control::logs::LogRing::default());
+    let json = format == config::LogFormat::Json;
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with((!json).then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        }))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_current_span(false)
+        }))
         .with(control::logs::RingLayer(ring.clone()))
         .init();
     Logging {
@@ -315,18 +322,23 @@ fn client_run(
 }
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let logging = init_logging();
+    // The configuration first: it says how to log. Its errors go to stderr as they are.
+    let config = Config::load(config_path.as_deref(), std::env::vars())?;
+    let logging = init_logging(config.log.format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("brokerscope")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_async(config_path, logging))
+    runtime.block_on(run_async(config_path, config, logging))
 }
 
-async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Result<()> {
-    let config = Config::load(config_path.as_deref(), std::env::vars())?;
+async fn run_async(
+    config_path: Option<PathBuf>,
+    config: Config,
+    logging: Logging,
+) -> anyhow::Result<()> {
     if !logging.from_env {
         logging.level.set(&config.log.level)?;
     }

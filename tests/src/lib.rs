@@ -326,6 +326,14 @@ impl Agent {
                 if let Some(addr) = line.split("listening addr=").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
+                // `log.format = "json"`: the same event as an object.
+                if line.starts_with('{')
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["fields"]["message"] == "step 5/5: listening"
+                    && let Some(addr) = v["fields"]["addr"].as_str()
+                {
+                    let _ = tx.send(addr.to_string());
+                }
                 sink.lock().unwrap().push(line);
             }
         });

@@ -550,3 +550,24 @@ fn a_busy_port_is_found_first_and_its_holder_named() {
     eprintln!("refused in {:?}", started.elapsed());
     drop(holder);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_stable_fields() {
+    if !privileged("json_logs_are_one_object_per_line_with_stable_fields") {
+        return;
+    }
+    let agent = Agent::start("[log]\nformat = \"json\"\n");
+    agent.wait_ready();
+    let log = agent.log_text();
+    let mut steps = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(v[field].is_string(), "{field} in {line}");
+        }
+        let message = v["fields"]["message"].as_str().expect("fields.message");
+        steps += usize::from(message.starts_with("step "));
+    }
+    assert!(steps >= 5, "{log}");
+}

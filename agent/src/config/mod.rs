@@ -26,6 +26,20 @@ pub struct Config {
 pub struct LogConfig {
     /// A level (`error`, `warn`, `info`, `debug`, `trace`) or a `tracing` filter directive.
     pub level: String,
+    /// How lines are written to stderr (restart to change).
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// For people: time, level, target, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line for log shippers: `timestamp`, `level`, `target`, `fields`
+    /// (with `message`), and `span`/`spans` where there are spans.
+    Json,
 }
 
 impl Default for LogConfig {
@@ -33,6 +47,7 @@ impl Default for LogConfig {
         // What an operator reads: startup steps, brokers found and lost, warnings.
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::{
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),
 /// and kernel map sizes (fixed at load).
-pub const RESTART_KEYS: [&str; 9] = [
+pub const RESTART_KEYS: [&str; 10] = [
     "server.listen",
     "server.cert_file",
     "server.key_file",
@@ -36,6 +36,7 @@ pub const RESTART_KEYS: [&str; 9] = [
     "probes.disabled_programs",
     "probes.pin_dir",
     "probes.listener_release_seconds",
+    "log.format",
 ];
 
 /// Deepest JSON nesting a patch may have (the config is two levels deep).
