@@ -7,6 +7,7 @@
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
 //! `check-config` validates a config file and prints the effective configuration.
 
+mod capabilities;
 mod client;
 mod config;
 mod control;
@@ -58,7 +59,7 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig { file: PathBuf },
-    /// Read from a running agent: brokers, state, metrics, diagnostics, config.
+    /// Read from a running agent: health, ready, brokers, state, metrics, diagnostics, config.
     Get {
         what: client::What,
         /// One broker (brokers, state).
@@ -278,6 +279,15 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
         "step 2/5: TLS material loaded (client certificates required)"
     );
 
+    // Each capability withheld is named once, with what it costs, before anything fails on it.
+    let missing_caps = match capabilities::effective() {
+        Some(effective) => capabilities::missing(effective),
+        None => Vec::new(),
+    };
+    for (capability, lost) in &missing_caps {
+        tracing::warn!(%capability, lost, "missing capability");
+    }
+
     let model = Arc::new(Model::default());
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
     // programs are detached before it returns: other threads keep the model alive until exit.
@@ -310,13 +320,22 @@ async fn run_async(config_path: Option<PathBuf>, logging: Logging) -> anyhow::Re
                 }
                 Err(e) => {
                     let hint = if probes::is_permission_error(&e) {
-                        "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+                        let withheld: Vec<&str> = missing_caps
+                            .iter()
+                            .filter(|(c, _)| c.contains("CAP_BPF") || c.contains("CAP_PERFMON"))
+                            .map(|(c, _)| c.as_str())
+                            .collect();
+                        if withheld.is_empty() {
+                            "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)".to_string()
+                        } else {
+                            format!("the agent lacks {}", withheld.join(", and "))
+                        }
                     } else {
-                        "see the error for what this kernel lacks"
+                        "see the error for what this kernel lacks".to_string()
                     };
                     tracing::error!(
                         error = %format!("{e:#}"),
-                        hint,
+                        hint = %hint,
                         "step 4/5: probes not attached; serving with /ready at 503"
                     );
                     model.set_probe_error(e.to_string());
