@@ -9,9 +9,12 @@
 //! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root, then
 //!   every fuzz target for a few seconds each.
 //! - `fuzz`: the cargo-fuzz targets (fuzz/), each for a bounded time (docs/fuzzing.md).
+//! - `image`: the release binary as an OCI image archive under target/image (README, "Install
+//!   on Kubernetes").
 
 mod bench;
 mod fuzz;
+mod image;
 mod scrape;
 mod setup;
 mod vmtest;
@@ -65,6 +68,9 @@ enum Cmd {
         #[arg(long)]
         host_only: bool,
     },
+    /// Build the agent's OCI image (release binary and the shared objects it loads, nothing
+    /// else) as an OCI archive, by default target/image/brokerscope.oci.tar.
+    Image(image::Args),
     /// Build the fuzz targets (fuzz/, nightly) and run each for a bounded time; fails on a
     /// crash, naming the crashing input (docs/fuzzing.md).
     Fuzz(fuzz::Args),
@@ -107,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
         Cmd::Vmtest(args) => vmtest::main(&root, args),
         Cmd::Fuzz(args) => fuzz::main(&root, args),
+        Cmd::Image(args) => image::main(&root, args),
         Cmd::BenchBroker {
             case,
             fetch_file,
