@@ -3,6 +3,7 @@
 //!
 //! The binary comes from `BROKERSCOPE_TEST_BIN` (set by `cargo xtask test`) or target/debug.
 
+pub mod deploy;
 pub mod kernel;
 
 use std::{
