@@ -4,6 +4,7 @@
 //! The binary comes from `BROKERSCOPE_TEST_BIN` (set by `cargo xtask test`) or target/debug.
 
 pub mod deploy;
+pub mod image;
 pub mod kernel;
 
 use std::{
@@ -728,6 +729,8 @@ pub struct FakeBrokerSpec<'a> {
     /// Do not read the properties file (it may be a FIFO, a device, a link out): listen on
     /// nothing, as with a missing file.
     pub skip_properties: bool,
+    /// Run as this user and group id (as Strimzi runs Kafka, uid 1001), without capabilities.
+    pub uid: Option<u32>,
 }
 
 impl<'a> FakeBrokerSpec<'a> {
@@ -741,6 +744,7 @@ impl<'a> FakeBrokerSpec<'a> {
             options: &[],
             container: None,
             skip_properties: false,
+            uid: None,
         }
     }
 }
@@ -884,6 +888,11 @@ impl FakeBroker {
         }
         if spec.skip_properties {
             cmd.env("FAKE_BROKER_SKIP_PROPERTIES", "1");
+        }
+        if let Some(uid) = spec.uid {
+            use std::os::unix::process::CommandExt as _;
+            // std drops supplementary groups when root sets a uid.
+            cmd.uid(uid).gid(uid);
         }
         cmd.arg("kafka.Kafka").arg(spec.properties);
         for o in spec.overrides {
