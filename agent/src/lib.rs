@@ -251,6 +251,20 @@ fn client_run(
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let logging = init_logging();
+    // Before the runtime starts its threads: setns moves only the calling thread.
+    match kernel::join_host_cgroup_namespace() {
+        kernel::CgroupNamespace::Host => {}
+        kernel::CgroupNamespace::Joined { through } => tracing::info!(
+            through_pid = through,
+            "joined the node's cgroup namespace: the container's own would show brokers' \
+             cgroups as /.."
+        ),
+        kernel::CgroupNamespace::Kept(why) => tracing::warn!(
+            error = %why,
+            "cannot join the node's cgroup namespace; brokers in other cgroups read /.. and \
+             have no cgroup id (needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE)"
+        ),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -5,9 +5,9 @@
 //! when a test panics.
 //!
 //! Where the container runtime of a node adds something the pod spec does not say (proc, /dev,
-//! a read-only sysfs, masked /proc paths), the runtime's defaults are written out here. Two
-//! departures, both for this machine's kind: no cgroup namespace (its hybrid cgroup layout
-//! refuses one), and no `rlimits`/`resources` (refused here too; a pod's limits are the
+//! a read-only sysfs, masked /proc paths, a cgroup namespace of the container's own, as
+//! containerd gives on cgroup v2 nodes), the runtime's defaults are written out here. One
+//! departure: no `rlimits`/`resources` (refused on this machine's kind; a pod's limits are the
 //! kubelet's cgroup settings, which do not change what the agent can do).
 
 use std::{
@@ -275,6 +275,7 @@ pub fn runtime_config(
         json!({"type": "mount"}),
         json!({"type": "uts"}),
         json!({"type": "ipc"}),
+        json!({"type": "cgroup"}),
         json!({"type": "network", "path": format!("/var/run/netns/{netns}")}),
     ];
     if pod["hostPID"] != json!(true) {

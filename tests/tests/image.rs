@@ -399,6 +399,18 @@ fn the_image_runs_as_the_daemonset_says_counts_a_host_broker_and_rotates_its_cer
         serde_json::json!([]),
         "{found}"
     );
+    // From the container's own cgroup namespace every other cgroup reads /..: the agent joined
+    // the node's, so the broker's is the node's path, with its id.
+    pod.container
+        .wait_for_log("joined the node's cgroup namespace");
+    let cgroup = &found["cgroup"];
+    assert!(
+        cgroup["path"]
+            .as_str()
+            .is_some_and(|p| !p.starts_with("/.."))
+            && cgroup["id"].is_u64(),
+        "{found}"
+    );
 
     // Its traffic, to the byte: each request is a 9-byte header and its body up, the answer down.
     let port = broker.listeners[0].1;
