@@ -261,6 +261,8 @@ pub fn runtime_config(
 ) -> Value {
     let sc = &container["securityContext"];
     assert_eq!(sc["privileged"], json!(false), "{sc}");
+    // runc runs it without a seccomp filter: only what the DaemonSet says, Unconfined.
+    assert_eq!(sc["seccompProfile"]["type"], json!("Unconfined"), "{sc}");
     let mut args: Vec<Value> = container["command"].as_array().expect("command").clone();
     args.extend(container["args"].as_array().cloned().unwrap_or_default());
     let mut env = vec![json!("PATH=/usr/local/bin")];
