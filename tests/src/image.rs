@@ -474,6 +474,18 @@ impl RuncContainer {
         }
     }
 
+    /// The container's process, as `runc state` reports it.
+    pub fn pid(&self) -> u32 {
+        let out = crate::run_ok(
+            Command::new("runc")
+                .arg("--root")
+                .arg(self.state.path())
+                .args(["state", &self.id]),
+        );
+        let state: Value = serde_json::from_str(&out).expect("runc state prints JSON");
+        state["pid"].as_u64().expect("a pid") as u32
+    }
+
     /// `runc exec` of `args` in the container (as a kubelet exec probe runs): exit status,
     /// stdout and stderr.
     pub fn exec(&self, args: &[&str]) -> (bool, String) {

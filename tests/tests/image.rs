@@ -545,3 +545,59 @@ fn a_capability_withheld_from_the_daemonset_set_is_named() {
         "{errors}"
     );
 }
+
+/// Whatever a test leaves when it panics with a container running goes with its guards: the
+/// agent's process (and so its programs), the container's cgroups, the test's bpffs and the
+/// bundle.
+#[test]
+fn a_panicking_test_leaves_no_container_behind() {
+    if !privileged("a_panicking_test_leaves_no_container_behind") {
+        return;
+    }
+    let _serial = serial();
+    let brokers = tempfile::tempdir().unwrap();
+    let mut pod = Pod::start(brokers.path(), 215, None);
+    pod.container.wait_listening();
+    let pid = pod.container.pid();
+    let cgroups: Vec<std::path::PathBuf> = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let dir = match controllers {
+                "" => "unified".to_string(),
+                c => c.trim_start_matches("name=").to_string(),
+            };
+            Some(
+                Path::new("/sys/fs/cgroup")
+                    .join(dir)
+                    .join(path.trim_start_matches('/')),
+            )
+        })
+        .filter(|p| p.exists())
+        .collect();
+    assert!(!cgroups.is_empty(), "the container's cgroups are visible");
+    let bpffs = pod.bpffs.dir.path().to_path_buf();
+    let mounted = |dir: &Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&format!(" {} ", dir.display()))
+    };
+    assert!(mounted(&bpffs));
+
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _pod = pod;
+        panic!("a test failing with its container running");
+    }));
+    assert!(outcome.is_err());
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent (pid {pid}) outlived the test"
+    );
+    for dir in &cgroups {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+    assert!(!mounted(&bpffs), "{} is still mounted", bpffs.display());
+    assert!(!bpffs.exists(), "{} is left", bpffs.display());
+}
