@@ -305,7 +305,7 @@ fn host_broker(dir: &Path, id: &str) -> (FakeBroker, std::path::PathBuf) {
 }
 
 #[test]
-fn skopeo_takes_the_archive_and_its_labels_name_the_version() {
+fn skopeo_and_buildah_take_the_archive_and_its_labels_name_the_version() {
     let archive = brokerscope_tests::image::archive();
     assert!(
         archive.exists(),
@@ -338,6 +338,31 @@ fn skopeo_takes_the_archive_and_its_labels_name_the_version() {
         &format!("oci:{}:brokerscope", dest.path().display()),
     ]));
     assert!(dest.path().join("index.json").exists());
+
+    // buildah pulls it into a store of the test's own (vfs: no mounts to undo) under the name
+    // the index gives it.
+    let store = tempfile::tempdir().unwrap();
+    let buildah = |args: &[&str]| {
+        brokerscope_tests::run_ok(
+            Command::new("buildah")
+                .arg("--root")
+                .arg(store.path().join("root"))
+                .arg("--runroot")
+                .arg(store.path().join("run"))
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+        )
+    };
+    buildah(&["pull", "--quiet", &source]);
+    let name = format!("brokerscope:{}", env!("CARGO_PKG_VERSION"));
+    let labels = buildah(&[
+        "inspect",
+        "--format",
+        "{{index .OCIv1.Config.Labels \"org.opencontainers.image.version\"}}",
+        &name,
+    ]);
+    assert_eq!(labels.trim(), env!("CARGO_PKG_VERSION"));
+    buildah(&["rmi", "--all"]);
 
     // Nothing but the binary and what it loads: no shell, no package manager.
     let image = Image::unpack();

@@ -30,9 +30,11 @@ const TEST_PACKAGES: &[&str] = &[
     "xfsprogs",
     "btrfs-progs",
     // The image test runs the agent's OCI image the way the DaemonSet runs it (runc), checks
-    // that skopeo takes the archive; `cargo xtask image` strips the binary with objcopy.
+    // that skopeo and buildah take the archive; `cargo xtask image` strips the binary with
+    // objcopy.
     "runc",
     "skopeo",
+    "buildah",
     "binutils",
 ];
 
