@@ -146,7 +146,9 @@ struct Pod {
     _veth: brokerscope_tests::Veth,
     _netns: NetNs,
     bpffs: Bpffs,
-    _config: tempfile::TempDir,
+    config: SecretVolume,
+    /// The config as mounted (the ConfigMap's, discovery narrowed).
+    config_text: String,
     _image: Image,
 }
 
@@ -177,8 +179,8 @@ impl Pod {
                 regex::escape(&brokers.display().to_string())
             ),
         );
-        let config = tempfile::tempdir().unwrap();
-        std::fs::write(config.path().join("brokerscope.toml"), narrowed).unwrap();
+        // A ConfigMap volume is written as a Secret's is: `..data` swapped on every change.
+        let config = SecretVolume::new(&[("brokerscope.toml", narrowed.clone().into_bytes())]);
 
         let pki = Pki::new();
         let certificate =
@@ -211,7 +213,8 @@ impl Pod {
             _veth: veth,
             _netns: netns,
             bpffs,
-            _config: config,
+            config,
+            config_text: narrowed,
             _image: image,
         }
     }
@@ -530,6 +533,24 @@ fn the_image_runs_as_the_daemonset_says_counts_a_host_broker_and_rotates_its_cer
     );
     // The probes present the renewed certificate too.
     assert!(pod.probe("readinessProbe").0);
+
+    // An edit of the ConfigMap reaches the agent as a `..data` swap, and applies live.
+    let edited = pod
+        .config_text
+        .replace("[server]\n", "[server]\nrate_limit_rps = 50\n");
+    assert_ne!(edited, pod.config_text);
+    pod.config
+        .swap(&[("brokerscope.toml", edited.into_bytes())]);
+    eventually(
+        "the edited ConfigMap applied",
+        Duration::from_secs(10),
+        || {
+            let page = pod.get_ok("/metrics");
+            (find_sample(&page, "brokerscope_config_generation", &[]) == Some(1.0)).then_some(())
+        },
+    );
+    pod.container
+        .wait_for_log("key=server.rate_limit_rps old=20 new=50");
 
     // bpffs's own preloaded iterators, and nothing pinned that outlives the test's instance.
     eprintln!("bpffs entries at the end: {:?}", pod.bpffs.entries());
