@@ -115,10 +115,10 @@ impl Image {
     }
 }
 
-/// A directory laid out as the kubelet lays out a Secret (or ConfigMap) volume: the files in a timestamped
-/// directory, `..data` a symlink to it, and each key a symlink through `..data`. [`Self::swap`]
-/// updates it as the kubelet does: a new directory, `..data` replaced by rename, the old one
-/// removed.
+/// A directory laid out as the kubelet lays out a Secret (or ConfigMap) volume: the files in a
+/// timestamped directory, `..data` a symlink to it, and each key a symlink through `..data`.
+/// [`Self::swap`] updates it as the kubelet does: a new directory, `..data` replaced by
+/// rename, the old one removed.
 pub struct SecretVolume {
     pub dir: tempfile::TempDir,
     generation: u32,
