@@ -730,7 +730,11 @@ pub struct FakeBrokerSpec<'a> {
     /// nothing, as with a missing file.
     pub skip_properties: bool,
     /// Run as this user and group id (as Strimzi runs Kafka, uid 1001), without capabilities.
+    /// The binary must then be where that user can reach it: see `bin`.
     pub uid: Option<u32>,
+    /// The fake-broker binary to run instead of the one built with the tests (a copy in a
+    /// directory another user may enter: the workspace may be under a 0700 directory).
+    pub bin: Option<&'a Path>,
 }
 
 impl<'a> FakeBrokerSpec<'a> {
@@ -745,6 +749,7 @@ impl<'a> FakeBrokerSpec<'a> {
             container: None,
             skip_properties: false,
             uid: None,
+            bin: None,
         }
     }
 }
@@ -875,9 +880,10 @@ pub struct FakeBroker {
 impl FakeBroker {
     /// Starts it and waits (10 s at most) until it listens.
     pub fn start(spec: FakeBrokerSpec<'_>) -> Self {
-        let bin = match spec.container {
-            Some(_) => PathBuf::from("/.bs/fake-broker"),
-            None => fake_broker_bin(),
+        let bin = match (spec.container, spec.bin) {
+            (Some(_), _) => PathBuf::from("/.bs/fake-broker"),
+            (None, Some(bin)) => bin.to_path_buf(),
+            (None, None) => fake_broker_bin(),
         };
         let mut cmd = match spec.netns {
             Some(ns) => ns.command(&bin),

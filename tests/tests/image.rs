@@ -298,10 +298,14 @@ fn host_broker(dir: &Path, id: &str) -> (FakeBroker, std::path::PathBuf) {
         ),
     )
     .unwrap();
+    // Kafka's user may not be able to reach the workspace: a copy of the binary beside.
+    let bin = dir.join("fake-broker");
+    std::fs::copy(brokerscope_tests::fake_broker_bin(), &bin).unwrap();
     brokerscope_tests::run_ok(Command::new("chmod").args(["-R", "a+rX"]).arg(dir));
     let broker = FakeBroker::start(FakeBrokerSpec {
         hostname: Some("kafka-0"),
         uid: Some(KAFKA_UID),
+        bin: Some(&bin),
         ..FakeBrokerSpec::new(&props)
     });
     (broker, props)
