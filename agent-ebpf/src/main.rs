@@ -13,6 +13,7 @@
 
 mod fields;
 mod processes;
+mod records;
 mod resources;
 mod sockets;
 mod state;

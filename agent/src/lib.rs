@@ -59,6 +59,14 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// Remove the pinned kernel maps and links (uninstall): the programs detach and every
+    /// counter is gone. Run it after the agent stopped; a running agent keeps counting
+    /// unpinned until it stops.
+    Cleanup {
+        /// Config file naming `probes.pin_dir` (default: /sys/fs/bpf/brokerscope).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Read from a running agent: health, ready, brokers, state, metrics, diagnostics, config.
     Get {
         what: client::What,
@@ -132,6 +140,7 @@ enum PkiCommand {
 
 /// The command line: `brokerscope run | pki dev | check-config | get | set | events | logs`.
 pub fn main() -> ExitCode {
+    std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(config),
@@ -153,6 +162,7 @@ pub fn main() -> ExitCode {
             }
         })
         .with_context(|| format!("brokerscope pki dev --out {}", out.display())),
+        Command::Cleanup { config } => cleanup(config.as_deref()),
         Command::CheckConfig { file } => match Config::load(Some(&file), std::env::vars()) {
             Ok(config) => {
                 print!("{}", config.to_toml());
@@ -206,6 +216,32 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// `brokerscope cleanup`: removes what the agent pinned under `probes.pin_dir`.
+fn cleanup(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = Config::load(config, std::env::vars())?;
+    let base = &config.probes.pin_dir;
+    if base.as_os_str().is_empty() {
+        println!("probes.pin_dir is empty: the agent pins nothing, nothing to remove");
+        return Ok(());
+    }
+    let removed = probes::pins::cleanup(base)
+        .with_context(|| format!("cannot remove the pins under {}", base.display()))?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", base.display());
+    }
+    for path in removed {
+        println!(
+            "removed {} (its programs detached, its counters gone)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// When this process started (forced first thing in [`main`]).
+pub static STARTED: std::sync::LazyLock<std::time::SystemTime> =
+    std::sync::LazyLock::new(std::time::SystemTime::now);
 
 /// The agent's log: stderr and the in-memory ring behind `/v1/logs`, under one filter that
 /// `log.level` switches live. `RUST_LOG`, when set, is the filter until the config changes it.

@@ -480,8 +480,13 @@ impl Model {
     /// Tells the kernel programs which listeners to count and which pids' exits to report:
     /// those of running brokers.
     fn sync_kernel(&self) {
-        let (listeners, pids) = {
+        let (listeners, pids, records) = {
             let brokers = self.brokers_state();
+            let records: Vec<crate::discovery::Remembered> = brokers
+                .brokers
+                .iter()
+                .map(crate::discovery::Remembered::of)
+                .collect();
             let running = brokers.brokers.iter().filter(|b| b.is_running());
             let mut listeners = Vec::new();
             let mut pids = Vec::new();
@@ -491,13 +496,15 @@ impl Model {
                     listeners.extend(b.listeners.iter().map(|l| (netns, l.port)));
                 }
             }
-            (listeners, pids)
+            (listeners, pids, records)
         };
+        let records = serde_json::to_vec(&records).unwrap_or_default();
         {
             let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
             let Some(probes) = probes.as_mut() else {
                 return;
             };
+            probes.set_broker_records(&records);
             if let Err(e) = probes.set_watched(&listeners) {
                 tracing::warn!(error = %e, "cannot update the watched listeners");
             }
@@ -506,6 +513,30 @@ impl Model {
             }
         }
         self.sync_demand();
+    }
+
+    /// The broker records an earlier agent kept with the pinned maps (none if the maps are
+    /// new, or the records unreadable: said in the log).
+    pub fn remembered_brokers(&self) -> Vec<crate::discovery::Remembered> {
+        let bytes = match self
+            .probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(probes) => probes.broker_records(),
+            None => return Vec::new(),
+        };
+        if bytes.is_empty() {
+            return Vec::new();
+        }
+        match serde_json::from_slice(&bytes) {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept broker records are unreadable: restart counts start over");
+                Vec::new()
+            }
+        }
     }
 
     /// Asks the demand thread to attach the standby programs (see

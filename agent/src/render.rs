@@ -300,6 +300,12 @@ pub fn exposition(snapshot: &Snapshot, server: &ServerSnapshot, format: Format) 
     e.out
 }
 
+/// `at` as Unix seconds (fractions kept).
+fn unix_seconds(at: std::time::SystemTime) -> f64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     let p = &snapshot.probes;
 
@@ -312,6 +318,20 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     .sample(&[], u8::from(ready));
     e.family("build_info", Kind::Gauge, "Agent version; always 1.")
         .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1);
+    e.family(
+        "agent_start_time_seconds",
+        Kind::Gauge,
+        "When this agent process started, Unix seconds.",
+    )
+    .sample(&[], unix_seconds(*crate::STARTED));
+    if let Some((since, pinned)) = p.counting_since {
+        e.family(
+            "counters_start_time_seconds",
+            Kind::Gauge,
+            "Since when the kernel counters count, Unix seconds: when their maps were created. Earlier than agent_start_time_seconds when this agent adopted the pinned maps of an earlier one (the counters continued); it changes only when they start over. pinned=\"false\": they start over with each agent.",
+        )
+        .sample(&[("pinned", if pinned { "true" } else { "false" })], unix_seconds(since));
+    }
 
     {
         let mut f = e.family(
@@ -959,6 +979,10 @@ mod tests {
                     },
                 ],
                 resources: vec![],
+                counting_since: Some((
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                    true,
+                )),
             },
             ..Snapshot::default()
         }
@@ -1029,6 +1053,7 @@ mod tests {
             r#"brokerscope_map_capacity{map="connections"} 64"#,
             r#"brokerscope_map_evictions_total{map="threads"} 3"#,
             "brokerscope_agent_ready 1",
+            r#"brokerscope_counters_start_time_seconds{pinned="true"} 1700000000"#,
             r#"brokerscope_bytes_received_total{netns="4026531840",port="9092"} 1500"#,
             r#"brokerscope_bytes_sent_total{netns="4026531840",port="9092"} 70000"#,
             r#"brokerscope_listen_drops_total{netns="4026531840",port="9092"} 9"#,

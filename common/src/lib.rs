@@ -12,6 +12,7 @@
 
 pub mod fields;
 pub mod processes;
+pub mod records;
 pub mod resources;
 pub mod sockets;
 pub mod state;

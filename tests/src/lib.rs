@@ -98,6 +98,61 @@ pub fn own_netns() -> u32 {
         .ino() as u32
 }
 
+/// Where the tests' agents pin their maps and links: a directory of each test's own below it.
+pub const TEST_PIN_ROOT: &str = "/sys/fs/bpf/brokerscope-tests";
+
+/// A pin directory of a test's own under bpffs (`probes.pin_dir`), removed with everything
+/// pinned in it when the last holder drops it: the programs detach, the maps go. An agent
+/// holds its own, so nothing pinned outlives a test, even one that panicked; tests that restart
+/// an agent on the same pins share one.
+#[derive(Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new() -> Arc<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(Self(
+            Path::new(TEST_PIN_ROOT).join(format!("{}-{n}", std::process::id())),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The layout directories pinned in it now.
+    pub fn layouts(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.0)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cannot remove the test pins {}: {e}", self.0.display());
+        }
+        // The root too, once no test uses it (fails harmlessly while others do).
+        let _ = std::fs::remove_dir(TEST_PIN_ROOT);
+    }
+}
+
+/// `text` (an agent config) with `probes.pin_dir` set to `pins`, unless it sets one itself.
+fn with_pin_dir(text: &str, pins: &Path) -> String {
+    if text.contains("pin_dir") {
+        return text.to_string();
+    }
+    let line = format!("pin_dir = \"{}\"\n", pins.display());
+    match text.split_once("[probes]\n") {
+        Some((before, after)) => format!("{before}[probes]\n{line}{after}"),
+        None => format!("{text}\n[probes]\n{line}"),
+    }
+}
+
 /// A running agent. Dropping it kills the process, which closes every program, link and map fd
 /// it holds: nothing outlives a test, even one that panicked.
 pub struct Agent {
@@ -108,6 +163,8 @@ pub struct Agent {
     listening: Option<mpsc::Receiver<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
     _config_dir: tempfile::TempDir,
+    /// Dropped after the process is killed (see `Drop`).
+    pins: Arc<PinDir>,
 }
 
 /// Where the agent reads its TLS material from (defaults: the PKI's own files).
@@ -138,7 +195,26 @@ impl Agent {
 
     /// As [`Agent::start`], with the given PKI (used by [`Agent::get`]) and TLS files.
     pub fn start_with(pki: Pki, files: TlsFiles, extra: &str) -> Self {
-        Self::started(Self::spawn(pki, files, extra, &[]))
+        Self::started(Self::spawn(pki, files, extra, &[], PinDir::new()))
+    }
+
+    /// As [`Agent::start`], pinning into `pins` (shared with an earlier agent: a restart).
+    pub fn start_pinned(extra: &str, pins: Arc<PinDir>) -> Self {
+        let pki = Pki::new();
+        let files = TlsFiles::of(&pki);
+        Self::started(Self::spawn(pki, files, extra, &[], pins))
+    }
+
+    /// The pin directory this agent was given.
+    pub fn pins(&self) -> Arc<PinDir> {
+        self.pins.clone()
+    }
+
+    /// SIGKILL, as the OOM killer or a node drain gone wrong would: nothing runs in the agent
+    /// after it. Waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// As [`Agent::start`], run by `setpriv` without the capabilities that load BPF programs
@@ -154,7 +230,7 @@ impl Agent {
             format!("--inh-caps={drop}"),
             format!("--bounding-set={drop}"),
         ];
-        Self::started(Self::spawn(pki, files, extra, &wrapper))
+        Self::started(Self::spawn(pki, files, extra, &wrapper, PinDir::new()))
     }
 
     fn started(mut agent: Self) -> Self {
@@ -176,7 +252,7 @@ impl Agent {
         files: TlsFiles,
         extra: &str,
     ) -> (std::process::ExitStatus, String) {
-        let mut agent = Self::spawn(pki, files, extra, &[]);
+        let mut agent = Self::spawn(pki, files, extra, &[], PinDir::new());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = agent.child.try_wait().expect("wait") {
@@ -194,7 +270,13 @@ impl Agent {
     }
 
     /// Starts `brokerscope run`, behind `wrapper` (a command and its arguments) when given.
-    fn spawn(pki: Pki, files: TlsFiles, extra: &str, wrapper: &[String]) -> Self {
+    fn spawn(
+        pki: Pki,
+        files: TlsFiles,
+        extra: &str,
+        wrapper: &[String],
+        pins: Arc<PinDir>,
+    ) -> Self {
         let config_dir = tempfile::tempdir().expect("tempdir");
         let config = config_dir.path().join("brokerscope.toml");
         // Tests poll /metrics in tight loops: only the tests about rate limiting get the
@@ -210,7 +292,7 @@ impl Agent {
             files.key.display(),
             files.client_ca.display(),
         );
-        std::fs::write(&config, text).expect("write config");
+        std::fs::write(&config, with_pin_dir(&text, pins.path())).expect("write config");
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -248,6 +330,7 @@ impl Agent {
             listening: Some(rx),
             reader: Some(reader),
             _config_dir: config_dir,
+            pins,
         }
     }
 

@@ -14,8 +14,8 @@ fn bpftool_has_prog(id: u32) -> bool {
 }
 
 #[test]
-fn ready_reports_attached_probes_and_sigterm_detaches_them() {
-    if !privileged("ready_reports_attached_probes_and_sigterm_detaches_them") {
+fn ready_reports_attached_probes_and_sigterm_leaves_them_pinned_until_cleanup() {
+    if !privileged("ready_reports_attached_probes_and_sigterm_leaves_them_pinned_until_cleanup") {
         return;
     }
     // No broker on this node (a pattern nothing matches): nothing needs the standby programs.
@@ -177,8 +177,85 @@ fn ready_reports_attached_probes_and_sigterm_detaches_them() {
         "clean exit on SIGTERM: {status}\n{}",
         agent.log_text()
     );
-    // The agent closed every link and program before exiting; the kernel frees a link's
-    // program after an RCU grace period, so the last ids may linger for a moment.
+    // Pinned, the hooked programs stay attached and counting for the next agent, and the log
+    // says so; the iterators (run per scrape, never pinned) go. `brokerscope cleanup`
+    // (uninstall) removes the pins.
+    let (iterators, hooked): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = hooks
+        .iter()
+        .partition(|h| h["hook"].as_str().unwrap().starts_with("iter/"));
+    let id_of = |h: &&serde_json::Value| h["id"].as_u64().unwrap() as u32;
+    let hooked: Vec<u32> = hooked.iter().map(id_of).collect();
+    let iterators: Vec<u32> = iterators.iter().map(id_of).collect();
+    assert!(!hooked.is_empty() && !iterators.is_empty(), "{hooks:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for &id in &iterators {
+        while bpftool_has_prog(id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "iterator {id} still loaded 2 s after SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    for &id in &hooked {
+        assert!(
+            bpftool_has_prog(id),
+            "program {id} should stay after SIGTERM"
+        );
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("kernel programs stay attached and counting (pinned)"),
+        "{}",
+        agent.log_text()
+    );
+    let out = Command::new(agent_bin())
+        .args(["cleanup", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed ") && stdout.contains("its programs detached"),
+        "{stdout}"
+    );
+    assert!(
+        agent.pins().layouts().is_empty(),
+        "{:?}",
+        agent.pins().layouts()
+    );
+    // Unpinned, nothing holds them: the kernel frees a link's program after an RCU grace
+    // period, so the last ids may linger for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for id in hooked {
+        while bpftool_has_prog(id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "program {id} still loaded 2 s after cleanup"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn without_pins_sigterm_detaches_everything() {
+    if !privileged("without_pins_sigterm_detaches_everything") {
+        return;
+    }
+    let mut agent = Agent::start("[probes]\npin_dir = \"\"\n");
+    agent.wait_ready();
+    let ids = agent.program_ids();
+    assert!(!ids.is_empty(), "{}", agent.log_text());
+    assert!(agent.pins().layouts().is_empty());
+    let status = agent.terminate();
+    assert!(status.success(), "{status}\n{}", agent.log_text());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     for id in ids {
         while bpftool_has_prog(id) {
@@ -308,9 +385,11 @@ fn refuses_to_listen_on_a_discovered_broker_port() {
         ),
     )
     .unwrap();
+    let pins = brokerscope_tests::PinDir::new();
     let out = Command::new(agent_bin())
         .args(["run", "--config"])
         .arg(&config)
+        .env("BROKERSCOPE_PROBES_PIN_DIR", pins.path())
         .output()
         .unwrap();
     assert!(!out.status.success(), "the agent must not start");
@@ -320,11 +399,13 @@ fn refuses_to_listen_on_a_discovered_broker_port() {
             && stderr.contains("broker 5"),
         "{stderr}"
     );
-    // And it detached what it had attached before refusing.
+    // What it attached before refusing stays pinned (a crash-looping pod keeps counting),
+    // and it says so; the test's pins go with `pins`.
     assert!(
-        stderr.contains("detaching and unloading kernel programs"),
+        stderr.contains("kernel programs stay attached and counting (pinned)"),
         "{stderr}"
     );
+    assert_eq!(pins.layouts().len(), 1, "{stderr}");
 }
 
 #[test]

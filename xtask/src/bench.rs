@@ -397,6 +397,10 @@ impl Drop for EmptyPrograms {
     }
 }
 
+/// Every agent the bench starts counts from zero and leaves nothing pinned: each run compares
+/// its own A against B.
+pub const PIN_NOTHING: &str = "pin_dir = \"\"\n";
+
 /// The agent under test, on a free port with a throwaway PKI.
 pub struct Agent {
     child: Child,
@@ -424,7 +428,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\n{extra}",
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\n{PIN_NOTHING}{extra}",
                 p = pki.display(),
                 extra = probes
             ),

@@ -351,6 +351,20 @@ fn test(root: &Path, filter: Option<&str>, host_only: bool) -> anyhow::Result<()
     result
 }
 
+/// Where the tests' agents pin (`brokerscope_tests::TEST_PIN_ROOT`): what is left there,
+/// removed.
+fn leftover_pins() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/bpf/brokerscope-tests");
+    let left: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for path in &left {
+        let _ = std::fs::remove_dir_all(path);
+    }
+    let _ = std::fs::remove_dir(root);
+    left
+}
+
 fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::Result<()> {
     setup::ensure(setup::Needs::Test)?;
     let bin = build_agent(root, false)?;
@@ -389,7 +403,18 @@ fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::R
     if let Some(f) = filter {
         e2e.args(["--", f]);
     }
-    run_tests(&mut e2e, totals)?;
+    let ran = run_tests(&mut e2e, totals);
+    // Each test's agent pins under a directory of its own there and removes it when done,
+    // even on panic: anything left is a test's bug (and would keep programs attached).
+    let left = leftover_pins();
+    if !left.is_empty() {
+        eprintln!("xtask: the end-to-end tests left pins behind (removed now): {left:?}");
+        totals.failed += 1;
+    }
+    ran?;
+    if !left.is_empty() {
+        bail!("the end-to-end tests left pins behind: {left:?}");
+    }
 
     // The fuzz targets, briefly: each one a test in the totals. A filter picks the targets
     // whose name contains it (all of them for `fuzz`).

@@ -171,7 +171,8 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\n{}",
+            crate::bench::PIN_NOTHING,
             p = pki.display()
         ),
     )?;

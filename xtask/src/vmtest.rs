@@ -94,7 +94,12 @@ pub const SUBSET: &[(&str, &str)] = &[
     // Attach/detach as a whole, the metrics page's format, the mTLS endpoint.
     (
         "lifecycle",
-        "ready_reports_attached_probes_and_sigterm_detaches_them",
+        "ready_reports_attached_probes_and_sigterm_leaves_them_pinned_until_cleanup",
+    ),
+    // Pinned maps and links, adopted by a restarted agent: exact counts across kill -9.
+    (
+        "longevity",
+        "kill_9_and_restart_under_traffic_loses_no_count_and_counts_none_twice",
     ),
     ("server", "promtool_accepts_the_metrics_page"),
     ("tls", "http1_and_http2_with_the_client_cert_get_200"),

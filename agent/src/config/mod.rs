@@ -111,6 +111,8 @@ pub struct ProbesConfig {
     pub watch_all_listeners: bool,
     pub disabled_programs: Vec<String>,
     pub node_wide_hooks: bool,
+    pub pin_dir: PathBuf,
+    pub listener_release_seconds: u64,
 }
 
 impl Default for ProbesConfig {
@@ -132,9 +134,21 @@ impl Default for ProbesConfig {
             // debugging: fsync on filesystems other than ext4/xfs/btrfs, and file opens during
             // a broker's log recovery.
             node_wide_hooks: false,
+            // Maps and links pinned here (a directory per layout) keep counting while the
+            // agent is down and are adopted by the next one; empty: nothing pinned, every
+            // start counts from zero.
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            // A stopped broker's listeners keep their counters and series this long (time for
+            // Prometheus's last scrapes), then release both.
+            listener_release_seconds: 300,
         }
     }
 }
+
+/// Where the kernel maps and links are pinned by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/brokerscope";
+/// Longest `probes.listener_release_seconds`: a day.
+pub const MAX_LISTENER_RELEASE_SECONDS: u64 = 86_400;
 
 impl ProbesConfig {
     /// Most records one iterator run may return: every tracked connection and listener.
@@ -362,6 +376,30 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.probes.listener_release_seconds > MAX_LISTENER_RELEASE_SECONDS {
+            errors.push(ConfigError::invalid(
+                "probes.listener_release_seconds",
+                format!(
+                    "{} is more than a day ({MAX_LISTENER_RELEASE_SECONDS})",
+                    self.probes.listener_release_seconds
+                ),
+            ));
+        }
+        let pin_dir = &self.probes.pin_dir;
+        if !pin_dir.as_os_str().is_empty()
+            && (!pin_dir.is_absolute()
+                || pin_dir
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir)))
+        {
+            errors.push(ConfigError::invalid(
+                "probes.pin_dir",
+                format!(
+                    "`{}` is not an absolute path without `..` (or empty: pin nothing)",
+                    pin_dir.display()
+                ),
+            ));
         }
         for name in &self.probes.disabled_programs {
             if !Program::ALL.iter().any(|p| p.name() == name) {

@@ -26,7 +26,7 @@ use crate::{
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),
 /// and kernel map sizes (fixed at load).
-pub const RESTART_KEYS: [&str; 7] = [
+pub const RESTART_KEYS: [&str; 9] = [
     "server.listen",
     "server.cert_file",
     "server.key_file",
@@ -34,6 +34,8 @@ pub const RESTART_KEYS: [&str; 7] = [
     "probes.listeners_capacity",
     "probes.connections_capacity",
     "probes.disabled_programs",
+    "probes.pin_dir",
+    "probes.listener_release_seconds",
 ];
 
 /// Deepest JSON nesting a patch may have (the config is two levels deep).

@@ -34,7 +34,7 @@ use std::{
 pub use broker::ListenerIndex;
 pub use broker::{Broker, BrokerState};
 pub use cmdline::PatternError;
-pub use table::MAX_BROKERS;
+pub use table::{MAX_BROKERS, Remembered};
 
 use self::{
     broker::{Cgroup, Evidence, IdSource},
@@ -165,6 +165,8 @@ impl Discovery {
     ) -> Result<Self, DiscoveryError> {
         let patterns = Patterns::new(&settings.cmdline_patterns)?;
         let boot_time = proc::boot_time(&proc);
+        let mut table = BrokerTable::default();
+        table.remember(model.remembered_brokers());
         Ok(Self {
             model,
             reader: RwLock::new(Arc::new(Reader {
@@ -178,7 +180,7 @@ impl Discovery {
                 files,
             })),
             table: Mutex::new(Table {
-                table: BrokerTable::default(),
+                table,
                 examining: HashSet::new(),
                 again: HashSet::new(),
             }),

@@ -28,6 +28,29 @@ pub enum Observed {
     Full,
 }
 
+/// What a restarted agent needs of a broker to keep its identity: kept with the kernel maps
+/// (see `probes::records`) and read back at start.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Remembered {
+    pub id: String,
+    pub pid: u32,
+    pub start_time_ticks: u64,
+    pub restarts: u64,
+    pub running: bool,
+}
+
+impl Remembered {
+    pub fn of(broker: &Broker) -> Self {
+        Self {
+            id: broker.id.clone(),
+            pid: broker.pid,
+            start_time_ticks: broker.start_time_ticks,
+            restarts: broker.restarts,
+            running: broker.is_running(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Tracked {
     broker: Broker,
@@ -41,6 +64,9 @@ pub struct BrokerTable {
     brokers: BTreeMap<String, Tracked>,
     capacity: usize,
     seq: u64,
+    /// Brokers an earlier agent tracked, not seen since this one started (bounded as the
+    /// table: what [`Self::remember`] was given).
+    remembered: BTreeMap<String, Remembered>,
 }
 
 impl Default for BrokerTable {
@@ -55,7 +81,18 @@ impl BrokerTable {
             brokers: BTreeMap::new(),
             capacity,
             seq: 0,
+            remembered: BTreeMap::new(),
         }
+    }
+
+    /// Brokers an earlier agent tracked: when one is seen again, it keeps its restart count,
+    /// one more if another process runs it now (it restarted while no agent watched).
+    pub fn remember(&mut self, records: Vec<Remembered>) {
+        self.remembered = records
+            .into_iter()
+            .take(self.capacity)
+            .map(|r| (r.id.clone(), r))
+            .collect();
     }
 
     /// The running broker with this pid, whatever its start time.
@@ -114,6 +151,23 @@ impl BrokerTable {
             return Observed::Full;
         }
         let id = broker.id.clone();
+        if let Some(earlier) = self.remembered.remove(&id) {
+            let same = earlier.running && (earlier.pid, earlier.start_time_ticks) == process;
+            broker.restarts = earlier.restarts + u64::from(!same);
+            let restarts = broker.restarts;
+            self.brokers.insert(
+                id.clone(),
+                Tracked {
+                    broker,
+                    stopped_seq: 0,
+                },
+            );
+            return if same {
+                Observed::Known { id }
+            } else {
+                Observed::Restarted { id, restarts }
+            };
+        }
         self.brokers.insert(
             id.clone(),
             Tracked {
@@ -350,5 +404,73 @@ mod tests {
         }
         let ids: Vec<String> = t.snapshot().into_iter().map(|b| b.id).collect();
         assert_eq!(ids, vec!["0", "2", "10", "pid-7", "pod-a"]);
+    }
+}
+
+#[cfg(test)]
+mod remembered_tests {
+    use super::*;
+    use crate::discovery::broker::tests::broker;
+
+    fn record(id: &str, pid: u32, start: u64, restarts: u64, running: bool) -> Remembered {
+        Remembered {
+            id: id.into(),
+            pid,
+            start_time_ticks: start,
+            restarts,
+            running,
+        }
+    }
+
+    fn started(id: &str, pid: u32, start: u64) -> Broker {
+        let mut b = broker(id, pid, 1, &[]);
+        b.start_time_ticks = start;
+        b
+    }
+
+    #[test]
+    fn an_earlier_agents_brokers_keep_their_restarts_and_count_one_missed_restart() {
+        let mut t = BrokerTable::default();
+        t.remember(vec![
+            record("1", 100, 7, 3, true),
+            record("2", 200, 8, 1, true),
+            record("3", 300, 9, 5, false),
+        ]);
+        // The same process: nothing happened while no agent watched.
+        assert_eq!(
+            t.observe(started("1", 100, 7), |_| false),
+            Observed::Known { id: "1".into() }
+        );
+        // Another process runs broker 2, and broker 3 (stopped then) runs again: a restart each.
+        assert_eq!(
+            t.observe(started("2", 201, 50), |_| false),
+            Observed::Restarted {
+                id: "2".into(),
+                restarts: 2
+            }
+        );
+        assert_eq!(
+            t.observe(started("3", 300, 60), |_| false),
+            Observed::Restarted {
+                id: "3".into(),
+                restarts: 6
+            }
+        );
+        let restarts: Vec<(String, u64)> = t
+            .snapshot()
+            .into_iter()
+            .map(|b| (b.id, b.restarts))
+            .collect();
+        assert_eq!(
+            restarts,
+            [("1".into(), 3), ("2".into(), 2), ("3".into(), 6)]
+        );
+        // A record is used once: the next process of broker 1 is an ordinary restart.
+        assert_eq!(
+            t.observe(started("4", 400, 70), |_| false),
+            Observed::New { id: "4".into() }
+        );
+        let back: Vec<Remembered> = t.snapshot().iter().map(Remembered::of).collect();
+        assert_eq!(back[0], record("1", 100, 7, 3, true));
     }
 }

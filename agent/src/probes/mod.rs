@@ -11,7 +11,9 @@ mod fields;
 pub mod lacks;
 mod map_iter;
 mod netns;
+pub mod pins;
 pub mod processes;
+mod records;
 pub mod resources;
 pub mod sockets;
 pub mod sockets_events;
@@ -27,13 +29,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{
-        BtfTracePoint, Iter, RawTracePoint, TracePoint,
-        trace_point::{TracePointLink, TracePointLinkId},
-    },
+    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
+    records::SLOT_KEYS_MAP,
     resources::RESOURCE_OFFSETS_GLOBAL,
     sockets::{
         CONN_BUCKETS_GLOBAL, CONN_EVENTS_MAP, CONN_STATES_MAP, CONN_WAYS, CONNECTIONS_MAP,
@@ -46,6 +46,7 @@ use brokerscope_common::{
 use tokio::io::unix::AsyncFd;
 
 use crate::{config::ProbesConfig, kernel::KernelFacts};
+use pins::Held;
 
 /// The kernel programs, built by build.rs (aya-build) and embedded in the binary.
 static EBPF_OBJECT: &[u8] =
@@ -101,6 +102,13 @@ pub enum ProbesError {
     Log(#[source] aya_log::Error),
     #[error("cannot watch the kernel log ring: {0}")]
     LogFd(#[source] std::io::Error),
+    #[error("pin directory {}: {reason}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("{reason}")]
+    Held { reason: String },
 }
 
 /// Every offset the programs are loaded with, resolved from one kernel's tracefs and BTF.
@@ -181,7 +189,7 @@ struct OnStandby {
     program: Program,
     /// The loaded program's id.
     id: u32,
-    link: Option<TracePointLinkId>,
+    link: Option<Held>,
 }
 
 /// Which filesystems' fsyncs the attached hooks see (see [`Probes::fsync_cover`]).
@@ -267,6 +275,8 @@ pub struct ProbeSnapshot {
     pub maps: Vec<MapStats>,
     /// Per-broker resource counters by tgid.
     pub resources: Vec<(u32, brokerscope_common::resources::ResourceCounters)>,
+    /// Since when the kernel counters count, and whether they are pinned (survive the agent).
+    pub counting_since: Option<(std::time::SystemTime, bool)>,
 }
 
 /// The loaded and attached kernel side.
@@ -293,6 +303,17 @@ pub struct Probes {
     process_events: Option<tokio::sync::mpsc::Receiver<processes::ProcessSignal>>,
     conn_events: Option<aya::maps::RingBuf<MapData>>,
     state_events: Option<tokio::sync::mpsc::Receiver<state::StateSignal>>,
+    /// The hooks' links (standby ones are in `standby`): dropped, they detach unless pinned.
+    held: Vec<(Program, Held)>,
+    /// Programs an earlier agent attached (adopted with their pinned links), for their run
+    /// statistics.
+    adopted_fds: Vec<(Program, std::os::fd::OwnedFd)>,
+    pins: Option<pins::Pins>,
+    /// Since when the kernel counters count (their maps' creation; earlier than this agent's
+    /// start when they were adopted).
+    counting_since: std::time::SystemTime,
+    /// The agent's records kept with the maps (see `brokerscope_common::records`).
+    broker_records: records::BrokerRecords,
     ebpf: Ebpf,
 }
 
@@ -364,7 +385,32 @@ impl Probes {
             .collect();
         let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
         let buckets = first_tier / CONN_WAYS as u32;
-        let mut ebpf = EbpfLoader::new()
+        // Everything that decides the maps and the programs, so only exactly these are adopted.
+        let layout = pins::Layout::of(&[
+            object,
+            format!(
+                "{buckets} {offsets:?} {event_offsets:?} {process_offsets:?} {state_offsets:?} \
+                 {resource_offsets:?} {} {}",
+                config.listeners_capacity, config.connections_capacity
+            )
+            .as_bytes(),
+        ]);
+        let pins = open_pins(&config.pin_dir, layout);
+        let map_paths: Vec<(String, std::path::PathBuf)> = match &pins {
+            Some(pins) => pinned_maps(object)?
+                .into_iter()
+                .map(|name| {
+                    let path = pins.map_path(&name);
+                    (name, path)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader
             .override_global(CONN_BUCKETS_GLOBAL, &buckets, true)
             .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
             .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
@@ -379,9 +425,23 @@ impl Probes {
             .map_max_entries(CONN_STATES_MAP, first_tier)
             // A map cannot be empty; an unused spill tier is switched off below.
             .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
+            .map_max_entries(SLOT_KEYS_MAP, config.listeners_capacity)
             .load(object)
             .map_err(|e| ProbesError::Load(Box::new(e)))?;
         drop(patched);
+        let adopting = pins.as_ref().is_some_and(pins::Pins::adopted);
+        let counting_since = records::counting_since(&mut ebpf, adopting)?;
+        if let Some(pins) = &pins {
+            if adopting {
+                tracing::info!(
+                    dir = %pins.dir().display(),
+                    since = %records::rfc3339(counting_since),
+                    "adopting the pinned maps and links of an earlier agent: counters continue"
+                );
+            } else {
+                tracing::info!(dir = %pins.dir().display(), "maps and links pinned: counting survives a restart");
+            }
+        }
 
         spawn_kernel_log(&mut ebpf)?;
 
@@ -393,6 +453,8 @@ impl Probes {
         let mut degraded = Vec::new();
         let mut standby = Vec::new();
         let mut map_iters = Vec::new();
+        let mut held = Vec::new();
+        let mut adopted_fds = Vec::new();
         // Alternatives in order of preference, then every other program. Once one of a set of
         // alternatives serves, the rest are not attached.
         let first: Vec<Program> = Program::ALTERNATIVES
@@ -415,12 +477,35 @@ impl Probes {
             if served {
                 continue;
             }
-            if program.node_wide() && !config.node_wide_hooks {
+            let disabled = config.disabled_programs.iter().any(|d| d == program.name());
+            let skipped = program.node_wide() && !config.node_wide_hooks;
+            if let Some(pins) = &pins {
+                if disabled || skipped {
+                    // An earlier agent's hook that this configuration leaves out.
+                    pins.unpin_link(program);
+                } else if program.standby().is_none()
+                    && let Some(adopted) = pins.adopt_link(program)
+                {
+                    match adopted {
+                        Ok(a) => {
+                            attached.push(adopted_attachment(program, &a));
+                            held.push((program, a.link));
+                            adopted_fds.extend(a.program.map(|fd| (program, fd)));
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(program = program.name(), error = %e, "cannot adopt the pinned link: attaching anew");
+                            pins.unpin_link(program);
+                        }
+                    }
+                }
+            }
+            if skipped {
                 skipped_node_wide.push(program.name());
                 continue;
             }
             let refused = refusals.iter().find(|(p, _)| *p == program);
-            let result = if config.disabled_programs.iter().any(|d| d == program.name()) {
+            let result = if disabled {
                 Err(ProbesError::Disabled)
             } else if let Some(reason) = lacks.why(program) {
                 Err(ProbesError::Lacks(reason.to_string()))
@@ -428,18 +513,32 @@ impl Probes {
                 Err(ProbesError::Fields(e.clone()))
             } else if program.standby().is_some() {
                 load_standby(&mut ebpf, program).map(|id| {
-                    standby.push(OnStandby {
-                        program,
-                        id,
-                        link: None,
-                    });
+                    let link = match pins.as_ref().and_then(|p| p.adopt_link(program)) {
+                        Some(Ok(a)) => {
+                            // Attached on demand by the earlier agent; the demand thread
+                            // detaches it if no longer wanted.
+                            attached.push(adopted_attachment(program, &a));
+                            Some(a.link)
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(program = program.name(), error = %e, "cannot adopt the pinned link");
+                            None
+                        }
+                        None => None,
+                    };
+                    standby.push(OnStandby { program, id, link });
                     None
                 })
             } else {
                 attach(&mut ebpf, &btf, program, &mut map_iters).map(Some)
             };
             match result {
-                Ok(Some(a)) => attached.push(a),
+                Ok(Some((a, link))) => {
+                    attached.push(a);
+                    if let Some(link) = link {
+                        held.push((program, pin_held(pins.as_ref(), program, link)));
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     let fallback = program.fallback();
@@ -464,11 +563,19 @@ impl Probes {
         let exec_events = events_attached(Program::ProcessExec)
             && (events_attached(Program::ProcessExitBtf) || events_attached(Program::ProcessExit));
 
-        let mut sockets = sockets::SocketsReader::take(&mut ebpf)?;
+        let release_after = Duration::from_secs(config.listener_release_seconds);
+        let mut sockets = sockets::SocketsReader::take(&mut ebpf, release_after)?;
+        let mut broker_pids = processes::BrokerPids::take(&mut ebpf)?;
+        let mut resources = resources::ResourcesReader::take(&mut ebpf)?;
+        if adopting {
+            // What the earlier agent wrote is the truth to continue from.
+            sockets.adopt()?;
+            broker_pids.adopt();
+            resources.adopt();
+        }
         sockets.set_watch_all(config.watch_all_listeners)?;
         sockets.set_spill(spill_tier > 0)?;
-        let broker_pids = processes::BrokerPids::take(&mut ebpf)?;
-        let resources = resources::ResourcesReader::take(&mut ebpf)?;
+        let broker_records = records::BrokerRecords::take(&mut ebpf)?;
         // Without both exec and exit events, discovery polls instead.
         let process_events = if exec_events {
             Some(processes::spawn_reader(&mut ebpf)?)
@@ -499,8 +606,26 @@ impl Probes {
             process_events,
             conn_events,
             state_events,
+            held,
+            adopted_fds,
+            pins,
+            counting_since,
+            broker_records,
             ebpf,
         })
+    }
+
+    /// The broker records kept with the maps (discovery's, see `discovery::table`): what an
+    /// earlier agent left, until replaced.
+    pub fn broker_records(&self) -> Vec<u8> {
+        self.broker_records.read()
+    }
+
+    /// Keeps `records` with the maps, if they changed.
+    pub fn set_broker_records(&mut self, records: &[u8]) {
+        if let Err(e) = self.broker_records.write(records) {
+            tracing::warn!(error = %e, "broker records not kept: a restarted agent counts these brokers' restarts anew");
+        }
     }
 
     /// The kernel's connection event ring, once (see [`sockets_events`]).
@@ -553,8 +678,20 @@ impl Probes {
                 // Not loaded: refused for another reason than a missing tracepoint.
                 continue;
             }
-            match prog.attach(category, name).and_then(|_| prog.info()) {
-                Ok(info) => {
+            let attached = prog
+                .attach(category, name)
+                .and_then(|link| prog.take_link(link))
+                .and_then(|link| Ok((link, prog.info()?)))
+                .map_err(|e| ProbesError::Program {
+                    program: program.name(),
+                    hook: program.hook(),
+                    source: Box::new(e),
+                })
+                .and_then(|(link, info)| Ok((Held::tracepoint(link)?, info)));
+            match attached {
+                Ok((link, info)) => {
+                    self.held
+                        .push((program, pin_held(self.pins.as_ref(), program, link)));
                     tracing::info!(
                         program = program.name(),
                         hook = program.hook(),
@@ -596,7 +733,7 @@ impl Probes {
     /// detach when dropped: each waits for an RCU grace period (about 75 ms here), so the caller
     /// drops them without holding anything a scrape needs. Whether anything changed, and those
     /// links. A failure is logged and leaves that program as it was (tried again next time).
-    pub fn set_demand(&mut self, demand: Demand) -> (bool, Vec<TracePointLink>) {
+    pub fn set_demand(&mut self, demand: Demand) -> (bool, Vec<Held>) {
         let mut changed = false;
         let mut detached = Vec::new();
         for s in &mut self.standby {
@@ -616,10 +753,19 @@ impl Probes {
                 continue;
             };
             if want {
-                match prog.attach(category, tracepoint) {
+                let attached = prog
+                    .attach(category, tracepoint)
+                    .and_then(|link| prog.take_link(link))
+                    .map_err(|e| ProbesError::Program {
+                        program: name,
+                        hook,
+                        source: Box::new(e),
+                    })
+                    .and_then(Held::tracepoint);
+                match attached {
                     Ok(link) => {
                         tracing::info!(program = name, hook, reason = ?kind, "attached on demand");
-                        s.link = Some(link);
+                        s.link = Some(pin_held(self.pins.as_ref(), s.program, link));
                         self.attached.push(Attachment {
                             program: name,
                             hook,
@@ -633,10 +779,10 @@ impl Probes {
                     }
                 }
             } else if let Some(link) = s.link.take() {
-                match prog.take_link(link) {
-                    Ok(link) => detached.push(link),
-                    Err(e) => tracing::warn!(program = name, hook, error = %e, "cannot detach"),
+                if let Some(pins) = &self.pins {
+                    pins.unpin_link(s.program);
                 }
+                detached.push(link);
                 tracing::info!(program = name, hook, "detached: no longer needed");
                 self.attached.retain(|a| a.program != name);
                 changed = true;
@@ -759,6 +905,7 @@ impl Probes {
             errors,
             maps,
             resources: resources.counters,
+            counting_since: Some((self.counting_since, self.pins.is_some())),
         }
     }
 
@@ -849,6 +996,9 @@ impl Probes {
 
     /// The kernel's record of a loaded program, in one call.
     fn program_info(&self, program: Program) -> Option<aya_obj::generated::bpf_prog_info> {
+        if let Some((_, fd)) = self.adopted_fds.iter().find(|(p, _)| *p == program) {
+            return program_info(fd.as_fd());
+        }
         self.ebpf
             .program(program.name())
             .and_then(|p| p.fd().ok())
@@ -859,7 +1009,15 @@ impl Probes {
 impl Drop for Probes {
     fn drop(&mut self) {
         let ids: Vec<u32> = self.attached.iter().map(|a| a.id).collect();
-        tracing::info!(?ids, "detaching and unloading kernel programs");
+        match &self.pins {
+            Some(pins) => tracing::info!(
+                ?ids,
+                dir = %pins.dir().display(),
+                "kernel programs stay attached and counting (pinned): the next agent adopts \
+                 them; `brokerscope cleanup` removes them"
+            ),
+            None => tracing::info!(?ids, "detaching and unloading kernel programs"),
+        }
     }
 }
 
@@ -886,6 +1044,65 @@ fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool)
         .collect()
 }
 
+/// Opens the pin directory of `layout` under `base` (`None`: pinning is off, or the directory
+/// cannot be used, which is logged: counting then starts over with each agent).
+fn open_pins(base: &Path, layout: pins::Layout) -> Option<pins::Pins> {
+    if base.as_os_str().is_empty() {
+        tracing::info!(
+            "probes.pin_dir is empty: nothing pinned, counters start over with each agent"
+        );
+        return None;
+    }
+    match pins::Pins::open(base, layout) {
+        Ok(pins) => Some(pins),
+        Err(e) => {
+            tracing::warn!(error = %e, "maps and links not pinned: counters start over with each agent");
+            None
+        }
+    }
+}
+
+/// The object's maps that are pinned: all but the global sections (`.rodata`, `.bss`, ...),
+/// which each load fills with its own values.
+fn pinned_maps(object: &[u8]) -> Result<Vec<String>, ProbesError> {
+    let parsed =
+        aya_obj::Object::parse(object).map_err(|e| ProbesError::Load(Box::new(e.into())))?;
+    let mut names: Vec<String> = parsed
+        .maps
+        .into_keys()
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// How an adopted link shows in /ready and `brokerscope_probe_attached`.
+fn adopted_attachment(program: Program, adopted: &pins::Adopted) -> Attachment {
+    tracing::info!(
+        program = program.name(),
+        hook = program.hook(),
+        id = adopted.program_id,
+        "attached by an earlier agent and counting since: adopted"
+    );
+    Attachment {
+        program: program.name(),
+        hook: program.hook(),
+        id: adopted.program_id,
+        scope: program.scope(),
+    }
+}
+
+/// Pins `link` if pins are on; a link that cannot be pinned still counts, until the agent
+/// stops.
+fn pin_held(pins: Option<&pins::Pins>, program: Program, link: Held) -> Held {
+    if let Some(pins) = pins
+        && let Err(e) = pins.pin_link(program, &link)
+    {
+        tracing::warn!(program = program.name(), error = %e, "not pinned: this hook's counts start over with the next agent");
+    }
+    link
+}
+
 /// Loads a tracepoint program on standby without attaching it; its id.
 fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
     let (name, hook) = (program.name(), program.hook());
@@ -905,12 +1122,14 @@ fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
     Ok(id)
 }
 
+/// Loads and attaches `program`; its link, for the caller to hold (an iterator has none: it is
+/// instantiated per read).
 fn attach(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     program: Program,
     map_iters: &mut Vec<(Program, &'static str, map_iter::MapIter)>,
-) -> Result<Attachment, ProbesError> {
+) -> Result<(Attachment, Option<Held>), ProbesError> {
     let (name, hook) = (program.name(), program.hook());
     let err = |source| ProbesError::Program {
         program: name,
@@ -932,7 +1151,7 @@ fn attach(
         kind: "program",
         name,
     })?;
-    let id = match (
+    let (id, link) = match (
         program.raw_tracepoint(),
         program.btf_tracepoint(),
         program.tracepoint(),
@@ -940,20 +1159,32 @@ fn attach(
         (Some(tracepoint), _, _) => {
             let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
             prog.load().map_err(err)?;
-            prog.attach(tracepoint).map_err(err)?;
-            prog.info().map_err(err)?.id()
+            let link = prog.attach(tracepoint).map_err(err)?;
+            let link = prog.take_link(link).map_err(err)?;
+            (
+                prog.info().map_err(err)?.id(),
+                Some(Held::link(link.into())?),
+            )
         }
         (None, Some(tracepoint), _) => {
             let prog: &mut BtfTracePoint = prog.try_into().map_err(err)?;
             prog.load(tracepoint, btf).map_err(err)?;
-            prog.attach().map_err(err)?;
-            prog.info().map_err(err)?.id()
+            let link = prog.attach().map_err(err)?;
+            let link = prog.take_link(link).map_err(err)?;
+            (
+                prog.info().map_err(err)?.id(),
+                Some(Held::link(link.into())?),
+            )
         }
         (None, None, Some((category, tracepoint))) => {
             let prog: &mut TracePoint = prog.try_into().map_err(err)?;
             prog.load().map_err(err)?;
-            prog.attach(category, tracepoint).map_err(err)?;
-            prog.info().map_err(err)?.id()
+            let link = prog.attach(category, tracepoint).map_err(err)?;
+            let link = prog.take_link(link).map_err(err)?;
+            (
+                prog.info().map_err(err)?.id(),
+                Some(Held::tracepoint(link)?),
+            )
         }
         (None, None, None) => {
             let prog: &mut Iter = prog.try_into().map_err(err)?;
@@ -974,16 +1205,17 @@ fn attach(
                     map_iters.push((program, map, iter));
                 }
             }
-            prog.info().map_err(err)?.id()
+            (prog.info().map_err(err)?.id(), None)
         }
     };
     tracing::info!(program = name, hook, id, "attached");
-    Ok(Attachment {
+    let attachment = Attachment {
         program: name,
         hook,
         id,
         scope: program.scope(),
-    })
+    };
+    Ok((attachment, link))
 }
 
 /// The kernel's `bpf_prog_info` of a program, read whole: its run time and count, and

@@ -55,6 +55,15 @@ impl BrokerPids {
         })
     }
 
+    /// Takes over the words an earlier agent wrote, so the next [`Self::set`] clears those of
+    /// brokers gone meanwhile.
+    pub fn adopt(&mut self) {
+        self.words = (0..self.map.len())
+            .filter_map(|i| Some((i, self.map.get(&i, 0).ok()?)))
+            .filter(|(_, word)| *word != 0)
+            .collect();
+    }
+
     /// Replaces the set with `pids`, writing only the words that change. A word is written
     /// whole: the kernel side only reads, and this is the only writer.
     pub fn set(&mut self, pids: &[u32]) -> Result<(), ProbesError> {

@@ -139,6 +139,15 @@ impl ResourcesReader {
         })
     }
 
+    /// Takes over the scheduler slots an earlier agent gave (its counters continue in them).
+    pub fn adopt(&mut self) {
+        for (pid, slot) in self.broker_slots.iter().filter_map(Result::ok) {
+            if let Some(owner) = self.owners.get_mut(slot as usize) {
+                *owner = pid;
+            }
+        }
+    }
+
     /// Counters of every broker process the kernel saw, by tgid: the I/O counters and the
     /// scheduler counters summed over CPUs.
     pub fn read(&self) -> Resources {

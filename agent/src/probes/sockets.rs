@@ -13,6 +13,7 @@ use brokerscope_common::sockets::{
     SocketsConfig, WATCH, WATCH_INDEX_MAP, WATCHED_MAP, Watch, WatchIndexEntry, watch_index,
 };
 
+use brokerscope_common::records::{SLOT_KEYS_MAP, SlotKey};
 use brokerscope_common::telemetry::Program;
 
 use super::{
@@ -226,6 +227,10 @@ pub struct SocketsReader {
     slot_of: std::collections::HashMap<ListenerKey, u32>,
     /// Since when each slot's listener has not been watched.
     unwatched_since: std::collections::HashMap<u32, Instant>,
+    /// Each slot's listener, as kept for a restarted agent (see `SLOT_KEYS_MAP`).
+    slot_keys: Array<MapData, SlotKey>,
+    /// How long a slot stays its listener's once unwatched (`probes.listener_release_seconds`).
+    release_after: Duration,
     /// Entries of LISTENERS_AUTO at the last read.
     auto_entries: usize,
     config: Array<MapData, SocketsConfig>,
@@ -241,8 +246,10 @@ pub struct SocketsReader {
 }
 
 impl SocketsReader {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
+    pub fn take(ebpf: &mut Ebpf, release_after: Duration) -> Result<Self, ProbesError> {
         Ok(Self {
+            slot_keys: take(ebpf, SLOT_KEYS_MAP)?,
+            release_after,
             listeners_batch: Batched::open(ebpf, LISTENERS_MAP)?,
             auto_batch: Batched::open(ebpf, LISTENERS_AUTO_MAP)?,
             watched_entries: std::collections::HashMap::new(),
@@ -264,6 +271,71 @@ impl SocketsReader {
             reported: std::collections::HashMap::new(),
             swept: std::collections::HashSet::new(),
         })
+    }
+
+    /// Takes over what an earlier agent left in the maps it now adopts: the watched listeners
+    /// and their slots (from WATCHED), the slots kept for listeners no longer watched (from
+    /// SLOT_KEYS: released after [`Self::release_after`] from now), and which key holds each
+    /// index entry. Its IGNORE entries go: the agent ignores its own endpoint anew.
+    pub fn adopt(&mut self) -> Result<(), ProbesError> {
+        let watched: Vec<(ListenerKey, Watch)> =
+            self.watched.iter().filter_map(Result::ok).collect();
+        for (key, watch) in &watched {
+            self.watched_entries.insert(*key, watch.mode);
+            if watch.mode == WATCH && watch.slot != NO_SLOT {
+                self.hold_slot(watch.slot, *key);
+            }
+        }
+        let now = Instant::now();
+        for slot in 0..self.listeners.len() {
+            let Ok(key) = self.slot_keys.get(&slot, 0) else {
+                continue;
+            };
+            if key != ListenerKey::default() && !self.slot_of.contains_key(&key) {
+                self.hold_slot(slot, key);
+                self.unwatched_since.insert(slot, now);
+            }
+        }
+        for key in self.watched_entries.keys() {
+            let i = watch_index(key);
+            if let Ok(entry) = self.index.get(&i, 0)
+                && entry.watch.mode != 0
+                && entry.key == *key
+            {
+                self.index_held.insert(i, *key);
+            }
+        }
+        for key in self.watched_entries.keys() {
+            let i = watch_index(key);
+            if self.index_held.get(&i) != Some(key) {
+                *self.index_others.entry(i).or_default() += 1;
+            }
+        }
+        let ignored: Vec<ListenerKey> = watched
+            .iter()
+            .filter(|(_, w)| w.mode == IGNORE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in ignored {
+            self.drop_watch(&key);
+            self.watched_entries.remove(&key);
+        }
+        tracing::info!(
+            watched = self.watched_entries.len(),
+            slots = self.slot_of.len(),
+            "listener slots adopted"
+        );
+        Ok(())
+    }
+
+    /// Records `slot` as `key`'s (adoption).
+    fn hold_slot(&mut self, slot: u32, key: ListenerKey) {
+        let i = slot as usize;
+        if self.slots.len() <= i {
+            self.slots.resize(i + 1, None);
+        }
+        self.slots[i] = Some(key);
+        self.slot_of.insert(key, slot);
     }
 
     /// Count every listener on the node (debugging), not only watched ones. Applied in place.
@@ -337,6 +409,9 @@ impl SocketsReader {
     /// Never count (netns, port), even in watch-all mode.
     pub fn ignore(&mut self, netns: u32, port: u16) -> Result<(), ProbesError> {
         let key = ListenerKey::new(netns, port);
+        if self.watched_entries.get(&key) == Some(&IGNORE) {
+            return Ok(());
+        }
         let watch = Watch {
             mode: IGNORE,
             slot: NO_SLOT,
@@ -478,6 +553,9 @@ impl SocketsReader {
         };
         self.slots[slot as usize] = Some(key);
         self.slot_of.insert(key, slot);
+        if let Err(e) = self.slot_keys.set(slot, key, 0) {
+            tracing::warn!(slot, error = %e, "cannot record a slot's listener: a restarted agent will not know it");
+        }
         slot
     }
 
@@ -495,30 +573,54 @@ impl SocketsReader {
             .map(|(slot, since)| (*since, *slot))
             .collect();
         unwatched.sort_unstable();
-        for (_, slot) in unwatched {
-            let Ok(counters) = self.listeners.get(&slot, 0) else {
-                continue;
-            };
-            if counters.active() != 0
-                || self.listeners.set(slot, ListenerCounters::ZERO, 0).is_err()
-            {
-                continue;
-            }
-            self.unwatched_since.remove(&slot);
-            if let Some(key) = self.slots.get_mut(slot as usize).and_then(Option::take) {
-                self.slot_of.remove(&key);
-                // Counted anew if it is ever watched again: its totals start over.
-                self.reported.remove(&key);
-                tracing::info!(
-                    netns = key.netns,
-                    port = key.port,
-                    slot,
-                    "listener slot reclaimed: its counters are dropped"
-                );
-            }
-            return Some(slot);
+        unwatched
+            .into_iter()
+            .map(|(_, slot)| slot)
+            .find(|&slot| self.free_slot(slot, "reclaimed for a new listener: every slot is taken"))
+    }
+
+    /// Frees every slot unwatched for [`Self::release_after`] with no connection open in it:
+    /// its listener's broker stopped that long ago (its namespace is likely gone with its
+    /// pod), and Prometheus had time for its last scrapes. Its series go with it.
+    pub fn release_expired(&mut self) {
+        let expired: Vec<u32> = self
+            .unwatched_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= self.release_after)
+            .map(|(slot, _)| *slot)
+            .collect();
+        for slot in expired {
+            self.free_slot(
+                slot,
+                "released: unwatched for probes.listener_release_seconds",
+            );
         }
-        None
+    }
+
+    /// Zeroes and frees `slot` if no connection is open in it (`active` 0: every one accepted
+    /// or adopted has closed or was never tracked, and no program can find the slot any more,
+    /// so nothing writes it). Whether it was freed.
+    fn free_slot(&mut self, slot: u32, why: &'static str) -> bool {
+        let Ok(counters) = self.listeners.get(&slot, 0) else {
+            return false;
+        };
+        if counters.active() != 0 || self.listeners.set(slot, ListenerCounters::ZERO, 0).is_err() {
+            return false;
+        }
+        self.unwatched_since.remove(&slot);
+        let _ = self.slot_keys.set(slot, ListenerKey::default(), 0);
+        if let Some(key) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+            self.slot_of.remove(&key);
+            // Counted anew if it is ever watched again: its totals start over.
+            self.reported.remove(&key);
+            tracing::info!(
+                netns = key.netns,
+                port = key.port,
+                slot,
+                "listener slot {why}; its counters and series are dropped"
+            );
+        }
+        true
     }
 
     /// Every listener's counters: the slots in use and LISTENERS_AUTO, summed per listener (a
@@ -571,6 +673,7 @@ impl SocketsReader {
     /// Every listener's counters with the live sockets added, sorted by (netns, port). An entry
     /// that vanishes mid-walk is skipped.
     pub fn read(&mut self, live: &Live) -> Vec<ListenerStats> {
+        self.release_expired();
         let (entries, auto_entries) = self.listener_entries_and_auto();
         self.auto_entries = auto_entries;
         let mut out: Vec<ListenerStats> = entries
