@@ -628,6 +628,29 @@ fn a_panicking_test_leaves_no_container_behind() {
         .filter(|p| p.exists())
         .collect();
     assert!(!cgroups.is_empty(), "the container's cgroups are visible");
+    // The programs it attached, whose links it pinned in the test's bpffs.
+    let programs: Vec<String> = pod
+        .container
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(" attached program="))
+        .filter_map(|l| l.split(" id=").nth(1))
+        .filter_map(|id| id.split_whitespace().next().map(String::from))
+        .collect();
+    assert!(!programs.is_empty(), "{}", pod.container.log_text());
+    assert!(
+        !pod.bpffs.entries().is_empty(),
+        "the agent pins into the node's /sys/fs/bpf (here the test's)"
+    );
+    let loaded = |id: &String| {
+        Command::new("bpftool")
+            .args(["prog", "show", "id", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(programs.iter().all(loaded), "bpftool sees {programs:?}");
     let bpffs = pod.bpffs.dir.path().to_path_buf();
     let mounted = |dir: &Path| {
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -650,4 +673,8 @@ fn a_panicking_test_leaves_no_container_behind() {
     }
     assert!(!mounted(&bpffs), "{} is still mounted", bpffs.display());
     assert!(!bpffs.exists(), "{} is left", bpffs.display());
+    // Its pins went with that bpffs: every program it attached is detached and gone.
+    eventually("the pinned programs gone", Duration::from_secs(5), || {
+        programs.iter().all(|id| !loaded(id)).then_some(())
+    });
 }
