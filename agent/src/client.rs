@@ -56,6 +56,10 @@ pub enum Output {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum What {
+    /// `/health`: exits 0 when the agent serves (the DaemonSet's liveness probe).
+    Health,
+    /// `/ready`: exits 0 when ready, 1 naming the reasons when not (its readiness probe).
+    Ready,
     Brokers,
     State,
     Metrics,
@@ -501,6 +505,18 @@ pub async fn get(c: &Connection, what: What, broker: Option<&str>) -> Result<(),
         async move { client.call(hyper::Method::GET, &path, accept, None).await }
     };
     match what {
+        What::Health | What::Ready => {
+            let path = if matches!(what, What::Health) {
+                "/health"
+            } else {
+                "/ready"
+            };
+            let v = parse_json(&get(path.into(), "application/json").await?)?;
+            match c.output {
+                Output::Json => print_json(&v),
+                Output::Table => println!("ok"),
+            }
+        }
         What::Metrics => {
             let a = get("/metrics".into(), "text/plain").await?;
             std::io::stdout().write_all(&a.body).ok();

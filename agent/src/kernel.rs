@@ -199,6 +199,75 @@ fn ensure_mounted(
     Ok(target.into())
 }
 
+/// What [`join_host_cgroup_namespace`] found or did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CgroupNamespace {
+    /// Already in the node's.
+    Host,
+    /// Was in one of its own, now in the node's, entered through this process's.
+    Joined { through: u32 },
+    /// Stays in its own: why.
+    Kept(String),
+}
+
+/// The inode of the initial cgroup namespace, the node's (`PROC_CGROUP_INIT_INO`, fixed since
+/// cgroup namespaces exist).
+const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// A container runtime gives each container a cgroup namespace of its own (Kubernetes' default
+/// on cgroup v2 nodes), from which every other process's cgroup reads `/..`: brokers would have
+/// no cgroup id, memory or pressure figures. With the node's PID namespace (a DaemonSet's
+/// `hostPID`) the node's processes are visible, so the agent enters the node's cgroup namespace
+/// through one of them: PID 1, else the first process it may inspect that is in it. `setns`
+/// moves the calling thread only and threads inherit it, so this runs before any thread
+/// starts. Needs CAP_SYS_ADMIN (setns) and ptrace access to that process (CAP_SYS_PTRACE).
+pub fn join_host_cgroup_namespace() -> CgroupNamespace {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    match std::fs::metadata("/proc/self/ns/cgroup") {
+        Ok(m) if m.ino() == INIT_CGROUP_NS_INO => return CgroupNamespace::Host,
+        Ok(_) => {}
+        // No cgroup namespaces in this kernel: nothing to join.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CgroupNamespace::Host,
+        Err(e) => return CgroupNamespace::Kept(format!("/proc/self/ns/cgroup: {e}")),
+    }
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    let mut first_error = None;
+    for pid in pids {
+        let path = format!("/proc/{pid}/ns/cgroup");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                first_error.get_or_insert(format!("{path}: {e}"));
+                continue;
+            }
+        };
+        if !file.metadata().is_ok_and(|m| m.ino() == INIT_CGROUP_NS_INO) {
+            continue;
+        }
+        // SAFETY: setns takes a descriptor we own for the duration of the call; no memory is
+        // passed.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWCGROUP) };
+        if rc != 0 {
+            return CgroupNamespace::Kept(format!(
+                "setns through process {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        return CgroupNamespace::Joined { through: pid };
+    }
+    CgroupNamespace::Kept(format!(
+        "no process of the node's cgroup namespace could be inspected ({})",
+        first_error.unwrap_or_else(|| "none visible: no hostPID?".into())
+    ))
+}
+
 /// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it. Failure is normal where
 /// CAP_SYS_RESOURCE is withheld and the kernel accounts by memcg.
 fn raise_memlock() -> bool {

@@ -7,6 +7,7 @@
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
 //! `check-config` validates a config file and prints the effective configuration.
 
+mod capabilities;
 mod client;
 mod config;
 mod control;
@@ -66,7 +67,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Read from a running agent: brokers, state, metrics, diagnostics, config.
+    /// Read from a running agent: health, ready, brokers, state, metrics, diagnostics, config.
     Get {
         what: client::What,
         /// One broker (brokers, state).
@@ -325,6 +326,20 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // The configuration first: it says how to log. Its errors go to stderr as they are.
     let config = Config::load(config_path.as_deref(), std::env::vars())?;
     let logging = init_logging(config.log.format);
+    // Before the runtime starts its threads: setns moves only the calling thread.
+    match kernel::join_host_cgroup_namespace() {
+        kernel::CgroupNamespace::Host => {}
+        kernel::CgroupNamespace::Joined { through } => tracing::info!(
+            through_pid = through,
+            "joined the node's cgroup namespace: the container's own would show brokers' \
+             cgroups as /.."
+        ),
+        kernel::CgroupNamespace::Kept(why) => tracing::warn!(
+            error = %why,
+            "cannot join the node's cgroup namespace; brokers in other cgroups read /.. and \
+             have no cgroup id (needs hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE)"
+        ),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -361,6 +376,15 @@ async fn run_async(
     let addr = config.server.listen_addr()?;
     let listener = bind(addr).await?;
 
+    // Each capability withheld is named once, with what it costs, before anything fails on it.
+    let missing_caps = match capabilities::effective() {
+        Some(effective) => capabilities::missing(effective),
+        None => Vec::new(),
+    };
+    for (capability, lost) in &missing_caps {
+        tracing::warn!(%capability, lost, "missing capability");
+    }
+
     let model = Arc::new(Model::default());
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
     // programs are detached before it returns: other threads keep the model alive until exit.
@@ -393,13 +417,22 @@ async fn run_async(
                 }
                 Err(e) => {
                     let hint = if probes::is_permission_error(&e) {
-                        "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+                        let withheld: Vec<&str> = missing_caps
+                            .iter()
+                            .filter(|(c, _)| c.contains("CAP_BPF") || c.contains("CAP_PERFMON"))
+                            .map(|(c, _)| c.as_str())
+                            .collect();
+                        if withheld.is_empty() {
+                            "the agent needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)".to_string()
+                        } else {
+                            format!("the agent lacks {}", withheld.join(", and "))
+                        }
                     } else {
-                        "see the error for what this kernel lacks"
+                        "see the error for what this kernel lacks".to_string()
                     };
                     tracing::error!(
                         error = %format!("{e:#}"),
-                        hint,
+                        hint = %hint,
                         "step 4/5: probes not attached; serving with /ready at 503"
                     );
                     model.set_probe_error(e.to_string());

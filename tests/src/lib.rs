@@ -3,6 +3,8 @@
 //!
 //! The binary comes from `BROKERSCOPE_TEST_BIN` (set by `cargo xtask test`) or target/debug.
 
+pub mod deploy;
+pub mod image;
 pub mod kernel;
 
 use std::{
@@ -827,6 +829,12 @@ pub struct FakeBrokerSpec<'a> {
     /// Do not read the properties file (it may be a FIFO, a device, a link out): listen on
     /// nothing, as with a missing file.
     pub skip_properties: bool,
+    /// Run as this user and group id (as Strimzi runs Kafka, uid 1001), without capabilities.
+    /// The binary must then be where that user can reach it: see `bin`.
+    pub uid: Option<u32>,
+    /// The fake-broker binary to run instead of the one built with the tests (a copy in a
+    /// directory another user may enter: the workspace may be under a 0700 directory).
+    pub bin: Option<&'a Path>,
 }
 
 impl<'a> FakeBrokerSpec<'a> {
@@ -840,6 +848,8 @@ impl<'a> FakeBrokerSpec<'a> {
             options: &[],
             container: None,
             skip_properties: false,
+            uid: None,
+            bin: None,
         }
     }
 }
@@ -970,9 +980,10 @@ pub struct FakeBroker {
 impl FakeBroker {
     /// Starts it and waits (10 s at most) until it listens.
     pub fn start(spec: FakeBrokerSpec<'_>) -> Self {
-        let bin = match spec.container {
-            Some(_) => PathBuf::from("/.bs/fake-broker"),
-            None => fake_broker_bin(),
+        let bin = match (spec.container, spec.bin) {
+            (Some(_), _) => PathBuf::from("/.bs/fake-broker"),
+            (None, Some(bin)) => bin.to_path_buf(),
+            (None, None) => fake_broker_bin(),
         };
         let mut cmd = match spec.netns {
             Some(ns) => ns.command(&bin),
@@ -983,6 +994,11 @@ impl FakeBroker {
         }
         if spec.skip_properties {
             cmd.env("FAKE_BROKER_SKIP_PROPERTIES", "1");
+        }
+        if let Some(uid) = spec.uid {
+            use std::os::unix::process::CommandExt as _;
+            // std drops supplementary groups when root sets a uid.
+            cmd.uid(uid).gid(uid);
         }
         cmd.arg("kafka.Kafka").arg(spec.properties);
         for o in spec.overrides {

@@ -6,12 +6,15 @@
 //!   Idempotent; a no-op in well under a second once done.
 //! - `run`: setup, build, dev certificates under `.dev/pki` (git-ignored), then the agent on
 //!   127.0.0.1:8443 with the built-in defaults plus those certificates.
-//! - `test`: setup, build, every unit test, then the privileged end-to-end tests as root, then
-//!   every fuzz target for a few seconds each.
+//! - `test`: setup, build, every unit test, then the image (as `image` does) and the
+//!   privileged end-to-end tests as root, then every fuzz target for a few seconds each.
 //! - `fuzz`: the cargo-fuzz targets (fuzz/), each for a bounded time (docs/fuzzing.md).
+//! - `image`: the release binary as an OCI image archive under target/image (README, "Install
+//!   on Kubernetes").
 
 mod bench;
 mod fuzz;
+mod image;
 mod scrape;
 mod setup;
 mod vmtest;
@@ -65,6 +68,9 @@ enum Cmd {
         #[arg(long)]
         host_only: bool,
     },
+    /// Build the agent's OCI image (release binary and the shared objects it loads, nothing
+    /// else) as an OCI archive, by default target/image/brokerscope.oci.tar.
+    Image(image::Args),
     /// Build the fuzz targets (fuzz/, nightly) and run each for a bounded time; fails on a
     /// crash, naming the crashing input (docs/fuzzing.md).
     Fuzz(fuzz::Args),
@@ -107,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
         Cmd::Vmtest(args) => vmtest::main(&root, args),
         Cmd::Fuzz(args) => fuzz::main(&root, args),
+        Cmd::Image(args) => image::main(&root, args),
         Cmd::BenchBroker {
             case,
             fetch_file,
@@ -384,10 +391,15 @@ fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::R
              `sudo -E cargo xtask test` (unit tests passed)"
         );
     }
+    // The image the image tests run under runc (tests/tests/image.rs): the release build, as
+    // shipped.
+    let image = root.join(image::ARCHIVE);
+    image::build(root, &build_agent(root, true)?, &image)?;
     let mut e2e = cargo(root);
     // Every test binary runs even when one fails: the closing totals count them all.
     e2e.args(["test", "--no-fail-fast", "--package", "brokerscope-tests"])
-        .env("BROKERSCOPE_TEST_BIN", &bin);
+        .env("BROKERSCOPE_TEST_BIN", &bin)
+        .env("BROKERSCOPE_TEST_IMAGE", &image);
     if let Some(f) = filter {
         e2e.args(["--", f]);
     }

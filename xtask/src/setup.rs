@@ -29,7 +29,28 @@ const TEST_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "xfsprogs",
     "btrfs-progs",
+    // The image test runs the agent's OCI image the way the DaemonSet runs it (runc), checks
+    // that skopeo and buildah take the archive; `cargo xtask image` strips the binary with
+    // objcopy.
+    "runc",
+    "skopeo",
+    "buildah",
+    "binutils",
 ];
+
+/// PyPI packages the manifest test validates with, pinned, in a virtualenv of their own
+/// ([`VALIDATOR_VENV`]): kubernetes-validate's strict schemas for the built-in kinds, and models
+/// generated from cert-manager's and the Prometheus Operator's CRDs for theirs
+/// (tests/deploy/validate.py). The newest cloudcoil models need Python 3.12; these are the
+/// newest that install on this machine's 3.11.
+const VALIDATOR_PACKAGES: &[(&str, &str)] = &[
+    ("kubernetes-validate", "1.37.0"),
+    ("cloudcoil-models-cert-manager", "1.17.1.0"),
+    ("cloudcoil-models-prometheus-operator", "0.80.1.0"),
+];
+
+/// Where [`VALIDATOR_PACKAGES`] live, under $HOME (the tests find its interpreter there too).
+pub const VALIDATOR_VENV: &str = ".local/share/brokerscope/venv";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
@@ -81,6 +102,9 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
         // `cargo xtask test` ends with the fuzz targets.
         debian_packages(FUZZ_PACKAGES)?;
         cargo_fuzz()?;
+        // The manifests' offline checks (tests/tests/deploy.rs).
+        kubectl()?;
+        validators()?;
     }
     if needs == Needs::Bench {
         debian_packages(&["prometheus-node-exporter", "bpftrace"])?;
@@ -254,6 +278,72 @@ fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The image's tools: `objcopy` strips the binary, `ldd` names what it loads.
+pub fn image_tools() -> anyhow::Result<()> {
+    debian_packages(&["binutils", "libc-bin"])
+}
+
+/// kubectl with kustomize v5 (`kubectl kustomize` renders the overlays). Machines of this kind
+/// ship it at /usr/bin/kubectl; Debian's kubernetes-client is too old for kustomize v5.
+fn kubectl() -> anyhow::Result<()> {
+    let version = output(Command::new("kubectl").args(["version", "--client"])).context(
+        "kubectl is needed to render deploy/ (`kubectl kustomize`); install kubectl 1.27 or later",
+    )?;
+    let kustomize_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("Kustomize Version: v"))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    match kustomize_major {
+        Some(m) if m >= 5 => Ok(()),
+        _ => bail!(
+            "kubectl with kustomize v5 or later is needed to render deploy/; found:\n{version}"
+        ),
+    }
+}
+
+/// The manifest validators ([`VALIDATOR_PACKAGES`]) in [`VALIDATOR_VENV`], at their pinned
+/// versions.
+fn validators() -> anyhow::Result<()> {
+    let venv = home().join(VALIDATOR_VENV);
+    let python = venv.join("bin/python");
+    let wanted: Vec<String> = VALIDATOR_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    let check = format!(
+        "import importlib.metadata as m; print(' '.join(n + '==' + m.version(n) for n in {:?}))",
+        VALIDATOR_PACKAGES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+    );
+    if output(Command::new(&python).args(["-c", &check])).is_ok_and(|have| have == wanted.join(" "))
+    {
+        return Ok(());
+    }
+    if !python.exists() {
+        if output(Command::new("python3").args(["-m", "venv", "--help"])).is_err() {
+            debian_packages(&["python3-venv"])?;
+        }
+        eprintln!("setup: creating {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    eprintln!(
+        "setup: installing {wanted:?} from PyPI into {}",
+        venv.display()
+    );
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&wanted))
 }
 
 fn kernel() -> anyhow::Result<()> {

@@ -1079,13 +1079,12 @@ fn one_line(e: &ProbesError) -> (String, Option<String>) {
 fn verifier_reason(log: &str) -> &str {
     log.lines()
         .map(str::trim)
-        .filter(|l| {
+        .rfind(|l| {
             !l.is_empty()
                 && !["verification time", "stack depth", "processed "]
                     .iter()
                     .any(|s| l.starts_with(s))
         })
-        .next_back()
         .unwrap_or("the verifier logged nothing")
 }
 
