@@ -224,9 +224,16 @@ fn the_configmap_config_is_one_the_agent_accepts_and_the_daemonset_mounts_it() {
     let toml = config_map["data"]["brokerscope.toml"].as_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = write_temp(dir.path(), "brokerscope.toml", toml);
+    // check-config also reads the TLS files and tries the port, as `run` would: in the pod
+    // those are the Secret's files and the pod's own port; here, a test PKI and a free port.
+    let pki = brokerscope_tests::Pki::new();
     let out = Command::new(agent_bin())
         .arg("check-config")
         .arg(&file)
+        .env("BROKERSCOPE_SERVER_CERT_FILE", pki.path("tls.crt"))
+        .env("BROKERSCOPE_SERVER_KEY_FILE", pki.path("tls.key"))
+        .env("BROKERSCOPE_SERVER_CLIENT_CA_FILE", pki.path("ca.crt"))
+        .env("BROKERSCOPE_SERVER_LISTEN", "127.0.0.1:0")
         .output()
         .expect("run brokerscope check-config");
     assert!(
