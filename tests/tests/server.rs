@@ -895,10 +895,11 @@ fn listen_port_that_is_a_broker_port_is_refused_naming_both_keys() {
         assert!(!out.status.success(), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains(
-                "config key `server.listen` is invalid: server.listen port 18443 is also a broker \
-                 data-plane port (from discovery.listener_ports)"
-            ),
+            stderr.contains(&format!(
+                "config key `server.listen` ({} line 2) is invalid: server.listen port 18443 is \
+                 also a broker data-plane port (from discovery.listener_ports)",
+                config.display()
+            )),
             "{args:?}: {stderr}"
         );
     }
