@@ -364,6 +364,15 @@ fn a_stopped_brokers_listeners_are_released_with_their_series_after_the_grace_pe
         std::thread::sleep(Duration::from_millis(200));
     }
     let (_, after) = agent.get("/metrics");
+    let per_broker = series(&after)
+        .iter()
+        .filter(|s| s.contains("broker=\"2\"") && !s.contains("listener="))
+        .count();
+    let per_listener = series(&after)
+        .iter()
+        .filter(|s| s.contains("listener=\"PLAINTEXT\""))
+        .count();
+    eprintln!("series: {per_broker} per broker, {per_listener} per listener (broker 2, PLAINTEXT)");
     eprintln!(
         "{CYCLES} broker restarts in new namespaces: /metrics {} bytes, {} series, {} listener \
          slots before the grace period ended; {} bytes, {} series, 1 slot after (one restart: \
