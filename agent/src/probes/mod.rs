@@ -3,6 +3,7 @@
 //! Owns every kernel object the agent creates: dropping [`Probes`] detaches and unloads them all.
 //! Nothing outside this module touches a map; the model asks for a [`ProbeSnapshot`].
 
+mod attach;
 mod batch;
 mod btf;
 #[cfg(test)]
@@ -29,7 +30,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
+    programs::{Iter, TracePoint},
 };
 use brokerscope_common::{
     processes::PROCESS_OFFSETS_GLOBAL,
@@ -46,6 +47,7 @@ use brokerscope_common::{
 use tokio::io::unix::AsyncFd;
 
 use crate::{config::ProbesConfig, kernel::KernelFacts};
+use attach::pin_held;
 use pins::Held;
 
 /// The kernel programs, built by build.rs (aya-build) and embedded in the binary.
@@ -330,20 +332,7 @@ impl Probes {
             |category: &str, name: &str| tracefs::Format::read(&kernel.tracefs, category, name),
             &kernel_types,
         );
-        let Offsets {
-            sockets: offsets,
-            processes: process_offsets,
-            events: event_offsets,
-            state: state_offsets,
-            resources: resource_offsets,
-        } = all;
-        tracing::debug!(
-            ?offsets,
-            ?process_offsets,
-            ?event_offsets,
-            ?state_offsets,
-            "resolved offsets"
-        );
+        tracing::debug!(offsets = ?all, "resolved offsets");
         for (program, reason) in lacks.iter() {
             tracing::info!(
                 program = program.name(),
@@ -353,84 +342,14 @@ impl Probes {
         }
         // The direct loads of the BTF programs get this kernel's offsets; a program whose
         // loads cannot be patched is not loaded, and its fallback serves.
-        let patched = fields::FieldOffsets::resolve(
-            &kernel_types,
-            &offsets,
-            &event_offsets,
-            &resource_offsets,
-        )
-        .and_then(|field_offsets| {
-            tracing::debug!(cast = ?field_offsets.cast(), "socket cast to struct tcp_sock");
-            fields::patch(EBPF_OBJECT, &field_offsets)
-        });
-        let (object, unpatched) = match &patched {
-            Ok(object) => {
-                tracing::debug!(
-                    instructions = object.patched,
-                    refused = ?object.refused,
-                    "patched direct loads"
-                );
-                (object.bytes(), None)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "direct loads not patched: BTF programs not loaded");
-                (EBPF_OBJECT, Some(e.clone()))
-            }
-        };
-        let refusals: Vec<(Program, fields::PatchError)> = Program::ALL
-            .into_iter()
-            .filter(|p| p.btf_tracepoint().is_some())
-            .filter_map(|p| match (&patched, &unpatched) {
-                (_, Some(e)) => Some((p, e.clone())),
-                (Ok(object), None) => object.refusal(p.hook()).map(|e| (p, e.clone())),
-                (Err(_), None) => None,
-            })
-            .collect();
-        let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
-        let buckets = first_tier / CONN_WAYS as u32;
-        // Everything that decides the maps and the programs, so only exactly these are adopted.
-        let layout = pins::Layout::of(&[
-            object,
-            format!(
-                "{buckets} {offsets:?} {event_offsets:?} {process_offsets:?} {state_offsets:?} \
-                 {resource_offsets:?} {} {}",
-                config.listeners_capacity, config.connections_capacity
-            )
-            .as_bytes(),
-        ]);
-        let pins = open_pins(&config.pin_dir, layout);
-        let map_paths: Vec<(String, std::path::PathBuf)> = match &pins {
-            Some(pins) => pinned_maps(object)?
-                .into_iter()
-                .map(|name| {
-                    let path = pins.map_path(&name);
-                    (name, path)
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name.as_str(), path.as_path());
-        }
-        let mut ebpf = loader
-            .override_global(CONN_BUCKETS_GLOBAL, &buckets, true)
-            .override_global(SOCKET_OFFSETS_GLOBAL, &offsets, true)
-            .override_global(EVENT_OFFSETS_GLOBAL, &event_offsets, true)
-            .override_global(PROCESS_OFFSETS_GLOBAL, &process_offsets, true)
-            .override_global(STATE_OFFSETS_GLOBAL, &state_offsets, true)
-            .override_global(RESOURCE_OFFSETS_GLOBAL, &resource_offsets, true)
-            .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
-            .map_max_entries(LISTENERS_AUTO_MAP, config.listeners_capacity)
-            .map_max_entries(WATCHED_MAP, config.listeners_capacity)
-            .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
-            .map_max_entries(CONNECTIONS_MAP, buckets)
-            .map_max_entries(CONN_STATES_MAP, first_tier)
-            // A map cannot be empty; an unused spill tier is switched off below.
-            .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
-            .map_max_entries(SLOT_KEYS_MAP, config.listeners_capacity)
-            .load(object)
-            .map_err(|e| ProbesError::Load(Box::new(e)))?;
+        let patched =
+            fields::FieldOffsets::resolve(&kernel_types, &all.sockets, &all.events, &all.resources)
+                .and_then(|field_offsets| {
+                    tracing::debug!(cast = ?field_offsets.cast(), "socket cast to struct tcp_sock");
+                    fields::patch(EBPF_OBJECT, &field_offsets)
+                });
+        let (object, refusals) = object_and_refusals(&patched);
+        let (mut ebpf, pins) = load_object(object, &all, config)?;
         drop(patched);
         let adopting = pins.as_ref().is_some_and(pins::Pins::adopted);
         let counting_since = records::counting_since(&mut ebpf, adopting)?;
@@ -449,120 +368,14 @@ impl Probes {
         spawn_kernel_log(&mut ebpf)?;
 
         let btf = aya::Btf::from_sys_fs().map_err(|e| ProbesError::KernelBtf(Box::new(e)))?;
-        // Decided here, per kernel: a program this kernel refuses either stops the agent (the
-        // core one) or leaves its capability to a fallback, said in the log, in /ready's
-        // `degraded` list and by its absence from `brokerscope_probe_attached`.
-        let mut attached = Vec::new();
-        let mut degraded = Vec::new();
-        let mut standby = Vec::new();
-        let mut map_iters = Vec::new();
-        let mut held = Vec::new();
-        let mut adopted_fds = Vec::new();
-        // Alternatives in order of preference, then every other program. Once one of a set of
-        // alternatives serves, the rest are not attached.
-        let first: Vec<Program> = Program::ALTERNATIVES
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        let order = first
-            .clone()
-            .into_iter()
-            .chain(Program::ALL.into_iter().filter(|p| !first.contains(p)));
-        let mut skipped_node_wide = Vec::new();
-        for program in order {
-            let is_attached = |p: Program, attached: &[Attachment]| {
-                attached.iter().any(|a| a.program == p.name())
-            };
-            let served = Program::ALTERNATIVES.iter().any(|set| {
-                set.contains(&program) && set.iter().any(|p| is_attached(*p, &attached))
-            });
-            if served {
-                continue;
-            }
-            let disabled = config.disabled_programs.iter().any(|d| d == program.name());
-            let skipped = program.node_wide() && !config.node_wide_hooks;
-            if let Some(pins) = &pins {
-                if disabled || skipped {
-                    // An earlier agent's hook that this configuration leaves out.
-                    pins.unpin_link(program);
-                } else if program.standby().is_none()
-                    && let Some(adopted) = pins.adopt_link(program)
-                {
-                    match adopted {
-                        Ok(a) => {
-                            attached.push(adopted_attachment(program, &a));
-                            held.push((program, a.link));
-                            adopted_fds.extend(a.program.map(|fd| (program, fd)));
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(program = program.name(), error = %e, "cannot adopt the pinned link: attaching anew");
-                            pins.unpin_link(program);
-                        }
-                    }
-                }
-            }
-            if skipped {
-                skipped_node_wide.push(program.name());
-                continue;
-            }
-            let refused = refusals.iter().find(|(p, _)| *p == program);
-            let result = if disabled {
-                Err(ProbesError::Disabled)
-            } else if let Some(reason) = lacks.why(program) {
-                Err(ProbesError::Lacks(reason.to_string()))
-            } else if let Some((_, e)) = refused {
-                Err(ProbesError::Fields(e.clone()))
-            } else if program.standby().is_some() {
-                load_standby(&mut ebpf, program).map(|id| {
-                    let link = match pins.as_ref().and_then(|p| p.adopt_link(program)) {
-                        Some(Ok(a)) => {
-                            // Attached on demand by the earlier agent; the demand thread
-                            // detaches it if no longer wanted.
-                            attached.push(adopted_attachment(program, &a));
-                            Some(a.link)
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(program = program.name(), error = %e, "cannot adopt the pinned link");
-                            None
-                        }
-                        None => None,
-                    };
-                    standby.push(OnStandby { program, id, link });
-                    None
-                })
-            } else {
-                attach(&mut ebpf, &btf, program, &mut map_iters).map(Some)
-            };
-            match result {
-                Ok(Some((a, link))) => {
-                    attached.push(a);
-                    if let Some(link) = link {
-                        held.push((program, pin_held(pins.as_ref(), program, link)));
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let fallback = program.fallback();
-                    let (error, verifier_log) = one_line(&e);
-                    tracing::warn!(program = program.name(), %error, fallback, "program not attached");
-                    degraded.push(Degraded {
-                        program,
-                        error,
-                        verifier_log,
-                    });
-                }
-            }
-        }
-        if !skipped_node_wide.is_empty() {
-            tracing::info!(
-                programs = ?skipped_node_wide,
-                "node-wide hooks off (probes.node_wide_hooks = false): each is a syscall \
-                 tracepoint, which slows every syscall of every process on the node by ~20% \
-                 while attached"
-            );
-        }
+        let attach::Hooks {
+            attached,
+            degraded,
+            standby,
+            map_iters,
+            held,
+            adopted_fds,
+        } = attach::attach_all(&mut ebpf, &btf, config, pins.as_ref(), &lacks, &refusals);
         let events_attached =
             |p: Program| attached.iter().any(|a: &Attachment| a.program == p.name());
         let exec_events = events_attached(Program::ProcessExec)
@@ -579,7 +392,7 @@ impl Probes {
             resources.adopt();
         }
         sockets.set_watch_all(config.watch_all_listeners)?;
-        sockets.set_spill(spill_tier > 0)?;
+        sockets.set_spill(connection_tiers(config.connections_capacity).1 > 0)?;
         let broker_records = records::BrokerRecords::take(&mut ebpf)?;
         // Without both exec and exit events, discovery polls instead.
         let process_events = if exec_events {
@@ -1026,6 +839,91 @@ impl Drop for Probes {
     }
 }
 
+/// The object to load (patched, or as built if it could not be), and the BTF programs that
+/// cannot run from it, each with why.
+fn object_and_refusals(
+    patched: &Result<fields::Object, fields::PatchError>,
+) -> (&[u8], Vec<(Program, fields::PatchError)>) {
+    let (object, unpatched) = match patched {
+        Ok(object) => {
+            tracing::debug!(
+                instructions = object.patched,
+                refused = ?object.refused,
+                "patched direct loads"
+            );
+            (object.bytes(), None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "direct loads not patched: BTF programs not loaded");
+            (EBPF_OBJECT, Some(e.clone()))
+        }
+    };
+    let refusals = Program::ALL
+        .into_iter()
+        .filter(|p| p.btf_tracepoint().is_some())
+        .filter_map(|p| match (patched, &unpatched) {
+            (_, Some(e)) => Some((p, e.clone())),
+            (Ok(object), None) => object.refusal(p.hook()).map(|e| (p, e.clone())),
+            (Err(_), None) => None,
+        })
+        .collect();
+    (object, refusals)
+}
+
+/// Loads `object` with this kernel's offsets and the configured capacities, its maps pinned
+/// (or adopted) under the layout's pin directory when pinning is on.
+fn load_object(
+    object: &[u8],
+    all: &Offsets,
+    config: &ProbesConfig,
+) -> Result<(Ebpf, Option<pins::Pins>), ProbesError> {
+    let (first_tier, spill_tier) = connection_tiers(config.connections_capacity);
+    let buckets = first_tier / CONN_WAYS as u32;
+    // Everything that decides the maps and the programs, so only exactly these are adopted.
+    let layout = pins::Layout::of(&[
+        object,
+        format!(
+            "{buckets} {all:?} {} {}",
+            config.listeners_capacity, config.connections_capacity
+        )
+        .as_bytes(),
+    ]);
+    let pins = open_pins(&config.pin_dir, layout);
+    let map_paths: Vec<(String, std::path::PathBuf)> = match &pins {
+        Some(pins) => pinned_maps(object)?
+            .into_iter()
+            .map(|name| {
+                let path = pins.map_path(&name);
+                (name, path)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let ebpf = loader
+        .override_global(CONN_BUCKETS_GLOBAL, &buckets, true)
+        .override_global(SOCKET_OFFSETS_GLOBAL, &all.sockets, true)
+        .override_global(EVENT_OFFSETS_GLOBAL, &all.events, true)
+        .override_global(PROCESS_OFFSETS_GLOBAL, &all.processes, true)
+        .override_global(STATE_OFFSETS_GLOBAL, &all.state, true)
+        .override_global(RESOURCE_OFFSETS_GLOBAL, &all.resources, true)
+        .map_max_entries(LISTENERS_MAP, config.listeners_capacity)
+        .map_max_entries(LISTENERS_AUTO_MAP, config.listeners_capacity)
+        .map_max_entries(WATCHED_MAP, config.listeners_capacity)
+        .map_max_entries(LISTEN_SOCKS_MAP, config.listeners_capacity)
+        .map_max_entries(CONNECTIONS_MAP, buckets)
+        .map_max_entries(CONN_STATES_MAP, first_tier)
+        // A map cannot be empty; an unused spill tier is switched off after the load.
+        .map_max_entries(CONNECTIONS_SPILL_MAP, spill_tier.max(1))
+        .map_max_entries(SLOT_KEYS_MAP, config.listeners_capacity)
+        .load(object)
+        .map_err(|e| ProbesError::Load(Box::new(e)))?;
+    Ok((ebpf, pins))
+}
+
 /// Capabilities none of whose programs `serves`, each with why its programs were refused.
 fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool) -> Vec<String> {
     let mut missing: Vec<(Capability, Vec<String>)> = Vec::new();
@@ -1047,45 +945,6 @@ fn missing_capabilities(degraded: &[Degraded], serves: impl Fn(Program) -> bool)
         .into_iter()
         .map(|(c, reasons)| format!("{} ({})", c.describe(), reasons.join("; ")))
         .collect()
-}
-
-/// `e` in one line, and the verifier's log apart when the verifier refused the program: the
-/// log is many lines (all of them go to the diagnostics bundle); its line that says why, with
-/// the statistics after it left out, is in the summary.
-fn one_line(e: &ProbesError) -> (String, Option<String>) {
-    if let ProbesError::Program {
-        program,
-        hook,
-        source,
-    } = e
-        && let aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } = source.as_ref()
-    {
-        let log = verifier_log.to_string();
-        let why = verifier_reason(&log);
-        let summary = format!(
-            "cannot load program {program} for {hook}: the kernel's verifier refused it \
-             ({io_error}): {why} (its whole log is in the diagnostics bundle)"
-        );
-        return (summary, Some(log));
-    }
-    let text = e.to_string();
-    (text.lines().collect::<Vec<_>>().join(" | "), None)
-}
-
-/// The line of a verifier log that says why: its last one but the statistics.
-fn verifier_reason(log: &str) -> &str {
-    log.lines()
-        .map(str::trim)
-        .rfind(|l| {
-            !l.is_empty()
-                && !["verification time", "stack depth", "processed "]
-                    .iter()
-                    .any(|s| l.starts_with(s))
-        })
-        .unwrap_or("the verifier logged nothing")
 }
 
 /// Opens the pin directory of `layout` under `base` (`None`: pinning is off, or the directory
@@ -1118,148 +977,6 @@ fn pinned_maps(object: &[u8]) -> Result<Vec<String>, ProbesError> {
         .collect();
     names.sort_unstable();
     Ok(names)
-}
-
-/// How an adopted link shows in /ready and `brokerscope_probe_attached`.
-fn adopted_attachment(program: Program, adopted: &pins::Adopted) -> Attachment {
-    tracing::info!(
-        program = program.name(),
-        hook = program.hook(),
-        id = adopted.program_id,
-        "attached by an earlier agent and counting since: adopted"
-    );
-    Attachment {
-        program: program.name(),
-        hook: program.hook(),
-        id: adopted.program_id,
-        scope: program.scope(),
-    }
-}
-
-/// Pins `link` if pins are on; a link that cannot be pinned still counts, until the agent
-/// stops.
-fn pin_held(pins: Option<&pins::Pins>, program: Program, link: Held) -> Held {
-    if let Some(pins) = pins
-        && let Err(e) = pins.pin_link(program, &link)
-    {
-        tracing::warn!(program = program.name(), error = %e, "not pinned: this hook's counts start over with the next agent");
-    }
-    link
-}
-
-/// Loads a tracepoint program on standby without attaching it; its id.
-fn load_standby(ebpf: &mut Ebpf, program: Program) -> Result<u32, ProbesError> {
-    let (name, hook) = (program.name(), program.hook());
-    let err = |source| ProbesError::Program {
-        program: name,
-        hook,
-        source: Box::new(source),
-    };
-    let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
-        kind: "program",
-        name,
-    })?;
-    let prog: &mut TracePoint = prog.try_into().map_err(err)?;
-    prog.load().map_err(err)?;
-    let id = prog.info().map_err(err)?.id();
-    tracing::info!(program = name, hook, id, "loaded, on standby");
-    Ok(id)
-}
-
-/// Loads and attaches `program`; its link, for the caller to hold (an iterator has none: it is
-/// instantiated per read).
-fn attach(
-    ebpf: &mut Ebpf,
-    btf: &aya::Btf,
-    program: Program,
-    map_iters: &mut Vec<(Program, &'static str, map_iter::MapIter)>,
-) -> Result<(Attachment, Option<Held>), ProbesError> {
-    let (name, hook) = (program.name(), program.hook());
-    let err = |source| ProbesError::Program {
-        program: name,
-        hook,
-        source: Box::new(source),
-    };
-    // A map iterator's targets, opened before the program is borrowed.
-    let iterated: &[&'static str] = match program {
-        Program::ConnLive => &[CONNECTIONS_MAP],
-        Program::ConnSpillLive => &[CONNECTIONS_SPILL_MAP],
-        Program::ListenLive => &[LISTEN_SOCKS_MAP],
-        _ => &[],
-    };
-    let map_fds = iterated
-        .iter()
-        .map(|&map| Ok((map, map_fd(ebpf, map)?)))
-        .collect::<Result<Vec<_>, ProbesError>>()?;
-    let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
-        kind: "program",
-        name,
-    })?;
-    let (id, link) = match (
-        program.raw_tracepoint(),
-        program.btf_tracepoint(),
-        program.tracepoint(),
-    ) {
-        (Some(tracepoint), _, _) => {
-            let prog: &mut RawTracePoint = prog.try_into().map_err(err)?;
-            prog.load().map_err(err)?;
-            let link = prog.attach(tracepoint).map_err(err)?;
-            let link = prog.take_link(link).map_err(err)?;
-            (
-                prog.info().map_err(err)?.id(),
-                Some(Held::link(link.into())?),
-            )
-        }
-        (None, Some(tracepoint), _) => {
-            let prog: &mut BtfTracePoint = prog.try_into().map_err(err)?;
-            prog.load(tracepoint, btf).map_err(err)?;
-            let link = prog.attach().map_err(err)?;
-            let link = prog.take_link(link).map_err(err)?;
-            (
-                prog.info().map_err(err)?.id(),
-                Some(Held::link(link.into())?),
-            )
-        }
-        (None, None, Some((category, tracepoint))) => {
-            let prog: &mut TracePoint = prog.try_into().map_err(err)?;
-            prog.load().map_err(err)?;
-            let link = prog.attach(category, tracepoint).map_err(err)?;
-            let link = prog.take_link(link).map_err(err)?;
-            (
-                prog.info().map_err(err)?.id(),
-                Some(Held::tracepoint(link)?),
-            )
-        }
-        (None, None, None) => {
-            let prog: &mut Iter = prog.try_into().map_err(err)?;
-            if map_fds.is_empty() {
-                // The socket iterator is instantiated inside each namespace it sweeps.
-                prog.load("tcp", btf).map_err(err)?;
-            } else {
-                // Linked to its maps now, instantiated per scrape.
-                prog.load("bpf_map_elem", btf).map_err(err)?;
-                let fd = prog.fd().map_err(err)?;
-                for (map, map_fd) in map_fds {
-                    let iter = map_iter::MapIter::attach(fd.as_fd(), map_fd.as_fd()).map_err(
-                        |source| ProbesError::Link {
-                            program: name,
-                            source,
-                        },
-                    )?;
-                    map_iters.push((program, map, iter));
-                }
-            }
-            (prog.info().map_err(err)?.id(), None)
-        }
-    };
-    tracing::info!(program = name, hook, id, "attached");
-    let attachment = Attachment {
-        program: name,
-        hook,
-        id,
-        scope: program.scope(),
-    };
-    Ok((attachment, link))
 }
 
 /// The kernel's `bpf_prog_info` of a program, read whole: its run time and count, and
@@ -1519,20 +1236,6 @@ fn spawn_kernel_log(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_verifier_log_is_summed_up_by_its_reason() {
-        // The tail of Debian 6.12's refusal of process_exit_btf (a tp_btf argument it lacks).
-        let log = "90: (63) *(u32 *)(r0 +0) = r1\n91: (79) r1 = *(u64 *)(r6 +8)\n\
-                   func 'sched_process_exit' doesn't have 2-th argument\n\
-                   invalid bpf_context access off=8 size=8\nverification time 4884 usec\n\
-                   stack depth 8\nprocessed 87 insns (limit 1000000) max_states_per_insn 0\n";
-        assert_eq!(
-            verifier_reason(log),
-            "invalid bpf_context access off=8 size=8"
-        );
-        assert_eq!(verifier_reason(""), "the verifier logged nothing");
-    }
 
     #[test]
     fn a_capability_is_missing_only_when_none_of_its_programs_serves() {
