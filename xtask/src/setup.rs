@@ -29,6 +29,9 @@ const TEST_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "xfsprogs",
     "btrfs-progs",
+    // The `brokerscope top` test drives the terminal view in a real terminal (tmux send-keys,
+    // capture-pane, resize-window).
+    "tmux",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
