@@ -6,7 +6,7 @@
 //! `run` starts the agent in a fixed order, each step logged: config -> TLS material -> kernel
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
 //! `check-config` validates a config file and prints the effective configuration. `get`, `set`,
-//! `events` and `logs` are the operator's client of a running agent (`client`);
+//! `events`, `logs` and `top` are the operator's client of a running agent (`client`);
 //! `completions` and `man` are generated from the command line defined here.
 
 mod client;
@@ -146,6 +146,17 @@ Examples:
         #[command(flatten)]
         connection: client::Connection,
     },
+    /// A live view of every broker on a node: listeners' traffic and brokers' resources.
+    #[command(after_help = "\
+Keys: q quit, s next sort column, r reverse the sort, / filter (Enter keeps it, Esc clears it).
+Rates are over the last refresh; latencies are over the last 60 s, shown as the upper bound of
+the agent's power-of-two bucket that holds the quantile (<2ms). One /metrics request per refresh.")]
+    Top {
+        #[command(flatten)]
+        options: client::top::Options,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
     /// Shell completions on stdout, e.g. `brokerscope completions bash >
     /// /etc/bash_completion.d/brokerscope`.
     Completions { shell: clap_complete::Shell },
@@ -191,7 +202,7 @@ enum PkiCommand {
 }
 
 /// The command line: `brokerscope run | pki dev | check-config | cleanup | get | set | events |
-/// logs | completions | man`.
+/// logs | top | completions | man`.
 pub fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
@@ -282,6 +293,10 @@ pub fn main() -> ExitCode {
                 output,
             ));
         }
+        Command::Top {
+            options,
+            connection,
+        } => return client_run(client::top::run(connection, options)),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

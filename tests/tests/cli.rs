@@ -1,19 +1,23 @@
 //! The operator CLI as a person and a script meet it, end to end: the real `brokerscope` binary
 //! as a client process of a real agent over mTLS, with fake brokers and real traffic. Tables,
 //! `-o json|yaml|wide|tar.gz`, exit codes, `--broker` hints, `logs -f` and `events -f`, the
-//! rate limit.
+//! rate limit, and `top` driven in a real terminal (tmux).
 
 use std::{
     io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
 use brokerscope_tests::{
     Agent, FakeBroker, FakeBrokerSpec, KillOnDrop, agent_bin, broker_properties, discovery_config,
-    privileged, wait_broker_running,
+    eventually, fake_request, privileged, wait_broker_running,
 };
 use serde_json::Value;
 
@@ -307,7 +311,15 @@ fn cli_completions_and_man_pages_come_from_the_command_line() {
     let bash = run(&["completions", "bash"]);
     assert!(bash.contains("complete -F _brokerscope"), "{bash}");
     // Every subcommand and the output formats are offered.
-    for word in ["logs", "events", "completions", "tar.gz", "yaml", "wide"] {
+    for word in [
+        "top",
+        "logs",
+        "events",
+        "completions",
+        "tar.gz",
+        "yaml",
+        "wide",
+    ] {
         assert!(bash.contains(word), "bash completion lacks {word}");
     }
     // bash itself accepts the script.
@@ -336,7 +348,12 @@ fn cli_completions_and_man_pages_come_from_the_command_line() {
     assert!(man.contains("Exit codes"), "{man}");
     let dir = tempfile::tempdir().unwrap();
     run(&["man", "--dir", dir.path().to_str().unwrap()]);
-    for page in ["brokerscope.1", "brokerscope-get.1", "brokerscope-logs.1"] {
+    for page in [
+        "brokerscope.1",
+        "brokerscope-get.1",
+        "brokerscope-top.1",
+        "brokerscope-logs.1",
+    ] {
         let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
         assert!(text.starts_with(".ie"), "{page}: {text}");
     }
@@ -470,4 +487,234 @@ fn cli_waits_out_the_rate_limit_instead_of_failing() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A tmux server of the test's own (its socket in a temp dir), killed on drop.
+struct Tmux {
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmux {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            socket: dir.path().join("tmux.sock"),
+            _dir: dir,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        // The first command starts the server: its environment is the panes'.
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env("TZ", TZ)
+            .output()
+            .expect("tmux (cargo xtask setup installs it)")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "tmux {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.ok(&["capture-pane", "-p", "-t", "top"])
+    }
+
+    /// Captures the pane until `f` holds (10 s at most); the last screen.
+    fn wait(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let screen = self.screen();
+            if f(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// The screen's line holding `needle`.
+fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
+    screen
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle}:\n{screen}"))
+}
+
+#[test]
+fn top_shows_brokers_and_listeners_live_in_a_terminal() {
+    if !privileged("top_shows_brokers_and_listeners_live_in_a_terminal") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = one_broker(dir.path(), "7", "kafka-7");
+    let port = broker.listeners[0].1;
+    let agent = Agent::start(&discovery_config(dir.path(), ""));
+    wait_broker_running(&agent, "7", broker.pid);
+
+    // Not a terminal: refused plainly, exit 2.
+    let (code, _, err) = cli(&agent, &["top"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs a terminal"), "{err}");
+
+    let tmux = Tmux::new();
+    let status = dir.path().join("top.status");
+    let mut top = vec![agent_bin().display().to_string()];
+    top.extend(
+        [
+            "top",
+            "--interval",
+            "500ms",
+            "--url",
+            &format!("https://localhost:{}", agent.port()),
+        ]
+        .map(String::from),
+    );
+    top.extend(agent.client_args());
+    let shell = format!("{}; echo \"exit $?\" > {}", top.join(" "), status.display());
+    tmux.ok(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "sh",
+        "-c",
+        &shell,
+    ]);
+    tmux.wait("the brokers table", |s| s.contains("brokers (1)"));
+
+    // Real traffic while top watches: one connection stays open and keeps sending; short ones
+    // open, answer and close (their RTT is observed when they close).
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut long = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                fake_request(&mut long, 64 * 1024, 16 * 1024).unwrap();
+                let mut short = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                fake_request(&mut short, 100, 100).unwrap();
+                drop(short);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let rate = regex::Regex::new(r"[1-9][0-9.]* [kM]B/s").unwrap();
+    let rtt = regex::Regex::new(r"<[0-9]+(us|ms) +<[0-9]+(us|ms) *│").unwrap();
+    let screen = tmux.wait("traffic, rates and RTT on the listener row", |s| {
+        s.lines()
+            .any(|l| l.contains("PLAINTEXT") && rate.find_iter(l).count() == 2 && rtt.is_match(l))
+    });
+    eprintln!("top at 120x40:\n{screen}");
+    let header = line_with(&screen, "LISTENER");
+    for column in [
+        "CONNS", "IN/s", "OUT/s", "RESETS", "RETRANS", "RTT p50", "RTT p99",
+    ] {
+        assert!(header.contains(column), "{screen}");
+    }
+    let row = line_with(&screen, "PLAINTEXT");
+    let cells: Vec<&str> = row
+        .trim_matches(['│', ' '])
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        cells[..3],
+        ["7", "PLAINTEXT", &port.to_string()],
+        "{screen}"
+    );
+    // The long connection is open (a short one may be too at that instant).
+    assert!(["1", "2"].contains(&cells[3]), "{screen}");
+    let b = line_with(&screen, "kafka-7");
+    assert!(
+        b.contains("RUNNING (3)") && b.contains(&broker.pid.to_string()),
+        "{screen}"
+    );
+    assert!(screen.contains("https://localhost:"), "{screen}");
+    // The refresh time is local (the test's TZ).
+    assert!(
+        line_with(&screen, "brokerscope top").contains("+05:30"),
+        "{screen}"
+    );
+
+    // Sort and filter from the keyboard.
+    tmux.ok(&["send-keys", "-t", "top", "s"]);
+    tmux.wait("sort by connections", |s| {
+        s.contains("sort conns desc") && s.contains("CONNSv")
+    });
+    tmux.ok(&["send-keys", "-t", "top", "/", "z", "z", "z", "Enter"]);
+    tmux.wait("a filter matching nothing", |s| {
+        s.contains("brokers (0)") && s.contains("listeners (0)") && s.contains("filter: zzz")
+    });
+    tmux.ok(&["send-keys", "-t", "top", "/", "Escape"]);
+    tmux.wait("the filter cleared", |s| s.contains("brokers (1)"));
+
+    // Narrower: the essential columns stay.
+    tmux.ok(&["resize-window", "-t", "top", "-x", "80", "-y", "30"]);
+    let narrow = tmux.wait("the narrow layout", |s| {
+        s.lines().next().is_some_and(|l| l.chars().count() <= 80)
+            && s.contains("RTT p99")
+            && !s.contains("RTT p50")
+    });
+    // The title keeps what matters when it is short of room: the sort.
+    assert!(
+        narrow.lines().next().unwrap().contains("sort conns desc"),
+        "{narrow}"
+    );
+    eprintln!("top at 80x30:\n{narrow}");
+    assert!(
+        line_with(&narrow, "PLAINTEXT").contains(&port.to_string()),
+        "{narrow}"
+    );
+    // Short: the brokers only, said so.
+    tmux.ok(&["resize-window", "-t", "top", "-x", "80", "-y", "9"]);
+    let short = tmux.wait("the short layout", |s| s.contains("listeners hidden"));
+    eprintln!("top at 80x9:\n{short}");
+    assert!(
+        short.contains("RUNNING (3)") && !short.contains("PLAINTEXT"),
+        "{short}"
+    );
+    // Tiny: one sentence, no garbage.
+    tmux.ok(&["resize-window", "-t", "top", "-x", "24", "-y", "4"]);
+    tmux.wait("the too-small notice", |s| s.contains("terminal too"));
+    // Back to full size: everything again.
+    tmux.ok(&["resize-window", "-t", "top", "-x", "120", "-y", "40"]);
+    tmux.wait("the full layout again", |s| {
+        s.contains("RTT p50") && s.contains("PLAINTEXT")
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+
+    // 'q' quits cleanly: exit 0, the session (and terminal) handed back.
+    tmux.ok(&["send-keys", "-t", "top", "q"]);
+    let status = eventually("top to exit", Duration::from_secs(5), || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    assert_eq!(status, "exit 0\n");
+    eventually("the tmux session to end", Duration::from_secs(5), || {
+        (!tmux.run(&["has-session", "-t", "top"]).status.success()).then_some(())
+    });
 }

@@ -1,15 +1,16 @@
-//! The operator's command-line client (`brokerscope get|set|events|logs`): requests to the
+//! The operator's command-line client (`brokerscope get|set|events|logs|top`): requests to the
 //! agent's mTLS endpoint with the same identity files, the answer printed as an aligned table,
 //! JSON or YAML, a clear sentence for every way it can be refused, and an exit code that says
 //! which ([`ClientError::exit_code`]).
 //!
 //! Owns nothing of the agent; it only speaks HTTP/1.1 over rustls to `--url`. [`table`] shapes
 //! answers for people, [`time`] reads and writes durations and times, [`metrics`] reads
-//! `/metrics` back.
+//! `/metrics` back, [`top`] is the live terminal view.
 
 mod metrics;
 mod table;
 mod time;
+pub mod top;
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -36,7 +37,7 @@ const RATE_LIMIT_RETRIES: u32 = 5;
 /// Longest `Retry-After` honoured in one wait; a longer one is an error at once.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
-pub use self::time::{Since, init_local_offset, parse_since};
+pub use self::time::{Since, init_local_offset, parse_duration, parse_since};
 
 /// The process's exit codes (README, "Exit codes").
 pub mod exit {
