@@ -564,7 +564,7 @@ fn top_shows_brokers_and_listeners_live_in_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let broker = one_broker(dir.path(), "7", "kafka-7");
     let port = broker.listeners[0].1;
-    let agent = Agent::start(&discovery_config(dir.path(), ""));
+    let mut agent = Agent::start(&discovery_config(dir.path(), ""));
     wait_broker_running(&agent, "7", broker.pid);
 
     // Not a terminal: refused plainly, exit 2.
@@ -705,6 +705,17 @@ fn top_shows_brokers_and_listeners_live_in_a_terminal() {
 
     stop.store(true, Ordering::Relaxed);
     traffic.join().unwrap();
+
+    // The agent goes away: the last rows stay, the footer says why they are not refreshed,
+    // and the keys still answer.
+    agent.kill();
+    let gone = tmux.wait("the agent's absence in the footer", |s| {
+        s.contains("! cannot connect to localhost:")
+    });
+    assert!(
+        gone.contains("RUNNING (3)") && gone.contains("PLAINTEXT"),
+        "{gone}"
+    );
 
     // 'q' quits cleanly: exit 0, the session (and terminal) handed back.
     tmux.ok(&["send-keys", "-t", "top", "q"]);

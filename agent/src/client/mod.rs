@@ -182,6 +182,11 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the terminal: {source}")]
+    Terminal {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -205,7 +210,8 @@ impl ClientError {
             | ClientError::Handshake { .. }
             | ClientError::Http { .. }
             | ClientError::Refused { .. }
-            | ClientError::Write { .. } => exit::ERROR,
+            | ClientError::Write { .. }
+            | ClientError::Terminal { .. } => exit::ERROR,
         }
     }
 }

@@ -628,15 +628,15 @@ pub async fn run(connection: Connection, options: Options) -> Result<(), ClientE
     // The agent must answer once before the screen is taken: a wrong flag is said plainly.
     let first = read(&client).await?;
 
-    let mut terminal = ratatui::try_init().map_err(|source| ClientError::Write { source })?;
-    let result = run_view(&mut terminal, &client, &connection, &options, first).await;
+    let mut terminal = ratatui::try_init().map_err(|source| ClientError::Terminal { source })?;
+    let result = run_view(&mut terminal, client, &connection, &options, first).await;
     ratatui::restore();
     result
 }
 
 async fn run_view(
     terminal: &mut ratatui::DefaultTerminal,
-    client: &super::Client,
+    client: super::Client,
     connection: &Connection,
     options: &Options,
     first: Reading,
@@ -652,7 +652,21 @@ async fn run_view(
                 }
             }
         })
-        .map_err(|source| ClientError::Write { source })?;
+        .map_err(|source| ClientError::Terminal { source })?;
+    // Readings come from a task of their own: a slow or silent agent never delays a key.
+    let (readings_tx, mut fresh) = tokio::sync::mpsc::channel(1);
+    let interval = options.interval;
+    let fetcher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if readings_tx.send(read(&client).await).await.is_err() {
+                break;
+            }
+        }
+    });
 
     let mut view = View::new(&connection.url, options);
     let mut readings: VecDeque<Reading> = VecDeque::new();
@@ -671,30 +685,30 @@ async fn run_view(
         readings.push_back(r);
     };
     apply(&mut view, &mut readings, first);
-    let mut tick = tokio::time::interval(options.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        terminal
-            .draw(|f| draw(f, &view))
-            .map_err(|source| ClientError::Write { source })?;
+    let result = loop {
+        if let Err(source) = terminal.draw(|f| draw(f, &view)) {
+            break Err(ClientError::Terminal { source });
+        }
         tokio::select! {
-            _ = tick.tick() => match read(client).await {
-                Ok(r) => apply(&mut view, &mut readings, r),
-                Err(e) => view.error = Some(format!("{e} (retrying every {}s)",
-                    options.interval.as_secs_f64())),
+            r = fresh.recv() => match r {
+                Some(Ok(r)) => apply(&mut view, &mut readings, r),
+                Some(Err(e)) => view.error = Some(format!("{e} (retrying every {}s)",
+                    interval.as_secs_f64())),
+                None => break Ok(()),
             },
             e = keys.recv() => match e {
                 Some(Event::Key(key)) => {
                     if !view.key(key) {
-                        return Ok(());
+                        break Ok(());
                     }
                 }
                 Some(_) => {} // a resize: drawn again at the top of the loop
-                None => return Ok(()),
+                None => break Ok(()),
             },
         }
-    }
+    };
+    fetcher.abort();
+    result
 }
 
 #[cfg(test)]
