@@ -5,7 +5,9 @@
 //!
 //! `run` starts the agent in a fixed order, each step logged: config -> TLS material -> kernel
 //! checks -> load and attach probes -> bind -> ready. `pki dev` makes a throwaway PKI;
-//! `check-config` validates a config file and prints the effective configuration.
+//! `check-config` validates a config file and prints the effective configuration. `get`, `set`,
+//! `events`, `logs` and `top` are the operator's client of a running agent (`client`);
+//! `completions` and `man` are generated from the command line defined here.
 
 mod capabilities;
 mod client;
@@ -29,15 +31,33 @@ mod views;
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{config::Config, model::Model};
+
+/// `--version`: the crate's version and the commit it was built from (agent/build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("BROKERSCOPE_GIT_REV"),
+    ")"
+);
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (refused by the agent, an answer that cannot be read, a file that cannot be read)
+  2  usage (a wrong flag or value; a request that needs --broker)
+  3  not found (no such broker)
+  4  access denied (our certificate or identity refused, or the agent's not trusted)
+  5  unavailable (cannot connect, timed out, not ready, rate limited)";
 
 #[derive(Parser)]
 #[command(
     name = "brokerscope",
-    version,
-    about = "eBPF node agent for Kafka brokers"
+    version = VERSION,
+    about = "eBPF node agent for Kafka brokers",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -68,11 +88,20 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Read from a running agent: health, ready, brokers, state, metrics, diagnostics, config.
+    #[command(after_help = "\
+Examples:
+  brokerscope get brokers -o wide
+  brokerscope get state --broker 1
+  brokerscope get metrics -o json
+  brokerscope get diagnostics -o tar.gz > diagnostics.tar.gz")]
     Get {
         what: client::What,
-        /// One broker (brokers, state).
+        /// One broker (brokers, state); the error lists the ids when one is needed.
         #[arg(long)]
         broker: Option<String>,
+        /// table | wide | json | yaml | tar.gz (diagnostics only).
+        #[arg(short, long, value_enum, default_value_t, hide_possible_values = true)]
+        output: client::GetOutput,
         #[command(flatten)]
         connection: client::Connection,
     },
@@ -81,8 +110,11 @@ enum Command {
         #[command(subcommand)]
         what: SetCommand,
     },
-    /// Follow a running agent's live events (Ctrl-C to stop).
+    /// Follow a running agent's live events as they happen (Ctrl-C to stop).
     Events {
+        /// Follow (what `events` always does: the agent keeps no event history to list).
+        #[arg(short, long)]
+        follow: bool,
         /// Only these brokers (comma-separated ids).
         #[arg(long)]
         broker: Option<String>,
@@ -92,19 +124,48 @@ enum Command {
         /// Only these kinds, e.g. broker_started,connection_reset.
         #[arg(long)]
         kind: Option<String>,
+        /// table | json (a line per event) | yaml (a document per event).
+        #[arg(short, long, value_enum, default_value_t, hide_possible_values = true)]
+        output: client::Output,
         #[command(flatten)]
         connection: client::Connection,
     },
-    /// A running agent's recent log lines.
+    /// A running agent's recent log lines (-f: and new ones as they come).
     Logs {
-        /// RFC 3339 time, or seconds back from now.
-        #[arg(long)]
-        since: Option<String>,
+        /// How far back (30s, 5m, 1h30m) or from when (RFC 3339).
+        #[arg(long, value_parser = client::parse_since)]
+        since: Option<client::Since>,
         /// error | warn | info | debug.
         #[arg(long)]
         level: Option<String>,
+        /// Keep printing new lines (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// table | json | yaml.
+        #[arg(short, long, value_enum, default_value_t, hide_possible_values = true)]
+        output: client::Output,
         #[command(flatten)]
         connection: client::Connection,
+    },
+    /// A live view of every broker on a node: listeners' traffic and brokers' resources.
+    #[command(after_help = "\
+Keys: q quit, s next sort column, r reverse the sort, / filter (Enter keeps it, Esc clears it).
+Rates are over the last refresh; latencies are over the last 60 s, shown as the upper bound of
+the agent's power-of-two bucket that holds the quantile (<2ms). One /metrics request per refresh.")]
+    Top {
+        #[command(flatten)]
+        options: client::top::Options,
+        #[command(flatten)]
+        connection: client::Connection,
+    },
+    /// Shell completions on stdout, e.g. `brokerscope completions bash >
+    /// /etc/bash_completion.d/brokerscope`.
+    Completions { shell: clap_complete::Shell },
+    /// The manual page (roff) on stdout, e.g. `brokerscope man | man -l -`; with --dir, one
+    /// page per command written there.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -115,6 +176,9 @@ enum SetCommand {
     Config {
         #[arg(required = true)]
         assignments: Vec<String>,
+        /// table | json | yaml.
+        #[arg(short, long, value_enum, default_value_t, hide_possible_values = true)]
+        output: client::Output,
         #[command(flatten)]
         connection: client::Connection,
     },
@@ -138,7 +202,8 @@ enum PkiCommand {
     },
 }
 
-/// The command line: `brokerscope run | pki dev | check-config | get | set | events | logs`.
+/// The command line: `brokerscope run | pki dev | check-config | cleanup | get | set | events |
+/// logs | top | completions | man`.
 pub fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
@@ -174,35 +239,64 @@ pub fn main() -> ExitCode {
         Command::Get {
             what,
             broker,
+            output,
             connection,
-        } => client_run(client::get(&connection, what, broker.as_deref())),
+        } => {
+            return client_run(client::get(&connection, what, broker.as_deref(), output));
+        }
         Command::Set {
             what:
                 SetCommand::Config {
                     assignments,
+                    output,
                     connection,
                 },
-        } => client_run(client::set_config(&connection, &assignments)),
+        } => return client_run(client::set_config(&connection, &assignments, output)),
         Command::Events {
+            follow: _,
             broker,
             listener,
             kind,
+            output,
             connection,
-        } => client_run(client::events(
-            &connection,
-            broker.as_deref(),
-            listener.as_deref(),
-            kind.as_deref(),
-        )),
+        } => {
+            return client_run(client::events(
+                &connection,
+                broker.as_deref(),
+                listener.as_deref(),
+                kind.as_deref(),
+                output,
+            ));
+        }
         Command::Logs {
             since,
             level,
+            follow,
+            output,
             connection,
-        } => client_run(client::logs(
-            &connection,
-            since.as_deref(),
-            level.as_deref(),
-        )),
+        } => {
+            return client_run(client::logs(
+                &connection,
+                since,
+                level.as_deref(),
+                follow,
+                output,
+            ));
+        }
+        Command::Top {
+            options,
+            connection,
+        } => return client_run(client::top::run(connection, options)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "brokerscope",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -311,15 +405,51 @@ fn init_logging(format: config::LogFormat) -> Logging {
     }
 }
 
-/// Runs one client command on a small runtime of its own.
+/// Runs one client command on a small runtime of its own; its error is printed and becomes
+/// the exit code that names its kind (`client::exit`).
 fn client_run(
     command: impl std::future::Future<Output = Result<(), client::ClientError>>,
-) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+) -> ExitCode {
+    // Before any thread exists: the local time zone can only be read then.
+    client::init_local_offset();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(command).map_err(anyhow::Error::from)
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(client::exit::ERROR);
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::from(client::exit::OK),
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `brokerscope man`: the top page on stdout, or every command's page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let command = Cli::command();
+    match dir {
+        None => clap_mangen::Man::new(command)
+            .render(&mut std::io::stdout())
+            .context("cannot write the manual page"),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(command, dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))?;
+            for entry in std::fs::read_dir(dir)?.flatten() {
+                println!("{}", entry.path().display());
+            }
+            Ok(())
+        }
+    }
 }
 
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {

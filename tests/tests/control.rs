@@ -761,13 +761,15 @@ fn cli_prints_brokers_sets_config_and_explains_refusals() {
         .collect();
     assert_eq!(
         lines[0],
-        ["ID", "STATE", "PID", "POD", "RESTARTS", "LISTENERS"]
+        ["ID", "STATE", "PID", "POD", "RESTARTS", "AGE", "LISTENERS"]
     );
+    // Kafka's state by name and number (the process state is in `-o wide`); the age varies.
     assert_eq!(
-        lines[1],
+        [&lines[1][..6], &lines[1][7..]].concat(),
         [
             "5",
-            "running",
+            "RUNNING",
+            "(3)",
             &broker.pid.to_string(),
             "kafka-5",
             "0",
@@ -819,7 +821,8 @@ fn cli_prints_brokers_sets_config_and_explains_refusals() {
     // A certificate from a CA the agent does not trust.
     let stranger = brokerscope_tests::Pki::new();
     let (code, out, err) = cli(&agent, &stranger, &["get", "brokers"]);
-    assert_eq!((code, out.as_str()), (1, ""));
+    // 4: access denied (README, "Exit codes").
+    assert_eq!((code, out.as_str()), (4, ""));
     assert!(
         err.contains("the server refused our client certificate"),
         "{err}"
@@ -833,7 +836,8 @@ fn cli_exits_non_zero_with_a_clear_message_on_403() {
     }
     let agent = Agent::start("allowed_client_names = [\"prometheus\"]\n");
     let (code, out, err) = cli(&agent, &agent.pki, &["get", "brokers"]);
-    assert_eq!((code, out.as_str()), (1, ""));
+    // 4: access denied (README, "Exit codes").
+    assert_eq!((code, out.as_str()), (4, ""));
     assert_eq!(
         err.trim(),
         "error: forbidden: the agent knows us as `cluster-operator`, which is not in its server.allowed_client_names"

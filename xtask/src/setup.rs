@@ -36,6 +36,9 @@ const TEST_PACKAGES: &[&str] = &[
     "skopeo",
     "buildah",
     "binutils",
+    // The `brokerscope top` test drives the terminal view in a real terminal (tmux send-keys,
+    // capture-pane, resize-window).
+    "tmux",
 ];
 
 /// PyPI packages the manifest test validates with, pinned, in a virtualenv of their own

@@ -1,11 +1,19 @@
-//! The operator's command-line client (`brokerscope get|set|events|logs`): one request to the
-//! agent's mTLS endpoint with the same identity files, the answer printed as a table or JSON,
-//! and a clear sentence for every way it can be refused.
+//! The operator's command-line client (`brokerscope get|set|events|logs|top`): requests to the
+//! agent's mTLS endpoint with the same identity files, the answer printed as an aligned table,
+//! JSON or YAML, a clear sentence for every way it can be refused, and an exit code that says
+//! which ([`ClientError::exit_code`]).
 //!
-//! Owns nothing of the agent; it only speaks HTTP/1.1 over rustls to `--url`.
+//! Owns nothing of the agent; it only speaks HTTP/1.1 over rustls to `--url`. [`table`] shapes
+//! answers for people, [`time`] reads and writes durations and times, [`metrics`] reads
+//! `/metrics` back, [`top`] is the live terminal view.
+
+mod metrics;
+mod table;
+mod time;
+pub mod top;
 
 use std::{
-    io::Write as _,
+    io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -22,6 +30,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest answer read into memory.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
+/// A request refused for the rate limit (429) is sent again after the agent's `Retry-After`, at
+/// most this many times: the agent's limit is per client identity, and an operator's burst of
+/// commands (or a script's loop) should slow down rather than fail.
+const RATE_LIMIT_RETRIES: u32 = 5;
+/// Longest `Retry-After` honoured in one wait; a longer one is an error at once.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+pub use self::time::{Since, init_local_offset, parse_duration, parse_since};
+
+/// The process's exit codes (README, "Exit codes").
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything else: a refusal, a bad answer, a local file that cannot be read.
+    pub const ERROR: u8 = 1;
+    /// The command line is wrong (clap's own errors exit 2 too).
+    pub const USAGE: u8 = 2;
+    /// The broker (or anything asked for by name) is not there.
+    pub const NOT_FOUND: u8 = 3;
+    /// The agent refused who we are: our certificate, its trust, or our identity.
+    pub const DENIED: u8 = 4;
+    /// The agent could not be reached, is not ready, or kept rate-limiting us.
+    pub const UNAVAILABLE: u8 = 5;
+}
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug, clap::Args)]
@@ -43,15 +74,33 @@ pub struct Connection {
     /// Its private key (PEM).
     #[arg(long, default_value = "/etc/brokerscope/tls/client.key", global = true)]
     pub key: PathBuf,
-    /// How answers are printed.
-    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
-    pub output: Output,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Json,
+/// `get -o`: how an answer is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GetOutput {
+    /// Aligned columns for people.
+    #[default]
     Table,
+    /// The table with more columns.
+    Wide,
+    Json,
+    Yaml,
+    /// The diagnostics bundle as the agent archives it (`get diagnostics` only; redirect it).
+    #[value(name = "tar.gz")]
+    TarGz,
+}
+
+/// `-o` of `set`, `logs` and `events`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Lines for people.
+    #[default]
+    Table,
+    /// JSON (`logs -f` and `events`: one object per line).
+    Json,
+    /// YAML (`logs -f` and `events`: one document per event).
+    Yaml,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -72,6 +121,14 @@ pub enum What {
 pub enum ClientError {
     #[error("--url {url}: {reason}")]
     Url { url: String, reason: String },
+    #[error("{what}")]
+    NotFound { what: String },
+    #[error(
+        "several brokers on this node ({}): choose one with --broker ID, e.g. --broker {}",
+        brokers.join(", "),
+        brokers.first().map_or("ID", String::as_str)
+    )]
+    ChooseBroker { brokers: Vec<String> },
     #[error("cannot read {what} {path}: {source}")]
     Read {
         what: &'static str,
@@ -114,7 +171,9 @@ pub enum ClientError {
         "forbidden: the agent knows us as `{identity}`, which is not in its server.allowed_client_names"
     )]
     Forbidden { identity: String },
-    #[error("rate limited by the agent; retry after {retry_after}s")]
+    #[error(
+        "rate limited by the agent (server.rate_limit_rps, per client identity); retry after {retry_after}s"
+    )]
     RateLimited { retry_after: String },
     #[error("the agent is not ready or overloaded (503): {detail}")]
     Unavailable { detail: String },
@@ -122,6 +181,43 @@ pub enum ClientError {
     Refused { status: u16, detail: String },
     #[error("`{arg}`: {reason}")]
     Usage { arg: String, reason: String },
+    #[error("cannot write the answer: {source}")]
+    Write {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the terminal: {source}")]
+    Terminal {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ClientError {
+    /// The process's exit code for this error ([`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Url { .. }
+            | ClientError::Usage { .. }
+            | ClientError::ChooseBroker { .. } => exit::USAGE,
+            ClientError::NotFound { .. } => exit::NOT_FOUND,
+            ClientError::ClientCertRefused { .. }
+            | ClientError::ServerCertUntrusted { .. }
+            | ClientError::Forbidden { .. } => exit::DENIED,
+            ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::RateLimited { .. }
+            | ClientError::Unavailable { .. } => exit::UNAVAILABLE,
+            ClientError::Read { .. }
+            | ClientError::Pem { .. }
+            | ClientError::Tls { .. }
+            | ClientError::Handshake { .. }
+            | ClientError::Http { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Write { .. }
+            | ClientError::Terminal { .. } => exit::ERROR,
+        }
+    }
 }
 
 /// One answer.
@@ -286,8 +382,38 @@ impl Client {
         sender.send_request(request).await.map_err(|e| classify(&e))
     }
 
-    /// A request whose whole answer is read; refusals become errors.
+    /// A request whose whole answer is read; refusals become errors. A 429 is sent again after
+    /// the agent's `Retry-After` ([`RATE_LIMIT_RETRIES`]), said on stderr.
     pub async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        accept: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, ClientError> {
+        let mut retries = 0;
+        loop {
+            match self
+                .call_once(method.clone(), path, accept, body.clone())
+                .await
+            {
+                Err(ClientError::RateLimited { retry_after }) if retries < RATE_LIMIT_RETRIES => {
+                    let wait = retry_after_wait(&retry_after)
+                        .ok_or(ClientError::RateLimited { retry_after })?;
+                    retries += 1;
+                    eprintln!(
+                        "brokerscope: rate limited by the agent; retrying in {}s",
+                        wait.as_secs()
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One request, refusals as errors, no retry.
+    pub async fn call_once(
         &self,
         method: hyper::Method,
         path: &str,
@@ -320,6 +446,14 @@ impl Client {
     }
 }
 
+/// How long a `Retry-After` of whole seconds asks to wait; None when it is not one, or longer
+/// than [`MAX_RETRY_AFTER`].
+fn retry_after_wait(value: &str) -> Option<Duration> {
+    let secs: u64 = value.trim().parse().ok()?;
+    let wait = Duration::from_secs(secs.max(1));
+    (wait <= MAX_RETRY_AFTER).then_some(wait)
+}
+
 /// Turns a non-2xx answer into the error that explains it.
 fn check(answer: Answer) -> Result<Answer, ClientError> {
     if (200..300).contains(&answer.status) {
@@ -343,6 +477,17 @@ fn check(answer: Answer) -> Result<Answer, ClientError> {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("?")
                 .to_string(),
+        },
+        404 => ClientError::NotFound {
+            what: "not found".into(),
+        },
+        400 if json["brokers"].is_array() => ClientError::ChooseBroker {
+            brokers: json["brokers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_str().map(str::to_string))
+                .collect(),
         },
         503 => ClientError::Unavailable {
             detail: match json["reasons"].as_array() {
@@ -487,8 +632,40 @@ fn query(pairs: &[(&str, Option<&str>)]) -> String {
     }
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn usage(arg: &str, reason: &str) -> ClientError {
+    ClientError::Usage {
+        arg: arg.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes to stdout. A reader that went away ends the process quietly: client commands run
+/// with SIGPIPE at its default (see `main`).
+fn emit(text: &[u8]) -> Result<(), ClientError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text)
+        .and_then(|()| out.flush())
+        .map_err(|source| ClientError::Write { source })
+}
+
+/// The value as pretty JSON or YAML, ending in a newline.
+fn structured(v: &Value, yaml: bool) -> String {
+    if yaml {
+        serde_yaml::to_string(v).unwrap_or_default()
+    } else {
+        let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// One record of a stream (`logs -f`, `events`): a JSON line or a YAML document.
+fn streamed(v: &Value, yaml: bool) -> String {
+    if yaml {
+        format!("---\n{}", serde_yaml::to_string(v).unwrap_or_default())
+    } else {
+        format!("{v}\n")
+    }
 }
 
 fn parse_json(answer: &Answer) -> Result<Value, ClientError> {
@@ -497,14 +674,64 @@ fn parse_json(answer: &Answer) -> Result<Value, ClientError> {
     })
 }
 
+fn now() -> ::time::OffsetDateTime {
+    ::time::OffsetDateTime::now_utc()
+}
+
+/// The not-found error for broker `id` (or for none), naming the brokers the agent has.
+async fn no_such_broker(client: &Client, id: Option<&str>) -> ClientError {
+    let ids: Vec<String> = match client
+        .call(hyper::Method::GET, "/v1/brokers", "application/json", None)
+        .await
+        .and_then(|a| parse_json(&a))
+    {
+        Ok(Value::Array(list)) => list
+            .iter()
+            .filter_map(|b| b["id"].as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let here = if ids.is_empty() {
+        "the agent tracks no broker on this node".to_string()
+    } else {
+        format!("brokers here: {} (--broker ID)", ids.join(", "))
+    };
+    ClientError::NotFound {
+        what: match id {
+            Some(id) => format!("no broker `{id}` on this node; {here}"),
+            None => format!("no broker on this node; {here}"),
+        },
+    }
+}
+
 /// `brokerscope get ...`.
-pub async fn get(c: &Connection, what: What, broker: Option<&str>) -> Result<(), ClientError> {
+pub async fn get(
+    c: &Connection,
+    what: What,
+    broker: Option<&str>,
+    output: GetOutput,
+) -> Result<(), ClientError> {
+    if broker.is_some() && !matches!(what, What::Brokers | What::State) {
+        return Err(usage(
+            "--broker",
+            "applies to `get brokers` and `get state` only",
+        ));
+    }
+    if output == GetOutput::TarGz && !matches!(what, What::Diagnostics) {
+        return Err(usage(
+            "-o tar.gz",
+            "only `get diagnostics` is an archive; use -o json or -o yaml",
+        ));
+    }
     let client = Client::new(c)?;
+    let yaml = output == GetOutput::Yaml;
+    let wide = output == GetOutput::Wide;
     let get = |path: String, accept: &'static str| {
         let client = &client;
         async move { client.call(hyper::Method::GET, &path, accept, None).await }
     };
-    match what {
+    let text = match what {
+        // The DaemonSet's exec probes: exit 0 with `ok`, or the error's exit code.
         What::Health | What::Ready => {
             let path = if matches!(what, What::Health) {
                 "/health"
@@ -512,65 +739,95 @@ pub async fn get(c: &Connection, what: What, broker: Option<&str>) -> Result<(),
                 "/ready"
             };
             let v = parse_json(&get(path.into(), "application/json").await?)?;
-            match c.output {
-                Output::Json => print_json(&v),
-                Output::Table => println!("ok"),
+            match output {
+                GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
+                _ => "ok\n".to_string(),
             }
         }
         What::Metrics => {
             let a = get("/metrics".into(), "text/plain").await?;
-            std::io::stdout().write_all(&a.body).ok();
+            match output {
+                GetOutput::Json | GetOutput::Yaml => {
+                    let samples = metrics::parse(&String::from_utf8_lossy(&a.body));
+                    structured(&serde_json::to_value(samples).unwrap_or_default(), yaml)
+                }
+                _ => return emit(&a.body),
+            }
         }
         What::Brokers => {
             let path = match broker {
                 Some(id) => format!("/v1/brokers/{}", encode(id)),
                 None => "/v1/brokers".into(),
             };
-            let v = parse_json(&get(path, "application/json").await?)?;
-            let list = match v {
+            let answer = match get(path, "application/json").await {
+                Err(ClientError::NotFound { .. }) => {
+                    return Err(no_such_broker(&client, broker).await);
+                }
+                other => other?,
+            };
+            let list = match parse_json(&answer)? {
                 Value::Array(list) => list,
                 one => vec![one],
             };
-            match c.output {
-                Output::Json => print_json(&Value::Array(list)),
-                Output::Table => print_brokers(&list),
+            match output {
+                GetOutput::Json | GetOutput::Yaml => structured(&Value::Array(list), yaml),
+                _ => table::brokers(&list, wide, now()),
             }
         }
         What::State => {
             let path = format!("/v1/broker-state/{}", query(&[("broker", broker)]));
-            let v = parse_json(&get(path, "application/json").await?)?;
-            match c.output {
-                Output::Json => print_json(&v),
-                Output::Table => {
-                    println!("STATE    RECOVERY");
-                    println!(
-                        "{:<8} {}",
-                        v["brokerState"],
-                        v.get("recoveryState").map_or("-".into(), |r| r.to_string())
-                    );
+            let answer = match get(path, "application/json").await {
+                Err(ClientError::NotFound { .. }) => {
+                    return Err(no_such_broker(&client, broker).await);
                 }
+                other => other?,
+            };
+            let v = parse_json(&answer)?;
+            match output {
+                GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
+                _ => table::state(&v),
             }
+        }
+        What::Diagnostics if output == GetOutput::TarGz => {
+            if std::io::stdout().is_terminal() {
+                return Err(usage(
+                    "-o tar.gz",
+                    "will not write a gzip archive to a terminal; redirect it: \
+                     brokerscope get diagnostics -o tar.gz > diagnostics.tar.gz",
+                ));
+            }
+            let a = get("/v1/diagnostics".into(), "application/gzip").await?;
+            if a.body.get(..2) != Some(&[0x1f, 0x8b]) {
+                return Err(ClientError::Http {
+                    reason: "the agent did not answer with a gzip archive (an older agent?)".into(),
+                });
+            }
+            return emit(&a.body);
         }
         What::Diagnostics => {
             let v = parse_json(&get("/v1/diagnostics".into(), "application/json").await?)?;
-            match c.output {
-                Output::Json => print_json(&v),
-                Output::Table => print_diagnostics(&v),
+            match output {
+                GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
+                _ => table::diagnostics(&v, wide),
             }
         }
         What::Config => {
             let v = parse_json(&get("/v1/config".into(), "application/json").await?)?;
-            match c.output {
-                Output::Json => print_json(&v),
-                Output::Table => print_config(&v),
+            match output {
+                GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
+                _ => table::config(&v),
             }
         }
-    }
-    Ok(())
+    };
+    emit(text.as_bytes())
 }
 
 /// `brokerscope set config KEY=VALUE...`.
-pub async fn set_config(c: &Connection, assignments: &[String]) -> Result<(), ClientError> {
+pub async fn set_config(
+    c: &Connection,
+    assignments: &[String],
+    output: Output,
+) -> Result<(), ClientError> {
     let mut patch = Value::Object(serde_json::Map::new());
     for a in assignments {
         combine(&mut patch, patch_for(a)?);
@@ -586,58 +843,96 @@ pub async fn set_config(c: &Connection, assignments: &[String]) -> Result<(), Cl
         )
         .await?;
     let v = parse_json(&a)?;
-    match c.output {
-        Output::Json => print_json(&v),
-        Output::Table => {
-            let changed = v["changed"].as_array().cloned().unwrap_or_default();
-            if changed.is_empty() {
-                println!("nothing changed (generation {})", v["generation"]);
-            }
-            for ch in changed {
-                println!(
-                    "{}: {} -> {}",
-                    ch["key"].as_str().unwrap_or("?"),
-                    ch["old"],
-                    ch["new"]
-                );
-            }
-            println!("generation {}", v["generation"]);
-        }
-    }
-    Ok(())
+    let text = match output {
+        Output::Json => structured(&v, false),
+        Output::Yaml => structured(&v, true),
+        Output::Table => table::config_change(&v),
+    };
+    emit(text.as_bytes())
 }
 
-/// `brokerscope logs`.
+/// How often `logs -f` asks for new lines: one request a second stays far below the agent's
+/// default rate limit (20 per second, per client identity) with room for other commands.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// `brokerscope logs`: the agent's recent lines; with `follow`, new ones as they come (polled,
+/// each asked from the newest time seen, lines seen at that time skipped).
 pub async fn logs(
     c: &Connection,
-    since: Option<&str>,
+    since: Option<Since>,
     level: Option<&str>,
+    follow: bool,
+    output: Output,
 ) -> Result<(), ClientError> {
     let client = Client::new(c)?;
-    let path = format!("/v1/logs{}", query(&[("since", since), ("level", level)]));
-    let v = parse_json(
-        &client
-            .call(hyper::Method::GET, &path, "application/json", None)
-            .await?,
-    )?;
-    match c.output {
-        Output::Json => print_json(&v),
-        Output::Table => {
-            for l in v["lines"].as_array().into_iter().flatten() {
-                println!(
-                    "{} {:5} {}: {}",
-                    l["time"].as_str().unwrap_or(""),
-                    l["level"].as_str().unwrap_or("").to_uppercase(),
-                    l["target"].as_str().unwrap_or(""),
-                    l["message"].as_str().unwrap_or("")
-                );
-            }
-            if v["dropped"].as_u64().unwrap_or(0) > 0 {
+    let mut since = since.map(|s| s.query_value());
+    // Lines at the newest time printed so far: the next answer starts at that time again.
+    let mut newest: Option<String> = None;
+    let mut printed_at_newest: Vec<String> = Vec::new();
+    let mut dropped = None;
+    loop {
+        let path = format!(
+            "/v1/logs{}",
+            query(&[("since", since.as_deref()), ("level", level)])
+        );
+        let v = parse_json(
+            &client
+                .call(hyper::Method::GET, &path, "application/json", None)
+                .await?,
+        )?;
+        let lines = v["lines"].as_array().cloned().unwrap_or_default();
+        if !follow {
+            let text = match output {
+                Output::Json => structured(&v, false),
+                Output::Yaml => structured(&v, true),
+                Output::Table => lines.iter().map(|l| table::log_line(l) + "\n").collect(),
+            };
+            emit(text.as_bytes())?;
+            if output == Output::Table && v["dropped"].as_u64().unwrap_or(0) > 0 {
                 eprintln!("({} older lines were dropped from the ring)", v["dropped"]);
             }
+            return Ok(());
         }
+        let now_dropped = v["dropped"].as_u64().unwrap_or(0);
+        if let Some(before) = dropped
+            && now_dropped > before
+            && newest.is_some()
+        {
+            // Lines went out of the ring between two polls; some may not have been seen.
+            eprintln!(
+                "brokerscope: the agent's log ring dropped {} lines since the last poll",
+                now_dropped - before
+            );
+        }
+        dropped = Some(now_dropped);
+        let mut text = String::new();
+        for l in &lines {
+            let time = l["time"].as_str().unwrap_or("").to_string();
+            let key = l.to_string();
+            if newest.as_deref() == Some(time.as_str()) {
+                if printed_at_newest.contains(&key) {
+                    continue;
+                }
+            } else {
+                newest = Some(time);
+                printed_at_newest.clear();
+            }
+            printed_at_newest.push(key);
+            match output {
+                Output::Table => {
+                    text.push_str(&table::log_line(l));
+                    text.push('\n');
+                }
+                Output::Json => text.push_str(&streamed(l, false)),
+                Output::Yaml => text.push_str(&streamed(l, true)),
+            }
+        }
+        emit(text.as_bytes())?;
+        if newest.is_some() {
+            since.clone_from(&newest);
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
     }
-    Ok(())
 }
 
 /// `brokerscope events`: prints each event as it arrives until the stream ends or Ctrl-C.
@@ -646,29 +941,46 @@ pub async fn events(
     broker: Option<&str>,
     listener: Option<&str>,
     kind: Option<&str>,
+    output: Output,
 ) -> Result<(), ClientError> {
     let client = Client::new(c)?;
     let path = format!(
         "/v1/events{}",
         query(&[("broker", broker), ("listener", listener), ("kind", kind)])
     );
-    let response = client
-        .send(hyper::Method::GET, &path, "text/event-stream", None)
-        .await?;
-    if !response.status().is_success() {
+    let mut retries = 0;
+    let response = loop {
+        let response = client
+            .send(hyper::Method::GET, &path, "text/event-stream", None)
+            .await?;
+        if response.status().is_success() {
+            break response;
+        }
         let (parts, body) = response.into_parts();
         let body = http_body_util::Limited::new(body, 1 << 20)
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        check(Answer {
+        match check(Answer {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
-        })?;
-        return Ok(());
-    }
+        }) {
+            Err(ClientError::RateLimited { retry_after }) if retries < RATE_LIMIT_RETRIES => {
+                let wait = retry_after_wait(&retry_after)
+                    .ok_or(ClientError::RateLimited { retry_after })?;
+                retries += 1;
+                eprintln!(
+                    "brokerscope: rate limited by the agent; retrying in {}s",
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    };
     let mut body = response.into_body();
     let mut buffer = String::new();
     let mut event = String::new();
@@ -684,7 +996,7 @@ pub async fn events(
             if let Some(e) = line.strip_prefix("event: ") {
                 event = e.to_string();
             } else if let Some(d) = line.strip_prefix("data: ") {
-                print_event(c.output, &std::mem::take(&mut event), d);
+                emit(event_text(output, &std::mem::take(&mut event), d).as_bytes())?;
             }
         }
         if buffer.len() > MAX_ANSWER {
@@ -694,103 +1006,18 @@ pub async fn events(
     Ok(())
 }
 
-fn print_event(output: Output, event: &str, data: &str) {
+fn event_text(output: Output, event: &str, data: &str) -> String {
     let v: Value = serde_json::from_str(data).unwrap_or(Value::String(data.into()));
-    match output {
-        Output::Json => println!("{}", json_line(event, &v)),
-        Output::Table if event == "dropped" => {
-            println!(
-                "-- {} events dropped (this client was too slow) --",
-                v["lost"]
-            )
-        }
-        Output::Table => println!(
-            "{} {:<16} broker={} listener={} {}",
-            v["time_ms"],
-            event,
-            v["broker"].as_str().unwrap_or("-"),
-            v["listener"].as_str().unwrap_or("-"),
-            v["detail"]
-        ),
-    }
-    let _ = std::io::stdout().flush();
-}
-
-fn json_line(event: &str, v: &Value) -> String {
-    if event == "dropped" {
-        serde_json::json!({"kind": "dropped", "lost": v["lost"]}).to_string()
+    let v = if event == "dropped" {
+        serde_json::json!({"kind": "dropped", "lost": v["lost"]})
     } else {
-        v.to_string()
+        v
+    };
+    match output {
+        Output::Json => streamed(&v, false),
+        Output::Yaml => streamed(&v, true),
+        Output::Table => table::event_line(event, &v) + "\n",
     }
-}
-
-fn print_brokers(list: &[Value]) {
-    println!(
-        "{:<12} {:<12} {:>8} {:<20} {:>8}  LISTENERS",
-        "ID", "STATE", "PID", "POD", "RESTARTS"
-    );
-    for b in list {
-        let listeners: Vec<String> = b["listeners"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| format!("{}:{}", l["name"].as_str().unwrap_or("?"), l["port"]))
-            .collect();
-        println!(
-            "{:<12} {:<12} {:>8} {:<20} {:>8}  {}",
-            b["id"].as_str().unwrap_or("?"),
-            b["state"].as_str().unwrap_or("?"),
-            b["pid"],
-            b["pod"].as_str().unwrap_or("-"),
-            b["restarts"],
-            listeners.join(",")
-        );
-    }
-}
-
-fn print_config(v: &Value) {
-    for (section, keys) in v.as_object().into_iter().flatten() {
-        for (key, value) in keys.as_object().into_iter().flatten() {
-            println!("{section}.{key} = {value}");
-        }
-    }
-}
-
-fn print_diagnostics(v: &Value) {
-    println!(
-        "agent    {} (pid {})",
-        v["agent"]["version"].as_str().unwrap_or("?"),
-        v["agent"]["pid"]
-    );
-    println!(
-        "kernel   {}",
-        v["kernel"]["release"].as_str().unwrap_or("?")
-    );
-    println!("ready    {}", v["readiness"]["ready"]);
-    println!(
-        "{:<16} {:<44} {:>6} {:>12} {:>14}",
-        "PROGRAM", "HOOK", "ID", "RUNS(1s)", "RUN_NS(1s)"
-    );
-    for p in v["programs"].as_array().into_iter().flatten() {
-        println!(
-            "{:<16} {:<44} {:>6} {:>12} {:>14}",
-            p["program"].as_str().unwrap_or("?"),
-            p["hook"].as_str().unwrap_or("?"),
-            p["id"],
-            p["window_run_count"],
-            p["window_run_time_ns"]
-        );
-    }
-    for m in v["maps"].as_array().into_iter().flatten() {
-        println!(
-            "map {:<12} {}/{}",
-            m["map"].as_str().unwrap_or("?"),
-            m["entries"],
-            m["capacity"]
-        );
-    }
-    println!("brokers  {}", v["brokers"].as_array().map_or(0, Vec::len));
-    println!("(--output json for the whole bundle)");
 }
 
 #[cfg(test)]
@@ -853,6 +1080,14 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_honoured_within_bounds() {
+        assert_eq!(retry_after_wait("3"), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after_wait("0"), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after_wait("60"), None);
+        assert_eq!(retry_after_wait("?"), None);
+    }
+
+    #[test]
     fn query_values_are_encoded() {
         assert_eq!(
             query(&[
@@ -886,8 +1121,20 @@ mod tests {
         );
         assert_eq!(
             msg(answer(429, "{}")),
-            "rate limited by the agent; retry after 3s"
+            "rate limited by the agent (server.rate_limit_rps, per client identity); retry after 3s"
         );
+        assert_eq!(msg(answer(404, r#"{"error":"not found"}"#)), "not found");
+        let choose = check(answer(
+            400,
+            r#"{"error":"several brokers on this node: choose one with ?broker=ID","brokers":["1","2"]}"#,
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(
+            choose.to_string(),
+            "several brokers on this node (1, 2): choose one with --broker ID, e.g. --broker 1"
+        );
+        assert_eq!(choose.exit_code(), exit::USAGE);
         assert_eq!(
             msg(answer(503, r#"{"ready":false,"reasons":["a","b"]}"#)),
             "the agent is not ready or overloaded (503): a; b"
