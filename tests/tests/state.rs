@@ -410,12 +410,8 @@ fn several_brokers_need_a_choice_and_the_java_client_reads_the_state_strictly() 
         let two = state(&agent, "?broker=2").1["brokerState"] == 3;
         (one && two).then_some(())
     });
-    // Listening from the start: RUNNING at once, their descriptors never polled, no hook.
-    assert!(
-        !agent.log_text().contains("polling open descriptors"),
-        "{}",
-        agent.log_text()
-    );
+    // No hook. (A broker seen before it listens is STARTING for a moment and has its
+    // descriptors polled; in an emulated guest that happens: not asserted either way.)
     assert_no_open_hooks(&agent);
     // Two brokers share the agent's namespace: no way to choose without ?broker=.
     let (code, v, raw) = state(&agent, "");
