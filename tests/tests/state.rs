@@ -60,7 +60,8 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// Waits until `/v1/broker-state/` is exactly `want`; how long after `since` the request that
 /// saw it began and ended (a curl with a TLS handshake each: that is the resolution).
 fn wait_exact(agent: &Agent, want: &Value, since: Instant, what: &str) -> (Duration, Duration) {
-    let deadline = since + Duration::from_secs(5);
+    // Scaled: an emulated guest on a loaded host takes far longer (seen: 6.12 under load).
+    let deadline = since + scaled(Duration::from_secs(5));
     loop {
         let began = since.elapsed();
         let (code, v, raw) = state(agent, "");
