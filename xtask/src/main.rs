@@ -54,6 +54,15 @@ enum Cmd {
         /// btrfs, tmpfs, unreadable, and while a broker recovers.
         #[arg(long, conflicts_with = "scrape_only")]
         node_tax_only: bool,
+        /// Only the soak and churn run (issue 21): 10k short connections/s, broker restarts in
+        /// new namespaces, a scrape a second and an agent kill -9 + restart halfway, the agent's
+        /// RSS, fds, threads, map fill, series and CPU plotted over time
+        /// (target/bench/soak/).
+        #[arg(long, conflicts_with_all = ["scrape_only", "node_tax_only"])]
+        soak: bool,
+        /// The soak's length in minutes.
+        #[arg(long, default_value_t = 10.0, requires = "soak")]
+        soak_minutes: f64,
     },
     /// Set up, build and run every test: unit, end-to-end on this kernel, every fuzz target for
     /// a few seconds, then the end-to-end subset on Debian 12's 6.1 and 6.12 kernels in QEMU
@@ -77,6 +86,17 @@ enum Cmd {
         case: String,
         fetch_file: std::path::PathBuf,
         port: u16,
+        /// `kafka.Kafka`, so the agent discovers it.
+        main_class: String,
+        /// Its server.properties (listener and log dir).
+        properties: std::path::PathBuf,
+    },
+    /// The soak's broker (started by `bench --soak`): serves short connections on `ADDR` with
+    /// `WORKERS` accepting threads (0: a thread per connection).
+    #[command(hide = true)]
+    BenchSoakBroker {
+        addr: String,
+        workers: u32,
         /// `kafka.Kafka`, so the agent discovers it.
         main_class: String,
         /// Its server.properties (listener and log dir).
@@ -113,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             port,
             ..
         } => bench::serve_broker(&case, &fetch_file, port),
+        Cmd::BenchSoakBroker { addr, workers, .. } => bench::soak::serve_broker(&addr, workers),
         Cmd::BenchSyscalls { calls, chunks, cpu } => {
             bench::node_tax::syscall_loop(calls, chunks, cpu)
         }
@@ -124,9 +145,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             scrape_only,
             node_tax_only,
+            soak,
+            soak_minutes,
         } => {
-            // The node-tax part needs only the tests' packages (mkfs.ext4/xfs/btrfs, curl).
-            setup::ensure(if node_tax_only {
+            // The node-tax part and the soak need only the tests' packages (mkfs.ext4/xfs/btrfs,
+            // curl, iproute2).
+            setup::ensure(if node_tax_only || soak {
                 setup::Needs::Test
             } else {
                 setup::Needs::Bench
@@ -145,6 +169,9 @@ fn main() -> anyhow::Result<()> {
             }
             if node_tax_only {
                 return bench::run_node_tax_only(&root, &bin);
+            }
+            if soak {
+                return bench::soak::run(&bin, &root.join("target/bench"), soak_minutes);
             }
             bench::run(&root, &bin)
         }
