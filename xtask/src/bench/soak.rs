@@ -571,8 +571,8 @@ struct Burst {
 /// at the end, and `BURST_SETTLE` later; `BURSTS` times in a row.
 const BURST_CLIENTS: u32 = 16;
 const BURST_EACH: u32 = 50;
-const BURST_SETTLE: Duration = Duration::from_secs(15);
-const BURSTS: usize = 3;
+const BURST_SETTLE: Duration = Duration::from_secs(10);
+const BURSTS: usize = 6;
 /// The agent's allocator (glibc malloc) settings the bursts are measured under, through
 /// `GLIBC_TUNABLES`: no agent change. By default glibc gives each thread that allocates an
 /// arena of its own (up to 8 per CPU) and raises its trim threshold with every large block
@@ -1201,11 +1201,16 @@ impl Report {
              `THREADS` map). Churn: {} of {} broker start/stop cycles (broker {CHURN_ID}, the \
              same pod restarted), each in a fresh network namespace with a veth, {CYCLE_CONNECTIONS} \
              connections over the veth during its life, then the broker stopped and the veth \
-             and namespace deleted. A scrape of /metrics over mTLS (curl) every second. The \
+             deleted, the namespace {} s later (see below: the kernel reuses a deleted \
+             namespace's inode, and the agent knows a listener by it). A scrape of /metrics over mTLS (curl) every second. The \
              agent is killed with SIGKILL halfway and started again on the same config and \
              pin dir (`{PIN_DIR}`), `probes.listener_release_seconds = {RELEASE_SECONDS}` \
              (default 300: shortened so releases happen within each half).\n\n",
-            self.elapsed, self.minutes, self.churn.cycles, self.cycles,
+            self.elapsed,
+            self.minutes,
+            self.churn.cycles,
+            self.cycles,
+            NAMESPACE_LINGER.as_secs(),
         );
 
         // The load.
@@ -1217,7 +1222,7 @@ impl Report {
              {mean_rate:.0}/s on average, median second {:.0}/s (target {TARGET_RATE:.0}/s).\n\
              - Churn: {} cycles, {} connections to the restarted broker ({} failed), {} \
              distinct namespace inodes (the kernel reuses a deleted namespace's inode number; a \
-             listener is (namespace inode, port) to the agent).\n",
+             listener is (namespace inode, port) to the agent), at most {} namespaces at once.\n",
             self.connected_total,
             self.done_total,
             self.failed_total,
@@ -1226,6 +1231,7 @@ impl Report {
             self.churn.connections,
             self.churn.failed,
             self.churn.inodes.len(),
+            self.churn.most_namespaces,
         );
         if let Some(r) = self.end.churn_restarts {
             md += &format!(
