@@ -63,6 +63,15 @@ enum Cmd {
         /// The soak's length in minutes.
         #[arg(long, default_value_t = 10.0, requires = "soak")]
         soak_minutes: f64,
+        /// Soak experiments (target/bench/soak-<what>/): without the connection load.
+        #[arg(long, hide = true, requires = "soak")]
+        soak_no_load: bool,
+        /// Soak experiments: without the broker restarts.
+        #[arg(long, hide = true, requires = "soak")]
+        soak_no_churn: bool,
+        /// Soak experiments: the agents' GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=2).
+        #[arg(long, hide = true, requires = "soak")]
+        soak_glibc_tunables: Option<String>,
     },
     /// Set up, build and run every test: unit, end-to-end on this kernel, every fuzz target for
     /// a few seconds, then the end-to-end subset on Debian 12's 6.1 and 6.12 kernels in QEMU
@@ -147,6 +156,9 @@ fn main() -> anyhow::Result<()> {
             node_tax_only,
             soak,
             soak_minutes,
+            soak_no_load,
+            soak_no_churn,
+            soak_glibc_tunables,
         } => {
             // The node-tax part and the soak need only the tests' packages (mkfs.ext4/xfs/btrfs,
             // curl, iproute2).
@@ -171,7 +183,13 @@ fn main() -> anyhow::Result<()> {
                 return bench::run_node_tax_only(&root, &bin);
             }
             if soak {
-                return bench::soak::run(&bin, &root.join("target/bench"), soak_minutes);
+                let options = bench::soak::Options {
+                    minutes: soak_minutes,
+                    no_load: soak_no_load,
+                    no_churn: soak_no_churn,
+                    glibc_tunables: soak_glibc_tunables,
+                };
+                return bench::soak::run(&bin, &root.join("target/bench"), &options);
             }
             bench::run(&root, &bin)
         }

@@ -251,13 +251,13 @@ struct Load {
 }
 
 impl Load {
-    fn start(addrs: Vec<SocketAddr>) -> Self {
+    fn start(addrs: Vec<SocketAddr>, clients: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let per_thread = TARGET_RATE / CLIENTS as f64;
-        let threads = (0..CLIENTS)
+        let threads = (0..clients)
             .map(|i| {
                 let (stop, connected, done, failed) = (
                     stop.clone(),
@@ -624,12 +624,54 @@ fn burst(agent: &Agent) -> anyhow::Result<Burst> {
     })
 }
 
-pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
-    let dir = out_dir.join("soak");
+/// A soak's shape. By default everything runs; leaving a part out, or running the agent under
+/// other allocator settings, finds what a curve follows. Such a run writes to
+/// `target/bench/soak-<what it changed>/` and skips the scrape bursts.
+pub struct Options {
+    pub minutes: f64,
+    pub no_load: bool,
+    pub no_churn: bool,
+    /// `GLIBC_TUNABLES` for the soak's agents.
+    pub glibc_tunables: Option<String>,
+}
+
+impl Options {
+    /// What this run changed, if anything: its directory's suffix.
+    fn experiment(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.no_load {
+            parts.push("no-load".to_string());
+        }
+        if self.no_churn {
+            parts.push("no-churn".to_string());
+        }
+        if let Some(t) = &self.glibc_tunables {
+            parts.push(t.replace(['=', ':'], "-").replace("glibc.malloc.", ""));
+        }
+        (!parts.is_empty()).then(|| parts.join("_"))
+    }
+}
+
+pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> {
+    let minutes = options.minutes;
+    let experiment = options.experiment();
+    let dir = out_dir.join(match &experiment {
+        Some(e) => format!("soak-{e}"),
+        None => "soak".into(),
+    });
+    let agent_env: Vec<(&str, &str)> = options
+        .glibc_tunables
+        .iter()
+        .map(|t| ("GLIBC_TUNABLES", t.as_str()))
+        .collect();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let duration = Duration::from_secs_f64(minutes * 60.0);
-    let cycles = (CYCLES_PER_MINUTE * minutes).round().max(1.0) as u32;
+    let cycles = if options.no_churn {
+        0
+    } else {
+        (CYCLES_PER_MINUTE * minutes).round().max(1.0) as u32
+    };
     // A soak interrupted before left its pins: ours to remove.
     let _ = std::fs::remove_dir_all(PIN_DIR);
 
@@ -685,7 +727,7 @@ pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
         ),
     )?;
 
-    let mut agent = Agent::launch(bin, &config, pki.clone())?;
+    let mut agent = Agent::launch_with_env(bin, &config, pki.clone(), &agent_env)?;
     wait_running(&agent)?;
     eprintln!(
         "soak: {minutes} min, {cycles} broker restarts in new namespaces, {TARGET_RATE:.0} \
@@ -693,12 +735,12 @@ pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
         agent.pid()
     );
 
-    let mut load = Load::start(addrs);
+    let mut load = Load::start(addrs, if options.no_load { 0 } else { CLIENTS });
     let start = Instant::now();
     let stop_churn = Arc::new(AtomicBool::new(false));
     let churn = {
         let stop = stop_churn.clone();
-        let period = duration / cycles;
+        let period = duration / cycles.max(1);
         std::thread::spawn(move || -> anyhow::Result<Churn> {
             let mut out = Churn::default();
             let mut lingering = std::collections::VecDeque::new();
@@ -757,7 +799,7 @@ pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
             );
             // Down for a moment under live traffic, as a real restart is.
             std::thread::sleep(Duration::from_secs(2));
-            let next = Agent::launch(bin, &config, pki.clone())?;
+            let next = Agent::launch_with_env(bin, &config, pki.clone(), &agent_env)?;
             // The old one is dead: its Drop's SIGTERM and wait find nothing to do.
             drop(std::mem::replace(&mut agent, next));
             life = 2;
@@ -836,7 +878,7 @@ pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
     // Scrape bursts against fresh agents, the brokers still running, under each allocator
     // setting.
     let mut bursts = Vec::new();
-    for (name, env) in ALLOCATORS {
+    for &(name, env) in ALLOCATORS.iter().filter(|_| experiment.is_none()) {
         let env: Vec<(&str, &str)> = env.iter().map(|v| ("GLIBC_TUNABLES", *v)).collect();
         let agent = Agent::launch_with_env(bin, &config, pki.clone(), &env)?;
         wait_running(&agent)?;
@@ -871,6 +913,7 @@ pub fn run(bin: &Path, out_dir: &Path, minutes: f64) -> anyhow::Result<()> {
         done_total: load.done.load(Ordering::Relaxed) as f64,
         failed_total: load.failed.load(Ordering::Relaxed) as f64,
         bursts,
+        experiment,
     };
     let md = report.write(&dir)?;
     drop(_pins);
@@ -1011,6 +1054,8 @@ struct Report {
     failed_total: f64,
     /// Per allocator setting: its name, the fresh agent's idle RSS (KiB), each burst.
     bursts: Vec<(&'static str, f64, Vec<Burst>)>,
+    /// What this run changed from the default soak, if anything.
+    experiment: Option<String>,
 }
 
 /// (seconds, value) points of one life.
@@ -1192,7 +1237,7 @@ impl Report {
             .map(|t| (*t, "agent kill -9 + restart"))
             .collect();
         let mut md = format!(
-            "# brokerscope soak and churn\n\n\
+            "# brokerscope soak and churn{}\n\n\
              {:.0} s ({} min asked). Load: {CLIENTS} client threads aiming at {TARGET_RATE:.0} \
              short connections/s together (connect, {REQUEST} B request, {ANSWER} B answer, \
              client closes), alternating over two brokers on loopback: broker 1 with 2 \
@@ -1206,6 +1251,9 @@ impl Report {
              agent is killed with SIGKILL halfway and started again on the same config and \
              pin dir (`{PIN_DIR}`), `probes.listener_release_seconds = {RELEASE_SECONDS}` \
              (default 300: shortened so releases happen within each half).\n\n",
+            self.experiment
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (experiment: {e})")),
             self.elapsed,
             self.minutes,
             self.churn.cycles,
