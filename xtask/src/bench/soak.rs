@@ -1017,13 +1017,37 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     if sxx == 0.0 { 0.0 } else { sxy / sxx }
 }
 
-/// The verdict over `points` (one agent life, warm-up left out): it grows when the median of
-/// its last 20% is above the median of the whole window by more than the tolerance, or when
-/// the least-squares line over the second half rises by more than the tolerance.
+/// The trailing window a curve is judged on the maximum of: two churn cycles. A restarted
+/// broker lives half of each cycle, and what the agent holds for it (fds, series) makes
+/// two-level curves whose medians flip between the levels with the sampling phase.
+const ENVELOPE_S: f64 = 4.0;
+
+/// Each point replaced by the maximum of the points within [`ENVELOPE_S`] before it.
+fn envelope(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(t, _))| {
+            let top = points[..=i]
+                .iter()
+                .rev()
+                .take_while(|p| t - p.0 < ENVELOPE_S)
+                .map(|p| p.1)
+                .fold(f64::NEG_INFINITY, f64::max);
+            (t, top)
+        })
+        .collect()
+}
+
+/// The verdict over `points` (one agent life, warm-up left out), taken on their trailing
+/// [`ENVELOPE_S`] maximum: it grows when the median of its last 20% is above the median of
+/// the whole window by more than the tolerance, or when the least-squares line over the second
+/// half rises by more than the tolerance.
 fn judge(points: &[(f64, f64)], rule: Rule) -> Option<Verdict> {
     if points.len() < 10 {
         return None;
     }
+    let points = &envelope(points)[..];
     let values = |p: &[(f64, f64)]| p.iter().map(|x| x.1).collect::<Vec<_>>();
     let window = median(&mut values(points));
     let last = median(&mut values(&points[points.len() * 4 / 5..]));
@@ -1334,7 +1358,9 @@ impl Report {
         // The curves.
         md += &format!(
             "\n## Curves\n\nVerdict per agent life (before and after the restart), its first \
-             {WARMUP_S:.0} s left out as warm-up (30% of the life when shorter): **grows** when \
+             {WARMUP_S:.0} s left out as warm-up (30% of the life when shorter), on the curve's \
+             trailing {ENVELOPE_S:.0} s maximum (two churn cycles: what the agent holds for the \
+             restarted broker comes and goes with it): **grows** when \
              the median of the last 20% exceeds the median of the whole window by more than \
              the tolerance, or the least-squares line over the window's second half rises by \
              more than it; otherwise **flat**. Tolerance: the larger of a fraction of the \
@@ -1573,6 +1599,25 @@ mod tests {
             .map(|i| (f64::from(i), 30.0 + f64::from(i) * 10.0 / 300.0))
             .collect();
         assert!(judge(&leak, RULE).unwrap().grows);
+    }
+
+    #[test]
+    fn a_curve_between_two_levels_with_the_churn_is_flat_whatever_its_phase() {
+        // fds: 95, or 102 while the restarted broker lives; a phase slip at the end puts more
+        // of the last 20% on the high level.
+        let mut points: Vec<(f64, f64)> = (0..300)
+            .map(|i| (f64::from(i), if i % 2 == 0 { 95.0 } else { 102.0 }))
+            .collect();
+        for p in &mut points[250..] {
+            if !(p.0 as u32).is_multiple_of(3) {
+                p.1 = 102.0;
+            }
+        }
+        let rule = Rule {
+            relative: 0.0,
+            floor: 2.0,
+        };
+        assert!(!judge(&points, rule).unwrap().grows);
     }
 
     #[test]
