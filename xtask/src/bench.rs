@@ -32,6 +32,8 @@ use anyhow::{Context as _, bail};
 
 mod mounts;
 pub mod node_tax;
+mod plot;
+pub mod soak;
 
 const ROUNDS: usize = 7;
 const ROUND: Duration = Duration::from_secs(3);
@@ -438,9 +440,21 @@ impl Agent {
 
     /// Runs the agent on `config` and waits until it listens.
     pub fn launch(bin: &Path, config: &Path, pki: PathBuf) -> anyhow::Result<Self> {
+        Self::launch_with_env(bin, config, pki, &[])
+    }
+
+    /// As [`Agent::launch`], with `env` added to the agent's environment (the soak's allocator
+    /// settings).
+    pub fn launch_with_env(
+        bin: &Path,
+        config: &Path,
+        pki: PathBuf,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn,brokerscope=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -57,6 +57,24 @@ enum Cmd {
         /// btrfs, tmpfs, unreadable, and while a broker recovers.
         #[arg(long, conflicts_with = "scrape_only")]
         node_tax_only: bool,
+        /// Only the soak and churn run (issue 21): 10k short connections/s, broker restarts in
+        /// new namespaces, a scrape a second and an agent kill -9 + restart halfway, the agent's
+        /// RSS, fds, threads, map fill, series and CPU plotted over time
+        /// (target/bench/soak/).
+        #[arg(long, conflicts_with_all = ["scrape_only", "node_tax_only"])]
+        soak: bool,
+        /// The soak's length in minutes.
+        #[arg(long, default_value_t = 10.0, requires = "soak")]
+        soak_minutes: f64,
+        /// Soak experiments (target/bench/soak-<what>/): without the connection load.
+        #[arg(long, hide = true, requires = "soak")]
+        soak_no_load: bool,
+        /// Soak experiments: without the broker restarts.
+        #[arg(long, hide = true, requires = "soak")]
+        soak_no_churn: bool,
+        /// Soak experiments: the agents' GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=2).
+        #[arg(long, hide = true, requires = "soak")]
+        soak_glibc_tunables: Option<String>,
     },
     /// Set up, build and run every test: unit, end-to-end on this kernel, every fuzz target for
     /// a few seconds, then the end-to-end subset on Debian 12's 6.1 and 6.12 kernels in QEMU
@@ -83,6 +101,17 @@ enum Cmd {
         case: String,
         fetch_file: std::path::PathBuf,
         port: u16,
+        /// `kafka.Kafka`, so the agent discovers it.
+        main_class: String,
+        /// Its server.properties (listener and log dir).
+        properties: std::path::PathBuf,
+    },
+    /// The soak's broker (started by `bench --soak`): serves short connections on `ADDR` with
+    /// `WORKERS` accepting threads (0: a thread per connection).
+    #[command(hide = true)]
+    BenchSoakBroker {
+        addr: String,
+        workers: u32,
         /// `kafka.Kafka`, so the agent discovers it.
         main_class: String,
         /// Its server.properties (listener and log dir).
@@ -120,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             port,
             ..
         } => bench::serve_broker(&case, &fetch_file, port),
+        Cmd::BenchSoakBroker { addr, workers, .. } => bench::soak::serve_broker(&addr, workers),
         Cmd::BenchSyscalls { calls, chunks, cpu } => {
             bench::node_tax::syscall_loop(calls, chunks, cpu)
         }
@@ -131,9 +161,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             scrape_only,
             node_tax_only,
+            soak,
+            soak_minutes,
+            soak_no_load,
+            soak_no_churn,
+            soak_glibc_tunables,
         } => {
-            // The node-tax part needs only the tests' packages (mkfs.ext4/xfs/btrfs, curl).
-            setup::ensure(if node_tax_only {
+            // The node-tax part and the soak need only the tests' packages (mkfs.ext4/xfs/btrfs,
+            // curl, iproute2).
+            setup::ensure(if node_tax_only || soak {
                 setup::Needs::Test
             } else {
                 setup::Needs::Bench
@@ -152,6 +188,15 @@ fn main() -> anyhow::Result<()> {
             }
             if node_tax_only {
                 return bench::run_node_tax_only(&root, &bin);
+            }
+            if soak {
+                let options = bench::soak::Options {
+                    minutes: soak_minutes,
+                    no_load: soak_no_load,
+                    no_churn: soak_no_churn,
+                    glibc_tunables: soak_glibc_tunables,
+                };
+                return bench::soak::run(&bin, &root.join("target/bench"), &options);
             }
             bench::run(&root, &bin)
         }
