@@ -545,6 +545,16 @@ impl Config {
         {
             errors.push(ConfigError::invalid("server.listen", e.to_string()));
         }
+        // Nor do the pod listeners (a broker's own port there would only be found taken).
+        if s.pod_listen_port != 0 && self.discovery.listener_ports.contains(&s.pod_listen_port) {
+            errors.push(ConfigError::invalid(
+                "server.pod_listen_port",
+                format!(
+                    "port {} is also a broker data-plane port (from discovery.listener_ports)",
+                    s.pod_listen_port
+                ),
+            ));
+        }
         for (key, value) in [
             ("probes.listeners_capacity", self.probes.listeners_capacity),
             (

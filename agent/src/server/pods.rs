@@ -101,6 +101,13 @@ fn read_material(broker: &Broker) -> Result<Material, PodTlsError> {
         broker.pid,
         Some(broker.start_time_ticks),
     )?;
+    read_material_in(&root, pod)
+}
+
+fn read_material_in(root: &ProcessRoot, pod: &str) -> Result<Material, PodTlsError> {
+    if pod.is_empty() || pod.contains('/') || pod.starts_with('.') {
+        return Err(PodTlsError::NoPodName);
+    }
     let chain = root.read_file(&format!("{BROKER_CERTS}/{pod}.crt"), MAX_PEM_BYTES)?;
     let key = root.read_file(&format!("{BROKER_CERTS}/{pod}.key"), MAX_PEM_BYTES)?;
     let (entries, _) = root
@@ -398,5 +405,82 @@ fn start(
         port,
         _stop: stop,
         _reloader: AbortOnDrop(reloader),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::confine::Resolver;
+
+    /// A container root with the dev PKI laid out as Strimzi mounts it, and a node directory
+    /// beside it that must stay out of reach.
+    fn root_with_material() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        crate::pki::generate_dev(&pki, crate::pki::Validity::days(1)).unwrap();
+        let root = dir.path().join("root");
+        let certs = root.join("opt/kafka/broker-certs");
+        let cas = root.join("opt/kafka/cluster-ca-certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::create_dir_all(&cas).unwrap();
+        std::fs::copy(pki.join("tls.crt"), certs.join("pod-0.crt")).unwrap();
+        std::fs::copy(pki.join("tls.key"), certs.join("pod-0.key")).unwrap();
+        std::fs::copy(pki.join("ca.crt"), cas.join("ca.crt")).unwrap();
+        // During a CA renewal: the old CA beside it; the PKCS#12 forms are not read.
+        std::fs::copy(pki.join("ca.crt"), cas.join("ca-2026-01-01T00-00-00Z.crt")).unwrap();
+        std::fs::write(cas.join("ca.p12"), b"binary").unwrap();
+        (dir, root)
+    }
+
+    fn material(root: &Path, pod: &str) -> Result<Material, PodTlsError> {
+        read_material_in(&ProcessRoot::at(root, None, Resolver::Auto), pod)
+    }
+
+    #[test]
+    fn strimzi_layout_loads_with_every_ca() {
+        let (_dir, root) = root_with_material();
+        let m = material(&root, "pod-0").unwrap();
+        let cas = rustls_pemfile::certs(&mut m.cas.as_slice()).count();
+        assert_eq!(cas, 2);
+        load(&m, "pod-0").unwrap();
+    }
+
+    #[test]
+    fn links_out_of_the_root_and_special_files_are_not_read() {
+        let (dir, root) = root_with_material();
+        let certs = root.join("opt/kafka/broker-certs");
+        // The node's own key, named by an absolute link and by a `..` chain.
+        let node_key = dir.path().join("pki/tls.key");
+        std::fs::remove_file(certs.join("pod-0.key")).unwrap();
+        std::os::unix::fs::symlink(&node_key, certs.join("pod-0.key")).unwrap();
+        assert!(material(&root, "pod-0").is_err());
+        std::fs::remove_file(certs.join("pod-0.key")).unwrap();
+        std::os::unix::fs::symlink("../../../../pki/tls.key", certs.join("pod-0.key")).unwrap();
+        assert!(material(&root, "pod-0").is_err());
+        // A FIFO is not a regular file; a huge file is not read.
+        std::fs::remove_file(certs.join("pod-0.key")).unwrap();
+        nix_mkfifo(&certs.join("pod-0.key"));
+        let err = material(&root, "pod-0").err().unwrap().to_string();
+        assert!(err.contains("FIFO"), "{err}");
+        std::fs::remove_file(certs.join("pod-0.key")).unwrap();
+        std::fs::write(
+            certs.join("pod-0.key"),
+            vec![b'a'; MAX_PEM_BYTES as usize + 1],
+        )
+        .unwrap();
+        assert!(material(&root, "pod-0").is_err());
+        // A pod name that is a path.
+        assert!(matches!(
+            material(&root, "../x"),
+            Err(PodTlsError::NoPodName)
+        ));
+    }
+
+    fn nix_mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 }

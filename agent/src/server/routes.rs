@@ -766,6 +766,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pod_router_answers_only_for_its_broker_as_the_node_does() {
+        use crate::discovery::broker::tests::broker;
+        let model = Arc::new(Model::default());
+        let node = router(model.clone(), server(&[], 1000, 1000));
+        let pod = pod_router(model.clone(), server(&[], 1000, 1000), "2".into());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id();
+        let mut own = broker("2", me, 1, &[("PLAINTEXT", port)]);
+        own.start_time_ticks = crate::state::start_ticks_of_pid(me).unwrap();
+        model.set_brokers(vec![
+            broker("1", u32::MAX - 7, 1, &[("PLAINTEXT", 9092)]),
+            own,
+        ]);
+        model.assume_sigterm_observed();
+        for (mine, theirs) in [
+            ("/v1/broker-state", "/v1/broker-state?broker=2"),
+            ("/v1/broker-state/", "/v1/broker-state/?broker=2"),
+            ("/v1/ready", "/v1/ready?broker=2"),
+            ("/v1/ready/", "/v1/ready/?broker=2"),
+            // The query is not read: another broker's id still answers for this one.
+            ("/v1/broker-state/?broker=1", "/v1/broker-state/?broker=2"),
+        ] {
+            let (a, b) = (get(&pod, mine).await, get(&node, theirs).await);
+            assert_eq!((a.code, a.text()), (b.code, b.text()), "{mine}");
+            assert_eq!(
+                a.header(header::CONTENT_TYPE),
+                b.header(header::CONTENT_TYPE)
+            );
+        }
+        assert_eq!(get(&pod, "/v1/ready/").await.code, StatusCode::NO_CONTENT);
+        for other in [
+            "/v1/brokers",
+            "/v1/brokers/1",
+            "/metrics",
+            "/health",
+            "/ready",
+            "/v1/config",
+        ] {
+            let a = get(&pod, other).await;
+            assert_eq!(
+                (a.code, a.text()),
+                (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#),
+                "{other}"
+            );
+        }
+        // Its broker gone: 404, as the node answers for an unknown broker.
+        model.set_brokers(vec![broker("1", u32::MAX - 7, 1, &[("PLAINTEXT", 9092)])]);
+        assert_eq!(
+            get(&pod, "/v1/broker-state/").await.code,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
     async fn broker_state_in_strimzi_format_and_the_choice_of_broker() {
         use crate::discovery::broker::tests::broker;
         let model = Arc::new(Model::default());
