@@ -36,6 +36,9 @@ const TEST_PACKAGES: &[&str] = &[
     "skopeo",
     "buildah",
     "binutils",
+    // The operator's client in the state and pods tests: tests/java/BrokerStateClient.java,
+    // run as a source file (the launcher needs the JDK's compiler).
+    "openjdk-17-jdk-headless",
 ];
 
 /// PyPI packages the manifest test validates with, pinned, in a virtualenv of their own
