@@ -542,6 +542,36 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
     );
     eprintln!("rotated certificate served after {:?}", rotated.elapsed());
 
+    // Live config: the allow list reaches the pod listeners; switching them off closes them.
+    let patch = |body: &str| {
+        let mut args = agent.client_args();
+        args.extend(
+            [
+                "-X",
+                "PATCH",
+                "-H",
+                "content-type: application/merge-patch+json",
+                "--data-binary",
+                body,
+            ]
+            .map(String::from),
+        );
+        args.push(agent.url("/v1/config"));
+        let (code, text) = curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert_eq!(code, 200, "{text}");
+    };
+    // (the rate limits: the allow list would lock this test's node client out too, as both
+    // certificates say cluster-operator)
+    patch(r#"{"server":{"rate_limit_rps":1,"rate_limit_burst":1}}"#);
+    eventually("429 on the pod listener", Duration::from_secs(5), || {
+        let (code, _) = pods[1]
+            .curl(&operator, &ca.path("ca.crt"), op, "/v1/broker-state/")
+            .unwrap();
+        (code == 429).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    patch(r#"{"server":{"rate_limit_rps":null,"rate_limit_burst":null}}"#);
+
     // A broker stop closes its pod's 8443 within 100 ms.
     let mut brokers = brokers.into_iter();
     let first = brokers.next().unwrap();
@@ -567,4 +597,12 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
     drop(pod0);
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
+
+    let rest: Vec<Pod> = pods.collect();
+    assert!(rest.iter().all(|p| p.answers(&operator)));
+    patch(r#"{"server":{"pod_listeners":false}}"#);
+    eventually("pod listeners closed", Duration::from_secs(5), || {
+        (!rest.iter().any(|p| p.answers(&operator))).then_some(())
+    });
+    assert!(broker(&agent, "1").unwrap().get("pod_listener").is_none());
 }

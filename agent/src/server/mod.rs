@@ -128,6 +128,20 @@ impl ServerState {
         }
     }
 
+    /// Takes on `other`'s live-changeable policy (allowed names, rate limits, access log): a
+    /// pod listener follows the node's.
+    pub fn follow(&self, other: &ServerState) {
+        let names = other.allowed_client_names();
+        if *names != *self.allowed_client_names() {
+            self.set_allowed_client_names(&names);
+        }
+        let rates = other.limiter.rates();
+        if rates != self.limiter.rates() {
+            self.limiter.set_rates(rates.0, rates.1);
+        }
+        self.set_access_log(other.access_log());
+    }
+
     /// The pod listeners' switch and port; `None` when off.
     pub fn pod_listeners(&self) -> Option<u16> {
         self.pod_listeners

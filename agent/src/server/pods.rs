@@ -235,6 +235,7 @@ fn bind_in(pid: u32, netns_inode: u32, port: u16) -> Result<std::net::TcpListene
 struct Open {
     netns: u32,
     port: u16,
+    state: Arc<ServerState>,
     _stop: oneshot::Sender<()>,
     _reloader: AbortOnDrop,
 }
@@ -280,6 +281,9 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
                 && port == Some(*p)
         });
         status.retain(|id, _| open.contains_key(id) || taken.contains_key(id));
+        for o in open.values() {
+            o.state.follow(&node);
+        }
         if let Some(port) = port {
             for b in brokers.iter().filter(|b| wanted(b)) {
                 if open.contains_key(&b.id) || taken.contains_key(&b.id) {
@@ -382,6 +386,7 @@ fn start(
     let reloader = tokio::spawn(follow_certificate(model.clone(), id.clone(), tx, initial));
     let state =
         ServerState::for_listener(section, node.stats.clone(), format!("pod/{}", bound.pod));
+    state.follow(node);
     let app = super::routes::pod_router(model.clone(), state.clone(), id.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     tracing::info!(broker = %id, pod = %bound.pod, port, "pod listener open");
@@ -390,7 +395,7 @@ fn start(
             tokio::spawn(super::serve_with(
                 listener,
                 configs,
-                state,
+                state.clone(),
                 app,
                 async move {
                     let _ = stopped.await;
@@ -403,6 +408,7 @@ fn start(
     Open {
         netns,
         port,
+        state,
         _stop: stop,
         _reloader: AbortOnDrop(reloader),
     }
