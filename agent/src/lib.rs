@@ -638,6 +638,7 @@ async fn run_async(
     tracing::info!(addr = %local, "step 5/5: listening");
 
     let state = server::ServerState::new(&config.server, server_stats);
+    let pods_section = config.server.clone();
     let control = control::Control::new(
         config,
         config_path,
@@ -649,6 +650,11 @@ async fn run_async(
     );
     let _file_watch = control.clone().spawn_file_watch();
     let app = server::routes::router_with(model.clone(), state.clone(), control);
+    let _pods = tokio::spawn(server::pods::run(
+        model.clone(),
+        state.clone(),
+        pods_section,
+    ));
     server::serve(listener, tls, state, app, shutdown_signal()).await;
 
     tracing::info!("stopped");

@@ -85,6 +85,33 @@ pub struct Model {
     /// Wakes the thread that attaches and detaches the standby programs (see
     /// [`Model::sync_demand`]).
     demand: DemandSignal,
+    /// Woken (one permit kept) each time the broker table changes: the pod listeners follow it.
+    pub broker_table: tokio::sync::Notify,
+    /// Each broker's pod listener (`server.pod_listeners`), by broker id; set by `server::pods`.
+    pod_listeners: RwLock<std::collections::HashMap<String, PodListener>>,
+}
+
+/// A broker's listener inside its pod's network namespace, as `/v1/brokers` and the
+/// `brokerscope_pod_listener` metric show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PodListener {
+    /// Listening, with the broker's own certificate.
+    Serving { port: u16, pod: String },
+    /// Something else listens on the port there (Strimzi's in-JVM agent): left alone.
+    PortTaken { port: u16, pod: String },
+    /// Not opened: why (no pod name, no certificate, a bind error); retried.
+    Failed { port: u16, reason: String },
+}
+
+impl PodListener {
+    pub fn state(&self) -> &'static str {
+        match self {
+            PodListener::Serving { .. } => "serving",
+            PodListener::PortTaken { .. } => "port_taken",
+            PodListener::Failed { .. } => "failed",
+        }
+    }
 }
 
 /// A standby program stays attached this long after the last time it was wanted, so a broker
@@ -120,6 +147,9 @@ pub struct BrokerView {
     /// How each of `log_dirs`' fsyncs are measured on this node: `count+duration`, `count`
     /// (xfs and btrfs) or `not measured`.
     pub log_dir_fsync: Vec<&'static str>,
+    /// Its pod listener, when `server.pod_listeners` is on and it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_listener: Option<PodListener>,
 }
 
 /// What a renderer needs, read at one instant.
@@ -132,6 +162,8 @@ pub struct Snapshot {
     pub brokers: Vec<Broker>,
     /// (broker id, Strimzi state number), as `brokers`.
     pub broker_states: Vec<(String, u8)>,
+    /// (broker id, pod listener), sorted by id; empty while `server.pod_listeners` is off.
+    pub pod_listeners: Vec<(String, PodListener)>,
     /// /proc and cgroup figures of running brokers, by broker id.
     pub procs: Vec<(String, crate::resources::ProcStats)>,
     /// The workers reading brokers' own files.
@@ -368,6 +400,11 @@ impl Model {
             probes,
             brokers,
             broker_states,
+            pod_listeners: {
+                let mut all: Vec<_> = self.pod_listeners().into_iter().collect();
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                all
+            },
             procs,
             file_work: crate::files::workers::files().stats(),
         }
@@ -405,6 +442,7 @@ impl Model {
         self.sync_kernel();
         publish_changes(&self.events, old, &self.brokers_state().brokers);
         self.sync_states();
+        self.broker_table.notify_one();
     }
 
     /// Marks the broker table changed for the state tracker (cheap: discovery's thread).
@@ -460,12 +498,37 @@ impl Model {
             .iter()
             .map(|fs| cover.measures(fs))
             .collect();
+        let pod_listener = self.pod_listener(&broker.id);
         BrokerView {
             broker,
             broker_state,
             state_changes,
             log_dir_fsync,
+            pod_listener,
         }
+    }
+
+    /// The pod listeners now, by broker id.
+    pub fn pod_listeners(&self) -> std::collections::HashMap<String, PodListener> {
+        self.pod_listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn pod_listener(&self, id: &str) -> Option<PodListener> {
+        self.pod_listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn set_pod_listeners(&self, all: std::collections::HashMap<String, PodListener>) {
+        *self
+            .pod_listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = all;
     }
 
     /// The broker state stream, once.

@@ -422,6 +422,7 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
     file_work(e, &snapshot.file_work);
     brokers(e, &snapshot.brokers);
     broker_states(e, &snapshot.broker_states);
+    pod_listeners(e, &snapshot.pod_listeners);
     resources(e, snapshot);
     listeners(e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
 }
@@ -621,6 +622,19 @@ fn broker_states(e: &mut Exposition, states: &[(String, u8)]) {
     );
     for (id, n) in states {
         f.sample(&[("broker", id)], n);
+    }
+}
+
+/// `pod_listener`: each broker's listener in its pod (`server.pod_listeners`), 1 in its state.
+fn pod_listeners(e: &mut Exposition, all: &[(String, crate::model::PodListener)]) {
+    let mut f = e.family(
+        "pod_listener",
+        Kind::Gauge,
+        "A broker's listener in its own pod's network namespace: 1 in its state (serving, \
+         port_taken: left to whoever holds the port, failed: retried).",
+    );
+    for (id, listener) in all {
+        f.sample(&[("broker", id), ("state", listener.state())], 1u8);
     }
 }
 

@@ -108,6 +108,7 @@ mod tests {
                 broker_state: crate::state::StateView::of(crate::state::KafkaState::Running),
                 state_changes: Vec::new(),
                 log_dir_fsync: Vec::new(),
+                pod_listener: None,
             })
             .collect();
         let out = with_counters(&snapshot, views);

@@ -910,7 +910,8 @@ impl Container {
     }
 
     /// Sets up `cmd` to enter the container before it execs (`program` is then resolved inside).
-    fn enter(&self, cmd: &mut Command, cwd: &str) {
+    /// In `netns` (a namespace file) too when given.
+    fn enter(&self, cmd: &mut Command, cwd: &str, netns: Option<std::fs::File>) {
         use std::{ffi::CString, os::unix::ffi::OsStrExt as _, os::unix::process::CommandExt as _};
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
         let root = self.root();
@@ -934,6 +935,10 @@ impl Container {
         // memory prepared before the fork (no allocation, no locks).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(ns) = &netns {
+                    use std::os::fd::AsRawFd as _;
+                    check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
+                }
                 check(libc::unshare(libc::CLONE_NEWNS))?;
                 check(libc::mount(
                     std::ptr::null(),
@@ -985,12 +990,16 @@ impl FakeBroker {
             (None, Some(bin)) => bin.to_path_buf(),
             (None, None) => fake_broker_bin(),
         };
-        let mut cmd = match spec.netns {
-            Some(ns) => ns.command(&bin),
-            None => Command::new(&bin),
+        let mut cmd = match (spec.netns, spec.container) {
+            (Some(ns), None) => ns.command(&bin),
+            _ => Command::new(&bin),
         };
         if let Some((container, cwd)) = spec.container {
-            container.enter(&mut cmd, cwd);
+            // `ip netns exec` would run chrooted and not find the namespace: entered here.
+            let netns = spec.netns.map(|ns| {
+                std::fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file")
+            });
+            container.enter(&mut cmd, cwd, netns);
         }
         if spec.skip_properties {
             cmd.env("FAKE_BROKER_SKIP_PROPERTIES", "1");

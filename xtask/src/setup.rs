@@ -39,6 +39,9 @@ const TEST_PACKAGES: &[&str] = &[
     // The `brokerscope top` test drives the terminal view in a real terminal (tmux send-keys,
     // capture-pane, resize-window).
     "tmux",
+    // The operator's client in the state and pods tests: tests/java/BrokerStateClient.java,
+    // run as a source file (the launcher needs the JDK's compiler).
+    "openjdk-17-jdk-headless",
 ];
 
 /// PyPI packages the manifest test validates with, pinned, in a virtualenv of their own

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub rate_limit_rps: u32,
     pub rate_limit_burst: u32,
     pub access_log: AccessLog,
+    pub pod_listeners: bool,
+    pub pod_listen_port: u16,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +86,11 @@ impl Default for ServerConfig {
             rate_limit_burst: 40,
             // One line per request.
             access_log: AccessLog::Info,
+            // Off: only the node listener. On: also `pod_listen_port` inside each broker pod's
+            // own network namespace, serving that broker's Strimzi state (server::pods).
+            pod_listeners: false,
+            // Where Strimzi's Cluster Operator asks a broker pod for its state.
+            pod_listen_port: 8443,
         }
     }
 }
@@ -450,6 +457,12 @@ impl Config {
                 "names must not be empty",
             ));
         }
+        if s.pod_listen_port == 0 {
+            errors.push(ConfigError::invalid(
+                "server.pod_listen_port",
+                "must be 1..=65535 (the operator dials a fixed port)",
+            ));
+        }
         if !(1..=100_000).contains(&s.rate_limit_rps) {
             errors.push(ConfigError::invalid(
                 "server.rate_limit_rps",
@@ -531,6 +544,16 @@ impl Config {
             )
         {
             errors.push(ConfigError::invalid("server.listen", e.to_string()));
+        }
+        // Nor do the pod listeners (a broker's own port there would only be found taken).
+        if s.pod_listen_port != 0 && self.discovery.listener_ports.contains(&s.pod_listen_port) {
+            errors.push(ConfigError::invalid(
+                "server.pod_listen_port",
+                format!(
+                    "port {} is also a broker data-plane port (from discovery.listener_ports)",
+                    s.pod_listen_port
+                ),
+            ));
         }
         for (key, value) in [
             ("probes.listeners_capacity", self.probes.listeners_capacity),

@@ -74,6 +74,11 @@ fn invalid_values_name_the_key() {
             "server.rate_limit_burst",
         ),
         ("[server]\ncert_file = \"\"\n", "server.cert_file"),
+        ("[server]\npod_listen_port = 0\n", "server.pod_listen_port"),
+        (
+            "[server]\npod_listen_port = 9092\n[discovery]\nlistener_ports = [9092]\n",
+            "server.pod_listen_port",
+        ),
         (
             "[server]\nallowed_client_names = [\" \"]\n",
             "server.allowed_client_names",
@@ -220,6 +225,17 @@ fn listen_port_must_not_be_a_broker_port() {
          data-plane port (from discovery.listener_ports); the control endpoint must listen on a \
          port of its own"
     );
+}
+
+#[test]
+fn pod_listeners_are_off_by_default_on_8443() {
+    let config = Config::from_toml("").unwrap();
+    assert!(!config.server.pod_listeners);
+    assert_eq!(config.server.pod_listen_port, 8443);
+    let config =
+        Config::from_toml("[server]\npod_listeners = true\npod_listen_port = 9443\n").unwrap();
+    assert!(config.server.pod_listeners);
+    assert_eq!(config.server.pod_listen_port, 9443);
 }
 
 #[test]

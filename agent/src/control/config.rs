@@ -288,6 +288,10 @@ impl LiveConfig {
         if is("server.access_log") {
             t.server.set_access_log(s.access_log);
         }
+        if is("server.pod_listeners") || is("server.pod_listen_port") {
+            t.server
+                .set_pod_listeners(s.pod_listeners, s.pod_listen_port);
+        }
         if is("server.allowed_client_names") {
             t.server.set_allowed_client_names(&s.allowed_client_names);
         }

@@ -11,7 +11,7 @@ mod captured;
 mod fields;
 pub mod lacks;
 mod map_iter;
-mod netns;
+pub mod netns;
 pub mod pins;
 pub mod processes;
 mod records;

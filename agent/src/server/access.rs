@@ -46,6 +46,7 @@ pub async fn guard(
     let level = state.access_log();
     let line = (level != AccessLog::Off).then(|| AccessLine {
         level,
+        listener: state.listener.clone(),
         identity: identity
             .as_ref()
             .map_or_else(|| "unknown".to_string(), |i| i.display.clone()),
@@ -137,6 +138,8 @@ fn logged_path(request: &Request) -> String {
 /// `latency` cover the whole response.
 struct AccessLine {
     level: AccessLog,
+    /// `node` or `pod/<name>`.
+    listener: String,
     identity: String,
     method: Method,
     path: String,
@@ -155,6 +158,7 @@ impl Drop for AccessLine {
             AccessLog::Off => {}
             AccessLog::Info => tracing::info!(
                 target: "brokerscope::access",
+                listener = %self.listener,
                 identity = %self.identity,
                 method = %self.method,
                 path = %self.path,
@@ -165,6 +169,7 @@ impl Drop for AccessLine {
             ),
             AccessLog::Debug => tracing::info!(
                 target: "brokerscope::access",
+                listener = %self.listener,
                 identity = %self.identity,
                 method = %self.method,
                 path = %self.path,

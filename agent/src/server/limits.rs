@@ -185,6 +185,12 @@ impl RateLimiter {
         }
     }
 
+    /// The rates in force: (per second, burst).
+    pub fn rates(&self) -> (u32, u32) {
+        let inner = self.lock();
+        (inner.rps as u32, inner.burst as u32)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -14,6 +14,7 @@ pub mod isolation;
 pub mod limits;
 mod operator;
 pub mod pages;
+pub mod pods;
 pub mod reload;
 pub mod routes;
 pub mod stats;
@@ -24,7 +25,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -66,10 +67,24 @@ pub struct ServerState {
     pub limiter: RateLimiter,
     pub in_flight: Arc<Semaphore>,
     pub stats: Arc<ServerStats>,
+    /// Which listener this state serves, for the access log: `node`, or `pod/<name>`.
+    pub listener: String,
+    /// `server.pod_listeners` and `server.pod_listen_port`, switched live (read by `pods`).
+    pod_listeners: AtomicBool,
+    pod_listen_port: AtomicU16,
 }
 
 impl ServerState {
     pub fn new(section: &ServerSection, stats: Arc<ServerStats>) -> Arc<Self> {
+        Self::for_listener(section, stats, "node".into())
+    }
+
+    /// The state of one listener: its own rate limiter and in-flight cap.
+    pub fn for_listener(
+        section: &ServerSection,
+        stats: Arc<ServerStats>,
+        listener: String,
+    ) -> Arc<Self> {
         let state = Arc::new(Self {
             allowed_client_names: std::sync::RwLock::new(
                 section.allowed_client_names.clone().into(),
@@ -82,6 +97,9 @@ impl ServerState {
             ),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             stats,
+            listener,
+            pod_listeners: AtomicBool::new(section.pod_listeners),
+            pod_listen_port: AtomicU16::new(section.pod_listen_port),
         });
         state.set_access_log(section.access_log);
         state
@@ -108,6 +126,33 @@ impl ServerState {
             1 => AccessLog::Info,
             _ => AccessLog::Debug,
         }
+    }
+
+    /// Takes on `other`'s live-changeable policy (allowed names, rate limits, access log): a
+    /// pod listener follows the node's.
+    pub fn follow(&self, other: &ServerState) {
+        let names = other.allowed_client_names();
+        if *names != *self.allowed_client_names() {
+            self.set_allowed_client_names(&names);
+        }
+        let rates = other.limiter.rates();
+        if rates != self.limiter.rates() {
+            self.limiter.set_rates(rates.0, rates.1);
+        }
+        self.set_access_log(other.access_log());
+    }
+
+    /// The pod listeners' switch and port; `None` when off.
+    pub fn pod_listeners(&self) -> Option<u16> {
+        self.pod_listeners
+            .load(Ordering::Relaxed)
+            .then(|| self.pod_listen_port.load(Ordering::Relaxed))
+    }
+
+    /// Takes effect at the pod listeners' next pass (at most a second later).
+    pub fn set_pod_listeners(&self, on: bool, port: u16) {
+        self.pod_listen_port.store(port, Ordering::Relaxed);
+        self.pod_listeners.store(on, Ordering::Relaxed);
     }
 
     /// Takes effect from the next request.
@@ -182,6 +227,20 @@ pub async fn serve(
         nofile,
         "connection limits"
     );
+    serve_with(listener, configs, state, app, shutdown, budget).await;
+    reloader.abort();
+}
+
+/// Serves `listener` within `budget` until `shutdown` resolves, each connection with the TLS
+/// config current in `configs` at accept; then closes the listener at once and drains.
+pub async fn serve_with(
+    listener: TcpListener,
+    configs: watch::Receiver<Arc<rustls::ServerConfig>>,
+    state: Arc<ServerState>,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+    budget: Budget,
+) {
     widen_backlog(&listener);
     let sockets = Arc::new(Semaphore::new(budget.sockets));
     let pool = PendingPool::new(
@@ -255,8 +314,8 @@ pub async fn serve(
         };
         tokio::spawn(conn.run(tcp, acceptor, admission.ticket, timeout));
     }
-    reloader.abort();
-    tracing::info!("stopped accepting; draining connections");
+    drop(listener);
+    tracing::info!(listener = %state.listener, "stopped accepting; draining connections");
     let _ = stop_tx.send(true);
     let all = u32::try_from(budget.sockets).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN_TIMEOUT, sockets.acquire_many(all))

@@ -77,6 +77,50 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
     harden(api, server)
 }
 
+/// What a pod listener's handlers read: the one broker it answers for.
+#[derive(Clone)]
+struct PodRoute {
+    model: Arc<Model>,
+    broker: Arc<str>,
+}
+
+/// A pod listener's router (`server::pods`): its broker's `/v1/broker-state[/]` and
+/// `/v1/ready[/]`, as the node listener answers them, and 404 for everything else. The query
+/// string is not read: nothing about another broker is reachable here.
+pub fn pod_router(model: Arc<Model>, server: Arc<ServerState>, broker: String) -> Router {
+    let api = Router::new()
+        .route("/v1/broker-state", get(pod_broker_state))
+        .route("/v1/broker-state/", get(pod_broker_state))
+        .route("/v1/ready", get(pod_broker_ready))
+        .route("/v1/ready/", get(pod_broker_ready))
+        .with_state(PodRoute {
+            model,
+            broker: broker.into(),
+        });
+    harden(api, server)
+}
+
+async fn pod_state(route: PodRoute) -> Result<StateView, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let broker = route
+            .model
+            .broker(&route.broker)
+            .filter(Broker::is_running)
+            .ok_or(ApiError::NotFound)?;
+        Ok(route.model.broker_state(&broker))
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+}
+
+async fn pod_broker_state(axum::extract::State(route): axum::extract::State<PodRoute>) -> Response {
+    state_response(pod_state(route).await)
+}
+
+async fn pod_broker_ready(axum::extract::State(route): axum::extract::State<PodRoute>) -> Response {
+    ready_response(pod_state(route).await)
+}
+
 /// Wraps any router (the API, or a test's) in the endpoint's error handling and access control.
 pub fn harden(routes: Router, server: Arc<ServerState>) -> Router {
     routes
@@ -250,7 +294,11 @@ async fn strimzi_state(state: AppState, query: Query) -> Result<StateView, ApiEr
 }
 
 async fn broker_state(axum::extract::State(state): State, query: Query) -> Response {
-    match strimzi_state(state, query).await {
+    state_response(strimzi_state(state, query).await)
+}
+
+fn state_response(view: Result<StateView, ApiError>) -> Response {
+    match view {
         Ok(view) => Json(StrimziState {
             broker_state: view.state.number(),
             recovery_state: view.recovery,
@@ -262,7 +310,11 @@ async fn broker_state(axum::extract::State(state): State, query: Query) -> Respo
 
 /// 204 when 3 ≤ state ≠ 127, else 503 with the state; 404 without a broker.
 async fn broker_ready(axum::extract::State(state): State, query: Query) -> Response {
-    match strimzi_state(state, query).await {
+    ready_response(strimzi_state(state, query).await)
+}
+
+fn ready_response(view: Result<StateView, ApiError>) -> Response {
+    match view {
         Ok(view) if view.state.is_ready() => StatusCode::NO_CONTENT.into_response(),
         Ok(view) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -710,6 +762,61 @@ mod tests {
         assert_eq!(
             (a.code, a.text()),
             (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_router_answers_only_for_its_broker_as_the_node_does() {
+        use crate::discovery::broker::tests::broker;
+        let model = Arc::new(Model::default());
+        let node = router(model.clone(), server(&[], 1000, 1000));
+        let pod = pod_router(model.clone(), server(&[], 1000, 1000), "2".into());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id();
+        let mut own = broker("2", me, 1, &[("PLAINTEXT", port)]);
+        own.start_time_ticks = crate::state::start_ticks_of_pid(me).unwrap();
+        model.set_brokers(vec![
+            broker("1", u32::MAX - 7, 1, &[("PLAINTEXT", 9092)]),
+            own,
+        ]);
+        model.assume_sigterm_observed();
+        for (mine, theirs) in [
+            ("/v1/broker-state", "/v1/broker-state?broker=2"),
+            ("/v1/broker-state/", "/v1/broker-state/?broker=2"),
+            ("/v1/ready", "/v1/ready?broker=2"),
+            ("/v1/ready/", "/v1/ready/?broker=2"),
+            // The query is not read: another broker's id still answers for this one.
+            ("/v1/broker-state/?broker=1", "/v1/broker-state/?broker=2"),
+        ] {
+            let (a, b) = (get(&pod, mine).await, get(&node, theirs).await);
+            assert_eq!((a.code, a.text()), (b.code, b.text()), "{mine}");
+            assert_eq!(
+                a.header(header::CONTENT_TYPE),
+                b.header(header::CONTENT_TYPE)
+            );
+        }
+        assert_eq!(get(&pod, "/v1/ready/").await.code, StatusCode::NO_CONTENT);
+        for other in [
+            "/v1/brokers",
+            "/v1/brokers/1",
+            "/metrics",
+            "/health",
+            "/ready",
+            "/v1/config",
+        ] {
+            let a = get(&pod, other).await;
+            assert_eq!(
+                (a.code, a.text()),
+                (StatusCode::NOT_FOUND, r#"{"error":"not found"}"#),
+                "{other}"
+            );
+        }
+        // Its broker gone: 404, as the node answers for an unknown broker.
+        model.set_brokers(vec![broker("1", u32::MAX - 7, 1, &[("PLAINTEXT", 9092)])]);
+        assert_eq!(
+            get(&pod, "/v1/broker-state/").await.code,
+            StatusCode::NOT_FOUND
         );
     }
 

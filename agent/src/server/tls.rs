@@ -95,37 +95,39 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(key, path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+fn parse_certs(
+    key: &'static str,
+    path: &str,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &*pem)
         .collect::<Result<_, _>>()
         .map_err(|error| TlsError::Read {
             key,
-            path: path.display().to_string(),
+            path: path.into(),
             error,
         })?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
             key,
-            path: path.display().to_string(),
+            path: path.into(),
             what: "certificate",
         });
     }
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+fn parse_private_key(path: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
     const KEY: &str = "server.key_file";
-    let pem = read(KEY, path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
+    rustls_pemfile::private_key(&mut &*pem)
         .map_err(|error| TlsError::Read {
             key: KEY,
-            path: path.display().to_string(),
+            path: path.into(),
             error,
         })?
         .ok_or_else(|| TlsError::Empty {
             key: KEY,
-            path: path.display().to_string(),
+            path: path.into(),
             what: "private key",
         })
 }
@@ -141,11 +143,11 @@ pub struct LeafInfo {
 }
 
 impl LeafInfo {
-    fn read(path: &Path, der: &[u8]) -> Result<Self, TlsError> {
+    fn read(path: &str, der: &[u8]) -> Result<Self, TlsError> {
         use x509_parser::prelude::FromDer as _;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
             TlsError::Parse {
-                path: path.display().to_string(),
+                path: path.into(),
                 reason: e.to_string(),
             }
         })?;
@@ -180,27 +182,53 @@ pub fn unix_now() -> i64 {
 /// As [`server_config`], and refuses a server certificate that is not valid at `now` (Unix
 /// seconds): serving an expired certificate only moves the failure to every client.
 pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
+    let cas = read("server.client_ca_file", &section.client_ca_file)?;
+    let chain = read("server.cert_file", &section.cert_file)?;
+    let key = read("server.key_file", &section.key_file)?;
+    load_pem(
+        &Pem {
+            chain: (&section.cert_file.display().to_string(), &chain),
+            key: (&section.key_file.display().to_string(), &key),
+            cas: (&section.client_ca_file.display().to_string(), &cas),
+        },
+        now,
+    )
+}
+
+/// PEM material already read, each with the name it is reported by.
+pub struct Pem<'a> {
+    pub chain: (&'a str, &'a [u8]),
+    pub key: (&'a str, &'a [u8]),
+    /// One or more CA certificates, concatenated.
+    pub cas: (&'a str, &'a [u8]),
+}
+
+/// As [`load`], from material read elsewhere (a broker's root filesystem: `pods`).
+pub fn load_pem(pem: &Pem<'_>, now: i64) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    for ca in certs("server.client_ca_file", &section.client_ca_file)? {
+    let (ca_path, ca_pem) = pem.cas;
+    for ca in parse_certs("server.client_ca_file", ca_path, ca_pem)? {
         roots.add(ca).map_err(|error| TlsError::Ca {
-            path: section.client_ca_file.display().to_string(),
+            path: ca_path.into(),
             error,
         })?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
+    let (cert_path, chain_pem) = pem.chain;
+    let (key_path, key_pem) = pem.key;
     let pair_err = |error| TlsError::Pair {
-        cert: section.cert_file.display().to_string(),
-        key: section.key_file.display().to_string(),
+        cert: cert_path.into(),
+        key: key_path.into(),
         error,
     };
-    let chain = certs("server.cert_file", &section.cert_file)?;
-    let leaf = LeafInfo::read(&section.cert_file, &chain[0])?;
+    let chain = parse_certs("server.cert_file", cert_path, chain_pem)?;
+    let leaf = LeafInfo::read(cert_path, &chain[0])?;
     if now < leaf.not_before || now > leaf.not_after {
         return Err(TlsError::Validity {
-            path: section.cert_file.display().to_string(),
+            path: cert_path.into(),
             not_before: leaf.not_before,
             not_after: leaf.not_after,
             now,
@@ -210,7 +238,7 @@ pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(pair_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, private_key(&section.key_file)?)
+        .with_single_cert(chain, parse_private_key(key_path, key_pem)?)
         .map_err(pair_err)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
