@@ -230,12 +230,8 @@ pub fn join_host_cgroup_namespace() -> CgroupNamespace {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CgroupNamespace::Host,
         Err(e) => return CgroupNamespace::Kept(format!("/proc/self/ns/cgroup: {e}")),
     }
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
+    let mut pids = crate::discovery::proc::ProcFs::default()
+        .pids()
         .unwrap_or_default();
     pids.sort_unstable();
     let mut first_error = None;

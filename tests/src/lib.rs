@@ -495,7 +495,12 @@ impl Drop for Agent {
 /// Runs curl with `-s -o body -w %{http_code}`. Err when curl itself fails (TLS refused, ...),
 /// with curl's exit code and message.
 pub fn curl(args: &[&str]) -> Result<(u16, String), String> {
-    let out = Command::new("curl")
+    curl_in(Command::new("curl"), args)
+}
+
+/// As [`curl`], run by `curl` (a command that runs curl: inside a namespace, say).
+pub fn curl_in(mut curl: Command, args: &[&str]) -> Result<(u16, String), String> {
+    let out = curl
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
         .args(args)
         .output()

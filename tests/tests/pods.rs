@@ -267,27 +267,7 @@ impl Pod {
 
 /// [`curl`] run inside `ns`.
 fn ns_curl(ns: &NetNs, args: &[&str]) -> Result<(u16, String), String> {
-    let out = ns
-        .command("curl")
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run curl: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "curl exit {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').ok_or("no status line")?;
-    Ok((
-        code.trim()
-            .parse()
-            .map_err(|_| format!("bad status {code:?}"))?,
-        body.to_string(),
-    ))
+    brokerscope_tests::curl_in(ns.command("curl"), args)
 }
 
 /// The operator's client run with `-Djdk.net.hosts.file` so pod DNS names resolve to pod IPs.

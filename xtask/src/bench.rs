@@ -399,6 +399,16 @@ impl Drop for EmptyPrograms {
     }
 }
 
+/// A throwaway PKI for a bench's agent and clients, made by the agent's own `pki dev`.
+pub fn dev_pki(bin: &Path, out: &Path) -> anyhow::Result<()> {
+    crate::run(
+        Command::new(bin)
+            .args(["pki", "dev", "--out"])
+            .arg(out)
+            .stdout(Stdio::null()),
+    )
+}
+
 /// Every agent the bench starts counts from zero and leaves nothing pinned: each run compares
 /// its own A against B.
 pub const PIN_NOTHING: &str = "pin_dir = \"\"\n";
@@ -419,12 +429,7 @@ impl Agent {
     fn start_with(bin: &Path, dir: &Path, probes: &str) -> anyhow::Result<Self> {
         let pki = dir.join("pki");
         if !pki.join("client.key").exists() {
-            crate::run(
-                Command::new(bin)
-                    .args(["pki", "dev", "--out"])
-                    .arg(&pki)
-                    .stdout(Stdio::null()),
-            )?;
+            dev_pki(bin, &pki)?;
         }
         let config = dir.join("bench.toml");
         std::fs::write(

@@ -118,12 +118,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let pki = dir.join("pki");
-    crate::run(
-        Command::new(bin)
-            .args(["pki", "dev", "--out"])
-            .arg(&pki)
-            .stdout(Stdio::null()),
-    )?;
+    crate::bench::dev_pki(bin, &pki)?;
 
     // Ten fake brokers of four listeners each, with one connection per listener so every
     // listener has counters to render.

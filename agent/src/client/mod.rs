@@ -398,14 +398,7 @@ impl Client {
                 .await
             {
                 Err(ClientError::RateLimited { retry_after }) if retries < RATE_LIMIT_RETRIES => {
-                    let wait = retry_after_wait(&retry_after)
-                        .ok_or(ClientError::RateLimited { retry_after })?;
-                    retries += 1;
-                    eprintln!(
-                        "brokerscope: rate limited by the agent; retrying in {}s",
-                        wait.as_secs()
-                    );
-                    tokio::time::sleep(wait).await;
+                    back_off(retry_after, &mut retries).await?
                 }
                 other => return other,
             }
@@ -448,6 +441,19 @@ impl Client {
 
 /// How long a `Retry-After` of whole seconds asks to wait; None when it is not one, or longer
 /// than [`MAX_RETRY_AFTER`].
+/// Waits out a 429's `Retry-After` (said on stderr) and counts the retry; the 429 itself when
+/// its wait is not one to take.
+async fn back_off(retry_after: String, retries: &mut u32) -> Result<(), ClientError> {
+    let wait = retry_after_wait(&retry_after).ok_or(ClientError::RateLimited { retry_after })?;
+    *retries += 1;
+    eprintln!(
+        "brokerscope: rate limited by the agent; retrying in {}s",
+        wait.as_secs()
+    );
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
 fn retry_after_wait(value: &str) -> Option<Duration> {
     let secs: u64 = value.trim().parse().ok()?;
     let wait = Duration::from_secs(secs.max(1));
@@ -968,14 +974,7 @@ pub async fn events(
             body,
         }) {
             Err(ClientError::RateLimited { retry_after }) if retries < RATE_LIMIT_RETRIES => {
-                let wait = retry_after_wait(&retry_after)
-                    .ok_or(ClientError::RateLimited { retry_after })?;
-                retries += 1;
-                eprintln!(
-                    "brokerscope: rate limited by the agent; retrying in {}s",
-                    wait.as_secs()
-                );
-                tokio::time::sleep(wait).await;
+                back_off(retry_after, &mut retries).await?
             }
             Err(e) => return Err(e),
             Ok(_) => return Ok(()),

@@ -88,7 +88,8 @@ impl Pins {
                 "pinned maps and links of another layout (the agent was upgraded or its map \
                  capacities changed): removing them; every kernel counter starts over"
             );
-            remove_tree(&path).map_err(|e| err(&path, format!("cannot remove: {e}")))?;
+            std::fs::remove_dir_all(&path)
+                .map_err(|e| err(&path, format!("cannot remove: {e}")))?;
         }
         let dir = base.join(&name);
         let adopted = dir.join("maps").is_dir();
@@ -346,12 +347,6 @@ fn link_program_id(link: &OwnedFd) -> io::Result<u32> {
     }
 }
 
-/// Removes a pinned tree: unlinking a pin drops the kernel's reference (a link detaches, a map
-/// goes once no program or agent holds it).
-fn remove_tree(path: &Path) -> io::Result<()> {
-    std::fs::remove_dir_all(path)
-}
-
 /// What `brokerscope cleanup` removed: every layout directory under `base`, then `base` if
 /// that left it empty. Not an error if there is nothing.
 pub fn cleanup(base: &Path) -> Result<Vec<PathBuf>, ProbesError> {
@@ -375,7 +370,7 @@ pub fn cleanup(base: &Path) -> Result<Vec<PathBuf>, ProbesError> {
             continue;
         }
         let path = entry.path();
-        remove_tree(&path).map_err(|e| err(&path, e))?;
+        std::fs::remove_dir_all(&path).map_err(|e| err(&path, e))?;
         removed.push(path);
     }
     // Only if nothing else is there: the directory may be shared.

@@ -76,15 +76,9 @@ pub fn port_holder(port: u16) -> Option<String> {
         return None;
     }
     let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+    for pid in crate::discovery::proc::ProcFs::default().pids().ok()? {
+        let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
             continue;
         };
         let holds = fds.flatten().any(|fd| {
@@ -92,20 +86,19 @@ pub fn port_holder(port: u16) -> Option<String> {
                 .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
         });
         if holds {
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
             return Some(format!("pid {pid} ({})", comm.trim()));
         }
     }
     None
 }
 
-/// The inode of a `/proc/net/tcp` line's socket if it listens (state 0A) on `port`.
+/// The inode of a `/proc/net/tcp` line's socket if it listens on `port`.
 fn listening_inode(line: &str, port: u16) -> Option<String> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let local_port = fields.get(1)?.rsplit_once(':')?.1;
-    let state = fields.get(3)?;
-    let inode = fields.get(9)?;
-    (u16::from_str_radix(local_port, 16).ok()? == port && *state == "0A").then(|| inode.to_string())
+    if crate::state::listen_port(line)? != port {
+        return None;
+    }
+    line.split_whitespace().nth(9).map(str::to_string)
 }
 
 #[cfg(test)]

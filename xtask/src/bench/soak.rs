@@ -676,12 +676,7 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
     let _ = std::fs::remove_dir_all(PIN_DIR);
 
     let pki = dir.join("pki");
-    crate::run(
-        Command::new(bin)
-            .args(["pki", "dev", "--out"])
-            .arg(&pki)
-            .stdout(Stdio::null()),
-    )?;
+    crate::bench::dev_pki(bin, &pki)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = dir.join("agent.toml");
     std::fs::write(
