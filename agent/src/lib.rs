@@ -623,6 +623,7 @@ async fn run_async(
     }
     spawn_state_tracker(model.clone(), model.take_state_events());
     model.spawn_demand_thread();
+    model.spawn_walk_thread();
 
     // Discovered brokers' listeners, as configured ones were checked with the config.
     for b in model.brokers().iter().filter(|b| b.is_running()) {

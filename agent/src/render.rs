@@ -419,12 +419,37 @@ fn agent_families(e: &mut Exposition, snapshot: &Snapshot) {
         }
     }
 
+    if let Some(w) = &p.walk {
+        open_sockets_walk(e, w);
+    }
     file_work(e, &snapshot.file_work);
     brokers(e, &snapshot.brokers);
     broker_states(e, &snapshot.broker_states);
     pod_listeners(e, &snapshot.pod_listeners);
     resources(e, snapshot);
     listeners(e, &p.listeners, &ListenerIndex::new(&snapshot.brokers));
+}
+
+/// The walk of the open sockets behind this scrape's byte and drop counters.
+fn open_sockets_walk(e: &mut Exposition, w: &crate::probes::WalkStats) {
+    e.family(
+        "open_sockets_walk_seconds",
+        Kind::Gauge,
+        "How long the last walk of the open sockets took (the map iterators, or the watched namespaces' socket tables where the kernel refuses them).",
+    )
+    .sample(&[], w.took.as_secs_f64());
+    e.family(
+        "open_sockets_walk_age_seconds",
+        Kind::Gauge,
+        "How old the walk of the open sockets behind this scrape's bytes_*_total and listen_drops_total is. A walk costing more than 1 ms runs in the background, at least once a second and at most 1/50 of a CPU (period: the larger of 1 s and 50 walks), while scrapes come; else each scrape walks.",
+    )
+    .sample(&[], w.age.as_secs_f64());
+    e.family(
+        "open_sockets_walk_background",
+        Kind::Gauge,
+        "1 when the open sockets are walked in the background rather than by each scrape.",
+    )
+    .sample(&[], u8::from(w.background));
 }
 
 /// The file workers that read brokers' own files (see `files::workers`).
@@ -506,13 +531,13 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIn
         (
             "bytes_received_total",
             Kind::Counter,
-            "Payload bytes received on the listener's connections (SYN/FIN excluded).",
+            "Payload bytes received on the listener's connections (SYN/FIN excluded): exact for closed connections; open ones as of the last walk of the open sockets (see brokerscope_open_sockets_walk_age_seconds).",
             |l| l.bytes_received,
         ),
         (
             "bytes_sent_total",
             Kind::Counter,
-            "Payload bytes sent and acknowledged on the listener's connections (SYN/FIN excluded).",
+            "Payload bytes sent and acknowledged on the listener's connections (SYN/FIN excluded): exact for closed connections; open ones as of the last walk of the open sockets (see brokerscope_open_sockets_walk_age_seconds).",
             |l| l.bytes_sent,
         ),
         (
@@ -545,7 +570,8 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIn
             "listen_drops_total",
             Kind::Counter,
             "Connections dropped by the listening socket (SYN or accept queue overflow), as the \
-             socket counts them since it started listening.",
+             socket counts them since it started listening, as of the last walk of the open \
+             sockets.",
         );
         for (l, labels) in listeners.iter().zip(&labels) {
             if let Some(drops) = l.listen_drops {
@@ -941,6 +967,7 @@ mod tests {
                 scope: "broker-only",
             }],
             probes: ProbeSnapshot {
+                walk: None,
                 listeners: vec![ListenerStats {
                     key: ListenerKey::new(4026531840, 9092),
                     counters: {

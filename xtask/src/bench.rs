@@ -200,7 +200,7 @@ impl Drop for Broker {
 /// which the kernel resolves to the running binary's inode even once `cargo` has rebuilt
 /// `target/debug/xtask` under it (another `cargo xtask` run meanwhile), where
 /// `current_exe()` would name a deleted file.
-fn self_exe() -> &'static Path {
+pub fn self_exe() -> &'static Path {
     Path::new("/proc/self/exe")
 }
 
@@ -932,8 +932,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
            the few execs of this pass, far apart, each do, and that is most of its figure.\n";
     md += "\nTargets: overhead <= 2% at Kafka-like sizes; <= 150 ns per probe event.\n";
     let (scrape_md, scrape_json) = {
-        let (runs, rss) = crate::scrape::run(root, bin, &out_dir)?;
-        crate::scrape::report(&runs, rss)
+        let report = crate::scrape::run(root, bin, &out_dir)?;
+        crate::scrape::report(&report)
     };
     md += &scrape_md;
     let json = format!(

@@ -117,6 +117,16 @@ enum Cmd {
         /// Its server.properties (listener and log dir).
         properties: std::path::PathBuf,
     },
+    /// The scrape bench's broker (started by `bench`): listens on each of `ADDRS`
+    /// (comma-separated) and holds every connection open.
+    #[command(hide = true)]
+    BenchHoldingBroker {
+        addrs: String,
+        /// `kafka.Kafka`, so the agent discovers it.
+        main_class: String,
+        /// Its server.properties (listeners).
+        properties: std::path::PathBuf,
+    },
     /// The node-tax bench's unrelated process (started by `bench`): `CALLS` getppid calls in
     /// `CHUNKS` timed chunks, pinned to `CPU`; prints each chunk's wall and CPU ns.
     #[command(hide = true)]
@@ -150,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             ..
         } => bench::serve_broker(&case, &fetch_file, port),
         Cmd::BenchSoakBroker { addr, workers, .. } => bench::soak::serve_broker(&addr, workers),
+        Cmd::BenchHoldingBroker { addrs, .. } => scrape::hold_connections(&addrs),
         Cmd::BenchSyscalls { calls, chunks, cpu } => {
             bench::node_tax::syscall_loop(calls, chunks, cpu)
         }
@@ -181,8 +192,8 @@ fn main() -> anyhow::Result<()> {
             if scrape_only {
                 let out_dir = root.join("target/bench");
                 std::fs::create_dir_all(&out_dir)?;
-                let (runs, rss) = scrape::run(&root, &bin, &out_dir)?;
-                let (md, _) = scrape::report(&runs, rss);
+                let report = scrape::run(&root, &bin, &out_dir)?;
+                let (md, _) = scrape::report(&report);
                 println!("{md}");
                 return Ok(());
             }

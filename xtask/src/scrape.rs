@@ -1,21 +1,38 @@
-//! The scrape part of `cargo xtask bench`: the agent's `/metrics` and `/v1/broker-state/` over
-//! mTLS keep-alive at concurrency 8 and 64, with 10 fake brokers of 4 listeners each, and
-//! prometheus-node-exporter (loadavg collector only) behind the same mTLS material, in the same
-//! run and with the same load tool (`oha`, which presents client certificates).
+//! The scrape part of `cargo xtask bench`, in two halves.
+//!
+//! Series: the agent's `/metrics` over mTLS keep-alive at concurrency 8 with 0, 1 and 10 fake
+//! brokers of 4 listeners each, interleaved with prometheus-node-exporter (loadavg collector
+//! only) behind the same mTLS material and loaded by the same tool (`oha`, which presents client
+//! certificates); plainly and with the headers Prometheus sends.
+//!
+//! Connections: one broker holding 0, 10k and 50k open connections, scraped one request at a
+//! time, by an agent with the hooks this kernel allows and by one with the map iterators
+//! disabled (the socket-table fallback forced); the scrape latency and the agent's CPU per
+//! scrape.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    path::Path,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 const REQUESTS: usize = 4000;
-const CONCURRENCY: [usize; 2] = [8, 64];
-const BROKERS: usize = 10;
+const CONCURRENCY: usize = 8;
+const BROKER_STAGES: [usize; 3] = [0, 1, 10];
 const LISTENERS: usize = 4;
+/// Open connections held on one broker (spread over its four listeners: under the 28k
+/// ephemeral ports of one loopback address pair each).
+const CONNECTION_STAGES: [usize; 3] = [0, 10_000, 50_000];
+/// Scrapes, one at a time, per latency measurement.
+const LATENCY_REQUESTS: usize = 300;
+/// The bench's open-file limit (inherited by the brokers and oha): the client side of 50k
+/// connections and the holding broker's side, each in its own process.
+const OPEN_FILES: u64 = 131_072;
 
 const OURS: &str = "brokerscope /metrics";
 const OURS_AS_PROMETHEUS: &str = "brokerscope /metrics, as Prometheus asks (OpenMetrics, gzip)";
@@ -23,14 +40,39 @@ const THEIRS: &str = "node_exporter /metrics (loadavg)";
 const THEIRS_AS_PROMETHEUS: &str =
     "node_exporter /metrics (loadavg), as Prometheus asks (OpenMetrics, gzip)";
 
+/// The map iterators: disabled, the agent reads open sockets through the socket-table walk.
+const MAP_ITERATORS: &str =
+    r#"disabled_programs = ["conn_live", "conn_spill_live", "listen_live"]"#;
+
 /// One load run's figures.
 pub struct Run {
+    pub brokers: usize,
     pub target: String,
-    pub concurrency: usize,
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub success: f64,
+    /// The agent's CPU per request, when the target is the agent.
+    pub cpu_ms: Option<f64>,
+}
+
+/// One scrape-latency measurement with open connections.
+pub struct Latency {
+    pub agent: &'static str,
+    pub connections: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_ms: f64,
+}
+
+/// Everything the scrape bench measured.
+pub struct Report {
+    pub runs: Vec<Run>,
+    pub latencies: Vec<Latency>,
+    pub idle_rss_kib: u64,
+    pub payload_bytes: usize,
+    /// Whether the kernel let the default agent attach the map iterators.
+    pub map_iterators: bool,
 }
 
 /// Kills a child process when dropped.
@@ -66,9 +108,11 @@ const PROMETHEUS_HEADERS: [&str; 2] = [
     "Accept-Encoding: gzip",
 ];
 
+/// oha's figures for one run: req/s, p50 and p99 in ms, success rate.
 fn oha(
     url: &str,
     pki: &Path,
+    requests: usize,
     concurrency: usize,
     as_prometheus: bool,
 ) -> anyhow::Result<(f64, f64, f64, f64)> {
@@ -79,7 +123,7 @@ fn oha(
     };
     let out = Command::new("oha")
         .args(["--no-tui", "--output-format", "json"])
-        .args(["-n", &REQUESTS.to_string(), "-c", &concurrency.to_string()])
+        .args(["-n", &requests.to_string(), "-c", &concurrency.to_string()])
         .args(headers.iter().flat_map(|h| ["-H", h]))
         .args(crate::bench::client_tls(pki))
         .arg(url)
@@ -112,41 +156,65 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the scrape bench; returns the runs and the agent's idle RSS in KiB.
-pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>, u64)> {
-    let dir = out_dir.join("scrape");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let pki = dir.join("pki");
-    crate::bench::dev_pki(bin, &pki)?;
+/// A process's user + system CPU so far, in ms (clock ticks of 10 ms).
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15: 12 and 13 after the state.
+    let total = ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0);
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    total * 1000.0 / hz
+}
 
-    // Ten fake brokers of four listeners each, with one connection per listener so every
-    // listener has counters to render.
-    crate::run(crate::cargo(root).args([
-        "build",
-        "--package",
-        "brokerscope-tests",
-        "--bin",
-        "fake-broker",
-    ]))?;
-    let fake = root.join("target/debug/fake-broker");
-    let mut brokers = Vec::new();
-    let mut ports = Vec::new();
-    for id in 0..BROKERS {
-        let mine: Vec<u16> = (0..LISTENERS)
+/// Raises this process's open-file limit (soft and hard; as root) for itself and its children.
+fn raise_open_files(to: u64) -> anyhow::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: to,
+        rlim_max: to,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        bail!(
+            "raise the open-file limit to {to}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Writes a broker's server.properties (listeners on `ports`); returns its path.
+fn properties(dir: &Path, id: &str, ports: &[u16]) -> anyhow::Result<PathBuf> {
+    let listeners: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("L{i}://127.0.0.1:{p}"))
+        .collect();
+    let props = dir.join(format!("broker-{id}.properties"));
+    std::fs::write(
+        &props,
+        format!("node.id={id}\nlisteners={}\n", listeners.join(",")),
+    )?;
+    Ok(props)
+}
+
+/// A fake broker (tests' `fake-broker`) of four listeners with one connection on each, so every
+/// listener has counters to render.
+struct FakeBroker {
+    _child: Guard,
+    _connections: Vec<TcpStream>,
+}
+
+impl FakeBroker {
+    fn start(fake: &Path, dir: &Path, id: usize) -> anyhow::Result<Self> {
+        let ports: Vec<u16> = (0..LISTENERS)
             .map(|_| free_port())
             .collect::<Result<_, _>>()?;
-        let listeners: Vec<String> = mine
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("L{i}://127.0.0.1:{p}"))
-            .collect();
-        let props = dir.join(format!("broker-{id}.properties"));
-        std::fs::write(
-            &props,
-            format!("node.id={id}\nlisteners={}\n", listeners.join(",")),
-        )?;
-        let mut child = Command::new(&fake)
+        let props = properties(dir, &id.to_string(), &ports)?;
+        let mut child = Command::new(fake)
             .arg("kafka.Kafka")
             .arg(&props)
             .stdin(Stdio::piped())
@@ -155,27 +223,125 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
             .spawn()
             .context("start a fake broker")?;
         let stdout = child.stdout.take().context("stdout")?;
-        brokers.push(Guard(child));
+        let child = Guard(child);
         wait_line(stdout, "ready")?;
-        ports.extend(mine);
+        let connections = ports
+            .iter()
+            .map(|p| TcpStream::connect(("127.0.0.1", *p)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            _child: child,
+            _connections: connections,
+        })
     }
+}
 
-    let port = free_port()?;
-    let config = dir.join("agent.toml");
-    let pattern = format!(r"kafka\.Kafka {}/", dir.display());
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\n{}",
-            crate::bench::PIN_NOTHING,
-            p = pki.display()
-        ),
-    )?;
-    let agent = crate::bench::Agent::launch(bin, &config, pki.clone())?;
-    let conns: Vec<_> = ports
-        .iter()
-        .map(|p| std::net::TcpStream::connect(("127.0.0.1", *p)))
+/// `xtask bench-holding-broker`: listens on every address of `addrs` (comma-separated) and keeps
+/// every connection open without reading, until killed. Prints `ready` once it listens.
+pub fn hold_connections(addrs: &str) -> anyhow::Result<()> {
+    raise_open_files(OPEN_FILES)?;
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let listeners: Vec<TcpListener> = addrs
+        .split(',')
+        .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
         .collect::<Result<_, _>>()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let held = held.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    held.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// The agents of the bench: `hooks` with what the kernel allows, `fallback` with the map
+/// iterators disabled. Both watch the bench's brokers; neither pins.
+struct Agents {
+    hooks: crate::bench::Agent,
+    fallback: crate::bench::Agent,
+}
+
+impl Agents {
+    fn start(bin: &Path, dir: &Path, pki: &Path) -> anyhow::Result<Self> {
+        let launch = |name: &str, probes: &str| -> anyhow::Result<crate::bench::Agent> {
+            let config = dir.join(format!("agent-{name}.toml"));
+            let pattern = format!(r"kafka\.Kafka {}/", dir.display());
+            std::fs::write(
+                &config,
+                format!(
+                    "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\n{}{probes}\n",
+                    crate::bench::PIN_NOTHING,
+                    port = free_port()?,
+                    p = pki.display()
+                ),
+            )?;
+            crate::bench::Agent::launch(bin, &config, pki.to_path_buf())
+        };
+        Ok(Self {
+            hooks: launch("hooks", "")?,
+            fallback: launch("fallback", MAP_ITERATORS)?,
+        })
+    }
+}
+
+/// Waits (60 s at most) until `agent` lists `brokers` brokers and counts `connections` open on
+/// them, and node_exporter answers.
+fn wait_listed(
+    pki: &Path,
+    agent: &crate::bench::Agent,
+    brokers: usize,
+    connections: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = crate::bench::curl(pki, &agent.url("/v1/brokers"))
+            .unwrap_or_default()
+            .matches("\"broker_state\"")
+            .count();
+        let metrics = crate::bench::curl(pki, &agent.url("/metrics")).unwrap_or_default();
+        let open: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("brokerscope_connections_active{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if listed == brokers && open as usize >= connections {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not ready: the agent lists {listed} of {brokers} brokers, counts {open} of {connections} connections"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs the scrape bench.
+pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
+    let dir = out_dir.join("scrape");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = dir.join("pki");
+    crate::bench::dev_pki(bin, &pki)?;
+    raise_open_files(OPEN_FILES)?;
+    crate::run(crate::cargo(root).args([
+        "build",
+        "--package",
+        "brokerscope-tests",
+        "--bin",
+        "fake-broker",
+    ]))?;
+    let fake = root.join("target/debug/fake-broker");
 
     let ne_port = free_port()?;
     let web = dir.join("web.yml");
@@ -196,116 +362,245 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
             .spawn()
             .context("start prometheus-node-exporter (Debian package, installed by setup)")?,
     );
-
-    // Ready when both answer and the agent lists the ten brokers.
+    let theirs = format!("https://localhost:{ne_port}/metrics");
+    let agents = Agents::start(bin, &dir, &pki)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let curl = |url: &str| crate::bench::curl(&pki, url).unwrap_or_default();
-    let agent_url = agent.url("");
-    loop {
-        let listed = curl(&format!("{agent_url}/v1/brokers"))
-            .matches("\"broker_state\"")
-            .count();
-        let ne_up = curl(&format!("https://localhost:{ne_port}/metrics")).contains("node_load1");
-        if listed == BROKERS && ne_up {
-            break;
-        }
+    while !crate::bench::curl(&pki, &theirs)
+        .unwrap_or_default()
+        .contains("node_load1")
+    {
         if Instant::now() > deadline {
-            bail!("not ready: agent lists {listed} brokers, node_exporter up: {ne_up}");
+            bail!("node_exporter does not answer on {theirs}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    wait_listed(&pki, &agents.hooks, 0, 0)?;
     // Idle: nothing has loaded it yet but the readiness checks.
     std::thread::sleep(Duration::from_secs(1));
-    let idle_rss = rss_kib(agent.pid());
+    let idle_rss_kib = rss_kib(agents.hooks.pid());
+    let map_iterators = crate::bench::curl(&pki, &agents.hooks.url("/metrics"))?
+        .contains("brokerscope_probe_attached{program=\"conn_live\"");
 
-    let payload = curl(&format!("{agent_url}/metrics")).len();
-    eprintln!(
-        "bench: /metrics payload {payload} bytes for {BROKERS} brokers x {LISTENERS} listeners"
-    );
-    let ours = format!("{agent_url}/metrics");
-    let theirs = format!("https://localhost:{ne_port}/metrics");
-    let targets = [
-        (OURS, &ours, false),
-        (OURS_AS_PROMETHEUS, &ours, true),
-        (
-            "brokerscope /v1/broker-state/",
-            &format!("{agent_url}/v1/broker-state/?broker=3"),
-            false,
-        ),
-        (THEIRS, &theirs, false),
-        (THEIRS_AS_PROMETHEUS, &theirs, true),
-    ];
     let mut runs = Vec::new();
-    for c in CONCURRENCY {
-        for (name, url, as_prometheus) in targets {
-            let (rps, p50_ms, p99_ms, success) = oha(url, &pki, c, as_prometheus)?;
+    let mut brokers = Vec::new();
+    let mut payload_bytes = 0;
+    for stage in BROKER_STAGES {
+        while brokers.len() < stage {
+            brokers.push(FakeBroker::start(&fake, &dir, brokers.len())?);
+        }
+        wait_listed(&pki, &agents.hooks, stage, stage * LISTENERS)?;
+        payload_bytes = crate::bench::curl(&pki, &agents.hooks.url("/metrics"))?.len();
+        eprintln!(
+            "bench: /metrics payload {payload_bytes} bytes for {stage} brokers x {LISTENERS} listeners"
+        );
+        runs.extend(series_stage(&pki, &agents.hooks, &theirs, stage)?);
+    }
+    drop(brokers);
+    drop(ne);
+    let latencies = connection_stages(&dir, &pki, &agents)?;
+    Ok(Report {
+        runs,
+        latencies,
+        idle_rss_kib,
+        payload_bytes,
+        map_iterators,
+    })
+}
+
+/// The agent's and node_exporter's `/metrics` under load at concurrency 8, interleaved.
+fn series_stage(
+    pki: &Path,
+    agent: &crate::bench::Agent,
+    theirs: &str,
+    brokers: usize,
+) -> anyhow::Result<Vec<Run>> {
+    let ours = agent.url("/metrics");
+    let state = agent.url("/v1/broker-state/?broker=0");
+    let mut targets = vec![
+        (OURS, ours.as_str(), false, true),
+        (THEIRS, theirs, false, false),
+        (OURS_AS_PROMETHEUS, ours.as_str(), true, true),
+        (THEIRS_AS_PROMETHEUS, theirs, true, false),
+    ];
+    if brokers > 0 {
+        targets.push(("brokerscope /v1/broker-state/", state.as_str(), false, true));
+    }
+    let mut runs = Vec::new();
+    for (name, url, as_prometheus, is_agent) in targets {
+        let cpu_before = cpu_ms(agent.pid());
+        let (rps, p50_ms, p99_ms, success) = oha(url, pki, REQUESTS, CONCURRENCY, as_prometheus)?;
+        let cpu_ms = is_agent.then(|| (cpu_ms(agent.pid()) - cpu_before) / REQUESTS as f64);
+        eprintln!(
+            "bench: {brokers} brokers, {name} c={CONCURRENCY}: {rps:.0} req/s, p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms"
+        );
+        runs.push(Run {
+            brokers,
+            target: name.to_string(),
+            rps,
+            p50_ms,
+            p99_ms,
+            success,
+            cpu_ms,
+        });
+    }
+    Ok(runs)
+}
+
+/// One broker holding 0, 10k and 50k open connections; each agent scraped one request at a
+/// time at each stage.
+fn connection_stages(dir: &Path, pki: &Path, agents: &Agents) -> anyhow::Result<Vec<Latency>> {
+    let ports: Vec<u16> = (0..LISTENERS)
+        .map(|_| free_port())
+        .collect::<Result<_, _>>()?;
+    let props = properties(dir, "holding", &ports)?;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut child = Command::new(crate::bench::self_exe())
+        .args(["bench-holding-broker", &addrs.join(","), "kafka.Kafka"])
+        .arg(&props)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start the holding broker")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let _broker = Guard(child);
+    wait_line(stdout, "ready")?;
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut out = Vec::new();
+    for stage in CONNECTION_STAGES {
+        while held.len() < stage {
+            let port = ports[held.len() % ports.len()];
+            let mut s = TcpStream::connect(("127.0.0.1", port))
+                .with_context(|| format!("connection {} to the holding broker", held.len()))?;
+            s.write_all(&[b'x'; 64])?;
+            held.push(s);
+        }
+        for (name, agent) in [
+            ("kernel's hooks", &agents.hooks),
+            ("socket-table fallback forced", &agents.fallback),
+        ] {
+            wait_listed(pki, agent, 1, stage)?;
+            let before = cpu_ms(agent.pid());
+            let (_, p50_ms, p99_ms, _) =
+                oha(&agent.url("/metrics"), pki, LATENCY_REQUESTS, 1, false)?;
+            let cpu_ms = (cpu_ms(agent.pid()) - before) / LATENCY_REQUESTS as f64;
             eprintln!(
-                "bench: {name} c={c}: {rps:.0} req/s, p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms"
+                "bench: {stage} open connections, {name}: scrape p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms, {cpu_ms:.2} ms CPU per scrape"
             );
-            runs.push(Run {
-                target: name.to_string(),
-                concurrency: c,
-                rps,
+            out.push(Latency {
+                agent: name,
+                connections: stage,
                 p50_ms,
                 p99_ms,
-                success,
+                cpu_ms,
             });
         }
     }
-    drop((conns, ne, agent, brokers));
-    Ok((runs, idle_rss))
+    Ok(out)
 }
 
 /// Markdown and JSON fragments for the report.
-pub fn report(runs: &[Run], idle_rss_kib: u64) -> (String, String) {
+pub fn report(r: &Report) -> (String, String) {
     let mut md = format!(
-        "\n## Scrapes over mTLS keep-alive\n\n{REQUESTS} requests per run with oha; {BROKERS} fake brokers of \
-         {LISTENERS} listeners each. node_exporter runs only its loadavg collector behind the same \
-         certificates (exporter-toolkit web config). Agent idle RSS: {:.1} MiB.\n\n\
-         | target | concurrency | req/s | p50 ms | p99 ms | success |\n|---|---|---|---|---|---|\n",
-        idle_rss_kib as f64 / 1024.0
+        "\n## Scrapes over mTLS keep-alive\n\n{REQUESTS} requests per run with oha at concurrency \
+         {CONCURRENCY}; fake brokers of {LISTENERS} listeners each, one connection on each \
+         listener. node_exporter runs only its loadavg collector behind the same certificates \
+         (exporter-toolkit web config). Agent idle RSS: {:.1} MiB; `/metrics` with 10 brokers: \
+         {} bytes. CPU: the agent's user + system time over the run, per request.\n\n\
+         | brokers | target | req/s | p50 ms | p99 ms | agent CPU ms/request | success |\n|---|---|---|---|---|---|---|\n",
+        r.idle_rss_kib as f64 / 1024.0,
+        r.payload_bytes,
     );
     let mut json = Vec::new();
-    for r in runs {
+    for run in &r.runs {
+        let cpu = run.cpu_ms.map_or("-".to_string(), |c| format!("{c:.3}"));
         md += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.3} |\n",
-            r.target, r.concurrency, r.rps, r.p50_ms, r.p99_ms, r.success
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {cpu} | {:.3} |\n",
+            run.brokers, run.target, run.rps, run.p50_ms, run.p99_ms, run.success
         );
         json.push(format!(
-            "{{\"target\":\"{}\",\"concurrency\":{},\"rps\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"success\":{:.4}}}",
-            r.target, r.concurrency, r.rps, r.p50_ms, r.p99_ms, r.success
+            "{{\"brokers\":{},\"target\":\"{}\",\"rps\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"cpu_ms\":{},\"success\":{:.4}}}",
+            run.brokers,
+            run.target,
+            run.rps,
+            run.p50_ms,
+            run.p99_ms,
+            run.cpu_ms.map_or("null".to_string(), |c| format!("{c:.4}")),
+            run.success
         ));
     }
     md += "\n";
-    for c in CONCURRENCY {
-        let rps = |target: &str| {
-            runs.iter()
-                .find(|r| r.concurrency == c && r.target == target)
-                .map(|r| r.rps)
+    for stage in BROKER_STAGES {
+        let find = |target: &str| {
+            r.runs
+                .iter()
+                .find(|run| run.brokers == stage && run.target == target)
         };
         for (ours, theirs, how) in [
             (OURS, THEIRS, "plain requests"),
             (
                 OURS_AS_PROMETHEUS,
                 THEIRS_AS_PROMETHEUS,
-                "requests as Prometheus sends them",
+                "as Prometheus asks",
             ),
         ] {
-            if let (Some(ours), Some(theirs)) = (rps(ours), rps(theirs))
-                && theirs > 0.0
+            if let (Some(ours), Some(theirs)) = (find(ours), find(theirs))
+                && theirs.rps > 0.0
             {
                 md += &format!(
-                    "At concurrency {c}, {how}: brokerscope /metrics serves {:.2}x node_exporter's req/s.\n",
-                    ours / theirs
+                    "- {stage} brokers x {LISTENERS} listeners, {how}: {:.2}x node_exporter's req/s, p99 {:.2} ms.\n",
+                    ours.rps / theirs.rps,
+                    ours.p99_ms
                 );
             }
         }
     }
-    md +=
-        "\nTargets: p99 <= 5 ms at concurrency 8; rps >= 2x node_exporter's; idle RSS <= 30 MB.\n";
+    md += "\nTargets: at 10 brokers x 4 listeners, >= 4x node_exporter's req/s and p99 <= 2 ms; idle RSS <= 30 MB.\n";
+    md += &format!(
+        "\n## Scrape latency with open connections\n\nOne broker of {LISTENERS} listeners holding \
+         the open connections (loopback clients, so the node's socket table holds both ends); \
+         {LATENCY_REQUESTS} scrapes of `/metrics`, one at a time over one mTLS keep-alive \
+         connection. Map iterators (`iter/bpf_map_elem`) {} on this kernel.\n\n\
+         | agent | open connections | p50 ms | p99 ms | CPU ms/scrape |\n|---|---|---|---|---|\n",
+        if r.map_iterators {
+            "attached"
+        } else {
+            "refused: both agents read open sockets through the socket-table walk"
+        }
+    );
+    let mut latency_json = Vec::new();
+    for l in &r.latencies {
+        md += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:.3} |\n",
+            l.agent, l.connections, l.p50_ms, l.p99_ms, l.cpu_ms
+        );
+        latency_json.push(format!(
+            "{{\"agent\":\"{}\",\"connections\":{},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"cpu_ms\":{:.4}}}",
+            l.agent, l.connections, l.p50_ms, l.p99_ms, l.cpu_ms
+        ));
+    }
+    for agent in ["kernel's hooks", "socket-table fallback forced"] {
+        let p50 = |n: usize| {
+            r.latencies
+                .iter()
+                .find(|l| l.agent == agent && l.connections == n)
+                .map(|l| l.p50_ms)
+        };
+        if let (Some(idle), Some(full)) = (p50(0), p50(*CONNECTION_STAGES.last().unwrap_or(&0))) {
+            md += &format!(
+                "\n- {agent}: p50 {:+.2} ms at {} open connections against none.",
+                full - idle,
+                CONNECTION_STAGES.last().unwrap_or(&0)
+            );
+        }
+    }
+    md += "\n\nTarget: with 50k open connections, within 2 ms of the idle scrape.\n";
     let json = format!(
-        "\"scrape\":{{\"idle_rss_kib\":{idle_rss_kib},\"runs\":[{}]}}",
-        json.join(",")
+        "\"scrape\":{{\"idle_rss_kib\":{},\"payload_bytes\":{},\"map_iterators\":{},\"runs\":[{}],\"latency\":[{}]}}",
+        r.idle_rss_kib,
+        r.payload_bytes,
+        r.map_iterators,
+        json.join(","),
+        latency_json.join(",")
     );
     (md, json)
 }

@@ -84,7 +84,7 @@ const VMTEST_PACKAGES: &[&str] = &[
 ];
 
 /// oha release that builds with this toolchain (a load tool that presents client certificates).
-const OHA_VERSION: &str = "1";
+const OHA_VERSION: &str = "^1";
 
 /// cargo-fuzz release the fuzz targets are built with (`cargo xtask fuzz`, docs/fuzzing.md).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

@@ -5,7 +5,6 @@
 
 use std::{
     fs::File,
-    io::Read as _,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
@@ -61,8 +60,8 @@ impl MapIter {
         Ok(Self { link })
     }
 
-    /// Runs the iterator once over the whole map; at most `limit` bytes of output.
-    pub fn read(&self, limit: usize) -> std::io::Result<Vec<u8>> {
+    /// A new instance of the iterator: reading it walks the whole map.
+    pub fn open(&self) -> std::io::Result<File> {
         /// `union bpf_attr` as BPF_ITER_CREATE reads it.
         #[repr(C)]
         struct IterCreate {
@@ -73,9 +72,6 @@ impl MapIter {
             link_fd: self.link.as_fd().as_raw_fd() as u32,
             flags: 0,
         };
-        let file = File::from(bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr)?);
-        let mut out = Vec::new();
-        file.take(limit as u64).read_to_end(&mut out)?;
-        Ok(out)
+        Ok(File::from(bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr)?))
     }
 }

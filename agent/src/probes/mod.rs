@@ -10,6 +10,7 @@ mod btf;
 mod captured;
 mod fields;
 pub mod lacks;
+pub mod live;
 mod map_iter;
 pub mod netns;
 pub mod pins;
@@ -282,6 +283,19 @@ pub struct ProbeSnapshot {
     pub resources: Vec<(u32, brokerscope_common::resources::ResourceCounters)>,
     /// Since when the kernel counters count, and whether they are pinned (survive the agent).
     pub counting_since: Option<(std::time::SystemTime, bool)>,
+    /// The walk of the open sockets this snapshot's bytes and drops come from.
+    pub walk: Option<WalkStats>,
+}
+
+/// The walk of the open sockets behind a snapshot (see [`live`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkStats {
+    /// How long it took.
+    pub took: std::time::Duration,
+    /// How long before the snapshot it ended.
+    pub age: std::time::Duration,
+    /// Whether walks run on the background thread (they cost more than a scrape should).
+    pub background: bool,
 }
 
 /// The loaded and attached kernel side.
@@ -300,6 +314,8 @@ pub struct Probes {
     /// The map iterators that read open connections and listeners at scrape time, with the
     /// map each walks.
     map_iters: Vec<(Program, &'static str, map_iter::MapIter)>,
+    /// The last walk of the open sockets, and where walks run.
+    walks: live::Walks,
     capacities: ProbesConfig,
     /// Where tracefs is, to see a tracepoint appear.
     tracefs: std::path::PathBuf,
@@ -417,6 +433,7 @@ impl Probes {
             degraded,
             standby,
             map_iters,
+            walks: live::Walks::default(),
             capacities: config.clone(),
             tracefs: kernel.tracefs.clone(),
             namespaces: netns::Namespaces::default(),
@@ -656,13 +673,18 @@ impl Probes {
         self.sockets.ignore(netns, port)
     }
 
-    /// Reads every map, and the live sockets of every watched namespace through the iterator.
-    /// `pid_hints` are processes known to live in namespaces of interest (brokers).
+    /// Reads every map, with the open sockets as of the last walk when walks run in the
+    /// background (see [`live`]), else walked now. `pid_hints` are processes known to live in
+    /// namespaces of interest (brokers).
     pub fn snapshot(&mut self, pid_hints: &[u32]) -> ProbeSnapshot {
-        // Connections in the spill tier: none means the scrape need not walk it.
+        // Connections in the spill tier: none means the walk need not read it.
         let spilled = self.sockets.spilled();
-        let live = self.read_live(pid_hints, spilled);
-        let listeners = self.sockets.read(&live);
+        if self.walks.for_scrape(std::time::Instant::now()).is_none() {
+            let walk = self.begin_walk(pid_hints);
+            let (walked, failed) = walk.read();
+            self.finish_walk(walked, &failed);
+        }
+        let listeners = self.sockets.read(self.walks.last());
         let tracked: u64 = listeners.iter().map(|l| l.counters.active()).sum();
         let events = per_cpu_sums(&self.events_batch, &self.events, Program::COUNT as usize);
         let programs = Program::ALL
@@ -724,20 +746,31 @@ impl Probes {
             maps,
             resources: resources.counters,
             counting_since: Some((self.counting_since, self.pins.is_some())),
+            walk: self.walks.last().at.map(|at| WalkStats {
+                took: self.walks.last().took,
+                age: at.elapsed(),
+                background: self.walks.background(),
+            }),
         }
     }
 
-    /// Open connections and listening sockets at scrape time.
+    /// Whether the background thread should walk the open sockets now (see [`live`]).
+    pub fn walk_due(&self) -> bool {
+        self.walks.due(std::time::Instant::now())
+    }
+
+    /// The first step of a walk of the open connections and listening sockets (see [`live`]):
+    /// the closed totals, then the iterator instances to read.
     ///
     /// With both map iterators: one pass over the tracked connections and one over the
     /// registered listening sockets, every namespace at once, costing what is tracked. The
     /// socket iterator then only sweeps namespaces whose listeners are new since their last
     /// sweep, adopting connections opened before and registering listening sockets: it walks
-    /// the namespace's whole socket table (the node's, for namespaces without their own), which
-    /// is too slow for every scrape. Without the map iterators, the socket iterator reads every
-    /// watched namespace at every scrape. `spilled`: the spill tier's entry count, if known
-    /// (zero skips its walk).
-    fn read_live(&mut self, pid_hints: &[u32], spilled: Option<u64>) -> sockets::Live {
+    /// the namespace's whole socket table (the node's, for namespaces without their own).
+    /// Without the map iterators, the socket iterator reads every watched namespace at every
+    /// walk. An empty spill tier is not read.
+    pub fn begin_walk(&mut self, pid_hints: &[u32]) -> live::Walk {
+        let spilled = self.sockets.spilled();
         let by_maps = [
             Program::ConnLive,
             Program::ConnSpillLive,
@@ -745,44 +778,48 @@ impl Probes {
         ]
         .iter()
         .all(|p| self.map_iters.iter().any(|(q, _, _)| q == p));
+        let mut walk = live::Walk {
+            closed: self.sockets.closed_bytes(),
+            maps: Vec::new(),
+            sweeps: Vec::new(),
+            failed: Vec::new(),
+            max_records: self.capacities.max_live_records(),
+        };
         let namespaces = if by_maps {
             self.sockets.unswept_namespaces()
         } else {
             self.sockets.watched_namespaces()
         };
-        let swept = self.sweep(&namespaces, pid_hints);
-        if !by_maps {
-            return swept;
-        }
-        self.sockets.sweep_failed(&swept.failed);
-        let mut live = sockets::Live::default();
-        let limit = self.capacities.max_live_records()
-            * size_of::<brokerscope_common::sockets::LiveRecord>();
-        for (program, map, iter) in &self.map_iters {
-            if *map == CONNECTIONS_SPILL_MAP && spilled == Some(0) {
-                continue;
-            }
-            let records = iter
-                .read(limit)
-                .map_err(sockets::IterError::Read)
-                .and_then(|bytes| sockets::parse_records(&bytes));
-            match records {
-                Ok(records) => live.add(&records),
-                Err(e) => tracing::warn!(program = program.name(), error = %e, "cannot read"),
+        self.open_sweeps(&namespaces, pid_hints, &mut walk);
+        if by_maps {
+            for (program, map, iter) in &self.map_iters {
+                if *map == CONNECTIONS_SPILL_MAP && spilled == Some(0) {
+                    continue;
+                }
+                match iter.open() {
+                    Ok(file) => walk.maps.push((program.name(), file)),
+                    Err(e) => tracing::warn!(program = program.name(), error = %e, "cannot read"),
+                }
             }
         }
-        live
+        walk
     }
 
-    /// Runs the socket iterator once inside each of `namespaces`.
-    fn sweep(&mut self, namespaces: &[u32], pid_hints: &[u32]) -> sockets::Live {
+    /// The last step of a walk: sweeps that failed are redone by the next, the result kept.
+    pub fn finish_walk(&mut self, walked: live::Walked, failed: &[u32]) {
+        self.sockets.sweep_failed(failed);
+        self.walks.record(walked);
+    }
+
+    /// Opens the socket iterator inside each of `namespaces`.
+    fn open_sweeps(&mut self, namespaces: &[u32], pid_hints: &[u32], walk: &mut live::Walk) {
         if namespaces.is_empty()
             || !self
                 .attached
                 .iter()
                 .any(|a| a.program == Program::TcpLive.name())
         {
-            return sockets::Live::default();
+            return;
         }
         let handles = self.namespaces.resolve(namespaces, pid_hints);
         tracing::debug!(
@@ -791,25 +828,12 @@ impl Probes {
             "iterating live sockets"
         );
         let Some(prog) = self.ebpf.program_mut(Program::TcpLive.name()) else {
-            return sockets::Live::default();
+            return;
         };
         let Ok(prog) = <&mut Iter>::try_from(prog) else {
-            return sockets::Live::default();
+            return;
         };
-        let mut live = sockets::Live::default();
-        for (inode, handle) in handles {
-            match sockets::iterate_in(prog, &handle, self.capacities.max_live_records()) {
-                Ok(records) => {
-                    tracing::debug!(netns = inode, records = records.len(), "live sockets read");
-                    live.add(&records)
-                }
-                Err(e) => {
-                    tracing::warn!(netns = inode, error = %e, "cannot read live sockets");
-                    live.failed.push(inode);
-                }
-            }
-        }
-        live
+        live::open_sweeps(prog, handles, walk);
     }
 
     /// The kernel's record of a loaded program, in one call.

@@ -38,13 +38,13 @@ pub struct ListenerStats {
     pub listen_drops: Option<u64>,
 }
 
-/// What one scrape's iterator runs found, summed per listener.
+/// What one walk's iterators found, summed per listener.
 #[derive(Debug, Default)]
 pub struct Live {
-    sent: std::collections::HashMap<ListenerKey, (u64, u64)>,
-    drops: std::collections::HashMap<ListenerKey, u64>,
-    /// Namespaces whose iteration failed this time.
-    pub failed: Vec<u32>,
+    /// Open connections' (sent, received).
+    pub sent: std::collections::HashMap<ListenerKey, (u64, u64)>,
+    /// Listening sockets' `sk_drops`.
+    pub drops: std::collections::HashMap<ListenerKey, u64>,
 }
 
 impl Live {
@@ -79,26 +79,29 @@ pub enum IterError {
     Torn { len: usize },
 }
 
-/// Creates an iterator instance inside namespace `ns` and reads every record, at most `max`.
-pub fn iterate_in(
+/// Creates an instance of the socket iterator inside namespace `ns` (it walks that namespace's
+/// socket table when read, wherever it is read from).
+pub fn open_in(
     prog: &mut aya::programs::Iter,
     ns: &std::fs::File,
-    max: usize,
-) -> Result<Vec<LiveRecord>, IterError> {
+) -> Result<std::fs::File, IterError> {
     let link_id = prog.attach().map_err(|e| IterError::Program(Box::new(e)))?;
     let link = prog
         .take_link(link_id)
         .map_err(|e| IterError::Program(Box::new(e)))?;
-    let bytes = super::netns::run_in(ns, move || -> Result<Vec<u8>, IterError> {
-        use std::io::Read as _;
-        let file = link.into_file().map_err(|e| IterError::Link(Box::new(e)))?;
-        let limit = (max * size_of::<LiveRecord>()) as u64;
-        let mut bytes = Vec::new();
-        file.take(limit)
-            .read_to_end(&mut bytes)
-            .map_err(IterError::Read)?;
-        Ok(bytes)
-    })??;
+    super::netns::run_in(ns, move || {
+        link.into_file().map_err(|e| IterError::Link(Box::new(e)))
+    })?
+}
+
+/// Reads every record of an iterator instance, at most `max`.
+pub fn read_records(file: std::fs::File, max: usize) -> Result<Vec<LiveRecord>, IterError> {
+    use std::io::Read as _;
+    let limit = (max * size_of::<LiveRecord>()) as u64;
+    let mut bytes = Vec::new();
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(IterError::Read)?;
     parse_records(&bytes)
 }
 
@@ -239,7 +242,8 @@ pub struct SocketsReader {
     events: bool,
     spill: bool,
     /// Last reported (sent, received) per listener, so totals never go down between scrapes
-    /// (a connection closing mid-scrape can be missed by both the map read and the iterator).
+    /// (a walk older than the last report, or a connection that closed between a walk's read
+    /// of the closed totals and its iterators, counted by neither: see `probes::live`).
     reported: std::collections::HashMap<ListenerKey, (u64, u64)>,
     /// Listeners whose namespace the socket iterator swept since they were (re)watched.
     swept: std::collections::HashSet<ListenerKey>,
@@ -670,23 +674,32 @@ impl SocketsReader {
         self.swept.retain(|k| !namespaces.contains(&k.netns));
     }
 
-    /// Every listener's counters with the live sockets added, sorted by (netns, port). An entry
-    /// that vanishes mid-walk is skipped.
-    pub fn read(&mut self, live: &Live) -> Vec<ListenerStats> {
+    /// Closed connections' (sent, received) per listener, from the counter maps.
+    pub fn closed_bytes(&self) -> std::collections::HashMap<ListenerKey, (u64, u64)> {
+        self.listener_entries()
+            .into_iter()
+            .map(|(key, c)| (key, (c.bytes_sent, c.bytes_received)))
+            .collect()
+    }
+
+    /// Every listener's counters, sorted by (netns, port), with the bytes of open connections
+    /// as of `walked` (see `probes::live` for why the larger of the walk's totals, the closed
+    /// totals now and the last report). An entry that vanishes mid-read is skipped.
+    pub fn read(&mut self, walked: &super::live::Walked) -> Vec<ListenerStats> {
         self.release_expired();
         let (entries, auto_entries) = self.listener_entries_and_auto();
         self.auto_entries = auto_entries;
         let mut out: Vec<ListenerStats> = entries
             .into_iter()
             .map(|(key, counters)| {
-                let (live_sent, live_received) = live.sent.get(&key).copied().unwrap_or_default();
+                let walk = walked.bytes.get(&key).copied().unwrap_or_default();
                 let last = self.reported.get(&key).copied().unwrap_or_default();
                 ListenerStats {
                     key,
                     counters,
-                    bytes_sent: (counters.bytes_sent + live_sent).max(last.0),
-                    bytes_received: (counters.bytes_received + live_received).max(last.1),
-                    listen_drops: live.drops.get(&key).copied(),
+                    bytes_sent: counters.bytes_sent.max(walk.0).max(last.0),
+                    bytes_received: counters.bytes_received.max(walk.1).max(last.1),
+                    listen_drops: walked.drops.get(&key).copied(),
                 }
             })
             .collect();
