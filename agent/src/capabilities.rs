@@ -3,7 +3,8 @@
 //! (rather than a bare EPERM from deep inside discovery or the loader).
 //!
 //! Owns only the reading of `/proc/self/status`; it changes nothing. The set was found by
-//! experiment (README, "Install on Kubernetes"; the runc test in tests/tests/image.rs).
+//! experiment (docs/kubernetes.md, "Capabilities: found by experiment"; the runc test in
+//! tests/tests/image.rs).
 
 /// A capability the agent uses, by number (linux/capability.h) and name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

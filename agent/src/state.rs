@@ -12,7 +12,7 @@
 //! there. No kernel hook is needed for it; the opt-in `openat` hooks, when attached, feed the same
 //! inventory through [`StateSignal::Open`].
 //!
-//! The heuristics, in order (first match wins), and their limits are in the README:
+//! The heuristics, in order (first match wins), and their limits are in docs/broker-state.md:
 //! no process → NOT_RUNNING; SIGTERM delivered → SHUTTING_DOWN; segments under `log.dirs` seen
 //! opened → RECOVERY; every listener in LISTEN → RUNNING (latched); else STARTING.
 

@@ -821,7 +821,7 @@ fn cli_prints_brokers_sets_config_and_explains_refusals() {
     // A certificate from a CA the agent does not trust.
     let stranger = brokerscope_tests::Pki::new();
     let (code, out, err) = cli(&agent, &stranger, &["get", "brokers"]);
-    // 4: access denied (README, "Exit codes").
+    // 4: access denied (docs/cli.md, "Exit codes").
     assert_eq!((code, out.as_str()), (4, ""));
     assert!(
         err.contains("the server refused our client certificate"),
@@ -836,7 +836,7 @@ fn cli_exits_non_zero_with_a_clear_message_on_403() {
     }
     let agent = Agent::start("allowed_client_names = [\"prometheus\"]\n");
     let (code, out, err) = cli(&agent, &agent.pki, &["get", "brokers"]);
-    // 4: access denied (README, "Exit codes").
+    // 4: access denied (docs/cli.md, "Exit codes").
     assert_eq!((code, out.as_str()), (4, ""));
     assert_eq!(
         err.trim(),

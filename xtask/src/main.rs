@@ -57,9 +57,9 @@ enum Cmd {
         /// btrfs, tmpfs, unreadable, and while a broker recovers.
         #[arg(long, conflicts_with = "scrape_only")]
         node_tax_only: bool,
-        /// Only the soak and churn run (issue 21): 10k short connections/s, broker restarts in
-        /// new namespaces, a scrape a second and an agent kill -9 + restart halfway, the agent's
-        /// RSS, fds, threads, map fill, series and CPU plotted over time
+        /// Only the soak and churn run (docs/performance.md): 10k short connections/s, broker
+        /// restarts in new namespaces, a scrape a second and an agent kill -9 + restart halfway,
+        /// the agent's RSS, fds, threads, map fill, series and CPU plotted over time
         /// (target/bench/soak/).
         #[arg(long, conflicts_with_all = ["scrape_only", "node_tax_only"])]
         soak: bool,

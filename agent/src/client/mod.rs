@@ -39,7 +39,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 pub use self::time::{Since, init_local_offset, parse_duration, parse_since};
 
-/// The process's exit codes (README, "Exit codes").
+/// The process's exit codes (docs/cli.md, "Exit codes"; in short in the README, "The CLI").
 pub mod exit {
     pub const OK: u8 = 0;
     /// Anything else: a refusal, a bad answer, a local file that cannot be read.
@@ -107,7 +107,7 @@ pub enum Output {
 pub enum What {
     /// `/health`: exits 0 when the agent serves (the DaemonSet's liveness probe).
     Health,
-    /// `/ready`: exits 0 when ready, 1 naming the reasons when not (its readiness probe).
+    /// `/ready`: exits 0 when ready, 5 naming the reasons when not (its readiness probe).
     Ready,
     Brokers,
     State,

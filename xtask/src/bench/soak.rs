@@ -1,6 +1,6 @@
-//! `cargo xtask bench --soak`: months on a node, compressed into minutes (issue 21). Short
-//! connections at 10k/s through two brokers on loopback, a broker pod restarted again and again
-//! in a fresh network namespace, a scrape every second, and the agent killed with SIGKILL
+//! `cargo xtask bench --soak`: months on a node, compressed into minutes (docs/performance.md).
+//! Short connections at 10k/s through two brokers on loopback, a broker pod restarted again and
+//! again in a fresh network namespace, a scrape every second, and the agent killed with SIGKILL
 //! halfway and started again on the same config and pins. What the agent holds (RSS, fds,
 //! threads, map fill and evictions, series, `/metrics` bytes, CPU) is sampled every second,
 //! plotted, and given a verdict: flat, or grows. A report, not a test: nothing here fails on a
