@@ -96,12 +96,24 @@ pub struct Model {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum PodListener {
-    /// Listening, with the broker's own certificate.
-    Serving { port: u16, pod: String },
+    /// Listening, with the broker's own certificate; `certificate_error`: the files on disk
+    /// changed and could not be loaded (the certificate in use is kept), naming them by their
+    /// paths in the broker's container.
+    Serving {
+        port: u16,
+        pod: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        certificate_error: Option<String>,
+    },
     /// Something else listens on the port there (Strimzi's in-JVM agent): left alone.
     PortTaken { port: u16, pod: String },
-    /// Not opened: why (no pod name, no certificate, a bind error); retried.
-    Failed { port: u16, reason: String },
+    /// Not opened: why (no pod name, no certificate, a bind error); retried. `pod` is empty
+    /// when the broker has none.
+    Failed {
+        port: u16,
+        pod: String,
+        reason: String,
+    },
 }
 
 impl PodListener {
@@ -110,6 +122,15 @@ impl PodListener {
             PodListener::Serving { .. } => "serving",
             PodListener::PortTaken { .. } => "port_taken",
             PodListener::Failed { .. } => "failed",
+        }
+    }
+
+    /// The pod's name (empty when the broker has none).
+    pub fn pod(&self) -> &str {
+        match self {
+            PodListener::Serving { pod, .. }
+            | PodListener::PortTaken { pod, .. }
+            | PodListener::Failed { pod, .. } => pod,
         }
     }
 }

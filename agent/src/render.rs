@@ -660,7 +660,14 @@ fn pod_listeners(e: &mut Exposition, all: &[(String, crate::model::PodListener)]
          port_taken: left to whoever holds the port, failed: retried).",
     );
     for (id, listener) in all {
-        f.sample(&[("broker", id), ("state", listener.state())], 1u8);
+        f.sample(
+            &[
+                ("broker", id),
+                ("pod", listener.pod()),
+                ("state", listener.state()),
+            ],
+            1u8,
+        );
     }
 }
 

@@ -994,8 +994,10 @@ pub(crate) fn listen_port(line: &str) -> Option<u16> {
 }
 
 /// The opened path as the broker sees it: relative paths joined to the working directory or
-/// the `dfd` directory, read from /proc while the process lives.
+/// the `dfd` directory, read from /proc while the process lives and taken inside the process's
+/// root (a chroot's links are printed from the node's root: see [`fds`]).
 fn absolute(pid: u32, dfd: i32, path: &str) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
     if path.starts_with('/') {
         return Some(path.to_string());
     }
@@ -1004,7 +1006,9 @@ fn absolute(pid: u32, dfd: i32, path: &str) -> Option<String> {
     } else {
         std::fs::read_link(format!("/proc/{pid}/fd/{dfd}")).ok()?
     };
-    let joined = base.join(path.trim_start_matches("./"));
+    let root = fds::root_link(pid).ok()?;
+    let base = fds::inside_root(&root, base.as_os_str().as_bytes()).and_then(fds::target_path)?;
+    let joined = std::path::Path::new(base).join(path.trim_start_matches("./"));
     Some(joined.to_string_lossy().into_owned())
 }
 

@@ -862,12 +862,26 @@ impl<'a> FakeBrokerSpec<'a> {
 /// A container as far as discovery can tell: a root directory that a process enters in its own
 /// mount namespace with `chroot`, holding the fake broker (bind-mounted with the host's /usr, in
 /// that namespace only), beside a "node" directory outside it that nothing in it can name.
+/// [`Container::pivoted`] enters it with `pivot_root` instead, as runc does: the node's root is
+/// then no mount of the process's namespace at all (the kernel prints its descriptors' paths
+/// as it sees them, where a chroot's are printed from the node's root).
 pub struct Container {
     dir: tempfile::TempDir,
+    pivot: bool,
 }
 
 impl Container {
+    /// A chroot-style container.
     pub fn new() -> Self {
+        Self::with_entry(false)
+    }
+
+    /// A `pivot_root` container (what container runtimes make).
+    pub fn pivoted() -> Self {
+        Self::with_entry(true)
+    }
+
+    fn with_entry(pivot: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("brokerscope-container-")
             .tempdir()
@@ -879,7 +893,7 @@ impl Container {
         std::os::unix::fs::symlink("usr/lib", root.join("lib")).expect("lib link");
         std::os::unix::fs::symlink("usr/lib64", root.join("lib64")).expect("lib64 link");
         std::fs::create_dir_all(dir.path().join("node")).expect("mkdir node");
-        Self { dir }
+        Self { dir, pivot }
     }
 
     /// The container's root, as the node sees it.
@@ -929,6 +943,7 @@ impl Container {
             (c(&bs_src), c(&root.join(".bs"))),
         ];
         let (root, cwd) = (c(&root), CString::new(cwd).expect("no NUL"));
+        let pivot = self.pivot;
         let check = |rc: libc::c_int| {
             if rc == 0 {
                 Ok(())
@@ -961,7 +976,25 @@ impl Container {
                         std::ptr::null(),
                     ))?;
                 }
-                check(libc::chroot(root.as_ptr()))?;
+                if pivot {
+                    // The root made a mount of its own (with the binds above), then swapped for
+                    // the namespace's root; the old root, stacked on it, is detached.
+                    check(libc::mount(
+                        root.as_ptr(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?;
+                    check(libc::chdir(root.as_ptr()))?;
+                    let rc =
+                        libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32;
+                    check(rc)?;
+                    check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+                    check(libc::chdir(c"/".as_ptr()))?;
+                } else {
+                    check(libc::chroot(root.as_ptr()))?;
+                }
                 check(libc::chdir(cwd.as_ptr()))?;
                 Ok(())
             });

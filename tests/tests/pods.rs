@@ -126,6 +126,8 @@ struct Pod {
     ns: NetNs,
     ip: String,
     container: Container,
+    /// The key of its certificate, as written.
+    key: String,
 }
 
 /// The "node": a namespace holding a bridge (on a /24 of its own) that pods and the operator
@@ -187,10 +189,16 @@ fn in_ns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
 }
 
 impl Pod {
-    fn new(name: &str, host: u8, node: &Node, ca: &ClusterCa) -> Self {
+    /// `pivoted`: a `pivot_root` container, as runc makes; else a chroot-style one (the kernel
+    /// prints the two kinds' descriptor paths differently: the agent must read both).
+    fn new(name: &str, host: u8, node: &Node, ca: &ClusterCa, pivoted: bool) -> Self {
         let ns = NetNs::new();
         let ip = node.plug(&ns, host);
-        let container = Container::new();
+        let container = if pivoted {
+            Container::pivoted()
+        } else {
+            Container::new()
+        };
         let dns = pod_dns(name);
         let (crt, key) = ca.issue(name, &[dns.clone(), format!("{dns}.cluster.local")]);
         container.write(&format!("/opt/kafka/broker-certs/{name}.crt"), &crt);
@@ -205,6 +213,19 @@ impl Pod {
             ns,
             ip,
             container,
+            key,
+        }
+    }
+
+    /// Log segments in its log dir: t-0 with 3, t-1 with 2 (2 logs, 5 segments), each with an
+    /// index beside it (not a segment).
+    fn make_segments(&self) {
+        for (part, n) in [("t-0", 3), ("t-1", 2)] {
+            for i in 0..n {
+                let base = format!("/data/{part}/{:020}", i * 100);
+                self.container.write(&format!("{base}.log"), "segment");
+                self.container.write(&format!("{base}.index"), "");
+            }
         }
     }
 
@@ -297,6 +318,50 @@ fn java_get(
     )
 }
 
+/// The node listener's answer for broker `id`, and the pod listener's (curl, then the
+/// operator's Java client) for the broker in `pod`: the two curl answers byte-exact, the Java
+/// client's line as `want_java`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a test helper over the test's parts"
+)]
+fn assert_same_state(
+    agent: &Agent,
+    id: &str,
+    operator: &NetNs,
+    pod: &Pod,
+    ca: &ClusterCa,
+    p12: &Path,
+    hosts: &Path,
+    want: &str,
+    want_java: &str,
+) {
+    let node = agent.get(&format!("/v1/broker-state/?broker={id}"));
+    assert_eq!(node, (200, want.to_string()), "node listener, broker {id}");
+    let op = (
+        ca.path("cluster-operator.crt"),
+        ca.path("cluster-operator.key"),
+    );
+    let mine = pod
+        .curl(
+            operator,
+            &ca.path("ca.crt"),
+            (&op.0, &op.1),
+            "/v1/broker-state/",
+        )
+        .unwrap();
+    assert_eq!(mine, node, "{}", pod.name);
+    let (code, stdout, stderr) = java_get(operator, pod, ca, p12, hosts);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stdout, want_java, "{}: {stderr}", pod.name);
+}
+
+fn recovery(logs: u32, segments: u32) -> String {
+    format!(
+        r#"{{"brokerState":2,"recoveryState":{{"remainingLogsToRecover":{logs},"remainingSegmentsToRecover":{segments}}}}}"#
+    )
+}
+
 fn serial(pem: &str) -> String {
     let mut child = Command::new("openssl")
         .args(["x509", "-noout", "-serial"])
@@ -329,6 +394,15 @@ fn served_serial(operator: &NetNs, pod: &Pod, ca: &ClusterCa) -> String {
         .output()
         .unwrap();
     serial(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A socket listening on [`PORT`] in `ns`, as the in-JVM agent's would.
@@ -370,18 +444,27 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
     let node = Node::new(100 + (std::process::id() % 100) as u8);
     let operator = NetNs::new();
     node.plug(&operator, 100);
+    // Pods 0 and 1 are chroot-style containers, pod 2 a pivot_root one.
     let pods: Vec<Pod> = (0..3)
-        .map(|i| Pod::new(&format!("{CLUSTER}-broker-{i}"), 2 + i as u8, &node, &ca))
+        .map(|i| {
+            let name = format!("{CLUSTER}-broker-{i}");
+            Pod::new(&name, 2 + i as u8, &node, &ca, i == 2)
+        })
         .collect();
+    pods[2].make_segments();
     // A pod where something already listens on 8443 (the in-JVM agent).
-    let busy = Pod::new(&format!("{CLUSTER}-broker-9"), 9, &node, &ca);
+    let busy = Pod::new(&format!("{CLUSTER}-broker-9"), 9, &node, &ca, false);
+    // A pod whose key is no key: reported with its path in the container, not listened on.
+    let bad = Pod::new(&format!("{CLUSTER}-broker-5"), 5, &node, &ca, true);
+    let bad_key = format!("/opt/kafka/broker-certs/{}.key", bad.name);
+    bad.container.write(&bad_key, "not a key\n");
     let _jvm_agent = hold_port(&busy.ns);
     eventually("the busy pod's 8443 taken", Duration::from_secs(5), || {
         busy.answers(&operator).then_some(())
     });
     let hosts = dir.path().join("hosts");
     let mut lines = String::new();
-    for p in pods.iter().chain([&busy]) {
+    for p in pods.iter().chain([&busy, &bad]) {
         lines.push_str(&format!("{} {}\n", p.ip, pod_dns(&p.name)));
     }
     std::fs::write(&hosts, lines).unwrap();
@@ -418,13 +501,45 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
         rss_after.saturating_sub(rss_before) / 3
     );
 
-    // Each pod answers for its own broker: pod 2's has not listened yet (STARTING), the
-    // others run. (RECOVERY with counts is not asserted here: the harness's chroot "container"
-    // shows descriptor paths from the node's root, which the descriptor poll does not map back
-    // into the container; tests/tests/state.rs covers RECOVERY on the node listener.)
-    let (code, stdout, stderr) = java_get(&operator, &pods[2], &ca, &p12, &hosts);
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.ends_with("200 brokerState=1"), "{stdout}");
+    // Each pod answers for its own broker: pod 2's has not listened yet (STARTING), then
+    // recovers its logs (segments opened and kept open, as Kafka does): RECOVERY with the exact
+    // remaining counts, the same bytes as the node listener's, through the pod's address.
+    assert_same_state(
+        &agent,
+        "2",
+        &operator,
+        &pods[2],
+        &ca,
+        &p12,
+        &hosts,
+        r#"{"brokerState":1}"#,
+        "HTTP_2 200 brokerState=1",
+    );
+    for _ in 0..2 {
+        let answer = brokers[2].command("recover-step", Duration::from_secs(5));
+        assert!(answer.starts_with("opened /data/t-0/"), "{answer}");
+    }
+    eventually("RECOVERY 2/3", Duration::from_secs(5), || {
+        (agent.get("/v1/broker-state/?broker=2").1 == recovery(2, 3)).then_some(())
+    });
+    assert_same_state(
+        &agent,
+        "2",
+        &operator,
+        &pods[2],
+        &ca,
+        &p12,
+        &hosts,
+        &recovery(2, 3),
+        "HTTP_2 200 brokerState=2 logs=2 segments=3",
+    );
+    assert_eq!(
+        brokers[2].command("recover-step 3", Duration::from_secs(5)),
+        "opened 3"
+    );
+    eventually("RECOVERY 0/0", Duration::from_secs(5), || {
+        (agent.get("/v1/broker-state/?broker=2").1 == recovery(0, 0)).then_some(())
+    });
     assert_eq!(
         brokers[2].command("listen", Duration::from_secs(5)),
         "listened"
@@ -493,12 +608,54 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
     assert_eq!(
         agent.metric(
             "brokerscope_pod_listener",
-            &[("broker", "9"), ("state", "port_taken")]
+            &[
+                ("broker", "9"),
+                ("pod", &busy.name),
+                ("state", "port_taken")
+            ]
         ),
         Some(1.0)
     );
     agent.wait_for_log("the port is already taken in the pod");
     assert!(busy.answers(&operator), "the other holder keeps its port");
+
+    // The pod with a bad key: failed, named by the pod and the key's path in its container
+    // (not the node listener's `server.key_file`), in /v1/brokers, the metric and the log; no
+    // listener there. Given its key, it is listened on (retried every second).
+    let bad_broker = bad.start_broker("5", &tag, false);
+    wait_running(&agent, "5", bad_broker.pid, Instant::now());
+    let reason = format!("broker key: {bad_key} holds no PEM private key");
+    eventually("the bad key reported", Duration::from_secs(5), || {
+        let b5 = broker(&agent, "5")?;
+        (b5["pod_listener"]["state"] == "failed").then_some(b5)
+    });
+    let b5 = broker(&agent, "5").unwrap();
+    assert_eq!(
+        b5["pod_listener"],
+        serde_json::json!({"state": "failed", "port": PORT, "pod": bad.name, "reason": reason}),
+    );
+    assert_eq!(
+        agent.metric(
+            "brokerscope_pod_listener",
+            &[("broker", "5"), ("pod", &bad.name), ("state", "failed")]
+        ),
+        Some(1.0)
+    );
+    let line = agent.wait_for_log("pod listener not opened; retried");
+    assert!(
+        line.contains(&bad_key) && line.contains(&bad.name) && !line.contains("server."),
+        "{line}"
+    );
+    assert!(!bad.answers(&operator));
+    bad.container.write(&bad_key, &bad.key);
+    eventually("the fixed pod listened on", Duration::from_secs(5), || {
+        bad.answers(&operator).then_some(())
+    });
+    assert_eq!(
+        broker(&agent, "5").unwrap()["pod_listener"]["state"],
+        "serving"
+    );
+    bad_broker.kill();
 
     // Rotation: a new certificate on disk is served on the next handshake.
     let before = served_serial(&operator, &pods[1], &ca);
@@ -521,6 +678,154 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
         || (served_serial(&operator, &pods[1], &ca) == want).then_some(()),
     );
     eprintln!("rotated certificate served after {:?}", rotated.elapsed());
+
+    // A bad certificate on disk: the one in use is kept, and the error names the file by its
+    // path in the container; the good one back clears it.
+    let crt_path = format!("/opt/kafka/broker-certs/{}.crt", pods[1].name);
+    pods[1].container.write(&crt_path, "not a certificate\n");
+    let want_error = format!("broker certificate: {crt_path} holds no PEM certificate");
+    eventually(
+        "the bad certificate reported",
+        Duration::from_secs(5),
+        || {
+            let b1 = broker(&agent, "1")?;
+            (b1["pod_listener"]["certificate_error"] == want_error.as_str()).then_some(())
+        },
+    );
+    assert_eq!(
+        broker(&agent, "1").unwrap()["pod_listener"]["state"],
+        "serving"
+    );
+    assert_eq!(served_serial(&operator, &pods[1], &ca), want);
+    let line = agent.wait_for_log("broker certificate not reloaded");
+    assert!(
+        line.contains(&crt_path) && line.contains(&pods[1].name),
+        "{line}"
+    );
+    pods[1].container.write(&crt_path, &crt);
+    eventually("the error cleared", Duration::from_secs(5), || {
+        let b1 = broker(&agent, "1")?;
+        b1["pod_listener"]
+            .get("certificate_error")
+            .is_none()
+            .then_some(())
+    });
+
+    // A broker restarted in its pod (same namespace, new pid, its segments to recover): the
+    // pod's 8443 is back within discovery's budget of the new process's start and answers
+    // for it, RECOVERY counts included (a chroot-style container here).
+    pods[1].make_segments();
+    let restarted = Instant::now();
+    brokers.remove(1).kill();
+    let spawned = Instant::now();
+    brokers.insert(1, pods[1].start_broker("1", &tag, true));
+    eventually(
+        "8443 back after the restart",
+        Duration::from_secs(10),
+        || pods[1].answers(&operator).then_some(()),
+    );
+    let (gap, back) = (restarted.elapsed(), spawned.elapsed());
+    eprintln!(
+        "restart in the pod: old broker killed to 8443 accepting again {gap:?}; new broker \
+         spawn to 8443 accepting {back:?}"
+    );
+    assert!(
+        back <= scaled(DISCOVERY_LATENCY_BUDGET + Duration::from_millis(100)),
+        "{back:?}"
+    );
+    assert_same_state(
+        &agent,
+        "1",
+        &operator,
+        &pods[1],
+        &ca,
+        &p12,
+        &hosts,
+        r#"{"brokerState":1}"#,
+        "HTTP_2 200 brokerState=1",
+    );
+    assert_eq!(
+        brokers[1].command("recover-step", Duration::from_secs(5)),
+        "opened /data/t-0/00000000000000000000.log"
+    );
+    eventually("RECOVERY 2/4", Duration::from_secs(5), || {
+        (agent.get("/v1/broker-state/?broker=1").1 == recovery(2, 4)).then_some(())
+    });
+    assert_same_state(
+        &agent,
+        "1",
+        &operator,
+        &pods[1],
+        &ca,
+        &p12,
+        &hosts,
+        &recovery(2, 4),
+        "HTTP_2 200 brokerState=2 logs=2 segments=4",
+    );
+    assert_eq!(
+        brokers[1].command("listen", Duration::from_secs(5)),
+        "listened"
+    );
+    eventually("RUNNING after the restart", Duration::from_secs(5), || {
+        (agent.get("/v1/broker-state/?broker=1").1 == r#"{"brokerState":3}"#).then_some(())
+    });
+
+    // A broker replaced in its pod while discovery sees the next one already (here under
+    // another id, started before the old one ends): the same socket stays, answering for the
+    // new process; not one connection attempt is refused meanwhile.
+    let next = pods[1].start_broker("10", &tag, true);
+    wait_running(&agent, "10", next.pid, Instant::now());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let addr: std::net::SocketAddr = format!("{}:{PORT}", pods[1].ip).parse().unwrap();
+    let (tries, refused) = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            in_ns(&operator, || {
+                let (mut tries, mut refused) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tries += 1;
+                    if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                        .is_err()
+                    {
+                        refused += 1;
+                    }
+                }
+                (tries, refused)
+            })
+        });
+        // Stops the probe however this closure ends (a failed assertion would otherwise leave
+        // the scope waiting for it forever).
+        let stop_probe = StopOnDrop(&stop);
+        brokers.remove(1).kill();
+        let kept = agent.wait_for_log("pod listener kept for the broker now running in the pod");
+        assert!(
+            kept.contains("broker=10") && kept.contains("previous=1"),
+            "{kept}"
+        );
+        // Past the next pass too: the socket is not closed later either.
+        std::thread::sleep(Duration::from_millis(300));
+        drop(stop_probe);
+        probe.join().unwrap()
+    });
+    eprintln!("broker replaced in its pod: {refused} of {tries} connection attempts refused");
+    assert!(tries > 10 && refused == 0, "{refused} of {tries} refused");
+    // (RUNNING: its listener port was in LISTEN in the namespace, the old broker's, when the
+    // tracker first looked; the state heuristics read listening per namespace.)
+    assert_same_state(
+        &agent,
+        "10",
+        &operator,
+        &pods[1],
+        &ca,
+        &p12,
+        &hosts,
+        r#"{"brokerState":3}"#,
+        "HTTP_2 200 brokerState=3",
+    );
+    assert_eq!(
+        broker(&agent, "10").unwrap()["pod_listener"]["state"],
+        "serving"
+    );
+    brokers.insert(1, next);
 
     // Live config: the allow list reaches the pod listeners; switching them off closes them.
     let patch = |body: &str| {
@@ -593,5 +898,5 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
     eventually("pod listeners closed", Duration::from_secs(5), || {
         (!rest.iter().any(|p| p.answers(&operator))).then_some(())
     });
-    assert!(broker(&agent, "1").unwrap().get("pod_listener").is_none());
+    assert!(broker(&agent, "10").unwrap().get("pod_listener").is_none());
 }

@@ -5,6 +5,9 @@
 //! and the cluster CA read from the broker's root filesystem, confined to it (`files::confine`).
 //!
 //! Owns those sockets and their TLS sources; reads the broker table, never kernel maps.
+//! A listener belongs to a network namespace, not to a process: it answers for whichever broker
+//! runs there, so a broker replaced in its pod (a new pid, perhaps a new id) seen in one pass of
+//! discovery keeps the socket; one that is gone with nothing running in its place closes it.
 //! **No namespace descriptor is kept**: a socket is bound on a short-lived thread that entered
 //! the namespace and exits after. The socket itself holds the namespace (the kernel's
 //! reference from the socket), so it is closed as soon as its broker is gone.
@@ -12,12 +15,12 @@
 //! broker restarts.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     hash::{DefaultHasher, Hash as _, Hasher as _},
     os::unix::fs::MetadataExt as _,
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -57,7 +60,15 @@ const POD_BUDGET: Budget = Budget {
     sockets: 16 + 8 + 8,
 };
 
-/// Why a broker's certificate could not be read.
+/// What errors call a pod's files: they are named by their paths in the broker's container.
+const POD_ROLES: tls::Roles = tls::Roles {
+    cert: "broker certificate",
+    key: "broker key",
+    cas: "cluster CA",
+};
+
+/// Why a broker's certificate could not be read. Paths are as the broker's container names
+/// them, never the node's view of them nor the node listener's config keys.
 #[derive(Debug, thiserror::Error)]
 pub enum PodTlsError {
     #[error("the broker has no pod name (HOSTNAME) to find its certificate by")]
@@ -151,11 +162,13 @@ fn fingerprint(material: &Result<Material, PodTlsError>) -> u64 {
 fn load(material: &Material, pod: &str) -> Result<tls::Loaded, PodTlsError> {
     let cert = format!("{BROKER_CERTS}/{pod}.crt");
     let key = format!("{BROKER_CERTS}/{pod}.key");
+    let cas = format!("{CLUSTER_CA_CERTS}/*.crt");
     Ok(tls::load_pem(
         &tls::Pem {
             chain: (&cert, &material.chain),
             key: (&key, &material.key),
-            cas: (CLUSTER_CA_CERTS, &material.cas),
+            cas: (&cas, &material.cas),
+            roles: &POD_ROLES,
         },
         tls::unix_now(),
     )?)
@@ -169,48 +182,69 @@ fn first_config(broker: &Broker) -> Result<(tls::Loaded, u64), PodTlsError> {
     Ok((load(&material?, pod)?, print))
 }
 
-/// Keeps one pod listener's TLS config current: polls the broker's files (its current
-/// process's root, so a restart is followed) as `reload` polls the node's.
+/// Keeps one pod listener's TLS config current: polls the files of the broker it serves now
+/// (that process's root, so a restart is followed) as `reload` polls the node's. A set that
+/// cannot be loaded keeps the one in use and is reported in `error` until the files change
+/// back or to a usable set.
 async fn follow_certificate(
     model: Arc<Model>,
-    id: String,
+    serves: watch::Receiver<Arc<str>>,
     tx: watch::Sender<Arc<rustls::ServerConfig>>,
     initial: u64,
+    error: Arc<Mutex<Option<String>>>,
 ) {
     let mut watch = Watch::new(initial);
+    let mut in_use = initial;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let set_error = |e: Option<String>| {
+        if let Ok(mut slot) = error.lock() {
+            *slot = e;
+        }
+    };
     loop {
         tick.tick().await;
+        let id = serves.borrow().clone();
         let Some(broker) = model.broker(&id).filter(Broker::is_running) else {
             continue;
         };
+        let pod = broker.pod.clone().unwrap_or_default();
         let Ok((material, print)) = tokio::task::spawn_blocking(move || {
             let m = read_material(&broker);
             let print = fingerprint(&m);
-            (m.map(|m| (m, broker.pod.unwrap_or_default())), print)
+            (m, print)
         })
         .await
         else {
             continue;
         };
+        if print == in_use {
+            set_error(None);
+        }
         if watch.observe(print) != Decision::Apply {
             continue;
         }
-        match material.and_then(|(m, pod)| load(&m, &pod)) {
+        match material.and_then(|m| load(&m, &pod)) {
             Ok(loaded) => {
                 tracing::info!(
                     broker = %id,
+                    %pod,
                     serial = %loaded.leaf.serial,
                     "pod listener: broker certificate reloaded; new connections use it"
                 );
                 tx.send_replace(loaded.config);
+                in_use = print;
+                set_error(None);
             }
-            Err(e) => tracing::warn!(
-                broker = %id,
-                error = %e,
-                "pod listener: broker certificate not reloaded; keeping the one in use"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    broker = %id,
+                    %pod,
+                    error = %e,
+                    "pod listener: broker certificate not reloaded; keeping the one in use"
+                );
+                set_error(Some(e.to_string()));
+            }
         }
     }
 }
@@ -233,8 +267,12 @@ fn bind_in(pid: u32, netns_inode: u32, port: u16) -> Result<std::net::TcpListene
 
 /// An open pod listener: dropping `stop` closes it.
 struct Open {
-    netns: u32,
     port: u16,
+    pod: String,
+    /// The broker it answers for now: (id, pid).
+    broker: (String, u32),
+    serves: watch::Sender<Arc<str>>,
+    certificate_error: Arc<Mutex<Option<String>>>,
     state: Arc<ServerState>,
     _stop: oneshot::Sender<()>,
     _reloader: AbortOnDrop,
@@ -248,82 +286,128 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A pod where the port was found taken, left alone until another process runs there.
+struct Taken {
+    id: String,
+    pid: u32,
+    port: u16,
+    pod: String,
+}
+
 /// Follows the broker table (woken by every change, and every [`RECHECK`]) and opens and
-/// closes the pod listeners; runs until the process ends.
+/// closes the pod listeners, one per network namespace; runs until the process ends.
 pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSection) {
     let own = File::open("/proc/self/ns/net")
         .and_then(|f| f.metadata())
         .map(|m| m.ino() as u32)
         .ok();
-    let mut open: HashMap<String, Open> = HashMap::new();
-    // Left alone until the broker restarts: (broker id) -> (pid, port) that found the port taken.
-    let mut taken: HashMap<String, (u32, u16)> = HashMap::new();
-    let mut status: HashMap<String, PodListener> = HashMap::new();
+    // By network namespace inode.
+    let mut open: HashMap<u32, Open> = HashMap::new();
+    let mut taken: HashMap<u32, Taken> = HashMap::new();
+    // By broker id: the last reason a listener could not be opened (logged when it changes).
+    let mut failed: HashMap<String, PodListener> = HashMap::new();
     loop {
         let port = node.pod_listeners();
         let brokers = model.brokers();
-        let wanted =
-            |b: &Broker| b.is_running() && b.netns.is_some() && b.netns != own && port.is_some();
-        open.retain(|id, o| {
-            let keep = brokers
-                .iter()
-                .any(|b| &b.id == id && wanted(b) && b.netns == Some(o.netns))
-                && port == Some(o.port);
-            if !keep {
-                tracing::info!(broker = %id, port = o.port, "pod listener closed");
+        // The broker each pod's namespace answers for: the one running there (the first by id
+        // should several share a namespace).
+        let mut in_ns: BTreeMap<u32, &Broker> = BTreeMap::new();
+        if port.is_some() {
+            for b in brokers.iter().filter(|b| b.is_running()) {
+                if let Some(ns) = b.netns.filter(|&ns| Some(ns) != own) {
+                    in_ns
+                        .entry(ns)
+                        .and_modify(|first| {
+                            if b.id < first.id {
+                                *first = b;
+                            }
+                        })
+                        .or_insert(b);
+                }
             }
-            keep
+        }
+        open.retain(|ns, o| match in_ns.get(ns) {
+            Some(b) if port == Some(o.port) => {
+                if o.broker.0 != b.id || o.broker.1 != b.pid {
+                    tracing::info!(
+                        broker = %b.id, pid = b.pid, pod = %o.pod, port = o.port,
+                        previous = %o.broker.0, previous_pid = o.broker.1,
+                        "pod listener kept for the broker now running in the pod"
+                    );
+                    o.broker = (b.id.clone(), b.pid);
+                    o.serves.send_replace(Arc::from(b.id.as_str()));
+                }
+                true
+            }
+            _ => {
+                tracing::info!(broker = %o.broker.0, pod = %o.pod, port = o.port, "pod listener closed");
+                false
+            }
         });
-        taken.retain(|id, (pid, p)| {
-            brokers
-                .iter()
-                .any(|b| &b.id == id && b.pid == *pid && wanted(b))
-                && port == Some(*p)
-        });
-        status.retain(|id, _| open.contains_key(id) || taken.contains_key(id));
+        taken.retain(|ns, t| in_ns.get(ns).is_some_and(|b| b.pid == t.pid) && port == Some(t.port));
+        failed.retain(|id, _| in_ns.values().any(|b| &b.id == id));
         for o in open.values() {
             o.state.follow(&node);
         }
         if let Some(port) = port {
-            for b in brokers.iter().filter(|b| wanted(b)) {
-                if open.contains_key(&b.id) || taken.contains_key(&b.id) {
+            for (&ns, &b) in &in_ns {
+                if open.contains_key(&ns) || taken.contains_key(&ns) {
                     continue;
                 }
                 let b = b.clone();
-                let opened = tokio::task::spawn_blocking(move || open_one(&b, port)).await;
-                match opened {
-                    Ok((id, Ok((listener, configs, initial)))) => {
-                        let pod = listener.pod.clone();
-                        status.insert(id.clone(), PodListener::Serving { port, pod });
-                        open.insert(
-                            id.clone(),
-                            start(&model, &node, &section, id, listener, configs, initial),
-                        );
+                let id = b.id.clone();
+                let pid = b.pid;
+                match tokio::task::spawn_blocking(move || open_one(&b, port)).await {
+                    Ok(Ok(bound)) => {
+                        failed.remove(&id);
+                        open.insert(ns, start(&model, &node, &section, (id, pid), bound, port));
                     }
-                    Ok((id, Err(OpenError::Taken { pid, pod }))) => {
+                    Ok(Err(OpenError::Taken { pod })) => {
                         tracing::warn!(
                             broker = %id, %pod, port,
                             "pod listener: the port is already taken in the pod (Strimzi's in-JVM \
                              agent?); leaving this pod alone"
                         );
-                        taken.insert(id.clone(), (pid, port));
-                        status.insert(id, PodListener::PortTaken { port, pod });
+                        taken.insert(ns, Taken { id, pid, port, pod });
                     }
-                    Ok((id, Err(OpenError::Failed(reason)))) => {
-                        let new = PodListener::Failed { port, reason };
-                        if status.get(&id) != Some(&new) {
-                            tracing::warn!(broker = %id, port, reason = %match &new {
-                                PodListener::Failed { reason, .. } => reason.as_str(),
-                                _ => "",
-                            }, "pod listener not opened; retried");
+                    Ok(Err(OpenError::Failed { pod, reason })) => {
+                        let new = PodListener::Failed { port, pod, reason };
+                        if failed.get(&id) != Some(&new)
+                            && let PodListener::Failed { pod, reason, .. } = &new
+                        {
+                            tracing::warn!(
+                                broker = %id, %pod, port, %reason,
+                                "pod listener not opened; retried"
+                            );
                         }
-                        status.insert(id, new);
+                        failed.insert(id, new);
                     }
                     Err(_) => {}
                 }
             }
         }
-        model.set_pod_listeners(status.clone());
+        let mut status: HashMap<String, PodListener> = failed.clone();
+        for t in taken.values() {
+            status.insert(
+                t.id.clone(),
+                PodListener::PortTaken {
+                    port: t.port,
+                    pod: t.pod.clone(),
+                },
+            );
+        }
+        for o in open.values() {
+            let certificate_error = o.certificate_error.lock().ok().and_then(|e| e.clone());
+            status.insert(
+                o.broker.0.clone(),
+                PodListener::Serving {
+                    port: o.port,
+                    pod: o.pod.clone(),
+                    certificate_error,
+                },
+            );
+        }
+        model.set_pod_listeners(status);
         tokio::select! {
             () = model.broker_table.notified() => {}
             () = tokio::time::sleep(RECHECK) => {}
@@ -332,64 +416,66 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
 }
 
 enum OpenError {
-    Taken { pid: u32, pod: String },
-    Failed(String),
+    Taken { pod: String },
+    Failed { pod: String, reason: String },
 }
 
 struct Bound {
     listener: std::net::TcpListener,
     pod: String,
-    netns: u32,
+    config: Arc<rustls::ServerConfig>,
+    initial: u64,
 }
-
-type Opened = (Bound, Arc<rustls::ServerConfig>, u64);
 
 /// Reads the broker's certificate, then binds: a pod without a usable certificate is not
 /// listened on.
-fn open_one(b: &Broker, port: u16) -> (String, Result<Opened, OpenError>) {
-    let id = b.id.clone();
-    let result = (|| {
-        let (loaded, initial) = first_config(b).map_err(|e| OpenError::Failed(e.to_string()))?;
-        let pod = b.pod.clone().unwrap_or_default();
-        let netns = b.netns.unwrap_or_default();
-        match bind_in(b.pid, netns, port) {
-            Ok(listener) => Ok((
-                Bound {
-                    listener,
-                    pod,
-                    netns,
-                },
-                loaded.config,
-                initial,
-            )),
-            Err(BindError::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                Err(OpenError::Taken { pid: b.pid, pod })
-            }
-            Err(e) => Err(OpenError::Failed(format!("cannot listen in the pod: {e}"))),
+fn open_one(b: &Broker, port: u16) -> Result<Bound, OpenError> {
+    let pod = b.pod.clone().unwrap_or_default();
+    let (loaded, initial) = first_config(b).map_err(|e| OpenError::Failed {
+        pod: pod.clone(),
+        reason: e.to_string(),
+    })?;
+    match bind_in(b.pid, b.netns.unwrap_or_default(), port) {
+        Ok(listener) => Ok(Bound {
+            listener,
+            pod,
+            config: loaded.config,
+            initial,
+        }),
+        Err(BindError::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(OpenError::Taken { pod })
         }
-    })();
-    (id, result)
+        Err(e) => Err(OpenError::Failed {
+            pod,
+            reason: format!("cannot listen in the pod: {e}"),
+        }),
+    }
 }
 
 fn start(
     model: &Arc<Model>,
     node: &Arc<ServerState>,
     section: &ServerSection,
-    id: String,
+    broker: (String, u32),
     bound: Bound,
-    config: Arc<rustls::ServerConfig>,
-    initial: u64,
+    port: u16,
 ) -> Open {
-    let netns = bound.netns;
-    let port = bound.listener.local_addr().map_or(0, |a| a.port());
-    let (tx, configs) = watch::channel(config);
-    let reloader = tokio::spawn(follow_certificate(model.clone(), id.clone(), tx, initial));
+    let (serves, serving) = watch::channel(Arc::<str>::from(broker.0.as_str()));
+    let (tx, configs) = watch::channel(bound.config);
+    let certificate_error = Arc::new(Mutex::new(None));
+    let reloader = tokio::spawn(follow_certificate(
+        model.clone(),
+        serving.clone(),
+        tx,
+        bound.initial,
+        certificate_error.clone(),
+    ));
     let state =
         ServerState::for_listener(section, node.stats.clone(), format!("pod/{}", bound.pod));
     state.follow(node);
-    let app = super::routes::pod_router(model.clone(), state.clone(), id.clone());
+    let app = super::routes::pod_router(model.clone(), state.clone(), serving);
     let (stop, stopped) = oneshot::channel::<()>();
-    tracing::info!(broker = %id, pod = %bound.pod, port, "pod listener open");
+    tracing::info!(broker = %broker.0, pod = %bound.pod, port, "pod listener open");
     match tokio::net::TcpListener::from_std(bound.listener) {
         Ok(listener) => {
             tokio::spawn(super::serve_with(
@@ -403,11 +489,14 @@ fn start(
                 POD_BUDGET,
             ));
         }
-        Err(e) => tracing::warn!(broker = %id, error = %e, "pod listener: cannot register"),
+        Err(e) => tracing::warn!(broker = %broker.0, error = %e, "pod listener: cannot register"),
     }
     Open {
-        netns,
         port,
+        pod: bound.pod,
+        broker,
+        serves,
+        certificate_error,
         state,
         _stop: stop,
         _reloader: AbortOnDrop(reloader),
@@ -481,6 +570,42 @@ mod tests {
             material(&root, "../x"),
             Err(PodTlsError::NoPodName)
         ));
+    }
+
+    #[test]
+    fn errors_name_the_pods_files_not_the_node_keys() {
+        let (dir, root) = root_with_material();
+        let certs = root.join("opt/kafka/broker-certs");
+        let other = dir.path().join("other");
+        crate::pki::generate_dev(&other, crate::pki::Validity::days(1)).unwrap();
+        // A key that is not the certificate's, then one that is no key at all.
+        std::fs::copy(other.join("tls.key"), certs.join("pod-0.key")).unwrap();
+        let err = load(&material(&root, "pod-0").unwrap(), "pod-0")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("/opt/kafka/broker-certs/pod-0.key")
+                && err.contains("/opt/kafka/broker-certs/pod-0.crt")
+                && !err.contains("server."),
+            "{err}"
+        );
+        std::fs::write(certs.join("pod-0.key"), "not a key\n").unwrap();
+        let err = load(&material(&root, "pod-0").unwrap(), "pod-0")
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "broker key: /opt/kafka/broker-certs/pod-0.key holds no PEM private key"
+        );
+        // A missing file: its path in the container, without the node's hint.
+        std::fs::remove_file(certs.join("pod-0.crt")).unwrap();
+        let err = material(&root, "pod-0").err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "/opt/kafka/broker-certs/pod-0.crt: no such file or directory"
+        );
     }
 
     fn nix_mkfifo(path: &Path) {

@@ -77,34 +77,37 @@ pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Con
     harden(api, server)
 }
 
-/// What a pod listener's handlers read: the one broker it answers for.
+/// What a pod listener's handlers read: the one broker it answers for, which `pods` changes
+/// when another process (a restart, perhaps under another id) runs in the pod's namespace.
 #[derive(Clone)]
 struct PodRoute {
     model: Arc<Model>,
-    broker: Arc<str>,
+    broker: tokio::sync::watch::Receiver<Arc<str>>,
 }
 
 /// A pod listener's router (`server::pods`): its broker's `/v1/broker-state[/]` and
 /// `/v1/ready[/]`, as the node listener answers them, and 404 for everything else. The query
 /// string is not read: nothing about another broker is reachable here.
-pub fn pod_router(model: Arc<Model>, server: Arc<ServerState>, broker: String) -> Router {
+pub fn pod_router(
+    model: Arc<Model>,
+    server: Arc<ServerState>,
+    broker: tokio::sync::watch::Receiver<Arc<str>>,
+) -> Router {
     let api = Router::new()
         .route("/v1/broker-state", get(pod_broker_state))
         .route("/v1/broker-state/", get(pod_broker_state))
         .route("/v1/ready", get(pod_broker_ready))
         .route("/v1/ready/", get(pod_broker_ready))
-        .with_state(PodRoute {
-            model,
-            broker: broker.into(),
-        });
+        .with_state(PodRoute { model, broker });
     harden(api, server)
 }
 
 async fn pod_state(route: PodRoute) -> Result<StateView, ApiError> {
+    let id = route.broker.borrow().clone();
     tokio::task::spawn_blocking(move || {
         let broker = route
             .model
-            .broker(&route.broker)
+            .broker(&id)
             .filter(Broker::is_running)
             .ok_or(ApiError::NotFound)?;
         Ok(route.model.broker_state(&broker))
@@ -770,7 +773,8 @@ mod tests {
         use crate::discovery::broker::tests::broker;
         let model = Arc::new(Model::default());
         let node = router(model.clone(), server(&[], 1000, 1000));
-        let pod = pod_router(model.clone(), server(&[], 1000, 1000), "2".into());
+        let (_serves, broker_id) = tokio::sync::watch::channel(Arc::from("2"));
+        let pod = pod_router(model.clone(), server(&[], 1000, 1000), broker_id);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();

@@ -18,7 +18,7 @@ use crate::config::ServerConfig as ServerSection;
 /// once why (no error here has a `source`: what the cause says is in the message).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{key}: cannot read {path}: {error}{}", missing_hint(error))]
+    #[error("{key}: cannot read {path}: {error}{}", missing_hint(key, error))]
     Read {
         key: &'static str,
         path: String,
@@ -30,33 +30,63 @@ pub enum TlsError {
         path: String,
         what: &'static str,
     },
-    #[error("server.client_ca_file: a CA in {path} is not usable: {error}")]
-    Ca { path: String, error: rustls::Error },
-    #[error("server.client_ca_file: the client certificate verifier refused the CAs: {0}")]
-    Verifier(rustls::server::VerifierBuilderError),
-    #[error("server.cert_file: {path} is not an X.509 certificate: {reason}")]
-    Parse { path: String, reason: String },
+    #[error("{key}: a CA in {path} is not usable: {error}")]
+    Ca {
+        key: &'static str,
+        path: String,
+        error: rustls::Error,
+    },
+    #[error("{key}: the client certificate verifier refused the CAs in {path}: {error}")]
+    Verifier {
+        key: &'static str,
+        path: String,
+        error: rustls::server::VerifierBuilderError,
+    },
+    #[error("{key}: {path} is not an X.509 certificate: {reason}")]
+    Parse {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error(
-        "server.cert_file: the certificate in {path} is not valid now: valid from {} until {}, now {}",
+        "{key}: the certificate in {path} is not valid now: valid from {} until {}, now {}",
         rfc3339(*not_before), rfc3339(*not_after), rfc3339(*now)
     )]
     Validity {
+        key: &'static str,
         path: String,
         not_before: i64,
         not_after: i64,
         now: i64,
     },
-    #[error("{}", pair_message(cert, key, error))]
+    #[error("{}", pair_message(roles, cert, key, error))]
     Pair {
+        roles: &'static Roles,
         cert: String,
         key: String,
         error: rustls::Error,
     },
 }
 
+/// What each file is called in errors: the config key that names it (the node's), or what it
+/// is to a pod (`pods`), whose files are named by their paths in the broker's container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub cas: &'static str,
+}
+
+/// The node listener's files, named by their config keys.
+pub const NODE_ROLES: Roles = Roles {
+    cert: "server.cert_file",
+    key: "server.key_file",
+    cas: "server.client_ca_file",
+};
+
 /// For a file that does not exist: how to make a set to try the agent with.
-fn missing_hint(error: &std::io::Error) -> &'static str {
-    if error.kind() == std::io::ErrorKind::NotFound {
+fn missing_hint(key: &str, error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::NotFound && key.starts_with("server.") {
         " (for a local try, `brokerscope pki dev --out DIR` makes a CA, a server and a client \
          certificate; point server.cert_file, key_file and client_ca_file at them)"
     } else {
@@ -74,15 +104,15 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| format!("{unix} (Unix seconds)"))
 }
 
-fn pair_message(cert: &str, key: &str, error: &rustls::Error) -> String {
+fn pair_message(roles: &Roles, cert: &str, key: &str, error: &rustls::Error) -> String {
     match error {
         rustls::Error::InconsistentKeys(_) => format!(
-            "server.key_file: the key in {key} is not the key of the certificate in {cert} \
-             (server.cert_file)"
+            "{}: the key in {key} is not the key of the certificate in {cert} ({})",
+            roles.key, roles.cert
         ),
         other => format!(
-            "server.cert_file and server.key_file: {cert} and {key} cannot be used together: \
-             {other}"
+            "{} and {}: {cert} and {key} cannot be used together: {other}",
+            roles.cert, roles.key
         ),
     }
 }
@@ -117,16 +147,19 @@ fn parse_certs(
     Ok(certs)
 }
 
-fn parse_private_key(path: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    const KEY: &str = "server.key_file";
+fn parse_private_key(
+    key: &'static str,
+    path: &str,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     rustls_pemfile::private_key(&mut &*pem)
         .map_err(|error| TlsError::Read {
-            key: KEY,
+            key,
             path: path.into(),
             error,
         })?
         .ok_or_else(|| TlsError::Empty {
-            key: KEY,
+            key,
             path: path.into(),
             what: "private key",
         })
@@ -143,10 +176,11 @@ pub struct LeafInfo {
 }
 
 impl LeafInfo {
-    fn read(path: &str, der: &[u8]) -> Result<Self, TlsError> {
+    fn read(key: &'static str, path: &str, der: &[u8]) -> Result<Self, TlsError> {
         use x509_parser::prelude::FromDer as _;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
             TlsError::Parse {
+                key,
                 path: path.into(),
                 reason: e.to_string(),
             }
@@ -190,6 +224,7 @@ pub fn load(section: &ServerSection, now: i64) -> Result<Loaded, TlsError> {
             chain: (&section.cert_file.display().to_string(), &chain),
             key: (&section.key_file.display().to_string(), &key),
             cas: (&section.client_ca_file.display().to_string(), &cas),
+            roles: &NODE_ROLES,
         },
         now,
     )
@@ -201,33 +236,43 @@ pub struct Pem<'a> {
     pub key: (&'a str, &'a [u8]),
     /// One or more CA certificates, concatenated.
     pub cas: (&'a str, &'a [u8]),
+    /// What errors call each file.
+    pub roles: &'static Roles,
 }
 
 /// As [`load`], from material read elsewhere (a broker's root filesystem: `pods`).
 pub fn load_pem(pem: &Pem<'_>, now: i64) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
+    let roles = pem.roles;
     let (ca_path, ca_pem) = pem.cas;
-    for ca in parse_certs("server.client_ca_file", ca_path, ca_pem)? {
+    for ca in parse_certs(roles.cas, ca_path, ca_pem)? {
         roots.add(ca).map_err(|error| TlsError::Ca {
+            key: roles.cas,
             path: ca_path.into(),
             error,
         })?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(TlsError::Verifier)?;
+        .map_err(|error| TlsError::Verifier {
+            key: roles.cas,
+            path: ca_path.into(),
+            error,
+        })?;
     let (cert_path, chain_pem) = pem.chain;
     let (key_path, key_pem) = pem.key;
     let pair_err = |error| TlsError::Pair {
+        roles,
         cert: cert_path.into(),
         key: key_path.into(),
         error,
     };
-    let chain = parse_certs("server.cert_file", cert_path, chain_pem)?;
-    let leaf = LeafInfo::read(cert_path, &chain[0])?;
+    let chain = parse_certs(roles.cert, cert_path, chain_pem)?;
+    let leaf = LeafInfo::read(roles.cert, cert_path, &chain[0])?;
     if now < leaf.not_before || now > leaf.not_after {
         return Err(TlsError::Validity {
+            key: roles.cert,
             path: cert_path.into(),
             not_before: leaf.not_before,
             not_after: leaf.not_after,
@@ -238,7 +283,7 @@ pub fn load_pem(pem: &Pem<'_>, now: i64) -> Result<Loaded, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(pair_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, parse_private_key(key_path, key_pem)?)
+        .with_single_cert(chain, parse_private_key(roles.key, key_path, key_pem)?)
         .map_err(pair_err)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {

@@ -8,6 +8,15 @@
 //! number the previous poll did not list: a closed number that is reused is read again once a
 //! poll has seen it missing; a number closed and reused between two polls is not read again.
 //!
+//! Targets are paths as the broker names them, whatever its container: the kernel prints a
+//! link from the reader's root when the file is reachable from there (a chroot-style container:
+//! the node's path, `/tmp/c/root/data/t-0/0.log`, and `/proc/<pid>/root` reads
+//! `/tmp/c/root`), and from the root of the file's own mount namespace when it is not (a
+//! `pivot_root` container, as runc makes: `/data/t-0/0.log`, and the root reads `/`). So each
+//! target is taken relative to the process's root link, read when the poll opens (a broker does
+//! not change its root later); a target outside that root is none the broker can name, and is
+//! skipped.
+//!
 //! Everything under `/proc/<pid>` is the process's to shape, a container's included: the numbers
 //! listed are bounded ([`MAX_FDS`]), so are the links read per poll (the caller's budget) and
 //! their length (`PATH_MAX`); targets that are not plain absolute UTF-8 paths (sockets, pipes,
@@ -76,6 +85,8 @@ pub struct PollStats {
 pub struct FdPoll {
     pid: u32,
     dir: File,
+    /// `/proc/<pid>/root` as the kernel prints it to the agent (see the module doc).
+    root: Vec<u8>,
     /// Numbers listed by the last poll whose link was read (or that closed meanwhile), ascending.
     known: Vec<u32>,
     /// Numbers listed by the current poll (kept to reuse its allocation).
@@ -103,6 +114,7 @@ impl FdPoll {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(format!("/proc/{pid}/fd"))
             .map_err(|e| FdPollError::io(pid, "fd", e))?;
+        let root = root_link(pid)?;
         // The directory stays bound to the process that held the pid when it was opened (a
         // later read of it fails once that process is gone). Checked after the open: if the pid
         // names the expected process now, that process existed before and so held it then.
@@ -112,6 +124,7 @@ impl FdPoll {
         Ok(FdPoll {
             pid,
             dir,
+            root,
             known: Vec::new(),
             listed: Vec::new(),
             spare: Vec::new(),
@@ -152,7 +165,8 @@ impl FdPoll {
             match self.read_link(fd, &mut target) {
                 Ok(len) => {
                     next.push(fd);
-                    if let Some(path) = target.get(..len).and_then(target_path) {
+                    let inside = target.get(..len).and_then(|t| inside_root(&self.root, t));
+                    if let Some(path) = inside.and_then(target_path) {
                         seen(path);
                     }
                 }
@@ -273,6 +287,32 @@ pub fn target_path(target: &[u8]) -> Option<&str> {
     }
     let path = std::str::from_utf8(target).ok()?;
     (path.starts_with('/') && !path.ends_with(" (deleted)") && !path.contains('\0')).then_some(path)
+}
+
+/// `/proc/<pid>/root` as the kernel prints it to this process (see the module doc).
+pub fn root_link(pid: u32) -> Result<Vec<u8>, FdPollError> {
+    use std::os::unix::ffi::OsStringExt as _;
+    std::fs::read_link(format!("/proc/{pid}/root"))
+        .map(|p| p.into_os_string().into_vec())
+        .map_err(|e| FdPollError::io(pid, "root", e))
+}
+
+/// `target` (a link of the process's, as printed to the agent) as a path inside `root` (its
+/// root link): the part after `root`, or None when it is not under it. A target cut at
+/// `PATH_MAX` stays cut (and so is refused by [`target_path`]).
+pub fn inside_root<'a>(root: &[u8], target: &'a [u8]) -> Option<&'a [u8]> {
+    if target.len() >= PATH_MAX {
+        return Some(target);
+    }
+    let root = match root {
+        b"/" => return Some(target),
+        r => r.strip_suffix(b"/").unwrap_or(r),
+    };
+    match target.strip_prefix(root)? {
+        b"" => Some(b"/"),
+        rest if rest.starts_with(b"/") => Some(rest),
+        _ => None,
+    }
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks after boot.
@@ -473,6 +513,36 @@ mod tests {
             FdPoll::open(own, ticks + 1),
             Err(FdPollError::Gone { .. })
         ));
+    }
+
+    #[test]
+    fn targets_are_taken_inside_the_process_root() {
+        // A pivot_root container (or the node's own processes): printed as the broker sees it.
+        assert_eq!(
+            inside_root(b"/", b"/data/t-0/0.log"),
+            Some(&b"/data/t-0/0.log"[..])
+        );
+        // A chroot: printed from the node's root, under the root's own node path.
+        let root = b"/tmp/c/root";
+        assert_eq!(
+            inside_root(root, b"/tmp/c/root/data/0.log"),
+            Some(&b"/data/0.log"[..])
+        );
+        assert_eq!(
+            inside_root(b"/tmp/c/root/", b"/tmp/c/root/d"),
+            Some(&b"/d"[..])
+        );
+        assert_eq!(inside_root(root, b"/tmp/c/root"), Some(&b"/"[..]));
+        // Beside or outside the root: nothing the broker can name.
+        assert_eq!(inside_root(root, b"/tmp/c/rootfs/data/0.log"), None);
+        assert_eq!(inside_root(root, b"/data/0.log"), None);
+        // Not paths at all: left for `target_path` to skip.
+        assert_eq!(inside_root(b"/", b"socket:[1]"), Some(&b"socket:[1]"[..]));
+        assert_eq!(inside_root(root, b"socket:[1]"), None);
+        // Cut at PATH_MAX: never shortened into an acceptable length.
+        let mut long = root.to_vec();
+        long.resize(PATH_MAX, b'a');
+        assert_eq!(inside_root(root, &long).and_then(target_path), None);
     }
 
     #[test]
