@@ -22,6 +22,7 @@ mod kernel;
 mod model;
 mod pki;
 mod probes;
+mod proc;
 mod render;
 mod resources;
 mod server;

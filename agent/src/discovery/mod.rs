@@ -17,7 +17,6 @@
 pub mod broker;
 pub(crate) mod cmdline;
 pub mod listeners;
-pub(crate) mod proc;
 pub mod properties;
 mod table;
 
@@ -39,13 +38,13 @@ pub use table::{MAX_BROKERS, Remembered};
 use self::{
     broker::{Cgroup, Evidence, IdSource},
     cmdline::{Cmdline, Patterns},
-    proc::{ProcError, ProcFs},
     properties::{BrokerSettings, ListenersSource, Properties},
     table::{BrokerTable, Observed},
 };
 use crate::{
     files::{self, ProcessRoot, WorkError, Workers},
     model::Model,
+    proc::{self, ProcError, ProcFs},
 };
 
 /// How often the rescan task walks /proc when kernel exec/exit events are unavailable (the

@@ -11,8 +11,8 @@
 use std::path::Path;
 
 use crate::{
-    discovery::proc::{self as discovery_proc, ProcFs, Stat},
     kernel,
+    proc::{self as discovery_proc, ProcFs, Stat},
     resources::{self, ProcStats},
     state::{self, fds},
 };
