@@ -627,7 +627,7 @@ async fn run_async(
 
     // Discovered brokers' listeners, as configured ones were checked with the config.
     for b in model.brokers().iter().filter(|b| b.is_running()) {
-        server::isolation::check_isolation(
+        config::isolation::check_isolation(
             addr,
             b.listeners.iter().map(|l| l.port),
             &format!("the listeners of broker {} (pid {})", b.id, b.pid),

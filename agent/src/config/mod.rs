@@ -3,6 +3,8 @@
 //!
 //! Owns parsing and validation only; it never opens sockets or files other than the config file.
 
+pub mod isolation;
+
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -537,7 +539,7 @@ impl Config {
         }
         // The control endpoint never shares a port with a broker's data plane.
         if let Some(listen) = listen
-            && let Err(e) = crate::server::isolation::check_isolation(
+            && let Err(e) = isolation::check_isolation(
                 listen,
                 self.discovery.listener_ports.iter().copied(),
                 "discovery.listener_ports",
