@@ -4,12 +4,15 @@
 //! Owns parsing and validation only; it never opens sockets or files other than the config file.
 
 pub mod isolation;
+mod log_filter;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use brokerscope_common::{sockets, telemetry::Program};
+
+pub use log_filter::parse_filter;
 
 /// The whole configuration. Every key has a default, so an empty file (or none) is valid.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -611,7 +614,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = crate::control::logs::parse_filter(&self.log.level) {
+        if let Err(e) = parse_filter(&self.log.level) {
             errors.push(ConfigError::invalid(
                 "log.level",
                 format!(
