@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod control;
 mod discovery;
+mod events;
 mod files;
 mod flight;
 #[doc(hidden)]

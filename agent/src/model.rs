@@ -72,7 +72,7 @@ pub struct Model {
     status: RwLock<Status>,
     brokers: RwLock<Brokers>,
     /// Broker start/stop/state changes and kernel connection events, for `/v1/events`.
-    pub events: crate::control::events::EventBus,
+    pub events: crate::events::EventBus,
     states: Mutex<StateTracker>,
     /// The broker table changed since the state tracker last followed it. The tracker follows
     /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
@@ -281,7 +281,7 @@ impl Model {
                 Some((b, l)) => (Some(b.to_string()), Some(l.to_string())),
                 None => (None, None),
             };
-            let mut event = crate::control::events::conn_event(e, broker);
+            let mut event = crate::events::conn_event(e, broker);
             event.listener = listener;
             self.events.publish(event);
         }
@@ -770,8 +770,8 @@ impl Model {
 
 /// Broker events between two tables: a new running process is `broker_started`, a running one
 /// gone is `broker_stopped`, any other state change `broker_state`.
-fn publish_changes(bus: &crate::control::events::EventBus, old: &[Broker], new: &[Broker]) {
-    use crate::control::events::Event;
+fn publish_changes(bus: &crate::events::EventBus, old: &[Broker], new: &[Broker]) {
+    use crate::events::Event;
     if !bus.has_subscribers() {
         return;
     }

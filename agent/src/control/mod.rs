@@ -1,13 +1,12 @@
-//! The operator's control channel behind `/v1/config`, `/v1/logs`, `/v1/diagnostics` and
-//! `/v1/events`: live configuration, the in-memory log ring, the diagnostics bundle and the
-//! event bus.
+//! The operator's control channel behind `/v1/config`, `/v1/logs` and `/v1/diagnostics`: live
+//! configuration, the in-memory log ring and the diagnostics bundle. The event bus behind
+//! `/v1/events` is `crate::events`, below the model that publishes on it.
 //!
 //! Owns the effective configuration and the log ring; it reaches the running parts (server
 //! policy, discovery, probes) only through their own live setters, never their internals.
 
 pub mod config;
 pub mod diagnostics;
-pub mod events;
 pub mod logs;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
