@@ -28,6 +28,7 @@ mod render;
 mod resources;
 mod server;
 mod state;
+mod stats;
 mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -495,7 +496,7 @@ async fn run_async(
         "step 1/5: configuration loaded"
     );
 
-    let server_stats = Arc::new(server::stats::ServerStats::default());
+    let server_stats = Arc::new(stats::ServerStats::default());
     let tls = server::reload::TlsSource::load(&config.server, server_stats.clone())?;
     tracing::info!(
         cert = %config.server.cert_file.display(),

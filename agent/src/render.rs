@@ -8,12 +8,8 @@ use std::fmt::Write as _;
 
 use brokerscope_common::sockets::log2_bucket_upper_us;
 
-use crate::{
-    discovery::ListenerIndex,
-    model::Snapshot,
-    probes::sockets::ListenerStats,
-    server::stats::{DURATION_BUCKETS, ServerSnapshot},
-};
+use crate::stats::{DURATION_BUCKETS, ServerSnapshot};
+use crate::{discovery::ListenerIndex, model::Snapshot, probes::sockets::ListenerStats};
 
 /// `Content-Type` of the text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -1118,8 +1114,8 @@ mod tests {
     }
 
     fn server_snapshot() -> ServerSnapshot {
-        use crate::server::handshake::Failure;
-        let stats = crate::server::stats::ServerStats::default();
+        use crate::stats::Failure;
+        let stats = crate::stats::ServerStats::default();
         stats.record("/metrics", 200, std::time::Duration::from_millis(3));
         stats.record("/metrics", 200, std::time::Duration::from_millis(30));
         stats.record("other", 404, std::time::Duration::from_micros(100));

@@ -32,8 +32,8 @@ use crate::{
         ServerState,
         identity::{ClientIdentity, Name},
         routes,
-        stats::ServerStats,
     },
+    stats::ServerStats,
 };
 
 /// Longest any answer may take (a fuzz run's own timeout is much longer: a hang here is a

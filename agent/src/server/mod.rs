@@ -17,7 +17,6 @@ pub mod pages;
 pub mod pods;
 pub mod reload;
 pub mod routes;
-pub mod stats;
 pub mod tls;
 
 use std::{
@@ -50,9 +49,11 @@ use self::{
     identity::ClientIdentity,
     limits::*,
     reload::TlsSource,
+};
+use crate::{
+    config::{AccessLog, ServerConfig as ServerSection},
     stats::ServerStats,
 };
-use crate::config::{AccessLog, ServerConfig as ServerSection};
 
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);

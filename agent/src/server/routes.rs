@@ -457,7 +457,8 @@ mod tests {
     use super::*;
     use crate::{
         config::ServerConfig as ServerSection,
-        server::{identity::ClientIdentity, identity::Name, stats::ServerStats},
+        server::{identity::ClientIdentity, identity::Name},
+        stats::ServerStats,
     };
 
     fn server(allowed: &[&str], rps: u32, burst: u32) -> Arc<ServerState> {
