@@ -9,6 +9,7 @@
 //! `events`, `logs` and `top` are the operator's client of a running agent (`client`);
 //! `completions` and `man` are generated from the command line defined here.
 
+mod broker;
 mod capabilities;
 mod client;
 mod config;

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, RwLock};
 
 use crate::{
-    discovery::Broker,
+    broker::Broker,
     kernel::KernelFacts,
     probes::{Attachment, ProbeSnapshot, Probes, state::StateSignal},
     state::{StateChange, StateTracker, StateView},
@@ -275,7 +275,7 @@ impl Model {
         if !self.events.has_subscribers() {
             return;
         }
-        let index = crate::discovery::ListenerIndex::new(&self.brokers_state().brokers);
+        let index = crate::broker::ListenerIndex::new(&self.brokers_state().brokers);
         for e in events {
             let (broker, listener) = match index.get(e.netns, e.port) {
                 Some((b, l)) => (Some(b.to_string()), Some(l.to_string())),
@@ -557,10 +557,10 @@ impl Model {
     fn sync_kernel(&self) {
         let (listeners, pids, records) = {
             let brokers = self.brokers_state();
-            let records: Vec<crate::discovery::Remembered> = brokers
+            let records: Vec<crate::broker::Remembered> = brokers
                 .brokers
                 .iter()
-                .map(crate::discovery::Remembered::of)
+                .map(crate::broker::Remembered::of)
                 .collect();
             let running = brokers.brokers.iter().filter(|b| b.is_running());
             let mut listeners = Vec::new();
@@ -592,7 +592,7 @@ impl Model {
 
     /// The broker records an earlier agent kept with the pinned maps (none if the maps are
     /// new, or the records unreadable: said in the log).
-    pub fn remembered_brokers(&self) -> Vec<crate::discovery::Remembered> {
+    pub fn remembered_brokers(&self) -> Vec<crate::broker::Remembered> {
         let bytes = match self
             .probes
             .lock()

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use brokerscope_common::sockets::log2_bucket_upper_us;
 
 use crate::stats::{DURATION_BUCKETS, ServerSnapshot};
-use crate::{discovery::ListenerIndex, model::Snapshot, probes::sockets::ListenerStats};
+use crate::{broker::ListenerIndex, model::Snapshot, probes::sockets::ListenerStats};
 
 /// `Content-Type` of the text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -575,7 +575,7 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIn
 
 /// `broker_info` for running brokers; `broker_restarts_total` for every tracked broker (a
 /// stopped broker keeps its count so it stays monotonic across the restart).
-fn brokers(e: &mut Exposition, brokers: &[crate::discovery::Broker]) {
+fn brokers(e: &mut Exposition, brokers: &[crate::broker::Broker]) {
     {
         let mut f = e.family(
             "broker_info",
@@ -1017,7 +1017,7 @@ mod tests {
 
     #[test]
     fn renders_broker_info_and_restarts() {
-        use crate::discovery::{BrokerState, broker::tests::broker};
+        use crate::broker::{BrokerState, tests::broker};
         let mut running = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
         running.pod = Some("kafka-1".into());
         running.cgroup.path = Some("/kubepods/pod\"x\"".into());

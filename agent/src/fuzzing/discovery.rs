@@ -2,9 +2,10 @@
 
 use std::{collections::BTreeMap, sync::OnceLock};
 
+use crate::broker::Listener;
 use crate::discovery::{
     cmdline::{Cmdline, MAX_EXCERPT, MAX_OVERRIDES, Patterns},
-    listeners::{self, Listener, MAX_LISTENERS},
+    listeners::{self, MAX_LISTENERS},
     properties::{self, BrokerSettings, MAX_PROPERTIES_KEYS, Properties},
 };
 

@@ -21,12 +21,9 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use crate::{
+    broker::{Broker, BrokerState, Cgroup, Evidence, Listener},
     config::{AccessLog, Config},
     control::{Control, logs::LogRing},
-    discovery::{
-        Broker, BrokerState,
-        broker::{Cgroup, Evidence, Listener},
-    },
     model::Model,
     server::{
         ServerState,

@@ -23,8 +23,8 @@ use super::{
     pages::{Encoding, Pages},
 };
 use crate::{
+    broker::Broker,
     control::Control,
-    discovery::Broker,
     model::Model,
     render::{self, Format},
     state::StateView,
@@ -724,7 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn brokers_list_and_one_by_id() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let app = router(model.clone(), server(&[], 1000, 1000));
         let a = get(&app, "/v1/brokers").await;
@@ -768,7 +768,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_router_answers_only_for_its_broker_as_the_node_does() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let node = router(model.clone(), server(&[], 1000, 1000));
         let pod = pod_router(model.clone(), server(&[], 1000, 1000), "2".into());
@@ -823,7 +823,7 @@ mod tests {
 
     #[tokio::test]
     async fn broker_state_in_strimzi_format_and_the_choice_of_broker() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let app = router(model.clone(), server(&[], 1000, 1000));
         for path in [
