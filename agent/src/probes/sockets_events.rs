@@ -9,8 +9,8 @@ use brokerscope_common::sockets::{ConnEvent, EventOffsets};
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    ProbesError,
     btf::Btf,
+    error::ProbesError,
     lacks::{Lacks, NO_OFFSET},
     tracefs::Format,
 };
