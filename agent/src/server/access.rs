@@ -20,9 +20,9 @@ use axum::{
 
 use super::{
     ServerState,
+    api::ApiError,
     identity::ClientIdentity,
     limits::{MAX_BODY_BYTES, Verdict, retry_after_secs},
-    routes::ApiError,
 };
 use crate::{config::AccessLog, stats::OTHER_PATH};
 

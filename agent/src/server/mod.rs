@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod admission;
+mod api;
 pub mod handshake;
 pub mod identity;
 pub mod isolation;

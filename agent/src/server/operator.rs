@@ -13,8 +13,8 @@ use axum::{
 use serde_json::json;
 
 use super::{
+    api::{ApiError, AppState},
     identity::ClientIdentity,
-    routes::{ApiError, AppState},
 };
 use crate::control::{config::ChangeError, logs};
 
