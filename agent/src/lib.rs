@@ -23,6 +23,7 @@ pub mod fuzzing;
 mod kernel;
 mod model;
 mod pki;
+mod policy;
 mod probes;
 mod proc;
 mod render;

@@ -21,7 +21,7 @@ use crate::{
     config::{Config, ConfigError},
     discovery::Discovery,
     model::Model,
-    server::ServerState,
+    policy::ServerState,
 };
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),

@@ -15,7 +15,7 @@ use self::{
     config::{LiveConfig, Targets},
     logs::{LogLevel, LogRing},
 };
-use crate::{config::Config, discovery::Discovery, model::Model, server::ServerState};
+use crate::{config::Config, discovery::Discovery, model::Model, policy::ServerState};
 
 /// How often the config file is checked for changes (besides SIGHUP).
 pub const FILE_POLL: Duration = Duration::from_secs(1);
