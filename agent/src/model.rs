@@ -252,7 +252,7 @@ impl Model {
     }
 
     /// The kernel's connection event ring, once.
-    pub fn take_conn_events(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+    pub fn take_conn_events(&self) -> Option<crate::probes::sockets_events::ConnEventRing> {
         self.probes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -18,6 +18,7 @@ pub mod pins;
 pub mod processes;
 mod records;
 pub mod resources;
+pub mod runs;
 pub mod sockets;
 pub mod sockets_events;
 pub mod state;

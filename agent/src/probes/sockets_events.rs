@@ -15,6 +15,10 @@ use super::{
     tracefs::Format,
 };
 
+/// The kernel's connection-event ring, as [`spawn_reader`] takes it (see
+/// `Probes::take_conn_events`).
+pub type ConnEventRing = RingBuf<MapData>;
+
 /// Most events handed over per wakeup; the rest wait for the next round (bounded batches).
 const BATCH: usize = 1024;
 
