@@ -401,7 +401,7 @@ impl Drop for EmptyPrograms {
 
 /// A throwaway PKI for a bench's agent and clients, made by the agent's own `pki dev`.
 pub fn dev_pki(bin: &Path, out: &Path) -> anyhow::Result<()> {
-    crate::run(
+    crate::cmd::run(
         Command::new(bin)
             .args(["pki", "dev", "--out"])
             .arg(out)

@@ -122,7 +122,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
 
     // Ten fake brokers of four listeners each, with one connection per listener so every
     // listener has counters to render.
-    crate::run(crate::cargo(root).args([
+    crate::cmd::run(crate::cmd::cargo(root).args([
         "build",
         "--package",
         "brokerscope-tests",

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::run;
+use crate::cmd::run;
 
 /// bpf-linker release known to build with nightly's LLVM here (docs/kernels.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -129,7 +129,7 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
 
 /// [`crate::output`], trimmed.
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    crate::output(cmd).map(|s| s.trim().to_string())
+    crate::cmd::output(cmd).map(|s| s.trim().to_string())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
@@ -272,7 +272,7 @@ fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !crate::is_root() {
+    if !crate::cmd::is_root() {
         bail!(
             "missing Debian packages {missing:?}: install them with `sudo apt-get install {}`",
             missing.join(" ")
@@ -370,7 +370,7 @@ fn kernel() -> anyhow::Result<()> {
         if has(fstype) {
             continue;
         }
-        if !crate::is_root() {
+        if !crate::cmd::is_root() {
             bail!("{fstype} is not mounted: `sudo mount -t {fstype} {fstype} {target}`");
         }
         eprintln!("setup: mounting {fstype} at {target}");

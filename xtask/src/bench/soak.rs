@@ -155,7 +155,7 @@ fn exe_for_others() -> PathBuf {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    crate::run(Command::new("ip").args(args).stderr(Stdio::piped()))
+    crate::cmd::run(Command::new("ip").args(args).stderr(Stdio::piped()))
 }
 
 /// A network namespace, loopback up; deleted when dropped, even on error.
