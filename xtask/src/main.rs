@@ -12,6 +12,7 @@
 //! - `image`: the release binary as an OCI image archive under target/image (README, "Install
 //!   on Kubernetes").
 
+mod agent;
 mod bench;
 mod cmd;
 mod fuzz;

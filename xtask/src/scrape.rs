@@ -81,7 +81,7 @@ fn oha(
         .args(["--no-tui", "--output-format", "json"])
         .args(["-n", &REQUESTS.to_string(), "-c", &concurrency.to_string()])
         .args(headers.iter().flat_map(|h| ["-H", h]))
-        .args(crate::bench::client_tls(pki))
+        .args(crate::agent::client_tls(pki))
         .arg(url)
         .output()
         .context("run oha (installed by cargo xtask bench)")?;
@@ -118,7 +118,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let pki = dir.join("pki");
-    crate::bench::dev_pki(bin, &pki)?;
+    crate::agent::dev_pki(bin, &pki)?;
 
     // Ten fake brokers of four listeners each, with one connection per listener so every
     // listener has counters to render.
@@ -167,11 +167,11 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\n{}",
-            crate::bench::PIN_NOTHING,
+            crate::agent::PIN_NOTHING,
             p = pki.display()
         ),
     )?;
-    let agent = crate::bench::Agent::launch(bin, &config, pki.clone())?;
+    let agent = crate::agent::Agent::launch(bin, &config, pki.clone())?;
     let conns: Vec<_> = ports
         .iter()
         .map(|p| std::net::TcpStream::connect(("127.0.0.1", *p)))
@@ -199,7 +199,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<(Vec<Run>,
 
     // Ready when both answer and the agent lists the ten brokers.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let curl = |url: &str| crate::bench::curl(&pki, url).unwrap_or_default();
+    let curl = |url: &str| crate::agent::curl(&pki, url).unwrap_or_default();
     let agent_url = agent.url("");
     loop {
         let listed = curl(&format!("{agent_url}/v1/brokers"))
