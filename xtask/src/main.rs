@@ -6,8 +6,10 @@
 //!   Idempotent; a no-op in well under a second once done.
 //! - `run`: setup, build, dev certificates under `.dev/pki` (git-ignored), then the agent on
 //!   127.0.0.1:8443 with the built-in defaults plus those certificates.
-//! - `test`: setup, build, every unit test, then the image (as `image` does) and the
-//!   privileged end-to-end tests as root, then every fuzz target for a few seconds each.
+//! - `test`: setup, the module-cycle check (as `layers` does), build, every unit test, then the
+//!   image (as `image` does) and the privileged end-to-end tests as root, then every fuzz
+//!   target for a few seconds each.
+//! - `layers`: no module imports another that imports it back, in any crate (cargo-modules).
 //! - `fuzz`: the cargo-fuzz targets (fuzz/), each for a bounded time (docs/fuzzing.md).
 //! - `image`: the release binary as an OCI image archive under target/image (README, "Install
 //!   on Kubernetes").
@@ -17,6 +19,7 @@ mod bench;
 mod cmd;
 mod fuzz;
 mod image;
+mod layers;
 mod scrape;
 mod setup;
 mod vmtest;
@@ -92,6 +95,9 @@ enum Cmd {
         #[arg(long)]
         host_only: bool,
     },
+    /// Check that no module imports another that imports it back, in any crate (cargo-modules;
+    /// `test` runs it first).
+    Layers,
     /// Build the agent's OCI image (release binary and the shared objects it loads, nothing
     /// else) as an OCI archive, by default target/image/brokerscope.oci.tar.
     Image(image::Args),
@@ -144,6 +150,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
+        Cmd::Layers => layers::check(&root),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
         Cmd::Vmtest(args) => vmtest::main(&root, args),
@@ -305,6 +312,7 @@ fn leftover_pins() -> Vec<PathBuf> {
 
 fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::Result<()> {
     setup::ensure(setup::Needs::Test)?;
+    layers::check(root)?;
     let bin = build_agent(root, false)?;
 
     // Unit tests: no privileges needed.
