@@ -173,7 +173,7 @@ pub fn cmdline(data: &[u8]) {
     let fuzzed;
     let (patterns, bytes) = match data.strip_prefix(b"\x01") {
         Some(rest) => {
-            let (pattern, bytes) = super::first_line(rest);
+            let (pattern, bytes) = super::scratch::first_line(rest);
             let pattern = String::from_utf8_lossy(pattern);
             let mut all: Vec<String> = PATTERNS.map(String::from).to_vec();
             if pattern.len() <= MAX_PATTERN {
