@@ -525,6 +525,55 @@ async fn run_async(
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
     // programs are detached before it returns: other threads keep the model alive until exit.
     let _detach = DetachOnExit(model.clone());
+    check_kernel_and_load_probes(&model, &config, &missing_caps);
+
+    let (discovery, _rescan) = start_discovery(&config, &model).await?;
+
+    // Discovered brokers' listeners, as configured ones were checked with the config.
+    for b in model.brokers().iter().filter(|b| b.is_running()) {
+        config::isolation::check_isolation(
+            addr,
+            b.listeners.iter().map(|l| l.port),
+            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
+        )?;
+    }
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    model.ignore_own_listener(local.port());
+    tracing::info!(addr = %local, "step 5/5: listening");
+
+    let state = server::ServerState::new(&config.server, server_stats);
+    let pods_section = config.server.clone();
+    let control = control::Control::new(
+        config,
+        config_path,
+        model.clone(),
+        state.clone(),
+        Some(discovery.clone()),
+        logging.level,
+        logging.ring,
+    );
+    let _file_watch = control.clone().spawn_file_watch();
+    let app = server::routes::router_with(model.clone(), state.clone(), control);
+    let _pods = tokio::spawn(server::pods::run(
+        model.clone(),
+        state.clone(),
+        pods_section,
+    ));
+    server::serve(listener, tls, state, app, shutdown_signal()).await;
+
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Steps 3 and 4: checks the kernel and loads and attaches the probes into the model. Either
+/// failing is logged and leaves `/ready` at 503; the agent serves on.
+fn check_kernel_and_load_probes(
+    model: &Model,
+    config: &Config,
+    missing_caps: &[(String, &'static str)],
+) {
     match kernel::check() {
         Ok(facts) => {
             tracing::info!(
@@ -580,7 +629,15 @@ async fn run_async(
             model.set_probe_error(e.to_string());
         }
     }
+}
 
+/// Discovery's first scan, then what keeps it and the model current: the kernel's exec/exit
+/// events (or the rescan alone without them), connection events for `/v1/events`, the broker
+/// state tracker and the standby programs' demand thread. Returns discovery and its rescan task.
+async fn start_discovery(
+    config: &Config,
+    model: &Arc<Model>,
+) -> anyhow::Result<(Arc<discovery::Discovery>, tokio::task::JoinHandle<()>)> {
     let discovery = Arc::new(discovery::Discovery::new(
         discovery::Settings {
             cmdline_patterns: config.discovery.cmdline_patterns.clone(),
@@ -608,7 +665,7 @@ async fn run_async(
         }
         None => discovery::FALLBACK_RESCAN,
     };
-    let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
+    let rescan_task = discovery.clone().spawn_fallback_rescan(rescan);
     // Kernel connection events flow only while /v1/events has a subscriber.
     if let Some(ring) = model.take_conn_events() {
         let sink = model.clone();
@@ -616,7 +673,7 @@ async fn run_async(
             sink.publish_conn_events(events)
         }) {
             Ok(()) => {
-                let weak = Arc::downgrade(&model);
+                let weak = Arc::downgrade(model);
                 model.events.on_interest(move |on| {
                     if let Some(model) = weak.upgrade() {
                         model.set_conn_events(on);
@@ -628,43 +685,7 @@ async fn run_async(
     }
     spawn_state_tracker(model.clone(), model.take_state_events());
     model.spawn_demand_thread();
-
-    // Discovered brokers' listeners, as configured ones were checked with the config.
-    for b in model.brokers().iter().filter(|b| b.is_running()) {
-        config::isolation::check_isolation(
-            addr,
-            b.listeners.iter().map(|l| l.port),
-            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
-        )?;
-    }
-    let local = listener
-        .local_addr()
-        .context("listener has no local address")?;
-    model.ignore_own_listener(local.port());
-    tracing::info!(addr = %local, "step 5/5: listening");
-
-    let state = server::ServerState::new(&config.server, server_stats);
-    let pods_section = config.server.clone();
-    let control = control::Control::new(
-        config,
-        config_path,
-        model.clone(),
-        state.clone(),
-        Some(discovery.clone()),
-        logging.level,
-        logging.ring,
-    );
-    let _file_watch = control.clone().spawn_file_watch();
-    let app = server::routes::router_with(model.clone(), state.clone(), control);
-    let _pods = tokio::spawn(server::pods::run(
-        model.clone(),
-        state.clone(),
-        pods_section,
-    ));
-    server::serve(listener, tls, state, app, shutdown_signal()).await;
-
-    tracing::info!("stopped");
-    Ok(())
+    Ok((discovery, rescan_task))
 }
 
 /// Binds the endpoint; a busy port names its holder where /proc tells it.
