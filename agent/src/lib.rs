@@ -31,6 +31,7 @@ mod resources;
 mod server;
 mod state;
 mod stats;
+mod tasks;
 mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -556,12 +557,12 @@ async fn run_async(
     );
     let _file_watch = control.clone().spawn_file_watch();
     let app = server::routes::router_with(model.clone(), state.clone(), control);
-    let _pods = tokio::spawn(server::pods::run(
-        model.clone(),
-        state.clone(),
-        pods_section,
-    ));
+    let _pods = tasks::spawn(
+        "pod-listeners",
+        server::pods::run(model.clone(), state.clone(), pods_section),
+    );
     server::serve(listener, tls, state, app, shutdown_signal()).await;
+    tasks::shutdown();
 
     tracing::info!("stopped");
     Ok(())
@@ -723,24 +724,22 @@ fn spawn_discovery_events(
     mut events: tokio::sync::mpsc::Receiver<probes::processes::ProcessSignal>,
 ) {
     use probes::processes::ProcessSignal;
-    let spawned = std::thread::Builder::new()
-        .name("discovery".into())
-        .spawn(move || {
-            while let Some(signal) = events.blocking_recv() {
-                match signal {
-                    ProcessSignal::Exec(pid) => {
-                        discovery.on_exec(pid);
-                    }
-                    ProcessSignal::Exit(pid) => discovery.on_exit(pid),
-                    ProcessSignal::Lost => {
-                        tracing::warn!("process events were lost; rescanning /proc");
-                        if let Err(e) = discovery.scan_all() {
-                            tracing::warn!(error = %e, "rescan failed");
-                        }
+    let spawned = tasks::thread("discovery", move || {
+        while let Some(signal) = events.blocking_recv() {
+            match signal {
+                ProcessSignal::Exec(pid) => {
+                    discovery.on_exec(pid);
+                }
+                ProcessSignal::Exit(pid) => discovery.on_exit(pid),
+                ProcessSignal::Lost => {
+                    tracing::warn!("process events were lost; rescanning /proc");
+                    if let Err(e) = discovery.scan_all() {
+                        tracing::warn!(error = %e, "rescan failed");
                     }
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the discovery thread; relying on rescans");
     }
@@ -756,38 +755,36 @@ fn spawn_state_tracker(
     mut events: Option<tokio::sync::mpsc::Receiver<probes::state::StateSignal>>,
 ) {
     let handle = tokio::runtime::Handle::current();
-    let spawned = std::thread::Builder::new()
-        .name("broker-state".into())
-        .spawn(move || {
-            let mut next_tick = std::time::Instant::now();
-            loop {
-                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
-                // None: the wait elapsed; Some(None): the stream ended.
-                let got = match events.as_mut() {
-                    Some(rx) => {
-                        handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
-                    }
-                    None => {
-                        std::thread::sleep(wait);
-                        None
-                    }
-                };
-                match got {
-                    Some(Some(signal)) => model.on_state_signal(&signal),
-                    Some(None) => events = None,
-                    None => {}
+    let spawned = tasks::thread("broker-state", move || {
+        let mut next_tick = std::time::Instant::now();
+        loop {
+            let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+            // None: the wait elapsed; Some(None): the stream ended.
+            let got = match events.as_mut() {
+                Some(rx) => {
+                    handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
                 }
-                if std::time::Instant::now() >= next_tick {
-                    let polling = model.tick_states();
-                    let every = if polling {
-                        state::POLL_TICK
-                    } else {
-                        STATE_TICK
-                    };
-                    next_tick = std::time::Instant::now() + every;
+                None => {
+                    std::thread::sleep(wait);
+                    None
                 }
+            };
+            match got {
+                Some(Some(signal)) => model.on_state_signal(&signal),
+                Some(None) => events = None,
+                None => {}
             }
-        });
+            if std::time::Instant::now() >= next_tick {
+                let polling = model.tick_states();
+                let every = if polling {
+                    state::POLL_TICK
+                } else {
+                    STATE_TICK
+                };
+                next_tick = std::time::Instant::now() + every;
+            }
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the broker state thread");
     }

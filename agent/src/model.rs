@@ -634,28 +634,26 @@ impl Model {
     /// stands; it also passes every [`DEMAND_RECHECK`] to let lingering programs go.
     pub fn spawn_demand_thread(self: &std::sync::Arc<Self>) {
         let model = std::sync::Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("standby".into())
-            .spawn(move || {
-                let mut last_wanted = LastWanted::default();
-                loop {
-                    let Some(model) = model.upgrade() else { return };
-                    {
-                        let pending = model
-                            .demand
-                            .pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        let (mut pending, _) = model
-                            .demand
-                            .wake
-                            .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
-                            .unwrap_or_else(|p| p.into_inner());
-                        *pending = false;
-                    }
-                    model.apply_demand(&mut last_wanted);
+        let spawned = crate::tasks::thread("standby", move || {
+            let mut last_wanted = LastWanted::default();
+            loop {
+                let Some(model) = model.upgrade() else { return };
+                {
+                    let pending = model
+                        .demand
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let (mut pending, _) = model
+                        .demand
+                        .wake
+                        .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
+                        .unwrap_or_else(|p| p.into_inner());
+                    *pending = false;
                 }
-            });
+                model.apply_demand(&mut last_wanted);
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the standby thread: standby programs stay detached");
         }

@@ -76,7 +76,7 @@ impl Control {
                 None
             }
         };
-        Some(tokio::spawn(async move {
+        Some(crate::tasks::spawn("config-file-watch", async move {
             // None: the first poll re-reads the file, so a change written between the start's
             // read and this task's first look is not missed (an unchanged file changes nothing).
             let mut last: Option<Vec<u8>> = None;

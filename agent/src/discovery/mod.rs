@@ -370,7 +370,7 @@ impl Discovery {
     /// The fallback until kernel exec/exit events drive discovery: a full rescan every
     /// `period`, off the async workers.
     pub fn spawn_fallback_rescan(self: Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        crate::tasks::spawn("discovery-rescan", async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;

@@ -50,7 +50,7 @@ pub(super) fn spawn_ring_channel<S: Clone + Send + 'static>(
         }
         Some(found)
     };
-    tokio::spawn(async move {
+    crate::tasks::spawn(name, async move {
         let mut again_at: Option<tokio::time::Instant> = None;
         loop {
             let woken = match again_at {

@@ -926,7 +926,7 @@ fn spawn_kernel_log(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
     // the logger lives, and the AsyncFd owns the logger.
     let mut logger =
         unsafe { AsyncFd::register(logger) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    tokio::spawn(async move {
+    crate::tasks::spawn("kernel-log", async move {
         loop {
             let mut guard = match logger.readable_mut().await {
                 Ok(guard) => guard,

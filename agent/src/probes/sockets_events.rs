@@ -85,7 +85,7 @@ pub fn spawn_reader(
     // it lives, and the AsyncFd owns the ring buffer.
     let mut ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    tokio::spawn(async move {
+    crate::tasks::spawn("conn-events", async move {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let mut guard = match ring.readable_mut().await {

@@ -104,7 +104,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let configs = tls.subscribe();
-    let reloader = tokio::spawn(tls.run());
+    let reloader = crate::tasks::spawn("tls-reload", tls.run());
     let nofile = raise_nofile(Budget::WANTED_FDS);
     let budget = Budget::fit(nofile);
     if budget.pending < MAX_PENDING || budget.authenticated < MAX_CONNECTIONS {
