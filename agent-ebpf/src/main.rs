@@ -11,6 +11,7 @@
 // `fields::load!`: a load at an offset the loader patches needs the instruction written out.
 #![feature(asm_experimental_arch)]
 
+mod broker_pids;
 mod fields;
 mod processes;
 mod records;

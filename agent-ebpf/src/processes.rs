@@ -10,13 +10,14 @@ use aya_ebpf::{
 use brokerscope_common::{
     fields::Field,
     processes::{
-        BROKER_PID_WORDS, EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_EVERY_NS, NO_FIELD,
-        PROCESS_EVENTS_BYTES, ProcessEvent, ProcessOffsets, broker_bit, process_ended,
+        EVENT_EXEC, EVENT_EXIT, EXEC_WAKE_EVERY_NS, NO_FIELD, PROCESS_EVENTS_BYTES, ProcessEvent,
+        ProcessOffsets, process_ended,
     },
     telemetry::{ProbeError, Program},
 };
 
 use crate::{
+    broker_pids::is_broker,
     fields::load,
     resources::release_thread,
     telemetry::{count_error, count_run},
@@ -33,18 +34,6 @@ static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(PROCESS_EVENTS_BYTES, 0
 /// When an exec event last woke the reader (see `EXEC_WAKE_EVERY_NS`).
 #[map(name = "EXEC_WOKEN")]
 static EXEC_WOKEN: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Brokers (tgids) whose exit is reported, and whose opens, signals and resources the state and
-/// resources families watch: a bitmap over every possible pid (see `BROKER_PIDS_MAP`).
-#[map(name = "BROKER_PIDS")]
-static BROKER_PIDS: Array<u64> = Array::with_max_entries(BROKER_PID_WORDS, 0);
-
-/// Whether `tgid` is a registered broker (shared with the state and resources families).
-#[inline(always)]
-pub fn is_broker(tgid: u32) -> bool {
-    let (word, bit) = broker_bit(tgid);
-    BROKER_PIDS.get(word).is_some_and(|w| w & bit != 0)
-}
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn process_exec(ctx: TracePointContext) -> u32 {

@@ -26,8 +26,8 @@ use brokerscope_common::{
 };
 
 use crate::{
+    broker_pids::is_broker,
     fields::{load, opaque_zero},
-    processes::is_broker,
     telemetry::{count_error, count_run, increment},
 };
 

@@ -19,7 +19,7 @@ use brokerscope_common::{
 };
 
 use crate::{
-    processes::is_broker,
+    broker_pids::is_broker,
     telemetry::{count_error, count_run},
 };
 

@@ -230,9 +230,7 @@ pub fn join_host_cgroup_namespace() -> CgroupNamespace {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CgroupNamespace::Host,
         Err(e) => return CgroupNamespace::Kept(format!("/proc/self/ns/cgroup: {e}")),
     }
-    let mut pids = crate::discovery::proc::ProcFs::default()
-        .pids()
-        .unwrap_or_default();
+    let mut pids = crate::proc::ProcFs::default().pids().unwrap_or_default();
     pids.sort_unstable();
     let mut first_error = None;
     for pid in pids {

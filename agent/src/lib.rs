@@ -9,11 +9,13 @@
 //! `events`, `logs` and `top` are the operator's client of a running agent (`client`);
 //! `completions` and `man` are generated from the command line defined here.
 
+mod broker;
 mod capabilities;
 mod client;
 mod config;
 mod control;
 mod discovery;
+mod events;
 mod files;
 mod flight;
 #[doc(hidden)]
@@ -21,11 +23,15 @@ pub mod fuzzing;
 mod kernel;
 mod model;
 mod pki;
+mod policy;
 mod probes;
+mod proc;
 mod render;
 mod resources;
 mod server;
 mod state;
+mod stats;
+mod tasks;
 mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -493,7 +499,7 @@ async fn run_async(
         "step 1/5: configuration loaded"
     );
 
-    let server_stats = Arc::new(server::stats::ServerStats::default());
+    let server_stats = Arc::new(stats::ServerStats::default());
     let tls = server::reload::TlsSource::load(&config.server, server_stats.clone())?;
     tracing::info!(
         cert = %config.server.cert_file.display(),
@@ -520,6 +526,55 @@ async fn run_async(
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
     // programs are detached before it returns: other threads keep the model alive until exit.
     let _detach = DetachOnExit(model.clone());
+    check_kernel_and_load_probes(&model, &config, &missing_caps);
+
+    let (discovery, _rescan) = start_discovery(&config, &model).await?;
+
+    // Discovered brokers' listeners, as configured ones were checked with the config.
+    for b in model.brokers().iter().filter(|b| b.is_running()) {
+        config::isolation::check_isolation(
+            addr,
+            b.listeners.iter().map(|l| l.port),
+            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
+        )?;
+    }
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    model.ignore_own_listener(local.port());
+    tracing::info!(addr = %local, "step 5/5: listening");
+
+    let state = server::ServerState::new(&config.server, server_stats);
+    let pods_section = config.server.clone();
+    let control = control::Control::new(
+        config,
+        config_path,
+        model.clone(),
+        state.clone(),
+        Some(discovery.clone()),
+        logging.level,
+        logging.ring,
+    );
+    let _file_watch = control.clone().spawn_file_watch();
+    let app = server::routes::router_with(model.clone(), state.clone(), control);
+    let _pods = tasks::spawn(
+        "pod-listeners",
+        server::pods::run(model.clone(), state.clone(), pods_section),
+    );
+    server::serve(listener, tls, state, app, shutdown_signal()).await;
+    tasks::shutdown();
+
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Steps 3 and 4: checks the kernel and loads and attaches the probes into the model. Either
+/// failing is logged and leaves `/ready` at 503; the agent serves on.
+fn check_kernel_and_load_probes(
+    model: &Model,
+    config: &Config,
+    missing_caps: &[(String, &'static str)],
+) {
     match kernel::check() {
         Ok(facts) => {
             tracing::info!(
@@ -575,7 +630,15 @@ async fn run_async(
             model.set_probe_error(e.to_string());
         }
     }
+}
 
+/// Discovery's first scan, then what keeps it and the model current: the kernel's exec/exit
+/// events (or the rescan alone without them), connection events for `/v1/events`, the broker
+/// state tracker and the standby programs' demand thread. Returns discovery and its rescan task.
+async fn start_discovery(
+    config: &Config,
+    model: &Arc<Model>,
+) -> anyhow::Result<(Arc<discovery::Discovery>, tokio::task::JoinHandle<()>)> {
     let discovery = Arc::new(discovery::Discovery::new(
         discovery::Settings {
             cmdline_patterns: config.discovery.cmdline_patterns.clone(),
@@ -603,7 +666,7 @@ async fn run_async(
         }
         None => discovery::FALLBACK_RESCAN,
     };
-    let _rescan = discovery.clone().spawn_fallback_rescan(rescan);
+    let rescan_task = discovery.clone().spawn_fallback_rescan(rescan);
     // Kernel connection events flow only while /v1/events has a subscriber.
     if let Some(ring) = model.take_conn_events() {
         let sink = model.clone();
@@ -611,7 +674,7 @@ async fn run_async(
             sink.publish_conn_events(events)
         }) {
             Ok(()) => {
-                let weak = Arc::downgrade(&model);
+                let weak = Arc::downgrade(model);
                 model.events.on_interest(move |on| {
                     if let Some(model) = weak.upgrade() {
                         model.set_conn_events(on);
@@ -624,43 +687,7 @@ async fn run_async(
     spawn_state_tracker(model.clone(), model.take_state_events());
     model.spawn_demand_thread();
     model.spawn_walk_thread();
-
-    // Discovered brokers' listeners, as configured ones were checked with the config.
-    for b in model.brokers().iter().filter(|b| b.is_running()) {
-        server::isolation::check_isolation(
-            addr,
-            b.listeners.iter().map(|l| l.port),
-            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
-        )?;
-    }
-    let local = listener
-        .local_addr()
-        .context("listener has no local address")?;
-    model.ignore_own_listener(local.port());
-    tracing::info!(addr = %local, "step 5/5: listening");
-
-    let state = server::ServerState::new(&config.server, server_stats);
-    let pods_section = config.server.clone();
-    let control = control::Control::new(
-        config,
-        config_path,
-        model.clone(),
-        state.clone(),
-        Some(discovery.clone()),
-        logging.level,
-        logging.ring,
-    );
-    let _file_watch = control.clone().spawn_file_watch();
-    let app = server::routes::router_with(model.clone(), state.clone(), control);
-    let _pods = tokio::spawn(server::pods::run(
-        model.clone(),
-        state.clone(),
-        pods_section,
-    ));
-    server::serve(listener, tls, state, app, shutdown_signal()).await;
-
-    tracing::info!("stopped");
-    Ok(())
+    Ok((discovery, rescan_task))
 }
 
 /// Binds the endpoint; a busy port names its holder where /proc tells it.
@@ -698,24 +725,22 @@ fn spawn_discovery_events(
     mut events: tokio::sync::mpsc::Receiver<probes::processes::ProcessSignal>,
 ) {
     use probes::processes::ProcessSignal;
-    let spawned = std::thread::Builder::new()
-        .name("discovery".into())
-        .spawn(move || {
-            while let Some(signal) = events.blocking_recv() {
-                match signal {
-                    ProcessSignal::Exec(pid) => {
-                        discovery.on_exec(pid);
-                    }
-                    ProcessSignal::Exit(pid) => discovery.on_exit(pid),
-                    ProcessSignal::Lost => {
-                        tracing::warn!("process events were lost; rescanning /proc");
-                        if let Err(e) = discovery.scan_all() {
-                            tracing::warn!(error = %e, "rescan failed");
-                        }
+    let spawned = tasks::thread("discovery", move || {
+        while let Some(signal) = events.blocking_recv() {
+            match signal {
+                ProcessSignal::Exec(pid) => {
+                    discovery.on_exec(pid);
+                }
+                ProcessSignal::Exit(pid) => discovery.on_exit(pid),
+                ProcessSignal::Lost => {
+                    tracing::warn!("process events were lost; rescanning /proc");
+                    if let Err(e) = discovery.scan_all() {
+                        tracing::warn!(error = %e, "rescan failed");
                     }
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the discovery thread; relying on rescans");
     }
@@ -731,38 +756,36 @@ fn spawn_state_tracker(
     mut events: Option<tokio::sync::mpsc::Receiver<probes::state::StateSignal>>,
 ) {
     let handle = tokio::runtime::Handle::current();
-    let spawned = std::thread::Builder::new()
-        .name("broker-state".into())
-        .spawn(move || {
-            let mut next_tick = std::time::Instant::now();
-            loop {
-                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
-                // None: the wait elapsed; Some(None): the stream ended.
-                let got = match events.as_mut() {
-                    Some(rx) => {
-                        handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
-                    }
-                    None => {
-                        std::thread::sleep(wait);
-                        None
-                    }
-                };
-                match got {
-                    Some(Some(signal)) => model.on_state_signal(&signal),
-                    Some(None) => events = None,
-                    None => {}
+    let spawned = tasks::thread("broker-state", move || {
+        let mut next_tick = std::time::Instant::now();
+        loop {
+            let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+            // None: the wait elapsed; Some(None): the stream ended.
+            let got = match events.as_mut() {
+                Some(rx) => {
+                    handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
                 }
-                if std::time::Instant::now() >= next_tick {
-                    let polling = model.tick_states();
-                    let every = if polling {
-                        state::POLL_TICK
-                    } else {
-                        STATE_TICK
-                    };
-                    next_tick = std::time::Instant::now() + every;
+                None => {
+                    std::thread::sleep(wait);
+                    None
                 }
+            };
+            match got {
+                Some(Some(signal)) => model.on_state_signal(&signal),
+                Some(None) => events = None,
+                None => {}
             }
-        });
+            if std::time::Instant::now() >= next_tick {
+                let polling = model.tick_states();
+                let every = if polling {
+                    state::POLL_TICK
+                } else {
+                    STATE_TICK
+                };
+                next_tick = std::time::Instant::now() + every;
+            }
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the broker state thread");
     }

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, RwLock};
 
 use crate::{
-    discovery::Broker,
+    broker::Broker,
     kernel::KernelFacts,
     probes::{Attachment, ProbeSnapshot, Probes, state::StateSignal},
     state::{StateChange, StateTracker, StateView},
@@ -72,7 +72,7 @@ pub struct Model {
     status: RwLock<Status>,
     brokers: RwLock<Brokers>,
     /// Broker start/stop/state changes and kernel connection events, for `/v1/events`.
-    pub events: crate::control::events::EventBus,
+    pub events: crate::events::EventBus,
     states: Mutex<StateTracker>,
     /// The broker table changed since the state tracker last followed it. The tracker follows
     /// lazily, on its own thread or a request's: its reads (log dirs, listening sockets) must
@@ -276,7 +276,7 @@ impl Model {
     }
 
     /// The kernel's connection event ring, once.
-    pub fn take_conn_events(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+    pub fn take_conn_events(&self) -> Option<crate::probes::sockets_events::ConnEventRing> {
         self.probes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -299,13 +299,13 @@ impl Model {
         if !self.events.has_subscribers() {
             return;
         }
-        let index = crate::discovery::ListenerIndex::new(&self.brokers_state().brokers);
+        let index = crate::broker::ListenerIndex::new(&self.brokers_state().brokers);
         for e in events {
             let (broker, listener) = match index.get(e.netns, e.port) {
                 Some((b, l)) => (Some(b.to_string()), Some(l.to_string())),
                 None => (None, None),
             };
-            let mut event = crate::control::events::conn_event(e, broker);
+            let mut event = crate::events::conn_event(e, broker);
             event.listener = listener;
             self.events.publish(event);
         }
@@ -581,10 +581,10 @@ impl Model {
     fn sync_kernel(&self) {
         let (listeners, pids, records) = {
             let brokers = self.brokers_state();
-            let records: Vec<crate::discovery::Remembered> = brokers
+            let records: Vec<crate::broker::Remembered> = brokers
                 .brokers
                 .iter()
-                .map(crate::discovery::Remembered::of)
+                .map(crate::broker::Remembered::of)
                 .collect();
             let running = brokers.brokers.iter().filter(|b| b.is_running());
             let mut listeners = Vec::new();
@@ -616,7 +616,7 @@ impl Model {
 
     /// The broker records an earlier agent kept with the pinned maps (none if the maps are
     /// new, or the records unreadable: said in the log).
-    pub fn remembered_brokers(&self) -> Vec<crate::discovery::Remembered> {
+    pub fn remembered_brokers(&self) -> Vec<crate::broker::Remembered> {
         let bytes = match self
             .probes
             .lock()
@@ -658,28 +658,26 @@ impl Model {
     /// stands; it also passes every [`DEMAND_RECHECK`] to let lingering programs go.
     pub fn spawn_demand_thread(self: &std::sync::Arc<Self>) {
         let model = std::sync::Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("standby".into())
-            .spawn(move || {
-                let mut last_wanted = LastWanted::default();
-                loop {
-                    let Some(model) = model.upgrade() else { return };
-                    {
-                        let pending = model
-                            .demand
-                            .pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        let (mut pending, _) = model
-                            .demand
-                            .wake
-                            .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
-                            .unwrap_or_else(|p| p.into_inner());
-                        *pending = false;
-                    }
-                    model.apply_demand(&mut last_wanted);
+        let spawned = crate::tasks::thread("standby", move || {
+            let mut last_wanted = LastWanted::default();
+            loop {
+                let Some(model) = model.upgrade() else { return };
+                {
+                    let pending = model
+                        .demand
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let (mut pending, _) = model
+                        .demand
+                        .wake
+                        .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
+                        .unwrap_or_else(|p| p.into_inner());
+                    *pending = false;
                 }
-            });
+                model.apply_demand(&mut last_wanted);
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the standby thread: standby programs stay detached");
         }
@@ -689,15 +687,13 @@ impl Model {
     /// (see [`crate::probes::live`]): it looks every [`WALK_RECHECK`] whether one is due.
     pub fn spawn_walk_thread(self: &std::sync::Arc<Self>) {
         let model = std::sync::Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("walks".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(WALK_RECHECK);
-                    let Some(model) = model.upgrade() else { return };
-                    model.walk_if_due();
-                }
-            });
+        let spawned = crate::tasks::thread("walks", move || {
+            loop {
+                std::thread::sleep(WALK_RECHECK);
+                let Some(model) = model.upgrade() else { return };
+                model.walk_if_due();
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the walk thread: scrapes walk the open sockets themselves");
         }
@@ -839,8 +835,8 @@ impl Model {
 
 /// Broker events between two tables: a new running process is `broker_started`, a running one
 /// gone is `broker_stopped`, any other state change `broker_state`.
-fn publish_changes(bus: &crate::control::events::EventBus, old: &[Broker], new: &[Broker]) {
-    use crate::control::events::Event;
+fn publish_changes(bus: &crate::events::EventBus, old: &[Broker], new: &[Broker]) {
+    use crate::events::Event;
     if !bus.has_subscribers() {
         return;
     }

@@ -8,12 +8,8 @@ use std::fmt::Write as _;
 
 use brokerscope_common::sockets::log2_bucket_upper_us;
 
-use crate::{
-    discovery::ListenerIndex,
-    model::Snapshot,
-    probes::sockets::ListenerStats,
-    server::stats::{DURATION_BUCKETS, ServerSnapshot},
-};
+use crate::stats::{DURATION_BUCKETS, ServerSnapshot};
+use crate::{broker::ListenerIndex, model::Snapshot, probes::sockets::ListenerStats};
 
 /// `Content-Type` of the text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -605,7 +601,7 @@ fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIn
 
 /// `broker_info` for running brokers; `broker_restarts_total` for every tracked broker (a
 /// stopped broker keeps its count so it stays monotonic across the restart).
-fn brokers(e: &mut Exposition, brokers: &[crate::discovery::Broker]) {
+fn brokers(e: &mut Exposition, brokers: &[crate::broker::Broker]) {
     {
         let mut f = e.family(
             "broker_info",
@@ -1055,7 +1051,7 @@ mod tests {
 
     #[test]
     fn renders_broker_info_and_restarts() {
-        use crate::discovery::{BrokerState, broker::tests::broker};
+        use crate::broker::{BrokerState, tests::broker};
         let mut running = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
         running.pod = Some("kafka-1".into());
         running.cgroup.path = Some("/kubepods/pod\"x\"".into());
@@ -1152,8 +1148,8 @@ mod tests {
     }
 
     fn server_snapshot() -> ServerSnapshot {
-        use crate::server::handshake::Failure;
-        let stats = crate::server::stats::ServerStats::default();
+        use crate::stats::Failure;
+        let stats = crate::stats::ServerStats::default();
         stats.record("/metrics", 200, std::time::Duration::from_millis(3));
         stats.record("/metrics", 200, std::time::Duration::from_millis(30));
         stats.record("other", 404, std::time::Duration::from_micros(100));

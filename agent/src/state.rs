@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use self::fds::{FdPoll, FdPollError};
 use crate::files::{ConfinedError, ProcessRoot};
-use crate::{discovery::Broker, probes::state::StateSignal};
+use crate::{broker::Broker, probes::state::StateSignal};
 use std::sync::mpsc::Receiver;
 
 /// Kafka's broker states with Strimzi's numbers.
@@ -1021,7 +1021,7 @@ fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::broker::tests::broker;
+    use crate::broker::tests::broker;
 
     #[test]
     fn numbers_names_and_readiness_follow_strimzi() {
@@ -1318,7 +1318,7 @@ mod tests {
             StateView::unknown("log dirs could not be listed")
         );
         assert_eq!((watch(&t), t.polling()), ("idle", false));
-        b.state = crate::discovery::BrokerState::NotRunning;
+        b.state = crate::broker::BrokerState::NotRunning;
         t.sync(std::slice::from_ref(&b));
         assert_eq!(t.tick(&b), plain(KafkaState::NotRunning));
         assert_eq!((watch(&t), t.polling()), ("no process", false));
@@ -1478,15 +1478,15 @@ mod tests {
         let mut b = broker("1", u32::MAX - 1, 1, &[]);
         for i in 0..(MAX_CHANGES * 2) {
             b.state = if i % 2 == 0 {
-                crate::discovery::BrokerState::NotRunning
+                crate::broker::BrokerState::NotRunning
             } else {
-                crate::discovery::BrokerState::Running
+                crate::broker::BrokerState::Running
             };
             b.start_time_ticks = i as u64;
             t.sync(std::slice::from_ref(&b));
         }
         assert_eq!(t.changes("1").len(), MAX_CHANGES);
-        b.state = crate::discovery::BrokerState::NotRunning;
+        b.state = crate::broker::BrokerState::NotRunning;
         t.sync(std::slice::from_ref(&b));
         assert_eq!(t.current("1"), Some(KafkaState::NotRunning));
         t.sync(&[]);

@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use crate::{
-    discovery::ListenerIndex,
+    broker::ListenerIndex,
     model::{BrokerView, Snapshot},
 };
 
@@ -76,7 +76,7 @@ mod tests {
     use brokerscope_common::sockets::{ListenerCounters as Kernel, ListenerKey};
 
     use super::*;
-    use crate::{discovery::broker::tests::broker, probes::sockets::ListenerStats};
+    use crate::{broker::tests::broker, probes::sockets::ListenerStats};
 
     #[test]
     fn counters_go_to_the_broker_that_owns_the_listener() {

@@ -19,7 +19,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -29,6 +29,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::agent::Agent;
 
 mod mounts;
 pub mod node_tax;
@@ -399,164 +401,32 @@ impl Drop for EmptyPrograms {
     }
 }
 
-/// A throwaway PKI for a bench's agent and clients, made by the agent's own `pki dev`.
-pub fn dev_pki(bin: &Path, out: &Path) -> anyhow::Result<()> {
-    crate::run(
-        Command::new(bin)
-            .args(["pki", "dev", "--out"])
-            .arg(out)
-            .stdout(Stdio::null()),
-    )
+/// The agent with `mode`'s probes, config and PKI under `dir`.
+fn start_agent(bin: &Path, dir: &Path, mode: Mode) -> anyhow::Result<Agent> {
+    Agent::start_with(bin, dir, mode.probes())
 }
 
-/// Every agent the bench starts counts from zero and leaves nothing pinned: each run compares
-/// its own A against B.
-pub const PIN_NOTHING: &str = "pin_dir = \"\"\n";
-
-/// The agent under test, on a free port with a throwaway PKI.
-pub struct Agent {
-    child: Child,
-    port: u16,
-    pki: PathBuf,
-}
-
-impl Agent {
-    fn start(bin: &Path, dir: &Path, mode: Mode) -> anyhow::Result<Self> {
-        Self::start_with(bin, dir, mode.probes())
-    }
-
-    /// The agent with `probes` as its `[probes]` section, config and PKI under `dir`.
-    fn start_with(bin: &Path, dir: &Path, probes: &str) -> anyhow::Result<Self> {
-        let pki = dir.join("pki");
-        if !pki.join("client.key").exists() {
-            dev_pki(bin, &pki)?;
+/// Waits (10 s at most) until broker 1 is RUNNING, the open hooks are gone with its start,
+/// and the fsync syscall hooks are attached exactly when `mode` has a broker off ext4.
+fn settle(agent: &Agent, mode: Mode) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = agent.metrics()?;
+        let attached =
+            |p: &str| text.contains(&format!("brokerscope_probe_attached{{program=\"{p}\""));
+        let running = text.contains("brokerscope_broker_state{broker=\"1\"} 3");
+        if running && !attached("state_openat") && attached("fsync_enter") == mode.syscall_fsync() {
+            return Ok(());
         }
-        let config = dir.join("bench.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\n[probes]\n{PIN_NOTHING}{extra}",
-                p = pki.display(),
-                extra = probes
-            ),
-        )?;
-        Self::launch(bin, &config, pki)
-    }
-
-    /// Runs the agent on `config` and waits until it listens.
-    pub fn launch(bin: &Path, config: &Path, pki: PathBuf) -> anyhow::Result<Self> {
-        Self::launch_with_env(bin, config, pki, &[])
-    }
-
-    /// As [`Agent::launch`], with `env` added to the agent's environment (the soak's allocator
-    /// settings).
-    pub fn launch_with_env(
-        bin: &Path,
-        config: &Path,
-        pki: PathBuf,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(config)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn,brokerscope=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start the agent")?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let port = loop {
-            let Some(Ok(line)) = lines.next() else {
-                bail!("agent exited before listening");
-            };
-            if let Some(addr) = line.split("listening addr=").nth(1) {
-                break addr.trim().rsplit(':').next().unwrap_or("0").parse()?;
-            }
-        };
-        // Keep draining stderr so the agent never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, port, pki })
-    }
-
-    /// Waits (10 s at most) until broker 1 is RUNNING, the open hooks are gone with its start,
-    /// and the fsync syscall hooks are attached exactly when `mode` has a broker off ext4.
-    fn settle(&self, mode: Mode) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = self.metrics()?;
-            let attached =
-                |p: &str| text.contains(&format!("brokerscope_probe_attached{{program=\"{p}\""));
-            let running = text.contains("brokerscope_broker_state{broker=\"1\"} 3");
-            if running
-                && !attached("state_openat")
-                && attached("fsync_enter") == mode.syscall_fsync()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent did not settle for {mode:?}: broker 1 running {running}, \
-                     state_openat attached {}, fsync_enter attached {}",
-                    attached("state_openat"),
-                    attached("fsync_enter")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not settle for {mode:?}: broker 1 running {running}, \
+                 state_openat attached {}, fsync_enter attached {}",
+                attached("state_openat"),
+                attached("fsync_enter")
+            );
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.port)
-    }
-
-    fn metrics(&self) -> anyhow::Result<String> {
-        curl(&self.pki, &self.url("/metrics"))
-    }
-}
-
-/// The dev PKI's CA and client identity as arguments of curl or oha.
-pub fn client_tls(pki: &Path) -> [std::ffi::OsString; 6] {
-    [
-        "--cacert",
-        "ca.crt",
-        "--cert",
-        "client.crt",
-        "--key",
-        "client.key",
-    ]
-    .map(|a| {
-        if a.starts_with("--") {
-            a.into()
-        } else {
-            pki.join(a).into_os_string()
-        }
-    })
-}
-
-/// GET over mTLS with curl; the body.
-pub fn curl(pki: &Path, url: &str) -> anyhow::Result<String> {
-    let out = Command::new("curl")
-        .arg("-sS")
-        .args(client_tls(pki))
-        .arg(url)
-        .output()?;
-    if !out.status.success() {
-        bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -734,8 +604,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                 let _agent = match mode {
                     Mode::Detached => None,
                     _ => {
-                        let agent = Agent::start(bin, &out_dir, mode)?;
-                        agent.settle(mode)?;
+                        let agent = start_agent(bin, &out_dir, mode)?;
+                        settle(&agent, mode)?;
                         Some(agent)
                     }
                 };
@@ -762,8 +632,8 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
         let share = {
             let _stats = BpfStats::enable();
             let empty = EmptyPrograms::start()?;
-            let agent = Agent::start(bin, &out_dir, Mode::Full)?;
-            agent.settle(Mode::Full)?;
+            let agent = start_agent(bin, &out_dir, Mode::Full)?;
+            settle(&agent, Mode::Full)?;
             let start = CpuTimes::read(agent.pid())?;
             let programs_before = hook_seconds(&agent.metrics()?);
             let r = load(case, server.addr);

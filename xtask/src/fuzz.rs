@@ -16,7 +16,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{Totals, run, setup};
+use crate::{
+    cmd::{Totals, run},
+    setup,
+};
 
 /// Seconds each target runs for by hand (`cargo xtask fuzz`).
 pub const DEFAULT_SECONDS: u64 = 30;
@@ -95,7 +98,7 @@ struct Build {
 
 impl Build {
     fn new(asan: bool) -> anyhow::Result<Self> {
-        let version = crate::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+        let version = crate::cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
         let host = version
             .lines()
             .find_map(|l| l.strip_prefix("host: "))

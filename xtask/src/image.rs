@@ -33,7 +33,7 @@ pub struct Args {
 pub fn main(root: &Path, args: Args) -> anyhow::Result<()> {
     crate::setup::ensure(crate::setup::Needs::Run)?;
     crate::setup::image_tools()?;
-    let bin = crate::build_agent(root, true)?;
+    let bin = crate::cmd::build_agent(root, true)?;
     let out = args.out.unwrap_or_else(|| root.join(ARCHIVE));
     let image = build(root, &bin, &out)?;
     println!(
@@ -75,7 +75,7 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    crate::run(
+    crate::cmd::run(
         Command::new("objcopy")
             .arg("--strip-debug")
             .arg(bin)
@@ -290,12 +290,12 @@ fn sha256(data: &[u8]) -> String {
 
 /// The commit the image is built from; `-dirty` when the work tree has changes.
 fn revision(root: &Path) -> anyhow::Result<String> {
-    let head = crate::output(
+    let head = crate::cmd::output(
         Command::new("git")
             .current_dir(root)
             .args(["rev-parse", "HEAD"]),
     )?;
-    let dirty = !crate::output(Command::new("git").current_dir(root).args([
+    let dirty = !crate::cmd::output(Command::new("git").current_dir(root).args([
         "status",
         "--porcelain",
         "--untracked-files=no",
@@ -317,12 +317,11 @@ fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
             .parse()
             .with_context(|| format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds"));
     }
-    let t =
-        crate::output(
-            Command::new("git")
-                .current_dir(root)
-                .args(["log", "-1", "--format=%ct"]),
-        )?;
+    let t = crate::cmd::output(Command::new("git").current_dir(root).args([
+        "log",
+        "-1",
+        "--format=%ct",
+    ]))?;
     t.trim()
         .parse()
         .with_context(|| format!("git log printed {t:?} for the commit time"))
@@ -330,7 +329,7 @@ fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
 
 /// Seconds since the epoch as RFC 3339 UTC (`date` is everywhere the build is).
 fn rfc3339(epoch: u64) -> anyhow::Result<String> {
-    Ok(crate::output(Command::new("date").args([
+    Ok(crate::cmd::output(Command::new("date").args([
         "-u",
         "-d",
         &format!("@{epoch}"),

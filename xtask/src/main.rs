@@ -6,15 +6,20 @@
 //!   Idempotent; a no-op in well under a second once done.
 //! - `run`: setup, build, dev certificates under `.dev/pki` (git-ignored), then the agent on
 //!   127.0.0.1:8443 with the built-in defaults plus those certificates.
-//! - `test`: setup, build, every unit test, then the image (as `image` does) and the
-//!   privileged end-to-end tests as root, then every fuzz target for a few seconds each.
+//! - `test`: setup, the module-cycle check (as `layers` does), build, every unit test, then the
+//!   image (as `image` does) and the privileged end-to-end tests as root, then every fuzz
+//!   target for a few seconds each.
+//! - `layers`: no module imports another that imports it back, in any crate (cargo-modules).
 //! - `fuzz`: the cargo-fuzz targets (fuzz/), each for a bounded time (docs/fuzzing.md).
 //! - `image`: the release binary as an OCI image archive under target/image (README, "Install
 //!   on Kubernetes").
 
+mod agent;
 mod bench;
+mod cmd;
 mod fuzz;
 mod image;
+mod layers;
 mod scrape;
 mod setup;
 mod vmtest;
@@ -24,8 +29,12 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+
+use crate::cmd::{
+    Totals, build_agent, cargo, is_root, run, run_counting, run_tests, workspace_root,
+};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -86,6 +95,9 @@ enum Cmd {
         #[arg(long)]
         host_only: bool,
     },
+    /// Check that no module imports another that imports it back, in any crate (cargo-modules;
+    /// `test` runs it first).
+    Layers,
     /// Build the agent's OCI image (release binary and the shared objects it loads, nothing
     /// else) as an OCI archive, by default target/image/brokerscope.oci.tar.
     Image(image::Args),
@@ -148,6 +160,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Cmd::Setup => setup::ensure(setup::Needs::Test),
+        Cmd::Layers => layers::check(&root),
         Cmd::Run { listen, release } => run_agent(&root, &listen, release),
         Cmd::Test { filter, host_only } => test(&root, filter.as_deref(), host_only),
         Cmd::Vmtest(args) => vmtest::main(&root, args),
@@ -212,65 +225,6 @@ fn main() -> anyhow::Result<()> {
             bench::run(&root, &bin)
         }
     }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .into()
-}
-
-/// Runs a command, failing with its command line when it fails.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed: {status}");
-    }
-    Ok(())
-}
-
-/// Runs a command and returns its standard output, failing with its command line and standard
-/// error when it fails.
-pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn cargo(root: &Path) -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(root);
-    cmd
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn build_agent(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
-    let mut cmd = cargo(root);
-    cmd.args(["build", "--package", "brokerscope"]);
-    if release {
-        cmd.arg("--release");
-    }
-    run(&mut cmd)?;
-    Ok(root
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("brokerscope"))
 }
 
 fn run_agent(root: &Path, listen: &str, release: bool) -> anyhow::Result<()> {
@@ -339,60 +293,6 @@ fn test_kernels(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyho
     })
 }
 
-/// Test totals parsed from cargo's `test result:` lines.
-#[derive(Default)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-}
-
-/// Runs a `cargo test`, echoing its output, and adds its `test result:` lines to `totals`.
-fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
-    run_counting(cmd, totals, |line| line.strip_prefix("test result: "))
-}
-
-/// Runs `cmd`, echoing its output, and adds to `totals` the `N passed`, `N failed` and
-/// `N ignored` parts of each line `counts` picks out.
-fn run_counting(
-    cmd: &mut Command,
-    totals: &mut Totals,
-    counts: impl Fn(&str) -> Option<&str>,
-) -> anyhow::Result<()> {
-    use std::io::{BufRead as _, BufReader};
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {shown}"))?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading test output")?;
-        println!("{line}");
-        if let Some(rest) = counts(&line) {
-            for part in rest.split([';', '.', ',']) {
-                let mut words = part.split_whitespace();
-                if let (Some(n), Some(what)) = (words.next(), words.next()) {
-                    let n: u64 = n.parse().unwrap_or(0);
-                    match what {
-                        "passed" => totals.passed += n,
-                        "failed" => totals.failed += n,
-                        "ignored" => totals.ignored += n,
-                        _ => {}
-                    }
-                }
-            }
-        }
-    }
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed: {status}");
-    }
-    Ok(())
-}
-
 fn test(root: &Path, filter: Option<&str>, host_only: bool) -> anyhow::Result<()> {
     let mut totals = Totals::default();
     let mut result = test_all(root, filter, &mut totals);
@@ -423,6 +323,7 @@ fn leftover_pins() -> Vec<PathBuf> {
 
 fn test_all(root: &Path, filter: Option<&str>, totals: &mut Totals) -> anyhow::Result<()> {
     setup::ensure(setup::Needs::Test)?;
+    layers::check(root)?;
     let bin = build_agent(root, false)?;
 
     // Unit tests: no privileges needed.

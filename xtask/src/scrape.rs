@@ -125,7 +125,7 @@ fn oha(
         .args(["--no-tui", "--output-format", "json"])
         .args(["-n", &requests.to_string(), "-c", &concurrency.to_string()])
         .args(headers.iter().flat_map(|h| ["-H", h]))
-        .args(crate::bench::client_tls(pki))
+        .args(crate::agent::client_tls(pki))
         .arg(url)
         .output()
         .context("run oha (installed by cargo xtask bench)")?;
@@ -273,25 +273,25 @@ pub fn hold_connections(addrs: &str) -> anyhow::Result<()> {
 /// The agents of the bench: `hooks` with what the kernel allows, `fallback` with the map
 /// iterators disabled. Both watch the bench's brokers; neither pins.
 struct Agents {
-    hooks: crate::bench::Agent,
-    fallback: crate::bench::Agent,
+    hooks: crate::agent::Agent,
+    fallback: crate::agent::Agent,
 }
 
 impl Agents {
     fn start(bin: &Path, dir: &Path, pki: &Path) -> anyhow::Result<Self> {
-        let launch = |name: &str, probes: &str| -> anyhow::Result<crate::bench::Agent> {
+        let launch = |name: &str, probes: &str| -> anyhow::Result<crate::agent::Agent> {
             let config = dir.join(format!("agent-{name}.toml"));
             let pattern = format!(r"kafka\.Kafka {}/", dir.display());
             std::fs::write(
                 &config,
                 format!(
                     "[server]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{p}/tls.crt\"\nkey_file = \"{p}/tls.key\"\nclient_ca_file = \"{p}/ca.crt\"\naccess_log = \"off\"\nrate_limit_rps = 100000\nrate_limit_burst = 100000\n[discovery]\ncmdline_patterns = ['{pattern}']\n[probes]\n{}{probes}\n",
-                    crate::bench::PIN_NOTHING,
+                    crate::agent::PIN_NOTHING,
                     port = free_port()?,
                     p = pki.display()
                 ),
             )?;
-            crate::bench::Agent::launch(bin, &config, pki.to_path_buf())
+            crate::agent::Agent::launch(bin, &config, pki.to_path_buf())
         };
         Ok(Self {
             hooks: launch("hooks", "")?,
@@ -304,17 +304,17 @@ impl Agents {
 /// them, and node_exporter answers.
 fn wait_listed(
     pki: &Path,
-    agent: &crate::bench::Agent,
+    agent: &crate::agent::Agent,
     brokers: usize,
     connections: usize,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let listed = crate::bench::curl(pki, &agent.url("/v1/brokers"))
+        let listed = crate::agent::curl(pki, &agent.url("/v1/brokers"))
             .unwrap_or_default()
             .matches("\"broker_state\"")
             .count();
-        let metrics = crate::bench::curl(pki, &agent.url("/metrics")).unwrap_or_default();
+        let metrics = crate::agent::curl(pki, &agent.url("/metrics")).unwrap_or_default();
         let open: f64 = metrics
             .lines()
             .filter(|l| l.starts_with("brokerscope_connections_active{"))
@@ -338,9 +338,9 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let pki = dir.join("pki");
-    crate::bench::dev_pki(bin, &pki)?;
+    crate::agent::dev_pki(bin, &pki)?;
     let open_files = raise_open_files(OPEN_FILES);
-    crate::run(crate::cargo(root).args([
+    crate::cmd::run(crate::cmd::cargo(root).args([
         "build",
         "--package",
         "brokerscope-tests",
@@ -371,7 +371,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
     let theirs = format!("https://localhost:{ne_port}/metrics");
     let agents = Agents::start(bin, &dir, &pki)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !crate::bench::curl(&pki, &theirs)
+    while !crate::agent::curl(&pki, &theirs)
         .unwrap_or_default()
         .contains("node_load1")
     {
@@ -384,7 +384,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
     // Idle: nothing has loaded it yet but the readiness checks.
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kib = rss_kib(agents.hooks.pid());
-    let map_iterators = crate::bench::curl(&pki, &agents.hooks.url("/metrics"))?
+    let map_iterators = crate::agent::curl(&pki, &agents.hooks.url("/metrics"))?
         .contains("brokerscope_probe_attached{program=\"conn_live\"");
 
     let mut runs = Vec::new();
@@ -395,7 +395,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
             brokers.push(FakeBroker::start(&fake, &dir, brokers.len())?);
         }
         wait_listed(&pki, &agents.hooks, stage, stage * LISTENERS)?;
-        payload_bytes = crate::bench::curl(&pki, &agents.hooks.url("/metrics"))?.len();
+        payload_bytes = crate::agent::curl(&pki, &agents.hooks.url("/metrics"))?.len();
         eprintln!(
             "bench: /metrics payload {payload_bytes} bytes for {stage} brokers x {LISTENERS} listeners"
         );
@@ -416,7 +416,7 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
 /// The agent's and node_exporter's `/metrics` under load at concurrency 8, interleaved.
 fn series_stage(
     pki: &Path,
-    agent: &crate::bench::Agent,
+    agent: &crate::agent::Agent,
     theirs: &str,
     brokers: usize,
 ) -> anyhow::Result<Vec<Run>> {

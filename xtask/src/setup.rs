@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::run;
+use crate::cmd::run;
 
 /// bpf-linker release known to build with nightly's LLVM here (docs/kernels.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -86,6 +86,10 @@ const VMTEST_PACKAGES: &[&str] = &[
 /// oha release that builds with this toolchain (a load tool that presents client certificates).
 const OHA_VERSION: &str = "^1";
 
+/// cargo-modules release `cargo xtask layers` draws the module graphs with: 0.28 needs rustc
+/// 1.98, newer than this workspace's toolchain.
+const CARGO_MODULES_VERSION: &str = "0.27.0";
+
 /// cargo-fuzz release the fuzz targets are built with (`cargo xtask fuzz`, docs/fuzzing.md).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -105,6 +109,8 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
         debian_packages(TEST_PACKAGES)?;
     }
     if needs == Needs::Test {
+        // `cargo xtask test` starts with the module-cycle check.
+        cargo_modules()?;
         // `cargo xtask test` ends with the fuzz targets.
         debian_packages(FUZZ_PACKAGES)?;
         cargo_fuzz()?;
@@ -129,7 +135,7 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
 
 /// [`crate::output`], trimmed.
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    crate::output(cmd).map(|s| s.trim().to_string())
+    crate::cmd::output(cmd).map(|s| s.trim().to_string())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
@@ -238,6 +244,29 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
+/// cargo-modules at [`CARGO_MODULES_VERSION`] (`cargo xtask layers`), installed when missing or
+/// another version.
+pub fn cargo_modules() -> anyhow::Result<()> {
+    let bin = cargo_bin_dir().join("cargo-modules");
+    if let Ok(version) = output(Command::new(&bin).arg("--version")) {
+        if version.split_whitespace().last() == Some(CARGO_MODULES_VERSION) {
+            return Ok(());
+        }
+        eprintln!(
+            "setup: found {}, want cargo-modules {CARGO_MODULES_VERSION}; reinstalling",
+            version.trim()
+        );
+    }
+    eprintln!("setup: installing cargo-modules {CARGO_MODULES_VERSION} (the module-cycle check)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-modules",
+        "--locked",
+        "--version",
+        CARGO_MODULES_VERSION,
+    ]))
+}
+
 /// cargo-fuzz, built by nightly (the fuzz targets need nightly's sanitizer flags anyway).
 fn cargo_fuzz() -> anyhow::Result<()> {
     let bin = cargo_bin_dir().join("cargo-fuzz");
@@ -272,7 +301,7 @@ fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !crate::is_root() {
+    if !crate::cmd::is_root() {
         bail!(
             "missing Debian packages {missing:?}: install them with `sudo apt-get install {}`",
             missing.join(" ")
@@ -370,7 +399,7 @@ fn kernel() -> anyhow::Result<()> {
         if has(fstype) {
             continue;
         }
-        if !crate::is_root() {
+        if !crate::cmd::is_root() {
             bail!("{fstype} is not mounted: `sudo mount -t {fstype} {fstype} {target}`");
         }
         eprintln!("setup: mounting {fstype} at {target}");

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{run, setup};
+use crate::{cmd::run, setup};
 
 /// The end-to-end tests run in each guest: (test binary, test name). One or more per probe
 /// family and hook form; the whole suite is for the host (`cargo xtask test`), where it runs
@@ -385,7 +385,7 @@ fn uname_r() -> anyhow::Result<String> {
         .to_string())
 }
 
-use crate::output;
+use crate::cmd::output;
 
 /// A distribution kernel unpacked under target/vmtest/<release>/root.
 struct Kernel {
@@ -491,7 +491,7 @@ fn newest_package(series: &Series) -> anyhow::Result<String> {
             }
         }
         if attempt == 0 {
-            if !crate::is_root() {
+            if !crate::cmd::is_root() {
                 bail!(
                     "apt knows no {} kernel package: run `sudo apt-get update` (Debian 12 \
                      lists, main and security)",
@@ -575,8 +575,8 @@ fn snapshot_xtask(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Builds the agent and the end-to-end test binaries (without running them) and snapshots them.
 fn build(root: &Path, dir: &Path) -> anyhow::Result<Binaries> {
-    let agent = crate::build_agent(root, false)?;
-    let mut cmd = crate::cargo(root);
+    let agent = crate::cmd::build_agent(root, false)?;
+    let mut cmd = crate::cmd::cargo(root);
     cmd.args([
         "test",
         "--package",
@@ -1065,7 +1065,7 @@ exec switch_root /newroot /usr/bin/env -i \
         release = kernel.release,
         msize = MSIZE,
         out = out.display(),
-        workspace = sh_quote(&crate::workspace_root().display().to_string()),
+        workspace = sh_quote(&crate::cmd::workspace_root().display().to_string()),
         modules = kernel.modules().display(),
         run = sh_quote(&run),
     )

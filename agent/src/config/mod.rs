@@ -3,11 +3,16 @@
 //!
 //! Owns parsing and validation only; it never opens sockets or files other than the config file.
 
+pub mod isolation;
+mod log_filter;
+
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use brokerscope_common::{sockets, telemetry::Program};
+
+pub use log_filter::parse_filter;
 
 /// The whole configuration. Every key has a default, so an empty file (or none) is valid.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -537,7 +542,7 @@ impl Config {
         }
         // The control endpoint never shares a port with a broker's data plane.
         if let Some(listen) = listen
-            && let Err(e) = crate::server::isolation::check_isolation(
+            && let Err(e) = isolation::check_isolation(
                 listen,
                 self.discovery.listener_ports.iter().copied(),
                 "discovery.listener_ports",
@@ -609,7 +614,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = crate::control::logs::parse_filter(&self.log.level) {
+        if let Err(e) = parse_filter(&self.log.level) {
             errors.push(ConfigError::invalid(
                 "log.level",
                 format!(

@@ -21,7 +21,7 @@ use crate::{
     config::{Config, ConfigError},
     discovery::Discovery,
     model::Model,
-    server::ServerState,
+    policy::ServerState,
 };
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),
@@ -117,7 +117,7 @@ impl LiveConfig {
     /// (setting the level only checks it). For unit tests and the fuzz targets.
     pub fn unattached() -> Self {
         let config = Config::default();
-        let stats = Arc::new(crate::server::stats::ServerStats::default());
+        let stats = Arc::new(crate::stats::ServerStats::default());
         let server = ServerState::new(&config.server, stats);
         Self::new(
             config,
@@ -135,7 +135,7 @@ impl LiveConfig {
         self.lock().clone()
     }
 
-    pub fn server_stats(&self) -> crate::server::stats::ServerSnapshot {
+    pub fn server_stats(&self) -> crate::stats::ServerSnapshot {
         self.targets.server.stats.snapshot()
     }
 

@@ -11,7 +11,10 @@ use std::{collections::HashMap, io::Write as _, path::Path, time::Duration};
 use serde_json::{Value, json};
 
 use super::Control;
-use crate::model::Model;
+use crate::{
+    model::Model,
+    probes::runs::{self, program_runs},
+};
 
 /// How long BPF run-time statistics stay on during a capture.
 pub const STATS_WINDOW: Duration = Duration::from_secs(1);
@@ -20,34 +23,11 @@ pub const BUNDLE_LOG_LINES: usize = 1000;
 /// Certificates described per PEM file.
 const MAX_CERTS: usize = 16;
 
-/// Program counters as the kernel reports them, by program id.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct ProgramRun {
-    run_count: u64,
-    run_time: Duration,
-}
-
-fn program_runs(ids: &[u32]) -> HashMap<u32, ProgramRun> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| ids.contains(&p.id()))
-        .map(|p| {
-            (
-                p.id(),
-                ProgramRun {
-                    run_count: p.run_count(),
-                    run_time: p.run_time(),
-                },
-            )
-        })
-        .collect()
-}
-
 /// Captures the bundle. Blocking (it waits [`STATS_WINDOW`] and reads /proc and files).
 pub fn capture(model: &Model, control: &Control) -> Value {
     let snapshot = model.snapshot();
     let ids: Vec<u32> = snapshot.attached.iter().map(|a| a.id).collect();
-    let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    let stats_fd = runs::enable_run_time_stats();
     let stats_error = stats_fd.as_ref().err().map(|e| e.to_string());
     let before = program_runs(&ids);
     if stats_fd.is_ok() {

@@ -1,13 +1,12 @@
-//! The operator's control channel behind `/v1/config`, `/v1/logs`, `/v1/diagnostics` and
-//! `/v1/events`: live configuration, the in-memory log ring, the diagnostics bundle and the
-//! event bus.
+//! The operator's control channel behind `/v1/config`, `/v1/logs` and `/v1/diagnostics`: live
+//! configuration, the in-memory log ring and the diagnostics bundle. The event bus behind
+//! `/v1/events` is `crate::events`, below the model that publishes on it.
 //!
 //! Owns the effective configuration and the log ring; it reaches the running parts (server
 //! policy, discovery, probes) only through their own live setters, never their internals.
 
 pub mod config;
 pub mod diagnostics;
-pub mod events;
 pub mod logs;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -16,7 +15,7 @@ use self::{
     config::{LiveConfig, Targets},
     logs::{LogLevel, LogRing},
 };
-use crate::{config::Config, discovery::Discovery, model::Model, server::ServerState};
+use crate::{config::Config, discovery::Discovery, model::Model, policy::ServerState};
 
 /// How often the config file is checked for changes (besides SIGHUP).
 pub const FILE_POLL: Duration = Duration::from_secs(1);
@@ -77,7 +76,7 @@ impl Control {
                 None
             }
         };
-        Some(tokio::spawn(async move {
+        Some(crate::tasks::spawn("config-file-watch", async move {
             // None: the first poll re-reads the file, so a change written between the start's
             // read and this task's first look is not missed (an unchanged file changes nothing).
             let mut last: Option<Vec<u8>> = None;

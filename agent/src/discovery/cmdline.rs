@@ -5,7 +5,7 @@
 
 use regex::Regex;
 
-use super::properties::excerpt;
+use crate::broker::excerpt;
 
 /// Longest command line excerpt kept as evidence.
 pub const MAX_EXCERPT: usize = 512;

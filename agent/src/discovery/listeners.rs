@@ -5,23 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use crate::broker::{Listener, excerpt};
 
 /// Most listeners kept per broker (Kafka brokers have a handful).
 pub const MAX_LISTENERS: usize = 32;
 /// Longest listener name or host kept.
 const MAX_FIELD: usize = 253;
-
-/// One listener of a broker.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Listener {
-    pub name: String,
-    /// Empty means every interface (Kafka's `PLAINTEXT://:9092`); IPv6 without brackets.
-    pub host: String,
-    pub port: u16,
-    /// From `listener.security.protocol.map`, or the name itself when it is a protocol name.
-    pub security_protocol: Option<String>,
-}
 
 /// Why one listener entry was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -67,7 +56,7 @@ pub fn parse_listeners(text: &str) -> (Vec<Listener>, Vec<ListenerError>) {
 }
 
 fn parse_listener(entry: &str) -> Result<Listener, ListenerError> {
-    let shown = super::properties::excerpt(entry, 128);
+    let shown = excerpt(entry, 128);
     let (name, rest) = entry
         .split_once("://")
         .ok_or_else(|| ListenerError::MissingScheme {
@@ -121,7 +110,7 @@ fn parse_listener(entry: &str) -> Result<Listener, ListenerError> {
         .filter(|&p| p != 0)
         .ok_or_else(|| ListenerError::BadPort {
             entry: shown.clone(),
-            port: super::properties::excerpt(port, 16),
+            port: excerpt(port, 16),
         })?;
     Ok(Listener {
         name: name.to_string(),
@@ -148,7 +137,7 @@ pub fn parse_protocol_map(text: &str) -> (BTreeMap<String, String>, Vec<Listener
                 map.insert(name.trim().to_string(), proto.trim().to_ascii_uppercase());
             }
             _ => errors.push(ListenerError::BadMapEntry {
-                entry: super::properties::excerpt(entry, 128),
+                entry: excerpt(entry, 128),
             }),
         }
     }

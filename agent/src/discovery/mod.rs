@@ -14,10 +14,8 @@
 //! small reads of one pid. [`Discovery::spawn_fallback_rescan`] rescans every
 //! [`SAFETY_RESCAN`] besides, or every [`FALLBACK_RESCAN`] when the events are unavailable.
 
-pub mod broker;
 pub(crate) mod cmdline;
 pub mod listeners;
-pub(crate) mod proc;
 pub mod properties;
 mod table;
 
@@ -31,21 +29,19 @@ use std::{
     time::Duration,
 };
 
-pub use broker::ListenerIndex;
-pub use broker::{Broker, BrokerState};
 pub use cmdline::PatternError;
-pub use table::{MAX_BROKERS, Remembered};
+pub use table::MAX_BROKERS;
 
 use self::{
-    broker::{Cgroup, Evidence, IdSource},
     cmdline::{Cmdline, Patterns},
-    proc::{ProcError, ProcFs},
-    properties::{BrokerSettings, ListenersSource, Properties},
+    properties::{BrokerSettings, Properties},
     table::{BrokerTable, Observed},
 };
 use crate::{
+    broker::{Broker, BrokerState, Cgroup, Evidence, IdSource, ListenersSource, excerpt},
     files::{self, ProcessRoot, WorkError, Workers},
     model::Model,
+    proc::{self, ProcError, ProcFs},
 };
 
 /// How often the rescan task walks /proc when kernel exec/exit events are unavailable (the
@@ -374,7 +370,7 @@ impl Discovery {
     /// The fallback until kernel exec/exit events drive discovery: a full rescan every
     /// `period`, off the async workers.
     pub fn spawn_fallback_rescan(self: Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        crate::tasks::spawn("discovery-rescan", async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
@@ -503,7 +499,7 @@ impl FileFacts {
         };
         let overrides = properties::apply_overrides(&mut props, &kafka.overrides)
             .iter()
-            .map(|k| properties::excerpt(k, MAX_KEY_EVIDENCE))
+            .map(|k| excerpt(k, MAX_KEY_EVIDENCE))
             .collect();
         let mut settings = BrokerSettings::from_properties(&props);
         if !read {
@@ -550,7 +546,7 @@ fn read_properties(root: &ProcessRoot, path: &str) -> Result<Properties, Propert
     // with replacement loses nothing it needs.
     Properties::parse(&String::from_utf8_lossy(&bytes)).map_err(|source| {
         PropertiesFileError::Parse {
-            path: properties::excerpt(path, MAX_PATH_EVIDENCE),
+            path: excerpt(path, MAX_PATH_EVIDENCE),
             source,
         }
     })
@@ -581,7 +577,7 @@ impl Reader {
                 .kafka
                 .properties
                 .as_deref()
-                .map(|p| properties::excerpt(p, MAX_PATH_EVIDENCE)),
+                .map(|p| excerpt(p, MAX_PATH_EVIDENCE)),
             ..Evidence::default()
         };
         for problem in &matched.kafka.problems {
@@ -601,9 +597,7 @@ impl Reader {
         evidence.listeners_source = settings.listeners_source;
 
         let pod = match self.proc.env_var(pid, "HOSTNAME") {
-            Ok(pod) => pod
-                .filter(|p| !p.is_empty())
-                .map(|p| properties::excerpt(&p, 253)),
+            Ok(pod) => pod.filter(|p| !p.is_empty()).map(|p| excerpt(&p, 253)),
             Err(e) => {
                 evidence.error(format!("pod name: {e}"));
                 None
@@ -702,7 +696,7 @@ impl Reader {
             None => None,
         };
         Cgroup {
-            path: Some(properties::excerpt(&path, MAX_PATH_EVIDENCE)),
+            path: Some(excerpt(&path, MAX_PATH_EVIDENCE)),
             id,
         }
     }

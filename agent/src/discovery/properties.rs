@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
-use super::listeners::{self, Listener, ListenerError};
+use super::listeners::{self, ListenerError};
+use crate::broker::{Listener, ListenersSource, excerpt};
 
 /// Largest properties file read; Kafka's are a few KiB.
 pub const MAX_PROPERTIES_BYTES: u64 = 1024 * 1024;
@@ -160,18 +159,6 @@ pub fn apply_overrides(props: &mut Properties, overrides: &[(String, String)]) -
         .collect()
 }
 
-/// Where a listener's port came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ListenersSource {
-    /// The broker's `listeners` property.
-    Properties,
-    /// No `listeners` property: Kafka's default `PLAINTEXT://:9092`.
-    KafkaDefault,
-    /// The config could not be read: `discovery.listener_ports`.
-    ConfiguredPorts,
-}
-
 /// Kafka's default when `listeners` is unset.
 pub const DEFAULT_LISTENERS: &str = "PLAINTEXT://:9092";
 /// Kafka's default when neither `log.dirs` nor `log.dir` is set.
@@ -270,18 +257,6 @@ fn split_list(text: &str, max: usize) -> Vec<String> {
         .take(max)
         .map(|s| excerpt(s, 256))
         .collect()
-}
-
-/// At most `max` bytes of `s`, cut on a char boundary, with `…` when cut.
-pub fn excerpt(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

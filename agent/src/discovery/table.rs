@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::broker::{Broker, BrokerState, IdSource};
+use crate::broker::{Broker, BrokerState, IdSource, Remembered};
 
 /// Most brokers tracked, running or not. A node hosts a handful; the cap bounds memory if a
 /// pattern matches far more than intended.
@@ -26,29 +26,6 @@ pub enum Observed {
     Known { id: String },
     /// The table is full of running brokers; the process is not tracked.
     Full,
-}
-
-/// What a restarted agent needs of a broker to keep its identity: kept with the kernel maps
-/// (see `probes::records`) and read back at start.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Remembered {
-    pub id: String,
-    pub pid: u32,
-    pub start_time_ticks: u64,
-    pub restarts: u64,
-    pub running: bool,
-}
-
-impl Remembered {
-    pub fn of(broker: &Broker) -> Self {
-        Self {
-            id: broker.id.clone(),
-            pid: broker.pid,
-            start_time_ticks: broker.start_time_ticks,
-            restarts: broker.restarts,
-            running: broker.is_running(),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -255,7 +232,7 @@ fn id_order(id: &str) -> (bool, u64, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::broker::tests::broker;
+    use crate::broker::tests::broker;
 
     fn with_start(mut b: Broker, start: u64) -> Broker {
         b.start_time_ticks = start;
@@ -410,7 +387,7 @@ mod tests {
 #[cfg(test)]
 mod remembered_tests {
     use super::*;
-    use crate::discovery::broker::tests::broker;
+    use crate::broker::tests::broker;
 
     fn record(id: &str, pid: u32, start: u64, restarts: u64, running: bool) -> Remembered {
         Remembered {

@@ -178,7 +178,7 @@ impl ProcessRoot {
         if let Some(start) = start_ticks {
             let stat = std::fs::read_to_string(proc_dir.join("stat"))
                 .map_err(|e| process(format!("cannot read its stat: {e}")))?;
-            if crate::discovery::proc::parse_stat(&stat).map(|s| s.start_ticks) != Some(start) {
+            if crate::proc::parse_stat(&stat).map(|s| s.start_ticks) != Some(start) {
                 return Err(process("the pid names another process now".into()));
             }
         }

@@ -268,9 +268,9 @@ impl Workers {
 
     fn spawn_thread(&self, pool: &mut Pool) -> std::io::Result<()> {
         let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name(format!("{}-worker", self.inner.name))
-            .spawn(move || worker(&inner))?;
+        crate::tasks::thread(format!("{}-worker", self.inner.name), move || {
+            worker(&inner)
+        })?;
         pool.threads += 1;
         Ok(())
     }

@@ -20,8 +20,8 @@ pub fn config_file(data: &[u8]) {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let path = super::scratch("config_file").join("config.toml");
-    super::write(&path, file);
+    let path = super::scratch::scratch("config_file").join("config.toml");
+    super::scratch::write(&path, file);
     let config = match Config::load(Some(&path), env) {
         Ok(config) => config,
         Err(e) => {
@@ -35,7 +35,7 @@ pub fn config_file(data: &[u8]) {
     let errors = config.validate_all();
     assert!(errors.is_empty(), "accepted but invalid: {errors:?}");
     let shown = config.to_toml();
-    super::write(&path, shown.as_bytes());
+    super::scratch::write(&path, shown.as_bytes());
     match Config::load(Some(&path), Vec::new()) {
         Ok(again) => assert_eq!(again, config, "the effective config:\n{shown}"),
         Err(e) => panic!("the effective config does not load ({e}):\n{shown}"),

@@ -2,9 +2,10 @@
 
 use std::{collections::BTreeMap, sync::OnceLock};
 
+use crate::broker::Listener;
 use crate::discovery::{
     cmdline::{Cmdline, MAX_EXCERPT, MAX_OVERRIDES, Patterns},
-    listeners::{self, Listener, MAX_LISTENERS},
+    listeners::{self, MAX_LISTENERS},
     properties::{self, BrokerSettings, MAX_PROPERTIES_KEYS, Properties},
 };
 
@@ -172,7 +173,7 @@ pub fn cmdline(data: &[u8]) {
     let fuzzed;
     let (patterns, bytes) = match data.strip_prefix(b"\x01") {
         Some(rest) => {
-            let (pattern, bytes) = super::first_line(rest);
+            let (pattern, bytes) = super::scratch::first_line(rest);
             let pattern = String::from_utf8_lossy(pattern);
             let mut all: Vec<String> = PATTERNS.map(String::from).to_vec();
             if pattern.len() <= MAX_PATTERN {

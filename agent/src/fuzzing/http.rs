@@ -21,19 +21,16 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use crate::{
+    broker::{Broker, BrokerState, Cgroup, Evidence, Listener},
     config::{AccessLog, Config},
     control::{Control, logs::LogRing},
-    discovery::{
-        Broker, BrokerState,
-        broker::{Cgroup, Evidence, Listener},
-    },
     model::Model,
     server::{
         ServerState,
         identity::{ClientIdentity, Name},
         routes,
-        stats::ServerStats,
     },
+    stats::ServerStats,
 };
 
 /// Longest any answer may take (a fuzz run's own timeout is much longer: a hang here is a
@@ -124,7 +121,7 @@ fn fresh_app() -> axum::Router {
 
 /// The request the input describes, or None when hyper would not have passed it on.
 fn request(data: &[u8]) -> Option<Request<Body>> {
-    let (line, mut rest) = super::first_line(data);
+    let (line, mut rest) = super::scratch::first_line(data);
     let line = std::str::from_utf8(line).ok()?;
     let (method, target) = line.split_once(' ').unwrap_or(("GET", line));
     let method = Method::from_bytes(method.as_bytes()).ok()?;
@@ -135,7 +132,7 @@ fn request(data: &[u8]) -> Option<Request<Body>> {
     let uri = Uri::try_from(target).ok()?;
     let mut builder = Request::builder().method(method).uri(uri);
     loop {
-        let (h, after) = super::first_line(rest);
+        let (h, after) = super::scratch::first_line(rest);
         rest = after;
         if h.is_empty() {
             break;

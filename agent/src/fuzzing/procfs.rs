@@ -11,8 +11,8 @@
 use std::path::Path;
 
 use crate::{
-    discovery::proc::{self as discovery_proc, ProcFs, Stat},
     kernel,
+    proc::{self as discovery_proc, ProcFs, Stat},
     resources::{self, ProcStats},
     state::{self, fds},
 };
@@ -69,12 +69,12 @@ pub fn proc(data: &[u8]) {
 
 /// A fake /proc with `<PID>/<file>` holding `bytes` (and nothing else of that pid).
 fn fake_proc(file: &str, bytes: &[u8]) -> ProcFs {
-    let root = super::scratch("proc");
+    let root = super::scratch::scratch("proc");
     let dir = root.join(PID.to_string());
     if let Err(e) = std::fs::create_dir_all(&dir) {
         panic!("cannot create {}: {e}", dir.display());
     }
-    super::write(&dir.join(file), bytes);
+    super::scratch::write(&dir.join(file), bytes);
     ProcFs::at(root)
 }
 
@@ -190,7 +190,7 @@ fn cgroup(input: Input<'_>) {
 /// HOSTNAME) is the first entry starting with `NAME=`; a longer name sharing the prefix is not
 /// it.
 fn environ(input: Input<'_>) {
-    let (name, bytes) = super::first_line(input.0);
+    let (name, bytes) = super::scratch::first_line(input.0);
     let name = match std::str::from_utf8(name) {
         Ok(n) if !n.is_empty() && !n.contains(['=', '\0']) => n,
         _ => "HOSTNAME",
@@ -220,8 +220,8 @@ fn environ(input: Input<'_>) {
 fn btime(mut input: Input<'_>) {
     let planted = input.u64();
     let text = input.text();
-    let root = super::scratch("proc");
-    super::write(&root.join("stat"), text.as_bytes());
+    let root = super::scratch::scratch("proc");
+    super::scratch::write(&root.join("stat"), text.as_bytes());
     let proc = ProcFs::at(root.clone());
     if let Some(b) = discovery_proc::boot_time(&proc) {
         assert!(
@@ -233,7 +233,7 @@ fn btime(mut input: Input<'_>) {
     let file = format!(
         "cpu  1 2 3 4 5 6 7 0 0 0\ncpu0 1 2 3 4 5 6 7 0 0 0\nintr 1 2 3\nctxt 99\nbtime {planted}\nprocesses 7\n"
     );
-    super::write(&root.join("stat"), file.as_bytes());
+    super::scratch::write(&root.join("stat"), file.as_bytes());
     assert_eq!(discovery_proc::boot_time(&proc), Some(planted));
 }
 

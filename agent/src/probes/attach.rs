@@ -15,10 +15,13 @@ use brokerscope_common::{
 };
 
 use super::{
-    Attachment, Degraded, OnStandby, ProbesError, fields,
+    error::ProbesError,
+    fields,
     lacks::Lacks,
-    map_fd, map_iter,
+    map_iter,
+    maps::map_fd,
     pins::{self, Held},
+    status::{Attachment, Degraded, OnStandby},
 };
 use crate::config::ProbesConfig;
 

@@ -10,7 +10,7 @@ use std::{
 
 use aya::Ebpf;
 
-use super::ProbesError;
+use super::{error::ProbesError, sys::sys_bpf};
 
 /// Bytes of keys and values asked per call: bounds the buffers a read allocates, whatever the
 /// map's capacity, and keeps them under glibc's mmap threshold (128 KiB), so a read is not a
@@ -157,7 +157,7 @@ impl<K: Copy, V: Copy> Batched<K, V> {
             // SAFETY: the attribute's buffers hold `count` keys and values of the map's sizes
             // (the caller's K and V match the map's definition) and outlive the call; the
             // kernel writes the filled count back into `attr`.
-            let done = match unsafe { super::sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            let done = match unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
                 Ok(_) => false,
                 // ENOENT: the walk reached the end; `count` says what this last call filled.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,

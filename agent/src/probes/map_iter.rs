@@ -18,7 +18,7 @@ pub struct MapIter {
 fn bpf<A>(cmd: bpf_cmd, attr: &mut A) -> std::io::Result<OwnedFd> {
     // SAFETY: `attr` is a valid `union bpf_attr` prefix for `cmd` whose pointers (the link's
     // iterator info) outlive the call; the kernel only reads through them.
-    let fd = unsafe { super::sys_bpf(cmd as libc::c_long, attr) }?;
+    let fd = unsafe { super::sys::sys_bpf(cmd as libc::c_long, attr) }?;
     // SAFETY: the call returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -8,18 +8,23 @@ mod batch;
 mod btf;
 #[cfg(test)]
 mod captured;
+mod error;
 mod fields;
 pub mod lacks;
 pub mod live;
 mod map_iter;
+mod maps;
 pub mod netns;
 pub mod pins;
 pub mod processes;
 mod records;
 pub mod resources;
+pub mod runs;
 pub mod sockets;
 pub mod sockets_events;
 pub mod state;
+mod status;
+mod sys;
 mod tracefs;
 
 use std::{
@@ -49,70 +54,16 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{config::ProbesConfig, kernel::KernelFacts};
 use attach::pin_held;
+pub use error::{ProbesError, is_permission_error};
+use maps::{per_cpu_sums, read_file, take_per_cpu_array, take_ring};
 use pins::Held;
+use status::OnStandby;
+pub use status::{Attachment, Degraded, MapStats};
+use sys::sys_bpf;
 
 /// The kernel programs, built by build.rs (aya-build) and embedded in the binary.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brokerscope-ebpf"));
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProbesError {
-    #[error("cannot read kernel BTF: {0}")]
-    Btf(#[from] btf::BtfError),
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Format(#[from] tracefs::FormatError),
-    #[error("disabled by probes.disabled_programs")]
-    Disabled,
-    #[error("this kernel lacks what it reads: {0}")]
-    Lacks(String),
-    #[error("its direct loads cannot be patched for this kernel: {0}")]
-    Fields(#[source] fields::PatchError),
-    #[error("cannot load kernel BTF for the iterator: {0}")]
-    KernelBtf(#[source] Box<aya::BtfError>),
-    #[error("cannot load the eBPF object: {0}")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("eBPF object has no {kind} `{name}` (build mismatch)")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
-    #[error("cannot load or attach program {program} to {hook}: {source}")]
-    Program {
-        program: &'static str,
-        hook: &'static str,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("cannot link map iterator {program}: {source}")]
-    Link {
-        program: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot open the kernel log ring: {0}")]
-    Log(#[source] aya_log::Error),
-    #[error("cannot watch the kernel log ring: {0}")]
-    LogFd(#[source] std::io::Error),
-    #[error("pin directory {}: {reason}", path.display())]
-    Pin {
-        path: std::path::PathBuf,
-        reason: String,
-    },
-    #[error("{reason}")]
-    Held { reason: String },
-}
 
 /// Every offset the programs are loaded with, resolved from one kernel's tracefs and BTF.
 #[derive(Clone, Copy, Debug)]
@@ -141,61 +92,6 @@ impl Offsets {
         };
         (offsets, lacks)
     }
-}
-
-/// Whether `e` is the kernel refusing for want of privileges (EPERM/EACCES), as opposed to
-/// lacking something, so the log can say which.
-pub fn is_permission_error(e: &ProbesError) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES));
-        }
-        source = err.source();
-    }
-    false
-}
-
-/// A program attached to its hook.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Attachment {
-    pub program: &'static str,
-    pub hook: &'static str,
-    pub id: u32,
-    /// `broker-only` or `node-wide` (see [`Program::scope`]).
-    pub scope: &'static str,
-}
-
-/// A program the kernel refused, and what covers for it.
-#[derive(Clone, Debug)]
-pub struct Degraded {
-    pub program: Program,
-    /// One line.
-    pub error: String,
-    /// The kernel verifier's whole log, when it refused the program (for diagnostics).
-    pub verifier_log: Option<String>,
-}
-
-impl Degraded {
-    /// One line for /ready: program, hook, what happens instead, and why.
-    pub fn describe(&self) -> String {
-        format!(
-            "{} ({}) not attached: {}; {}",
-            self.program.name(),
-            self.program.hook(),
-            self.program.fallback().unwrap_or("no fallback"),
-            self.error
-        )
-    }
-}
-
-/// A program on standby (see [`Program::standby`]): loaded at start, so the kernel's refusal
-/// shows then, and attached only while its [`Standby`] condition holds.
-struct OnStandby {
-    program: Program,
-    /// The loaded program's id.
-    id: u32,
-    link: Option<Held>,
 }
 
 /// Which filesystems' fsyncs the attached hooks see (see [`Probes::fsync_cover`]).
@@ -260,16 +156,6 @@ pub struct ProgramStats {
     /// Runs the kernel skipped because a BPF program was already running on that CPU; None when
     /// the kernel would not say (before 5.12).
     pub misses: Option<u64>,
-}
-
-/// Fill level of a bounded map.
-#[derive(Clone, Debug)]
-pub struct MapStats {
-    pub map: &'static str,
-    pub entries: u64,
-    pub capacity: u32,
-    /// Entries replaced while live, for a map that counts them (see `EVICTIONS_MAP`).
-    pub evictions: Option<u64>,
 }
 
 /// Everything the probes know, read at one instant.
@@ -1031,183 +917,6 @@ fn program_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<aya_obj::generated::b
     (rc.is_ok() && info.id != 0).then_some(info)
 }
 
-/// The `bpf(2)` system call with `attr` as its `union bpf_attr` (a prefix of it, sized as `A`).
-///
-/// # Safety
-/// Every pointer inside `attr` must be valid for what `cmd` makes the kernel read or write
-/// through it, for the duration of the call.
-/// Some commands write results back into `attr` itself, hence `&mut`.
-unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, exclusive reference of `size_of::<A>()` bytes; the caller
-    // vouches for the pointers it holds.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// Drains ring buffer `name` on the runtime into a bounded channel of what `parse` makes of
-/// each record. When the consumer falls behind, records are dropped and `lost` is sent once
-/// there is room, so the consumer knows to catch up another way: nothing grows.
-///
-/// With `recheck`, the kernel side commits some records without waking the reader (see
-/// `EXEC_WAKE_EVERY_NS`): after a drain that found records, the ring is drained again
-/// `recheck` later whether or not a wake-up came, until a drain on that timer finds nothing.
-fn spawn_ring_channel<S: Clone + Send + 'static>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    capacity: usize,
-    parse: fn(&[u8]) -> Option<S>,
-    lost: S,
-    recheck: Option<Duration>,
-) -> Result<tokio::sync::mpsc::Receiver<S>, ProbesError> {
-    use tokio::sync::mpsc::error::TrySendError;
-    let ring: aya::maps::RingBuf<MapData> = take_map(ebpf, name)?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the AsyncFd
-    // owns the ring buffer.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-    // Records read, or None once the consumer is gone.
-    let drain = move |ring: &mut aya::maps::RingBuf<MapData>| -> Option<usize> {
-        let mut found = 0;
-        while let Some(item) = ring.next() {
-            found += 1;
-            let Some(signal) = parse(&item) else { continue };
-            match tx.try_send(signal) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    let _ = tx.try_send(lost.clone());
-                }
-                Err(TrySendError::Closed(_)) => return None,
-            }
-        }
-        Some(found)
-    };
-    tokio::spawn(async move {
-        let mut again_at: Option<tokio::time::Instant> = None;
-        loop {
-            let woken = match again_at {
-                Some(at) => tokio::time::timeout_at(at, ring.readable_mut()).await.ok(),
-                None => Some(ring.readable_mut().await),
-            };
-            let (found, on_timer) = match woken {
-                Some(Ok(mut guard)) => {
-                    let found = drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                    (found, false)
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(map = name, error = %e, "ring buffer reader stopped");
-                    return;
-                }
-                None => (drain(ring.get_mut()), true),
-            };
-            let Some(found) = found else { return };
-            // An empty drain on a wake-up keeps the timer: the records it has to catch may be
-            // committed after it.
-            if found > 0 {
-                again_at = recheck.map(|d| tokio::time::Instant::now() + d);
-            } else if on_timer {
-                again_at = None;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-/// Takes map `name` out of the object as a typed handle.
-/// A duplicate of map `name`'s descriptor, the map staying with the object.
-fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, ProbesError> {
-    let (Some(aya::maps::Map::HashMap(data)) | Some(aya::maps::Map::Array(data))) = ebpf.map(name)
-    else {
-        return Err(ProbesError::Missing {
-            kind: "hash map or array",
-            name,
-        });
-    };
-    data.fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| ProbesError::Link {
-            program: name,
-            source,
-        })
-}
-
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbesError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or(ProbesError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(map_error(name))
-}
-
-/// Turns an error of an operation on map `name` into a [`ProbesError`] naming the map.
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbesError + Copy {
-    move |e| ProbesError::Map {
-        name,
-        source: Box::new(e),
-    }
-}
-
-fn take_per_cpu_array(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<PerCpuArray<MapData, u64>, ProbesError> {
-    take_map(ebpf, name)
-}
-
-fn take_ring(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<aya::maps::RingBuf<MapData>, ProbesError> {
-    take_map(ebpf, name)
-}
-
-fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
-    array
-        .get(&index, 0)
-        .map(|values| values.iter().sum())
-        .unwrap_or(0)
-}
-
-/// Slots `0..len` of a per-CPU counter array, each summed over CPUs: one batch read, or a
-/// lookup per slot where the kernel does not batch arrays.
-fn per_cpu_sums(
-    batched: &batch::Batched<u32, u64>,
-    array: &PerCpuArray<MapData, u64>,
-    len: usize,
-) -> Vec<u64> {
-    let mut sums = vec![0; len];
-    match batched.read() {
-        Ok(slots) => {
-            for (index, values) in slots {
-                if let Some(sum) = sums.get_mut(index as usize) {
-                    *sum = values.iter().sum();
-                }
-            }
-        }
-        Err(_) => {
-            for (index, sum) in sums.iter_mut().enumerate() {
-                *sum = sum_per_cpu(array, index as u32);
-            }
-        }
-    }
-    sums
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, ProbesError> {
-    std::fs::read(path).map_err(|source| ProbesError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
 /// Forwards the kernel side's aya-log records into the agent's own log, target `kernel`.
 struct KernelLog;
 
@@ -1241,7 +950,7 @@ fn spawn_kernel_log(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
     // the logger lives, and the AsyncFd owns the logger.
     let mut logger =
         unsafe { AsyncFd::register(logger) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    tokio::spawn(async move {
+    crate::tasks::spawn("kernel-log", async move {
         loop {
             let mut guard = match logger.readable_mut().await {
                 Ok(guard) => guard,

@@ -22,7 +22,7 @@ use std::{
 use aya::programs::{links::FdLink, trace_point::TracePointLink};
 use brokerscope_common::telemetry::Program;
 
-use super::ProbesError;
+use super::{error::ProbesError, sys::sys_bpf};
 
 /// Bumped when the meaning of the pinned directory changes in a way the hash cannot see.
 pub const FORMAT: u32 = 1;
@@ -279,7 +279,7 @@ fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         file_flags: 0,
     };
     // SAFETY: `pathname` points to a NUL-terminated string alive for the call.
-    unsafe { super::sys_bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
 fn obj_get(path: &Path) -> io::Result<OwnedFd> {
@@ -290,7 +290,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         file_flags: 0,
     };
     // SAFETY: as in `obj_pin`.
-    let fd = unsafe { super::sys_bpf(BPF_OBJ_GET, &mut attr) }?;
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the call returned a new descriptor, ours alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -310,7 +310,7 @@ fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
         open_flags: 0,
     };
     // SAFETY: the attribute holds no pointer.
-    let fd = unsafe { super::sys_bpf(cmd, &mut attr) }?;
+    let fd = unsafe { sys_bpf(cmd, &mut attr) }?;
     // SAFETY: the call returned a new descriptor, ours alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -340,7 +340,7 @@ fn link_program_id(link: &OwnedFd) -> io::Result<u32> {
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: `info` is valid for `info_len` bytes during the call.
-    unsafe { super::sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     match info[2] {
         0 => Err(io::Error::other("the link runs no program")),
         id => Ok(id),

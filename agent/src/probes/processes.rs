@@ -15,7 +15,12 @@ use tokio::sync::mpsc;
 
 use brokerscope_common::telemetry::Program;
 
-use super::{ProbesError, lacks::Lacks, map_error, tracefs::Format};
+use super::{
+    error::ProbesError,
+    lacks::Lacks,
+    maps::{map_error, spawn_ring_channel, take_map},
+    tracefs::Format,
+};
 
 /// What discovery hears from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +55,7 @@ pub struct BrokerPids {
 impl BrokerPids {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbesError> {
         Ok(Self {
-            map: super::take_map(ebpf, BROKER_PIDS_MAP)?,
+            map: take_map(ebpf, BROKER_PIDS_MAP)?,
             words: std::collections::BTreeMap::new(),
         })
     }
@@ -89,7 +94,7 @@ impl BrokerPids {
 /// Starts the task that drains the ring buffer into a bounded channel. When discovery falls
 /// behind, it gets [`ProcessSignal::Lost`] and rescans.
 pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<ProcessSignal>, ProbesError> {
-    super::spawn_ring_channel(
+    spawn_ring_channel(
         ebpf,
         PROCESS_EVENTS_MAP,
         CHANNEL_CAPACITY,

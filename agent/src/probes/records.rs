@@ -13,7 +13,10 @@ use brokerscope_common::records::{
     BROKER_RECORDS_MAX,
 };
 
-use super::{ProbesError, map_error, take_map};
+use super::{
+    error::ProbesError,
+    maps::{map_error, take_map},
+};
 
 /// Since when the counters in these maps count: the time the first agent wrote, or now if
 /// none did (fresh maps). An adoption is counted.

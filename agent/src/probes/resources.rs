@@ -15,7 +15,12 @@ use brokerscope_common::resources::{
 use brokerscope_common::telemetry::Program;
 
 use super::{
-    MapStats, ProbesError, batch::Batched, btf::Btf, lacks::Lacks, take_map as take,
+    batch::Batched,
+    btf::Btf,
+    error::ProbesError,
+    lacks::Lacks,
+    maps::{sum_per_cpu, take_map as take},
+    status::MapStats,
     tracefs::Format,
 };
 
@@ -273,7 +278,7 @@ impl ResourcesReader {
                 map: "threads",
                 entries: threads,
                 capacity: THREADS_CAPACITY,
-                evictions: Some(super::sum_per_cpu(&self.evictions, 0)),
+                evictions: Some(sum_per_cpu(&self.evictions, 0)),
             },
             MapStats {
                 map: "block_inflight",

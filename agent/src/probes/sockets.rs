@@ -17,11 +17,11 @@ use brokerscope_common::records::{SLOT_KEYS_MAP, SlotKey};
 use brokerscope_common::telemetry::Program;
 
 use super::{
-    ProbesError,
     batch::Batched,
     btf::Btf,
+    error::ProbesError,
     lacks::{Lacks, NO_OFFSET},
-    map_error, take_map as take,
+    maps::{map_error, take_map as take},
     tracefs::Format,
 };
 

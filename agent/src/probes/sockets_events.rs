@@ -9,11 +9,15 @@ use brokerscope_common::sockets::{ConnEvent, EventOffsets};
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    ProbesError,
     btf::Btf,
+    error::ProbesError,
     lacks::{Lacks, NO_OFFSET},
     tracefs::Format,
 };
+
+/// The kernel's connection-event ring, as [`spawn_reader`] takes it (see
+/// `Probes::take_conn_events`).
+pub type ConnEventRing = RingBuf<MapData>;
 
 /// Most events handed over per wakeup; the rest wait for the next round (bounded batches).
 const BATCH: usize = 1024;
@@ -81,7 +85,7 @@ pub fn spawn_reader(
     // it lives, and the AsyncFd owns the ring buffer.
     let mut ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| ProbesError::LogFd(e.into_parts().1))?;
-    tokio::spawn(async move {
+    crate::tasks::spawn("conn-events", async move {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let mut guard = match ring.readable_mut().await {

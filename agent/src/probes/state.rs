@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use brokerscope_common::telemetry::Program;
 
-use super::{ProbesError, lacks::Lacks, tracefs::Format};
+use super::{error::ProbesError, lacks::Lacks, maps::spawn_ring_channel, tracefs::Format};
 
 /// What the state tracker hears from the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub fn resolve_offsets(read: impl Fn(&str, &str) -> Format, lacks: &mut Lacks) -
 /// Starts the task that drains the ring buffer into a bounded channel; the tracker gets
 /// [`StateSignal::Lost`] when it fell behind.
 pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<mpsc::Receiver<StateSignal>, ProbesError> {
-    super::spawn_ring_channel(
+    spawn_ring_channel(
         ebpf,
         STATE_EVENTS_MAP,
         CHANNEL_CAPACITY,

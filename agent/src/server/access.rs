@@ -20,12 +20,11 @@ use axum::{
 
 use super::{
     ServerState,
+    api::ApiError,
     identity::ClientIdentity,
     limits::{MAX_BODY_BYTES, Verdict, retry_after_secs},
-    routes::ApiError,
-    stats::OTHER_PATH,
 };
-use crate::config::AccessLog;
+use crate::{config::AccessLog, stats::OTHER_PATH};
 
 /// Longest request path written to the access log; the rest is cut.
 const MAX_LOGGED_PATH: usize = 256;

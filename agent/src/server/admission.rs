@@ -35,7 +35,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::stats::ServerStats;
+use crate::stats::ServerStats;
 
 /// Whom a per-peer budget belongs to: an IPv4 address, or an IPv6 /64 (the smallest prefix
 /// routinely given to one host, which may use any address in it). IPv4-mapped IPv6 addresses

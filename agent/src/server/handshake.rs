@@ -12,74 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use crate::stats::Failure;
+
 /// Once its burst is spent, a reason's failures are logged once per this.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Lines a reason may log back to back (a few distinct failures in a row stay visible).
 pub const LOG_BURST: u32 = 5;
-
-/// Why a handshake did not end with a verified client certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// Not done within the handshake timeout (silent or slow clients).
-    Timeout,
-    /// The client sent no certificate.
-    NoCertificate,
-    /// The client's certificate was refused: unknown or foreign CA, bad signature, expired,
-    /// not yet valid, wrong key usage, unparsable.
-    BadCertificate,
-    /// Not TLS, or TLS the server does not speak: a bad record or message, TLS 1.1 or older, no
-    /// shared cipher suite, group or ALPN protocol.
-    Protocol,
-    /// The client closed or reset the connection, or sent an alert (for instance because it
-    /// does not trust the server's certificate), before the handshake was done.
-    PeerClosed,
-    /// Shed while pending: its peer had `MAX_PENDING_PER_PEER` pending handshakes.
-    ShedPerPeer,
-    /// Shed while pending: `MAX_PENDING` were pending and its peer had the most; or closed at
-    /// accept because the process's socket budget was spent.
-    ShedTotal,
-}
-
-impl Failure {
-    pub const ALL: [Failure; 7] = [
-        Failure::Timeout,
-        Failure::NoCertificate,
-        Failure::BadCertificate,
-        Failure::Protocol,
-        Failure::PeerClosed,
-        Failure::ShedPerPeer,
-        Failure::ShedTotal,
-    ];
-
-    /// The `reason` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Failure::Timeout => "timeout",
-            Failure::NoCertificate => "no_certificate",
-            Failure::BadCertificate => "bad_certificate",
-            Failure::Protocol => "protocol",
-            Failure::PeerClosed => "peer_closed",
-            Failure::ShedPerPeer => "shed_per_peer",
-            Failure::ShedTotal => "shed_total",
-        }
-    }
-
-    /// Position in [`Failure::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Shed by a connection limit (also counted in `http_connections_rejected_total`).
-    pub fn is_shed(self) -> bool {
-        matches!(self, Failure::ShedPerPeer | Failure::ShedTotal)
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
-}
 
 /// The reason for a handshake that ended with `error` (tokio-rustls wraps rustls errors in
 /// `io::Error`; anything else is the socket's).

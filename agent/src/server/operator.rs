@@ -13,8 +13,8 @@ use axum::{
 use serde_json::json;
 
 use super::{
+    api::{ApiError, AppState},
     identity::ClientIdentity,
-    routes::{ApiError, AppState},
 };
 use crate::control::{config::ChangeError, logs};
 
@@ -180,7 +180,7 @@ const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 /// of events it lost, then the stream goes on from the oldest event still buffered.
 pub async fn events(
     State(state): State<AppState>,
-    query: Result<Query<crate::control::events::Filter>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<crate::events::Filter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
@@ -195,7 +195,7 @@ pub async fn events(
             reason: format!(
                 "unknown kind `{}`; known: {}",
                 kind.chars().take(64).collect::<String>(),
-                crate::control::events::KINDS.join(", ")
+                crate::events::KINDS.join(", ")
             ),
         });
     }

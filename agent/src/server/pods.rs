@@ -33,8 +33,8 @@ use super::{
     tls,
 };
 use crate::{
+    broker::Broker,
     config::ServerConfig as ServerSection,
-    discovery::Broker,
     files::confine::{ConfinedError, ProcessRoot},
     model::{Model, PodListener},
     probes::netns,

@@ -25,11 +25,8 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{
-    stats::ServerStats,
-    tls::{self, LeafInfo, TlsError},
-};
-use crate::config::ServerConfig as ServerSection;
+use super::tls::{self, LeafInfo, TlsError};
+use crate::{config::ServerConfig as ServerSection, stats::ServerStats};
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 

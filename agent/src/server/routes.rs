@@ -2,7 +2,8 @@
 //!
 //! [`router`] is the API hardened by [`harden`]: JSON 404/405, a panic in a handler becomes a
 //! JSON 500 (the server keeps serving), a body limit for extractors, and [`access::guard`]
-//! (authorization, rate limit, caps, metrics, access log) around every route.
+//! (authorization, rate limit, caps, metrics, access log) around every route. The handlers'
+//! shared state and errors are `api`'s.
 
 use std::sync::Arc;
 
@@ -18,28 +19,19 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use super::{
     ServerState, access,
+    api::{ApiError, AppState},
     limits::MAX_BODY_BYTES,
     operator,
-    pages::{Encoding, Pages},
+    pages::Encoding,
 };
 use crate::{
+    broker::Broker,
     control::Control,
-    discovery::Broker,
     model::Model,
     render::{self, Format},
     state::StateView,
     views::{self, BrokerWithCounters},
 };
-
-/// What handlers read.
-#[derive(Clone)]
-pub struct AppState {
-    pub model: Arc<Model>,
-    pub server: Arc<ServerState>,
-    pub control: Arc<Control>,
-    /// Rendered /metrics pages, shared by scrapes that share a snapshot.
-    pub pages: Arc<Pages>,
-}
 
 /// Builds the router over the shared model and the endpoint's state, with a detached control
 /// channel (defaults; no discovery or log filter to switch): for tests.
@@ -367,90 +359,6 @@ async fn method_not_allowed() -> Response {
     ApiError::MethodNotAllowed.into_response()
 }
 
-/// Errors as HTTP responses; bodies never carry internals.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("not found")]
-    NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    #[error("client {identity} is not in server.allowed_client_names")]
-    Forbidden { identity: String },
-    #[error("rate limited; retry in {retry_after_secs}s")]
-    RateLimited { retry_after_secs: u64 },
-    #[error("request body over {limit_bytes} bytes")]
-    PayloadTooLarge { limit_bytes: usize },
-    #[error("too many requests in flight")]
-    Overloaded,
-    #[error("internal error")]
-    Internal,
-    #[error("invalid config")]
-    InvalidConfig {
-        fields: Vec<crate::control::config::FieldError>,
-    },
-    #[error("bad parameter `{parameter}`: {reason}")]
-    BadParameter { parameter: String, reason: String },
-    #[error("bad query parameter {parameter}")]
-    BadQuery { parameter: String },
-    #[error("several brokers on this node; choose one with ?broker=")]
-    ChooseBroker { brokers: Vec<String> },
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (code, body) = match &self {
-            ApiError::NotFound => (StatusCode::NOT_FOUND, json!({ "error": "not found" })),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({ "error": "method not allowed" }),
-            ),
-            ApiError::Forbidden { identity } => (
-                StatusCode::FORBIDDEN,
-                json!({ "error": "forbidden", "identity": identity }),
-            ),
-            ApiError::RateLimited { retry_after_secs } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({ "error": "rate limited", "retry_after_seconds": retry_after_secs }),
-            ),
-            ApiError::PayloadTooLarge { limit_bytes } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({ "error": "body too large", "limit_bytes": limit_bytes }),
-            ),
-            ApiError::Overloaded => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "overloaded" }),
-            ),
-            ApiError::Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({ "error": "internal error" }),
-            ),
-            ApiError::InvalidConfig { fields } => (
-                StatusCode::BAD_REQUEST,
-                json!({ "error": "invalid config", "fields": fields }),
-            ),
-            ApiError::BadParameter { parameter, reason } => (
-                StatusCode::BAD_REQUEST,
-                json!({ "error": "bad parameter", "parameter": parameter, "reason": reason }),
-            ),
-            ApiError::BadQuery { parameter } => (
-                StatusCode::BAD_REQUEST,
-                json!({ "error": "unknown or malformed query parameter; only broker=ID is accepted", "parameter": parameter }),
-            ),
-            ApiError::ChooseBroker { brokers } => (
-                StatusCode::BAD_REQUEST,
-                json!({ "error": "several brokers on this node: choose one with ?broker=ID", "brokers": brokers }),
-            ),
-        };
-        let mut response = (code, Json(body)).into_response();
-        if let ApiError::RateLimited { retry_after_secs } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-        }
-        response
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -460,7 +368,8 @@ mod tests {
     use super::*;
     use crate::{
         config::ServerConfig as ServerSection,
-        server::{identity::ClientIdentity, identity::Name, stats::ServerStats},
+        server::{identity::ClientIdentity, identity::Name},
+        stats::ServerStats,
     };
 
     fn server(allowed: &[&str], rps: u32, burst: u32) -> Arc<ServerState> {
@@ -726,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn brokers_list_and_one_by_id() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let app = router(model.clone(), server(&[], 1000, 1000));
         let a = get(&app, "/v1/brokers").await;
@@ -770,7 +679,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_router_answers_only_for_its_broker_as_the_node_does() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let node = router(model.clone(), server(&[], 1000, 1000));
         let (_serves, broker_id) = tokio::sync::watch::channel(Arc::from("2"));
@@ -826,7 +735,7 @@ mod tests {
 
     #[tokio::test]
     async fn broker_state_in_strimzi_format_and_the_choice_of_broker() {
-        use crate::discovery::broker::tests::broker;
+        use crate::broker::tests::broker;
         let model = Arc::new(Model::default());
         let app = router(model.clone(), server(&[], 1000, 1000));
         for path in [

@@ -68,7 +68,7 @@ impl Mounted {
 
 /// Runs a command, its output kept for the error only.
 fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
-    crate::output(cmd).map(drop)
+    crate::cmd::output(cmd).map(drop)
 }
 
 /// A sparse file, deleted when dropped.

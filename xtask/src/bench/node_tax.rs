@@ -31,10 +31,11 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::{
-    Agent, Broker, Case, curl, load_sliced, median, middle_range,
+    Broker, Case, load_sliced, median, middle_range,
     mounts::{self, Mounted},
     self_exe,
 };
+use crate::agent::{Agent, curl};
 
 /// Rounds per situation, each one detached and one attached pass.
 const ROUNDS: usize = 13;

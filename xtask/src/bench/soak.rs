@@ -25,7 +25,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{Agent, plot};
+use super::plot;
+use crate::agent::{Agent, client_tls, curl};
 
 /// Where the soak's agent pins: not the default, so a real agent on this node is never touched.
 const PIN_DIR: &str = "/sys/fs/bpf/brokerscope-soak";
@@ -155,7 +156,7 @@ fn exe_for_others() -> PathBuf {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    crate::run(Command::new("ip").args(args).stderr(Stdio::piped()))
+    crate::cmd::run(Command::new("ip").args(args).stderr(Stdio::piped()))
 }
 
 /// A network namespace, loopback up; deleted when dropped, even on error.
@@ -457,7 +458,7 @@ fn get_metrics(agent: &Agent) -> Option<(String, f64)> {
     let start = Instant::now();
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "5"])
-        .args(super::client_tls(&agent.pki))
+        .args(client_tls(&agent.pki))
         .arg(agent.url("/metrics"))
         .output()
         .ok()?;
@@ -533,7 +534,7 @@ fn look(agent: &Agent, t: f64, life: u8, load: &Load, body: &mut String) -> Samp
 fn wait_running(agent: &Agent) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = super::curl(&agent.pki, &agent.url("/metrics")).unwrap_or_default();
+        let text = curl(&agent.pki, &agent.url("/metrics")).unwrap_or_default();
         if LOAD_BROKERS
             .iter()
             .all(|(id, _)| text.contains(&format!("brokerscope_broker_state{{broker=\"{id}\"}} 3")))
@@ -594,7 +595,7 @@ fn burst(agent: &Agent) -> anyhow::Result<Burst> {
         .map(|_| {
             let mut cmd = Command::new("curl");
             cmd.args(["-sS", "--max-time", "30", "-o", "/dev/null"])
-                .args(super::client_tls(&agent.pki));
+                .args(client_tls(&agent.pki));
             for _ in 0..BURST_EACH {
                 cmd.arg(&url);
             }
@@ -676,7 +677,7 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
     let _ = std::fs::remove_dir_all(PIN_DIR);
 
     let pki = dir.join("pki");
-    crate::bench::dev_pki(bin, &pki)?;
+    crate::agent::dev_pki(bin, &pki)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = dir.join("agent.toml");
     std::fs::write(

@@ -228,9 +228,7 @@ fn directories_are_listed_by_descriptor_and_links_among_entries_are_not_followed
 fn this_process_is_opened_with_its_working_directory() {
     let me = std::process::id();
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let start = crate::discovery::proc::parse_stat(&stat)
-        .unwrap()
-        .start_ticks;
+    let start = crate::proc::parse_stat(&stat).unwrap().start_ticks;
     let dir = Path::new("/proc/self");
     let p = ProcessRoot::open(dir, me, Some(start)).unwrap();
     let cwd = std::env::current_dir().unwrap();

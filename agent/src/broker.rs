@@ -1,14 +1,71 @@
-//! The broker record discovery publishes (what `/v1/brokers` shows and metrics are labelled by),
+//! The broker domain: the record discovery produces and everyone else reads (what `/v1/brokers`
+//! shows and metrics are labelled by), its listeners, what a restarted agent remembers of it,
 //! and the `(network namespace, local port) -> (broker, listener)` attribution over it.
 //!
-//! Pure data and pure functions: no /proc, no locks.
+//! Pure data and pure functions: no /proc, no locks, no other module of the agent. Discovery
+//! (`discovery/`) fills it in; the model, the state tracker, renderers and routes read it.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
-pub use super::listeners::Listener;
-use super::properties::ListenersSource;
+/// One listener of a broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    /// Empty means every interface (Kafka's `PLAINTEXT://:9092`); IPv6 without brackets.
+    pub host: String,
+    pub port: u16,
+    /// From `listener.security.protocol.map`, or the name itself when it is a protocol name.
+    pub security_protocol: Option<String>,
+}
+
+/// Where a listener's port came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenersSource {
+    /// The broker's `listeners` property.
+    Properties,
+    /// No `listeners` property: Kafka's default `PLAINTEXT://:9092`.
+    KafkaDefault,
+    /// The config could not be read: `discovery.listener_ports`.
+    ConfiguredPorts,
+}
+
+/// What a restarted agent needs of a broker to keep its identity: kept with the kernel maps
+/// (see `probes::records`) and read back at start.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Remembered {
+    pub id: String,
+    pub pid: u32,
+    pub start_time_ticks: u64,
+    pub restarts: u64,
+    pub running: bool,
+}
+
+impl Remembered {
+    pub fn of(broker: &Broker) -> Self {
+        Self {
+            id: broker.id.clone(),
+            pid: broker.pid,
+            start_time_ticks: broker.start_time_ticks,
+            restarts: broker.restarts,
+            running: broker.is_running(),
+        }
+    }
+}
+
+/// At most `max` bytes of `s`, cut on a char boundary, with `…` when cut.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
 
 /// Whether the broker's process exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -72,8 +129,7 @@ const MAX_ERROR_LEN: usize = 300;
 impl Evidence {
     pub fn error(&mut self, message: impl Into<String>) {
         if self.errors.len() < MAX_EVIDENCE_ERRORS {
-            self.errors
-                .push(super::properties::excerpt(&message.into(), MAX_ERROR_LEN));
+            self.errors.push(excerpt(&message.into(), MAX_ERROR_LEN));
         }
     }
 }

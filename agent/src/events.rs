@@ -1,5 +1,6 @@
 //! The in-process event bus behind `GET /v1/events`: broker start/stop/state changes from the
-//! broker table, connection events from the kernel.
+//! broker table, connection events from the kernel. Below the model (which publishes) and the
+//! server (which subscribes); it knows neither.
 //!
 //! Bounded: a `tokio::sync::broadcast` channel of [`CAPACITY`] events. A subscriber that falls
 //! behind loses the oldest events and is told how many (`Lagged`); publishers never wait and

@@ -1,6 +1,7 @@
-//! Reads what discovery needs from `/proc/<pid>`: command line, start time, thread group,
-//! network namespace, cgroup and environment. The process's own files (through its root and
-//! cwd) are read by [`crate::files::confine`], never here.
+//! Reads what discovery (and the kernel check, the file confinement, the port holder) needs from
+//! `/proc/<pid>`: command line, start time, thread group, network namespace, cgroup and
+//! environment. The process's own files (through its root and cwd) are read by
+//! [`crate::files::confine`], never here. A leaf: it uses no other module of the agent.
 //!
 //! Every read is bounded in size. The proc root is a parameter so unit tests run over a fake
 //! tree in a temporary directory.

@@ -1,0 +1,98 @@
+//! The one place the agent starts its long-running work: async tasks on the runtime (ring
+//! readers, the rescan, the config file watch, the TLS reloaders, the pod listeners) and
+//! threads for loops that block (discovery's event feed, the broker state tracker, the standby
+//! programs' demand, the file workers). Each has a name: in the log when it starts and stops,
+//! and, for a thread, as its name in `/proc/<pid>/task/*/comm`.
+//!
+//! [`shutdown`] aborts every running task at the agent's stop, before the kernel programs are
+//! detached. Threads cannot be aborted: each loop ends by itself when what it serves is gone
+//! (its channel closes or its model is dropped), else with the process. A leaf: it knows no
+//! other module of the agent.
+
+use std::{future::Future, sync::Mutex};
+
+use tokio::task::{AbortHandle, JoinHandle};
+
+/// Tasks started and not yet seen finished, by name. Finished ones are dropped at each start,
+/// so it holds the handful of live tasks and never grows.
+#[derive(Default)]
+struct Registry(Mutex<Vec<(&'static str, AbortHandle)>>);
+
+impl Registry {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    fn spawn<F>(&self, name: &'static str, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let handle = tokio::spawn(task);
+        let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|(_, h)| !h.is_finished());
+        running.push((name, handle.abort_handle()));
+        tracing::debug!(task = name, "task started");
+        handle
+    }
+
+    fn shutdown(&self) {
+        let running = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for (name, handle) in running.iter().filter(|(_, h)| !h.is_finished()) {
+            tracing::debug!(task = name, "task stopped");
+            handle.abort();
+        }
+    }
+}
+
+/// The agent's tasks.
+static RUNNING: Registry = Registry::new();
+
+/// Starts `task` on the current runtime under `name`; [`shutdown`] aborts it.
+pub fn spawn<F>(name: &'static str, task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    RUNNING.spawn(name, task)
+}
+
+/// Starts `body` on a thread of its own named `name` (at most 15 bytes show in `comm`).
+pub fn thread<F>(name: impl Into<String>, body: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let name = name.into();
+    tracing::debug!(thread = %name, "thread started");
+    std::thread::Builder::new().name(name).spawn(body)
+}
+
+/// Aborts every task still running (the agent is stopping).
+pub fn shutdown() {
+    RUNNING.shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_aborts_what_is_still_running() {
+        // A registry of its own: the agent's would abort other tests' tasks.
+        let registry = Registry::default();
+        let forever = registry.spawn("test-forever", std::future::pending::<()>());
+        let done = registry.spawn("test-done", async { 7 });
+        assert_eq!(done.await.unwrap(), 7);
+        registry.shutdown();
+        assert!(forever.await.unwrap_err().is_cancelled());
+    }
+
+    #[test]
+    fn threads_carry_their_name() {
+        let named = thread("test-named", || {
+            assert_eq!(std::thread::current().name(), Some("test-named"));
+        })
+        .unwrap();
+        named.join().unwrap();
+    }
+}
