@@ -570,7 +570,8 @@ impl Probes {
             let (walked, failed) = walk.read();
             self.finish_walk(walked, &failed);
         }
-        let listeners = self.sockets.read(self.walks.last());
+        let walked = self.walks.last();
+        let listeners = self.sockets.read(&walked.bytes, &walked.drops);
         let tracked: u64 = listeners.iter().map(|l| l.counters.active()).sum();
         let events = per_cpu_sums(&self.events_batch, &self.events, Program::COUNT as usize);
         let programs = Program::ALL

@@ -683,23 +683,29 @@ impl SocketsReader {
     }
 
     /// Every listener's counters, sorted by (netns, port), with the bytes of open connections
-    /// as of `walked` (see `probes::live` for why the larger of the walk's totals, the closed
-    /// totals now and the last report). An entry that vanishes mid-read is skipped.
-    pub fn read(&mut self, walked: &super::live::Walked) -> Vec<ListenerStats> {
+    /// as of the last walk: `walked` is its totals (closed before it plus open) and `drops` the
+    /// listening sockets' `sk_drops` it saw (see `probes::live` for why the larger of the walk's
+    /// totals, the closed totals now and the last report). An entry that vanishes mid-read is
+    /// skipped.
+    pub fn read(
+        &mut self,
+        walked: &std::collections::HashMap<ListenerKey, (u64, u64)>,
+        drops: &std::collections::HashMap<ListenerKey, u64>,
+    ) -> Vec<ListenerStats> {
         self.release_expired();
         let (entries, auto_entries) = self.listener_entries_and_auto();
         self.auto_entries = auto_entries;
         let mut out: Vec<ListenerStats> = entries
             .into_iter()
             .map(|(key, counters)| {
-                let walk = walked.bytes.get(&key).copied().unwrap_or_default();
+                let walk = walked.get(&key).copied().unwrap_or_default();
                 let last = self.reported.get(&key).copied().unwrap_or_default();
                 ListenerStats {
                     key,
                     counters,
                     bytes_sent: counters.bytes_sent.max(walk.0).max(last.0),
                     bytes_received: counters.bytes_received.max(walk.1).max(last.1),
-                    listen_drops: walked.drops.get(&key).copied(),
+                    listen_drops: drops.get(&key).copied(),
                 }
             })
             .collect();
