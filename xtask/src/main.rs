@@ -139,6 +139,14 @@ enum Cmd {
         /// Its server.properties (listeners).
         properties: std::path::PathBuf,
     },
+    /// A worker of the scrape bench's broker (started by it): accepts on the inherited
+    /// listening descriptors `FDS` (comma-separated) and holds the connections.
+    #[command(hide = true)]
+    BenchHoldingWorker { fds: String },
+    /// The scrape bench's clients (started by `bench`): opens `COUNT` connections over `ADDRS`
+    /// and holds them until stdin closes.
+    #[command(hide = true)]
+    BenchConnect { addrs: String, count: usize },
     /// The node-tax bench's unrelated process (started by `bench`): `CALLS` getppid calls in
     /// `CHUNKS` timed chunks, pinned to `CPU`; prints each chunk's wall and CPU ns.
     #[command(hide = true)]
@@ -174,6 +182,8 @@ fn main() -> anyhow::Result<()> {
         } => bench::serve_broker(&case, &fetch_file, port),
         Cmd::BenchSoakBroker { addr, workers, .. } => bench::soak::serve_broker(&addr, workers),
         Cmd::BenchHoldingBroker { addrs, .. } => scrape::hold_connections(&addrs),
+        Cmd::BenchHoldingWorker { fds } => scrape::hold_worker(&fds),
+        Cmd::BenchConnect { addrs, count } => scrape::connect_and_hold(&addrs, count),
         Cmd::BenchSyscalls { calls, chunks, cpu } => {
             bench::node_tax::syscall_loop(calls, chunks, cpu)
         }

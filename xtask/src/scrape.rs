@@ -30,8 +30,8 @@ const LISTENERS: usize = 4;
 const CONNECTION_STAGES: [usize; 3] = [0, 10_000, 50_000];
 /// Scrapes, one at a time, per latency measurement.
 const LATENCY_REQUESTS: usize = 300;
-/// The bench's open-file limit (inherited by the brokers and oha): the client side of 50k
-/// connections and the holding broker's side, each in its own process.
+/// The open-file limit each process of the bench asks for; where the hard limit is lower, the
+/// connections are spread over more processes (holding workers, `bench-connect` clients).
 const OPEN_FILES: u64 = 131_072;
 
 const OURS: &str = "brokerscope /metrics";
@@ -242,24 +242,86 @@ impl FakeBroker {
     }
 }
 
-/// `xtask bench-holding-broker`: listens on every address of `addrs` (comma-separated) and keeps
-/// every connection open without reading, until killed. Prints `ready` once it listens.
+/// Descriptors one process of the bench keeps free of held connections (its listeners, pipes,
+/// libraries).
+const SPARE_FILES: u64 = 200;
+/// Processes accepting on the holding broker's listeners: together they hold more connections
+/// than one process's open-file limit allows.
+const HOLDING_WORKERS: usize = 4;
+
+/// `xtask bench-holding-broker`: listens on every address of `addrs` (comma-separated) and has
+/// [`HOLDING_WORKERS`] worker processes (`bench-holding-worker`, which the agent does not take
+/// for brokers) accept on those sockets and keep every connection open without reading: the
+/// agent counts connections by listener, whichever process holds them. Prints `ready` once it
+/// listens; the workers die with it.
 pub fn hold_connections(addrs: &str) -> anyhow::Result<()> {
-    raise_open_files(OPEN_FILES);
-    let held = Arc::new(Mutex::new(Vec::new()));
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
     let listeners: Vec<TcpListener> = addrs
         .split(',')
         .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
         .collect::<Result<_, _>>()?;
+    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let list = fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    let mut workers = Vec::new();
+    for _ in 0..HOLDING_WORKERS {
+        let inherit = fds.clone();
+        let mut cmd = Command::new(crate::bench::self_exe());
+        cmd.args(["bench-holding-worker", &list]);
+        // SAFETY: between fork and exec only async-signal-safe calls: fcntl clears
+        // close-on-exec on the listeners (they stay open in this process), prctl asks for
+        // SIGKILL when this process dies.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        workers.push(Guard(cmd.spawn().context("start a holding worker")?));
+    }
     println!("ready");
     std::io::stdout().flush()?;
+    for mut w in workers {
+        let _ = w.0.wait();
+    }
+    drop(listeners);
+    Ok(())
+}
+
+/// `xtask bench-holding-worker`: accepts on the inherited listening descriptors `fds`
+/// (comma-separated) and holds each connection, until its open-file limit is nearly used.
+pub fn hold_worker(fds: &str) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd as _;
+    let limit = raise_open_files(OPEN_FILES);
+    let room = limit.saturating_sub(SPARE_FILES) as usize;
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let listeners: Vec<TcpListener> = fds
+        .split(',')
+        .map(|fd| {
+            let fd: i32 = fd.parse().with_context(|| format!("descriptor {fd:?}"))?;
+            // SAFETY: the holding broker passed these listening sockets open across exec; this
+            // process owns its copies.
+            Ok(unsafe { TcpListener::from_raw_fd(fd) })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|listener| {
             let held = held.clone();
             std::thread::spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    held.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+                // Each thread takes at most one connection past the room: well within the
+                // spare descriptors.
+                while held.lock().unwrap_or_else(|p| p.into_inner()).len() < room {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            held.lock().unwrap_or_else(|p| p.into_inner()).push(stream)
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
                 }
             })
         })
@@ -267,7 +329,58 @@ pub fn hold_connections(addrs: &str) -> anyhow::Result<()> {
     for t in threads {
         let _ = t.join();
     }
+    // Full: keep holding until killed.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// `xtask bench-connect`: opens `count` connections spread over `addrs` (comma-separated), writes
+/// 64 bytes on each, prints `ready` and holds them until its stdin closes.
+pub fn connect_and_hold(addrs: &str, count: usize) -> anyhow::Result<()> {
+    raise_open_files(OPEN_FILES);
+    let addrs: Vec<&str> = addrs.split(',').collect();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let addr = addrs[i % addrs.len()];
+        let mut s = TcpStream::connect(addr)
+            .with_context(|| format!("connection {i} to the holding broker at {addr}"))?;
+        s.write_all(&[b'x'; 64])?;
+        held.push(s);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
     Ok(())
+}
+
+/// Connections to the holding broker, held by `bench-connect` processes of at most `per` each.
+struct Clients {
+    addrs: String,
+    per: usize,
+    held: usize,
+    _children: Vec<Guard>,
+}
+
+impl Clients {
+    /// Holds `total` connections in all.
+    fn grow_to(&mut self, total: usize) -> anyhow::Result<()> {
+        while self.held < total {
+            let n = (total - self.held).min(self.per);
+            let mut child = Command::new(crate::bench::self_exe())
+                .args(["bench-connect", &self.addrs, &n.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("start a bench-connect process")?;
+            let stdout = child.stdout.take().context("stdout")?;
+            self._children.push(Guard(child));
+            wait_line(stdout, "ready")?;
+            self.held += n;
+        }
+        Ok(())
+    }
 }
 
 /// The agents of the bench: `hooks` with what the kernel allows, `fallback` with the map
@@ -460,9 +573,9 @@ fn connection_stages(
     agents: &Agents,
     open_files: u64,
 ) -> anyhow::Result<Vec<Latency>> {
-    // Each side of a connection is a descriptor in one process: where the limit cannot be
-    // raised (no CAP_SYS_RESOURCE), the last stage is as many as it allows.
-    let most = (open_files as usize).saturating_sub(1000);
+    // Each side of a connection is a descriptor in one process: the holding broker's workers
+    // and the clients each stay under the limit, however low (no CAP_SYS_RESOURCE).
+    let per = (open_files.saturating_sub(SPARE_FILES) as usize).max(1000);
     let ports: Vec<u16> = (0..LISTENERS)
         .map(|_| free_port())
         .collect::<Result<_, _>>()?;
@@ -478,19 +591,19 @@ fn connection_stages(
     let stdout = child.stdout.take().context("stdout")?;
     let _broker = Guard(child);
     wait_line(stdout, "ready")?;
-    let mut held: Vec<TcpStream> = Vec::new();
+    let capacity = HOLDING_WORKERS * per;
+    let mut clients = Clients {
+        addrs: addrs.join(","),
+        per,
+        held: 0,
+        _children: Vec::new(),
+    };
     let mut out = Vec::new();
-    for stage in CONNECTION_STAGES.map(|n| n.min(most)) {
+    for stage in CONNECTION_STAGES.map(|n| n.min(capacity)) {
         if out.iter().any(|l: &Latency| l.connections == stage) {
             continue;
         }
-        while held.len() < stage {
-            let port = ports[held.len() % ports.len()];
-            let mut s = TcpStream::connect(("127.0.0.1", port))
-                .with_context(|| format!("connection {} to the holding broker", held.len()))?;
-            s.write_all(&[b'x'; 64])?;
-            held.push(s);
-        }
+        clients.grow_to(stage)?;
         for (name, agent) in [
             ("kernel's hooks", &agents.hooks),
             ("socket-table fallback forced", &agents.fallback),
