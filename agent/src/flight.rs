@@ -5,16 +5,22 @@
 //! in progress when it got there. So concurrent requests cost one computation and wait at most
 //! one; none sees state from before the computation in progress at its arrival (the value is at
 //! most one computation old), and a lone request always gets a value of its own.
+//!
+//! [`Flight::get`] blocks its thread while it waits; [`Flight::get_async`] waits as a task and
+//! runs only the computation on a blocking thread, so concurrent scrapes do not each hold a
+//! thread of the blocking pool (and pay its wake-ups) to wait for one render.
 
 use std::{
-    sync::{Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex},
     time::Instant,
 };
 
 pub struct Flight<T> {
     state: Mutex<State<T>>,
-    /// Signalled when a computation ends (done or unwound).
+    /// Signalled when a computation ends (done or unwound), for threads.
     done: Condvar,
+    /// The same, for tasks.
+    ended: tokio::sync::Notify,
 }
 
 struct State<T> {
@@ -34,6 +40,7 @@ impl<T> Default for Flight<T> {
                 last: None,
             }),
             done: Condvar::new(),
+            ended: tokio::sync::Notify::new(),
         }
     }
 }
@@ -73,6 +80,56 @@ impl<T: Clone> Flight<T> {
     }
 }
 
+impl<T: Clone + Send + 'static> Flight<T> {
+    /// [`Flight::get`] for a task: waits without a thread, computes on the blocking pool.
+    /// `None` when the computation panicked.
+    pub async fn get_async(
+        self: Arc<Self>,
+        arrived: Instant,
+        compute: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let mut joinable = None;
+        let mut first = true;
+        loop {
+            // Registered before the check: a computation ending in between still wakes it.
+            let ended = self.ended.notified();
+            {
+                let mut state = self.lock();
+                if first {
+                    joinable = state.computing.then_some(state.generation + 1);
+                    first = false;
+                }
+                if let Some((started, value)) = state.last.as_ref()
+                    && (*started >= arrived || joinable.is_some_and(|g| state.generation >= g))
+                {
+                    return Some(value.clone());
+                }
+                if !state.computing {
+                    state.computing = true;
+                    break;
+                }
+            }
+            ended.await;
+        }
+        // The guard lives on the blocking thread: a scrape that goes away meanwhile still
+        // leaves the flight open for the next.
+        tokio::task::spawn_blocking(move || {
+            let computing = Computing(&self);
+            let started = Instant::now();
+            let value = compute();
+            {
+                let mut state = self.lock();
+                state.generation += 1;
+                state.last = Some((started, value.clone()));
+            }
+            drop(computing);
+            value
+        })
+        .await
+        .ok()
+    }
+}
+
 impl<T> Flight<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -85,6 +142,7 @@ impl<T> Drop for Computing<'_, T> {
     fn drop(&mut self) {
         self.0.lock().computing = false;
         self.0.done.notify_all();
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -157,5 +215,36 @@ mod tests {
         let (first, second) = with_second_arrival(&flight, || panic!("compute failed"));
         assert!(first.is_err());
         assert_eq!(second, "own");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_joins_the_computation_in_progress_and_a_panic_frees_the_flight() {
+        let flight = Arc::new(Flight::default());
+        let (entered, wait) = std::sync::mpsc::channel();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn(flight.clone().get_async(Instant::now(), move || {
+            entered.send(()).unwrap();
+            hold.recv().unwrap();
+            "in flight"
+        }));
+        tokio::task::spawn_blocking(move || wait.recv().unwrap())
+            .await
+            .unwrap();
+        // Arrives while the computation runs: joins it, computes nothing of its own.
+        let second = tokio::spawn(flight.clone().get_async(Instant::now(), || "own"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), Some("in flight"));
+        assert_eq!(second.await.unwrap(), Some("in flight"));
+        // A computation that panics answers None and leaves the next request its own.
+        let failed = flight
+            .clone()
+            .get_async(Instant::now(), || panic!("compute failed"))
+            .await;
+        assert_eq!(failed, None);
+        assert_eq!(
+            flight.get_async(Instant::now(), || "after").await,
+            Some("after")
+        );
     }
 }

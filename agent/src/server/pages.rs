@@ -7,7 +7,7 @@
 //! scrape that arrives during a render to start a snapshot of its own, and each of those
 //! another render. Memory stays bounded by four pages.
 
-use std::{io::Write as _, time::Instant};
+use std::{io::Write as _, sync::Arc, time::Instant};
 
 use axum::http::HeaderValue;
 use bytes::Bytes;
@@ -47,27 +47,29 @@ impl Encoding {
 /// The last page per (format, encoding).
 #[derive(Default)]
 pub struct Pages {
-    slots: [Flight<Bytes>; 4],
+    slots: [Arc<Flight<Bytes>>; 4],
 }
 
 impl Pages {
     /// The page for a scrape that arrived at `arrived`: `render` (which reads a snapshot) and
-    /// the encoding run unless a build that serves this scrape is done or in progress.
-    pub fn get(
+    /// the encoding run, on the blocking pool, unless a build that serves this scrape is done or
+    /// in progress; meanwhile the scrape waits as a task. `None` when the build panicked.
+    pub async fn get(
         &self,
         arrived: Instant,
         format: Format,
         encoding: Encoding,
-        render: impl FnOnce() -> String,
-    ) -> Bytes {
-        let slot = &self.slots[format as usize * 2 + encoding as usize];
-        slot.get(arrived, || {
+        render: impl FnOnce() -> String + Send + 'static,
+    ) -> Option<Bytes> {
+        let slot = self.slots[format as usize * 2 + encoding as usize].clone();
+        slot.get_async(arrived, move || {
             let text = render();
             match encoding {
                 Encoding::Identity => Bytes::from(text),
                 Encoding::Gzip => gzip(text.as_bytes()),
             }
         })
+        .await
     }
 }
 
@@ -105,28 +107,35 @@ mod tests {
         assert_eq!(n("x-gzip"), Encoding::Identity);
     }
 
-    #[test]
-    fn one_build_per_arrival_and_slot() {
+    #[tokio::test]
+    async fn one_build_per_arrival_and_slot() {
         let pages = Pages::default();
-        let mut renders = 0;
-        let mut page = |arrived, f, e| {
-            pages.get(arrived, f, e, || {
-                renders += 1;
-                format!("page {renders}\n")
-            })
+        let renders = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let page = |arrived, f, e| {
+            let renders = renders.clone();
+            let pages = &pages;
+            async move {
+                pages
+                    .get(arrived, f, e, move || {
+                        let n = renders.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        format!("page {n}\n")
+                    })
+                    .await
+                    .unwrap()
+            }
         };
         let arrived = Instant::now();
         assert_eq!(
-            page(arrived, Format::Prometheus, Encoding::Identity),
+            page(arrived, Format::Prometheus, Encoding::Identity).await,
             "page 1\n"
         );
         // A scrape that arrived before that build started shares it.
         assert_eq!(
-            page(arrived, Format::Prometheus, Encoding::Identity),
+            page(arrived, Format::Prometheus, Encoding::Identity).await,
             "page 1\n"
         );
         // Another slot builds its own, encoded as asked.
-        let gz = page(arrived, Format::OpenMetrics, Encoding::Gzip);
+        let gz = page(arrived, Format::OpenMetrics, Encoding::Gzip).await;
         let mut text = String::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_string(&mut text)
@@ -134,7 +143,7 @@ mod tests {
         assert_eq!(text, "page 2\n");
         // A scrape that arrives later gets a page built after it arrived.
         assert_eq!(
-            page(Instant::now(), Format::Prometheus, Encoding::Identity),
+            page(Instant::now(), Format::Prometheus, Encoding::Identity).await,
             "page 3\n"
         );
     }

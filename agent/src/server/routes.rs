@@ -156,17 +156,17 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     let arrived = std::time::Instant::now();
     let format = negotiate(headers.get(header::ACCEPT));
     let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING));
-    // Map reads are syscalls, rendering and gzip are CPU: keep them off the async workers.
-    let body = tokio::task::spawn_blocking(move || {
-        state.pages.get(arrived, format, encoding, || {
+    // Map reads are syscalls, rendering and gzip are CPU: the build runs on the blocking pool.
+    let pages = state.pages.clone();
+    let body = pages
+        .get(arrived, format, encoding, move || {
             let snapshot = state.model.snapshot_since(arrived);
             let mut server = state.server.stats.snapshot();
             server.log_lines_dropped = state.control.logs.dropped();
             render::exposition(&snapshot, &server, format)
         })
-    })
-    .await;
-    let Ok(body) = body else {
+        .await;
+    let Some(body) = body else {
         return ApiError::Internal.into_response();
     };
     let mut response = (
