@@ -205,6 +205,17 @@ impl ListenerIndex {
         Self { owners }
     }
 
+    /// An index of the given (netns, port, broker, listener) owners.
+    #[cfg(test)]
+    pub fn from_owners(owners: Vec<(u32, u16, String, String)>) -> Self {
+        Self {
+            owners: owners
+                .into_iter()
+                .map(|(netns, port, b, l)| ((netns, port), Some((b, l))))
+                .collect(),
+        }
+    }
+
     pub fn get(&self, netns: u32, port: u16) -> Option<(&str, &str)> {
         self.owners
             .get(&(netns, port))?

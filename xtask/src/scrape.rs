@@ -73,6 +73,26 @@ pub struct Report {
     pub payload_bytes: usize,
     /// Whether the kernel let the default agent attach the map iterators.
     pub map_iterators: bool,
+    /// Our renderer against `prometheus-client` on the listener families (one line).
+    pub exposition_eval: String,
+}
+
+/// Runs the agent's `render::client_eval` measurement in release; returns its figure line.
+fn exposition_eval(root: &Path) -> anyhow::Result<String> {
+    let out = crate::cmd::cargo(root)
+        .args(["test", "--release", "--package", "brokerscope", "--lib"])
+        .args(["render::client_eval::cost_against_prometheus_client", "--"])
+        .args(["--ignored", "--nocapture"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the exposition measurement")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("exposition-eval: "))
+        .context("the exposition measurement printed no figure")?;
+    eprintln!("bench: {line}");
+    Ok(line.to_string())
 }
 
 /// Kills a child process when dropped.
@@ -517,7 +537,9 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
     drop(brokers);
     drop(ne);
     let latencies = connection_stages(&dir, &pki, &agents, open_files)?;
+    let exposition_eval = exposition_eval(root)?;
     Ok(Report {
+        exposition_eval,
         runs,
         latencies,
         idle_rss_kib,
@@ -724,6 +746,13 @@ pub fn report(r: &Report) -> (String, String) {
         }
     }
     md += "\n\nTarget: with 50k open connections, within 2 ms of the idle scrape.\n";
+    md += &format!(
+        "\n## Exposition library\n\nOur renderer against the `prometheus-client` crate (a \
+         custom collector over the same stats; both pages parsed and compared sample by sample \
+         by a unit test), OpenMetrics, in release: {}.\n\nAdopt unless it costs more than about \
+         20 % of scrape throughput or cannot express a series we serve.\n",
+        r.exposition_eval
+    );
     let json = format!(
         "\"scrape\":{{\"idle_rss_kib\":{},\"payload_bytes\":{},\"map_iterators\":{},\"runs\":[{}],\"latency\":[{}]}}",
         r.idle_rss_kib,
