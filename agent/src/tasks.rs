@@ -1,8 +1,10 @@
 //! The one place the agent starts its long-running work: async tasks on the runtime (ring
-//! readers, the rescan, the config file watch, the TLS reloaders, the pod listeners) and
-//! threads for loops that block (discovery's event feed, the broker state tracker, the standby
-//! programs' demand, the file workers). Each has a name: in the log when it starts and stops,
-//! and, for a thread, as its name in `/proc/<pid>/task/*/comm`.
+//! readers, the rescan, the config file watch, the TLS reloaders, the pod listeners and their
+//! certificate followers) and threads for loops that block (discovery's event feed, the broker
+//! state tracker, the standby programs' demand, the file workers). A connection's own task
+//! lives as long as the connection and is started by the server that accepted it. Each long-running
+//! one has a name: in the log when it starts and stops, and, for a thread, as its name in
+//! `/proc/<pid>/task/*/comm`.
 //!
 //! [`shutdown`] aborts every running task at the agent's stop, before the kernel programs are
 //! detached. Threads cannot be aborted: each loop ends by itself when what it serves is gone

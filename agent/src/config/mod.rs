@@ -445,8 +445,26 @@ impl Config {
     /// Checks every value and names every offending key (live config answers them all).
     pub fn validate_all(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
+        let listen = self.server.listen_addr().map_err(|e| errors.push(e)).ok();
+        self.validate_server(&mut errors);
+        self.validate_lists(&mut errors);
+        self.validate_discovery(listen, &mut errors);
+        self.validate_probes(&mut errors);
+        if let Err(e) = parse_filter(&self.log.level) {
+            errors.push(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "`{}` is not a level or filter such as `info` or `info,brokerscope=debug`: {e}",
+                    self.log.level
+                ),
+            ));
+        }
+        errors
+    }
+
+    /// The server section's own values.
+    fn validate_server(&self, errors: &mut Vec<ConfigError>) {
         let s = &self.server;
-        let listen = s.listen_addr().map_err(|e| errors.push(e)).ok();
         for (key, path) in [
             ("server.cert_file", &s.cert_file),
             ("server.key_file", &s.key_file),
@@ -480,6 +498,11 @@ impl Config {
                 "must be 1..=1000000",
             ));
         }
+    }
+
+    /// Lengths of the lists and of their entries.
+    fn validate_lists(&self, errors: &mut Vec<ConfigError>) {
+        let s = &self.server;
         for (key, len, max) in [
             (
                 "server.allowed_client_names",
@@ -518,6 +541,12 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// Discovery's patterns and ports, and the ports the endpoint must keep apart from them
+    /// (`listen`: `server.listen`, when it parsed).
+    fn validate_discovery(&self, listen: Option<SocketAddr>, errors: &mut Vec<ConfigError>) {
+        let s = &self.server;
         if let Some(e) = self
             .discovery
             .cmdline_patterns
@@ -560,6 +589,10 @@ impl Config {
                 ),
             ));
         }
+    }
+
+    /// The probes section: map sizes, release time, pin directory, program names.
+    fn validate_probes(&self, errors: &mut Vec<ConfigError>) {
         for (key, value) in [
             ("probes.listeners_capacity", self.probes.listeners_capacity),
             (
@@ -614,16 +647,6 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = parse_filter(&self.log.level) {
-            errors.push(ConfigError::invalid(
-                "log.level",
-                format!(
-                    "`{}` is not a level or filter such as `info` or `info,brokerscope=debug`: {e}",
-                    self.log.level
-                ),
-            ));
-        }
-        errors
     }
 
     /// The effective configuration as TOML, for `check-config` and diagnostics.

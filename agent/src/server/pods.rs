@@ -463,13 +463,16 @@ fn start(
     let (serves, serving) = watch::channel(Arc::<str>::from(broker.0.as_str()));
     let (tx, configs) = watch::channel(bound.config);
     let certificate_error = Arc::new(Mutex::new(None));
-    let reloader = tokio::spawn(follow_certificate(
-        model.clone(),
-        serving.clone(),
-        tx,
-        bound.initial,
-        certificate_error.clone(),
-    ));
+    let reloader = crate::tasks::spawn(
+        "pod-tls-reload",
+        follow_certificate(
+            model.clone(),
+            serving.clone(),
+            tx,
+            bound.initial,
+            certificate_error.clone(),
+        ),
+    );
     let state =
         ServerState::for_listener(section, node.stats.clone(), format!("pod/{}", bound.pod));
     state.follow(node);
@@ -478,16 +481,19 @@ fn start(
     tracing::info!(broker = %broker.0, pod = %bound.pod, port, "pod listener open");
     match tokio::net::TcpListener::from_std(bound.listener) {
         Ok(listener) => {
-            tokio::spawn(super::serve_with(
-                listener,
-                configs,
-                state.clone(),
-                app,
-                async move {
-                    let _ = stopped.await;
-                },
-                POD_BUDGET,
-            ));
+            crate::tasks::spawn(
+                "pod-listener",
+                super::serve_with(
+                    listener,
+                    configs,
+                    state.clone(),
+                    app,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                    POD_BUDGET,
+                ),
+            );
         }
         Err(e) => tracing::warn!(broker = %broker.0, error = %e, "pod listener: cannot register"),
     }
