@@ -228,45 +228,15 @@ impl Probes {
     /// Resolves offsets from the running kernel, loads the object with the configured map
     /// capacities and attaches every program.
     pub fn load(kernel: &KernelFacts, config: &ProbesConfig) -> Result<Self, ProbesError> {
-        // Parsed once: a few MiB of kernel type information.
-        let kernel_types = btf::Btf::parse(&read_file(&kernel.btf)?)?;
-        let (all, lacks) = Offsets::resolve(
-            |category: &str, name: &str| tracefs::Format::read(&kernel.tracefs, category, name),
-            &kernel_types,
-        );
-        tracing::debug!(offsets = ?all, "resolved offsets");
-        for (program, reason) in lacks.iter() {
-            tracing::info!(
-                program = program.name(),
-                reason,
-                "this kernel lacks what the program reads"
-            );
-        }
-        // The direct loads of the BTF programs get this kernel's offsets; a program whose
-        // loads cannot be patched is not loaded, and its fallback serves.
-        let patched =
-            fields::FieldOffsets::resolve(&kernel_types, &all.sockets, &all.events, &all.resources)
-                .and_then(|field_offsets| {
-                    tracing::debug!(cast = ?field_offsets.cast(), "socket cast to struct tcp_sock");
-                    fields::patch(EBPF_OBJECT, &field_offsets)
-                });
+        let (all, lacks, patched) = Self::resolve_for(kernel)?;
         let (object, refusals) = object_and_refusals(&patched);
         let (mut ebpf, pins) = load_object(object, &all, config)?;
         drop(patched);
         let adopting = pins.as_ref().is_some_and(pins::Pins::adopted);
         let counting_since = records::counting_since(&mut ebpf, adopting)?;
         if let Some(pins) = &pins {
-            if adopting {
-                tracing::info!(
-                    dir = %pins.dir().display(),
-                    since = %records::rfc3339(counting_since),
-                    "adopting the pinned maps and links of an earlier agent: counters continue"
-                );
-            } else {
-                tracing::info!(dir = %pins.dir().display(), "maps and links pinned: counting survives a restart");
-            }
+            log_pins(pins, adopting, counting_since);
         }
-
         spawn_kernel_log(&mut ebpf)?;
 
         let btf = aya::Btf::from_sys_fs().map_err(|e| ProbesError::KernelBtf(Box::new(e)))?;
@@ -334,6 +304,42 @@ impl Probes {
             broker_records,
             ebpf,
         })
+    }
+
+    /// This kernel's offsets, what it lacks by program, and the object with the BTF programs'
+    /// direct loads patched to its field offsets (an error: those programs are not loaded, and
+    /// their fallbacks serve).
+    fn resolve_for(
+        kernel: &KernelFacts,
+    ) -> Result<
+        (
+            Offsets,
+            lacks::Lacks,
+            Result<fields::Object, fields::PatchError>,
+        ),
+        ProbesError,
+    > {
+        // Parsed once: a few MiB of kernel type information.
+        let kernel_types = btf::Btf::parse(&read_file(&kernel.btf)?)?;
+        let (all, lacks) = Offsets::resolve(
+            |category: &str, name: &str| tracefs::Format::read(&kernel.tracefs, category, name),
+            &kernel_types,
+        );
+        tracing::debug!(offsets = ?all, "resolved offsets");
+        for (program, reason) in lacks.iter() {
+            tracing::info!(
+                program = program.name(),
+                reason,
+                "this kernel lacks what the program reads"
+            );
+        }
+        let patched =
+            fields::FieldOffsets::resolve(&kernel_types, &all.sockets, &all.events, &all.resources)
+                .and_then(|field_offsets| {
+                    tracing::debug!(cast = ?field_offsets.cast(), "socket cast to struct tcp_sock");
+                    fields::patch(EBPF_OBJECT, &field_offsets)
+                });
+        Ok((all, lacks, patched))
     }
 
     /// The broker records kept with the maps (discovery's, see `discovery::table`): what an
@@ -747,6 +753,20 @@ impl Drop for Probes {
             ),
             None => tracing::info!(?ids, "detaching and unloading kernel programs"),
         }
+    }
+}
+
+/// Says whether the maps and links in `pins` were adopted from an earlier agent (counting since
+/// `counting_since`) or pinned afresh.
+fn log_pins(pins: &pins::Pins, adopting: bool, counting_since: std::time::SystemTime) {
+    if adopting {
+        tracing::info!(
+            dir = %pins.dir().display(),
+            since = %records::rfc3339(counting_since),
+            "adopting the pinned maps and links of an earlier agent: counters continue"
+        );
+    } else {
+        tracing::info!(dir = %pins.dir().display(), "maps and links pinned: counting survives a restart");
     }
 }
 

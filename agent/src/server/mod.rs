@@ -160,19 +160,7 @@ pub async fn serve_with(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    if let Some(suppressed) = accept_errors.check(Instant::now()) {
-                        tracing::warn!(error = %e, suppressed, "accept failed");
-                    }
-                    // One connection's trouble: go on. Anything else (EMFILE, ENOBUFS): back
-                    // off instead of spinning.
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionAborted
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::Interrupted
-                    ) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    accept_failed(&e, &accept_errors).await;
                     continue;
                 }
             },
@@ -212,7 +200,29 @@ pub async fn serve_with(
     drop(listener);
     tracing::info!(listener = %state.listener, "stopped accepting; draining connections");
     let _ = stop_tx.send(true);
-    let all = u32::try_from(budget.sockets).unwrap_or(u32::MAX);
+    drain(&sockets, budget.sockets).await;
+}
+
+/// Logs a failed accept (throttled) and, unless it was one connection's trouble, backs off
+/// instead of spinning (EMFILE, ENOBUFS).
+async fn accept_failed(e: &std::io::Error, throttle: &Throttle) {
+    if let Some(suppressed) = throttle.check(Instant::now()) {
+        tracing::warn!(error = %e, suppressed, "accept failed");
+    }
+    if !matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+    ) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every socket slot of `budget` is back (the connections told to stop have
+/// closed), at most [`DRAIN_TIMEOUT`].
+async fn drain(sockets: &Semaphore, budget: usize) {
+    let all = u32::try_from(budget).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN_TIMEOUT, sockets.acquire_many(all))
         .await
         .is_err()
