@@ -26,6 +26,7 @@ mod pki;
 mod policy;
 mod probes;
 mod proc;
+mod procbench;
 mod render;
 mod resources;
 mod server;
@@ -173,6 +174,16 @@ the agent's power-of-two bucket that holds the quantile (<2ms). One /metrics req
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Our /proc readers against the procfs crate's, ns per read (`cargo xtask bench
+    /// --procfs-only`).
+    #[command(hide = true)]
+    BenchProcfs {
+        /// Reads per round of each reader.
+        #[arg(long, default_value_t = 2000)]
+        iterations: u32,
+        /// Processes to read (this one's and pid 1's when none).
+        pids: Vec<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -303,6 +314,7 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Command::Man { dir } => man(dir.as_deref()),
+        Command::BenchProcfs { iterations, pids } => bench_procfs(iterations, pids),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -835,4 +847,14 @@ fn release_load_memory() {
             "returned the loader's freed heap to the kernel"
         );
     }
+}
+
+/// `brokerscope bench-procfs`: see [`procbench`].
+fn bench_procfs(iterations: u32, mut pids: Vec<u32>) -> anyhow::Result<()> {
+    if pids.is_empty() {
+        pids = vec![std::process::id(), 1];
+    }
+    let rows = procbench::run(&pids, iterations)?;
+    print!("{}", procbench::report(&rows));
+    Ok(())
 }

@@ -189,7 +189,7 @@ pub const POLL_PACE: u32 = 20;
 pub const MAX_LINKS_PER_POLL: usize = 4096;
 /// Lines of `/proc/<pid>/net/tcp{,6}` read per check (a broker with more sockets than this is
 /// checked on the first ones; listeners come first in the kernel's hash order only by chance).
-const MAX_TCP_LINES: usize = 200_000;
+pub(crate) const MAX_TCP_LINES: usize = 200_000;
 
 /// Log segments found under a process's log dirs when the agent first saw it.
 #[derive(Debug, Default)]
@@ -932,6 +932,10 @@ fn paced(started: Instant, listing: Duration) -> Option<Instant> {
     (listing > POLL_TICK / POLL_PACE).then(|| started + listing * POLL_PACE)
 }
 
+/// Kept over procfs 0.18 `tcp()`/`tcp6()`: as fast (6.68 ms both, the kernel's walk of the
+/// socket table dominates) but it collects every line with no bound and cannot stop once the
+/// ports are found; measured 2026-12-05 by `cargo xtask bench --procfs-only`.
+///
 /// Whether every configured listener port is in LISTEN in the broker's network namespace
 /// (`/proc/<pid>/net/tcp{,6}` show the namespace of that process). A broker with no known
 /// listener (config unreadable, no `discovery.listener_ports`) cannot be told.

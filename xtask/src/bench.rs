@@ -828,6 +828,26 @@ pub fn run_node_tax_only(root: &Path, bin: &Path) -> anyhow::Result<()> {
     run_node_tax(bin, &out_dir)
 }
 
+/// `--procfs-only`: the agent's hidden `bench-procfs` (our /proc readers against the procfs
+/// crate's) on its own process and pid 1, its table printed and kept in
+/// target/bench/procfs.md.
+pub fn run_procfs_only(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = Command::new(bin)
+        .arg("bench-procfs")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run the agent's bench-procfs")?;
+    if !out.status.success() {
+        bail!("bench-procfs failed: {}", out.status);
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    print!("{table}");
+    std::fs::write(out_dir.join("procfs.md"), table.as_bytes())?;
+    Ok(())
+}
+
 fn run_node_tax(bin: &Path, out_dir: &Path) -> anyhow::Result<()> {
     let fetch_file = out_dir.join("fetch.bin");
     if !fetch_file.exists() {

@@ -66,6 +66,10 @@ enum Cmd {
         /// btrfs, tmpfs, unreadable, and while a broker recovers.
         #[arg(long, conflicts_with = "scrape_only")]
         node_tax_only: bool,
+        /// Only our /proc readers against the procfs crate's, ns per read (written to
+        /// target/bench/procfs.md).
+        #[arg(long, conflicts_with_all = ["scrape_only", "node_tax_only"])]
+        procfs_only: bool,
         /// Only the soak and churn run (docs/performance.md): 10k short connections/s, broker
         /// restarts in new namespaces, a scrape a second and an agent kill -9 + restart halfway,
         /// the agent's RSS, fds, threads, map fill, series and CPU plotted over time
@@ -195,12 +199,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             scrape_only,
             node_tax_only,
+            procfs_only,
             soak,
             soak_minutes,
             soak_no_load,
             soak_no_churn,
             soak_glibc_tunables,
         } => {
+            if procfs_only {
+                return bench::run_procfs_only(&root, &build_agent(&root, true)?);
+            }
             // The node-tax part and the soak need only the tests' packages (mkfs.ext4/xfs/btrfs,
             // curl, iproute2).
             setup::ensure(if node_tax_only || soak {

@@ -315,7 +315,8 @@ pub fn inside_root<'a>(root: &[u8], target: &'a [u8]) -> Option<&'a [u8]> {
     }
 }
 
-/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks after boot.
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks after boot. Discovery's
+/// stat reader ([`crate::proc::ProcFs::stat`]) is the same read; its procfs figures are there.
 pub fn start_ticks(pid: u32) -> Result<u64, FdPollError> {
     let mut text = Vec::new();
     File::open(format!("/proc/{pid}/stat"))
