@@ -110,7 +110,7 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
             &mut || kept.fd_count().map(black_box).is_ok(),
         );
         row(
-            "stat (discovery: start time, state)",
+            "stat (discovery: our bounded read, procfs's parser)",
             &mut || fs.stat(pid).map(black_box).is_ok(),
             &mut || {
                 Process::new(pid as i32)

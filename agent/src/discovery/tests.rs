@@ -103,7 +103,15 @@ impl FakeProc {
         let fields: Vec<String> = (4..=21).map(|i| i.to_string()).collect();
         std::fs::write(
             self.pid_dir(pid).join("stat"),
-            format!("{pid} (java) {state} {} {start} 23 24\n", fields.join(" ")),
+            // As long as the kernel writes it (52 fields): the parser wants at least 37.
+            format!(
+                "{pid} (java) {state} {} {start} {}\n",
+                fields.join(" "),
+                (23..=52)
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
         )
         .unwrap();
     }
