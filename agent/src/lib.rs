@@ -28,11 +28,11 @@ mod probes;
 mod proc;
 mod procbench;
 mod render;
-mod resources;
 mod server;
-mod state;
 mod stats;
+mod strimzi;
 mod tasks;
+mod usage;
 mod views;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -760,7 +760,7 @@ fn spawn_discovery_events(
 
 /// Feeds the kernel's SIGTERM events (and opens, from the opt-in `openat` hooks) to the broker
 /// state tracker, and derives every broker's state again every [`STATE_TICK`] (listeners appear
-/// without an event), or every [`state::POLL_TICK`] while a broker is starting (its open
+/// without an event), or every [`strimzi::POLL_TICK`] while a broker is starting (its open
 /// descriptors are polled each tick: that is how log recovery is seen), on a thread of its own:
 /// the tracker reads /proc.
 fn spawn_state_tracker(
@@ -790,7 +790,7 @@ fn spawn_state_tracker(
             if std::time::Instant::now() >= next_tick {
                 let polling = model.tick_states();
                 let every = if polling {
-                    state::POLL_TICK
+                    strimzi::POLL_TICK
                 } else {
                     STATE_TICK
                 };

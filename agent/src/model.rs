@@ -10,7 +10,7 @@ use crate::{
     broker::Broker,
     kernel::KernelFacts,
     probes::{Attachment, ProbeSnapshot, Probes, state::StateSignal},
-    state::{StateChange, StateTracker, StateView},
+    strimzi::{StateChange, StateTracker, StateView},
 };
 
 /// Why the agent is not ready, or that it is.
@@ -81,7 +81,7 @@ pub struct Model {
     /// Concurrent readers share snapshots (see [`Model::snapshot_since`]).
     snapshots: crate::flight::Flight<std::sync::Arc<Snapshot>>,
     /// The brokers' /proc and cgroup files, open between snapshots.
-    proc_files: Mutex<crate::resources::ProcFiles>,
+    proc_files: Mutex<crate::usage::ProcFiles>,
     /// Wakes the thread that attaches and detaches the standby programs (see
     /// [`Model::sync_demand`]).
     demand: DemandSignal,
@@ -189,7 +189,7 @@ pub struct Snapshot {
     /// (broker id, pod listener), sorted by id; empty while `server.pod_listeners` is off.
     pub pod_listeners: Vec<(String, PodListener)>,
     /// /proc and cgroup figures of running brokers, by broker id.
-    pub procs: Vec<(String, crate::resources::ProcStats)>,
+    pub procs: Vec<(String, crate::usage::ProcStats)>,
     /// The workers reading brokers' own files.
     pub file_work: crate::files::workers::WorkStats,
 }
@@ -485,7 +485,7 @@ impl Model {
 
     /// Derives every broker's state again (listeners that started listening, quiet recovery),
     /// polling the open descriptors of the brokers still starting (log recovery). Whether some
-    /// are: the tracker's thread then ticks every [`crate::state::POLL_TICK`].
+    /// are: the tracker's thread then ticks every [`crate::strimzi::POLL_TICK`].
     pub fn tick_states(&self) -> bool {
         let brokers = self.brokers();
         let mut states = self.states();

@@ -15,7 +15,7 @@ use procfs::process::Process;
 use crate::{
     capabilities, kernel,
     proc::ProcFs,
-    resources::{self, Cached, ProcStats},
+    usage::{self, Cached, ProcStats},
 };
 
 const ROUNDS: usize = 7;
@@ -35,7 +35,7 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
     for &pid in pids {
         let dir = PathBuf::from(format!("/proc/{pid}"));
         let kept = Process::new(pid as i32)?;
-        let page = resources::page_size();
+        let page = usage::page_size();
         let mut buf = Vec::new();
 
         let mut stat = Cached::new(dir.join("stat"));
@@ -62,7 +62,7 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
             &mut || {
                 let mut s = ProcStats::default();
                 stat.read(&mut buf)
-                    .map(|t| resources::parse_stat(t, page, &mut s))
+                    .map(|t| usage::parse_stat(t, page, &mut s))
                     .is_some()
                     && s.threads.is_some()
             },
@@ -78,8 +78,8 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
             &mut || {
                 io.read(&mut buf)
                     .and_then(|t| {
-                        black_box(resources::field(t, "read_bytes:"))?;
-                        resources::field(t, "write_bytes:")
+                        black_box(usage::field(t, "read_bytes:"))?;
+                        usage::field(t, "write_bytes:")
                     })
                     .is_some()
             },
@@ -95,7 +95,7 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
             &mut || {
                 limits
                     .read(&mut buf)
-                    .and_then(resources::parse_max_fds)
+                    .and_then(usage::parse_max_fds)
                     .is_some()
             },
             &mut || {
@@ -106,7 +106,7 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
         );
         row(
             "fd count (resources)",
-            &mut || resources::open_fds(pid, &mut fd_dir).is_some(),
+            &mut || usage::open_fds(pid, &mut fd_dir).is_some(),
             &mut || kept.fd_count().map(black_box).is_ok(),
         );
         row(
@@ -182,9 +182,9 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
                         n += std::io::BufReader::new(f)
                             .lines()
                             .skip(1)
-                            .take(crate::state::MAX_TCP_LINES)
+                            .take(crate::strimzi::MAX_TCP_LINES)
                             .map_while(Result::ok)
-                            .filter_map(|l| crate::state::listen_port(&l))
+                            .filter_map(|l| crate::strimzi::listen_port(&l))
                             .count();
                     }
                 }

@@ -779,7 +779,7 @@ fn resources(e: &mut Exposition, snapshot: &Snapshot) {
             }
         }
     }
-    type Getter = fn(&crate::resources::ProcStats) -> Option<u64>;
+    type Getter = fn(&crate::usage::ProcStats) -> Option<u64>;
     let gauges: [(&str, Kind, &str, Getter); 7] = [
         (
             "memory_rss_bytes",

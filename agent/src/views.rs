@@ -105,7 +105,7 @@ mod tests {
             .iter()
             .map(|b| BrokerView {
                 broker: b.clone(),
-                broker_state: crate::state::StateView::of(crate::state::KafkaState::Running),
+                broker_state: crate::strimzi::StateView::of(crate::strimzi::KafkaState::Running),
                 state_changes: Vec::new(),
                 log_dir_fsync: Vec::new(),
                 pod_listener: None,

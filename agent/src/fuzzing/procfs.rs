@@ -13,8 +13,8 @@ use std::path::Path;
 use crate::{
     kernel,
     proc::{self as discovery_proc, ProcFs, Stat},
-    resources::{self, ProcStats},
-    state::{self, fds},
+    strimzi::{self, fds},
+    usage::{self, ProcStats},
 };
 
 /// Fuzzer bytes read as fields.
@@ -109,7 +109,7 @@ fn stat(mut input: Input<'_>) {
         "{line:?}"
     );
     let mut s = ProcStats::default();
-    resources::parse_stat(&line, 4096, &mut s);
+    usage::parse_stat(&line, 4096, &mut s);
     assert_eq!(s.minor_faults, Some(minor));
     assert_eq!(s.major_faults, Some(minor / 3));
     assert_eq!(s.threads, Some(threads));
@@ -139,7 +139,7 @@ fn stat_raw(input: Input<'_>) {
         );
     }
     let mut s = ProcStats::default();
-    resources::parse_stat(&text, 4096, &mut s);
+    usage::parse_stat(&text, 4096, &mut s);
     if let Some(rss) = s.rss_bytes {
         assert_eq!(rss % 4096, 0);
     }
@@ -244,7 +244,7 @@ fn net_tcp(mut input: Input<'_>) {
     let v6 = input.u8() % 2 == 1;
     let raw = input.text();
     for line in raw.lines() {
-        if state::listen_port(line).is_some() {
+        if strimzi::listen_port(line).is_some() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(fields.get(3), Some(&"0A"), "{line:?}");
         }
@@ -258,7 +258,7 @@ fn net_tcp(mut input: Input<'_>) {
         "  {st}: {addr}:{port:04X} {addr}:0000 {st:02X} 00000000:00000000 00:00000000 00000000   1000        0 123456 1 0000000000000000 100 0 0 10 0"
     );
     assert_eq!(
-        state::listen_port(&line),
+        strimzi::listen_port(&line),
         (st == 0x0A).then_some(port),
         "{line:?}"
     );
@@ -320,9 +320,9 @@ fn limits_io_pressure(mut input: Input<'_>) {
     let bytes = input.u64();
     let total = input.u64();
     let text = input.text();
-    let _ = resources::parse_max_fds(&text);
-    let _ = resources::field(&text, "read_bytes:");
-    for (kind, secs) in resources::parse_pressure(&text) {
+    let _ = usage::parse_max_fds(&text);
+    let _ = usage::field(&text, "read_bytes:");
+    for (kind, secs) in usage::parse_pressure(&text) {
         assert!(kind == "some" || kind == "full");
         assert!(secs >= 0.0 && secs.is_finite());
     }
@@ -332,14 +332,14 @@ fn limits_io_pressure(mut input: Input<'_>) {
          Max cpu time              unlimited            unlimited            seconds\n\
          Max open files            {soft}              {soft}              files\n"
     );
-    assert_eq!(resources::parse_max_fds(&limits), Some(soft));
+    assert_eq!(usage::parse_max_fds(&limits), Some(soft));
     let io = format!("rchar: 1\nwchar: 2\nsyscr: 3\nread_bytes: {bytes}\nwrite_bytes: 0\n");
-    assert_eq!(resources::field(&io, "read_bytes:"), Some(bytes));
+    assert_eq!(usage::field(&io, "read_bytes:"), Some(bytes));
     let psi = format!(
         "some avg10=0.00 avg60=0.00 avg300=0.00 total={total}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
     );
     assert_eq!(
-        resources::parse_pressure(&psi),
+        usage::parse_pressure(&psi),
         vec![("some", total as f64 / 1e6), ("full", 0.0)]
     );
 }

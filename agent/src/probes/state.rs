@@ -1,5 +1,5 @@
 //! Broker state (kernel side: agent-ebpf/src/state.rs): file opens and SIGTERMs of registered
-//! brokers, from a ring buffer into a bounded channel for the state tracker (`crate::state`).
+//! brokers, from a ring buffer into a bounded channel for the state tracker (`crate::strimzi`).
 
 use aya::Ebpf;
 use brokerscope_common::state::{

@@ -38,7 +38,7 @@ pub fn port_holder(port: u16) -> Option<String> {
 
 /// The inode of a `/proc/net/tcp` line's socket if it listens on `port`.
 fn listening_inode(line: &str, port: u16) -> Option<String> {
-    if crate::state::listen_port(line)? != port {
+    if crate::strimzi::listen_port(line)? != port {
         return None;
     }
     line.split_whitespace().nth(9).map(str::to_string)

@@ -29,7 +29,7 @@ use crate::{
     control::Control,
     model::Model,
     render::{self, Format},
-    state::StateView,
+    strimzi::StateView,
     views::{self, BrokerWithCounters},
 };
 
@@ -276,7 +276,7 @@ fn own_netns() -> Option<u32> {
 struct StrimziState {
     broker_state: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
-    recovery_state: Option<crate::state::Recovery>,
+    recovery_state: Option<crate::strimzi::Recovery>,
 }
 
 async fn strimzi_state(state: AppState, query: Query) -> Result<StateView, ApiError> {
@@ -688,7 +688,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();
         let mut own = broker("2", me, 1, &[("PLAINTEXT", port)]);
-        own.start_time_ticks = crate::state::start_ticks_of_pid(me).unwrap();
+        own.start_time_ticks = crate::strimzi::start_ticks_of_pid(me).unwrap();
         model.set_brokers(vec![
             broker("1", u32::MAX - 7, 1, &[("PLAINTEXT", 9092)]),
             own,
@@ -770,7 +770,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();
         let mut own = broker("2", me, 1, &[("PLAINTEXT", port)]);
-        own.start_time_ticks = crate::state::start_ticks_of_pid(me).unwrap();
+        own.start_time_ticks = crate::strimzi::start_ticks_of_pid(me).unwrap();
         model.set_brokers(vec![broker("1", pid, 1, &[("PLAINTEXT", 9092)]), own]);
         let a = get(&app, "/v1/broker-state?broker=2").await;
         assert_eq!(
