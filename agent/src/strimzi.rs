@@ -1026,6 +1026,7 @@ fn now_rfc3339() -> String {
 mod tests {
     use super::*;
     use crate::broker::tests::broker;
+    use fds::tests::Placed;
 
     #[test]
     fn numbers_names_and_readiness_follow_strimzi() {
@@ -1201,10 +1202,14 @@ mod tests {
 
         // Opened one by one, kept open (as Kafka keeps each loaded segment's FileChannel), with
         // the index beside each opened and closed: every tick sees exactly what was opened.
+        // Kept ones on numbers of this test's own (see `Placed`).
         let logs_left = [3, 3, 2, 2, 1, 1, 1, 0];
         let mut open = Vec::new();
         for (k, segment) in segments.iter().enumerate() {
-            open.push(std::fs::File::open(segment).unwrap());
+            open.push(Placed::new(
+                std::fs::File::open(segment).unwrap(),
+                940 + k as i32,
+            ));
             drop(std::fs::File::open(segment.with_extension("index")).unwrap());
             let left = 8 - (k as i32 + 1);
             assert_eq!(
@@ -1217,7 +1222,7 @@ mod tests {
                 // Closing a counted segment does not count it back, nor does opening it again.
                 drop(open.remove(0));
                 assert_eq!(t.tick(&b), recovering(2, 5));
-                open.push(std::fs::File::open(&segments[0]).unwrap());
+                open.push(Placed::new(std::fs::File::open(&segments[0]).unwrap(), 950));
                 assert_eq!(t.tick(&b), recovering(2, 5));
             }
         }
@@ -1236,9 +1241,9 @@ mod tests {
     fn a_process_seen_mid_recovery_counts_the_segments_it_already_holds() {
         let dir = tempfile::tempdir().unwrap();
         let (dirs, segments) = log_dirs(dir.path());
-        let held: Vec<_> = segments[..4]
-            .iter()
-            .map(|s| std::fs::File::open(s).unwrap())
+        let held: Vec<_> = (960..)
+            .zip(&segments[..4])
+            .map(|(fd, s)| Placed::new(std::fs::File::open(s).unwrap(), fd))
             .collect();
         let (b, _port) = own_broker(dirs);
         let mut t = unpaced();
@@ -1256,7 +1261,7 @@ mod tests {
             assert_eq!(t.on_signal(&open).as_deref(), Some("7"));
         }
         assert_eq!(t.evaluate(&b, true), recovering(1, 3));
-        let also = std::fs::File::open(&segments[4]).unwrap();
+        let also = Placed::new(std::fs::File::open(&segments[4]).unwrap(), 965);
         assert_eq!(t.tick(&b), recovering(1, 3));
         assert!(t.polling());
         drop((held, also));
@@ -1426,9 +1431,9 @@ mod tests {
             }
             (begun.elapsed(), times)
         };
-        let held: Vec<_> = segments
-            .iter()
-            .map(|s| std::fs::File::open(s).unwrap())
+        let held: Vec<_> = (970..)
+            .zip(&segments)
+            .map(|(fd, s)| Placed::new(std::fs::File::open(s).unwrap(), fd))
             .collect();
         let (all_seen, first) = run(&mut t, &|v| v == recovering(0, 0), 100);
         assert_eq!(t.tick(&b), recovering(0, 0));

@@ -342,7 +342,7 @@ pub fn start_ticks(pid: u32) -> Result<u64, FdPollError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         collections::BTreeSet,
         os::{fd::AsRawFd, unix::ffi::OsStrExt as _},
@@ -374,12 +374,12 @@ mod tests {
     /// A descriptor moved to a number of the test's own: tests running beside each
     /// other open and close files in this one process, and a number another test
     /// freed between two polls is (rightly) not read again when a test takes it.
-    struct Placed(i32);
+    pub(crate) struct Placed(i32);
 
     impl Placed {
-        fn new(file: impl AsRawFd, fd: i32) -> Self {
+        pub(crate) fn new(file: impl AsRawFd, fd: i32) -> Self {
             // SAFETY: both are descriptors of this process; each test owns its range of
-            // numbers (900 and up), which nothing else uses.
+            // numbers (900 and up; `strimzi`'s tests 940 and up), which nothing else uses.
             assert_eq!(unsafe { libc::dup2(file.as_raw_fd(), fd) }, fd);
             Placed(fd)
         }
