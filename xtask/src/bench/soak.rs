@@ -697,12 +697,11 @@ struct Lives {
 }
 
 pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> {
-    let minutes = options.minutes;
+    let (minutes, cycles) = (options.minutes, options.cycles());
     let experiment = options.experiment();
     let dir = fresh_dir(out_dir, experiment.as_deref())?;
     let agent_env = options.agent_env();
     let duration = Duration::from_secs_f64(minutes * 60.0);
-    let cycles = options.cycles();
     // A soak interrupted before left its pins: ours to remove.
     let _ = std::fs::remove_dir_all(PIN_DIR);
 
@@ -723,7 +722,6 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
 
     let (brokers, addrs) = start_load_brokers(&dir)?;
     let churn_properties = write_churn_properties(&dir)?;
-
     let mut agent = launcher.launch()?;
     wait_running(&agent)?;
     eprintln!(
@@ -735,14 +733,8 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
     let mut load = Load::start(addrs, if options.no_load { 0 } else { CLIENTS });
     let start = Instant::now();
     let stop_churn = Arc::new(AtomicBool::new(false));
-    let churn = spawn_churn(
-        start,
-        duration / cycles.max(1),
-        cycles,
-        churn_properties,
-        stop_churn.clone(),
-    );
-
+    let period = duration / cycles.max(1);
+    let churn = spawn_churn(start, period, cycles, churn_properties, stop_churn.clone());
     let lives = sample_lives(&launcher, &mut agent, &load, &dir, start, duration)?;
     let elapsed = start.elapsed().as_secs_f64();
     load.finish();
