@@ -221,6 +221,7 @@ enum PkiCommand {
 
 /// The command line: `brokerscope run | pki dev | check-config | cleanup | get | set | events |
 /// logs | top | completions | man`.
+// Long: one match arm per subcommand, in the CLI's order.
 pub fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
@@ -525,14 +526,7 @@ async fn run_async(
     let addr = config.server.listen_addr()?;
     let listener = bind(addr).await?;
 
-    // Each capability withheld is named once, with what it costs, before anything fails on it.
-    let missing_caps = match capabilities::effective() {
-        Some(effective) => capabilities::missing(effective),
-        None => Vec::new(),
-    };
-    for (capability, lost) in &missing_caps {
-        tracing::warn!(%capability, lost, "missing capability");
-    }
+    let missing_caps = missing_capabilities();
 
     let model = Arc::new(Model::default());
     // However run_async ends (a clean stop or an error after the probes attached), the kernel
@@ -542,14 +536,7 @@ async fn run_async(
 
     let (discovery, _rescan) = start_discovery(&config, &model).await?;
 
-    // Discovered brokers' listeners, as configured ones were checked with the config.
-    for b in model.brokers().iter().filter(|b| b.is_running()) {
-        config::isolation::check_isolation(
-            addr,
-            b.listeners.iter().map(|l| l.port),
-            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
-        )?;
-    }
+    check_brokers_isolation(&model, addr)?;
     let local = listener
         .local_addr()
         .context("listener has no local address")?;
@@ -577,6 +564,31 @@ async fn run_async(
     tasks::shutdown();
 
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Each capability withheld is named once, with what it costs, before anything fails on it.
+fn missing_capabilities() -> Vec<(String, &'static str)> {
+    let missing_caps = match capabilities::effective() {
+        Some(effective) => capabilities::missing(effective),
+        None => Vec::new(),
+    };
+    for (capability, lost) in &missing_caps {
+        tracing::warn!(%capability, lost, "missing capability");
+    }
+    missing_caps
+}
+
+/// Discovered brokers' listeners, as configured ones were checked with the config: none may
+/// share the agent's address.
+fn check_brokers_isolation(model: &Model, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    for b in model.brokers().iter().filter(|b| b.is_running()) {
+        config::isolation::check_isolation(
+            addr,
+            b.listeners.iter().map(|l| l.port),
+            &format!("the listeners of broker {} (pid {})", b.id, b.pid),
+        )?;
+    }
     Ok(())
 }
 

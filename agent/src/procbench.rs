@@ -33,188 +33,216 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let fs = ProcFs::default();
     for &pid in pids {
-        let dir = PathBuf::from(format!("/proc/{pid}"));
-        let kept = Process::new(pid as i32)?;
-        let page = usage::page_size();
-        let mut buf = Vec::new();
-
-        let mut stat = Cached::new(dir.join("stat"));
-        let mut io = Cached::new(dir.join("io"));
-        let mut limits = Cached::new(dir.join("limits"));
-        let mut fd_dir = Cached::new(dir.join("fd"));
-        let mut row_n = |reader,
-                         iterations,
-                         ours: &mut dyn FnMut() -> bool,
-                         theirs: &mut dyn FnMut() -> bool| {
-            let (ours_ns, procfs_ns) = compare(iterations, ours, theirs);
-            rows.push(Row {
-                reader,
-                pid,
-                ours_ns,
-                procfs_ns,
-            });
-        };
-        let mut row = |reader, ours: &mut dyn FnMut() -> bool, theirs: &mut dyn FnMut() -> bool| {
-            row_n(reader, iterations, ours, theirs);
-        };
-        row(
-            "stat (resources, kept file)",
-            &mut || {
-                let mut s = ProcStats::default();
-                stat.read(&mut buf)
-                    .map(|t| usage::parse_stat(t, page, &mut s))
-                    .is_some()
-                    && s.threads.is_some()
-            },
-            &mut || {
-                kept.stat()
-                    .map(|s| black_box((s.minflt, s.majflt, s.num_threads, s.rss * page)))
-                    .is_ok()
-            },
-        );
-        let mut buf = Vec::new();
-        row(
-            "io (resources, kept file)",
-            &mut || {
-                io.read(&mut buf)
-                    .and_then(|t| {
-                        black_box(usage::field(t, "read_bytes:"))?;
-                        usage::field(t, "write_bytes:")
-                    })
-                    .is_some()
-            },
-            &mut || {
-                kept.io()
-                    .map(|i| black_box((i.read_bytes, i.write_bytes)))
-                    .is_ok()
-            },
-        );
-        let mut buf = Vec::new();
-        row(
-            "limits (resources, kept file)",
-            &mut || {
-                limits
-                    .read(&mut buf)
-                    .and_then(usage::parse_max_fds)
-                    .is_some()
-            },
-            &mut || {
-                kept.limits()
-                    .map(|l| black_box(l.max_open_files.soft_limit))
-                    .is_ok()
-            },
-        );
-        row(
-            "fd count (resources)",
-            &mut || usage::open_fds(pid, &mut fd_dir).is_some(),
-            &mut || kept.fd_count().map(black_box).is_ok(),
-        );
-        row(
-            "stat (discovery: our bounded read, procfs's parser)",
-            &mut || fs.stat(pid).map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.stat())
-                    .map(|s| black_box((s.starttime, s.state)))
-                    .is_ok()
-            },
-        );
-        row(
-            "status Tgid (discovery)",
-            &mut || fs.tgid(pid).map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.status())
-                    .map(|s| black_box(s.tgid))
-                    .is_ok()
-            },
-        );
-        row(
-            "cmdline (discovery)",
-            &mut || fs.cmdline(pid).map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.cmdline())
-                    .map(black_box)
-                    .is_ok()
-            },
-        );
-        row(
-            "environ one variable (discovery)",
-            &mut || fs.env_var(pid, "HOSTNAME").map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.environ())
-                    .map(|e| black_box(e.get(std::ffi::OsStr::new("HOSTNAME")).cloned()))
-                    .is_ok()
-            },
-        );
-        row(
-            "cgroup v2 path (discovery)",
-            &mut || fs.cgroup2_path(pid).map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.cgroups())
-                    .map(|c| black_box(c.0.into_iter().find(|g| g.hierarchy == 0)))
-                    .is_ok()
-            },
-        );
-        row(
-            "netns inode (discovery)",
-            &mut || fs.netns(pid).map(black_box).is_ok(),
-            &mut || {
-                Process::new(pid as i32)
-                    .and_then(|p| p.namespaces())
-                    .map(|n| black_box(n.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)))
-                    .is_ok()
-            },
-        );
+        resource_rows(pid, iterations, &mut rows)?;
+        discovery_rows(&fs, pid, iterations, &mut rows);
         // Reading these files walks the node's whole socket table (milliseconds): fewer reads.
-        row_n(
-            "net/tcp+tcp6 LISTEN ports (state)",
-            iterations.div_ceil(100),
-            &mut || {
-                use std::io::BufRead as _;
-                let (mut n, mut read) = (0, false);
-                for file in ["tcp", "tcp6"] {
-                    if let Ok(f) = std::fs::File::open(dir.join("net").join(file)) {
-                        read = true;
-                        n += std::io::BufReader::new(f)
-                            .lines()
-                            .skip(1)
-                            .take(crate::strimzi::MAX_TCP_LINES)
-                            .map_while(Result::ok)
-                            .filter_map(|l| crate::strimzi::listen_port(&l))
-                            .count();
-                    }
-                }
-                black_box(n);
-                read
-            },
-            &mut || {
-                let Ok(p) = Process::new(pid as i32) else {
-                    return false;
-                };
-                let listen =
-                    |e: &procfs::net::TcpNetEntry| e.state == procfs::net::TcpState::Listen;
-                let n = p.tcp().map(|v| v.iter().filter(|e| listen(e)).count());
-                let n6 = p.tcp6().map(|v| v.iter().filter(|e| listen(e)).count());
-                let ok = n.is_ok();
-                black_box(n.unwrap_or(0) + n6.unwrap_or(0));
-                ok
-            },
-        );
+        listen_ports_row(pid, iterations.div_ceil(100), &mut rows);
     }
     // The agent's own files, read once at start: mountinfo (kernel check), status CapEff.
+    self_rows(iterations, &mut rows);
+    Ok(rows)
+}
+
+/// Compares `ours` and `theirs` on `pid`, the figures a row of `rows`.
+fn push(
+    rows: &mut Vec<Row>,
+    reader: &'static str,
+    pid: u32,
+    iterations: u32,
+    ours: &mut dyn FnMut() -> bool,
+    theirs: &mut dyn FnMut() -> bool,
+) {
+    let (ours_ns, procfs_ns) = compare(iterations, ours, theirs);
+    rows.push(Row {
+        reader,
+        pid,
+        ours_ns,
+        procfs_ns,
+    });
+}
+
+/// The resource readers, as a scrape uses them: ours re-reading kept files, procfs's from a
+/// kept `Process`.
+fn resource_rows(pid: u32, iterations: u32, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let kept = Process::new(pid as i32)?;
+    let page = usage::page_size();
+    let mut buf = Vec::new();
+
+    let mut stat = Cached::new(dir.join("stat"));
+    let mut io = Cached::new(dir.join("io"));
+    let mut limits = Cached::new(dir.join("limits"));
+    let mut fd_dir = Cached::new(dir.join("fd"));
+    let mut row = |reader, ours: &mut dyn FnMut() -> bool, theirs: &mut dyn FnMut() -> bool| {
+        push(rows, reader, pid, iterations, ours, theirs);
+    };
+    row(
+        "stat (resources, kept file)",
+        &mut || {
+            let mut s = ProcStats::default();
+            stat.read(&mut buf)
+                .map(|t| usage::parse_stat(t, page, &mut s))
+                .is_some()
+                && s.threads.is_some()
+        },
+        &mut || {
+            kept.stat()
+                .map(|s| black_box((s.minflt, s.majflt, s.num_threads, s.rss * page)))
+                .is_ok()
+        },
+    );
+    let mut buf = Vec::new();
+    row(
+        "io (resources, kept file)",
+        &mut || {
+            io.read(&mut buf)
+                .and_then(|t| {
+                    black_box(usage::field(t, "read_bytes:"))?;
+                    usage::field(t, "write_bytes:")
+                })
+                .is_some()
+        },
+        &mut || {
+            kept.io()
+                .map(|i| black_box((i.read_bytes, i.write_bytes)))
+                .is_ok()
+        },
+    );
+    let mut buf = Vec::new();
+    row(
+        "limits (resources, kept file)",
+        &mut || {
+            limits
+                .read(&mut buf)
+                .and_then(usage::parse_max_fds)
+                .is_some()
+        },
+        &mut || {
+            kept.limits()
+                .map(|l| black_box(l.max_open_files.soft_limit))
+                .is_ok()
+        },
+    );
+    row(
+        "fd count (resources)",
+        &mut || usage::open_fds(pid, &mut fd_dir).is_some(),
+        &mut || kept.fd_count().map(black_box).is_ok(),
+    );
+    Ok(())
+}
+
+/// Discovery's readers, each side starting from the path each time.
+fn discovery_rows(fs: &ProcFs, pid: u32, iterations: u32, rows: &mut Vec<Row>) {
+    let mut row = |reader, ours: &mut dyn FnMut() -> bool, theirs: &mut dyn FnMut() -> bool| {
+        push(rows, reader, pid, iterations, ours, theirs);
+    };
+    row(
+        "stat (discovery: our bounded read, procfs's parser)",
+        &mut || fs.stat(pid).map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.stat())
+                .map(|s| black_box((s.starttime, s.state)))
+                .is_ok()
+        },
+    );
+    row(
+        "status Tgid (discovery)",
+        &mut || fs.tgid(pid).map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.status())
+                .map(|s| black_box(s.tgid))
+                .is_ok()
+        },
+    );
+    row(
+        "cmdline (discovery)",
+        &mut || fs.cmdline(pid).map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.cmdline())
+                .map(black_box)
+                .is_ok()
+        },
+    );
+    row(
+        "environ one variable (discovery)",
+        &mut || fs.env_var(pid, "HOSTNAME").map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.environ())
+                .map(|e| black_box(e.get(std::ffi::OsStr::new("HOSTNAME")).cloned()))
+                .is_ok()
+        },
+    );
+    row(
+        "cgroup v2 path (discovery)",
+        &mut || fs.cgroup2_path(pid).map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.cgroups())
+                .map(|c| black_box(c.0.into_iter().find(|g| g.hierarchy == 0)))
+                .is_ok()
+        },
+    );
+    row(
+        "netns inode (discovery)",
+        &mut || fs.netns(pid).map(black_box).is_ok(),
+        &mut || {
+            Process::new(pid as i32)
+                .and_then(|p| p.namespaces())
+                .map(|n| black_box(n.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)))
+                .is_ok()
+        },
+    );
+}
+
+/// The LISTEN ports of the process's namespace, from net/tcp and net/tcp6.
+fn listen_ports_row(pid: u32, iterations: u32, rows: &mut Vec<Row>) {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    push(
+        rows,
+        "net/tcp+tcp6 LISTEN ports (state)",
+        pid,
+        iterations,
+        &mut || {
+            use std::io::BufRead as _;
+            let (mut n, mut read) = (0, false);
+            for file in ["tcp", "tcp6"] {
+                if let Ok(f) = std::fs::File::open(dir.join("net").join(file)) {
+                    read = true;
+                    n += std::io::BufReader::new(f)
+                        .lines()
+                        .skip(1)
+                        .take(crate::strimzi::MAX_TCP_LINES)
+                        .map_while(Result::ok)
+                        .filter_map(|l| crate::strimzi::listen_port(&l))
+                        .count();
+                }
+            }
+            black_box(n);
+            read
+        },
+        &mut || {
+            let Ok(p) = Process::new(pid as i32) else {
+                return false;
+            };
+            let listen = |e: &procfs::net::TcpNetEntry| e.state == procfs::net::TcpState::Listen;
+            let n = p.tcp().map(|v| v.iter().filter(|e| listen(e)).count());
+            let n6 = p.tcp6().map(|v| v.iter().filter(|e| listen(e)).count());
+            let ok = n.is_ok();
+            black_box(n.unwrap_or(0) + n6.unwrap_or(0));
+            ok
+        },
+    );
+}
+
+/// The agent's own files, read once at start.
+fn self_rows(iterations: u32, rows: &mut Vec<Row>) {
     let me = std::process::id();
     let mut row = |reader, ours: &mut dyn FnMut() -> bool, theirs: &mut dyn FnMut() -> bool| {
-        let (ours_ns, procfs_ns) = compare(iterations, ours, theirs);
-        rows.push(Row {
-            reader,
-            pid: me,
-            ours_ns,
-            procfs_ns,
-        });
+        push(rows, reader, me, iterations, ours, theirs);
     };
     row(
         "mountinfo (kernel check, self)",
@@ -245,7 +273,6 @@ pub fn run(pids: &[u32], iterations: u32) -> anyhow::Result<Vec<Row>> {
                 .is_ok()
         },
     );
-    Ok(rows)
 }
 
 /// Median over [`ROUNDS`] of the ns per call of `a` and of `b`, run alternately. A call that

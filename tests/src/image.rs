@@ -265,6 +265,47 @@ pub fn runtime_config(
     assert_eq!(sc["seccompProfile"]["type"], json!("Unconfined"), "{sc}");
     let mut args: Vec<Value> = container["command"].as_array().expect("command").clone();
     args.extend(container["args"].as_array().cloned().unwrap_or_default());
+    let env = container_env(container);
+    let namespaces = namespaces(pod, netns);
+    let mounts = mounts(container, pod, volumes);
+
+    let caps = json!(capabilities);
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {
+                "uid": sc["runAsUser"].as_u64().expect("runAsUser"),
+                "gid": sc["runAsGroup"].as_u64().expect("runAsGroup"),
+            },
+            "args": args,
+            "env": env,
+            "cwd": "/",
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "noNewPrivileges": sc["allowPrivilegeEscalation"] == json!(false),
+        },
+        "root": {"path": "rootfs", "readonly": sc["readOnlyRootFilesystem"] == json!(true)},
+        "hostname": "brokerscope-test",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                "/sys/firmware", "/sys/devices/virtual/powercap"
+            ],
+            "readonlyPaths": [
+                "/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                "/proc/sysrq-trigger"
+            ],
+        },
+    })
+}
+
+/// The container's environment: a PATH, then its plain `env` values.
+fn container_env(container: &Value) -> Vec<Value> {
     let mut env = vec![json!("PATH=/usr/local/bin")];
     for e in container["env"].as_array().cloned().unwrap_or_default() {
         env.push(json!(format!(
@@ -273,6 +314,12 @@ pub fn runtime_config(
             e["value"].as_str().expect("plain env values only")
         )));
     }
+    env
+}
+
+/// The container's namespaces: its own but the network (`netns`), and the host's PID
+/// namespace when the pod asks for it.
+fn namespaces(pod: &Value, netns: &str) -> Vec<Value> {
     let mut namespaces = vec![
         json!({"type": "mount"}),
         json!({"type": "uts"}),
@@ -283,8 +330,11 @@ pub fn runtime_config(
     if pod["hostPID"] != json!(true) {
         namespaces.push(json!({"type": "pid"}));
     }
+    namespaces
+}
 
-    // What containerd gives every non-privileged container.
+/// What containerd gives every non-privileged container, and a bind mount per volumeMount.
+fn mounts(container: &Value, pod: &Value, volumes: &Volumes<'_>) -> Vec<Value> {
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc",
                "options": ["nosuid", "noexec", "nodev"]}),
@@ -320,40 +370,7 @@ pub fn runtime_config(
             "options": ["rbind", "rprivate", if ro { "ro" } else { "rw" }],
         }));
     }
-
-    let caps = json!(capabilities);
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {
-                "uid": sc["runAsUser"].as_u64().expect("runAsUser"),
-                "gid": sc["runAsGroup"].as_u64().expect("runAsGroup"),
-            },
-            "args": args,
-            "env": env,
-            "cwd": "/",
-            "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps,
-            },
-            "noNewPrivileges": sc["allowPrivilegeEscalation"] == json!(false),
-        },
-        "root": {"path": "rootfs", "readonly": sc["readOnlyRootFilesystem"] == json!(true)},
-        "hostname": "brokerscope-test",
-        "mounts": mounts,
-        "linux": {
-            "namespaces": namespaces,
-            "maskedPaths": [
-                "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-                "/sys/firmware", "/sys/devices/virtual/powercap"
-            ],
-            "readonlyPaths": [
-                "/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                "/proc/sysrq-trigger"
-            ],
-        },
-    })
+    mounts
 }
 
 /// A container run by `runc run` (in the foreground, its stderr collected) from a bundle of

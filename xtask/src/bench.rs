@@ -569,11 +569,30 @@ fn middle_range(mut v: Vec<f64>) -> (f64, f64) {
     )
 }
 
+/// One case's medians: req/s per mode, the ratio to detached per mode, each ratio's middle
+/// range, and the agent's CPU share in the pass with the kernel's stats on.
+type CaseResult = (Case, [f64; 4], [f64; 4], [(f64, f64); 4], Share);
+
+/// One figure per [`Mode`], one entry per round.
+type PerMode = [Vec<f64>; 4];
+
+/// What the bench's runs share: the agent binary, the output directory, the fetched file.
+struct Bench<'a> {
+    bin: &'a Path,
+    out_dir: &'a Path,
+    fetch_file: &'a Path,
+}
+
 pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let fetch_file = out_dir.join("fetch.bin");
     std::fs::write(&fetch_file, vec![7u8; FETCH])?;
+    let bench = Bench {
+        bin,
+        out_dir: &out_dir,
+        fetch_file: &fetch_file,
+    };
 
     let cases = [Case::Produce, Case::Fetch, Case::ShortConnections];
     // (case, median req/s per mode, median ratio to detached per attached mode)
@@ -584,8 +603,55 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let off_ext4_dir = Path::new("/dev/shm/brokerscope-bench");
     for case in cases {
         let server = Broker::start(&out_dir, 1, &log_dir, case, &fetch_file)?;
-        let mut rps: [Vec<f64>; 4] = Default::default();
-        let mut ratios: [Vec<f64>; 4] = Default::default();
+        let (rps, ratios) = bench.rounds(case, &server, off_ext4_dir)?;
+        // The cost per event, from one more attached pass with the kernel's run-time stats
+        // on. Not during the rounds: the stats add two clock reads to every program run, which
+        // a production node does not pay.
+        let share = bench.stats_pass(case, &server, &mut programs)?;
+        let spread = ratios.clone().map(middle_range);
+        results.push((case, rps.map(median), ratios.map(median), spread, share));
+    }
+    // The second broker's log dir is in memory: not left behind.
+    let _ = std::fs::remove_dir_all(off_ext4_dir);
+
+    let mut md = intro();
+    let (overheads, json_cases) = overhead_tables(&results);
+    md += &overheads;
+    let (shares, json_shares) = cpu_share_table(&results);
+    md += &shares;
+    let (program_md, json_programs) = program_tables(&programs);
+    md += &program_md;
+    let (scrape_md, scrape_json) = {
+        let report = crate::scrape::run(root, bin, &out_dir)?;
+        crate::scrape::report(&report)
+    };
+    md += &scrape_md;
+    let json = format!(
+        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"cpu_shares\":[{}],\"programs\":[{}],{scrape_json}}}\n",
+        ROUND.as_secs(),
+        json_cases.join(","),
+        json_shares.join(","),
+        json_programs.join(",")
+    );
+    std::fs::write(out_dir.join("report.md"), &md)?;
+    std::fs::write(out_dir.join("report.json"), &json)?;
+    println!("{md}");
+    // Its own section of the report just written, which `--node-tax-only` replaces alone.
+    run_node_tax(bin, &out_dir)
+}
+
+impl Bench<'_> {
+    /// [`ROUNDS`] rounds of every mode against `server`: req/s per mode and the ratio to
+    /// detached per mode, one entry per round.
+    fn rounds(
+        &self,
+        case: Case,
+        server: &Broker,
+        off_ext4_dir: &Path,
+    ) -> anyhow::Result<(PerMode, PerMode)> {
+        let (bin, out_dir, fetch_file) = (self.bin, self.out_dir, self.fetch_file);
+        let mut rps: PerMode = Default::default();
+        let mut ratios: PerMode = Default::default();
         for round in 0..ROUNDS {
             // Rotate which mode goes first so drift over time hits all alike.
             let mut pass = [0.0; 4];
@@ -593,18 +659,18 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                 let mode = Mode::ALL[(round + k) % 4];
                 let _off_ext4 = match mode {
                     Mode::OffExt4 => Some(Broker::start(
-                        &out_dir,
+                        out_dir,
                         2,
                         &off_ext4_dir.join("logs"),
                         Case::Produce,
-                        &fetch_file,
+                        fetch_file,
                     )?),
                     _ => None,
                 };
                 let _agent = match mode {
                     Mode::Detached => None,
                     _ => {
-                        let agent = start_agent(bin, &out_dir, mode)?;
+                        let agent = start_agent(bin, out_dir, mode)?;
                         settle(&agent, mode)?;
                         Some(agent)
                     }
@@ -626,46 +692,52 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
                 ratios[m].push(pass[m] / pass[0]);
             }
         }
-        // The cost per event, from one more attached pass with the kernel's run-time stats
-        // on. Not during the rounds: the stats add two clock reads to every program run, which
-        // a production node does not pay.
-        let share = {
-            let _stats = BpfStats::enable();
-            let empty = EmptyPrograms::start()?;
-            let agent = start_agent(bin, &out_dir, Mode::Full)?;
-            settle(&agent, Mode::Full)?;
-            let start = CpuTimes::read(agent.pid())?;
-            let programs_before = hook_seconds(&agent.metrics()?);
-            let r = load(case, server.addr);
-            let end = CpuTimes::read(agent.pid())?;
-            let after = agent.metrics()?;
-            let share = end.share_since(&start, hook_seconds(&after) - programs_before);
-            eprintln!(
-                "bench: {} with BPF stats on: {r:.0} req/s; the agent's programs {:.2}% and \
-                 its process {:.2}% of the busy CPU time",
-                case.name(),
-                share.programs * 100.0,
-                share.process * 100.0
-            );
-            add_program_stats(&mut programs, &after);
-            for (hook, runs, secs) in empty.stats() {
-                let name = format!("(empty program, bpftrace) {hook}");
-                match programs.iter_mut().find(|(n, _, _)| *n == name) {
-                    Some(e) => {
-                        e.1 += runs;
-                        e.2 += secs;
-                    }
-                    None => programs.push((name, runs, secs)),
-                }
-            }
-            share
-        };
-        let spread = ratios.clone().map(middle_range);
-        results.push((case, rps.map(median), ratios.map(median), spread, share));
+        Ok((rps, ratios))
     }
-    // The second broker's log dir is in memory: not left behind.
-    let _ = std::fs::remove_dir_all(off_ext4_dir);
 
+    /// One more attached pass with the kernel's run-time stats on: the agent's CPU share; the
+    /// programs' runs and run time (the agent's and the empty ones') added to `programs`.
+    fn stats_pass(
+        &self,
+        case: Case,
+        server: &Broker,
+        programs: &mut Vec<(String, f64, f64)>,
+    ) -> anyhow::Result<Share> {
+        let (bin, out_dir) = (self.bin, self.out_dir);
+        let _stats = BpfStats::enable();
+        let empty = EmptyPrograms::start()?;
+        let agent = start_agent(bin, out_dir, Mode::Full)?;
+        settle(&agent, Mode::Full)?;
+        let start = CpuTimes::read(agent.pid())?;
+        let programs_before = hook_seconds(&agent.metrics()?);
+        let r = load(case, server.addr);
+        let end = CpuTimes::read(agent.pid())?;
+        let after = agent.metrics()?;
+        let share = end.share_since(&start, hook_seconds(&after) - programs_before);
+        eprintln!(
+            "bench: {} with BPF stats on: {r:.0} req/s; the agent's programs {:.2}% and \
+             its process {:.2}% of the busy CPU time",
+            case.name(),
+            share.programs * 100.0,
+            share.process * 100.0
+        );
+        add_program_stats(programs, &after);
+        for (hook, runs, secs) in empty.stats() {
+            let name = format!("(empty program, bpftrace) {hook}");
+            match programs.iter_mut().find(|(n, _, _)| *n == name) {
+                Some(e) => {
+                    e.1 += runs;
+                    e.2 += secs;
+                }
+                None => programs.push((name, runs, secs)),
+            }
+        }
+        Ok(share)
+    }
+}
+
+/// The report's title and what the bench measures, how.
+fn intro() -> String {
     let mut md = String::from("# brokerscope benchmark\n\n");
     md += &format!(
         "{CLIENTS} loopback clients, {ROUNDS} rounds of {}s per mode, modes rotated each round; \
@@ -686,9 +758,16 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
          from one more attached pass per case with it on.\n\n",
         ROUND.as_secs()
     );
+    md
+}
+
+/// The req/s and overhead per mode, and the per-round spread of the overheads: the section
+/// and the cases' JSON.
+fn overhead_tables(results: &[CaseResult]) -> (String, Vec<String>) {
+    let mut md = String::new();
     md += "| case | detached req/s | attached req/s | overhead | broker off ext4 req/s | overhead | no scheduler hooks req/s | overhead |\n|---|---|---|---|---|---|---|---|\n";
     let mut json_cases = Vec::new();
-    for (case, rps, ratio, spread, _) in &results {
+    for (case, rps, ratio, spread, _) in results {
         md += &format!(
             "| {} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.2}% | {:.0} | {:.2}% |\n",
             case.name(),
@@ -731,7 +810,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             (1.0 - low) * 100.0
         )
     };
-    for (case, _, _, spread, _) in &results {
+    for (case, _, _, spread, _) in results {
         md += &format!(
             "| {} | {} | {} | {} |\n",
             case.name(),
@@ -740,6 +819,12 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             overhead(spread[3])
         );
     }
+    (md, json_cases)
+}
+
+/// The agent's share of the busy CPU time per case: the section and its JSON.
+fn cpu_share_table(results: &[CaseResult]) -> (String, Vec<String>) {
+    let mut md = String::new();
     md += "\nThe agent's share of the machine's busy CPU time (user, system, irq and softirq, \
            over every CPU) in the attached pass with the kernel's stats on: its hook programs' \
            run time and its process's CPU time, against the busy time of the same window. Both \
@@ -749,7 +834,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
            dispatch to each program and the cache lines it takes from the traffic are not in \
            it).\n\n| case | busy CPU s | hook programs | agent process | together |\n|---|---|---|---|---|\n";
     let mut json_shares = Vec::new();
-    for (case, _, _, _, share) in &results {
+    for (case, _, _, _, share) in results {
         md += &format!(
             "| {} | {:.2} | {:.2}% | {:.2}% | {:.2}% |\n",
             case.name(),
@@ -766,6 +851,13 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
             share.process
         ));
     }
+    (md, json_shares)
+}
+
+/// The ns per run of each kernel hook and per element of each iterator, and the targets: the
+/// section and the programs' JSON.
+fn program_tables(programs: &[(String, f64, f64)]) -> (String, Vec<String>) {
+    let mut md = String::new();
     // Kernel hooks run on every event of their kind on the node; the map and socket iterators
     // run only when scraped, once per element walked.
     let iterator = |name: &str| ITERATORS.contains(&name);
@@ -801,23 +893,7 @@ pub fn run(root: &Path, bin: &Path) -> anyhow::Result<()> {
            self-interrupt, which in a VM is an exit to the hypervisor) at most once per 10 ms: \
            the few execs of this pass, far apart, each do, and that is most of its figure.\n";
     md += "\nTargets: overhead <= 2% at Kafka-like sizes; <= 150 ns per probe event.\n";
-    let (scrape_md, scrape_json) = {
-        let report = crate::scrape::run(root, bin, &out_dir)?;
-        crate::scrape::report(&report)
-    };
-    md += &scrape_md;
-    let json = format!(
-        "{{\"rounds\":{ROUNDS},\"round_seconds\":{},\"clients\":{CLIENTS},\"cases\":[{}],\"cpu_shares\":[{}],\"programs\":[{}],{scrape_json}}}\n",
-        ROUND.as_secs(),
-        json_cases.join(","),
-        json_shares.join(","),
-        json_programs.join(",")
-    );
-    std::fs::write(out_dir.join("report.md"), &md)?;
-    std::fs::write(out_dir.join("report.json"), &json)?;
-    println!("{md}");
-    // Its own section of the report just written, which `--node-tax-only` replaces alone.
-    run_node_tax(bin, &out_dir)
+    (md, json_programs)
 }
 
 /// `cargo xtask bench --node-tax-only`: the node-tax part alone, its section of

@@ -83,7 +83,38 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
     )?;
 
     // Path in the image -> file on this machine.
-    let mut files: Vec<(String, PathBuf)> = vec![(BIN_IN_IMAGE.into(), stripped.clone())];
+    let files = image_files(bin, &stripped)?;
+    let layer_tar = layer(&files, epoch)?;
+    let _ = std::fs::remove_file(&stripped);
+    let diff_id = sha256(&layer_tar);
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::best());
+    gz.write_all(&layer_tar)?;
+    let layer_gz = gz.finish()?;
+
+    let (config, manifest, index) =
+        oci_documents(&version, &revision, &created, &diff_id, &layer_gz)?;
+    let archive = oci_archive(epoch, &index, &manifest, &config, &layer_gz)?;
+    let partial = out.with_extension("tar.partial");
+    std::fs::write(&partial, &archive)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, out).with_context(|| format!("cannot write {}", out.display()))?;
+
+    Ok(Built {
+        version,
+        revision,
+        files: files.into_iter().map(|(inside, _)| inside).collect(),
+        archive_bytes: archive.len() as u64,
+        layer_bytes: layer_gz.len() as u64,
+        layer_uncompressed_bytes: layer_tar.len() as u64,
+    })
+}
+
+/// The image's files, sorted: path in the image -> file on this machine. The stripped binary
+/// and the shared objects it loads.
+fn image_files(bin: &Path, stripped: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut files: Vec<(String, PathBuf)> = vec![(BIN_IN_IMAGE.into(), stripped.to_path_buf())];
     for lib in shared_objects(bin)? {
         let inside = lib
             .to_str()
@@ -94,15 +125,17 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
     }
     files.sort();
 
-    let layer_tar = layer(&files, epoch)?;
-    let _ = std::fs::remove_file(&stripped);
-    let diff_id = sha256(&layer_tar);
-    let mut gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::best());
-    gz.write_all(&layer_tar)?;
-    let layer_gz = gz.finish()?;
+    Ok(files)
+}
 
+/// The OCI image config, manifest and index for the one layer.
+fn oci_documents(
+    version: &str,
+    revision: &str,
+    created: &str,
+    diff_id: &str,
+    layer_gz: &[u8],
+) -> anyhow::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     let labels = json!({
         "org.opencontainers.image.title": "brokerscope",
         "org.opencontainers.image.description": "eBPF node agent for Kafka brokers",
@@ -129,7 +162,7 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &layer_gz)],
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+gzip", layer_gz)],
         "annotations": labels,
     }))?;
     let mut manifest_descriptor =
@@ -145,6 +178,17 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
         "manifests": [manifest_descriptor],
     }))?;
 
+    Ok((config, manifest, index))
+}
+
+/// The OCI layout as a tar archive: `oci-layout`, the index, and the blobs by digest.
+fn oci_archive(
+    epoch: u64,
+    index: &[u8],
+    manifest: &[u8],
+    config: &[u8],
+    layer_gz: &[u8],
+) -> anyhow::Result<Vec<u8>> {
     let mut archive = tar::Builder::new(Vec::new());
     let mut entry = |path: &str, data: &[u8]| -> anyhow::Result<()> {
         let mut header = header(tar::EntryType::Regular, 0o644, epoch);
@@ -154,24 +198,11 @@ pub fn build(root: &Path, bin: &Path, out: &Path) -> anyhow::Result<Built> {
             .with_context(|| format!("archiving {path}"))
     };
     entry("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    entry("index.json", &index)?;
-    for blob in [&manifest, &config, &layer_gz] {
+    entry("index.json", index)?;
+    for blob in [manifest, config, layer_gz] {
         entry(&format!("blobs/sha256/{}", sha256(blob)), blob)?;
     }
-    let archive = archive.into_inner()?;
-    let partial = out.with_extension("tar.partial");
-    std::fs::write(&partial, &archive)
-        .with_context(|| format!("cannot write {}", partial.display()))?;
-    std::fs::rename(&partial, out).with_context(|| format!("cannot write {}", out.display()))?;
-
-    Ok(Built {
-        version,
-        revision,
-        files: files.into_iter().map(|(inside, _)| inside).collect(),
-        archive_bytes: archive.len() as u64,
-        layer_bytes: layer_gz.len() as u64,
-        layer_uncompressed_bytes: layer_tar.len() as u64,
-    })
+    Ok(archive.into_inner()?)
 }
 
 /// The shared objects the dynamic loader maps for `bin`, the loader itself included, as `ldd`

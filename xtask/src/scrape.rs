@@ -465,23 +465,9 @@ fn wait_listed(
     }
 }
 
-/// Runs the scrape bench.
-pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
-    let dir = out_dir.join("scrape");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let pki = dir.join("pki");
-    crate::agent::dev_pki(bin, &pki)?;
-    let open_files = raise_open_files(OPEN_FILES);
-    crate::cmd::run(crate::cmd::cargo(root).args([
-        "build",
-        "--package",
-        "brokerscope-tests",
-        "--bin",
-        "fake-broker",
-    ]))?;
-    let fake = root.join("target/debug/fake-broker");
-
+/// node_exporter with its load average only, behind the same mTLS as the agent: the process
+/// and its `/metrics` URL.
+fn start_node_exporter(dir: &Path, pki: &Path) -> anyhow::Result<(Guard, String)> {
     let ne_port = free_port()?;
     let web = dir.join("web.yml");
     std::fs::write(
@@ -501,10 +487,13 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
             .spawn()
             .context("start prometheus-node-exporter (Debian package, installed by setup)")?,
     );
-    let theirs = format!("https://localhost:{ne_port}/metrics");
-    let agents = Agents::start(bin, &dir, &pki)?;
+    Ok((ne, format!("https://localhost:{ne_port}/metrics")))
+}
+
+/// Until node_exporter answers on `theirs` (30 s at most).
+fn wait_node_exporter(pki: &Path, theirs: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !crate::agent::curl(&pki, &theirs)
+    while !crate::agent::curl(pki, theirs)
         .unwrap_or_default()
         .contains("node_load1")
     {
@@ -513,6 +502,29 @@ pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// Runs the scrape bench.
+pub fn run(root: &Path, bin: &Path, out_dir: &Path) -> anyhow::Result<Report> {
+    let dir = out_dir.join("scrape");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = dir.join("pki");
+    crate::agent::dev_pki(bin, &pki)?;
+    let open_files = raise_open_files(OPEN_FILES);
+    crate::cmd::run(crate::cmd::cargo(root).args([
+        "build",
+        "--package",
+        "brokerscope-tests",
+        "--bin",
+        "fake-broker",
+    ]))?;
+    let fake = root.join("target/debug/fake-broker");
+
+    let (ne, theirs) = start_node_exporter(&dir, &pki)?;
+    let agents = Agents::start(bin, &dir, &pki)?;
+    wait_node_exporter(&pki, &theirs)?;
     wait_listed(&pki, &agents.hooks, 0, 0)?;
     // Idle: nothing has loaded it yet but the readiness checks.
     std::thread::sleep(Duration::from_secs(1));
@@ -652,6 +664,30 @@ fn connection_stages(
 
 /// Markdown and JSON fragments for the report.
 pub fn report(r: &Report) -> (String, String) {
+    let (mut md, json) = throughput_section(r);
+    let (latency_md, latency_json) = latency_section(r);
+    md += &latency_md;
+    md += &format!(
+        "\n## Exposition library\n\nOur renderer against the `prometheus-client` crate (a \
+         custom collector over the same stats; both pages parsed and compared sample by sample \
+         by a unit test), OpenMetrics, in release: {}.\n\nAdopt unless it costs more than about \
+         20 % of scrape throughput or cannot express a series we serve.\n",
+        r.exposition_eval
+    );
+    let json = format!(
+        "\"scrape\":{{\"idle_rss_kib\":{},\"payload_bytes\":{},\"map_iterators\":{},\"runs\":[{}],\"latency\":[{}]}}",
+        r.idle_rss_kib,
+        r.payload_bytes,
+        r.map_iterators,
+        json.join(","),
+        latency_json.join(",")
+    );
+    (md, json)
+}
+
+/// Scrapes over mTLS keep-alive, ours against node_exporter's: the section and each run's
+/// JSON.
+fn throughput_section(r: &Report) -> (String, Vec<String>) {
     let mut md = format!(
         "\n## Scrapes over mTLS keep-alive\n\n{REQUESTS} requests per run with oha at concurrency \
          {CONCURRENCY}; fake brokers of {LISTENERS} listeners each, one connection on each \
@@ -707,7 +743,12 @@ pub fn report(r: &Report) -> (String, String) {
         }
     }
     md += "\nTargets: at 10 brokers x 4 listeners, >= 4x node_exporter's req/s and p99 <= 2 ms; idle RSS <= 30 MB.\n";
-    md += &format!(
+    (md, json)
+}
+
+/// Scrape latency with open connections: the section and each stage's JSON.
+fn latency_section(r: &Report) -> (String, Vec<String>) {
+    let mut md = format!(
         "\n## Scrape latency with open connections\n\nOne broker of {LISTENERS} listeners holding \
          the open connections (loopback clients, so the node's socket table holds both ends); \
          {LATENCY_REQUESTS} scrapes of `/metrics`, one at a time over one mTLS keep-alive \
@@ -746,20 +787,5 @@ pub fn report(r: &Report) -> (String, String) {
         }
     }
     md += "\n\nTarget: with 50k open connections, within 2 ms of the idle scrape.\n";
-    md += &format!(
-        "\n## Exposition library\n\nOur renderer against the `prometheus-client` crate (a \
-         custom collector over the same stats; both pages parsed and compared sample by sample \
-         by a unit test), OpenMetrics, in release: {}.\n\nAdopt unless it costs more than about \
-         20 % of scrape throughput or cannot express a series we serve.\n",
-        r.exposition_eval
-    );
-    let json = format!(
-        "\"scrape\":{{\"idle_rss_kib\":{},\"payload_bytes\":{},\"map_iterators\":{},\"runs\":[{}],\"latency\":[{}]}}",
-        r.idle_rss_kib,
-        r.payload_bytes,
-        r.map_iterators,
-        json.join(","),
-        latency_json.join(",")
-    );
-    (md, json)
+    (md, latency_json)
 }

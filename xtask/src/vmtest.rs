@@ -229,23 +229,7 @@ pub fn main(root: &Path, args: Args) -> anyhow::Result<()> {
     }
     let kernel = args.kernel.as_deref().unwrap_or_default();
     let series: Vec<Series> = match kernel {
-        "host" => {
-            let Some(dir) = &args.capture else {
-                bail!(
-                    "`--kernel host` runs no VM: the end-to-end tests on the running kernel are \
-                     `sudo -E cargo xtask test`; `--kernel host --capture` captures it"
-                );
-            };
-            let release = uname_r()?;
-            let dir = dir.clone().unwrap_or_else(|| {
-                let series = release.split('.').take(2).collect::<Vec<_>>().join(".");
-                root.join("agent/testdata/kernels")
-                    .join(format!("dev-{series}"))
-            });
-            capture_running_kernel(&dir, None, false)?;
-            println!("vmtest host: captured {release} into {}", dir.display());
-            return Ok(());
-        }
+        "host" => return capture_host(root, args.capture.as_ref()),
         "all" => SERIES.to_vec(),
         name => vec![
             *SERIES
@@ -263,22 +247,7 @@ pub fn main(root: &Path, args: Args) -> anyhow::Result<()> {
         accel: args.accel.clone(),
         timeout: Duration::from_secs(args.timeout_minutes * 60),
     };
-    // The guest's /init resolves these paths inside the host's root: no symlinks in them.
-    let work = root.join("target/vmtest");
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let work = work
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", work.display()))?;
-    if work
-        .to_str()
-        .is_none_or(|r| r.contains(char::is_whitespace))
-    {
-        bail!(
-            "{} holds whitespace or is not UTF-8: the guest's plan and init script name host \
-             paths unquoted",
-            work.display()
-        );
-    }
+    let work = work_dir(root)?;
     let _lock = lock(&work)?;
     let snapshot = work.join("bin");
     let job = if let Some(dir) = &args.capture {
@@ -319,6 +288,47 @@ pub fn main(root: &Path, args: Args) -> anyhow::Result<()> {
         bail!("vmtest failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// `--kernel host`: no VM; with `--capture`, the running kernel captured (by default into
+/// agent/testdata/kernels/dev-<series>).
+fn capture_host(root: &Path, capture: Option<&Option<PathBuf>>) -> anyhow::Result<()> {
+    let Some(dir) = capture else {
+        bail!(
+            "`--kernel host` runs no VM: the end-to-end tests on the running kernel are \
+             `sudo -E cargo xtask test`; `--kernel host --capture` captures it"
+        );
+    };
+    let release = uname_r()?;
+    let dir = dir.clone().unwrap_or_else(|| {
+        let series = release.split('.').take(2).collect::<Vec<_>>().join(".");
+        root.join("agent/testdata/kernels")
+            .join(format!("dev-{series}"))
+    });
+    capture_running_kernel(&dir, None, false)?;
+    println!("vmtest host: captured {release} into {}", dir.display());
+    Ok(())
+}
+
+/// target/vmtest, created and resolved: the guest's /init resolves these paths inside the
+/// host's root, so no symlinks in them (and no whitespace: they are named unquoted).
+fn work_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    let work = root.join("target/vmtest");
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let work = work
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", work.display()))?;
+    if work
+        .to_str()
+        .is_none_or(|r| r.contains(char::is_whitespace))
+    {
+        bail!(
+            "{} holds whitespace or is not UTF-8: the guest's plan and init script name host \
+             paths unquoted",
+            work.display()
+        );
+    }
+    Ok(work)
 }
 
 /// What each kernel's guest does.
@@ -832,6 +842,51 @@ fn boot(
     let mut log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
 
+    let mut cmd = qemu_command(vm, kernel, &initramfs, out)?;
+    let shown = format!("{cmd:?}");
+    eprintln!("vmtest: booting {} ({})", kernel.release, vm.accel);
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {shown}: is qemu-system-x86 installed?"))?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    let (reader, rx) = console_lines(stdout);
+
+    let mut console = Console::default();
+    let deadline = started + vm.timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                println!("{line}");
+                let _ = writeln!(log, "{line}");
+                read_marker(&line, started.elapsed(), &mut console);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                console.timed_out = true;
+                eprintln!(
+                    "vmtest: {} still running after {} min: killing QEMU",
+                    kernel.release,
+                    vm.timeout.as_secs() / 60
+                );
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().context("waiting for QEMU")?;
+    let _ = reader.join();
+    console.elapsed = started.elapsed();
+    if !status.success() && !console.timed_out {
+        eprintln!("vmtest: QEMU exited with {status}");
+    }
+    Ok(console)
+}
+
+/// QEMU for `kernel` and its initramfs: the host's root read-only and `out` writable over
+/// 9p, the console on stdout; killed when this process dies.
+fn qemu_command(vm: &Vm, kernel: &Kernel, initramfs: &Path, out: &Path) -> anyhow::Result<Command> {
     let mut cmd = Command::new("qemu-system-x86_64");
     let cpu = match vm.accel.split(',').next() {
         Some("tcg") => CPU_TCG,
@@ -850,7 +905,7 @@ fn boot(
         .arg("-kernel")
         .arg(kernel.vmlinuz())
         .arg("-initrd")
-        .arg(&initramfs)
+        .arg(initramfs)
         // mitigations=off: they cost an emulated guest time and protect nothing in a throwaway
         // VM. tsc=reliable: otherwise the emulated TSCs are found unsynchronised and every
         // clock read (bpf_ktime_get_ns too) goes to the emulated HPET.
@@ -884,13 +939,13 @@ fn boot(
             Ok(())
         });
     }
-    let shown = format!("{cmd:?}");
-    eprintln!("vmtest: booting {} ({})", kernel.release, vm.accel);
-    let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {shown}: is qemu-system-x86 installed?"))?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
+    Ok(cmd)
+}
+
+/// QEMU's console, a line at a time, on a thread of its own.
+fn console_lines(
+    stdout: std::process::ChildStdout,
+) -> (std::thread::JoinHandle<()>, mpsc::Receiver<String>) {
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         // Bytes, not UTF-8 lines: a test may print anything.
@@ -911,37 +966,7 @@ fn boot(
             }
         }
     });
-
-    let mut console = Console::default();
-    let deadline = started + vm.timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                println!("{line}");
-                let _ = writeln!(log, "{line}");
-                read_marker(&line, started.elapsed(), &mut console);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                console.timed_out = true;
-                eprintln!(
-                    "vmtest: {} still running after {} min: killing QEMU",
-                    kernel.release,
-                    vm.timeout.as_secs() / 60
-                );
-                let _ = child.kill();
-                break;
-            }
-        }
-    }
-    let status = child.wait().context("waiting for QEMU")?;
-    let _ = reader.join();
-    console.elapsed = started.elapsed();
-    if !status.success() && !console.timed_out {
-        eprintln!("vmtest: QEMU exited with {status}");
-    }
-    Ok(console)
+    (reader, rx)
 }
 
 fn read_marker(line: &str, at: Duration, console: &mut Console) {
@@ -981,6 +1006,7 @@ fn sh_quote(s: &str) -> String {
 /// a tmpfs overlay, mounts what a node has (proc, sysfs, devtmpfs, devpts, tracefs, bpffs, pure
 /// cgroup v2), puts the Debian kernel's modules at /lib/modules, and switches into that root
 /// to run this xtask's guest side on `plan`. It prints `VMTEST-RESULT rc=N` and powers off.
+// Long: one shell script template, in the order the guest runs it.
 fn init_script(kernel: &Kernel, xtask: &Path, plan: &Path, out: &Path) -> String {
     let q = |p: &Path| sh_quote(&p.display().to_string());
     let run = format!(

@@ -717,18 +717,7 @@ pub async fn get(
     broker: Option<&str>,
     output: GetOutput,
 ) -> Result<(), ClientError> {
-    if broker.is_some() && !matches!(what, What::Brokers | What::State) {
-        return Err(usage(
-            "--broker",
-            "applies to `get brokers` and `get state` only",
-        ));
-    }
-    if output == GetOutput::TarGz && !matches!(what, What::Diagnostics) {
-        return Err(usage(
-            "-o tar.gz",
-            "only `get diagnostics` is an archive; use -o json or -o yaml",
-        ));
-    }
+    check_get_flags(what, broker, output)?;
     let client = Client::new(c)?;
     let yaml = output == GetOutput::Yaml;
     let wide = output == GetOutput::Wide;
@@ -760,55 +749,10 @@ pub async fn get(
                 _ => return emit(&a.body),
             }
         }
-        What::Brokers => {
-            let path = match broker {
-                Some(id) => format!("/v1/brokers/{}", encode(id)),
-                None => "/v1/brokers".into(),
-            };
-            let answer = match get(path, "application/json").await {
-                Err(ClientError::NotFound { .. }) => {
-                    return Err(no_such_broker(&client, broker).await);
-                }
-                other => other?,
-            };
-            let list = match parse_json(&answer)? {
-                Value::Array(list) => list,
-                one => vec![one],
-            };
-            match output {
-                GetOutput::Json | GetOutput::Yaml => structured(&Value::Array(list), yaml),
-                _ => table::brokers(&list, wide, now()),
-            }
-        }
-        What::State => {
-            let path = format!("/v1/broker-state/{}", query(&[("broker", broker)]));
-            let answer = match get(path, "application/json").await {
-                Err(ClientError::NotFound { .. }) => {
-                    return Err(no_such_broker(&client, broker).await);
-                }
-                other => other?,
-            };
-            let v = parse_json(&answer)?;
-            match output {
-                GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
-                _ => table::state(&v),
-            }
-        }
+        What::Brokers => get_brokers(&client, broker, output).await?,
+        What::State => get_state(&client, broker, output).await?,
         What::Diagnostics if output == GetOutput::TarGz => {
-            if std::io::stdout().is_terminal() {
-                return Err(usage(
-                    "-o tar.gz",
-                    "will not write a gzip archive to a terminal; redirect it: \
-                     brokerscope get diagnostics -o tar.gz > diagnostics.tar.gz",
-                ));
-            }
-            let a = get("/v1/diagnostics".into(), "application/gzip").await?;
-            if a.body.get(..2) != Some(&[0x1f, 0x8b]) {
-                return Err(ClientError::Http {
-                    reason: "the agent did not answer with a gzip archive (an older agent?)".into(),
-                });
-            }
-            return emit(&a.body);
+            return get_diagnostics_archive(&client).await;
         }
         What::Diagnostics => {
             let v = parse_json(&get("/v1/diagnostics".into(), "application/json").await?)?;
@@ -826,6 +770,103 @@ pub async fn get(
         }
     };
     emit(text.as_bytes())
+}
+
+/// The flags `get` refuses for what it gets.
+fn check_get_flags(what: What, broker: Option<&str>, output: GetOutput) -> Result<(), ClientError> {
+    if broker.is_some() && !matches!(what, What::Brokers | What::State) {
+        return Err(usage(
+            "--broker",
+            "applies to `get brokers` and `get state` only",
+        ));
+    }
+    if output == GetOutput::TarGz && !matches!(what, What::Diagnostics) {
+        return Err(usage(
+            "-o tar.gz",
+            "only `get diagnostics` is an archive; use -o json or -o yaml",
+        ));
+    }
+    Ok(())
+}
+
+/// `get brokers`: one broker or all, a table or structured.
+async fn get_brokers(
+    client: &Client,
+    broker: Option<&str>,
+    output: GetOutput,
+) -> Result<String, ClientError> {
+    let yaml = output == GetOutput::Yaml;
+    let wide = output == GetOutput::Wide;
+    let path = match broker {
+        Some(id) => format!("/v1/brokers/{}", encode(id)),
+        None => "/v1/brokers".into(),
+    };
+    let answer = match client
+        .call(hyper::Method::GET, &path, "application/json", None)
+        .await
+    {
+        Err(ClientError::NotFound { .. }) => {
+            return Err(no_such_broker(client, broker).await);
+        }
+        other => other?,
+    };
+    let list = match parse_json(&answer)? {
+        Value::Array(list) => list,
+        one => vec![one],
+    };
+    Ok(match output {
+        GetOutput::Json | GetOutput::Yaml => structured(&Value::Array(list), yaml),
+        _ => table::brokers(&list, wide, now()),
+    })
+}
+
+/// `get state`: Strimzi's broker state, a table or structured.
+async fn get_state(
+    client: &Client,
+    broker: Option<&str>,
+    output: GetOutput,
+) -> Result<String, ClientError> {
+    let yaml = output == GetOutput::Yaml;
+    let path = format!("/v1/broker-state/{}", query(&[("broker", broker)]));
+    let answer = match client
+        .call(hyper::Method::GET, &path, "application/json", None)
+        .await
+    {
+        Err(ClientError::NotFound { .. }) => {
+            return Err(no_such_broker(client, broker).await);
+        }
+        other => other?,
+    };
+    let v = parse_json(&answer)?;
+    Ok(match output {
+        GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
+        _ => table::state(&v),
+    })
+}
+
+/// `get diagnostics -o tar.gz`: the archive, to anything but a terminal.
+async fn get_diagnostics_archive(client: &Client) -> Result<(), ClientError> {
+    if std::io::stdout().is_terminal() {
+        return Err(usage(
+            "-o tar.gz",
+            "will not write a gzip archive to a terminal; redirect it: \
+             brokerscope get diagnostics -o tar.gz > diagnostics.tar.gz",
+        ));
+    }
+    let a = client
+        .call(
+            hyper::Method::GET,
+            "/v1/diagnostics",
+            "application/gzip",
+            None,
+        )
+        .await?;
+    if a.body.get(..2) != Some(&[0x1f, 0x8b]) {
+        return Err(ClientError::Http {
+            reason: "the agent did not answer with a gzip archive (an older agent?)".into(),
+        });
+    }
+    emit(&a.body)
 }
 
 /// `brokerscope set config KEY=VALUE...`.

@@ -80,80 +80,91 @@ pub fn brokers(list: &[Value], wide: bool, now: OffsetDateTime) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|b| {
-            let listeners: Vec<String> = b["listeners"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|l| format!("{}:{}", str_or(&l["name"], "?"), l["port"]))
-                .collect();
-            let started = b["started_at"]
-                .as_i64()
-                .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
-            let running = b["state"] == "running";
-            let mut row = vec![
-                str_or(&b["id"], "?").to_string(),
-                named_state(b["broker_state"]["number"].as_u64()),
-                num(&b["pid"]),
-                str_or(&b["pod"], "-").to_string(),
-                num(&b["restarts"]),
-                match started {
-                    Some(t) if running => age((now - t).unsigned_abs()),
-                    _ => "-".into(),
-                },
-                if listeners.is_empty() {
-                    "-".into()
-                } else {
-                    listeners.join(",")
-                },
-            ];
+            let mut row = broker_row(b, now);
             if wide {
-                let roles: Vec<&str> = b["process_roles"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                let dirs: Vec<&str> = b["log_dirs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                let connections: u64 = b["counters"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c["connections_active"].as_u64())
-                    .sum();
-                let last = b["state_changes"]
-                    .as_array()
-                    .and_then(|c| c.last())
-                    .map(|c| {
-                        let at = parse_rfc3339(str_or(&c["at"], ""))
-                            .map_or_else(|| "?".into(), |t| ago(t, now));
-                        format!("{} {at}", str_or(&c["to"], "?"))
-                    });
-                row.extend([
-                    str_or(&b["state"], "?").to_string(),
-                    num(&b["netns"]),
-                    if roles.is_empty() {
-                        "-".into()
-                    } else {
-                        roles.join(",")
-                    },
-                    connections.to_string(),
-                    if dirs.is_empty() {
-                        "-".into()
-                    } else {
-                        dirs.join(",")
-                    },
-                    last.unwrap_or_else(|| "-".into()),
-                ]);
+                row.extend(broker_wide_cells(b, now));
             }
             row
         })
         .collect();
     table(&header, &rows)
+}
+
+/// A broker's row: id, state, pid, pod, restarts, age, listeners.
+fn broker_row(b: &Value, now: OffsetDateTime) -> Vec<String> {
+    let listeners: Vec<String> = b["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| format!("{}:{}", str_or(&l["name"], "?"), l["port"]))
+        .collect();
+    let started = b["started_at"]
+        .as_i64()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
+    let running = b["state"] == "running";
+    vec![
+        str_or(&b["id"], "?").to_string(),
+        named_state(b["broker_state"]["number"].as_u64()),
+        num(&b["pid"]),
+        str_or(&b["pod"], "-").to_string(),
+        num(&b["restarts"]),
+        match started {
+            Some(t) if running => age((now - t).unsigned_abs()),
+            _ => "-".into(),
+        },
+        if listeners.is_empty() {
+            "-".into()
+        } else {
+            listeners.join(",")
+        },
+    ]
+}
+
+/// The wide columns of a broker's row: process, namespace, roles, connections, log dirs and
+/// the last state change.
+fn broker_wide_cells(b: &Value, now: OffsetDateTime) -> Vec<String> {
+    let roles: Vec<&str> = b["process_roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let dirs: Vec<&str> = b["log_dirs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let connections: u64 = b["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["connections_active"].as_u64())
+        .sum();
+    let last = b["state_changes"]
+        .as_array()
+        .and_then(|c| c.last())
+        .map(|c| {
+            let at =
+                parse_rfc3339(str_or(&c["at"], "")).map_or_else(|| "?".into(), |t| ago(t, now));
+            format!("{} {at}", str_or(&c["to"], "?"))
+        });
+    vec![
+        str_or(&b["state"], "?").to_string(),
+        num(&b["netns"]),
+        if roles.is_empty() {
+            "-".into()
+        } else {
+            roles.join(",")
+        },
+        connections.to_string(),
+        if dirs.is_empty() {
+            "-".into()
+        } else {
+            dirs.join(",")
+        },
+        last.unwrap_or_else(|| "-".into()),
+    ]
 }
 
 /// `get state`: Strimzi's `{"brokerState": 3, "recoveryState": {...}}` by name.

@@ -147,52 +147,83 @@ pub fn rows(
     previous: Option<&Reading>,
     window: Option<&Reading>,
 ) -> (Vec<BrokerRow>, Vec<ListenerRow>) {
-    let s = &now.samples;
-    let name = |n: &str| format!("{P}{n}");
-    let rate = |n: &str, select: &[(&str, &str)]| {
-        let prev = previous?;
-        let dt = now.at.duration_since(prev.at).as_secs_f64();
-        let a = metrics::sum(s, &name(n), select)?;
-        let b = metrics::sum(&prev.samples, &name(n), select).unwrap_or(0.0);
-        (dt > 0.0).then(|| if a >= b { (a - b) / dt } else { a / dt })
+    let r = Readings {
+        now,
+        previous,
+        window,
     };
-    let quantile = |n: &str, select: &[(&str, &str)], q: f64| {
-        let h = Histogram::find(s, &name(n), select)?;
-        let base = window.and_then(|w| Histogram::find(&w.samples, &name(n), select));
+    (broker_rows(&r), listener_rows(&r))
+}
+
+/// The readings a refresh computes its rows from.
+struct Readings<'a> {
+    now: &'a Reading,
+    previous: Option<&'a Reading>,
+    window: Option<&'a Reading>,
+}
+
+/// A family's full name.
+fn full_name(n: &str) -> String {
+    format!("{P}{n}")
+}
+
+impl Readings<'_> {
+    /// Per second between the reading before and this one (a counter that went back counts
+    /// from zero).
+    fn rate(&self, n: &str, select: &[(&str, &str)]) -> Option<f64> {
+        let prev = self.previous?;
+        let dt = self.now.at.duration_since(prev.at).as_secs_f64();
+        let a = metrics::sum(&self.now.samples, &full_name(n), select)?;
+        let b = metrics::sum(&prev.samples, &full_name(n), select).unwrap_or(0.0);
+        (dt > 0.0).then(|| if a >= b { (a - b) / dt } else { a / dt })
+    }
+
+    /// The `q` quantile of a histogram within the window.
+    fn quantile(&self, n: &str, select: &[(&str, &str)], q: f64) -> Option<f64> {
+        let h = Histogram::find(&self.now.samples, &full_name(n), select)?;
+        let base = self
+            .window
+            .and_then(|w| Histogram::find(&w.samples, &full_name(n), select));
         // The first reading has no past: everything since the agent started.
         h.since(base.as_ref()).quantile(q)
-    };
+    }
+}
 
+/// A row per broker any broker family names.
+fn broker_rows(r: &Readings) -> Vec<BrokerRow> {
+    let s = &r.now.samples;
     let mut ids = BTreeSet::new();
     for family in ["broker_state", "broker_restarts_total", "broker_info"] {
-        for x in s.iter().filter(|x| x.name == name(family)) {
+        for x in s.iter().filter(|x| x.name == full_name(family)) {
             ids.insert(x.label("broker").to_string());
         }
     }
-    let brokers = ids
-        .into_iter()
+    ids.into_iter()
         .filter(|id| !id.is_empty())
         .map(|id| {
             let sel = [("broker", id.as_str())];
             let info = s
                 .iter()
-                .find(|x| x.name == name("broker_info") && x.label("broker") == id);
+                .find(|x| x.name == full_name("broker_info") && x.label("broker") == id);
             BrokerRow {
                 pod: info.map_or("", |i| i.label("pod")).to_string(),
                 pid: info.map_or("", |i| i.label("pid")).to_string(),
-                state: metrics::sum(s, &name("broker_state"), &sel).map(|n| n as u64),
-                cpu: rate("cpu_seconds_total", &sel).map(|r| r * 100.0),
-                runq_p99: quantile("runqueue_latency_seconds", &sel, 0.99),
-                fsync_p99: quantile("fsync_duration_seconds", &sel, 0.99),
-                restarts: metrics::sum(s, &name("broker_restarts_total"), &sel).unwrap_or(0.0),
+                state: metrics::sum(s, &full_name("broker_state"), &sel).map(|n| n as u64),
+                cpu: r.rate("cpu_seconds_total", &sel).map(|r| r * 100.0),
+                runq_p99: r.quantile("runqueue_latency_seconds", &sel, 0.99),
+                fsync_p99: r.quantile("fsync_duration_seconds", &sel, 0.99),
+                restarts: metrics::sum(s, &full_name("broker_restarts_total"), &sel).unwrap_or(0.0),
                 id,
             }
         })
-        .collect();
+        .collect()
+}
 
-    let listeners = s
-        .iter()
-        .filter(|x| x.name == name("connections_active"))
+/// A row per listener with a `connections_active` series.
+fn listener_rows(r: &Readings) -> Vec<ListenerRow> {
+    let s = &r.now.samples;
+    s.iter()
+        .filter(|x| x.name == full_name("connections_active"))
         .map(|x| {
             // A listener no broker owns (watch-all mode) is named by its network namespace.
             let broker = match x.label("broker") {
@@ -204,7 +235,7 @@ pub fn rows(
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            let total = |n: &str| metrics::sum(s, &name(n), &select).unwrap_or(0.0);
+            let total = |n: &str| metrics::sum(s, &full_name(n), &select).unwrap_or(0.0);
             ListenerRow {
                 listener: match x.label("listener") {
                     "" => "-".to_string(),
@@ -212,17 +243,16 @@ pub fn rows(
                 },
                 port: x.label("port").to_string(),
                 conns: x.value,
-                bytes_in: rate("bytes_received_total", &select),
-                bytes_out: rate("bytes_sent_total", &select),
+                bytes_in: r.rate("bytes_received_total", &select),
+                bytes_out: r.rate("bytes_sent_total", &select),
                 resets: total("tcp_resets_sent_total") + total("tcp_resets_received_total"),
                 retransmits: total("tcp_retransmits_total"),
-                rtt_p50: quantile("tcp_rtt_seconds", &select, 0.5),
-                rtt_p99: quantile("tcp_rtt_seconds", &select, 0.99),
+                rtt_p50: r.quantile("tcp_rtt_seconds", &select, 0.5),
+                rtt_p99: r.quantile("tcp_rtt_seconds", &select, 0.99),
                 broker,
             }
         })
-        .collect();
-    (brokers, listeners)
+        .collect()
 }
 
 /// What the view shows and how: the rows, the sort, the filter, what went wrong last.
@@ -454,6 +484,20 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
     ])
     .areas(area);
 
+    frame.render_widget(
+        Paragraph::new(head_line(view, narrow))
+            .style(Style::default().add_modifier(Modifier::BOLD)),
+        title,
+    );
+    draw_brokers(frame, view, &brokers, narrow, broker_area);
+    if !short {
+        draw_listeners(frame, view, &listeners, narrow, listener_area);
+    }
+    frame.render_widget(Paragraph::new(Line::from(footer_line(view, short))), footer);
+}
+
+/// The title line: the URL (unless narrow), when refreshed and how often, the sort, the filter.
+fn head_line(view: &View, narrow: bool) -> String {
     // Narrow: the clock time only, no URL (the sort and filter matter more).
     let refreshed = match view.refreshed {
         None => "connecting".to_string(),
@@ -484,32 +528,39 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
     if !view.filter.is_empty() || view.editing {
         head.push_str(&format!("  filter: {}", view.filter));
     }
-    frame.render_widget(
-        Paragraph::new(head).style(Style::default().add_modifier(Modifier::BOLD)),
-        title,
-    );
+    head
+}
 
-    let mark = |key: SortKey, label: &str| -> String {
-        if view.sort == key {
-            format!("{label}{}", if view.descending { "v" } else { "^" })
-        } else {
-            label.to_string()
-        }
-    };
-    // Brokers.
-    let mut columns: Vec<(String, u16)> = vec![(mark(SortKey::Broker, "BROKER"), 8)];
+/// A sortable column's label, marked when the view sorts by it.
+fn mark(view: &View, key: SortKey, label: &str) -> String {
+    if view.sort == key {
+        format!("{label}{}", if view.descending { "v" } else { "^" })
+    } else {
+        label.to_string()
+    }
+}
+
+/// The brokers table; narrow, its essential columns only.
+fn draw_brokers(
+    frame: &mut Frame<'_>,
+    view: &View,
+    brokers: &[&BrokerRow],
+    narrow: bool,
+    area: ratatui::layout::Rect,
+) {
+    let mut columns: Vec<(String, u16)> = vec![(mark(view, SortKey::Broker, "BROKER"), 8)];
     if !narrow {
         columns.extend([("POD".into(), 16), ("PID".into(), 8)]);
     }
     columns.extend([
         ("STATE".into(), 16),
-        (mark(SortKey::Cpu, "CPU%"), 7),
-        (mark(SortKey::Runq, "RUNQ p99"), 9),
+        (mark(view, SortKey::Cpu, "CPU%"), 7),
+        (mark(view, SortKey::Runq, "RUNQ p99"), 9),
     ]);
     if !narrow {
         columns.extend([
-            (mark(SortKey::Fsync, "FSYNC p99"), 10),
-            (mark(SortKey::Restarts, "RESTARTS"), 9),
+            (mark(view, SortKey::Fsync, "FSYNC p99"), 10),
+            (mark(view, SortKey::Restarts, "RESTARTS"), 9),
         ]);
     }
     let rows = brokers.iter().map(|b| {
@@ -529,55 +580,63 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
     });
     frame.render_widget(
         table(rows, &columns, format!(" brokers ({}) ", brokers.len())),
-        broker_area,
+        area,
     );
+}
 
-    // Listeners.
-    if !short {
-        let mut columns: Vec<(String, u16)> = vec![
-            ("BROKER".into(), 8),
-            ("LISTENER".into(), 14),
-            ("PORT".into(), 6),
-            (mark(SortKey::Conns, "CONNS"), 7),
-            (mark(SortKey::In, "IN/s"), 11),
-            (mark(SortKey::Out, "OUT/s"), 11),
+/// The listeners table; narrow, its essential columns only.
+fn draw_listeners(
+    frame: &mut Frame<'_>,
+    view: &View,
+    listeners: &[&ListenerRow],
+    narrow: bool,
+    area: ratatui::layout::Rect,
+) {
+    let mut columns: Vec<(String, u16)> = vec![
+        ("BROKER".into(), 8),
+        ("LISTENER".into(), 14),
+        ("PORT".into(), 6),
+        (mark(view, SortKey::Conns, "CONNS"), 7),
+        (mark(view, SortKey::In, "IN/s"), 11),
+        (mark(view, SortKey::Out, "OUT/s"), 11),
+    ];
+    if !narrow {
+        columns.extend([
+            (mark(view, SortKey::Resets, "RESETS"), 8),
+            (mark(view, SortKey::Retrans, "RETRANS"), 8),
+            ("RTT p50".into(), 8),
+        ]);
+    }
+    columns.push((mark(view, SortKey::Rtt, "RTT p99"), 8));
+    let rows = listeners.iter().map(|l| {
+        let mut cells = vec![
+            l.broker.clone(),
+            l.listener.clone(),
+            l.port.clone(),
+            count(l.conns),
+            bytes_rate(l.bytes_in),
+            bytes_rate(l.bytes_out),
         ];
         if !narrow {
-            columns.extend([
-                (mark(SortKey::Resets, "RESETS"), 8),
-                (mark(SortKey::Retrans, "RETRANS"), 8),
-                ("RTT p50".into(), 8),
-            ]);
+            cells.extend([count(l.resets), count(l.retransmits), latency(l.rtt_p50)]);
         }
-        columns.push((mark(SortKey::Rtt, "RTT p99"), 8));
-        let rows = listeners.iter().map(|l| {
-            let mut cells = vec![
-                l.broker.clone(),
-                l.listener.clone(),
-                l.port.clone(),
-                count(l.conns),
-                bytes_rate(l.bytes_in),
-                bytes_rate(l.bytes_out),
-            ];
-            if !narrow {
-                cells.extend([count(l.resets), count(l.retransmits), latency(l.rtt_p50)]);
-            }
-            cells.push(latency(l.rtt_p99));
-            Row::new(cells)
-        });
-        frame.render_widget(
-            table(rows, &columns, format!(" listeners ({}) ", listeners.len())),
-            listener_area,
-        );
-    }
+        cells.push(latency(l.rtt_p99));
+        Row::new(cells)
+    });
+    frame.render_widget(
+        table(rows, &columns, format!(" listeners ({}) ", listeners.len())),
+        area,
+    );
+}
 
-    let footer_text = match (&view.error, view.editing) {
+/// The footer: the filter being typed, the last error, or the keys.
+fn footer_line(view: &View, short: bool) -> String {
+    match (&view.error, view.editing) {
         (_, true) => format!("filter: {}_  (Enter keeps it, Esc clears)", view.filter),
         (Some(e), _) => format!("! {e}"),
         (None, _) if short => "listeners hidden (terminal too short)  q quit".into(),
         (None, _) => "q quit  s sort  r reverse  / filter  (latency: last 60s)".into(),
-    };
-    frame.render_widget(Paragraph::new(Line::from(footer_text)), footer);
+    }
 }
 
 fn or_dash(s: &str) -> String {

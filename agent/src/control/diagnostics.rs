@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::Control;
 use crate::{
-    model::Model,
-    probes::runs::{self, program_runs},
+    model::{Model, Snapshot},
+    probes::runs::{self, ProgramRun, program_runs},
 };
 
 /// How long BPF run-time statistics stay on during a capture.
@@ -23,26 +23,32 @@ pub const BUNDLE_LOG_LINES: usize = 1000;
 /// Certificates described per PEM file.
 const MAX_CERTS: usize = 16;
 
-/// Captures the bundle. Blocking (it waits [`STATS_WINDOW`] and reads /proc and files).
-pub fn capture(model: &Model, control: &Control) -> Value {
-    let snapshot = model.snapshot();
-    let ids: Vec<u32> = snapshot.attached.iter().map(|a| a.id).collect();
+/// Each program's runs, by program id.
+type Runs = HashMap<u32, ProgramRun>;
+
+/// Program runs before and after [`STATS_WINDOW`] with the kernel's run-time statistics on,
+/// and why they could not be turned on.
+fn stats_window(ids: &[u32]) -> (Runs, Runs, Option<String>) {
     let stats_fd = runs::enable_run_time_stats();
     let stats_error = stats_fd.as_ref().err().map(|e| e.to_string());
-    let before = program_runs(&ids);
+    let before = program_runs(ids);
     if stats_fd.is_ok() {
         std::thread::sleep(STATS_WINDOW);
     }
-    let after = program_runs(&ids);
+    let after = program_runs(ids);
     drop(stats_fd);
+    (before, after, stats_error)
+}
 
+/// Each attached program with its runs: in all, and within the window.
+fn program_values(snapshot: &Snapshot, before: &Runs, after: &Runs) -> Vec<Value> {
     let events: HashMap<&str, u64> = snapshot
         .probes
         .programs
         .iter()
         .map(|p| (p.program, p.events))
         .collect();
-    let programs: Vec<Value> = snapshot
+    snapshot
         .attached
         .iter()
         .map(|a| {
@@ -60,7 +66,15 @@ pub fn capture(model: &Model, control: &Control) -> Value {
                 "events": events.get(a.program).copied().unwrap_or(0),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Captures the bundle. Blocking (it waits [`STATS_WINDOW`] and reads /proc and files).
+pub fn capture(model: &Model, control: &Control) -> Value {
+    let snapshot = model.snapshot();
+    let ids: Vec<u32> = snapshot.attached.iter().map(|a| a.id).collect();
+    let (before, after, stats_error) = stats_window(&ids);
+    let programs = program_values(&snapshot, &before, &after);
     let maps: Vec<Value> = snapshot
         .probes
         .maps

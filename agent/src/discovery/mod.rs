@@ -538,6 +538,21 @@ impl FileFacts {
     }
 }
 
+/// A broker's id and where it came from: `node.id` or `broker.id`, else the pod's name, else
+/// the pid.
+fn broker_id(
+    configured: Option<(String, &str)>,
+    pod: Option<&str>,
+    pid: u32,
+) -> (String, IdSource) {
+    match (configured, pod) {
+        (Some((id, "node.id")), _) => (id, IdSource::NodeId),
+        (Some((id, _)), _) => (id, IdSource::BrokerId),
+        (None, Some(pod)) => (pod.to_string(), IdSource::Pod),
+        (None, None) => (format!("pid-{pid}"), IdSource::Pid),
+    }
+}
+
 fn read_properties(root: &ProcessRoot, path: &str) -> Result<Properties, PropertiesFileError> {
     let bytes = root
         .read_file(path, properties::MAX_PROPERTIES_BYTES)
@@ -596,13 +611,7 @@ impl Reader {
         }
         evidence.listeners_source = settings.listeners_source;
 
-        let pod = match self.proc.env_var(pid, "HOSTNAME") {
-            Ok(pod) => pod.filter(|p| !p.is_empty()).map(|p| excerpt(&p, 253)),
-            Err(e) => {
-                evidence.error(format!("pod name: {e}"));
-                None
-            }
-        };
+        let pod = self.pod_name(pid, &mut evidence);
         let netns = self
             .proc
             .netns(pid)
@@ -610,12 +619,7 @@ impl Reader {
             .ok();
         let cgroup = self.cgroup(pid, &mut evidence);
 
-        let (id, source) = match (settings.id, &pod) {
-            (Some((id, "node.id")), _) => (id, IdSource::NodeId),
-            (Some((id, _)), _) => (id, IdSource::BrokerId),
-            (None, Some(pod)) => (pod.clone(), IdSource::Pod),
-            (None, None) => (format!("pid-{pid}"), IdSource::Pid),
-        };
+        let (id, source) = broker_id(settings.id, pod.as_deref(), pid);
         evidence.id_source = Some(source);
 
         Ok(Some(Broker {
@@ -637,6 +641,17 @@ impl Reader {
             log_dir_filesystems: facts.log_dir_filesystems,
             evidence,
         }))
+    }
+
+    /// The pod's name: the process's `HOSTNAME`, if set (unreadable: evidence).
+    fn pod_name(&self, pid: u32, evidence: &mut Evidence) -> Option<String> {
+        match self.proc.env_var(pid, "HOSTNAME") {
+            Ok(pod) => pod.filter(|p| !p.is_empty()).map(|p| excerpt(&p, 253)),
+            Err(e) => {
+                evidence.error(format!("pod name: {e}"));
+                None
+            }
+        }
     }
 
     /// [`FileFacts::gather`] on a file worker, inside the process's root; what the command line

@@ -332,67 +332,13 @@ impl Conn {
         timeout: Duration,
     ) {
         let peer = self.peer;
-        let pending = ticket.pending().clone();
-        let io = FirstBytes {
-            ticket: Some(ticket),
-            inner: tcp,
-        };
-        let handshake = tokio::time::timeout(timeout, acceptor.accept(io));
-        // Biased: a handshake that is done counts as done even if it was shed meanwhile.
-        let outcome = tokio::select! {
-            biased;
-            result = handshake => match result {
-                Ok(Ok(tls)) => Ok(tls),
-                Ok(Err(e)) => Err((handshake::classify(&e), Refusal::Error(e))),
-                Err(_) => Err((Failure::Timeout, Refusal::Timeout(timeout))),
-            },
-            () = pending.shed() => {
-                let by = pending.shed_by().unwrap_or(ShedBy::Total);
-                let failure = match by {
-                    ShedBy::PerPeer => Failure::ShedPerPeer,
-                    ShedBy::Total => Failure::ShedTotal,
-                };
-                Err((failure, Refusal::Shed(by, self.shared.budget)))
-            }
-            _ = self.stop.wait_for(|stop| *stop) => return,
-        };
-        // A failed handshake's socket is closed by now, its ticket (dropped first) out of the
-        // pool; a completed one's ticket leaves the pool below.
-        drop(pending);
-        let mut tls = match outcome {
-            Ok(tls) => tls,
-            Err((failure, refusal)) => {
-                self.shared.stats.handshake_failed(failure);
-                self.shared.failures.log(failure, peer, &refusal);
-                return;
-            }
-        };
-        tls.get_mut().0.ticket = None;
-        let Ok(_authenticated) = self.shared.authenticated.clone().try_acquire_owned() else {
-            self.shared
-                .stats
-                .connections_rejected
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = self.shared.over_authenticated.check(Instant::now()) {
-                tracing::info!(
-                    %peer,
-                    suppressed,
-                    "authenticated connection limit ({}) reached; closing",
-                    self.shared.budget.authenticated
-                );
-            }
+        let Some(tls) = self.handshake(tcp, acceptor, ticket, timeout).await else {
             return;
         };
-        let identity = Arc::new(
-            tls.get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map_or_else(
-                    || ClientIdentity::from_names(Vec::new()),
-                    |leaf| ClientIdentity::from_der(leaf),
-                ),
-        );
+        let Some(_authenticated) = self.admit() else {
+            return;
+        };
+        let identity = Arc::new(client_identity(&tls));
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Tracked {
             inner: tls,
@@ -452,6 +398,86 @@ impl Conn {
             }
         }
     }
+
+    /// The TLS handshake, within `timeout` and unless shed or stopped: the stream, its ticket
+    /// out of the pending pool. A failure is counted and logged.
+    async fn handshake(
+        &mut self,
+        tcp: TcpStream,
+        acceptor: TlsAcceptor,
+        ticket: Ticket,
+        timeout: Duration,
+    ) -> Option<tokio_rustls::server::TlsStream<FirstBytes>> {
+        let pending = ticket.pending().clone();
+        let io = FirstBytes {
+            ticket: Some(ticket),
+            inner: tcp,
+        };
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(io));
+        // Biased: a handshake that is done counts as done even if it was shed meanwhile.
+        let outcome = tokio::select! {
+            biased;
+            result = handshake => match result {
+                Ok(Ok(tls)) => Ok(tls),
+                Ok(Err(e)) => Err((handshake::classify(&e), Refusal::Error(e))),
+                Err(_) => Err((Failure::Timeout, Refusal::Timeout(timeout))),
+            },
+            () = pending.shed() => {
+                let by = pending.shed_by().unwrap_or(ShedBy::Total);
+                let failure = match by {
+                    ShedBy::PerPeer => Failure::ShedPerPeer,
+                    ShedBy::Total => Failure::ShedTotal,
+                };
+                Err((failure, Refusal::Shed(by, self.shared.budget)))
+            }
+            _ = self.stop.wait_for(|stop| *stop) => return None,
+        };
+        // A failed handshake's socket is closed by now, its ticket (dropped first) out of the
+        // pool; a completed one's ticket leaves the pool below.
+        drop(pending);
+        let mut tls = match outcome {
+            Ok(tls) => tls,
+            Err((failure, refusal)) => {
+                self.shared.stats.handshake_failed(failure);
+                self.shared.failures.log(failure, self.peer, &refusal);
+                return None;
+            }
+        };
+        tls.get_mut().0.ticket = None;
+        Some(tls)
+    }
+
+    /// A place among the authenticated connections, or none (counted, and logged throttled).
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let Ok(permit) = self.shared.authenticated.clone().try_acquire_owned() else {
+            self.shared
+                .stats
+                .connections_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.shared.over_authenticated.check(Instant::now()) {
+                tracing::info!(
+                    peer = %self.peer,
+                    suppressed,
+                    "authenticated connection limit ({}) reached; closing",
+                    self.shared.budget.authenticated
+                );
+            }
+            return None;
+        };
+        Some(permit)
+    }
+}
+
+/// Who the peer is, from its certificate's leaf (none: no names).
+fn client_identity(tls: &tokio_rustls::server::TlsStream<FirstBytes>) -> ClientIdentity {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map_or_else(
+            || ClientIdentity::from_names(Vec::new()),
+            |leaf| ClientIdentity::from_der(leaf),
+        )
 }
 
 /// What one connection is doing, for the idle and stalled-reader rules:

@@ -294,6 +294,16 @@ struct Taken {
     pod: String,
 }
 
+/// The pod listeners: open, left alone, or failing.
+#[derive(Default)]
+struct Pods {
+    /// By network namespace inode.
+    open: HashMap<u32, Open>,
+    taken: HashMap<u32, Taken>,
+    /// By broker id: the last reason a listener could not be opened (logged when it changes).
+    failed: HashMap<String, PodListener>,
+}
+
 /// Follows the broker table (woken by every change, and every [`RECHECK`]) and opens and
 /// closes the pod listeners, one per network namespace; runs until the process ends.
 pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSection) {
@@ -301,32 +311,54 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
         .and_then(|f| f.metadata())
         .map(|m| m.ino() as u32)
         .ok();
-    // By network namespace inode.
-    let mut open: HashMap<u32, Open> = HashMap::new();
-    let mut taken: HashMap<u32, Taken> = HashMap::new();
-    // By broker id: the last reason a listener could not be opened (logged when it changes).
-    let mut failed: HashMap<String, PodListener> = HashMap::new();
+    let mut pods = Pods::default();
     loop {
         let port = node.pod_listeners();
         let brokers = model.brokers();
-        // The broker each pod's namespace answers for: the one running there (the first by id
-        // should several share a namespace).
-        let mut in_ns: BTreeMap<u32, &Broker> = BTreeMap::new();
-        if port.is_some() {
-            for b in brokers.iter().filter(|b| b.is_running()) {
-                if let Some(ns) = b.netns.filter(|&ns| Some(ns) != own) {
-                    in_ns
-                        .entry(ns)
-                        .and_modify(|first| {
-                            if b.id < first.id {
-                                *first = b;
-                            }
-                        })
-                        .or_insert(b);
-                }
-            }
+        let in_ns = if port.is_some() {
+            pod_brokers(&brokers, own)
+        } else {
+            BTreeMap::new()
+        };
+        pods.close_gone(&in_ns, port);
+        for o in pods.open.values() {
+            o.state.follow(&node);
         }
-        open.retain(|ns, o| match in_ns.get(ns) {
+        if let Some(port) = port {
+            pods.open_new(&in_ns, port, &model, &node, &section).await;
+        }
+        model.set_pod_listeners(pods.status());
+        tokio::select! {
+            () = model.broker_table.notified() => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+/// The broker each pod's namespace answers for: the one running there (the first by id
+/// should several share a namespace). The agent's own namespace is no pod's.
+fn pod_brokers(brokers: &[Broker], own: Option<u32>) -> BTreeMap<u32, &Broker> {
+    let mut in_ns: BTreeMap<u32, &Broker> = BTreeMap::new();
+    for b in brokers.iter().filter(|b| b.is_running()) {
+        if let Some(ns) = b.netns.filter(|&ns| Some(ns) != own) {
+            in_ns
+                .entry(ns)
+                .and_modify(|first| {
+                    if b.id < first.id {
+                        *first = b;
+                    }
+                })
+                .or_insert(b);
+        }
+    }
+    in_ns
+}
+
+impl Pods {
+    /// Closes the listeners (and forgets the taken ports and failures) of pods whose broker
+    /// is gone or whose port changed; a listener whose pod runs another broker now serves it.
+    fn close_gone(&mut self, in_ns: &BTreeMap<u32, &Broker>, port: Option<u16>) {
+        self.open.retain(|ns, o| match in_ns.get(ns) {
             Some(b) if port == Some(o.port) => {
                 if o.broker.0 != b.id || o.broker.1 != b.pid {
                     tracing::info!(
@@ -344,50 +376,63 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
                 false
             }
         });
-        taken.retain(|ns, t| in_ns.get(ns).is_some_and(|b| b.pid == t.pid) && port == Some(t.port));
-        failed.retain(|id, _| in_ns.values().any(|b| &b.id == id));
-        for o in open.values() {
-            o.state.follow(&node);
-        }
-        if let Some(port) = port {
-            for (&ns, &b) in &in_ns {
-                if open.contains_key(&ns) || taken.contains_key(&ns) {
-                    continue;
+        self.taken
+            .retain(|ns, t| in_ns.get(ns).is_some_and(|b| b.pid == t.pid) && port == Some(t.port));
+        self.failed
+            .retain(|id, _| in_ns.values().any(|b| &b.id == id));
+    }
+
+    /// Opens a listener in each pod that has none and is not left alone.
+    async fn open_new(
+        &mut self,
+        in_ns: &BTreeMap<u32, &Broker>,
+        port: u16,
+        model: &Arc<Model>,
+        node: &Arc<ServerState>,
+        section: &ServerSection,
+    ) {
+        for (&ns, &b) in in_ns {
+            if self.open.contains_key(&ns) || self.taken.contains_key(&ns) {
+                continue;
+            }
+            let b = b.clone();
+            let id = b.id.clone();
+            let pid = b.pid;
+            match tokio::task::spawn_blocking(move || open_one(&b, port)).await {
+                Ok(Ok(bound)) => {
+                    self.failed.remove(&id);
+                    self.open
+                        .insert(ns, start(model, node, section, (id, pid), bound, port));
                 }
-                let b = b.clone();
-                let id = b.id.clone();
-                let pid = b.pid;
-                match tokio::task::spawn_blocking(move || open_one(&b, port)).await {
-                    Ok(Ok(bound)) => {
-                        failed.remove(&id);
-                        open.insert(ns, start(&model, &node, &section, (id, pid), bound, port));
-                    }
-                    Ok(Err(OpenError::Taken { pod })) => {
+                Ok(Err(OpenError::Taken { pod })) => {
+                    tracing::warn!(
+                        broker = %id, %pod, port,
+                        "pod listener: the port is already taken in the pod (Strimzi's in-JVM \
+                         agent?); leaving this pod alone"
+                    );
+                    self.taken.insert(ns, Taken { id, pid, port, pod });
+                }
+                Ok(Err(OpenError::Failed { pod, reason })) => {
+                    let new = PodListener::Failed { port, pod, reason };
+                    if self.failed.get(&id) != Some(&new)
+                        && let PodListener::Failed { pod, reason, .. } = &new
+                    {
                         tracing::warn!(
-                            broker = %id, %pod, port,
-                            "pod listener: the port is already taken in the pod (Strimzi's in-JVM \
-                             agent?); leaving this pod alone"
+                            broker = %id, %pod, port, %reason,
+                            "pod listener not opened; retried"
                         );
-                        taken.insert(ns, Taken { id, pid, port, pod });
                     }
-                    Ok(Err(OpenError::Failed { pod, reason })) => {
-                        let new = PodListener::Failed { port, pod, reason };
-                        if failed.get(&id) != Some(&new)
-                            && let PodListener::Failed { pod, reason, .. } = &new
-                        {
-                            tracing::warn!(
-                                broker = %id, %pod, port, %reason,
-                                "pod listener not opened; retried"
-                            );
-                        }
-                        failed.insert(id, new);
-                    }
-                    Err(_) => {}
+                    self.failed.insert(id, new);
                 }
+                Err(_) => {}
             }
         }
-        let mut status: HashMap<String, PodListener> = failed.clone();
-        for t in taken.values() {
+    }
+
+    /// Each broker's pod listener, for `/v1/brokers`.
+    fn status(&self) -> HashMap<String, PodListener> {
+        let mut status: HashMap<String, PodListener> = self.failed.clone();
+        for t in self.taken.values() {
             status.insert(
                 t.id.clone(),
                 PodListener::PortTaken {
@@ -396,7 +441,7 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
                 },
             );
         }
-        for o in open.values() {
+        for o in self.open.values() {
             let certificate_error = o.certificate_error.lock().ok().and_then(|e| e.clone());
             status.insert(
                 o.broker.0.clone(),
@@ -407,11 +452,7 @@ pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSecti
                 },
             );
         }
-        model.set_pod_listeners(status);
-        tokio::select! {
-            () = model.broker_table.notified() => {}
-            () = tokio::time::sleep(RECHECK) => {}
-        }
+        status
     }
 }
 

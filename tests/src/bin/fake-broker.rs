@@ -191,92 +191,16 @@ fn segments(props: &HashMap<String, String>) -> Vec<std::path::PathBuf> {
 fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["recover-step"] => {
-            let all = recovery.segments.get_or_insert_with(|| segments(props));
-            match all.get(recovery.open.len()) {
-                Some(path) => match std::fs::File::open(path) {
-                    Ok(f) => {
-                        recovery.open.push(f);
-                        format!("opened {}", path.display())
-                    }
-                    Err(e) => format!("error {e}"),
-                },
-                None => "recovered".into(),
-            }
-        }
-        ["recover-step", n] => {
-            let n: usize = n.parse().unwrap_or(1);
-            let all = recovery.segments.get_or_insert_with(|| segments(props));
-            let from = recovery.open.len();
-            let next = all.get(from..(from + n).min(all.len())).unwrap_or_default();
-            if next.is_empty() {
-                return "recovered".into();
-            }
-            for path in next {
-                match std::fs::File::open(path) {
-                    Ok(f) => recovery.open.push(f),
-                    Err(e) => {
-                        return format!(
-                            "error {} after {}: {e}",
-                            path.display(),
-                            recovery.open.len() - from
-                        );
-                    }
-                }
-            }
-            format!("opened {}", recovery.open.len() - from)
-        }
+        ["recover-step"] => recover_step(props, recovery),
+        ["recover-step", n] => recover_steps(props, recovery, n.parse().unwrap_or(1)),
         ["listen"] => {
             let mut out = io::stdout().lock();
             listen(props, &mut out);
             "listened".into()
         }
-        ["recover", ms] => {
-            let ms: u64 = ms.parse().unwrap_or(100);
-            let segments = segments(props);
-            let mut open = Vec::new();
-            for s in &segments {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-                if let Ok(f) = std::fs::File::open(s) {
-                    open.push(f);
-                }
-            }
-            let n = open.len();
-            // Kafka keeps its segments open; so do we.
-            std::mem::forget(open);
-            format!("recovered {n}")
-        }
-        ["burn", ms] => {
-            // Until this thread has had MS ms of CPU, however long that takes on a busy machine.
-            let want = std::time::Duration::from_millis(ms.parse().unwrap_or(0));
-            let start = thread_cpu();
-            let mut x = 0u64;
-            while thread_cpu().saturating_sub(start) < want {
-                for i in 0..10_000u64 {
-                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
-                }
-            }
-            "burned".into()
-        }
-        [kind @ ("fsync" | "fdatasync"), n, path] => {
-            let n: u32 = n.parse().unwrap_or(0);
-            let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-            else {
-                return "error open".into();
-            };
-            for _ in 0..n {
-                let _ = f.write_all(b"x");
-                let _ = if *kind == "fsync" {
-                    f.sync_all()
-                } else {
-                    f.sync_data()
-                };
-            }
-            format!("synced {n}")
-        }
+        ["recover", ms] => recover(props, ms.parse().unwrap_or(100)),
+        ["burn", ms] => burn(std::time::Duration::from_millis(ms.parse().unwrap_or(0))),
+        [kind @ ("fsync" | "fdatasync"), n, path] => sync(kind, n.parse().unwrap_or(0), path),
         ["direct", path, bytes] => match direct_io(path, bytes.parse().unwrap_or(0)) {
             Ok(n) => format!("direct {n}"),
             Err(e) => format!("error {e}"),
@@ -296,6 +220,93 @@ fn command(props: &HashMap<String, String>, recovery: &mut Recovery, line: &str)
         }
         _ => format!("error unknown command {line}"),
     }
+}
+
+/// `recover-step`: opens the next segment.
+fn recover_step(props: &HashMap<String, String>, recovery: &mut Recovery) -> String {
+    let all = recovery.segments.get_or_insert_with(|| segments(props));
+    match all.get(recovery.open.len()) {
+        Some(path) => match std::fs::File::open(path) {
+            Ok(f) => {
+                recovery.open.push(f);
+                format!("opened {}", path.display())
+            }
+            Err(e) => format!("error {e}"),
+        },
+        None => "recovered".into(),
+    }
+}
+
+/// `recover-step N`: opens the next `n` segments.
+fn recover_steps(props: &HashMap<String, String>, recovery: &mut Recovery, n: usize) -> String {
+    let all = recovery.segments.get_or_insert_with(|| segments(props));
+    let from = recovery.open.len();
+    let next = all.get(from..(from + n).min(all.len())).unwrap_or_default();
+    if next.is_empty() {
+        return "recovered".into();
+    }
+    for path in next {
+        match std::fs::File::open(path) {
+            Ok(f) => recovery.open.push(f),
+            Err(e) => {
+                return format!(
+                    "error {} after {}: {e}",
+                    path.display(),
+                    recovery.open.len() - from
+                );
+            }
+        }
+    }
+    format!("opened {}", recovery.open.len() - from)
+}
+
+/// `recover MS`: opens every segment, one each `ms` milliseconds, and keeps them open.
+fn recover(props: &HashMap<String, String>, ms: u64) -> String {
+    let segments = segments(props);
+    let mut open = Vec::new();
+    for s in &segments {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        if let Ok(f) = std::fs::File::open(s) {
+            open.push(f);
+        }
+    }
+    let n = open.len();
+    // Kafka keeps its segments open; so do we.
+    std::mem::forget(open);
+    format!("recovered {n}")
+}
+
+/// `burn MS`: until this thread has had `want` of CPU, however long that takes on a busy
+/// machine.
+fn burn(want: std::time::Duration) -> String {
+    let start = thread_cpu();
+    let mut x = 0u64;
+    while thread_cpu().saturating_sub(start) < want {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+    "burned".into()
+}
+
+/// `fsync|fdatasync N PATH`: appends a byte and syncs it, `n` times.
+fn sync(kind: &str, n: u32, path: &str) -> String {
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return "error open".into();
+    };
+    for _ in 0..n {
+        let _ = f.write_all(b"x");
+        let _ = if kind == "fsync" {
+            f.sync_all()
+        } else {
+            f.sync_data()
+        };
+    }
+    format!("synced {n}")
 }
 
 /// Starts `n` threads whose ids are equal modulo `stride`, and not to that of any thread of this

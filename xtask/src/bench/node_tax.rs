@@ -656,29 +656,34 @@ fn measure(
             outcome.rps[attached].push(rps);
             outcome.mean_rps[attached].push(mean_rps);
         }
-        eprintln!(
-            "bench: node tax, {} round {}: getppid {:.1} / {:.1} ns per call, produce {:.0} / \
-             {:.0} req/s (detached / attached), other work {:.0}% / {:.0}% of the CPUs; the \
-             agent settled in {:.1} s{}",
-            situation.name(),
-            round + 1,
-            outcome.ns[0][round],
-            outcome.ns[1][round],
-            outcome.rps[0][round],
-            outcome.rps[1][round],
-            outcome.others[0][round] * 100.0,
-            outcome.others[1][round] * 100.0,
-            settled_in.as_secs_f64(),
-            match outcome.seen.recovering_states.last() {
-                Some(s) => format!("; recovering broker {s}"),
-                None => String::new(),
-            }
-        );
+        log_round(situation, round, &outcome, settled_in);
     }
     drop(broker);
     drop(setting);
     outcome.seconds = started.elapsed().as_secs_f64();
     Ok(outcome)
+}
+
+/// A round's figures, on stderr as the bench goes.
+fn log_round(situation: Situation, round: usize, outcome: &Outcome, settled_in: Duration) {
+    eprintln!(
+        "bench: node tax, {} round {}: getppid {:.1} / {:.1} ns per call, produce {:.0} / \
+         {:.0} req/s (detached / attached), other work {:.0}% / {:.0}% of the CPUs; the \
+         agent settled in {:.1} s{}",
+        situation.name(),
+        round + 1,
+        outcome.ns[0][round],
+        outcome.ns[1][round],
+        outcome.rps[0][round],
+        outcome.rps[1][round],
+        outcome.others[0][round] * 100.0,
+        outcome.others[1][round] * 100.0,
+        settled_in.as_secs_f64(),
+        match outcome.seen.recovering_states.last() {
+            Some(s) => format!("; recovering broker {s}"),
+            None => String::new(),
+        }
+    );
 }
 
 /// The node-tax section of the report and its figures.
@@ -710,6 +715,35 @@ fn percent(x: f64) -> String {
 }
 
 fn report(outcomes: &[Outcome], cpu: usize, took: Duration) -> Report {
+    let mut md = intro(cpu, took);
+    md += "| situation | config | broker 1's log dirs as the agent sees them (fsync measured by) \
+           | hooks attached | getppid ns/call detached / attached | node tax | produce req/s \
+           detached / attached | broker overhead | targets |\n\
+           |---|---|---|---|---|---|---|---|---|\n";
+    let mut json_situations = Vec::new();
+    for o in outcomes {
+        let (row, json) = situation_row(o);
+        md += &row;
+        json_situations.push(json);
+    }
+    md += &hooks_section(outcomes);
+    let json = json!({
+        "rounds": ROUNDS,
+        "calls_per_pass": CALLS,
+        "chunks_per_pass": CHUNKS,
+        "cpu": cpu,
+        "produce_round_seconds": PRODUCE_ROUND.as_secs_f64(),
+        "recovering_segments": SEGMENTS,
+        "recovery_pace_ms": RECOVERY_PACE.as_millis() as u64,
+        "target": TARGET,
+        "seconds": took.as_secs_f64(),
+        "situations": json_situations,
+    });
+    Report { markdown: md, json }
+}
+
+/// The section's title and how the node tax is measured and judged.
+fn intro(cpu: usize, took: Duration) -> String {
     let mut md = String::from("\n## Node tax\n\n");
     md += &format!(
         "Whether a hook the agent attaches slows processes other than the brokers, and what it \
@@ -751,97 +785,127 @@ fn report(outcomes: &[Outcome], cpu: usize, took: Duration) -> Report {
         q = QUIET_OTHERS * 100.0,
         t = TARGET * 100.0,
     );
-    md += "| situation | config | broker 1's log dirs as the agent sees them (fsync measured by) \
-           | hooks attached | getppid ns/call detached / attached | node tax | produce req/s \
-           detached / attached | broker overhead | targets |\n\
-           |---|---|---|---|---|---|---|---|---|\n";
-    let mut json_situations = Vec::new();
-    for o in outcomes {
-        let (tax, (tax_low, tax_high)) = o.tax();
-        let (overhead, (over_low, over_high)) = o.overhead();
-        let node_wide = o.seen.node_wide();
-        let hooks_cell = format!(
-            "{}{}{}",
-            o.seen.hooks.len(),
-            if node_wide.is_empty() {
-                ", none node-wide".to_string()
-            } else {
-                format!(", **node-wide: {}**", node_wide.join(", "))
-            },
-            if o.seen.hooks_changed {
-                " (changed between reads)"
-            } else {
-                ""
-            }
-        );
-        let dirs = o
-            .seen
-            .log_dir_filesystems
-            .iter()
-            .zip(o.seen.log_dir_fsync.iter())
-            .map(|(fs, how)| format!("{fs} ({how})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let med = |v: &Vec<f64>| median(v.clone());
-        let quiet = o.quiet_rounds();
-        let rps_median = |k: usize| median(quiet.iter().map(|&r| o.rps[k][r]).collect());
-        md += &format!(
-            "| {} | {} | {dirs} | {hooks_cell} | {:.1} / {:.1} | {} ({} .. {}) | {:.0} / {:.0} \
-             | {} ({} .. {}; {}) | {} |\n",
-            o.situation.name(),
-            if o.situation.default_config() {
-                "default"
-            } else {
-                "node_wide_hooks = true"
-            },
-            med(&o.ns[0]),
-            med(&o.ns[1]),
-            percent(tax),
-            percent(tax_low),
-            percent(tax_high),
-            rps_median(0),
-            rps_median(1),
-            percent(overhead),
-            percent(over_low),
-            percent(over_high),
-            o.rounds_used(),
-            match o.verdict() {
-                None => "control".to_string(),
-                Some((tax, overhead)) => format!("node tax: {tax}; broker overhead: {overhead}"),
-            }
-        );
-        json_situations.push(json!({
-            "situation": o.situation.key(),
-            "name": o.situation.name(),
-            "default_config": o.situation.default_config(),
-            "log_dirs": o.log_dirs,
-            "log_dir_filesystems": o.seen.log_dir_filesystems,
-            "log_dir_fsync": o.seen.log_dir_fsync,
-            "hooks": o.seen.hooks.iter().map(|(p, s)| json!({"program": p, "scope": s})).collect::<Vec<_>>(),
-            "node_wide_hooks": node_wide,
-            "hooks_changed_between_reads": o.seen.hooks_changed,
-            "broker_states": o.seen.broker_states,
-            "recovering_broker_states": o.seen.recovering_states,
-            "ns_per_call": {"detached": o.ns[0], "attached": o.ns[1]},
-            "wall_ns_per_call": {"detached": o.wall_ns[0], "attached": o.wall_ns[1]},
-            "produce_rps": {"detached": o.rps[0], "attached": o.rps[1]},
-            "produce_rps_whole_pass": {"detached": o.mean_rps[0], "attached": o.mean_rps[1]},
-            "ns_per_call_median": {"detached": med(&o.ns[0]), "attached": med(&o.ns[1])},
-            "produce_rps_median": {"detached": rps_median(0), "attached": rps_median(1)},
-            "other_work_share": {"detached": o.others[0], "attached": o.others[1]},
-            "overhead_rounds": quiet,
-            "quiet_rounds": o.strictly_quiet(),
+    md
+}
+
+/// One situation's row of the table, and its figures.
+fn situation_row(o: &Outcome) -> (String, Value) {
+    let (tax, (tax_low, tax_high)) = o.tax();
+    let (overhead, (over_low, over_high)) = o.overhead();
+    let hooks_cell = hooks_cell(o);
+    let dirs = o
+        .seen
+        .log_dir_filesystems
+        .iter()
+        .zip(o.seen.log_dir_fsync.iter())
+        .map(|(fs, how)| format!("{fs} ({how})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let med = |v: &Vec<f64>| median(v.clone());
+    let quiet = o.quiet_rounds();
+    let rps_median = |k: usize| median(quiet.iter().map(|&r| o.rps[k][r]).collect());
+    let row = format!(
+        "| {} | {} | {dirs} | {hooks_cell} | {:.1} / {:.1} | {} ({} .. {}) | {:.0} / {:.0} \
+         | {} ({} .. {}; {}) | {} |\n",
+        o.situation.name(),
+        if o.situation.default_config() {
+            "default"
+        } else {
+            "node_wide_hooks = true"
+        },
+        med(&o.ns[0]),
+        med(&o.ns[1]),
+        percent(tax),
+        percent(tax_low),
+        percent(tax_high),
+        rps_median(0),
+        rps_median(1),
+        percent(overhead),
+        percent(over_low),
+        percent(over_high),
+        o.rounds_used(),
+        match o.verdict() {
+            None => "control".to_string(),
+            Some((tax, overhead)) => format!("node tax: {tax}; broker overhead: {overhead}"),
+        }
+    );
+    let ranges = Ranges {
+        tax: (tax, (tax_low, tax_high)),
+        overhead: (overhead, (over_low, over_high)),
+    };
+    (row, situation_json(o, &ranges))
+}
+
+/// A situation's node tax and broker overhead, each with its per-round range.
+struct Ranges {
+    tax: (f64, (f64, f64)),
+    overhead: (f64, (f64, f64)),
+}
+
+/// How many hooks were attached, which node-wide, and whether they changed between reads.
+fn hooks_cell(o: &Outcome) -> String {
+    let node_wide = o.seen.node_wide();
+    format!(
+        "{}{}{}",
+        o.seen.hooks.len(),
+        if node_wide.is_empty() {
+            ", none node-wide".to_string()
+        } else {
+            format!(", **node-wide: {}**", node_wide.join(", "))
+        },
+        if o.seen.hooks_changed {
+            " (changed between reads)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// A situation's figures in report.json.
+fn situation_json(o: &Outcome, ranges: &Ranges) -> Value {
+    let (tax, (tax_low, tax_high)) = ranges.tax;
+    let (overhead, (over_low, over_high)) = ranges.overhead;
+    let node_wide = o.seen.node_wide();
+    let med = |v: &Vec<f64>| median(v.clone());
+    let quiet = o.quiet_rounds();
+    let rps_median = |k: usize| median(quiet.iter().map(|&r| o.rps[k][r]).collect());
+    json!({
+        "situation": o.situation.key(),
+        "name": o.situation.name(),
+        "default_config": o.situation.default_config(),
+        "log_dirs": o.log_dirs,
+        "log_dir_filesystems": o.seen.log_dir_filesystems,
+        "log_dir_fsync": o.seen.log_dir_fsync,
+        "hooks": o.seen.hooks.iter().map(|(p, s)| json!({"program": p, "scope": s})).collect::<Vec<_>>(),
+        "node_wide_hooks": node_wide,
+        "hooks_changed_between_reads": o.seen.hooks_changed,
+        "broker_states": o.seen.broker_states,
+        "recovering_broker_states": o.seen.recovering_states,
+        "ns_per_call": {"detached": o.ns[0], "attached": o.ns[1]},
+        "wall_ns_per_call": {"detached": o.wall_ns[0], "attached": o.wall_ns[1]},
+        "produce_rps": {"detached": o.rps[0], "attached": o.rps[1]},
+        "produce_rps_whole_pass": {"detached": o.mean_rps[0], "attached": o.mean_rps[1]},
+        "ns_per_call_median": {"detached": med(&o.ns[0]), "attached": med(&o.ns[1])},
+        "produce_rps_median": {"detached": rps_median(0), "attached": rps_median(1)},
+        "other_work_share": {"detached": o.others[0], "attached": o.others[1]},
+        "overhead_rounds": quiet,
+        "quiet_rounds": o.strictly_quiet(),
+        "node_tax": tax,
+        "node_tax_range": [tax_low, tax_high],
+        "broker_overhead": overhead,
+        "broker_overhead_range": [over_low, over_high],
+        "targets": o.verdict().map(|(tax, overhead)| json!({
             "node_tax": tax,
-            "node_tax_range": [tax_low, tax_high],
             "broker_overhead": overhead,
-            "broker_overhead_range": [over_low, over_high],
-            "targets": o.verdict().map(|(tax, overhead)| json!({
-                "node_tax": tax,
-                "broker_overhead": overhead,
-            })),
-            "seconds": o.seconds,
-        }));
-    }
+        })),
+        "seconds": o.seconds,
+    })
+}
+
+/// The hooks attached, grouped by situations that attached the same set; the recovering
+/// broker's states; broker 1's states when not always RUNNING.
+fn hooks_section(outcomes: &[Outcome]) -> String {
+    let mut md = String::new();
     // Hooks, grouped by situations that attached the same set.
     md += "\nHooks attached (`/ready`'s `hooks`, read once settled and again at the end of every \
            attached pass; node-wide ones in bold):\n\n";
@@ -892,19 +956,7 @@ fn report(outcomes: &[Outcome], cpu: usize, took: Duration) -> Report {
             odd.join("; ")
         );
     }
-    let json = json!({
-        "rounds": ROUNDS,
-        "calls_per_pass": CALLS,
-        "chunks_per_pass": CHUNKS,
-        "cpu": cpu,
-        "produce_round_seconds": PRODUCE_ROUND.as_secs_f64(),
-        "recovering_segments": SEGMENTS,
-        "recovery_pace_ms": RECOVERY_PACE.as_millis() as u64,
-        "target": TARGET,
-        "seconds": took.as_secs_f64(),
-        "situations": json_situations,
-    });
-    Report { markdown: md, json }
+    md
 }
 
 impl Report {

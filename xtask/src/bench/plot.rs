@@ -59,6 +59,7 @@ fn escape(s: &str) -> String {
 
 /// The plot as an SVG document: `title` above, `y_label` along the y axis, seconds on x from 0
 /// to `x_max`, and a dashed vertical line with its text at each of `marks`.
+// Long: one SVG template, element by element in drawing order.
 pub fn svg(
     title: &str,
     y_label: &str,

@@ -651,33 +651,163 @@ impl Options {
         }
         (!parts.is_empty()).then(|| parts.join("_"))
     }
+
+    /// The environment of the soak's agents.
+    fn agent_env(&self) -> Vec<(&str, &str)> {
+        self.glibc_tunables
+            .iter()
+            .map(|t| ("GLIBC_TUNABLES", t.as_str()))
+            .collect()
+    }
+
+    /// Broker restarts over the soak: none without churn.
+    fn cycles(&self) -> u32 {
+        if self.no_churn {
+            0
+        } else {
+            (CYCLES_PER_MINUTE * self.minutes).round().max(1.0) as u32
+        }
+    }
+}
+
+/// How the soak starts an agent: its binary, config, throwaway PKI and environment.
+struct Launcher<'a> {
+    bin: &'a Path,
+    config: &'a Path,
+    pki: &'a Path,
+    env: &'a [(&'a str, &'a str)],
+}
+
+impl Launcher<'_> {
+    fn launch(&self) -> anyhow::Result<Agent> {
+        self.launch_with(self.env)
+    }
+
+    fn launch_with(&self, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::launch_with_env(self.bin, self.config, self.pki.to_path_buf(), env)
+    }
+}
+
+/// What the sampled lives gave: every second's sample, when the agent was killed, and the
+/// restart's continuity.
+struct Lives {
+    samples: Vec<Sample>,
+    restart_at: Option<f64>,
+    continuity: Option<Continuity>,
 }
 
 pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> {
-    let minutes = options.minutes;
+    let (minutes, cycles) = (options.minutes, options.cycles());
     let experiment = options.experiment();
-    let dir = out_dir.join(match &experiment {
-        Some(e) => format!("soak-{e}"),
-        None => "soak".into(),
-    });
-    let agent_env: Vec<(&str, &str)> = options
-        .glibc_tunables
-        .iter()
-        .map(|t| ("GLIBC_TUNABLES", t.as_str()))
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = fresh_dir(out_dir, experiment.as_deref())?;
+    let agent_env = options.agent_env();
     let duration = Duration::from_secs_f64(minutes * 60.0);
-    let cycles = if options.no_churn {
-        0
-    } else {
-        (CYCLES_PER_MINUTE * minutes).round().max(1.0) as u32
-    };
     // A soak interrupted before left its pins: ours to remove.
     let _ = std::fs::remove_dir_all(PIN_DIR);
 
     let pki = dir.join("pki");
     crate::agent::dev_pki(bin, &pki)?;
+    let config = write_agent_config(&dir, &pki)?;
+    // Dropped last: after the agents, brokers and namespaces.
+    let _pins = Pins {
+        bin: bin.to_path_buf(),
+        config: config.clone(),
+    };
+    let launcher = Launcher {
+        bin,
+        config: &config,
+        pki: &pki,
+        env: &agent_env,
+    };
+
+    let (brokers, addrs) = start_load_brokers(&dir)?;
+    let churn_properties = write_churn_properties(&dir)?;
+    let mut agent = launcher.launch()?;
+    wait_running(&agent)?;
+    eprintln!(
+        "soak: {minutes} min, {cycles} broker restarts in new namespaces, {TARGET_RATE:.0} \
+         connections/s aimed at, agent pid {}",
+        agent.pid()
+    );
+
+    let mut load = Load::start(addrs, if options.no_load { 0 } else { CLIENTS });
+    let start = Instant::now();
+    let stop_churn = Arc::new(AtomicBool::new(false));
+    let period = duration / cycles.max(1);
+    let churn = spawn_churn(start, period, cycles, churn_properties, stop_churn.clone());
+    let lives = sample_lives(&launcher, &mut agent, &load, &dir, start, duration)?;
+    let elapsed = start.elapsed().as_secs_f64();
+    load.finish();
+    stop_churn.store(true, Ordering::Relaxed);
+    let churn = churn
+        .join()
+        .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
+    let end = last_scrape(&agent, &dir)?;
+    let connected_total = load.connected.load(Ordering::Relaxed) as f64;
+    drop(agent);
+    let bursts = if experiment.is_none() {
+        allocator_bursts(&launcher)?
+    } else {
+        Vec::new()
+    };
+    drop(brokers);
+
+    let report = Report {
+        minutes,
+        elapsed,
+        cycles,
+        churn,
+        samples: lives.samples,
+        restart_at: lives.restart_at,
+        continuity: lives.continuity,
+        end,
+        connected_total,
+        done_total: load.done.load(Ordering::Relaxed) as f64,
+        failed_total: load.failed.load(Ordering::Relaxed) as f64,
+        bursts,
+        experiment,
+    };
+    let md = report.write(&dir)?;
+    drop(_pins);
+    finish_report(&dir, md)
+}
+
+/// The soak's directory under `out_dir`, emptied: `soak` or `soak-<experiment>`.
+fn fresh_dir(out_dir: &Path, experiment: Option<&str>) -> anyhow::Result<PathBuf> {
+    let dir = out_dir.join(match experiment {
+        Some(e) => format!("soak-{e}"),
+        None => "soak".into(),
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The restarted broker's properties: on :9092 in each namespace of its own.
+fn write_churn_properties(dir: &Path) -> anyhow::Result<PathBuf> {
+    let churn_properties = dir.join("churn.properties");
+    std::fs::write(
+        &churn_properties,
+        format!(
+            "node.id={CHURN_ID}\nlisteners=PLAINTEXT://:9092\nlog.dirs={}\n",
+            dir.join("logs-churn").display()
+        ),
+    )?;
+    Ok(churn_properties)
+}
+
+/// The scrape after the load: every connection closed and counted, the agent's total against
+/// the clients' own. Kept as `metrics-end.txt`.
+fn last_scrape(agent: &Agent, dir: &Path) -> anyhow::Result<Scrape> {
+    std::thread::sleep(Duration::from_secs(2));
+    let (text, ms) = get_metrics(agent).context("the last scrape")?;
+    std::fs::write(dir.join("metrics-end.txt"), &text)?;
+    Ok(parse_scrape(&text, ms))
+}
+
+/// The soak agent's config: on a free loopback port, with the throwaway PKI, discovering the
+/// soak's own brokers, pinning under [`PIN_DIR`].
+fn write_agent_config(dir: &Path, pki: &Path) -> anyhow::Result<PathBuf> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = dir.join("agent.toml");
     std::fs::write(
@@ -688,12 +818,11 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
             d = dir.display(),
         ),
     )?;
-    // Dropped last: after the agents, brokers and namespaces.
-    let _pins = Pins {
-        bin: bin.to_path_buf(),
-        config: config.clone(),
-    };
+    Ok(config)
+}
 
+/// The [`LOAD_BROKERS`], each on a free loopback port: the brokers and their addresses.
+fn start_load_brokers(dir: &Path) -> anyhow::Result<(Vec<Broker>, Vec<SocketAddr>)> {
     let mut brokers = Vec::new();
     let mut addrs = Vec::new();
     for (id, workers) in LOAD_BROKERS {
@@ -714,55 +843,54 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
         )?);
         addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    let churn_properties = dir.join("churn.properties");
-    std::fs::write(
-        &churn_properties,
-        format!(
-            "node.id={CHURN_ID}\nlisteners=PLAINTEXT://:9092\nlog.dirs={}\n",
-            dir.join("logs-churn").display()
-        ),
-    )?;
+    Ok((brokers, addrs))
+}
 
-    let mut agent = Agent::launch_with_env(bin, &config, pki.clone(), &agent_env)?;
-    wait_running(&agent)?;
-    eprintln!(
-        "soak: {minutes} min, {cycles} broker restarts in new namespaces, {TARGET_RATE:.0} \
-         connections/s aimed at, agent pid {}",
-        agent.pid()
-    );
-
-    let mut load = Load::start(addrs, if options.no_load { 0 } else { CLIENTS });
-    let start = Instant::now();
-    let stop_churn = Arc::new(AtomicBool::new(false));
-    let churn = {
-        let stop = stop_churn.clone();
-        let period = duration / cycles.max(1);
-        std::thread::spawn(move || -> anyhow::Result<Churn> {
-            let mut out = Churn::default();
-            let mut lingering = std::collections::VecDeque::new();
-            for k in 0..cycles {
-                let due = start + period * k;
-                while Instant::now() < due && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                while lingering
-                    .front()
-                    .is_some_and(|(at, _): &(Instant, NetNs)| at.elapsed() > NAMESPACE_LINGER)
-                {
-                    lingering.pop_front();
-                }
-                out.started_at.push(start.elapsed().as_secs_f64());
-                let ns = cycle(k, &churn_properties, period / 2, &mut out)?;
-                out.most_namespaces = out.most_namespaces.max(lingering.len() + 1);
-                lingering.push_back((Instant::now(), ns));
+/// The churn thread: a broker pod's [`cycle`] every `period` from `start`, `cycles` times or
+/// until `stop`; each stopped pod's namespace lingers [`NAMESPACE_LINGER`].
+fn spawn_churn(
+    start: Instant,
+    period: Duration,
+    cycles: u32,
+    churn_properties: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<Churn>> {
+    std::thread::spawn(move || -> anyhow::Result<Churn> {
+        let mut out = Churn::default();
+        let mut lingering = std::collections::VecDeque::new();
+        for k in 0..cycles {
+            let due = start + period * k;
+            while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(out)
-        })
-    };
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            while lingering
+                .front()
+                .is_some_and(|(at, _): &(Instant, NetNs)| at.elapsed() > NAMESPACE_LINGER)
+            {
+                lingering.pop_front();
+            }
+            out.started_at.push(start.elapsed().as_secs_f64());
+            let ns = cycle(k, &churn_properties, period / 2, &mut out)?;
+            out.most_namespaces = out.most_namespaces.max(lingering.len() + 1);
+            lingering.push_back((Instant::now(), ns));
+        }
+        Ok(out)
+    })
+}
 
+/// A sample every second for `duration` from `start`, the agent killed and started again
+/// halfway.
+fn sample_lives(
+    launcher: &Launcher,
+    agent: &mut Agent,
+    load: &Load,
+    dir: &Path,
+    start: Instant,
+    duration: Duration,
+) -> anyhow::Result<Lives> {
     let mut samples: Vec<Sample> = Vec::new();
     let mut life = 1u8;
     let mut continuity = None;
@@ -775,76 +903,16 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
         let due = start + Duration::from_secs(u64::from(tick));
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         if restart_at.is_none() && start.elapsed() >= half {
-            // The last look before the kill; the kill; the agent's absence; the next agent.
-            let before = look(
-                &agent,
-                start.elapsed().as_secs_f64(),
-                life,
-                &load,
-                &mut body,
-            );
-            std::fs::write(dir.join("metrics-life1-last.txt"), &body)?;
-            let killed = Instant::now();
-            restart_at = Some(start.elapsed().as_secs_f64());
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
-            let _ = agent.child.wait();
-            eprintln!(
-                "soak: agent killed (SIGKILL) at {:.0}s",
-                restart_at.unwrap_or(0.0)
-            );
-            // Down for a moment under live traffic, as a real restart is.
-            std::thread::sleep(Duration::from_secs(2));
-            let next = Agent::launch_with_env(bin, &config, pki.clone(), &agent_env)?;
-            // The old one is dead: its Drop's SIGTERM and wait find nothing to do.
-            drop(std::mem::replace(&mut agent, next));
+            let (at, before, after, c) = restart(launcher, agent, load, dir, start, &mut body)?;
+            restart_at = Some(at);
             life = 2;
-            let after = loop {
-                let s = look(
-                    &agent,
-                    start.elapsed().as_secs_f64(),
-                    life,
-                    &load,
-                    &mut body,
-                );
-                if s.scrape.is_some() {
-                    std::fs::write(dir.join("metrics-life2-first.txt"), &body)?;
-                    break s;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            let down_s = killed.elapsed().as_secs_f64();
-            eprintln!(
-                "soak: agent {} serving again after {down_s:.1}s",
-                agent.pid()
-            );
-            let (b, a) = (
-                before.scrape.clone().unwrap_or_default(),
-                after.scrape.clone().unwrap_or_default(),
-            );
-            continuity = Some(Continuity {
-                accepted_before: b.accepted,
-                accepted_after: a.accepted,
-                connected_before: before.connected,
-                connected_after: after.connected,
-                counters_start_before: b.counters_start,
-                counters_start_after: a.counters_start,
-                agent_start_before: b.agent_start,
-                agent_start_after: a.agent_start,
-                down_s,
-            });
+            continuity = Some(c);
             samples.push(before);
             samples.push(after);
             tick = start.elapsed().as_secs() as u32;
             continue;
         }
-        let s = look(
-            &agent,
-            start.elapsed().as_secs_f64(),
-            life,
-            &load,
-            &mut body,
-        );
+        let s = look(agent, start.elapsed().as_secs_f64(), life, load, &mut body);
         if tick.is_multiple_of(30) {
             eprintln!(
                 "soak: {:>4}s rss {:.1} MiB, fds {}, threads {}, {} series, {:.0} connections",
@@ -858,25 +926,75 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
         }
         samples.push(s);
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    load.finish();
-    stop_churn.store(true, Ordering::Relaxed);
-    let churn = churn
-        .join()
-        .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
-    // Every connection closed and counted: the agent's total against the clients' own.
+    Ok(Lives {
+        samples,
+        restart_at,
+        continuity,
+    })
+}
+
+/// The last look before the kill; the kill; the agent's absence; the next agent, until its
+/// first scrape: when it was killed (seconds into the soak), the two samples and the
+/// continuity between them.
+fn restart(
+    launcher: &Launcher,
+    agent: &mut Agent,
+    load: &Load,
+    dir: &Path,
+    start: Instant,
+    body: &mut String,
+) -> anyhow::Result<(f64, Sample, Sample, Continuity)> {
+    let before = look(agent, start.elapsed().as_secs_f64(), 1, load, body);
+    std::fs::write(dir.join("metrics-life1-last.txt"), &*body)?;
+    let killed = Instant::now();
+    let restart_at = start.elapsed().as_secs_f64();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    let _ = agent.child.wait();
+    eprintln!("soak: agent killed (SIGKILL) at {restart_at:.0}s");
+    // Down for a moment under live traffic, as a real restart is.
     std::thread::sleep(Duration::from_secs(2));
-    let (text, ms) = get_metrics(&agent).context("the last scrape")?;
-    std::fs::write(dir.join("metrics-end.txt"), &text)?;
-    let end = parse_scrape(&text, ms);
-    let connected_total = load.connected.load(Ordering::Relaxed) as f64;
-    drop(agent);
-    // Scrape bursts against fresh agents, the brokers still running, under each allocator
-    // setting.
+    let next = launcher.launch()?;
+    // The old one is dead: its Drop's SIGTERM and wait find nothing to do.
+    drop(std::mem::replace(agent, next));
+    let after = loop {
+        let s = look(agent, start.elapsed().as_secs_f64(), 2, load, body);
+        if s.scrape.is_some() {
+            std::fs::write(dir.join("metrics-life2-first.txt"), &*body)?;
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let down_s = killed.elapsed().as_secs_f64();
+    eprintln!(
+        "soak: agent {} serving again after {down_s:.1}s",
+        agent.pid()
+    );
+    let (b, a) = (
+        before.scrape.clone().unwrap_or_default(),
+        after.scrape.clone().unwrap_or_default(),
+    );
+    let continuity = Continuity {
+        accepted_before: b.accepted,
+        accepted_after: a.accepted,
+        connected_before: before.connected,
+        connected_after: after.connected,
+        counters_start_before: b.counters_start,
+        counters_start_after: a.counters_start,
+        agent_start_before: b.agent_start,
+        agent_start_after: a.agent_start,
+        down_s,
+    };
+    Ok((restart_at, before, after, continuity))
+}
+
+/// Scrape bursts against fresh agents, the brokers still running, under each allocator
+/// setting.
+fn allocator_bursts(launcher: &Launcher) -> anyhow::Result<Vec<(&'static str, f64, Vec<Burst>)>> {
     let mut bursts = Vec::new();
-    for &(name, env) in ALLOCATORS.iter().filter(|_| experiment.is_none()) {
+    for &(name, env) in ALLOCATORS.iter() {
         let env: Vec<(&str, &str)> = env.iter().map(|v| ("GLIBC_TUNABLES", *v)).collect();
-        let agent = Agent::launch_with_env(bin, &config, pki.clone(), &env)?;
+        let agent = launcher.launch_with(&env)?;
         wait_running(&agent)?;
         std::thread::sleep(Duration::from_secs(10));
         let idle_kib = status(agent.pid()).0;
@@ -894,25 +1012,12 @@ pub fn run(bin: &Path, out_dir: &Path, options: &Options) -> anyhow::Result<()> 
         );
         bursts.push((name, idle_kib, rounds));
     }
-    drop(brokers);
+    Ok(bursts)
+}
 
-    let report = Report {
-        minutes,
-        elapsed,
-        cycles,
-        churn,
-        samples,
-        restart_at,
-        continuity,
-        end,
-        connected_total,
-        done_total: load.done.load(Ordering::Relaxed) as f64,
-        failed_total: load.failed.load(Ordering::Relaxed) as f64,
-        bursts,
-        experiment,
-    };
-    let md = report.write(&dir)?;
-    drop(_pins);
+/// The report with what the soak left behind (checked once the pins are gone), written and
+/// printed; an error if anything was left.
+fn finish_report(dir: &Path, md: String) -> anyhow::Result<()> {
     let left = leftovers();
     let md = md
         + &if left.is_empty() {
@@ -1115,6 +1220,7 @@ impl Report {
             .collect()
     }
 
+    // Long: one entry per process curve, in the report's order.
     fn curves(&self) -> Vec<Curve> {
         let percent = Rule {
             relative: 0.05,
@@ -1196,6 +1302,13 @@ impl Report {
                 points: self.gauge(|s| Some(s.scrape.as_ref()?.ms)),
             },
         ];
+        curves.extend(self.map_curves());
+        curves
+    }
+
+    /// A fill curve per map the scrapes named, and an evictions curve per map that evicted.
+    fn map_curves(&self) -> Vec<Curve> {
+        let mut curves = Vec::new();
         let maps: std::collections::BTreeSet<String> = self
             .samples
             .iter()
@@ -1256,7 +1369,22 @@ impl Report {
             .iter()
             .map(|t| (*t, "agent kill -9 + restart"))
             .collect();
-        let mut md = format!(
+        let rates = self.connection_rate();
+        let mut md = self.intro();
+        md += &self.load_section(&rates);
+        md += &self.restart_section();
+        let (curves, csv_columns) = self.curves_section(dir, &marks, &rates)?;
+        md += &curves;
+        md += &self.cpu_section();
+        md += &self.rss_section();
+        self.write_samples(dir, &csv_columns)?;
+        md += "\nEvery sample: [samples.csv](samples.csv).\n";
+        Ok(md)
+    }
+
+    /// The report's title and what the soak did.
+    fn intro(&self) -> String {
+        format!(
             "# brokerscope soak and churn{}\n\n\
              {:.0} s ({} min asked). Load: {CLIENTS} client threads aiming at {TARGET_RATE:.0} \
              short connections/s together (connect, {REQUEST} B request, {ANSWER} B answer, \
@@ -1279,10 +1407,12 @@ impl Report {
             self.churn.cycles,
             self.cycles,
             NAMESPACE_LINGER.as_secs(),
-        );
+        )
+    }
 
-        // The load.
-        let rates = self.connection_rate();
+    /// The load reached, the churn, and the exact count against the clients'.
+    fn load_section(&self, rates: &LifePoints) -> String {
+        let mut md = String::new();
         let mut all_rates: Vec<f64> = rates.iter().map(|r| r.2).collect();
         let mean_rate = self.connected_total / self.elapsed;
         md += &format!(
@@ -1320,7 +1450,12 @@ impl Report {
             }
         );
 
-        // The restart.
+        md
+    }
+
+    /// The restart's continuity: what the counters did across the kill -9.
+    fn restart_section(&self) -> String {
+        let mut md = String::new();
         if let Some(c) = &self.continuity {
             let same_start = c.counters_start_before.is_some()
                 && c.counters_start_before == c.counters_start_after;
@@ -1351,7 +1486,18 @@ impl Report {
             );
         }
 
-        // The curves.
+        md
+    }
+
+    /// The curves: each one's verdicts and plot, the load's own plot; and the columns for
+    /// `samples.csv`.
+    fn curves_section(
+        &self,
+        dir: &Path,
+        marks: &[(f64, &str)],
+        rates: &LifePoints,
+    ) -> anyhow::Result<(String, Vec<(String, LifePoints)>)> {
+        let mut md = String::new();
         md += &format!(
             "\n## Curves\n\nVerdict per agent life (before and after the restart), its first \
              {WARMUP_S:.0} s left out as warm-up (30% of the life when shorter), on the curve's \
@@ -1370,56 +1516,11 @@ impl Report {
         let mut csv_columns: Vec<(String, LifePoints)> = Vec::new();
         let mut not_flat = Vec::new();
         for curve in self.curves() {
-            let lives: Vec<(Points, Option<Verdict>)> = [1u8, 2]
-                .iter()
-                .map(|&life| {
-                    let settled = self.settled(&curve.points, life);
-                    let verdict = judge(&settled, curve.rule);
-                    (settled, verdict)
-                })
-                .collect();
-            let cell = |v: &Option<Verdict>| match v {
-                Some(v) => (
-                    format!(
-                        "{} → {} ({:+}; tol {})",
-                        fmt(v.window),
-                        fmt(v.last),
-                        fmt(v.second_half),
-                        fmt(v.tolerance)
-                    ),
-                    if v.grows { "**grows**" } else { "flat" },
-                ),
-                None => ("too few samples".into(), "-"),
-            };
-            let (c1, v1) = cell(&lives[0].1);
-            let (c2, v2) = cell(&lives[1].1);
-            let start = lives[0].0.first().or(lives[1].0.first()).map(|p| p.1);
-            let end = lives[1].0.last().or(lives[0].0.last()).map(|p| p.1);
-            if v1 == "**grows**" || v2 == "**grows**" {
+            let (row, grows) = self.curve_row(dir, &curve, marks)?;
+            if grows {
                 not_flat.push(curve.title.clone());
             }
-            let file = format!("{}.svg", curve.key);
-            let points: Vec<(f64, f64)> = curve.points.iter().map(|p| (p.1, p.2)).collect();
-            std::fs::write(
-                dir.join(&file),
-                plot::svg(
-                    &curve.title,
-                    curve.unit,
-                    self.elapsed,
-                    &[plot::Line {
-                        label: &curve.title,
-                        points: &points,
-                    }],
-                    &marks,
-                ),
-            )?;
-            md += &format!(
-                "| {} | {} | {c1} | {v1} | {c2} | {v2} | {} → {} | [{file}]({file}) |\n",
-                curve.title,
-                curve.unit,
-                start.map_or("-".into(), fmt),
-                end.map_or("-".into(), fmt),
-            );
+            md += &row;
             csv_columns.push((curve.key, curve.points));
         }
         // The load's own curve, no verdict.
@@ -1434,7 +1535,7 @@ impl Report {
                     label: "connections/s",
                     points: &rate_points,
                 }],
-                &marks,
+                marks,
             ),
         )?;
         md += &format!(
@@ -1446,7 +1547,70 @@ impl Report {
             }
         );
 
-        // CPU per 1k connections/s, per life after warm-up.
+        Ok((md, csv_columns))
+    }
+
+    /// One curve's row of the table, its plot written to `dir`: the row, and whether it grows
+    /// in either life.
+    fn curve_row(
+        &self,
+        dir: &Path,
+        curve: &Curve,
+        marks: &[(f64, &str)],
+    ) -> anyhow::Result<(String, bool)> {
+        let lives: Vec<(Points, Option<Verdict>)> = [1u8, 2]
+            .iter()
+            .map(|&life| {
+                let settled = self.settled(&curve.points, life);
+                let verdict = judge(&settled, curve.rule);
+                (settled, verdict)
+            })
+            .collect();
+        let cell = |v: &Option<Verdict>| match v {
+            Some(v) => (
+                format!(
+                    "{} → {} ({:+}; tol {})",
+                    fmt(v.window),
+                    fmt(v.last),
+                    fmt(v.second_half),
+                    fmt(v.tolerance)
+                ),
+                if v.grows { "**grows**" } else { "flat" },
+            ),
+            None => ("too few samples".into(), "-"),
+        };
+        let (c1, v1) = cell(&lives[0].1);
+        let (c2, v2) = cell(&lives[1].1);
+        let start = lives[0].0.first().or(lives[1].0.first()).map(|p| p.1);
+        let end = lives[1].0.last().or(lives[0].0.last()).map(|p| p.1);
+        let file = format!("{}.svg", curve.key);
+        let points: Vec<(f64, f64)> = curve.points.iter().map(|p| (p.1, p.2)).collect();
+        std::fs::write(
+            dir.join(&file),
+            plot::svg(
+                &curve.title,
+                curve.unit,
+                self.elapsed,
+                &[plot::Line {
+                    label: &curve.title,
+                    points: &points,
+                }],
+                marks,
+            ),
+        )?;
+        let row = format!(
+            "| {} | {} | {c1} | {v1} | {c2} | {v2} | {} → {} | [{file}]({file}) |\n",
+            curve.title,
+            curve.unit,
+            start.map_or("-".into(), fmt),
+            end.map_or("-".into(), fmt),
+        );
+        Ok((row, v1 == "**grows**" || v2 == "**grows**"))
+    }
+
+    /// CPU per 1k connections/s, per life after warm-up.
+    fn cpu_section(&self) -> String {
+        let mut md = String::new();
         md += "\n## CPU per 1k connections/s\n\nThe agent process's CPU seconds per second (its \
                threads' time on a CPU, from schedstat) divided by the clients' connection rate \
                in thousands, over each life after warm-up. The kernel programs' time is not in \
@@ -1480,7 +1644,12 @@ impl Report {
             }
         }
 
-        // The high-water mark.
+        md
+    }
+
+    /// The RSS high-water mark over the soak, and the scrape bursts under each allocator.
+    fn rss_section(&self) -> String {
+        let mut md = String::new();
         let hwm: Vec<String> = [1u8, 2]
             .iter()
             .filter_map(|&life| {
@@ -1525,9 +1694,17 @@ impl Report {
             );
         }
 
-        // Every sample, for whoever wants to plot it otherwise.
+        md
+    }
+
+    /// Every sample, for whoever wants to plot it otherwise: `samples.csv`.
+    fn write_samples(
+        &self,
+        dir: &Path,
+        csv_columns: &[(String, LifePoints)],
+    ) -> anyhow::Result<()> {
         let mut csv = String::from("t,life,rss_kib,hwm_kib,anon_kib,fds,threads,cpu_s,connected");
-        for (key, _) in &csv_columns {
+        for (key, _) in csv_columns {
             csv += ",";
             csv += key;
         }
@@ -1545,7 +1722,7 @@ impl Report {
                 s.cpu_s,
                 s.connected
             );
-            for (_, points) in &csv_columns {
+            for (_, points) in csv_columns {
                 csv += ",";
                 if let Some(p) = points.iter().find(|p| p.1 == s.t && p.0 == s.life) {
                     csv += &fmt(p.2);
@@ -1554,8 +1731,7 @@ impl Report {
             csv += "\n";
         }
         std::fs::write(dir.join("samples.csv"), csv)?;
-        md += "\nEvery sample: [samples.csv](samples.csv).\n";
-        Ok(md)
+        Ok(())
     }
 }
 
