@@ -57,19 +57,8 @@ pub(super) fn attach_all(
         held: Vec::new(),
         adopted_fds: Vec::new(),
     };
-    // Alternatives in order of preference, then every other program. Once one of a set of
-    // alternatives serves, the rest are not attached.
-    let first: Vec<Program> = Program::ALTERNATIVES
-        .into_iter()
-        .flatten()
-        .copied()
-        .collect();
-    let order = first
-        .clone()
-        .into_iter()
-        .chain(Program::ALL.into_iter().filter(|p| !first.contains(p)));
     let mut skipped_node_wide = Vec::new();
-    for program in order {
+    for program in attach_order() {
         if hooks.an_alternative_serves(program) {
             continue;
         }
@@ -105,16 +94,29 @@ pub(super) fn attach_all(
             })
         };
         if let Err(e) = result {
-            let fallback = program.fallback();
-            let (error, verifier_log) = one_line(&e);
-            tracing::warn!(program = program.name(), %error, fallback, "program not attached");
-            hooks.degraded.push(Degraded {
-                program,
-                error,
-                verifier_log,
-            });
+            hooks.not_attached(program, &e);
         }
     }
+    log_skipped_node_wide(&skipped_node_wide);
+    hooks
+}
+
+/// Alternatives in order of preference, then every other program. Once one of a set of
+/// alternatives serves, the rest are not attached.
+fn attach_order() -> impl Iterator<Item = Program> {
+    let first: Vec<Program> = Program::ALTERNATIVES
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    first
+        .clone()
+        .into_iter()
+        .chain(Program::ALL.into_iter().filter(move |p| !first.contains(p)))
+}
+
+/// Says which node-wide hooks the configuration leaves out, if any.
+fn log_skipped_node_wide(skipped_node_wide: &[&'static str]) {
     if !skipped_node_wide.is_empty() {
         tracing::info!(
             programs = ?skipped_node_wide,
@@ -123,10 +125,21 @@ pub(super) fn attach_all(
              while attached"
         );
     }
-    hooks
 }
 
 impl Hooks {
+    /// Records that `program` is not attached, and why, with the fallback that serves instead.
+    fn not_attached(&mut self, program: Program, e: &ProbesError) {
+        let fallback = program.fallback();
+        let (error, verifier_log) = one_line(e);
+        tracing::warn!(program = program.name(), %error, fallback, "program not attached");
+        self.degraded.push(Degraded {
+            program,
+            error,
+            verifier_log,
+        });
+    }
+
     /// Whether another program of `program`'s set of alternatives is attached already.
     fn an_alternative_serves(&self, program: Program) -> bool {
         Program::ALTERNATIVES.iter().any(|set| {
@@ -281,16 +294,7 @@ fn attach(
         source: Box::new(source),
     };
     // A map iterator's targets, opened before the program is borrowed.
-    let iterated: &[&'static str] = match program {
-        Program::ConnLive => &[CONNECTIONS_MAP],
-        Program::ConnSpillLive => &[CONNECTIONS_SPILL_MAP],
-        Program::ListenLive => &[LISTEN_SOCKS_MAP],
-        _ => &[],
-    };
-    let map_fds = iterated
-        .iter()
-        .map(|&map| Ok((map, map_fd(ebpf, map)?)))
-        .collect::<Result<Vec<_>, ProbesError>>()?;
+    let map_fds = iterated_maps(ebpf, program)?;
     let prog = ebpf.program_mut(name).ok_or(ProbesError::Missing {
         kind: "program",
         name,
@@ -332,24 +336,7 @@ fn attach(
         }
         (None, None, None) => {
             let prog: &mut Iter = prog.try_into().map_err(err)?;
-            if map_fds.is_empty() {
-                // The socket iterator is instantiated inside each namespace it sweeps.
-                prog.load("tcp", btf).map_err(err)?;
-            } else {
-                // Linked to its maps now, instantiated per scrape.
-                prog.load("bpf_map_elem", btf).map_err(err)?;
-                let fd = prog.fd().map_err(err)?;
-                for (map, map_fd) in map_fds {
-                    let iter = map_iter::MapIter::attach(fd.as_fd(), map_fd.as_fd()).map_err(
-                        |source| ProbesError::Link {
-                            program: name,
-                            source,
-                        },
-                    )?;
-                    map_iters.push((program, map, iter));
-                }
-            }
-            (prog.info().map_err(err)?.id(), None)
+            (load_iter(prog, btf, program, map_fds, map_iters)?, None)
         }
     };
     tracing::info!(program = name, hook, id, "attached");
@@ -360,6 +347,58 @@ fn attach(
         scope: program.scope(),
     };
     Ok((attachment, link))
+}
+
+/// The maps `program` iterates over (a map iterator's), each with an fd of its own.
+fn iterated_maps(
+    ebpf: &Ebpf,
+    program: Program,
+) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, ProbesError> {
+    let iterated: &[&'static str] = match program {
+        Program::ConnLive => &[CONNECTIONS_MAP],
+        Program::ConnSpillLive => &[CONNECTIONS_SPILL_MAP],
+        Program::ListenLive => &[LISTEN_SOCKS_MAP],
+        _ => &[],
+    };
+    iterated
+        .iter()
+        .map(|&map| Ok((map, map_fd(ebpf, map)?)))
+        .collect::<Result<Vec<_>, ProbesError>>()
+}
+
+/// Loads iterator `program`, linked to each of `map_fds` (a map iterator's) into `map_iters`;
+/// its id.
+fn load_iter(
+    prog: &mut Iter,
+    btf: &aya::Btf,
+    program: Program,
+    map_fds: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    map_iters: &mut Vec<(Program, &'static str, map_iter::MapIter)>,
+) -> Result<u32, ProbesError> {
+    let (name, hook) = (program.name(), program.hook());
+    let err = |source| ProbesError::Program {
+        program: name,
+        hook,
+        source: Box::new(source),
+    };
+    if map_fds.is_empty() {
+        // The socket iterator is instantiated inside each namespace it sweeps.
+        prog.load("tcp", btf).map_err(err)?;
+    } else {
+        // Linked to its maps now, instantiated per scrape.
+        prog.load("bpf_map_elem", btf).map_err(err)?;
+        let fd = prog.fd().map_err(err)?;
+        for (map, map_fd) in map_fds {
+            let iter = map_iter::MapIter::attach(fd.as_fd(), map_fd.as_fd()).map_err(|source| {
+                ProbesError::Link {
+                    program: name,
+                    source,
+                }
+            })?;
+            map_iters.push((program, map, iter));
+        }
+    }
+    Ok(prog.info().map_err(err)?.id())
 }
 
 #[cfg(test)]

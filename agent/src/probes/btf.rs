@@ -80,6 +80,32 @@ fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
 impl Btf {
     /// Parses little-endian BTF (the only kind an x86_64/arm64 kernel produces).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        let (strings, types_start, types_end) = Self::sections(data)?;
+        let mut types = vec![Type {
+            name: 0,
+            kind: 0,
+            ty: 0,
+            members: Vec::new(),
+            enumerators: Vec::new(),
+        }];
+        let mut at = types_start;
+        while at < types_end {
+            let (ty, next) = Self::parse_type(data, at)?;
+            types.push(ty);
+            at = next;
+        }
+
+        let mut btf = Btf {
+            strings,
+            types,
+            structs_by_name: HashMap::new(),
+        };
+        btf.structs_by_name = btf.index_structs();
+        Ok(btf)
+    }
+
+    /// Checks the header; the string section, and where the type section starts and ends.
+    fn sections(data: &[u8]) -> Result<(Vec<u8>, usize, usize), BtfError> {
         let magic = data.get(0..2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         match magic {
             Some(0xeb9f) => {}
@@ -102,86 +128,77 @@ impl Btf {
         if types_end > data.len() {
             return Err(BtfError::Malformed { at: types_end });
         }
+        Ok((strings, types_start, types_end))
+    }
 
-        let mut types = vec![Type {
-            name: 0,
-            kind: 0,
-            ty: 0,
-            members: Vec::new(),
-            enumerators: Vec::new(),
-        }];
-        let mut at = types_start;
-        while at < types_end {
-            let name = u32_at(data, at)?;
-            let info = u32_at(data, at + 4)?;
-            let size_or_type = u32_at(data, at + 8)?;
-            at += 12;
-            let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
-            let mut enumerators = Vec::new();
-            let extra = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(data, m + 8)?;
-                        let (bit_offset, bitfield) = if kind_flag {
-                            (offset & 0x00ff_ffff, offset >> 24 != 0)
-                        } else {
-                            (offset, false)
-                        };
-                        members.push(Member {
-                            name: u32_at(data, m)?,
-                            ty: u32_at(data, m + 4)?,
-                            bit_offset,
-                            bitfield,
-                        });
-                    }
-                    vlen * 12
+    /// The type record at `at`, and where the next one starts.
+    fn parse_type(data: &[u8], mut at: usize) -> Result<(Type, usize), BtfError> {
+        let name = u32_at(data, at)?;
+        let info = u32_at(data, at + 4)?;
+        let size_or_type = u32_at(data, at + 8)?;
+        at += 12;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        let mut members = Vec::new();
+        let mut enumerators = Vec::new();
+        let extra = match kind {
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+            KIND_ARRAY => 12,
+            KIND_STRUCT | KIND_UNION => {
+                for i in 0..vlen {
+                    let m = at + i * 12;
+                    let offset = u32_at(data, m + 8)?;
+                    let (bit_offset, bitfield) = if kind_flag {
+                        (offset & 0x00ff_ffff, offset >> 24 != 0)
+                    } else {
+                        (offset, false)
+                    };
+                    members.push(Member {
+                        name: u32_at(data, m)?,
+                        ty: u32_at(data, m + 4)?,
+                        bit_offset,
+                        bitfield,
+                    });
                 }
-                KIND_ENUM => {
-                    for i in 0..vlen {
-                        let e = at + i * 8;
-                        enumerators
-                            .push((u32_at(data, e)?, i64::from(u32_at(data, e + 4)? as i32)));
-                    }
-                    vlen * 8
+                vlen * 12
+            }
+            KIND_ENUM => {
+                for i in 0..vlen {
+                    let e = at + i * 8;
+                    enumerators.push((u32_at(data, e)?, i64::from(u32_at(data, e + 4)? as i32)));
                 }
-                KIND_FUNC_PROTO => vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
-                _ => return Err(BtfError::Malformed { at: at - 12 }),
-            };
-            at += extra;
-            types.push(Type {
-                name,
-                kind,
-                ty: size_or_type,
-                members,
-                enumerators,
-            });
-        }
-
-        let mut btf = Btf {
-            strings,
-            types,
-            structs_by_name: HashMap::new(),
+                vlen * 8
+            }
+            KIND_FUNC_PROTO => vlen * 8,
+            KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+            KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+            | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+            _ => return Err(BtfError::Malformed { at: at - 12 }),
         };
+        at += extra;
+        let ty = Type {
+            name,
+            kind,
+            ty: size_or_type,
+            members,
+            enumerators,
+        };
+        Ok((ty, at))
+    }
+
+    /// Struct type ids by name.
+    fn index_structs(&self) -> HashMap<String, u32> {
         let mut by_name = HashMap::new();
-        for (id, ty) in btf.types.iter().enumerate() {
+        for (id, ty) in self.types.iter().enumerate() {
             if ty.kind == KIND_STRUCT && ty.name != 0 {
                 // The first complete definition wins; kernel BTF has one per name.
                 by_name
-                    .entry(btf.str_at(ty.name).to_string())
+                    .entry(self.str_at(ty.name).to_string())
                     .or_insert(id as u32);
             }
         }
-        btf.structs_by_name = by_name;
-        Ok(btf)
+        by_name
     }
 
     fn str_at(&self, offset: u32) -> &str {

@@ -8,7 +8,7 @@ use std::{io::Read as _, path::PathBuf};
 
 use brokerscope_common::telemetry::Program;
 
-use super::{EBPF_OBJECT, Offsets, btf::Btf, fields, lacks::NO_OFFSET, tracefs::Format};
+use super::{Offsets, btf::Btf, fields, lacks::NO_OFFSET, loader::EBPF_OBJECT, tracefs::Format};
 
 struct Captured {
     name: &'static str,
