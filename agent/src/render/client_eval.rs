@@ -17,7 +17,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::*;
+use super::{
+    listeners::{
+        self, DURATION_HELP, LISTEN_DROPS_HELP, LISTENER_SCALARS, RTT_HELP, listener_labels,
+    },
+    text::{Exposition, Format, Kind, PREFIX},
+};
+use crate::{broker::ListenerIndex, probes::sockets::ListenerStats};
 
 /// 10 brokers x 4 listeners with busy-looking counters and histograms.
 fn stats() -> (Vec<ListenerStats>, ListenerIndex) {
@@ -68,7 +74,7 @@ fn ours(listeners: &[ListenerStats], index: &ListenerIndex) -> String {
         out: String::with_capacity(400 * 1024),
         format: Format::OpenMetrics,
     };
-    super::listeners(&mut e, listeners, index);
+    listeners::listeners(&mut e, listeners, index);
     e.out.push_str("# EOF\n");
     e.out
 }
