@@ -58,11 +58,10 @@ use maps::{take_per_cpu_array, take_ring};
 pub use offsets::Offsets;
 use pins::Held;
 pub use snapshot::{ProbeSnapshot, WalkStats};
-// Only tests name these; the snapshot carries them.
+pub use status::MapStats;
+// Only tests name it; the snapshot carries it.
 #[cfg(test)]
 pub use snapshot::ProgramStats;
-#[cfg(test)]
-pub use status::MapStats;
 use status::OnStandby;
 pub use status::{Attachment, Degraded};
 
