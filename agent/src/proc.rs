@@ -130,18 +130,12 @@ impl ProcFs {
     /// Inode of `/proc/<pid>/ns/net`: the network namespace as the kernel numbers it. procfs
     /// 0.18 `namespaces()` (stats every namespace): 53.4 µs vs 4.8 µs here.
     pub fn netns(&self, pid: u32) -> Result<u32, ProcError> {
-        let path = self.pid_dir(pid).join("ns/net");
-        let ino = std::fs::metadata(&path)
-            .map_err(|source| ProcError::Io {
-                path: path.clone(),
-                source,
-            })?
-            .ino();
-        // Namespace inodes are the kernel's `unsigned int inum`.
-        u32::try_from(ino).map_err(|_| ProcError::Format {
-            path,
-            what: "namespace inode above u32",
-        })
+        netns_inode(self.pid_dir(pid).join("ns/net"))
+    }
+
+    /// The agent's own network namespace (`/proc/self/ns/net` under this tree).
+    pub fn own_netns(&self) -> Result<u32, ProcError> {
+        netns_inode(self.root.join("self/ns/net"))
     }
 
     /// The cgroup v2 path: the `0::/...` line of `/proc/<pid>/cgroup`. procfs 0.18
@@ -228,6 +222,21 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat {
         state: stat.state,
         start_ticks: stat.starttime,
+    })
+}
+
+/// The inode of a `ns/net` link: the network namespace as the kernel numbers it.
+fn netns_inode(path: PathBuf) -> Result<u32, ProcError> {
+    let ino = std::fs::metadata(&path)
+        .map_err(|source| ProcError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .ino();
+    // Namespace inodes are the kernel's `unsigned int inum`.
+    u32::try_from(ino).map_err(|_| ProcError::Format {
+        path,
+        what: "namespace inode above u32",
     })
 }
 

@@ -29,9 +29,7 @@ pub struct Namespaces {
 }
 
 fn netns_inode(pid: u32) -> Option<u32> {
-    std::fs::metadata(format!("/proc/{pid}/ns/net"))
-        .ok()
-        .map(|m| m.ino() as u32)
+    crate::proc::ProcFs::default().netns(pid).ok()
 }
 
 impl Namespaces {

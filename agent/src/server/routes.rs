@@ -265,9 +265,7 @@ fn select_broker(model: &Model, query: Query) -> Result<Broker, ApiError> {
 }
 
 fn own_netns() -> Option<u32> {
-    std::fs::metadata("/proc/self/ns/net")
-        .ok()
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+    crate::proc::ProcFs::default().own_netns().ok()
 }
 
 /// Strimzi's `{"brokerState":N}`, with `recoveryState` in RECOVERY: nothing else, ever.
