@@ -4,7 +4,11 @@
 //! Data flows one way: kernel maps -> [`Model::snapshot`] -> renderers. Routes read snapshots
 //! and never touch a map.
 
+mod locks;
+
 use std::sync::{Mutex, RwLock};
+
+use self::locks::{lock, read, recover, write};
 
 use crate::{
     broker::Broker,
@@ -235,20 +239,14 @@ impl Model {
             .attached()
             .iter()
             .any(|a| a.program == brokerscope_common::telemetry::Program::StateSignal.name());
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_sigterm_observed(signals);
-        *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = Some(probes);
+        lock(&self.states).set_sigterm_observed(signals);
+        *lock(&self.probes) = Some(probes);
     }
 
     /// As if the probes had attached `signal_deliver` (tests that run no kernel programs).
     #[cfg(test)]
     pub fn assume_sigterm_observed(&self) {
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_sigterm_observed(true);
+        lock(&self.states).set_sigterm_observed(true);
     }
 
     /// Keeps the agent's own endpoint out of every counter, even in watch-all mode.
@@ -260,7 +258,7 @@ impl Model {
                 return;
             }
         };
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut probes = lock(&self.probes);
         if let Some(Err(e)) = probes.as_mut().map(|p| p.ignore_listener(netns, port)) {
             tracing::warn!(error = %e, netns, port, "cannot exclude the agent's own listener");
         }
@@ -268,7 +266,7 @@ impl Model {
 
     /// `probes.watch_all_listeners`, live. Without probes there is nothing to switch.
     pub fn set_watch_all(&self, on: bool) -> Result<(), String> {
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut probes = lock(&self.probes);
         match probes.as_mut() {
             Some(p) => p.set_watch_all(on).map_err(|e| e.to_string()),
             None => Ok(()),
@@ -277,16 +275,14 @@ impl Model {
 
     /// The kernel's connection event ring, once.
     pub fn take_conn_events(&self) -> Option<crate::probes::sockets_events::ConnEventRing> {
-        self.probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.probes)
             .as_mut()
             .and_then(Probes::take_conn_events)
     }
 
     /// Kernel connection events on or off (on while `/v1/events` has a subscriber).
     pub fn set_conn_events(&self, on: bool) {
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut probes = lock(&self.probes);
         if let Some(Err(e)) = probes.as_mut().map(|p| p.set_conn_events(on)) {
             tracing::warn!(error = %e, on, "cannot switch kernel connection events");
         } else {
@@ -319,7 +315,7 @@ impl Model {
     /// Detaches everything (shutdown).
     pub fn take_probes(&self) -> Option<Probes> {
         self.status_mut().attached.clear();
-        self.probes.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.probes).take()
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -381,7 +377,7 @@ impl Model {
             .collect();
         let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
         let read_procs = || {
-            let mut files = self.proc_files.lock().unwrap_or_else(|p| p.into_inner());
+            let mut files = lock(&self.proc_files);
             files.retain(&pids);
             brokers
                 .iter()
@@ -396,9 +392,7 @@ impl Model {
                 .collect()
         };
         let read_probes = || {
-            self.probes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            lock(&self.probes)
                 .as_mut()
                 .map(|p| p.snapshot(&pids))
                 .unwrap_or_default()
@@ -438,7 +432,7 @@ impl Model {
     /// discovery counts as run for readiness.
     pub fn set_brokers(&self, brokers: Vec<Broker>) {
         let old = {
-            let mut b = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+            let mut b = write(&self.brokers);
             b.scanned = true;
             b.error = None;
             std::mem::replace(&mut b.brokers, brokers)
@@ -448,14 +442,7 @@ impl Model {
 
     /// Publishes the broker table after a single-process change (exec, exit, live config).
     pub fn update_brokers(&self, brokers: Vec<Broker>) {
-        let old = std::mem::replace(
-            &mut self
-                .brokers
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .brokers,
-            brokers,
-        );
+        let old = std::mem::replace(&mut write(&self.brokers).brokers, brokers);
         self.follow_brokers(&old);
     }
 
@@ -534,39 +521,27 @@ impl Model {
 
     /// The pod listeners now, by broker id.
     pub fn pod_listeners(&self) -> std::collections::HashMap<String, PodListener> {
-        self.pod_listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        read(&self.pod_listeners).clone()
     }
 
     pub fn pod_listener(&self, id: &str) -> Option<PodListener> {
-        self.pod_listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        read(&self.pod_listeners).get(id).cloned()
     }
 
     pub fn set_pod_listeners(&self, all: std::collections::HashMap<String, PodListener>) {
-        *self
-            .pod_listeners
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = all;
+        *write(&self.pod_listeners) = all;
     }
 
     /// The broker state stream, once.
     pub fn take_state_events(&self) -> Option<tokio::sync::mpsc::Receiver<StateSignal>> {
-        self.probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.probes)
             .as_mut()
             .and_then(Probes::take_state_events)
     }
 
     /// The state tracker, following the broker table first if it changed.
     fn states(&self) -> std::sync::MutexGuard<'_, StateTracker> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = lock(&self.states);
         if self
             .states_stale
             .swap(false, std::sync::atomic::Ordering::SeqCst)
@@ -599,7 +574,7 @@ impl Model {
         };
         let records = serde_json::to_vec(&records).unwrap_or_default();
         {
-            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut probes = lock(&self.probes);
             let Some(probes) = probes.as_mut() else {
                 return;
             };
@@ -617,12 +592,7 @@ impl Model {
     /// The broker records an earlier agent kept with the pinned maps (none if the maps are
     /// new, or the records unreadable: said in the log).
     pub fn remembered_brokers(&self) -> Vec<crate::broker::Remembered> {
-        let bytes = match self
-            .probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        let bytes = match lock(&self.probes).as_ref() {
             Some(probes) => probes.broker_records(),
             None => return Vec::new(),
         };
@@ -645,11 +615,7 @@ impl Model {
     /// dir off ext4 (or the ext4 hooks are not attached). Cheap: callers (discovery, the state
     /// tick) never wait for an attach.
     pub fn sync_demand(&self) {
-        *self
-            .demand
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = true;
+        *lock(&self.demand.pending) = true;
         self.demand.wake.notify_one();
     }
 
@@ -663,16 +629,12 @@ impl Model {
             loop {
                 let Some(model) = model.upgrade() else { return };
                 {
-                    let pending = model
-                        .demand
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    let (mut pending, _) = model
-                        .demand
-                        .wake
-                        .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
-                        .unwrap_or_else(|p| p.into_inner());
+                    let pending = lock(&model.demand.pending);
+                    let (mut pending, _) = recover(model.demand.wake.wait_timeout_while(
+                        pending,
+                        DEMAND_RECHECK,
+                        |p| !*p,
+                    ));
                     *pending = false;
                 }
                 model.apply_demand(&mut last_wanted);
@@ -709,26 +671,21 @@ impl Model {
             .map(|b| b.pid)
             .collect();
         let walk = {
-            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut probes = lock(&self.probes);
             let Some(p) = probes.as_mut().filter(|p| p.walk_due()) else {
                 return;
             };
             p.begin_walk(&pids)
         };
         let (walked, failed) = walk.read();
-        if let Some(p) = self
-            .probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
+        if let Some(p) = lock(&self.probes).as_mut() {
             p.finish_walk(walked, &failed);
         }
     }
 
     fn apply_demand(&self, last_wanted: &mut LastWanted) {
         let cover = {
-            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut probes = lock(&self.probes);
             let Some(p) = probes.as_mut() else { return };
             // A filesystem mounted after the start loads its module, and with it its fsync
             // tracepoint: its program attaches then.
@@ -752,7 +709,7 @@ impl Model {
                 .cloned()
                 .collect();
             // The tracker as it is: a broker it has not followed yet counts as starting.
-            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            let states = lock(&self.states);
             crate::probes::Demand {
                 broker_starting: running
                     .iter()
@@ -774,7 +731,7 @@ impl Model {
             fsync_uncovered: linger(wanted.fsync_uncovered, &mut last_wanted.fsync_uncovered),
         };
         let (attached, detached) = {
-            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut probes = lock(&self.probes);
             let Some(p) = probes.as_mut() else { return };
             let (changed, detached) = p.set_demand(demand);
             if !changed {
@@ -791,19 +748,14 @@ impl Model {
     pub fn take_process_events(
         &self,
     ) -> Option<tokio::sync::mpsc::Receiver<crate::probes::processes::ProcessSignal>> {
-        self.probes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.probes)
             .as_mut()
             .and_then(Probes::take_process_events)
     }
 
     /// Records why a full discovery scan failed; readiness reports it until one succeeds.
     pub fn set_discovery_error(&self, error: String) {
-        self.brokers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .error = Some(error);
+        write(&self.brokers).error = Some(error);
     }
 
     /// Every tracked broker, running or not, sorted by id.
@@ -821,15 +773,15 @@ impl Model {
     }
 
     fn brokers_state(&self) -> std::sync::RwLockReadGuard<'_, Brokers> {
-        self.brokers.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.brokers)
     }
 
     fn status(&self) -> std::sync::RwLockReadGuard<'_, Status> {
-        self.status.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.status)
     }
 
     fn status_mut(&self) -> std::sync::RwLockWriteGuard<'_, Status> {
-        self.status.write().unwrap_or_else(|p| p.into_inner())
+        write(&self.status)
     }
 }
 
