@@ -32,8 +32,9 @@ use std::{
 };
 
 /// Descriptor numbers listed per poll, and remembered, per process: far above Kafka's needs
-/// (one per segment, [`super::MAX_SEGMENTS`] tracked) and bounding the memory a process with
-/// millions of descriptors could make the tracker use (4 bytes a number, 3 vectors).
+/// (one per segment, [`super::inventory::MAX_SEGMENTS`] tracked) and bounding the memory a
+/// process with millions of descriptors could make the tracker use (4 bytes a number, 3
+/// vectors).
 pub const MAX_FDS: usize = 262_144;
 /// Bytes asked of each getdents64 call (about 1300 entries of a descriptor directory).
 const DIRENT_BYTES: usize = 32 * 1024;
