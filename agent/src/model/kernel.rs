@@ -61,8 +61,8 @@ impl Model {
 
     /// Keeps the agent's own endpoint out of every counter, even in watch-all mode.
     pub fn ignore_own_listener(&self, port: u16) {
-        let netns = match std::fs::metadata("/proc/self/ns/net") {
-            Ok(meta) => std::os::unix::fs::MetadataExt::ino(&meta) as u32,
+        let netns = match crate::proc::ProcFs::default().own_netns() {
+            Ok(inode) => inode,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the agent's network namespace");
                 return;
