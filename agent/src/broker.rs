@@ -67,11 +67,12 @@ pub fn excerpt(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Whether the broker's process exists.
+/// Whether the broker's process exists (`state` in `/v1/brokers`). Not the broker's state in
+/// Strimzi's sense, which `crate::strimzi` derives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BrokerState {
-    /// The process exists (the broker-state issue will refine this into Kafka's states).
+pub enum ProcessStatus {
+    /// The process exists.
     Running,
     /// The process exited; the record is kept so a restart keeps the broker's identity.
     NotRunning,
@@ -139,7 +140,7 @@ impl Evidence {
 pub struct Broker {
     /// `node.id`/`broker.id`, else the pod name, else `pid-<pid>`: the `broker` label.
     pub id: String,
-    pub state: BrokerState,
+    pub state: ProcessStatus,
     /// The current process, or the last one when not running.
     pub pid: u32,
     /// `HOSTNAME` from the process's environment (the pod name under Kubernetes).
@@ -169,7 +170,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn is_running(&self) -> bool {
-        self.state == BrokerState::Running
+        self.state == ProcessStatus::Running
     }
 
     /// Every log dir is known and on a filesystem `covered` says the fsync hooks see, so
@@ -232,7 +233,7 @@ pub(crate) mod tests {
     pub fn broker(id: &str, pid: u32, netns: u32, listeners: &[(&str, u16)]) -> Broker {
         Broker {
             id: id.into(),
-            state: BrokerState::Running,
+            state: ProcessStatus::Running,
             pid,
             pod: None,
             netns: Some(netns),
@@ -260,7 +261,7 @@ pub(crate) mod tests {
     #[test]
     fn attribution_by_namespace_and_port() {
         let mut stopped = broker("9", 40, 100, &[("PLAINTEXT", 9092)]);
-        stopped.state = BrokerState::NotRunning;
+        stopped.state = ProcessStatus::NotRunning;
         let brokers = vec![
             broker("0", 10, 100, &[("PLAINTEXT", 9092), ("CONTROLLER", 9093)]),
             broker("1", 20, 200, &[("PLAINTEXT", 9092)]),

@@ -543,7 +543,7 @@ async fn run_async(
     model.ignore_own_listener(local.port());
     tracing::info!(addr = %local, "step 5/5: listening");
 
-    let state = server::ServerState::new(&config.server, server_stats);
+    let state = server::ListenerPolicy::new(&config.server, server_stats);
     let pods_section = config.server.clone();
     let control = control::Control::new(
         config,

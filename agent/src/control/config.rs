@@ -21,7 +21,7 @@ use crate::{
     config::{Config, ConfigError},
     discovery::Discovery,
     model::Model,
-    policy::ServerState,
+    policy::ListenerPolicy,
 };
 
 /// Keys that only a restart can change: the listening socket, the TLS files (watched by path),
@@ -92,7 +92,7 @@ pub struct Applied {
 /// The running parts a change reaches. Discovery is absent in unit tests.
 pub struct Targets {
     pub model: Arc<Model>,
-    pub server: Arc<ServerState>,
+    pub server: Arc<ListenerPolicy>,
     pub discovery: Option<Arc<Discovery>>,
     pub log_level: LogLevel,
 }
@@ -118,7 +118,7 @@ impl LiveConfig {
     pub fn unattached() -> Self {
         let config = Config::default();
         let stats = Arc::new(crate::stats::ServerStats::default());
-        let server = ServerState::new(&config.server, stats);
+        let server = ListenerPolicy::new(&config.server, stats);
         Self::new(
             config,
             None,

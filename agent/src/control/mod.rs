@@ -15,7 +15,7 @@ use self::{
     config::{LiveConfig, Targets},
     logs::{LogLevel, LogRing},
 };
-use crate::{config::Config, discovery::Discovery, model::Model, policy::ServerState};
+use crate::{config::Config, discovery::Discovery, model::Model, policy::ListenerPolicy};
 
 /// How often the config file is checked for changes (besides SIGHUP).
 pub const FILE_POLL: Duration = Duration::from_secs(1);
@@ -31,7 +31,7 @@ impl Control {
         config: Config,
         path: Option<PathBuf>,
         model: Arc<Model>,
-        server: Arc<ServerState>,
+        server: Arc<ListenerPolicy>,
         discovery: Option<Arc<Discovery>>,
         log_level: LogLevel,
         logs: Arc<LogRing>,
@@ -53,7 +53,7 @@ impl Control {
 
     /// No discovery, no subscriber to switch, defaults (unit tests of the router).
     #[cfg(test)]
-    pub fn detached(model: Arc<Model>, server: Arc<ServerState>) -> Arc<Self> {
+    pub fn detached(model: Arc<Model>, server: Arc<ListenerPolicy>) -> Arc<Self> {
         Self::new(
             Config::default(),
             None,

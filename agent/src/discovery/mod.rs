@@ -38,7 +38,7 @@ use self::{
     table::{BrokerTable, Observed},
 };
 use crate::{
-    broker::{Broker, BrokerState, Cgroup, Evidence, IdSource, ListenersSource, excerpt},
+    broker::{Broker, Cgroup, Evidence, IdSource, ListenersSource, ProcessStatus, excerpt},
     files::{self, ProcessRoot, WorkError, Workers},
     model::Model,
     proc::{self, ProcError, ProcFs},
@@ -624,7 +624,7 @@ impl Reader {
 
         Ok(Some(Broker {
             id,
-            state: BrokerState::Running,
+            state: ProcessStatus::Running,
             pid,
             pod,
             netns,

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::broker::{Broker, BrokerState, IdSource, Remembered};
+use crate::broker::{Broker, IdSource, ProcessStatus, Remembered};
 
 /// Most brokers tracked, running or not. A node hosts a handful; the cap bounds memory if a
 /// pattern matches far more than intended.
@@ -200,7 +200,7 @@ impl BrokerTable {
     fn stop(&mut self, id: &str) {
         self.seq += 1;
         if let Some(t) = self.brokers.get_mut(id) {
-            t.broker.state = BrokerState::NotRunning;
+            t.broker.state = ProcessStatus::NotRunning;
             t.stopped_seq = self.seq;
         }
     }
@@ -243,7 +243,7 @@ mod tests {
         false
     }
 
-    fn state(t: &BrokerTable) -> Vec<(String, u32, BrokerState, u64)> {
+    fn state(t: &BrokerTable) -> Vec<(String, u32, ProcessStatus, u64)> {
         t.snapshot()
             .into_iter()
             .map(|b| (b.id, b.pid, b.state, b.restarts))
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(t.exited(100), None);
         assert_eq!(
             state(&t),
-            vec![("1".into(), 100, BrokerState::NotRunning, 0)]
+            vec![("1".into(), 100, ProcessStatus::NotRunning, 0)]
         );
 
         // Same id, new pid: identity kept, one restart.
@@ -273,7 +273,10 @@ mod tests {
                 restarts: 1
             }
         );
-        assert_eq!(state(&t), vec![("1".into(), 200, BrokerState::Running, 1)]);
+        assert_eq!(
+            state(&t),
+            vec![("1".into(), 200, ProcessStatus::Running, 1)]
+        );
     }
 
     #[test]
@@ -289,7 +292,10 @@ mod tests {
             }
         );
         t.observe(broker("1", 102, 7, &[]), dead);
-        assert_eq!(state(&t), vec![("1".into(), 102, BrokerState::Running, 2)]);
+        assert_eq!(
+            state(&t),
+            vec![("1".into(), 102, ProcessStatus::Running, 2)]
+        );
     }
 
     #[test]
@@ -311,8 +317,8 @@ mod tests {
         assert_eq!(
             state(&t),
             vec![
-                ("1".into(), 100, BrokerState::NotRunning, 1),
-                ("2".into(), 100, BrokerState::Running, 0)
+                ("1".into(), 100, ProcessStatus::NotRunning, 1),
+                ("2".into(), 100, ProcessStatus::Running, 0)
             ]
         );
     }
@@ -348,8 +354,8 @@ mod tests {
         assert_eq!(
             state(&t),
             vec![
-                ("1".into(), 100, BrokerState::NotRunning, 0),
-                ("2".into(), 200, BrokerState::Running, 0)
+                ("1".into(), 100, ProcessStatus::NotRunning, 0),
+                ("2".into(), 200, ProcessStatus::Running, 0)
             ]
         );
     }

@@ -157,7 +157,7 @@ fn exec(d: &Arc<Discovery>, pid: u32) {
     }
 }
 
-fn summary(model: &Model) -> Vec<(String, u32, BrokerState, u64)> {
+fn summary(model: &Model) -> Vec<(String, u32, ProcessStatus, u64)> {
     model
         .brokers()
         .into_iter()
@@ -213,7 +213,7 @@ fn finds_brokers_and_reads_them_through_their_root() {
 
     let b = model.broker("1").unwrap();
     assert_eq!(b.pid, 100);
-    assert_eq!(b.state, BrokerState::Running);
+    assert_eq!(b.state, ProcessStatus::Running);
     assert_eq!(b.pod.as_deref(), Some("kafka-0"));
     assert_eq!(b.netns, Some(fake.netns(100)));
     assert_eq!(b.cgroup.path.as_deref(), Some("/kubepods/pod1/c1"));
@@ -371,7 +371,7 @@ fn exit_and_restart_keep_identity_and_count() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::Running, 0)]
+        vec![("1".into(), 100, ProcessStatus::Running, 0)]
     );
 
     // Exit event: stops at once, no scan needed.
@@ -379,7 +379,7 @@ fn exit_and_restart_keep_identity_and_count() {
     d.on_exit(100);
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::NotRunning, 0)]
+        vec![("1".into(), 100, ProcessStatus::NotRunning, 0)]
     );
     // Exit of an unrelated pid changes nothing.
     d.on_exit(12345);
@@ -389,12 +389,12 @@ fn exit_and_restart_keep_identity_and_count() {
     exec(&d, 150);
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 150, BrokerState::Running, 1)]
+        vec![("1".into(), 150, ProcessStatus::Running, 1)]
     );
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 150, BrokerState::Running, 1)]
+        vec![("1".into(), 150, ProcessStatus::Running, 1)]
     );
 
     // A restart only a scan sees (no events): old gone, new there.
@@ -403,7 +403,7 @@ fn exit_and_restart_keep_identity_and_count() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 160, BrokerState::Running, 2)]
+        vec![("1".into(), 160, ProcessStatus::Running, 2)]
     );
 
     // The pid is reused by a new broker process with a later start time.
@@ -411,7 +411,7 @@ fn exit_and_restart_keep_identity_and_count() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 160, BrokerState::Running, 3)]
+        vec![("1".into(), 160, ProcessStatus::Running, 3)]
     );
 
     // A kill only a scan sees.
@@ -419,7 +419,7 @@ fn exit_and_restart_keep_identity_and_count() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 160, BrokerState::NotRunning, 3)]
+        vec![("1".into(), 160, ProcessStatus::NotRunning, 3)]
     );
 }
 
@@ -440,20 +440,20 @@ fn exec_into_something_else_and_zombies_stop_a_broker() {
     exec(&d, 100);
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::NotRunning, 0)]
+        vec![("1".into(), 100, ProcessStatus::NotRunning, 0)]
     );
 
     fake.spawn(p(100, &["java", "kafka.Kafka", "/s.properties"]));
     exec(&d, 100);
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::Running, 1)]
+        vec![("1".into(), 100, ProcessStatus::Running, 1)]
     );
     fake.set_start(100, 1000, 'Z');
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::NotRunning, 1)]
+        vec![("1".into(), 100, ProcessStatus::NotRunning, 1)]
     );
 }
 
@@ -541,7 +541,7 @@ fn threads_and_our_own_process_are_not_brokers() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::Running, 0)]
+        vec![("1".into(), 100, ProcessStatus::Running, 0)]
     );
 }
 
@@ -572,7 +572,7 @@ fn patterns_change_live_and_bad_ones_are_refused() {
     d.scan_all().unwrap();
     assert_eq!(
         summary(&model),
-        vec![("1".into(), 100, BrokerState::NotRunning, 0)]
+        vec![("1".into(), 100, ProcessStatus::NotRunning, 0)]
     );
 }
 

@@ -21,12 +21,12 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use crate::{
-    broker::{Broker, BrokerState, Cgroup, Evidence, Listener},
+    broker::{Broker, Cgroup, Evidence, Listener, ProcessStatus},
     config::{AccessLog, Config},
     control::{Control, logs::LogRing},
     model::Model,
     server::{
-        ServerState,
+        ListenerPolicy,
         identity::{ClientIdentity, Name},
         routes,
     },
@@ -53,7 +53,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 /// A pid no process has: the state tracker finds nothing listening and says starting.
 const NO_PID: u32 = u32::MAX - 7;
 
-fn broker(id: &str, pid: u32, state: BrokerState, ports: &[(&str, u16)]) -> Broker {
+fn broker(id: &str, pid: u32, state: ProcessStatus, ports: &[(&str, u16)]) -> Broker {
     Broker {
         id: id.into(),
         state,
@@ -98,12 +98,12 @@ fn fresh_app() -> axum::Router {
     section.rate_limit_rps = 100_000;
     section.rate_limit_burst = 1_000_000;
     section.access_log = AccessLog::Off;
-    let server = ServerState::new(&section, Arc::new(ServerStats::default()));
+    let server = ListenerPolicy::new(&section, Arc::new(ServerStats::default()));
     let model = Arc::new(Model::default());
     model.set_brokers(vec![
-        broker("0", NO_PID, BrokerState::Running, &[("PLAINTEXT", 9092)]),
-        broker("1", NO_PID - 1, BrokerState::NotRunning, &[]),
-        broker("2", NO_PID - 2, BrokerState::Running, &[]),
+        broker("0", NO_PID, ProcessStatus::Running, &[("PLAINTEXT", 9092)]),
+        broker("1", NO_PID - 1, ProcessStatus::NotRunning, &[]),
+        broker("2", NO_PID - 2, ProcessStatus::Running, &[]),
     ]);
     let (_, handle) =
         tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new("info"));

@@ -1,6 +1,6 @@
 //! The endpoint's per-request policy, below both the server that enforces it and the control
 //! channel that switches it live: allowed client names, the access log level, the rate limiter,
-//! the in-flight cap, the pod listener settings ([`ServerState`]), and the fixed limits
+//! the in-flight cap, the pod listener settings ([`ListenerPolicy`]), and the fixed limits
 //! ([`limits`]). Owns no socket and no route.
 
 pub mod limits;
@@ -20,7 +20,7 @@ use crate::{
 
 /// Per-request policy shared by every connection; the values a live config change may switch
 /// are read per request.
-pub struct ServerState {
+pub struct ListenerPolicy {
     allowed_client_names: std::sync::RwLock<Arc<[String]>>,
     access_log: AtomicU8,
     pub limiter: RateLimiter,
@@ -33,7 +33,7 @@ pub struct ServerState {
     pod_listen_port: AtomicU16,
 }
 
-impl ServerState {
+impl ListenerPolicy {
     pub fn new(section: &ServerSection, stats: Arc<ServerStats>) -> Arc<Self> {
         Self::for_listener(section, stats, "node".into())
     }
@@ -89,7 +89,7 @@ impl ServerState {
 
     /// Takes on `other`'s live-changeable policy (allowed names, rate limits, access log): a
     /// pod listener follows the node's.
-    pub fn follow(&self, other: &ServerState) {
+    pub fn follow(&self, other: &ListenerPolicy) {
         let names = other.allowed_client_names();
         if *names != *self.allowed_client_names() {
             self.set_allowed_client_names(&names);

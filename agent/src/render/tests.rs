@@ -111,13 +111,13 @@ fn sample_values_print_as_the_format_wants() {
 
 #[test]
 fn renders_broker_info_and_restarts() {
-    use crate::broker::{BrokerState, tests::broker};
+    use crate::broker::{ProcessStatus, tests::broker};
     let mut running = broker("1", 4242, 4026532000, &[("PLAINTEXT", 9092)]);
     running.pod = Some("kafka-1".into());
     running.cgroup.path = Some("/kubepods/pod\"x\"".into());
     running.restarts = 2;
     let mut stopped = broker("2", 77, 4026532001, &[]);
-    stopped.state = BrokerState::NotRunning;
+    stopped.state = ProcessStatus::NotRunning;
     stopped.restarts = 1;
     let text = prometheus(&Snapshot {
         brokers: vec![running, stopped],

@@ -19,7 +19,7 @@ use axum::{
 };
 
 use super::{
-    ServerState,
+    ListenerPolicy,
     api::ApiError,
     identity::ClientIdentity,
     limits::{MAX_BODY_BYTES, Verdict, retry_after_secs},
@@ -31,7 +31,7 @@ const MAX_LOGGED_PATH: usize = 256;
 
 /// The middleware (`axum::middleware::from_fn_with_state`).
 pub async fn guard(
-    State(state): State<Arc<ServerState>>,
+    State(state): State<Arc<ListenerPolicy>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -87,7 +87,7 @@ pub async fn guard(
 /// Authorization, rate limit, body size, in-flight cap, in that order: a client that is not
 /// allowed learns nothing else, and a rate-limited one costs nothing more.
 fn admit(
-    state: &ServerState,
+    state: &ListenerPolicy,
     identity: Option<&ClientIdentity>,
     request: &Request,
     now: Instant,

@@ -11,14 +11,14 @@ use axum::{
 };
 use serde_json::json;
 
-use super::{ServerState, pages::Pages};
+use super::{ListenerPolicy, pages::Pages};
 use crate::{control::Control, model::Model};
 
 /// What handlers read.
 #[derive(Clone)]
 pub struct AppState {
     pub model: Arc<Model>,
-    pub server: Arc<ServerState>,
+    pub server: Arc<ListenerPolicy>,
     pub control: Arc<Control>,
     /// Rendered /metrics pages, shared by scrapes that share a snapshot.
     pub pages: Arc<Pages>,

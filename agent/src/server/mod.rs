@@ -21,7 +21,7 @@ pub mod reload;
 pub mod routes;
 pub mod tls;
 
-pub use crate::policy::{ServerState, limits};
+pub use crate::policy::{ListenerPolicy, limits};
 
 use std::{
     os::fd::{AsRawFd as _, RawFd},
@@ -99,7 +99,7 @@ struct Shared {
 pub async fn serve(
     listener: TcpListener,
     tls: TlsSource,
-    state: Arc<ServerState>,
+    state: Arc<ListenerPolicy>,
     app: Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -131,7 +131,7 @@ pub async fn serve(
 pub async fn serve_with(
     listener: TcpListener,
     configs: watch::Receiver<Arc<rustls::ServerConfig>>,
-    state: Arc<ServerState>,
+    state: Arc<ListenerPolicy>,
     app: Router,
     shutdown: impl std::future::Future<Output = ()>,
     budget: Budget,

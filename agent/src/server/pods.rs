@@ -27,7 +27,7 @@ use std::{
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    ServerState,
+    ListenerPolicy,
     limits::Budget,
     reload::{Decision, POLL_INTERVAL, Watch},
     tls,
@@ -273,7 +273,7 @@ struct Open {
     broker: (String, u32),
     serves: watch::Sender<Arc<str>>,
     certificate_error: Arc<Mutex<Option<String>>>,
-    state: Arc<ServerState>,
+    state: Arc<ListenerPolicy>,
     _stop: oneshot::Sender<()>,
     _reloader: AbortOnDrop,
 }
@@ -306,7 +306,7 @@ struct Pods {
 
 /// Follows the broker table (woken by every change, and every [`RECHECK`]) and opens and
 /// closes the pod listeners, one per network namespace; runs until the process ends.
-pub async fn run(model: Arc<Model>, node: Arc<ServerState>, section: ServerSection) {
+pub async fn run(model: Arc<Model>, node: Arc<ListenerPolicy>, section: ServerSection) {
     let own = File::open("/proc/self/ns/net")
         .and_then(|f| f.metadata())
         .map(|m| m.ino() as u32)
@@ -388,7 +388,7 @@ impl Pods {
         in_ns: &BTreeMap<u32, &Broker>,
         port: u16,
         model: &Arc<Model>,
-        node: &Arc<ServerState>,
+        node: &Arc<ListenerPolicy>,
         section: &ServerSection,
     ) {
         for (&ns, &b) in in_ns {
@@ -495,7 +495,7 @@ fn open_one(b: &Broker, port: u16) -> Result<Bound, OpenError> {
 
 fn start(
     model: &Arc<Model>,
-    node: &Arc<ServerState>,
+    node: &Arc<ListenerPolicy>,
     section: &ServerSection,
     broker: (String, u32),
     bound: Bound,
@@ -515,7 +515,7 @@ fn start(
         ),
     );
     let state =
-        ServerState::for_listener(section, node.stats.clone(), format!("pod/{}", bound.pod));
+        ListenerPolicy::for_listener(section, node.stats.clone(), format!("pod/{}", bound.pod));
     state.follow(node);
     let app = super::routes::pod_router(model.clone(), state.clone(), serving);
     let (stop, stopped) = oneshot::channel::<()>();

@@ -18,7 +18,7 @@ use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use super::{
-    ServerState, access,
+    ListenerPolicy, access,
     api::{ApiError, AppState},
     limits::MAX_BODY_BYTES,
     operator,
@@ -36,13 +36,17 @@ use crate::{
 /// Builds the router over the shared model and the endpoint's state, with a detached control
 /// channel (defaults; no discovery or log filter to switch): for tests.
 #[cfg(test)]
-pub fn router(model: Arc<Model>, server: Arc<ServerState>) -> Router {
+pub fn router(model: Arc<Model>, server: Arc<ListenerPolicy>) -> Router {
     let control = Control::detached(model.clone(), server.clone());
     router_with(model, server, control)
 }
 
 /// Builds the router over the shared model, the endpoint's state and the control channel.
-pub fn router_with(model: Arc<Model>, server: Arc<ServerState>, control: Arc<Control>) -> Router {
+pub fn router_with(
+    model: Arc<Model>,
+    server: Arc<ListenerPolicy>,
+    control: Arc<Control>,
+) -> Router {
     let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -82,7 +86,7 @@ struct PodRoute {
 /// string is not read: nothing about another broker is reachable here.
 pub fn pod_router(
     model: Arc<Model>,
-    server: Arc<ServerState>,
+    server: Arc<ListenerPolicy>,
     broker: tokio::sync::watch::Receiver<Arc<str>>,
 ) -> Router {
     let api = Router::new()
@@ -117,7 +121,7 @@ async fn pod_broker_ready(axum::extract::State(route): axum::extract::State<PodR
 }
 
 /// Wraps any router (the API, or a test's) in the endpoint's error handling and access control.
-pub fn harden(routes: Router, server: Arc<ServerState>) -> Router {
+pub fn harden(routes: Router, server: Arc<ListenerPolicy>) -> Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -370,14 +374,14 @@ mod tests {
         stats::ServerStats,
     };
 
-    fn server(allowed: &[&str], rps: u32, burst: u32) -> Arc<ServerState> {
+    fn server(allowed: &[&str], rps: u32, burst: u32) -> Arc<ListenerPolicy> {
         let section = ServerSection {
             allowed_client_names: allowed.iter().map(|s| s.to_string()).collect(),
             rate_limit_rps: rps,
             rate_limit_burst: burst,
             ..ServerSection::default()
         };
-        ServerState::new(&section, Arc::new(ServerStats::default()))
+        ListenerPolicy::new(&section, Arc::new(ServerStats::default()))
     }
 
     fn operator() -> Arc<ClientIdentity> {

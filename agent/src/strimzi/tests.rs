@@ -316,7 +316,7 @@ fn sigterm_or_exit_stops_the_poll() {
         StateView::unknown("log dirs could not be listed")
     );
     assert_eq!((watch(&t), t.polling()), ("idle", false));
-    b.state = crate::broker::BrokerState::NotRunning;
+    b.state = crate::broker::ProcessStatus::NotRunning;
     t.sync(std::slice::from_ref(&b));
     assert_eq!(t.tick(&b), plain(KafkaState::NotRunning));
     assert_eq!((watch(&t), t.polling()), ("no process", false));
@@ -496,15 +496,15 @@ fn a_stopped_broker_is_not_running_and_changes_are_bounded() {
     let mut b = broker("1", u32::MAX - 1, 1, &[]);
     for i in 0..(MAX_CHANGES * 2) {
         b.state = if i % 2 == 0 {
-            crate::broker::BrokerState::NotRunning
+            crate::broker::ProcessStatus::NotRunning
         } else {
-            crate::broker::BrokerState::Running
+            crate::broker::ProcessStatus::Running
         };
         b.start_time_ticks = i as u64;
         t.sync(std::slice::from_ref(&b));
     }
     assert_eq!(t.changes("1").len(), MAX_CHANGES);
-    b.state = crate::broker::BrokerState::NotRunning;
+    b.state = crate::broker::ProcessStatus::NotRunning;
     t.sync(std::slice::from_ref(&b));
     assert_eq!(t.current("1"), Some(KafkaState::NotRunning));
     t.sync(&[]);
