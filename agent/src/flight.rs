@@ -65,18 +65,7 @@ impl<T: Clone> Flight<T> {
         }
         state.computing = true;
         drop(state);
-        // Clears `computing` and wakes the waiters even if `compute` panics: they then compute
-        // their own.
-        let computing = Computing(self);
-        let started = Instant::now();
-        let value = compute();
-        {
-            let mut state = self.lock();
-            state.generation += 1;
-            state.last = Some((started, value.clone()));
-        }
-        drop(computing);
-        value
+        self.compute_and_publish(compute)
     }
 }
 
@@ -113,20 +102,27 @@ impl<T: Clone + Send + 'static> Flight<T> {
         }
         // The guard lives on the blocking thread: a scrape that goes away meanwhile still
         // leaves the flight open for the next.
-        tokio::task::spawn_blocking(move || {
-            let computing = Computing(&self);
-            let started = Instant::now();
-            let value = compute();
-            {
-                let mut state = self.lock();
-                state.generation += 1;
-                state.last = Some((started, value.clone()));
-            }
-            drop(computing);
-            value
-        })
-        .await
-        .ok()
+        tokio::task::spawn_blocking(move || self.compute_and_publish(compute))
+            .await
+            .ok()
+    }
+}
+
+impl<T: Clone> Flight<T> {
+    /// Runs the computation this caller has claimed (`computing` set) and publishes its value
+    /// as the next generation. Clears `computing` and wakes the waiters even if `compute`
+    /// panics: they then compute their own.
+    fn compute_and_publish(&self, compute: impl FnOnce() -> T) -> T {
+        let computing = Computing(self);
+        let started = Instant::now();
+        let value = compute();
+        {
+            let mut state = self.lock();
+            state.generation += 1;
+            state.last = Some((started, value.clone()));
+        }
+        drop(computing);
+        value
     }
 }
 

@@ -801,15 +801,7 @@ async fn get_brokers(
         Some(id) => format!("/v1/brokers/{}", encode(id)),
         None => "/v1/brokers".into(),
     };
-    let answer = match client
-        .call(hyper::Method::GET, &path, "application/json", None)
-        .await
-    {
-        Err(ClientError::NotFound { .. }) => {
-            return Err(no_such_broker(client, broker).await);
-        }
-        other => other?,
-    };
+    let answer = get_broker_json(client, &path, broker).await?;
     let list = match parse_json(&answer)? {
         Value::Array(list) => list,
         one => vec![one],
@@ -820,6 +812,21 @@ async fn get_brokers(
     })
 }
 
+/// GET `path` as JSON; a 404 becomes the CLI's "no such broker" error naming `broker`.
+async fn get_broker_json(
+    client: &Client,
+    path: &str,
+    broker: Option<&str>,
+) -> Result<Answer, ClientError> {
+    match client
+        .call(hyper::Method::GET, path, "application/json", None)
+        .await
+    {
+        Err(ClientError::NotFound { .. }) => Err(no_such_broker(client, broker).await),
+        other => other,
+    }
+}
+
 /// `get state`: Strimzi's broker state, a table or structured.
 async fn get_state(
     client: &Client,
@@ -828,15 +835,7 @@ async fn get_state(
 ) -> Result<String, ClientError> {
     let yaml = output == GetOutput::Yaml;
     let path = format!("/v1/broker-state/{}", query(&[("broker", broker)]));
-    let answer = match client
-        .call(hyper::Method::GET, &path, "application/json", None)
-        .await
-    {
-        Err(ClientError::NotFound { .. }) => {
-            return Err(no_such_broker(client, broker).await);
-        }
-        other => other?,
-    };
+    let answer = get_broker_json(client, &path, broker).await?;
     let v = parse_json(&answer)?;
     Ok(match output {
         GetOutput::Json | GetOutput::Yaml => structured(&v, yaml),
