@@ -216,9 +216,19 @@ fn read_capped(path: &Path, max: u64, truncate: bool) -> Result<Vec<u8>, ProcErr
 
 /// `pid (comm) state ppid ...`, parsed by the procfs crate (comm may hold spaces and
 /// parentheses; it counts fields after the last `)`). `None` when the text is not a stat line.
+///
+/// Only text of the kernel's shape reaches the crate: its parser slices around the parentheses
+/// without checking (a `(` first, a `)` last or before the `(`, a multi-byte character next to
+/// them panic there), which the kernel never writes but a fake tree or a fuzzer can.
 pub fn parse_stat(text: &str) -> Option<Stat> {
     use procfs::FromRead as _;
-    let stat = procfs::process::Stat::from_read(text.as_bytes()).ok()?;
+    let line = text.trim();
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    if close < open || !line[..open].ends_with(' ') || !line[close..].starts_with(") ") {
+        return None;
+    }
+    let stat = procfs::process::Stat::from_read(line.as_bytes()).ok()?;
     Some(Stat {
         state: stat.state,
         start_ticks: stat.starttime,
@@ -291,6 +301,13 @@ mod tests {
         assert_eq!(s.start_ticks, 424242);
         assert_eq!(parse_stat("17 (java) S 1 2"), None);
         assert_eq!(parse_stat("garbage"), None);
+        // Shapes the kernel never writes, which the crate's parser would slice wrongly.
+        for odd in ["(java) S", "17 ) (", "17é(java) S 1", "17 (java)é S", " ( ) "] {
+            assert_eq!(parse_stat(&format!("{odd} {tail}")), None, "{odd}");
+        }
+        for odd in ["17 (java)", "17 (java)é", "17 (", ")"] {
+            assert_eq!(parse_stat(odd), None, "{odd}");
+        }
     }
 
     #[test]

@@ -85,7 +85,8 @@ fn stat(mut input: Input<'_>) {
     let start = input.u64();
     let rss_pages = input.u64();
     let minor = input.u64();
-    let threads = input.u64();
+    // The kernel prints the thread count as a C `long`: never above i64::MAX.
+    let threads = input.u64() >> 1;
     let comm = input.text();
     // Fields 4.. of proc(5), numbered as there: index n holds field n.
     let mut fields = vec![0u64; 53];
