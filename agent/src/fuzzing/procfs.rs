@@ -125,19 +125,15 @@ fn stat(mut input: Input<'_>) {
     }
 }
 
-/// Any text as a stat line: no panic, and a parsed state is the first character after the
-/// last `)`.
+/// Any text as a stat line: no panic, and a parsed state is the character right after the
+/// last `) ` (the kernel writes `pid (comm) state ...`, one space apart).
 fn stat_raw(input: Input<'_>) {
     let text = input.text();
     if let Some(stat) = discovery_proc::parse_stat(&text) {
-        let after = &text[text.rfind(')').expect("parsed lines have a `)`") + 1..];
-        assert_eq!(
-            after
-                .split_whitespace()
-                .next()
-                .and_then(|f| f.chars().next()),
-            Some(stat.state)
-        );
+        let line = text.trim();
+        let after = &line[line.rfind(')').expect("parsed lines have a `)`") + 1..];
+        let state = after.strip_prefix(' ').and_then(|a| a.chars().next());
+        assert_eq!(state, Some(stat.state), "{text:?}");
     }
     let mut s = ProcStats::default();
     usage::parse_stat(&text, 4096, &mut s);
