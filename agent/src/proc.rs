@@ -302,7 +302,13 @@ mod tests {
         assert_eq!(parse_stat("17 (java) S 1 2"), None);
         assert_eq!(parse_stat("garbage"), None);
         // Shapes the kernel never writes, which the crate's parser would slice wrongly.
-        for odd in ["(java) S", "17 ) (", "17é(java) S 1", "17 (java)é S", " ( ) "] {
+        for odd in [
+            "(java) S",
+            "17 ) (",
+            "17é(java) S 1",
+            "17 (java)é S",
+            " ( ) ",
+        ] {
             assert_eq!(parse_stat(&format!("{odd} {tail}")), None, "{odd}");
         }
         for odd in ["17 (java)", "17 (java)é", "17 (", ")"] {
