@@ -7,6 +7,7 @@
 //! memory never grows. The number of subscribers is tracked so the kernel side only emits
 //! connection events while someone listens.
 
+use crate::locks::Recover as _;
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
@@ -126,7 +127,7 @@ impl EventBus {
     /// Sets what to do when interest starts or stops (turning kernel events on and off).
     pub fn on_interest(&self, f: impl Fn(bool) + Send + Sync + 'static) {
         let has = self.has_subscribers();
-        let mut slot = self.on_interest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.on_interest.lock().recover();
         f(has);
         *slot = Some(Box::new(f));
     }
@@ -143,12 +144,7 @@ impl EventBus {
     }
 
     fn interest(&self, on: bool) {
-        if let Some(f) = self
-            .on_interest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(f) = self.on_interest.lock().recover().as_ref() {
             f(on);
         }
     }

@@ -10,6 +10,7 @@
 //! runs only the computation on a blocking thread, so concurrent scrapes do not each hold a
 //! thread of the blocking pool (and pay its wake-ups) to wait for one render.
 
+use crate::locks::Recover as _;
 use std::{
     sync::{Arc, Condvar, Mutex},
     time::Instant,
@@ -61,7 +62,7 @@ impl<T: Clone> Flight<T> {
             if !state.computing {
                 break;
             }
-            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = self.done.wait(state).recover();
         }
         state.computing = true;
         drop(state);
@@ -128,7 +129,7 @@ impl<T: Clone> Flight<T> {
 
 impl<T> Flight<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().recover()
     }
 }
 

@@ -21,6 +21,7 @@ mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
 mod kernel;
+mod locks;
 mod model;
 mod pki;
 mod policy;

@@ -8,10 +8,9 @@
 //! (facts, programs, event streams), [`table`] (the broker table), [`states`] (brokers' Kafka
 //! states and views), [`pods`] (pod listeners), [`readiness`], [`snapshot`] (what renderers
 //! read), [`standby`] (programs attached on demand) and [`walks`] (background socket walks);
-//! [`views`] holds the types handed out, [`locks`] the poisoned-lock recovery.
+//! [`views`] holds the types handed out, [`crate::locks`] the poisoned-lock recovery.
 
 mod kernel;
-mod locks;
 mod pods;
 mod readiness;
 mod snapshot;
@@ -23,11 +22,11 @@ mod walks;
 
 use std::sync::{Mutex, RwLock};
 
-use self::locks::{read, write};
 /// Named outside this module by tests only (others read it through [`Model::readiness`]).
 #[cfg(test)]
 pub use self::views::Readiness;
 pub use self::views::{BrokerView, PodListener, Snapshot};
+use crate::locks::{read, write};
 use crate::{
     broker::Broker,
     kernel::KernelFacts,
@@ -101,7 +100,7 @@ struct DemandSignal {
     wake: std::sync::Condvar,
 }
 
-/// The guarded parts, each lock taken as [`locks`] takes them.
+/// The guarded parts, each lock taken as [`crate::locks`] takes them.
 impl Model {
     /// The broker table, for reading.
     fn brokers_state(&self) -> std::sync::RwLockReadGuard<'_, Brokers> {

@@ -5,6 +5,7 @@
 //! Bounded: request series are keyed by route *template* (or `other`) and status code, never by
 //! the raw path.
 
+use crate::locks::Recover as _;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -171,7 +172,7 @@ impl ServerStats {
 
     /// Counts one answered request. `path` must be a route template or [`OTHER_PATH`].
     pub fn record(&self, path: &str, code: u16, elapsed: Duration) {
-        let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.requests.lock().recover();
         *r.by_code.entry((path.to_string(), code)).or_default() += 1;
         r.durations
             .entry(path.to_string())
@@ -180,7 +181,7 @@ impl ServerStats {
     }
 
     pub fn snapshot(&self) -> ServerSnapshot {
-        let r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.requests.lock().recover();
         ServerSnapshot {
             requests: r
                 .by_code

@@ -11,6 +11,7 @@
 //! (its channel closes or its model is dropped), else with the process. A leaf: it knows no
 //! other module of the agent.
 
+use crate::locks::Recover as _;
 use std::{future::Future, sync::Mutex};
 
 use tokio::task::{AbortHandle, JoinHandle};
@@ -31,7 +32,7 @@ impl Registry {
         F::Output: Send + 'static,
     {
         let handle = tokio::spawn(task);
-        let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.0.lock().recover();
         running.retain(|(_, h)| !h.is_finished());
         running.push((name, handle.abort_handle()));
         tracing::debug!(task = name, "task started");
@@ -39,7 +40,7 @@ impl Registry {
     }
 
     fn shutdown(&self) {
-        let running = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let running = std::mem::take(&mut *self.0.lock().recover());
         for (name, handle) in running.iter().filter(|(_, h)| !h.is_finished()) {
             tracing::debug!(task = name, "task stopped");
             handle.abort();

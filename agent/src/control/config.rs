@@ -9,6 +9,7 @@
 //!
 //! Owns the effective [`Config`]; it never reloads programs nor touches maps itself.
 
+use crate::locks::Recover as _;
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, atomic::Ordering},
@@ -154,7 +155,7 @@ impl LiveConfig {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Config> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
+        self.current.lock().recover()
     }
 
     /// Applies a JSON merge patch from `who`. Blocking (discovery rescans /proc): call it from

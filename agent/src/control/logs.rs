@@ -6,6 +6,7 @@
 //! arrive as events with target `kernel`). When full, the oldest line goes and is counted.
 //! Owns no I/O.
 
+use crate::locks::Recover as _;
 use std::{
     collections::VecDeque,
     fmt::Write as _,
@@ -61,7 +62,7 @@ impl LogRing {
     }
 
     pub fn push(&self, line: LogLine) {
-        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines = self.lines.lock().recover();
         if lines.len() >= self.capacity {
             lines.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -76,7 +77,7 @@ impl LogRing {
 
     /// Lines at or after `since_unix_nanos` and at `level` or more severe, oldest first.
     pub fn query(&self, since_unix_nanos: Option<i128>, level: Option<Level>) -> Vec<LogLine> {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = self.lines.lock().recover();
         lines
             .iter()
             .filter(|l| since_unix_nanos.is_none_or(|s| l.unix_nanos >= s))

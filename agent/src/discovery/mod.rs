@@ -19,6 +19,7 @@ pub mod listeners;
 pub mod properties;
 mod table;
 
+use crate::locks::Recover as _;
 use std::{
     collections::HashSet,
     path::PathBuf,
@@ -450,21 +451,18 @@ impl Discovery {
     }
 
     fn reader(&self) -> Arc<Reader> {
-        self.reader
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reader.read().recover().clone()
     }
 
     fn swap_reader(&self, change: impl FnOnce(&mut Reader)) {
-        let mut guard = self.reader.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.reader.write().recover();
         let mut next = Reader::clone(&guard);
         change(&mut next);
         *guard = Arc::new(next);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        self.table.lock().recover()
     }
 }
 

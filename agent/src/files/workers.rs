@@ -8,6 +8,7 @@
 //! after a quiet minute. Jobs past their deadline are visible ([`Workers::stalled`]) until they
 //! end, which is logged.
 
+use crate::locks::Recover as _;
 use std::{
     collections::{HashMap, VecDeque},
     panic::AssertUnwindSafe,
@@ -186,12 +187,7 @@ impl Workers {
                         since: r.started.elapsed(),
                     });
                 }
-                pool = self
-                    .inner
-                    .freed
-                    .wait_timeout(pool, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                pool = self.inner.freed.wait_timeout(pool, left).recover().0;
             }
             // Every idle thread is spoken for by a queued job: this one needs a new thread.
             let needs_thread = pool.queue.len() >= pool.idle;
@@ -276,12 +272,12 @@ impl Workers {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.inner.pool.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.pool.lock().recover()
     }
 }
 
 fn worker(inner: &Inner) {
-    let lock = || inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = || inner.pool.lock().recover();
     let mut pool = lock();
     loop {
         let Some(job) = pool.queue.pop_front() else {
@@ -289,7 +285,7 @@ fn worker(inner: &Inner) {
             let (guard, timeout) = inner
                 .wake
                 .wait_timeout_while(pool, IDLE_EXIT, |p| p.queue.is_empty())
-                .unwrap_or_else(|p| p.into_inner());
+                .recover();
             pool = guard;
             pool.idle -= 1;
             if timeout.timed_out() && pool.queue.is_empty() && pool.threads > 1 {

@@ -2,7 +2,7 @@
 //! status, the event streams they feed, and what they are told of the running brokers.
 
 use super::Model;
-use super::locks::lock;
+use crate::locks::lock;
 use crate::{
     kernel::KernelFacts,
     probes::{Probes, state::StateSignal},

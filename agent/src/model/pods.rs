@@ -1,8 +1,8 @@
 //! The pod listeners `server::pods` keeps, by broker id.
 
 use super::Model;
-use super::locks::{read, write};
 use super::views::PodListener;
+use crate::locks::{read, write};
 
 impl Model {
     /// The pod listeners now, by broker id.

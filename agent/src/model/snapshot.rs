@@ -2,8 +2,8 @@
 //! figures, their states, readiness; shared between concurrent requests.
 
 use super::Model;
-use super::locks::lock;
 use super::views::Snapshot;
+use crate::locks::lock;
 
 impl Model {
     /// A snapshot for a request that arrived at `arrived`, shared with concurrent requests

@@ -1,9 +1,9 @@
 //! The standby programs: attached by their own thread while some running broker needs them,
 //! detached once none has for [`STANDBY_LINGER`].
 
-use super::locks::{lock, recover};
 use super::{LastWanted, Model};
 use crate::broker::Broker;
+use crate::locks::{Recover as _, lock};
 
 /// A standby program stays attached this long after the last time it was wanted, so a broker
 /// that comes and goes does not make the agent attach and detach each time (detaching waits
@@ -36,11 +36,11 @@ impl Model {
                 let Some(model) = model.upgrade() else { return };
                 {
                     let pending = lock(&model.demand.pending);
-                    let (mut pending, _) = recover(model.demand.wake.wait_timeout_while(
-                        pending,
-                        DEMAND_RECHECK,
-                        |p| !*p,
-                    ));
+                    let (mut pending, _) = model
+                        .demand
+                        .wake
+                        .wait_timeout_while(pending, DEMAND_RECHECK, |p| !*p)
+                        .recover();
                     *pending = false;
                 }
                 model.apply_demand(&mut last_wanted);

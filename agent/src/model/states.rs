@@ -2,8 +2,8 @@
 //! table lazily, and the broker views `/v1/brokers` shows.
 
 use super::Model;
-use super::locks::lock;
 use super::views::BrokerView;
+use crate::locks::lock;
 use crate::{
     broker::Broker,
     probes::state::StateSignal,

@@ -2,8 +2,8 @@
 //! programs are told, events published, the state tracker marked stale.
 
 use super::Model;
-use super::locks::write;
 use crate::broker::Broker;
+use crate::locks::write;
 
 impl Model {
     /// Publishes the broker table after a full discovery scan; from then on

@@ -2,7 +2,7 @@
 //! scrape to do it.
 
 use super::Model;
-use super::locks::lock;
+use crate::locks::lock;
 
 /// How often the walk thread looks whether a background walk is due.
 const WALK_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);

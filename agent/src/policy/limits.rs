@@ -6,6 +6,7 @@
 //! ([`MAX_CONNECTIONS`]). Both fit, with [`CLOSING_SLACK`], in the process's descriptor limit
 //! ([`Budget::fit`]). docs/hostile-clients.md explains the numbers.
 
+use crate::locks::Recover as _;
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -192,7 +193,7 @@ impl RateLimiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().recover()
     }
 
     /// Takes one token for `identity` at `now`.

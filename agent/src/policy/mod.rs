@@ -5,6 +5,7 @@
 
 pub mod limits;
 
+use crate::locks::Recover as _;
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering},
@@ -65,18 +66,12 @@ impl ListenerPolicy {
     }
 
     pub fn allowed_client_names(&self) -> Arc<[String]> {
-        self.allowed_client_names
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.allowed_client_names.read().recover().clone()
     }
 
     /// Takes effect from the next request (open connections included).
     pub fn set_allowed_client_names(&self, names: &[String]) {
-        *self
-            .allowed_client_names
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = names.into();
+        *self.allowed_client_names.write().recover() = names.into();
     }
 
     pub fn access_log(&self) -> AccessLog {

@@ -22,6 +22,7 @@
 //! one pending, so at most `total` peers. Each connection's task leaves the pool (its
 //! [`Ticket`] drops) when its handshake ends, whichever way.
 
+use crate::locks::Recover as _;
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
@@ -185,7 +186,7 @@ impl PendingPool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().recover()
     }
 
     /// Admits a new connection from `peer` on socket `fd`. Sheds a pending connection when a

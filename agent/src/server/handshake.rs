@@ -5,6 +5,7 @@
 //!
 //! Classifying only; the accept loop and the connection tasks (`server`) decide and count.
 
+use crate::locks::Recover as _;
 use std::{
     fmt, io,
     net::SocketAddr,
@@ -74,7 +75,7 @@ impl Throttle {
     /// One more event at `now`: Some(events held back since the last line) when a line may be
     /// written, None when this one is held back.
     pub fn check(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().recover();
         while let Some(at) = s.refill_at
             && now >= at
         {
