@@ -7,13 +7,14 @@
 //! memory never grows. The number of subscribers is tracked so the kernel side only emits
 //! connection events while someone listens.
 
-use crate::locks::Recover as _;
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
 };
 
 use tokio::sync::broadcast;
+
+use crate::locks::Recover as _;
 
 /// Events buffered for the slowest subscriber.
 pub const CAPACITY: usize = 4096;

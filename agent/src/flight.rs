@@ -10,11 +10,12 @@
 //! runs only the computation on a blocking thread, so concurrent scrapes do not each hold a
 //! thread of the blocking pool (and pay its wake-ups) to wait for one render.
 
-use crate::locks::Recover as _;
 use std::{
     sync::{Arc, Condvar, Mutex},
     time::Instant,
 };
+
+use crate::locks::Recover as _;
 
 pub struct Flight<T> {
     state: Mutex<State<T>>,

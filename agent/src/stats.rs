@@ -5,7 +5,6 @@
 //! Bounded: request series are keyed by route *template* (or `other`) and status code, never by
 //! the raw path.
 
-use crate::locks::Recover as _;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -15,6 +14,8 @@ use std::{
     },
     time::Duration,
 };
+
+use crate::locks::Recover as _;
 
 /// Why a handshake did not end with a verified client certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,13 +8,14 @@
 //!
 //! [`shutdown`] aborts every running task at the agent's stop, before the kernel programs are
 //! detached. Threads cannot be aborted: each loop ends by itself when what it serves is gone
-//! (its channel closes or its model is dropped), else with the process. A leaf: it knows no
-//! other module of the agent.
+//! (its channel closes or its model is dropped), else with the process. It knows no other
+//! module of the agent but `locks`.
 
-use crate::locks::Recover as _;
 use std::{future::Future, sync::Mutex};
 
 use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::locks::Recover as _;
 
 /// Tasks started and not yet seen finished, by name. Finished ones are dropped at each start,
 /// so it holds the handful of live tasks and never grows.

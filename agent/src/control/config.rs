@@ -9,7 +9,6 @@
 //!
 //! Owns the effective [`Config`]; it never reloads programs nor touches maps itself.
 
-use crate::locks::Recover as _;
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, atomic::Ordering},
@@ -21,6 +20,7 @@ use super::logs::LogLevel;
 use crate::{
     config::{Config, ConfigError},
     discovery::Discovery,
+    locks::Recover as _,
     model::Model,
     policy::ListenerPolicy,
 };

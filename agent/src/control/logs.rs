@@ -6,7 +6,6 @@
 //! arrive as events with target `kernel`). When full, the oldest line goes and is counted.
 //! Owns no I/O.
 
-use crate::locks::Recover as _;
 use std::{
     collections::VecDeque,
     fmt::Write as _,
@@ -20,6 +19,7 @@ use tracing::{Event, Level, Subscriber, field::Field};
 use tracing_subscriber::{EnvFilter, Registry, layer::Context, reload};
 
 use crate::config::parse_filter;
+use crate::locks::Recover as _;
 
 /// Lines the ring holds.
 pub const LINES: usize = 4096;

@@ -19,7 +19,6 @@ pub mod listeners;
 pub mod properties;
 mod table;
 
-use crate::locks::Recover as _;
 use std::{
     collections::HashSet,
     path::PathBuf,
@@ -41,6 +40,7 @@ use self::{
 use crate::{
     broker::{Broker, Cgroup, Evidence, IdSource, ListenersSource, ProcessStatus, excerpt},
     files::{self, ProcessRoot, WorkError, Workers},
+    locks::Recover as _,
     model::Model,
     proc::{self, ProcError, ProcFs},
 };

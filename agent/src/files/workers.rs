@@ -8,7 +8,6 @@
 //! after a quiet minute. Jobs past their deadline are visible ([`Workers::stalled`]) until they
 //! end, which is logged.
 
-use crate::locks::Recover as _;
 use std::{
     collections::{HashMap, VecDeque},
     panic::AssertUnwindSafe,
@@ -18,6 +17,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+use crate::locks::Recover as _;
 
 /// An idle thread beyond the first leaves after this long.
 const IDLE_EXIT: Duration = Duration::from_secs(60);

@@ -6,12 +6,13 @@
 //! ([`MAX_CONNECTIONS`]). Both fit, with [`CLOSING_SLACK`], in the process's descriptor limit
 //! ([`Budget::fit`]). docs/hostile-clients.md explains the numbers.
 
-use crate::locks::Recover as _;
 use std::{
     collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use crate::locks::Recover as _;
 
 /// Authenticated connections (handshake done, client certificate verified) served at once; the
 /// next one is closed right after its handshake and counted.

@@ -5,7 +5,6 @@
 
 pub mod limits;
 
-use crate::locks::Recover as _;
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering},
@@ -16,6 +15,7 @@ use tokio::sync::Semaphore;
 use self::limits::*;
 use crate::{
     config::{AccessLog, ServerConfig as ServerSection},
+    locks::Recover as _,
     stats::ServerStats,
 };
 

@@ -22,7 +22,6 @@
 //! one pending, so at most `total` peers. Each connection's task leaves the pool (its
 //! [`Ticket`] drops) when its handshake ends, whichever way.
 
-use crate::locks::Recover as _;
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
@@ -36,6 +35,7 @@ use std::{
 
 use tokio::sync::Notify;
 
+use crate::locks::Recover as _;
 use crate::stats::ServerStats;
 
 /// Whom a per-peer budget belongs to: an IPv4 address, or an IPv6 /64 (the smallest prefix

@@ -5,13 +5,14 @@
 //!
 //! Classifying only; the accept loop and the connection tasks (`server`) decide and count.
 
-use crate::locks::Recover as _;
 use std::{
     fmt, io,
     net::SocketAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use crate::locks::Recover as _;
 
 pub use crate::stats::Failure;
 

@@ -307,10 +307,7 @@ struct Pods {
 /// Follows the broker table (woken by every change, and every [`RECHECK`]) and opens and
 /// closes the pod listeners, one per network namespace; runs until the process ends.
 pub async fn run(model: Arc<Model>, node: Arc<ListenerPolicy>, section: ServerSection) {
-    let own = File::open("/proc/self/ns/net")
-        .and_then(|f| f.metadata())
-        .map(|m| m.ino() as u32)
-        .ok();
+    let own = crate::proc::ProcFs::default().own_netns().ok();
     let mut pods = Pods::default();
     loop {
         let port = node.pod_listeners();
@@ -442,7 +439,7 @@ impl Pods {
             );
         }
         for o in self.open.values() {
-            let certificate_error = o.certificate_error.lock().ok().and_then(|e| e.clone());
+            let certificate_error = crate::locks::lock(&o.certificate_error).clone();
             status.insert(
                 o.broker.0.clone(),
                 PodListener::Serving {
