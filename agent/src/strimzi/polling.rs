@@ -65,8 +65,8 @@ impl Watching {
     /// One poll of process `pid`'s descriptors (opening `/proc/<pid>/fd` first if it is not
     /// yet): each new link's path goes to `saw`, which says whether it was a tracked segment
     /// not opened before and whether it told something new. At most [`MAX_LINKS_PER_POLL`]
-    /// links are read; the poll and its time are counted, and the next one paced. Whether a
-    /// path told something new.
+    /// links are read; the poll and its time are counted, and the next one paced. Returns
+    /// whether any path told something new.
     pub(super) fn poll_once(
         &mut self,
         pid: u32,
