@@ -268,8 +268,12 @@ fn select_broker(model: &Model, query: Query) -> Result<Broker, ApiError> {
     }
 }
 
+/// The agent's network namespace, read once: the process's (its main thread's) never changes;
+/// pod listeners enter pods' namespaces on threads of their own.
 fn own_netns() -> Option<u32> {
-    crate::proc::ProcFs::default().own_netns().ok()
+    static OWN: std::sync::LazyLock<Option<u32>> =
+        std::sync::LazyLock::new(|| crate::proc::ProcFs::default().own_netns().ok());
+    *OWN
 }
 
 /// Strimzi's `{"brokerState":N}`, with `recoveryState` in RECOVERY: nothing else, ever.
