@@ -429,8 +429,9 @@ fn a_huge_log_dir_is_listed_off_every_lock() {
     // While it lists: the state requests and the broker list answer at once, and say what
     // they cannot know yet.
     let dir = tempfile::tempdir().unwrap();
+    // Each request while it lists: when it started (since the broker), how long it took.
+    let mut unknown = Vec::new();
     let mut slowest = Duration::ZERO;
-    let mut unknown_seen = false;
     let mut controls = Vec::new();
     let mut latencies = Vec::new();
     loop {
@@ -439,7 +440,7 @@ fn a_huge_log_dir_is_listed_off_every_lock() {
         slowest = slowest.max(t.elapsed());
         assert_eq!(code, 200, "{body}");
         match body.as_str() {
-            r#"{"brokerState":127}"# => unknown_seen = true,
+            r#"{"brokerState":127}"# => unknown.push((t - since, t.elapsed())),
             r#"{"brokerState":1}"# => break,
             other => panic!("unexpected state {other}"),
         }
@@ -463,18 +464,38 @@ fn a_huge_log_dir_is_listed_off_every_lock() {
     });
     eprintln!(
         "60,000 partitions: {line}\n  slowest /v1/broker-state meanwhile {slowest:?}, \
-         control brokers listed in {latencies:?}, UNKNOWN seen: {unknown_seen}"
+         control brokers listed in {latencies:?}, UNKNOWN answered {} times",
+        unknown.len()
     );
     assert!(line.contains("logs=60000"), "{line}");
     assert!(line.contains("segments=60000"), "{line}");
+    let listing = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listing_ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| panic!("no listing_ms in {line}"));
     // Within twice the budget: one core is busy listing (about 1 s of it) while the test's
     // own processes start, on a 2-core machine (20-30 ms alone, 99-104 ms measured in a full
     // run). Waiting behind the listing would take the listing's whole length.
     for l in &latencies {
         assert!(*l <= scaled(DISCOVERY_LATENCY_BUDGET * 2), "{latencies:?}");
     }
-    // A request never waits for the listing (tens of ms for the TLS handshake and curl).
-    assert!(slowest < scaled(Duration::from_millis(500)), "{slowest:?}");
+    // A request never waits for the listing: requests are answered all along it, each
+    // saying what it cannot know yet (tens of ms each for curl and the TLS handshake: 40-55
+    // answers over a 1.0-1.2 s listing here). Had they queued behind the listing, the first
+    // would have answered after it, with the listed state, and none with UNKNOWN. One slow
+    // answer on a busy machine (545 ms, seen once in CI on a 1.4 s listing) is the machine,
+    // and stays below the listing's own length; one that waited for it would not.
+    assert!(
+        unknown.len() >= 10,
+        "only {} UNKNOWN answers over a {listing:?} listing: {unknown:?}",
+        unknown.len()
+    );
+    assert!(
+        slowest < listing,
+        "{slowest:?} against a {listing:?} listing: {unknown:?}"
+    );
 }
 
 /// A FUSE mount that never answers: every access below it blocks until the connection is
