@@ -74,7 +74,8 @@ fn ours(listeners: &[ListenerStats], index: &ListenerIndex) -> String {
         out: String::with_capacity(400 * 1024),
         format: Format::OpenMetrics,
     };
-    listeners::listeners(&mut e, listeners, index);
+    listeners::counters(&mut e, listeners, index);
+    listeners::histograms(&mut e, listeners, index);
     e.out.push_str("# EOF\n");
     e.out
 }

@@ -90,12 +90,10 @@ pub(super) const RTT_HELP: &str =
 pub(super) const DURATION_HELP: &str =
     "Lifetime of the listener's accepted connections, observed when each closes.";
 
-/// Per-listener socket families.
-pub(super) fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIndex) {
-    let owned: Vec<Vec<(&'static str, String)>> = listeners
-        .iter()
-        .map(|l| listener_labels(l, index))
-        .collect();
+/// Per-listener socket families with one sample per listener (in page order, before the
+/// histograms).
+pub(super) fn counters(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIndex) {
+    let owned = labels_of(listeners, index);
     let labels: Vec<Vec<(&'static str, &str)>> = owned.iter().map(|l| as_refs(l)).collect();
     for (name, kind, help, value) in LISTENER_SCALARS {
         let mut f = e.family(name, kind, help);
@@ -103,14 +101,18 @@ pub(super) fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: 
             f.sample(labels, value(l));
         }
     }
-    {
-        let mut f = e.family("listen_drops_total", Kind::Counter, LISTEN_DROPS_HELP);
-        for (l, labels) in listeners.iter().zip(&labels) {
-            if let Some(drops) = l.listen_drops {
-                f.sample(labels, drops);
-            }
+    let mut f = e.family("listen_drops_total", Kind::Counter, LISTEN_DROPS_HELP);
+    for (l, labels) in listeners.iter().zip(&labels) {
+        if let Some(drops) = l.listen_drops {
+            f.sample(labels, drops);
         }
     }
+}
+
+/// The per-listener histograms: RTT and connection lifetime.
+pub(super) fn histograms(e: &mut Exposition, listeners: &[ListenerStats], index: &ListenerIndex) {
+    let owned = labels_of(listeners, index);
+    let labels: Vec<Vec<(&'static str, &str)>> = owned.iter().map(|l| as_refs(l)).collect();
     {
         let mut f = e.family("tcp_rtt_seconds", Kind::Histogram, RTT_HELP);
         for (l, labels) in listeners.iter().zip(&labels) {
@@ -118,15 +120,23 @@ pub(super) fn listeners(e: &mut Exposition, listeners: &[ListenerStats], index: 
             f.log2_histogram(labels, &c.rtt, c.rtt_sum_us, 1);
         }
     }
-    {
-        let mut f = e.family(
-            "connection_duration_seconds",
-            Kind::Histogram,
-            DURATION_HELP,
-        );
-        for (l, labels) in listeners.iter().zip(&labels) {
-            let c = &l.counters;
-            f.log2_histogram(labels, &c.duration, c.duration_sum_us, 2);
-        }
+    let mut f = e.family(
+        "connection_duration_seconds",
+        Kind::Histogram,
+        DURATION_HELP,
+    );
+    for (l, labels) in listeners.iter().zip(&labels) {
+        let c = &l.counters;
+        f.log2_histogram(labels, &c.duration, c.duration_sum_us, 2);
     }
+}
+
+fn labels_of(
+    listeners: &[ListenerStats],
+    index: &ListenerIndex,
+) -> Vec<Vec<(&'static str, String)>> {
+    listeners
+        .iter()
+        .map(|l| listener_labels(l, index))
+        .collect()
 }

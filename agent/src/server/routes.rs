@@ -167,7 +167,7 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
             let snapshot = state.model.snapshot_since(arrived);
             let mut server = state.server.stats.snapshot();
             server.log_lines_dropped = state.control.logs.dropped();
-            render::exposition(&snapshot, &server, format)
+            move |part| render::exposition_part(&snapshot, &server, format, part)
         })
         .await;
     let Some(body) = body else {
