@@ -79,6 +79,16 @@ enum Cmd {
         /// The soak's length in minutes.
         #[arg(long, default_value_t = 10.0, requires = "soak")]
         soak_minutes: f64,
+        /// Only the scrape latency with 0, 10k and 50k open connections, agent with the kernel's
+        /// hooks against the socket-table fallback, in QEMU guests of Debian 12's 6.1 and 6.12
+        /// kernels, which allow the map iterators this kernel may refuse
+        /// (target/bench/scrape-vm.md).
+        #[arg(long, conflicts_with_all = ["scrape_only", "node_tax_only", "procfs_only", "soak"])]
+        scrape_vm: bool,
+        /// Inside that guest: the open-connections stages alone with this agent binary, their
+        /// table written into the directory given.
+        #[arg(long, hide = true, num_args = 2, value_names = ["AGENT", "OUT"])]
+        connections_only: Option<Vec<PathBuf>>,
         /// Soak experiments (target/bench/soak-<what>/): without the connection load.
         #[arg(long, hide = true, requires = "soak")]
         soak_no_load: bool,
@@ -205,7 +215,15 @@ fn main() -> anyhow::Result<()> {
             soak_no_load,
             soak_no_churn,
             soak_glibc_tunables,
+            scrape_vm,
+            connections_only,
         } => {
+            if let Some([agent, out]) = connections_only.as_deref() {
+                return scrape::run_connections_only(agent, out);
+            }
+            if scrape_vm {
+                return scrape::run_in_vm(&root, &build_agent(&root, true)?);
+            }
             if procfs_only {
                 return bench::run_procfs_only(&root, &build_agent(&root, true)?);
             }

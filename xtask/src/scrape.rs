@@ -441,7 +441,7 @@ fn wait_listed(
     brokers: usize,
     connections: usize,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60) * time_scale();
     loop {
         let listed = crate::agent::curl(pki, &agent.url("/v1/brokers"))
             .unwrap_or_default()
@@ -665,7 +665,7 @@ fn connection_stages(
 /// Markdown and JSON fragments for the report.
 pub fn report(r: &Report) -> (String, String) {
     let (mut md, json) = throughput_section(r);
-    let (latency_md, latency_json) = latency_section(r);
+    let (latency_md, latency_json) = latency_section(r.map_iterators, &r.latencies);
     md += &latency_md;
     md += &format!(
         "\n## Exposition library\n\nOur renderer against the `prometheus-client` crate (a \
@@ -747,21 +747,21 @@ fn throughput_section(r: &Report) -> (String, Vec<String>) {
 }
 
 /// Scrape latency with open connections: the section and each stage's JSON.
-fn latency_section(r: &Report) -> (String, Vec<String>) {
+fn latency_section(map_iterators: bool, latencies: &[Latency]) -> (String, Vec<String>) {
     let mut md = format!(
         "\n## Scrape latency with open connections\n\nOne broker of {LISTENERS} listeners holding \
          the open connections (loopback clients, so the node's socket table holds both ends); \
          {LATENCY_REQUESTS} scrapes of `/metrics`, one at a time over one mTLS keep-alive \
          connection. Map iterators (`iter/bpf_map_elem`) {} on this kernel.\n\n\
          | agent | open connections | p50 ms | p99 ms | CPU ms/scrape |\n|---|---|---|---|---|\n",
-        if r.map_iterators {
+        if map_iterators {
             "attached"
         } else {
             "refused: both agents read open sockets through the socket-table walk"
         }
     );
     let mut latency_json = Vec::new();
-    for l in &r.latencies {
+    for l in latencies {
         md += &format!(
             "| {} | {} | {:.2} | {:.2} | {:.3} |\n",
             l.agent, l.connections, l.p50_ms, l.p99_ms, l.cpu_ms
@@ -773,7 +773,7 @@ fn latency_section(r: &Report) -> (String, Vec<String>) {
     }
     for agent in ["kernel's hooks", "socket-table fallback forced"] {
         let p50 = |n: usize| {
-            r.latencies
+            latencies
                 .iter()
                 .find(|l| l.agent == agent && l.connections == n)
                 .map(|l| l.p50_ms)
@@ -788,4 +788,85 @@ fn latency_section(r: &Report) -> (String, Vec<String>) {
     }
     md += "\n\nTarget: with 50k open connections, within 2 ms of the idle scrape.\n";
     (md, latency_json)
+}
+
+/// How many times longer waits may take: `BROKERSCOPE_TEST_TIME_SCALE`, which
+/// [`run_in_vm`] sets for the emulated guest (default 1).
+fn time_scale() -> u32 {
+    std::env::var("BROKERSCOPE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The kernel series whose guests run [`run_in_vm`]: Debian 12's, which let the agent attach
+/// the map iterators.
+const VM_SERIES: [&str; 2] = ["6.1", "6.12"];
+/// Waits in a guest may take this many times the host's (as the tests' under TCG).
+const VM_TIME_SCALE: u32 = 20;
+/// A guest's hard limit.
+const VM_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+
+/// `cargo xtask bench --scrape-vm`: the open-connections stages in a guest of each Debian 12
+/// kernel under QEMU, where the kernel's-hooks agent reads open sockets through the map
+/// iterators (which this machine's kernel may refuse) and the other through the socket-table
+/// walk. Written to target/bench/scrape-vm.md.
+pub fn run_in_vm(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    crate::setup::ensure(crate::setup::Needs::Bench)?;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut md =
+        "# Scrape latency with open connections, in QEMU guests of Debian 12's kernels\n\n\
+                  Emulated (TCG, both vCPUs on one host thread): every figure is many times the \
+                  host's; compare the rows of one kernel with each other.\n"
+            .to_string();
+    for series in VM_SERIES {
+        let (ok, out) = crate::vmtest::exec_in_series(root, series, VM_TIMEOUT, |xtask, out| {
+            format!(
+                "PATH={path} BROKERSCOPE_TEST_TIME_SCALE={VM_TIME_SCALE} {} bench --connections-only {} {}",
+                xtask.display(),
+                bin.display(),
+                out.display()
+            )
+        })?;
+        let table = std::fs::read_to_string(out.join(CONNECTIONS_REPORT)).ok();
+        let (true, Some(table)) = (ok, table) else {
+            bail!(
+                "the open-connections stages failed in the {series} guest: its console is in target/vmtest/"
+            );
+        };
+        md += &table.replacen(
+            "## Scrape latency with open connections",
+            &format!("## Debian 12, {series} kernel"),
+            1,
+        );
+    }
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("scrape-vm.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// The report file [`run_connections_only`] leaves in its out directory.
+const CONNECTIONS_REPORT: &str = "connections.md";
+
+/// `--connections-only AGENT OUT` (in the guest of [`run_in_vm`]): the two agents and the
+/// open-connections stages alone; the section's table written to OUT.
+pub fn run_connections_only(bin: &Path, out: &Path) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join("brokerscope-scrape-connections");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = dir.join("pki");
+    crate::agent::dev_pki(bin, &pki)?;
+    let open_files = raise_open_files(OPEN_FILES);
+    let agents = Agents::start(bin, &dir, &pki)?;
+    wait_listed(&pki, &agents.hooks, 0, 0)?;
+    let map_iterators = crate::agent::curl(&pki, &agents.hooks.url("/metrics"))?
+        .contains("brokerscope_probe_attached{program=\"conn_live\"");
+    let latencies = connection_stages(&dir, &pki, &agents, open_files)?;
+    let (md, _) = latency_section(map_iterators, &latencies);
+    std::fs::write(out.join(CONNECTIONS_REPORT), &md)?;
+    println!("{md}");
+    Ok(())
 }

@@ -290,6 +290,36 @@ pub fn main(root: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `command(xtask, out)` as root in a guest of the Debian 12 kernel `series` (`6.1` or
+/// `6.12`; TCG, as `cargo xtask vmtest` runs by default, for `timeout` at most). The guest sees
+/// the host's files read-only, `xtask` being this xtask binary's copy for it; `out` is a
+/// directory it may write that the host keeps. Whether the command succeeded, and `out`.
+pub fn exec_in_series(
+    root: &Path,
+    series: &str,
+    timeout: Duration,
+    command: impl Fn(&Path, &Path) -> String,
+) -> anyhow::Result<(bool, PathBuf)> {
+    let series = SERIES
+        .iter()
+        .find(|s| s.name == series)
+        .with_context(|| format!("unknown kernel series {series}"))?;
+    setup::ensure(setup::Needs::Vmtest)?;
+    let vm = Vm {
+        cpu: None,
+        accel: ACCEL_TCG.to_string(),
+        timeout,
+    };
+    let work = work_dir(root)?;
+    let _lock = lock(&work)?;
+    let xtask = snapshot_xtask(&work.join("bin"))?;
+    let kernel = Kernel::fetch(&work, series)?;
+    // `exec_in_vm` empties it before the guest starts.
+    let out = kernel.dir.join("out");
+    let ok = exec_in_vm(&vm, &kernel, &xtask, &command(&xtask, &out))?;
+    Ok((ok, out))
+}
+
 /// `--kernel host`: no VM; with `--capture`, the running kernel captured (by default into
 /// agent/testdata/kernels/dev-<series>).
 fn capture_host(root: &Path, capture: Option<&Option<PathBuf>>) -> anyhow::Result<()> {
