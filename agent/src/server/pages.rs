@@ -91,7 +91,8 @@ impl Pages {
 /// part ends on a sync flush (byte-aligned, not final), the second starts afresh and ends the
 /// stream, and the CRC-32 of the whole is the two CRCs combined. Any inflater reads it as one
 /// stream; the second part only loses back-references into the first (the page is no larger:
-/// 24,984 against 25,431 bytes for ten brokers, the parts' Huffman tables fitting each better).
+/// for ten brokers the parts deflate to 13,591 and 11,042 bytes, the whole page to 25,431; each
+/// part's Huffman tables fit it better).
 fn gzip(render: &(impl Fn(Part) -> String + Sync)) -> Bytes {
     let (first, second) = crate::tasks::side_by_side(
         || deflate(render(Part::First).as_bytes(), false),
