@@ -90,6 +90,11 @@ pub struct FdPoll {
     root: Vec<u8>,
     /// Numbers listed by the last poll whose link was read (or that closed meanwhile), ascending.
     known: Vec<u32>,
+    /// Numbers whose target the caller asked to keep reading (see [`FdPoll::poll`]), with the
+    /// target last reported.
+    watched: std::collections::HashMap<u32, Box<str>>,
+    /// The next `watched` (kept to reuse its allocation).
+    spare_watched: std::collections::HashMap<u32, Box<str>>,
     /// Numbers listed by the current poll (kept to reuse its allocation).
     listed: Vec<u32>,
     /// The next `known` (kept to reuse its allocation).
@@ -127,6 +132,8 @@ impl FdPoll {
             dir,
             root,
             known: Vec::new(),
+            watched: std::collections::HashMap::new(),
+            spare_watched: std::collections::HashMap::new(),
             listed: Vec::new(),
             spare: Vec::new(),
             dirents: vec![0; DIRENT_BYTES],
@@ -136,10 +143,16 @@ impl FdPoll {
     /// Lists the descriptors and reads the link of each number the previous poll did not list,
     /// at most `budget` of them (the rest wait for the next poll), calling `seen` with each
     /// target that is a path (see [`target_path`]).
+    ///
+    /// A number listed again is not read again: its file is taken to be the same. When `seen`
+    /// returns false for a target, its number is read at every poll instead, and `seen` called
+    /// again only when the target changes. That is for files a process opens for a moment (a
+    /// directory it lists, a checkpoint it reads): the number is free again at once, and the
+    /// next file opened, a segment, takes it, perhaps before the next poll.
     pub fn poll(
         &mut self,
         budget: usize,
-        mut seen: impl FnMut(&str),
+        mut seen: impl FnMut(&str) -> bool,
     ) -> Result<PollStats, FdPollError> {
         let started = std::time::Instant::now();
         self.list()?;
@@ -150,6 +163,8 @@ impl FdPoll {
         };
         let mut next = std::mem::take(&mut self.spare);
         next.clear();
+        let mut next_watched = std::mem::take(&mut self.spare_watched);
+        next_watched.clear();
         let mut target = [0u8; PATH_MAX];
         let mut old = self.known.iter().copied().peekable();
         for &fd in &self.listed {
@@ -160,15 +175,28 @@ impl FdPoll {
             }
             if stats.read == budget {
                 stats.deferred += 1;
+                // Still watched: the next poll reads it.
+                if let Some(last) = self.watched.remove(&fd) {
+                    next_watched.insert(fd, last);
+                }
                 continue;
             }
             stats.read += 1;
             match self.read_link(fd, &mut target) {
                 Ok(len) => {
-                    next.push(fd);
                     let inside = target.get(..len).and_then(|t| inside_root(&self.root, t));
-                    if let Some(path) = inside.and_then(target_path) {
-                        seen(path);
+                    let Some(path) = inside.and_then(target_path) else {
+                        next.push(fd);
+                        continue;
+                    };
+                    match self.watched.remove(&fd) {
+                        Some(last) if *last == *path => {
+                            next_watched.insert(fd, last);
+                        }
+                        _ if seen(path) => next.push(fd),
+                        _ => {
+                            next_watched.insert(fd, path.into());
+                        }
                     }
                 }
                 // Closed since the listing (or the process is exiting: the next listing says).
@@ -176,11 +204,13 @@ impl FdPoll {
                 Err(e) => {
                     // Nothing of this poll is kept: the next one reads the same numbers again.
                     self.spare = next;
+                    self.spare_watched = next_watched;
                     return Err(FdPollError::io(self.pid, "fd/<n>", e));
                 }
             }
         }
         self.spare = std::mem::replace(&mut self.known, next);
+        self.spare_watched = std::mem::replace(&mut self.watched, next_watched);
         Ok(stats)
     }
 
@@ -367,6 +397,7 @@ pub(crate) mod tests {
                 if t.starts_with(&prefix) {
                     assert!(seen.insert(t.to_string()), "{t} reported twice in one poll");
                 }
+                true
             })
             .unwrap();
         (stats, seen)
@@ -473,6 +504,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_number_whose_target_is_not_kept_is_read_at_every_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        const FD: i32 = 905;
+        let mut p = own();
+        let prefix = format!("{}/", d.display());
+        // The directory is watched (its number read again each poll), files are kept.
+        let poll = |p: &mut FdPoll| {
+            let mut seen = Vec::new();
+            p.poll(usize::MAX, |t| {
+                if !t.starts_with(&prefix) && *t != *d.to_str().unwrap() {
+                    return true;
+                }
+                seen.push(t.to_string());
+                t.ends_with(".log")
+            })
+            .unwrap();
+            seen
+        };
+        let listing = Placed::new(std::fs::File::open(d).unwrap(), FD);
+        assert_eq!(poll(&mut p), [d.display().to_string()]);
+        // Unchanged: read, not reported again.
+        assert!(poll(&mut p).is_empty());
+        // The directory closed and a segment opened under its number between two polls: seen.
+        std::mem::forget(listing);
+        let segment = Placed::new(std::fs::File::create(d.join("0.log")).unwrap(), FD);
+        assert_eq!(poll(&mut p), [format!("{}/0.log", d.display())]);
+        // A kept one is not read again.
+        assert!(poll(&mut p).is_empty());
+        drop(segment);
+    }
+
+    #[test]
     fn the_budget_defers_new_numbers_to_the_next_polls() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -481,7 +545,7 @@ pub(crate) mod tests {
         // polls is (rightly) not read again when this test takes it.
         const FIRST: i32 = 910;
         let mut p = own();
-        let _ = p.poll(usize::MAX, |_| {}).unwrap();
+        let _ = p.poll(usize::MAX, |_| true).unwrap();
         let files: Vec<String> = (0..5).map(|i| format!("{i}.log")).collect();
         let _open: Vec<Placed> = (FIRST..)
             .zip(&files)

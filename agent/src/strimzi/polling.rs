@@ -64,14 +64,15 @@ impl Watching {
 
     /// One poll of process `pid`'s descriptors (opening `/proc/<pid>/fd` first if it is not
     /// yet): each new link's path goes to `saw`, which says whether it was a tracked segment
-    /// not opened before and whether it told something new. At most [`MAX_LINKS_PER_POLL`]
+    /// not opened before, whether it told something new, and whether its number is to be read
+    /// again at each poll (see [`FdPoll::poll`]). At most [`MAX_LINKS_PER_POLL`]
     /// links are read; the poll and its time are counted, and the next one paced. Returns
     /// whether any path told something new.
     pub(super) fn poll_once(
         &mut self,
         pid: u32,
         start_time_ticks: u64,
-        mut saw: impl FnMut(&str) -> (bool, bool),
+        mut saw: impl FnMut(&str) -> (bool, bool, bool),
     ) -> Result<bool, FdPollError> {
         let started = Instant::now();
         let result = match self.poll.as_mut() {
@@ -82,9 +83,10 @@ impl Watching {
             let mut opened = 0;
             let mut news = false;
             poll.poll(MAX_LINKS_PER_POLL, |path| {
-                let (first, new) = saw(path);
+                let (first, new, watch) = saw(path);
                 news |= new;
                 opened += u64::from(first);
+                !watch
             })
             .map(|stats| (opened, news, stats.listing))
         });
