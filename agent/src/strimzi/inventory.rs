@@ -102,6 +102,11 @@ impl Inventory {
         true
     }
 
+    /// A log dir itself, or anything under one.
+    pub(super) fn in_log_dirs(&self, path: &str) -> bool {
+        self.log_dirs.iter().any(|d| d == path) || self.under_log_dirs(path)
+    }
+
     pub(super) fn under_log_dirs(&self, path: &str) -> bool {
         self.log_dirs.iter().any(|d| {
             path.strip_prefix(d.as_str())

@@ -168,10 +168,10 @@ impl Process {
         let (pid, start_time_ticks) = (self.pid, self.start_time_ticks);
         let result = watch.poll_once(pid, start_time_ticks, |path| {
             let first = self.inventory.segments.contains_key(path);
-            // Anything else under the log dirs (a directory being listed, a checkpoint, an
-            // index) is open for a moment: its number is read again at each poll, or a segment
-            // opened under it before the next poll would go unseen.
-            let watch = !first && self.inventory.under_log_dirs(path);
+            // Anything else in the log dirs (a directory being listed, the log dir itself, a
+            // checkpoint, an index) is open for a moment: its number is read again at each
+            // poll, or a segment opened under it before the next poll would go unseen.
+            let watch = !first && self.inventory.in_log_dirs(path);
             (first, self.saw_open(path), watch)
         });
         let news = match result {
