@@ -83,8 +83,9 @@ const VMTEST_PACKAGES: &[&str] = &[
     "zstd",
 ];
 
-/// oha release that builds with this toolchain (a load tool that presents client certificates).
-const OHA_VERSION: &str = "^1";
+/// oha release that builds with this toolchain (a load tool that presents client certificates),
+/// with its own lock file: unlocked, `^1` resolved easy-cast 0.5.5, which needs rustc 1.96.
+const OHA_VERSION: &str = "1.16.0";
 
 /// cargo-modules release `cargo xtask layers` draws the module graphs with: 0.28 needs rustc
 /// 1.98, newer than this workspace's toolchain.
@@ -122,7 +123,13 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
         debian_packages(&["prometheus-node-exporter", "bpftrace"])?;
         if output(Command::new(cargo_bin_dir().join("oha")).arg("--version")).is_err() {
             eprintln!("setup: installing oha (load generator with mTLS) from crates.io");
-            run(Command::new("cargo").args(["install", "oha", "--version", OHA_VERSION]))?;
+            run(Command::new("cargo").args([
+                "install",
+                "oha",
+                "--locked",
+                "--version",
+                OHA_VERSION,
+            ]))?;
         }
     }
     if needs == Needs::Vmtest {
