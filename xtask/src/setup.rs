@@ -301,7 +301,9 @@ fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         .copied()
         .filter(|p| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .map(|s| !s.ends_with("installed"))
+                // "install ok installed"; a package dpkg knows of but has not installed (one
+                // another package only recommends) reads "unknown ok not-installed".
+                .map(|s| s.split_whitespace().last() != Some("installed"))
                 .unwrap_or(true)
         })
         .collect();
