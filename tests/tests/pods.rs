@@ -772,24 +772,30 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
 
     // A broker replaced in its pod while discovery sees the next one already (here under
     // another id, started before the old one ends): the same socket stays, answering for the
-    // new process; not one connection attempt is refused meanwhile.
+    // new process; not one connection attempt is refused meanwhile. An attempt every
+    // millisecond: a closed socket is refused at once (RST) and a reopened one took over 5 ms
+    // above. An attempt that times out instead is not a closed socket (its SYN went unanswered:
+    // the accept queue full under a busy machine); those are counted apart and shown.
     let next = pods[1].start_broker("10", &tag, true);
     wait_running(&agent, "10", next.pid, Instant::now());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let addr: std::net::SocketAddr = format!("{}:{PORT}", pods[1].ip).parse().unwrap();
-    let (tries, refused) = std::thread::scope(|s| {
+    let (tries, refused, other) = std::thread::scope(|s| {
         let probe = s.spawn(|| {
             in_ns(&operator, || {
-                let (mut tries, mut refused) = (0u32, 0u32);
+                let (mut tries, mut refused, mut other) = (0u32, 0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     tries += 1;
-                    if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                        .is_err()
-                    {
-                        refused += 1;
+                    match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            refused += 1;
+                        }
+                        Err(e) => other.push(e.kind()),
                     }
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                (tries, refused)
+                (tries, refused, other)
             })
         });
         // Stops the probe however this closure ends (a failed assertion would otherwise leave
@@ -806,8 +812,13 @@ fn each_pod_address_serves_its_own_broker_with_its_own_certificate() {
         drop(stop_probe);
         probe.join().unwrap()
     });
-    eprintln!("broker replaced in its pod: {refused} of {tries} connection attempts refused");
+    eprintln!(
+        "broker replaced in its pod: {refused} of {tries} connection attempts refused, other \
+         failures: {other:?}"
+    );
     assert!(tries > 10 && refused == 0, "{refused} of {tries} refused");
+    // Not every attempt lost: the socket answered along the way.
+    assert!(other.len() * 2 < tries as usize, "{other:?} of {tries}");
     // (RUNNING: its listener port was in LISTEN in the namespace, the old broker's, when the
     // tracker first looked; the state heuristics read listening per namespace.)
     assert_same_state(
