@@ -483,12 +483,16 @@ fn a_huge_log_dir_is_listed_off_every_lock() {
     }
     // A request never waits for the listing: requests are answered all along it, each
     // saying what it cannot know yet (tens of ms each for curl and the TLS handshake: 40-55
-    // answers over a 1.0-1.2 s listing here). Had they queued behind the listing, the first
-    // would have answered after it, with the listed state, and none with UNKNOWN. One slow
-    // answer on a busy machine (545 ms, seen once in CI on a 1.4 s listing) is the machine,
-    // and stays below the listing's own length; one that waited for it would not.
+    // answers over a 1.0-1.2 s listing here). The test asks only once the broker is seen
+    // running, when its listing has begun, so every UNKNOWN answer came while the listing
+    // ran; had requests queued behind it, the first would have answered after it, with the
+    // listed state, and none with UNKNOWN. How much of the listing the test sees depends on
+    // the machine (in one CI run the first request came 540 ms into a 664 ms listing: 5
+    // answers), so three answers, not a share of the listing, are asked for. One slow answer
+    // on a busy machine (545 ms, seen once in CI on a 1.4 s listing) is the machine, and stays
+    // below the listing's own length; one that waited for it would not.
     assert!(
-        unknown.len() >= 10,
+        unknown.len() >= 3,
         "only {} UNKNOWN answers over a {listing:?} listing: {unknown:?}",
         unknown.len()
     );
