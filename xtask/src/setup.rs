@@ -84,7 +84,8 @@ const VMTEST_PACKAGES: &[&str] = &[
 ];
 
 /// oha release that builds with this toolchain (a load tool that presents client certificates),
-/// with its own lock file: unlocked, `^1` resolved easy-cast 0.5.5, which needs rustc 1.96.
+/// installed with its own lock file: unlocked, `^1` resolved easy-cast 0.5.5, which needs rustc
+/// 1.96.
 const OHA_VERSION: &str = "1.16.0";
 
 /// cargo-modules release `cargo xtask layers` draws the module graphs with: 0.28 needs rustc
@@ -121,15 +122,9 @@ pub fn ensure(needs: Needs) -> anyhow::Result<()> {
     }
     if needs == Needs::Bench {
         debian_packages(&["prometheus-node-exporter", "bpftrace"])?;
-        if output(Command::new(cargo_bin_dir().join("oha")).arg("--version")).is_err() {
-            eprintln!("setup: installing oha (load generator with mTLS) from crates.io");
-            run(Command::new("cargo").args([
-                "install",
-                "oha",
-                "--locked",
-                "--version",
-                OHA_VERSION,
-            ]))?;
+        if !has_version("oha", OHA_VERSION) {
+            eprintln!("setup: installing oha {OHA_VERSION} (load generator with mTLS)");
+            cargo_install(None, "oha", OHA_VERSION)?;
         }
     }
     if needs == Needs::Vmtest {
@@ -254,44 +249,48 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// cargo-modules at [`CARGO_MODULES_VERSION`] (`cargo xtask layers`), installed when missing or
 /// another version.
 pub fn cargo_modules() -> anyhow::Result<()> {
-    let bin = cargo_bin_dir().join("cargo-modules");
-    if let Ok(version) = output(Command::new(&bin).arg("--version")) {
-        if version.split_whitespace().last() == Some(CARGO_MODULES_VERSION) {
-            return Ok(());
-        }
-        eprintln!(
-            "setup: found {}, want cargo-modules {CARGO_MODULES_VERSION}; reinstalling",
-            version.trim()
-        );
+    if has_version("cargo-modules", CARGO_MODULES_VERSION) {
+        return Ok(());
     }
     eprintln!("setup: installing cargo-modules {CARGO_MODULES_VERSION} (the module-cycle check)");
-    run(Command::new("cargo").args([
-        "install",
-        "cargo-modules",
-        "--locked",
-        "--version",
-        CARGO_MODULES_VERSION,
-    ]))
+    cargo_install(None, "cargo-modules", CARGO_MODULES_VERSION)
 }
 
 /// cargo-fuzz, built by nightly (the fuzz targets need nightly's sanitizer flags anyway).
 fn cargo_fuzz() -> anyhow::Result<()> {
-    let bin = cargo_bin_dir().join("cargo-fuzz");
-    if let Ok(version) = output(Command::new(&bin).arg("--version")) {
-        if version.split_whitespace().last() == Some(CARGO_FUZZ_VERSION) {
-            return Ok(());
-        }
-        eprintln!("setup: found {version}, want cargo-fuzz {CARGO_FUZZ_VERSION}; reinstalling");
+    if has_version("cargo-fuzz", CARGO_FUZZ_VERSION) {
+        return Ok(());
     }
     nightly_sysroot()?;
     eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (the fuzz targets' runner)");
-    run(Command::new("cargo").args([
-        "+nightly",
+    cargo_install(Some("+nightly"), "cargo-fuzz", CARGO_FUZZ_VERSION)
+}
+
+/// Whether cargo's bin directory holds `tool` at `version` (the last word of its `--version`);
+/// says so when it holds another.
+fn has_version(tool: &str, version: &str) -> bool {
+    let Ok(found) = output(Command::new(cargo_bin_dir().join(tool)).arg("--version")) else {
+        return false;
+    };
+    if found.split_whitespace().last() == Some(version) {
+        return true;
+    }
+    eprintln!(
+        "setup: found {}, want {tool} {version}; reinstalling",
+        found.trim()
+    );
+    false
+}
+
+/// `cargo install` of `krate` at exactly `version` with its own lock file (unlocked, a newer
+/// dependency can need a newer rustc than this workspace's), on `toolchain` if given.
+fn cargo_install(toolchain: Option<&str>, krate: &str, version: &str) -> anyhow::Result<()> {
+    run(Command::new("cargo").args(toolchain).args([
         "install",
-        "cargo-fuzz",
+        krate,
         "--locked",
         "--version",
-        CARGO_FUZZ_VERSION,
+        version,
     ]))
 }
 
