@@ -42,8 +42,9 @@ pub struct ProcStats {
 /// offset 0 with one `pread` (procfs and cgroupfs build the text afresh on every read from the
 /// start) instead of open, stat, read, read and close. A file that fails is reopened by path
 /// once; a process that exited fails both (`ESRCH`), so a reused pid never reads another
-/// process's figures through an old descriptor. Bounded by the brokers: files of pids that are
-/// no longer brokers are closed by [`ProcFiles::retain`].
+/// process's figures through an old descriptor. A path found absent is tried again only after
+/// [`ABSENT_RETRY`]. Bounded by the brokers: files of pids that are no longer brokers are
+/// closed by [`ProcFiles::retain`].
 #[derive(Default)]
 pub struct ProcFiles {
     by_pid: std::collections::HashMap<u32, BrokerFiles>,
@@ -80,15 +81,51 @@ impl CgroupFiles {
 /// Longest text read from one of these files (limits is the largest, about 1.5 KB).
 const MAX_TEXT: usize = 64 * 1024;
 
+/// How long a file that could not be opened is left alone before the next try. Some are absent
+/// for good (the root cgroup has no `memory.current`, a kernel booted without PSI has no
+/// `.pressure` files) and a failed open walks the path each time: ten brokers in the root
+/// cgroup paid two failed opens each per scrape, about 2 % of the agent's CPU at a few
+/// thousand scrapes a second (2026-12-06). A controller enabled later shows within this.
+const ABSENT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A file read from its start on each use, opened on first use.
 pub(crate) struct Cached {
     path: PathBuf,
     file: Option<std::fs::File>,
+    /// When opening it last found no such file (see [`ABSENT_RETRY`]).
+    absent_since: Option<std::time::Instant>,
 }
 
 impl Cached {
     pub(crate) fn new(path: PathBuf) -> Self {
-        Self { path, file: None }
+        Self {
+            path,
+            file: None,
+            absent_since: None,
+        }
+    }
+
+    /// The kept file, opened if need be; `None` while the path was recently found absent.
+    fn file(&mut self) -> Option<&std::fs::File> {
+        if self.file.is_none() {
+            if self
+                .absent_since
+                .is_some_and(|at| at.elapsed() < ABSENT_RETRY)
+            {
+                return None;
+            }
+            match std::fs::File::open(&self.path) {
+                Ok(file) => {
+                    self.file = Some(file);
+                    self.absent_since = None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.absent_since = Some(std::time::Instant::now());
+                }
+                Err(_) => {}
+            }
+        }
+        self.file.as_ref()
     }
 
     /// `op` on the kept file; a failure closes it and tries once more on the path reopened.
@@ -97,10 +134,7 @@ impl Cached {
         mut op: impl FnMut(&std::fs::File) -> std::io::Result<T>,
     ) -> Option<T> {
         for _ in 0..2 {
-            if self.file.is_none() {
-                self.file = std::fs::File::open(&self.path).ok();
-            }
-            match op(self.file.as_ref()?) {
+            match op(self.file()?) {
                 Ok(v) => return Some(v),
                 Err(_) => self.file = None,
             }
@@ -312,6 +346,24 @@ mod tests {
         assert_eq!(files.read(child.id(), None), ProcStats::default());
         files.retain(&[me]);
         assert_eq!(files.by_pid.len(), 1);
+    }
+
+    #[test]
+    fn an_absent_file_is_tried_again_only_after_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.current");
+        let mut file = Cached::new(path.clone());
+        let mut buf = Vec::new();
+        assert_eq!(file.read(&mut buf), None);
+        // It appears: not looked for again yet.
+        std::fs::write(&path, "4096\n").unwrap();
+        assert_eq!(file.read(&mut buf), None);
+        // Once the wait is over, it is opened and kept.
+        file.absent_since = Some(std::time::Instant::now() - ABSENT_RETRY);
+        assert_eq!(file.read(&mut buf), Some("4096\n"));
+        assert_eq!(file.absent_since, None);
+        std::fs::write(&path, "8192\n").unwrap();
+        assert_eq!(file.read(&mut buf), Some("8192\n"));
     }
 
     #[test]
