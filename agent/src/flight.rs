@@ -7,8 +7,8 @@
 //! most one computation old), and a lone request always gets a value of its own.
 //!
 //! [`Flight::get`] blocks its thread while it waits; [`Flight::get_async`] waits as a task and
-//! runs only the computation on a blocking thread, so concurrent scrapes do not each hold a
-//! thread of the blocking pool (and pay its wake-ups) to wait for one render.
+//! runs only the computation on a side-by-side thread ([`crate::tasks::on_side`]), so
+//! concurrent scrapes do not each hold a thread (and pay its wake-ups) to wait for one render.
 
 use std::{
     sync::{Arc, Condvar, Mutex},
@@ -29,6 +29,8 @@ struct State<T> {
     /// Computations completed so far.
     generation: u64,
     computing: bool,
+    /// The thread running the computation in progress, once it runs.
+    computing_on: Option<std::thread::ThreadId>,
     /// The last value and when its computation started.
     last: Option<(Instant, T)>,
 }
@@ -39,6 +41,7 @@ impl<T> Default for Flight<T> {
             state: Mutex::new(State {
                 generation: 0,
                 computing: false,
+                computing_on: None,
                 last: None,
             }),
             done: Condvar::new(),
@@ -63,6 +66,13 @@ impl<T: Clone> Flight<T> {
             if !state.computing {
                 break;
             }
+            // This thread runs the computation in progress, further up its stack (a thread of
+            // a pool that took other work while it waited inside the computation): waiting
+            // would be waiting for itself, so it computes a value of its own.
+            if state.computing_on == Some(std::thread::current().id()) {
+                drop(state);
+                return compute();
+            }
             state = self.done.wait(state).recover();
         }
         state.computing = true;
@@ -72,7 +82,7 @@ impl<T: Clone> Flight<T> {
 }
 
 impl<T: Clone + Send + 'static> Flight<T> {
-    /// [`Flight::get`] for a task: waits without a thread, computes on the blocking pool.
+    /// [`Flight::get`] for a task: waits without a thread, computes on a side-by-side thread.
     /// `None` when the computation panicked.
     pub async fn get_async(
         self: Arc<Self>,
@@ -102,11 +112,9 @@ impl<T: Clone + Send + 'static> Flight<T> {
             }
             ended.await;
         }
-        // The guard lives on the blocking thread: a scrape that goes away meanwhile still
+        // The guard lives on the computing thread: a scrape that goes away meanwhile still
         // leaves the flight open for the next.
-        tokio::task::spawn_blocking(move || self.compute_and_publish(compute))
-            .await
-            .ok()
+        crate::tasks::on_side(move || self.compute_and_publish(compute)).await
     }
 }
 
@@ -116,6 +124,7 @@ impl<T: Clone> Flight<T> {
     /// panics: they then compute their own.
     fn compute_and_publish(&self, compute: impl FnOnce() -> T) -> T {
         let computing = Computing(self);
+        self.lock().computing_on = Some(std::thread::current().id());
         let started = Instant::now();
         let value = compute();
         {
@@ -138,7 +147,10 @@ struct Computing<'a, T>(&'a Flight<T>);
 
 impl<T> Drop for Computing<'_, T> {
     fn drop(&mut self) {
-        self.0.lock().computing = false;
+        let mut state = self.0.lock();
+        state.computing = false;
+        state.computing_on = None;
+        drop(state);
         self.0.done.notify_all();
         self.0.ended.notify_waiters();
     }
@@ -155,6 +167,25 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn the_computing_thread_asking_again_computes_its_own_instead_of_waiting_for_itself() {
+        // A page build's thread that, waiting inside the snapshot's computation for a part
+        // another thread runs, takes another page build: that one asks for the snapshot too.
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let flight = Flight::default();
+            let outer = flight.get(Instant::now(), || {
+                let inner = flight.get(Instant::now(), || "inner".to_string());
+                format!("outer around {inner}")
+            });
+            done.send(outer).unwrap();
+        });
+        assert_eq!(
+            result.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "outer around inner"
+        );
+    }
 
     #[test]
     fn a_request_never_gets_a_value_finished_before_it_arrived() {

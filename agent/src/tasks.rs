@@ -6,9 +6,9 @@
 //! one has a name: in the log when it starts and stops, and, for a thread, as its name in
 //! `/proc/<pid>/task/*/comm`.
 //!
-//! A page build's independent parts (the kernel maps and /proc; the page's two parts, each
-//! rendered and deflated) run side by side on two threads of their own, [`side_by_side`],
-//! started once and kept.
+//! A page build runs on one of two threads of its own, started once and kept ([`on_side`]), and
+//! its independent parts (the kernel maps and /proc; the page's two parts, each rendered and
+//! deflated) run side by side on both ([`side_by_side`]).
 //!
 //! [`shutdown`] aborts every running task at the agent's stop, before the kernel programs are
 //! detached. Threads cannot be aborted: each loop ends by itself when what it serves is gone
@@ -96,12 +96,14 @@ fn side_by_side_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Runs `a` and `b` at once on the two side-by-side threads, the caller waiting, and returns
-/// both results. A panic in either part reaches the caller. Kept threads rather than one
+/// Runs `a` and `b` at once and returns both results; a panic in either reaches the caller.
+/// On a side-by-side thread (a page build, see [`on_side`]), `a` runs there and `b` is left
+/// for the other thread, which takes it at once if it is idle; if it has not by the time `a` is
+/// done, the caller runs `b` itself. Elsewhere both run in turn. Kept threads rather than one
 /// started per call: starting and joining a thread cost about 60 µs, handing a pair of empty
-/// parts to the kept ones about 17 µs (2026-12-06). The parts must not wait for work that
-/// itself needs these threads (they are two): page builds give them only reads, rendering
-/// and compression.
+/// parts to the kept ones about 17 µs (2026-12-06). A caller waiting for `b` may meanwhile run
+/// other work given to these threads (another page build), so the parts must not hold a lock
+/// that such work takes: page builds give them only reads, rendering and compression.
 pub fn side_by_side<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
 where
     A: FnOnce() -> RA + Send,
@@ -110,9 +112,34 @@ where
     RB: Send,
 {
     match side_by_side_pool() {
-        Some(pool) => pool.join(a, b),
-        None => (a(), b()),
+        // From one of the two threads (a page build, see [`on_side`]) the part left to the
+        // other is taken back if it has not begun. A thread outside them runs both in turn: it
+        // must never wait for these threads, which may be waiting for what it computes.
+        Some(pool) if pool.current_thread_index().is_some() => pool.join(a, b),
+        _ => (a(), b()),
     }
+}
+
+/// Runs `job` on a side-by-side thread and resolves to its result (`None` if it panicked), for
+/// a page build: its [`side_by_side`] parts then start there, one on the thread itself and one
+/// for the other thread to take (the build runs its first part itself if the other has not
+/// taken the second by then), with no hand-off from a blocking thread and back. `job` may wait
+/// for a value another thread computes only if that computation never needs these threads.
+/// Without them, it runs on the blocking pool.
+pub async fn on_side<T, F>(job: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let Some(pool) = side_by_side_pool() else {
+        return tokio::task::spawn_blocking(job).await.ok();
+    };
+    let (done, result) = tokio::sync::oneshot::channel();
+    pool.spawn(move || {
+        // rayon aborts the process on a panic in a spawned job: it is caught and reported.
+        let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)));
+    });
+    result.await.ok()?.ok()
 }
 
 /// Aborts every task still running (the agent is stopping).
@@ -135,19 +162,27 @@ mod tests {
         assert!(forever.await.unwrap_err().is_cancelled());
     }
 
-    #[test]
-    fn side_by_side_runs_both_on_the_named_threads_and_passes_a_panic_on() {
-        let (a, b) = side_by_side(
-            || std::thread::current().name().map(str::to_string),
-            || std::thread::current().name().map(str::to_string),
-        );
+    fn name() -> Option<String> {
+        std::thread::current().name().map(str::to_string)
+    }
+
+    #[tokio::test]
+    async fn a_job_on_the_side_runs_its_parts_on_the_named_threads_and_a_panic_reaches_it() {
+        let (a, b) = on_side(|| side_by_side(name, name)).await.unwrap();
         for name in [a, b] {
             assert!(name.unwrap().starts_with("side-by-side-"));
         }
-        let panicked = std::panic::catch_unwind(|| side_by_side(|| 1, || panic!("part b")));
-        assert!(panicked.is_err());
-        // The pool survives a part's panic.
-        assert_eq!(side_by_side(|| 1, || 2), (1, 2));
+        // A panic in a part reaches the job, and the job's caller sees None.
+        assert_eq!(
+            on_side(|| side_by_side(|| 1, || panic!("part b"))).await,
+            None
+        );
+        // The threads survive it.
+        assert_eq!(on_side(|| side_by_side(|| 1, || 2)).await, Some((1, 2)));
+        // Elsewhere, both parts run in turn on the caller's thread: it never waits for the
+        // side-by-side threads.
+        let here = name();
+        assert_eq!(side_by_side(name, name), (here.clone(), here));
     }
 
     #[test]

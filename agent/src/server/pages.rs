@@ -56,8 +56,9 @@ pub struct Pages {
 impl Pages {
     /// The page for a scrape that arrived at `arrived`: `prepare` (which reads a snapshot and
     /// returns what renders each [`Part`] of the page from it), the rendering and the encoding
-    /// run, on the blocking pool, unless a build that serves this scrape is done or in
-    /// progress; meanwhile the scrape waits as a task. `None` when the build panicked.
+    /// run on a side-by-side thread ([`crate::tasks::on_side`]), unless a build that serves
+    /// this scrape is done or in progress; meanwhile the scrape waits as a task. `None` when
+    /// the build panicked.
     pub async fn get<R>(
         &self,
         arrived: Instant,

@@ -160,7 +160,8 @@ async fn metrics(axum::extract::State(state): State, headers: HeaderMap) -> Resp
     let arrived = std::time::Instant::now();
     let format = negotiate(headers.get(header::ACCEPT));
     let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING));
-    // Map reads are syscalls, rendering and gzip are CPU: the build runs on the blocking pool.
+    // Map reads are syscalls, rendering and gzip are CPU: the build runs off the async
+    // workers, on a side-by-side thread.
     let pages = state.pages.clone();
     let body = pages
         .get(arrived, format, encoding, move || {
