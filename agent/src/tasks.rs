@@ -120,6 +120,29 @@ where
     }
 }
 
+/// `f` of each item, in order, split between the two side-by-side threads as [`side_by_side`]
+/// splits two parts (halves of halves, so each thread takes the next item that is left).
+pub fn each_side_by_side<T, R, F>(items: &[T], f: &F) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
+    match items {
+        [] => Vec::new(),
+        [one] => vec![f(one)],
+        _ => {
+            let (left, right) = items.split_at(items.len() / 2);
+            let (mut left, mut right) = side_by_side(
+                || each_side_by_side(left, f),
+                || each_side_by_side(right, f),
+            );
+            left.append(&mut right);
+            left
+        }
+    }
+}
+
 /// Runs `job` on a side-by-side thread and resolves to its result (`None` if it panicked), for
 /// a page build: its [`side_by_side`] parts then start there, one on the thread itself and one
 /// for the other thread to take (the build runs its first part itself if the other has not
@@ -183,6 +206,42 @@ mod tests {
         // side-by-side threads.
         let here = name();
         assert_eq!(side_by_side(name, name), (here.clone(), here));
+    }
+
+    #[tokio::test]
+    async fn each_item_in_order_on_both_threads() {
+        // Other tests share the two threads and may hold one for a while: a few tries.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let items: Vec<u32> = (0..10).collect();
+            let each = on_side(move || {
+                each_side_by_side(&items, &|i| {
+                    // Long enough that the other thread takes some.
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    (*i, name())
+                })
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                each.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+                (0..10).collect::<Vec<_>>()
+            );
+            seen = each.into_iter().map(|(_, n)| n.unwrap()).collect();
+            if seen.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.iter()
+                .filter(|n| n.starts_with("side-by-side-"))
+                .count(),
+            2,
+            "{seen:?}"
+        );
+        // Elsewhere, in turn on the caller's thread.
+        assert_eq!(each_side_by_side(&[1, 2, 3], &|i| i * 2), [2, 4, 6]);
+        assert_eq!(each_side_by_side(&[0u8; 0], &|i| *i), Vec::<u8>::new());
     }
 
     #[test]

@@ -45,19 +45,24 @@ pub struct ProcStats {
 /// process's figures through an old descriptor. A path found absent is tried again only after
 /// [`ABSENT_RETRY`]. Bounded by the brokers: files of pids that are no longer brokers are
 /// closed by [`ProcFiles::retain`].
+///
+/// Each broker's files have a lock of their own, so a snapshot reads several brokers at once
+/// (see `Model::snapshot`) without holding the map's.
 #[derive(Default)]
 pub struct ProcFiles {
-    by_pid: std::collections::HashMap<u32, BrokerFiles>,
-    /// Reused text buffer.
-    buf: Vec<u8>,
+    by_pid: std::collections::HashMap<u32, std::sync::Arc<std::sync::Mutex<BrokerFiles>>>,
 }
 
-struct BrokerFiles {
+/// One broker process's kept files.
+pub struct BrokerFiles {
+    pid: u32,
     stat: Cached,
     limits: Cached,
     io: Cached,
     fd_dir: Cached,
     cgroup: Option<CgroupFiles>,
+    /// Reused text buffer.
+    buf: Vec<u8>,
 }
 
 struct CgroupFiles {
@@ -176,35 +181,57 @@ fn read_from_start(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<u
 }
 
 impl ProcFiles {
+    /// The kept files of `pid`, made (not yet opened) on first use.
+    pub fn of(&mut self, pid: u32) -> std::sync::Arc<std::sync::Mutex<BrokerFiles>> {
+        self.by_pid
+            .entry(pid)
+            .or_insert_with(|| {
+                let proc = PathBuf::from(format!("/proc/{pid}"));
+                std::sync::Arc::new(std::sync::Mutex::new(BrokerFiles {
+                    pid,
+                    stat: Cached::new(proc.join("stat")),
+                    limits: Cached::new(proc.join("limits")),
+                    io: Cached::new(proc.join("io")),
+                    fd_dir: Cached::new(proc.join("fd")),
+                    cgroup: None,
+                    buf: Vec::new(),
+                }))
+            })
+            .clone()
+    }
+
     /// Reads a process's figures; `cgroup` is its cgroup v2 directory on this host, if known.
+    #[cfg(test)]
     pub fn read(&mut self, pid: u32, cgroup: Option<&Path>) -> ProcStats {
-        let files = self.by_pid.entry(pid).or_insert_with(|| {
-            let proc = PathBuf::from(format!("/proc/{pid}"));
-            BrokerFiles {
-                stat: Cached::new(proc.join("stat")),
-                limits: Cached::new(proc.join("limits")),
-                io: Cached::new(proc.join("io")),
-                fd_dir: Cached::new(proc.join("fd")),
-                cgroup: None,
-            }
-        });
-        if files.cgroup.as_ref().map(|c| c.dir.as_path()) != cgroup {
-            files.cgroup = cgroup.map(CgroupFiles::new);
+        crate::locks::lock(&self.of(pid)).read(cgroup)
+    }
+
+    /// Closes the files of processes not in `pids`.
+    pub fn retain(&mut self, pids: &[u32]) {
+        self.by_pid.retain(|pid, _| pids.contains(pid));
+    }
+}
+
+impl BrokerFiles {
+    /// Reads the process's figures; `cgroup` is its cgroup v2 directory on this host, if known.
+    pub fn read(&mut self, cgroup: Option<&Path>) -> ProcStats {
+        if self.cgroup.as_ref().map(|c| c.dir.as_path()) != cgroup {
+            self.cgroup = cgroup.map(CgroupFiles::new);
         }
         let buf = &mut self.buf;
         let mut s = ProcStats::default();
-        if let Some(stat) = files.stat.read(buf) {
+        if let Some(stat) = self.stat.read(buf) {
             parse_stat(stat, page_size(), &mut s);
         }
-        s.open_fds = open_fds(pid, &mut files.fd_dir);
-        if let Some(limits) = files.limits.read(buf) {
+        s.open_fds = open_fds(self.pid, &mut self.fd_dir);
+        if let Some(limits) = self.limits.read(buf) {
             s.max_fds = parse_max_fds(limits);
         }
-        if let Some(io) = files.io.read(buf) {
+        if let Some(io) = self.io.read(buf) {
             s.storage_read_bytes = field(io, "read_bytes:");
             s.storage_written_bytes = field(io, "write_bytes:");
         }
-        if let Some(cg) = files.cgroup.as_mut() {
+        if let Some(cg) = self.cgroup.as_mut() {
             s.cgroup_memory_bytes = cg
                 .memory_current
                 .read(buf)
@@ -218,11 +245,6 @@ impl ProcFiles {
             }
         }
         s
-    }
-
-    /// Closes the files of processes not in `pids`.
-    pub fn retain(&mut self, pids: &[u32]) {
-        self.by_pid.retain(|pid, _| pids.contains(pid));
     }
 }
 

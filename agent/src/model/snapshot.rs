@@ -23,19 +23,26 @@ impl Model {
             .collect();
         let cgroup2 = self.kernel().and_then(|k| k.cgroup2);
         let read_procs = || {
-            let mut files = lock(&self.proc_files);
-            files.retain(&pids);
-            brokers
-                .iter()
-                .filter(|b| b.is_running())
-                .map(|b| {
-                    let cgroup = cgroup2
-                        .as_ref()
-                        .zip(b.cgroup.path.as_deref())
-                        .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
-                    (b.id.clone(), files.read(b.pid, cgroup.as_deref()))
-                })
-                .collect()
+            let each: Vec<_> = {
+                let mut files = lock(&self.proc_files);
+                files.retain(&pids);
+                brokers
+                    .iter()
+                    .filter(|b| b.is_running())
+                    .map(|b| {
+                        let cgroup = cgroup2
+                            .as_ref()
+                            .zip(b.cgroup.path.as_deref())
+                            .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
+                        (&b.id, files.of(b.pid), cgroup)
+                    })
+                    .collect()
+            };
+            // Broker by broker on both side-by-side threads (about 20 µs each with ten brokers,
+            // the longest part of a snapshot), each under its own files' lock.
+            crate::tasks::each_side_by_side(&each, &|(id, files, cgroup)| {
+                ((*id).clone(), lock(files).read(cgroup.as_deref()))
+            })
         };
         let read_probes = || {
             lock(&self.probes)
