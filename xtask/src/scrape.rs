@@ -706,7 +706,8 @@ fn throughput_section(r: &Report) -> (String, Vec<String>) {
          {THEIR_REQUESTS} to node_exporter, with oha at concurrency {CONCURRENCY}, {ROUNDS} rounds \
          of every target in turn per stage; fake brokers of {LISTENERS} listeners each, one \
          connection on each listener. \"Plain\" requests are oha's own: the text format, and \
-         `Accept-Encoding: gzip, compress, deflate, br`, so both agents answer them gzipped. \
+         `Accept-Encoding: gzip, compress, deflate, br`, so the agent and node_exporter both answer \
+         them gzipped. \
          node_exporter runs only its loadavg collector behind the same certificates \
          (exporter-toolkit web config). Agent idle RSS: {:.1} MiB; `/metrics` with 10 brokers: \
          {} bytes. CPU: the agent's user + system time over the run, per request.\n\n\
