@@ -736,25 +736,25 @@ fn throughput_section(r: &Report) -> (String, Vec<String>) {
     }
     md += "\n";
     for stage in BROKER_STAGES {
-        // A target's median round by req/s.
-        let find = |target: &str| {
+        // A target's rounds in this stage, by req/s.
+        let rounds = |target: &str| {
             let mut rounds: Vec<&Run> = r
                 .runs
                 .iter()
                 .filter(|run| run.brokers == stage && run.target == target)
                 .collect();
             rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            rounds
+        };
+        let find = |target: &str| {
+            let rounds = rounds(target);
             rounds.get(rounds.len() / 2).copied()
         };
         let p99s = |target: &str| {
-            let p99: Vec<f64> = r
-                .runs
-                .iter()
-                .filter(|run| run.brokers == stage && run.target == target)
-                .map(|run| run.p99_ms)
-                .collect();
-            let min = p99.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = p99.iter().copied().fold(0.0, f64::max);
+            let rounds = rounds(target);
+            let p99 = rounds.iter().map(|run| run.p99_ms);
+            let min = p99.clone().fold(f64::INFINITY, f64::min);
+            let max = p99.fold(0.0, f64::max);
             format!("{min:.2}-{max:.2}")
         };
         for (ours, theirs, how) in [
@@ -906,4 +906,49 @@ pub fn run_connections_only(bin: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out.join(CONNECTIONS_REPORT), &md)?;
     println!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_takes_each_targets_median_round_and_shows_every_rounds_p99() {
+        let run = |round, target: &str, rps, p99_ms| Run {
+            brokers: 10,
+            round,
+            target: target.to_string(),
+            rps,
+            p50_ms: 1.0,
+            p99_ms,
+            success: 1.0,
+            cpu_ms: None,
+        };
+        let report = Report {
+            runs: vec![
+                run(1, OURS, 6_000.0, 2.5),
+                run(1, THEIRS, 1_000.0, 9.0),
+                run(2, OURS, 9_000.0, 1.2),
+                run(2, THEIRS, 2_000.0, 8.0),
+                run(3, OURS, 8_000.0, 1.5),
+                run(3, THEIRS, 3_000.0, 7.0),
+            ],
+            latencies: Vec::new(),
+            idle_rss_kib: 0,
+            payload_bytes: 0,
+            map_iterators: false,
+            exposition_eval: String::new(),
+        };
+        let (md, json) = throughput_section(&report);
+        assert!(
+            md.contains(
+                "- 10 brokers x 4 listeners, plain requests: 4.00x node_exporter's req/s \
+                 (8000 against 2000, median rounds), p99 1.50 ms in that round (1.20-2.50 ms \
+                 over the rounds).\n"
+            ),
+            "{md}"
+        );
+        assert_eq!(json.len(), 6);
+        assert!(json[0].contains("\"round\":1"), "{}", json[0]);
+    }
 }
