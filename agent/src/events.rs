@@ -125,18 +125,20 @@ impl EventBus {
         self.subscribers.load(Ordering::Relaxed) > 0
     }
 
-    /// Sets what to do when interest starts or stops (turning kernel events on and off).
+    /// Sets what to do when interest starts or stops (turning kernel events on and off), and
+    /// does it at once for whether anyone listens now. The count is read under the lock a
+    /// subscriber's first call takes, so one who arrives meanwhile is never missed: either it
+    /// is counted here, or its call waits for `f` and makes it.
     pub fn on_interest(&self, f: impl Fn(bool) + Send + Sync + 'static) {
-        let has = self.has_subscribers();
         let mut slot = self.on_interest.lock().recover();
-        f(has);
+        f(self.has_subscribers());
         *slot = Some(Box::new(f));
     }
 
     pub fn subscribe(&self) -> Subscription {
         let rx = self.tx.subscribe();
         if self.subscribers.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.interest(true);
+            self.interest_changed();
         }
         Subscription {
             rx,
@@ -144,9 +146,11 @@ impl EventBus {
         }
     }
 
-    fn interest(&self, on: bool) {
+    /// Applies whether anyone listens now, read under the lock: a subscriber arriving while
+    /// the last one leaves cannot have its "on" overtaken by the leaver's "off".
+    fn interest_changed(&self) {
         if let Some(f) = self.on_interest.lock().recover().as_ref() {
-            f(on);
+            f(self.has_subscribers());
         }
     }
 }
@@ -160,7 +164,7 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if self.bus.subscribers.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.bus.interest(false);
+            self.bus.interest_changed();
         }
     }
 }
@@ -239,6 +243,47 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(*seen.lock().unwrap(), [false, true, false]);
+    }
+
+    /// Subscribers arriving and leaving on several threads at once: whatever the interleaving,
+    /// the last word the kernel side got matches whether anyone listens. Each round, one thread
+    /// ends by staying subscribed while the others still come and go.
+    #[test]
+    fn interest_ends_right_when_subscribers_come_and_go_on_many_threads() {
+        let bus = EventBus::default();
+        let on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let o = on.clone();
+        // A slow switch (as the kernel map write is, beside these loops) keeps the lock held
+        // often, so the threads' turns at it come in another order than their counts changed.
+        bus.on_interest(move |now| {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            o.store(now, Ordering::SeqCst);
+        });
+        let churn = |times: usize| {
+            for _ in 0..times {
+                drop(bus.subscribe());
+            }
+        };
+        for round in 0..200 {
+            let kept = std::thread::scope(|scope| {
+                for _ in 0..3 {
+                    scope.spawn(|| churn(100));
+                }
+                scope
+                    .spawn(|| {
+                        churn(50);
+                        bus.subscribe()
+                    })
+                    .join()
+                    .unwrap()
+            });
+            assert!(
+                on.load(Ordering::SeqCst),
+                "round {round}: off with one listening"
+            );
+            drop(kept);
+            assert!(!on.load(Ordering::SeqCst), "round {round}: on with nobody");
+        }
     }
 
     #[test]
