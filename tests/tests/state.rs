@@ -201,9 +201,12 @@ impl JavaClient {
         }
     }
 
-    /// GET /v1/broker-state/{query}: (exit code, stdout line, stderr).
+    /// GET /v1/broker-state/{query}: (exit code, stdout line, stderr). Prints how long the JVM,
+    /// its warm-up and its request took; a failed run's stderr ends with the agent's refused
+    /// handshakes.
     fn get(&self, agent: &Agent, query: &str) -> (Option<i32>, String, String) {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("java/BrokerStateClient.java");
+        let started = Instant::now();
         let out = Command::new("java")
             .arg(&source)
             .arg(agent.url(&format!("/v1/broker-state/{query}")))
@@ -213,10 +216,30 @@ impl JavaClient {
             .arg(scaled(Duration::from_secs(10)).as_secs().to_string())
             .output()
             .unwrap();
+        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!(
+            "java client: {:?} in all, exit {:?}; {}",
+            started.elapsed(),
+            out.status.code(),
+            stderr
+                .lines()
+                .filter(|l| l.contains(" took "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !out.status.success() {
+            let refused: Vec<String> = agent
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("TLS handshake refused"))
+                .map(str::to_string)
+                .collect();
+            stderr.push_str(&format!("\n(the agent's refused handshakes: {refused:#?})"));
+        }
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+            stderr,
         )
     }
 }
