@@ -28,6 +28,10 @@ const REQUESTS: usize = 16_000;
 const THEIR_REQUESTS: usize = 4000;
 /// Interleaved rounds of every target per stage; the verdict takes each target's median round.
 const ROUNDS: usize = 3;
+/// Requests of the unmeasured warm-up pass over every target before a stage's rounds: the
+/// first round after ten brokers started was the slowest of its stage in every run (the agents
+/// settling the new brokers' probes and files).
+const WARM_UP_REQUESTS: usize = 2000;
 const CONCURRENCY: usize = 8;
 const BROKER_STAGES: [usize; 3] = [0, 1, 10];
 const LISTENERS: usize = 4;
@@ -586,6 +590,9 @@ fn series_stage(
     if brokers > 0 {
         targets.push(("brokerscope /v1/broker-state/", state.as_str(), false, true));
     }
+    for &(_, url, as_prometheus, _) in &targets {
+        oha(url, pki, WARM_UP_REQUESTS, CONCURRENCY, as_prometheus)?;
+    }
     let mut runs = Vec::new();
     for round in 1..=ROUNDS {
         for &(name, url, as_prometheus, is_agent) in &targets {
@@ -704,7 +711,8 @@ fn throughput_section(r: &Report) -> (String, Vec<String>) {
     let mut md = format!(
         "\n## Scrapes over mTLS keep-alive\n\n{REQUESTS} requests per run to the agent and \
          {THEIR_REQUESTS} to node_exporter, with oha at concurrency {CONCURRENCY}, {ROUNDS} rounds \
-         of every target in turn per stage; fake brokers of {LISTENERS} listeners each, one \
+         of every target in turn per stage after an unmeasured pass of {WARM_UP_REQUESTS} \
+         requests to each; fake brokers of {LISTENERS} listeners each, one \
          connection on each listener. \"Plain\" requests are oha's own: the text format, and \
          `Accept-Encoding: gzip, compress, deflate, br`, so the agent and node_exporter both answer \
          them gzipped. \
