@@ -372,6 +372,12 @@ impl Agent {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The agent's log lines so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     /// GET with curl, the operator's client certificate and the dev CA. Returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         self.curl(&[&self.url(path)])

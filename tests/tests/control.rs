@@ -306,12 +306,7 @@ fn concurrent_patches_are_serialized_and_none_is_lost() {
     // Every change saw the one before it: per key, old -> new links form one chain through
     // all ten values.
     let lines: Vec<String> = eventually("20 change lines", Duration::from_secs(5), || {
-        let lines: Vec<String> = agent
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("config changed"))
-            .map(str::to_string)
-            .collect();
+        let lines = agent.log_lines("config changed");
         (lines.len() == 20).then_some(lines)
     });
     for key in ["rate_limit_rps", "rate_limit_burst"] {

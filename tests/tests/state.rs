@@ -228,12 +228,7 @@ impl JavaClient {
                 .join(", ")
         );
         if !out.status.success() {
-            let refused: Vec<String> = agent
-                .log_text()
-                .lines()
-                .filter(|l| l.contains("TLS handshake refused"))
-                .map(str::to_string)
-                .collect();
+            let refused = agent.log_lines("TLS handshake refused");
             stderr.push_str(&format!("\n(the agent's refused handshakes: {refused:#?})"));
         }
         (
