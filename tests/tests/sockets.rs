@@ -876,6 +876,7 @@ fn a_thousand_concurrent_short_connections_are_counted_exactly() {
     let netns = own_netns().to_string();
     let labels = [("netns", netns.as_str()), ("port", port.as_str())];
 
+    let before = handshake_mibs();
     let server = std::thread::spawn(move || {
         let mut handlers = Vec::new();
         for _ in 0..N {
@@ -904,6 +905,14 @@ fn a_thousand_concurrent_short_connections_are_counted_exactly() {
         c.join().unwrap();
     }
     server.join().unwrap();
+    // Shown should the count fall short: how the kernel completed these handshakes.
+    let after = handshake_mibs();
+    let during: Vec<_> = before
+        .iter()
+        .zip(&after)
+        .map(|((name, b), (_, a))| (*name, a.zip(*b).map(|(a, b)| a - b)))
+        .collect();
+    eprintln!("the kernel's counters over the {N} connections: {during:?}");
     wait_for_samples(
         &agent,
         "all counted",
@@ -1298,14 +1307,34 @@ fn listeners_past_the_counter_slots_are_counted_exactly_in_the_second_map_or_a_r
 /// `RetransSegs` from a namespace's /proc/net/snmp.
 fn retrans_segs(ns: &brokerscope_tests::NetNs) -> u64 {
     let out = ns.command("cat").arg("/proc/net/snmp").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-    let i = names
-        .split_whitespace()
-        .position(|n| n == "RetransSegs")
-        .unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    mib(&String::from_utf8_lossy(&out.stdout), "Tcp:", "RetransSegs").unwrap()
+}
+
+/// Counter `name` of the `group` (`Tcp:`, `TcpExt:`) of /proc/net/snmp or /proc/net/netstat
+/// text: a line of names, then one of values.
+fn mib(text: &str, group: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(group));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// This namespace's passive opens and what befell handshakes at its listeners, from the
+/// kernel's own counters (every process of the namespace together).
+fn handshake_mibs() -> Vec<(&'static str, Option<u64>)> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut out = vec![("PassiveOpens", mib(&snmp, "Tcp:", "PassiveOpens"))];
+    for name in [
+        "ListenOverflows",
+        "ListenDrops",
+        "SyncookiesSent",
+        "SyncookiesRecv",
+        "SyncookiesFailed",
+    ] {
+        out.push((name, mib(&netstat, "TcpExt:", name)));
+    }
+    out
 }
 
 #[test]
