@@ -28,9 +28,8 @@ const REQUESTS: usize = 16_000;
 const THEIR_REQUESTS: usize = 4000;
 /// Interleaved rounds of every target per stage; the verdict takes each target's median round.
 const ROUNDS: usize = 3;
-/// Requests of the unmeasured warm-up pass over every target before a stage's rounds: the
-/// first round after ten brokers started was the slowest of its stage in every run (the agents
-/// settling the new brokers' probes and files).
+/// Requests of the unmeasured warm-up pass over every target before a stage's rounds: without
+/// it, the first round after ten brokers started was the slowest of its stage in every run.
 const WARM_UP_REQUESTS: usize = 2000;
 const CONCURRENCY: usize = 8;
 const BROKER_STAGES: [usize; 3] = [0, 1, 10];
