@@ -124,8 +124,9 @@ public class BrokerStateClient {
     }
 
     /**
-     * One request of this JVM's HttpClient, HTTP/2 preferred, to an HTTPS server of its own on
-     * loopback, with mutual TLS: the server holds the client's identity and verifies the client
+     * One request of this JVM's HttpClient, built as the real one (HTTP/2 preferred; the JDK's
+     * server answers in HTTP/1.1, so only the TLS path is warmed), to an HTTPS server of its own
+     * on loopback, with mutual TLS: the server holds the client's identity and verifies the client
      * certificate against the CA as the agent does. The warm-up's client accepts the server's
      * certificate unchecked (it is the client's own, not a server's); the real request checks
      * the agent's certificate and host name. Fails loudly if the warm-up does not answer 200.
